@@ -1,0 +1,263 @@
+//! The ABI between the XDP program and userspace: megaflow key/mask, actions, per-port
+//! configuration and counter layout. Everything here is `#[repr(C)]`, has explicit padding (hash
+//! keys are compared bytewise, so no byte may be left uninitialised) and is shared verbatim by
+//! both sides, so a layout change can never drift between them.
+#![no_std]
+
+/// Upper bound of the ordered mask list the XDP program walks (tuple-space search).
+pub const MAX_MASKS: u32 = 16;
+/// Megaflow table capacity.
+pub const MAX_FLOWS: u32 = 65536;
+/// Interfaces the datapath can be attached to at once (counter slots, XSKMAP entries).
+pub const MAX_PORTS: u32 = 64;
+/// Logical datapaths tracked by the generation map.
+pub const MAX_DATAPATHS: u32 = 16384;
+
+/// Geneve UDP destination port (IANA).
+pub const GENEVE_PORT: u16 = 6081;
+/// Outer overhead of Geneve with the OVN metadata option over IPv4:
+/// Ethernet 14 + IPv4 20 + UDP 8 + Geneve 8 + option 8.
+pub const ENCAP_OVERHEAD: u32 = 58;
+/// OVN's Geneve option class and type carrying the logical ingress/egress port keys.
+pub const OVN_OPT_CLASS: u16 = 0x0102;
+pub const OVN_OPT_TYPE: u8 = 0x80;
+
+/// The fields a megaflow can match on. Also used as the mask (same layout, bits set where the
+/// slow path consulted the field). 40 bytes = 5 u64 so the XDP program can mask word-wise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub in_ifindex: u32,
+    /// Geneve VNI of a received tunnel frame (0 for frames from local ports).
+    pub tun_vni: u32,
+    /// Logical egress port key from the OVN option of a received tunnel frame.
+    pub tun_out_port: u16,
+    /// Ethertype, network byte order.
+    pub eth_type: u16,
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    /// IPv4 addresses, network byte order.
+    pub ip_src: u32,
+    pub ip_dst: u32,
+    /// L4 ports, network byte order.
+    pub l4_src: u16,
+    pub l4_dst: u16,
+    pub ip_proto: u8,
+    /// Index of the mask this key was built with; part of the hash key so that entries of
+    /// different masks never collide.
+    pub mask_id: u8,
+    pub pad: [u8; 2],
+}
+
+pub const FLOW_KEY_WORDS: usize = 5;
+const _: () = assert!(core::mem::size_of::<FlowKey>() == FLOW_KEY_WORDS * 8);
+
+impl FlowKey {
+    pub const fn zeroed() -> Self {
+        FlowKey {
+            in_ifindex: 0,
+            tun_vni: 0,
+            tun_out_port: 0,
+            eth_type: 0,
+            eth_dst: [0; 6],
+            eth_src: [0; 6],
+            ip_src: 0,
+            ip_dst: 0,
+            l4_src: 0,
+            l4_dst: 0,
+            ip_proto: 0,
+            mask_id: 0,
+            pad: [0; 2],
+        }
+    }
+
+    /// Word view used for masking; the struct has no padding and is 8-byte sized.
+    pub fn to_words(&self) -> [u64; FLOW_KEY_WORDS] {
+        let mut w = [0u64; FLOW_KEY_WORDS];
+        let bytes = self.as_bytes();
+        let mut i = 0;
+        while i < FLOW_KEY_WORDS {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            w[i] = u64::from_ne_bytes(b);
+            i += 1;
+        }
+        w
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 40] {
+        // SAFETY: FlowKey is repr(C), 40 bytes, all fields plain integers with no padding
+        // (checked by the size assertion above), so every byte is initialised.
+        unsafe { &*(self as *const FlowKey as *const [u8; 40]) }
+    }
+
+    /// Field-wise AND, used by userspace to build the stored (masked) key. The XDP program
+    /// does the same word-wise.
+    pub fn masked(&self, mask: &FlowKey) -> FlowKey {
+        let mut out = FlowKey::zeroed();
+        out.in_ifindex = self.in_ifindex & mask.in_ifindex;
+        out.tun_vni = self.tun_vni & mask.tun_vni;
+        out.tun_out_port = self.tun_out_port & mask.tun_out_port;
+        out.eth_type = self.eth_type & mask.eth_type;
+        let mut i = 0;
+        while i < 6 {
+            out.eth_dst[i] = self.eth_dst[i] & mask.eth_dst[i];
+            out.eth_src[i] = self.eth_src[i] & mask.eth_src[i];
+            i += 1;
+        }
+        out.ip_src = self.ip_src & mask.ip_src;
+        out.ip_dst = self.ip_dst & mask.ip_dst;
+        out.l4_src = self.l4_src & mask.l4_src;
+        out.l4_dst = self.l4_dst & mask.l4_dst;
+        out.ip_proto = self.ip_proto & mask.ip_proto;
+        out
+    }
+}
+
+/// Megaflow action kinds.
+pub mod act {
+    /// Redirect the frame unchanged to `out_ifindex`.
+    pub const OUTPUT: u32 = 1;
+    /// Push outer Ethernet/IPv4/UDP/Geneve(+OVN option), resolve the underlay next hop with
+    /// `bpf_fib_lookup` and redirect to the uplink.
+    pub const ENCAP: u32 = 2;
+    /// Strip the outer headers of a Geneve frame and redirect the inner frame to `out_ifindex`.
+    pub const DECAP_OUTPUT: u32 = 3;
+    /// Drop with `drop_reason` counted.
+    pub const DROP: u32 = 4;
+    /// Hand to the kernel stack.
+    pub const PASS: u32 = 5;
+}
+
+/// Action flags.
+pub mod flag {
+    /// Compute the outer UDP checksum on encap (otherwise it is sent as zero, RFC 8926 3.3).
+    pub const UDP_CSUM: u32 = 1;
+}
+
+/// The value of a megaflow entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowAction {
+    pub kind: u32,
+    pub out_ifindex: u32,
+    /// Logical datapath this entry was derived from and its generation at install time; an
+    /// entry whose generation differs from the live one is stale and treated as a miss.
+    pub dp_key: u32,
+    pub generation: u32,
+    pub drop_reason: u32,
+    pub flags: u32,
+    /// Outer IPv4 addresses for ENCAP, network byte order.
+    pub encap_src: u32,
+    pub encap_dst: u32,
+    pub vni: u32,
+    /// OVN option value: 1 reserved bit, 15-bit ingress port key, 16-bit egress port key.
+    pub ovn_opt: u32,
+    /// Largest inner frame (Ethernet header included) that may be encapsulated.
+    pub max_inner_len: u32,
+    pub pad: u32,
+}
+
+/// Per-interface configuration, keyed by ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortConf {
+    /// Counter and XSKMAP slot.
+    pub slot: u32,
+    pub kind: u32,
+    /// For uplinks: the local encap IPv4 (network byte order); Geneve frames to another address
+    /// are not ours and go to the stack.
+    pub local_ip: u32,
+    pub pad: u32,
+}
+
+pub mod port_kind {
+    pub const VM: u32 = 1;
+    pub const UPLINK: u32 = 2;
+}
+
+/// Counter indices within a port's slot. The XDP program and the userspace forwarder both
+/// count into this one namespace (XDP in the per-CPU array, userspace in its own atomics), so a
+/// reason has one name everywhere.
+pub mod ctr {
+    pub const RX_PACKETS: u32 = 0;
+    pub const RX_BYTES: u32 = 1;
+    /// Megaflow hit, action run in XDP.
+    pub const FAST_HIT: u32 = 2;
+    /// Megaflow miss (or stale entry) sent to the AF_XDP slow path.
+    pub const MISS: u32 = 3;
+    /// Handed to the kernel stack (non-overlay traffic on the uplink).
+    pub const PASS: u32 = 4;
+    pub const REDIRECT_FAIL: u32 = 5;
+    pub const DROP_MALFORMED: u32 = 6;
+    pub const DROP_GENEVE_VERSION: u32 = 7;
+    pub const DROP_GENEVE_TRUNCATED: u32 = 8;
+    pub const DROP_GENEVE_OPT_LEN: u32 = 9;
+    pub const DROP_GENEVE_CRITICAL_OPT: u32 = 10;
+    pub const DROP_GENEVE_PROTOCOL: u32 = 11;
+    pub const DROP_GENEVE_NO_METADATA: u32 = 12;
+    pub const DROP_TOO_BIG: u32 = 13;
+    pub const DROP_FIB: u32 = 14;
+    pub const DROP_XSK: u32 = 15;
+    pub const DROP_ACTION: u32 = 16;
+    pub const DROP_NO_DEST: u32 = 17;
+    pub const DROP_UNKNOWN_PORT: u32 = 18;
+    pub const DROP_UNKNOWN_DATAPATH: u32 = 19;
+    pub const DROP_NO_NEIGH: u32 = 20;
+    pub const DROP_TX_FULL: u32 = 21;
+    pub const SLOW_TX: u32 = 22;
+    pub const SLOW_RX: u32 = 23;
+    pub const FLOW_INSTALL: u32 = 24;
+    pub const COUNT: u32 = 32;
+
+    /// Stable names, used by stats output and (later) Prometheus labels.
+    pub const NAMES: [(u32, &str); 25] = [
+        (RX_PACKETS, "rx_packets"),
+        (RX_BYTES, "rx_bytes"),
+        (FAST_HIT, "fastpath_hit"),
+        (MISS, "miss"),
+        (PASS, "pass_to_stack"),
+        (REDIRECT_FAIL, "redirect_fail"),
+        (DROP_MALFORMED, "drop_malformed"),
+        (DROP_GENEVE_VERSION, "drop_geneve_version"),
+        (DROP_GENEVE_TRUNCATED, "drop_geneve_truncated"),
+        (DROP_GENEVE_OPT_LEN, "drop_geneve_opt_len"),
+        (DROP_GENEVE_CRITICAL_OPT, "drop_geneve_unknown_critical_option"),
+        (DROP_GENEVE_PROTOCOL, "drop_geneve_protocol"),
+        (DROP_GENEVE_NO_METADATA, "drop_geneve_no_metadata"),
+        (DROP_TOO_BIG, "drop_too_big"),
+        (DROP_FIB, "drop_fib"),
+        (DROP_XSK, "drop_xsk"),
+        (DROP_ACTION, "drop_action"),
+        (DROP_NO_DEST, "drop_no_destination"),
+        (DROP_UNKNOWN_PORT, "drop_unknown_port"),
+        (DROP_UNKNOWN_DATAPATH, "drop_unknown_datapath"),
+        (DROP_NO_NEIGH, "drop_no_neighbour"),
+        (DROP_TX_FULL, "drop_tx_full"),
+        (SLOW_TX, "slowpath_tx"),
+        (SLOW_RX, "slowpath_rx"),
+        (FLOW_INSTALL, "megaflow_install"),
+    ];
+}
+
+/// Global program configuration (array slot 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Number of valid entries in the mask list.
+    pub n_masks: u32,
+    pub pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these types are repr(C), Copy, contain only integers and have no implicit
+    // padding, so any bit pattern is valid and they can be copied to and from BPF maps.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowAction {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortConf {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}
