@@ -1,0 +1,7 @@
+//! geneflow control plane: the NB model (`model`), NB backends (`nb`), the flow compiler
+//! (`compiler`) and the control-plane thread that feeds compiled pipelines to the datapath
+//! (`agent`). Everything here is testable without a kernel.
+pub mod agent;
+pub mod compiler;
+pub mod model;
+pub mod nb;

@@ -1,0 +1,247 @@
+//! The flow compiler: turns the validated NB document into the immutable pipeline one chassis
+//! needs (its local ports, and for every logical switch it hosts, where each MAC lives and which
+//! remote chassis to replicate floods to). Only switches with a local port are compiled: the
+//! chassis never holds state for tenants it does not serve.
+
+use crate::model::{Mac, NbDocument};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// Where a logical port lives, seen from this chassis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortLocation {
+    /// Bound here, on this interface.
+    Local { iface: String },
+    /// Bound on another chassis, reached through a Geneve tunnel to its encap IP.
+    Remote { chassis: String, encap_ip: Ipv4Addr },
+    /// Not bound anywhere (or bound to a chassis without a usable record): unreachable.
+    Unbound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledPort {
+    pub name: String,
+    pub mac: Mac,
+    pub key: u16,
+    pub location: PortLocation,
+}
+
+/// One logical switch as this chassis sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datapath {
+    pub name: String,
+    pub tunnel_key: u32,
+    /// Ports by key.
+    pub ports: BTreeMap<u16, CompiledPort>,
+    /// L2 table: MAC -> port key.
+    pub macs: BTreeMap<Mac, u16>,
+    /// Remote chassis hosting at least one port of this switch (flood targets).
+    pub remote_chassis: BTreeSet<(String, Ipv4Addr)>,
+}
+
+impl Datapath {
+    pub fn local_ports(&self) -> impl Iterator<Item = (&CompiledPort, &str)> {
+        self.ports.values().filter_map(|p| match &p.location {
+            PortLocation::Local { iface } => Some((p, iface.as_str())),
+            _ => None,
+        })
+    }
+}
+
+/// A local port binding: what the datapath attaches to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBinding {
+    pub port: String,
+    pub iface: String,
+    pub mac: Mac,
+    pub key: u16,
+    pub tunnel_key: u32,
+}
+
+/// The compiled pipeline for one chassis. Immutable once built; shared by `Arc`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pipeline {
+    pub chassis: String,
+    pub nb_version: u64,
+    /// This chassis's encap IP, from its NB record.
+    pub encap_ip: Option<Ipv4Addr>,
+    /// Logical datapaths by tunnel key.
+    pub datapaths: BTreeMap<u32, Datapath>,
+    /// Local bindings by interface name.
+    pub bindings: BTreeMap<String, LocalBinding>,
+}
+
+impl Pipeline {
+    /// Tunnel keys of the datapaths that differ between `self` (old) and `new`, including
+    /// added and removed ones: exactly the datapaths whose fast-path entries must go stale.
+    pub fn changed_datapaths(&self, new: &Pipeline) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (k, d) in &new.datapaths {
+            if self.datapaths.get(k) != Some(d) {
+                out.push(*k);
+            }
+        }
+        for k in self.datapaths.keys() {
+            if !new.datapaths.contains_key(k) {
+                out.push(*k);
+            }
+        }
+        // The encap IP is part of every tunnel action.
+        if self.encap_ip != new.encap_ip {
+            out.extend(new.datapaths.keys().copied());
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+}
+
+/// Compiles `doc` (already validated) for `chassis`.
+pub fn compile(doc: &NbDocument, chassis: &str) -> Pipeline {
+    let mut p = Pipeline {
+        chassis: chassis.to_string(),
+        nb_version: doc.version,
+        encap_ip: doc.chassis.get(chassis).map(|c| c.encap_ip),
+        ..Default::default()
+    };
+    // Switches this chassis hosts: those with a port bound here that has an interface.
+    let hosted: BTreeSet<&str> = doc
+        .ports
+        .values()
+        .filter(|lp| lp.chassis.as_deref() == Some(chassis) && lp.iface.is_some())
+        .map(|lp| lp.switch.as_str())
+        .collect();
+    for sw in doc.switches.values() {
+        if !hosted.contains(sw.name.as_str()) {
+            continue;
+        }
+        let mut dp = Datapath {
+            name: sw.name.clone(),
+            tunnel_key: sw.tunnel_key,
+            ports: BTreeMap::new(),
+            macs: BTreeMap::new(),
+            remote_chassis: BTreeSet::new(),
+        };
+        for lp in doc.ports.values().filter(|lp| lp.switch == sw.name) {
+            let location = match (&lp.chassis, &lp.iface) {
+                (Some(c), Some(i)) if c == chassis => PortLocation::Local { iface: i.clone() },
+                (Some(c), _) if c != chassis => match doc.chassis.get(c) {
+                    Some(rc) => {
+                        dp.remote_chassis.insert((c.clone(), rc.encap_ip));
+                        PortLocation::Remote {
+                            chassis: c.clone(),
+                            encap_ip: rc.encap_ip,
+                        }
+                    }
+                    None => PortLocation::Unbound,
+                },
+                _ => PortLocation::Unbound,
+            };
+            if let PortLocation::Local { iface } = &location {
+                p.bindings.insert(
+                    iface.clone(),
+                    LocalBinding {
+                        port: lp.name.clone(),
+                        iface: iface.clone(),
+                        mac: lp.mac,
+                        key: lp.port_key,
+                        tunnel_key: sw.tunnel_key,
+                    },
+                );
+            }
+            dp.macs.insert(lp.mac, lp.port_key);
+            dp.ports.insert(
+                lp.port_key,
+                CompiledPort {
+                    name: lp.name.clone(),
+                    mac: lp.mac,
+                    key: lp.port_key,
+                    location,
+                },
+            );
+        }
+        p.datapaths.insert(sw.tunnel_key, dp);
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Chassis, LogicalPort, LogicalSwitch};
+
+    fn topo() -> NbDocument {
+        let mut d = NbDocument::default();
+        for (n, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
+            d.chassis.insert(
+                n.into(),
+                Chassis {
+                    name: n.into(),
+                    encap_ip: ip.parse().unwrap(),
+                },
+            );
+        }
+        for (n, k) in [("ls1", 10), ("ls2", 20)] {
+            d.switches.insert(
+                n.into(),
+                LogicalSwitch {
+                    name: n.into(),
+                    tunnel_key: k,
+                },
+            );
+        }
+        let ports = [
+            ("p1", "ls1", 1, "a"),
+            ("p2", "ls1", 2, "b"),
+            ("p3", "ls2", 1, "b"),
+        ];
+        for (i, (n, s, k, c)) in ports.into_iter().enumerate() {
+            d.ports.insert(
+                n.into(),
+                LogicalPort {
+                    name: n.into(),
+                    switch: s.into(),
+                    mac: Mac([0x0a, 0, 0, 0, 0, i as u8 + 1]),
+                    ips: vec![],
+                    port_key: k,
+                    chassis: Some(c.into()),
+                    iface: Some(format!("vp-{n}")),
+                },
+            );
+        }
+        d
+    }
+
+    #[test]
+    fn compiles_only_hosted_switches() {
+        let p = compile(&topo(), "a");
+        assert_eq!(p.datapaths.keys().copied().collect::<Vec<_>>(), vec![10]);
+        let dp = &p.datapaths[&10];
+        assert_eq!(
+            dp.ports[&2].location,
+            PortLocation::Remote {
+                chassis: "b".into(),
+                encap_ip: "198.18.0.2".parse().unwrap()
+            }
+        );
+        assert_eq!(dp.remote_chassis.len(), 1);
+        assert_eq!(p.bindings["vp-p1"].key, 1);
+        let pb = compile(&topo(), "b");
+        assert_eq!(pb.datapaths.len(), 2);
+        assert!(pb.datapaths[&10].remote_chassis.iter().any(|(c, _)| c == "a"));
+    }
+
+    #[test]
+    fn change_set_is_per_datapath() {
+        let d = topo();
+        let old = compile(&d, "b");
+        let mut d2 = d.clone();
+        d2.ports.remove("p3");
+        let new = compile(&d2, "b");
+        assert_eq!(old.changed_datapaths(&new), vec![20]);
+        let mut d3 = d.clone();
+        d3.ports.get_mut("p1").unwrap().mac = Mac([0x0a, 0, 0, 0, 0, 0x99]);
+        assert_eq!(old.changed_datapaths(&compile(&d3, "b")), vec![10]);
+        assert!(old.changed_datapaths(&compile(&d, "b")).is_empty());
+    }
+}

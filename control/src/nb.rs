@@ -1,0 +1,220 @@
+//! NB DB backends. The `file` backend keeps the whole NB as one JSON document: readers parse
+//! it, writers take an flock, apply their change to the current document, bump its version and
+//! replace the file atomically (write to a temporary file, fsync, rename), so a reader never
+//! sees a half-written document. Agents watch it by polling its identity (inode, size, mtime).
+
+use crate::model::NbDocument;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NbError {
+    #[error("{path}:{line}:{column}: malformed NB document: {msg}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        msg: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsupported NB URL {0:?} (want file:///path)")]
+    BadUrl(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where a backend's document stands, for change detection without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// Opens `file:///abs/path` or a plain path.
+    pub fn open(url: &str) -> Result<FileStore, NbError> {
+        let path = if let Some(p) = url.strip_prefix("file://") {
+            p
+        } else if url.contains("://") {
+            return Err(NbError::BadUrl(url.to_string()));
+        } else {
+            url
+        };
+        if p_is_empty(path) {
+            return Err(NbError::BadUrl(url.to_string()));
+        }
+        Ok(FileStore {
+            path: PathBuf::from(path),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, source: std::io::Error) -> NbError {
+        NbError::Io {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Current identity of the file; `None` if it does not exist.
+    pub fn stamp(&self) -> Option<Stamp> {
+        let m = fs::metadata(&self.path).ok()?;
+        Some(Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        })
+    }
+
+    /// Reads the document. A missing file is an empty NB.
+    pub fn load(&self) -> Result<NbDocument, NbError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(NbDocument::default())
+            }
+            Err(e) => return Err(self.io(e)),
+        };
+        serde_json::from_str(&text).map_err(|e| NbError::Parse {
+            path: self.path.display().to_string(),
+            line: e.line(),
+            column: e.column(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Applies `f` to the current document under an exclusive lock, checks the result and
+    /// writes it back atomically with the version bumped. Returns the new version.
+    pub fn update<F>(&self, f: F) -> Result<u64, NbError>
+    where
+        F: FnOnce(&mut NbDocument) -> Result<(), String>,
+    {
+        if let Some(dir) = self.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                fs::create_dir_all(dir).map_err(|e| self.io(e))?;
+            }
+        }
+        let lock_path = self.path.with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.io(e))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(self.io(std::io::Error::last_os_error()));
+        }
+        let mut doc = self.load()?;
+        f(&mut doc).map_err(NbError::Invalid)?;
+        doc.check().map_err(NbError::Invalid)?;
+        doc.version += 1;
+        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let body = serde_json::to_vec_pretty(&doc).map_err(|e| NbError::Invalid(e.to_string()))?;
+        {
+            let mut t = File::create(&tmp).map_err(|e| self.io(e))?;
+            t.write_all(&body).map_err(|e| self.io(e))?;
+            t.write_all(b"\n").map_err(|e| self.io(e))?;
+            t.sync_all().map_err(|e| self.io(e))?;
+        }
+        fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
+        drop(lock);
+        Ok(doc.version)
+    }
+}
+
+fn p_is_empty(p: &str) -> bool {
+    p.trim().is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LogicalSwitch;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gf-nb-test-{}-{}", std::process::id(), name));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d.join("nb.json")
+    }
+
+    #[test]
+    fn write_is_versioned_and_atomic() {
+        let p = tmp("v");
+        let s = FileStore::open(&format!("file://{}", p.display())).unwrap();
+        assert_eq!(s.load().unwrap().version, 0);
+        let v = s
+            .update(|d| {
+                d.switches.insert(
+                    "a".into(),
+                    LogicalSwitch {
+                        name: "a".into(),
+                        tunnel_key: 1,
+                    },
+                );
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(v, 1);
+        let st = s.stamp().unwrap();
+        let v = s.update(|_| Ok(())).unwrap();
+        assert_eq!(v, 2);
+        assert_ne!(s.stamp().unwrap(), st);
+        assert_eq!(s.load().unwrap().switches.len(), 1);
+    }
+
+    #[test]
+    fn invalid_update_leaves_file_untouched() {
+        let p = tmp("inv");
+        let s = FileStore::open(p.to_str().unwrap()).unwrap();
+        s.update(|_| Ok(())).unwrap();
+        let e = s
+            .update(|d| {
+                d.switches.insert(
+                    "a".into(),
+                    LogicalSwitch {
+                        name: "a".into(),
+                        tunnel_key: 0,
+                    },
+                );
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("tunnel key 0"));
+        assert_eq!(s.load().unwrap().version, 1);
+    }
+
+    #[test]
+    fn malformed_file_reports_position() {
+        let p = tmp("bad");
+        fs::write(&p, "{\n  \"version\": 1,\n  \"switches\": {,}\n}").unwrap();
+        let s = FileStore::open(p.to_str().unwrap()).unwrap();
+        let e = s.load().unwrap_err().to_string();
+        assert!(e.contains(":3:"), "{e}");
+        assert!(e.contains("nb.json"), "{e}");
+    }
+
+    #[test]
+    fn url_schemes() {
+        assert!(FileStore::open("etcd://x:2379").is_err());
+        assert!(FileStore::open("file://").is_err());
+    }
+}
