@@ -114,6 +114,31 @@ impl FlowKey {
     }
 }
 
+/// Hash of the inner flow identity (L2-L4 fields of the key, not the in-port or tunnel fields),
+/// used for the outer UDP source port. Shared so the fast and slow paths pick the same port.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    let w = k.to_words();
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Word 1: tun_out_port (bits 0..16, excluded), eth_type, first 4 bytes of eth_dst.
+    h ^= w[1] >> 16;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= w[2];
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= w[3];
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    // Word 4: l4 ports and ip_proto; mask_id and padding excluded.
+    h ^= w[4] & 0x00ff_ffff_ffff;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    (h ^ (h >> 29)) as u32
+}
+
+/// Outer UDP source port for a flow hash, in the range OVS uses (32768..61000).
+#[inline(always)]
+pub fn udp_source_port(hash: u32) -> u16 {
+    32768 + (hash % 28232) as u16
+}
+
 /// Megaflow action kinds.
 pub mod act {
     /// Redirect the frame unchanged to `out_ifindex`.

@@ -15,7 +15,7 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, ctr, flag, port_kind, Config, FlowAction, FlowKey, PortConf, ENCAP_OVERHEAD,
+        act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, FlowAction, FlowKey, PortConf, ENCAP_OVERHEAD,
         FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PORTS,
         OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
@@ -365,23 +365,6 @@ mod prog {
         s as u16
     }
 
-    /// Flow hash of the inner headers for the outer UDP source port (ECMP entropy).
-    #[inline(always)]
-    fn flow_hash(k: &FlowKey) -> u32 {
-        let w = k.to_words();
-        let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
-        // in_ifindex/tunnel words excluded: only the inner flow identity counts.
-        h ^= w[1] >> 32;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= w[2];
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^= w[3];
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= w[4] & 0x00ff_ffff_ffff;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        (h ^ (h >> 29)) as u32
-    }
-
     #[inline(always)]
     fn encap(ctx: &XdpContext, slot: u32, key: &FlowKey, a: &FlowAction) -> u32 {
         let inner_len = (ctx.data_end() - ctx.data()) as u32;
@@ -423,7 +406,7 @@ mod prog {
             count(slot, ctr::DROP_MALFORMED, 1);
             return xdp_action::XDP_DROP;
         }
-        let sport: u16 = 32768 + (flow_hash(key) % 28232) as u16;
+        let sport: u16 = udp_source_port(flow_hash(key));
         let udp_len = (ip_len - 20) as u16;
         let ip_id: u16 = 0;
         // IPv4 header checksum from the values we write (network byte order words).
