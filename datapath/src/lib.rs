@@ -1,8 +1,17 @@
-//! geneflow datapath: the Geneve codec (`wire`), the sans-IO userspace pipeline (`pipeline`),
-//! and the I/O around them: the BPF loader and map access (`loader`), AF_XDP sockets and the
-//! slow-path forwarder (`forwarder`), counters (`metrics`), the local control socket (`ctl`).
+//! geneflow datapath: the Geneve codec (`wire`) and the sans-IO userspace pipeline
+//! (`pipeline`), and the I/O around them: the BPF loader and its maps (`loader`), AF_XDP sockets
+//! (`xsk`), the slow-path forwarder (`forwarder`), interface and neighbour facts (`netdev`),
+//! counters (`metrics`) and the local control socket (`ctl`). `geneflowd` wires them to the
+//! control-plane thread.
+pub mod ctl;
+pub mod forwarder;
+pub mod loader;
+pub mod metrics;
+pub mod netdev;
 pub mod pipeline;
 pub mod wire;
+pub mod xsk;
 
 /// The XDP object built by build.rs from ebpf/xdp.
-pub const XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/geneflow-xdp"));
+pub const XDP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/geneflow-xdp"));

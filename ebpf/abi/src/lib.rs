@@ -233,10 +233,14 @@ pub mod ctr {
     pub const SLOW_TX: u32 = 22;
     pub const SLOW_RX: u32 = 23;
     pub const FLOW_INSTALL: u32 = 24;
+    pub const FLOW_INSTALL_FAIL: u32 = 25;
+    /// `bpf_fib_lookup` gave no next hop for an encap (no neighbour yet, forwarding off, no
+    /// route): the frame went to the slow path instead.
+    pub const FIB_MISS: u32 = 26;
     pub const COUNT: u32 = 32;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 25] = [
+    pub const NAMES: [(u32, &str); 27] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -262,6 +266,8 @@ pub mod ctr {
         (SLOW_TX, "slowpath_tx"),
         (SLOW_RX, "slowpath_rx"),
         (FLOW_INSTALL, "megaflow_install"),
+        (FLOW_INSTALL_FAIL, "megaflow_install_fail"),
+        (FIB_MISS, "fib_miss"),
     ];
 }
 

@@ -68,6 +68,35 @@ mod prog {
         Some((start + off) as *const T)
     }
 
+    /// Returns `data + off` once `len` bytes from there are known to be inside the packet.
+    #[inline(always)]
+    fn bound(ctx: &XdpContext, off: usize, len: usize) -> Option<usize> {
+        let p = ctx.data() + off;
+        if p + len > ctx.data_end() {
+            return None;
+        }
+        Some(p)
+    }
+
+    /// Unchecked reads for pointers returned by `bound`.
+    #[inline(always)]
+    unsafe fn rd8(p: usize) -> u8 {
+        // SAFETY: caller checked the range with `bound`.
+        unsafe { *(p as *const u8) }
+    }
+
+    #[inline(always)]
+    unsafe fn rd16(p: usize) -> u16 {
+        // SAFETY: caller checked the range with `bound`.
+        unsafe { core::ptr::read_unaligned(p as *const u16) }
+    }
+
+    #[inline(always)]
+    unsafe fn rd32(p: usize) -> u32 {
+        // SAFETY: caller checked the range with `bound`.
+        unsafe { core::ptr::read_unaligned(p as *const u32) }
+    }
+
     #[inline(always)]
     fn rd_u8(ctx: &XdpContext, off: usize) -> Option<u8> {
         // SAFETY: ptr_at checked the byte lies inside the packet.
@@ -173,14 +202,18 @@ mod prog {
         if udp > ETH_LEN + 60 {
             return Err(Verdict::Pass);
         }
-        let dport = rd_u16(ctx, udp + 2).ok_or(Verdict::Pass)?;
+        let u = bound(ctx, udp, 8).ok_or(Verdict::Pass)?;
+        // SAFETY: [u, u+8) is inside the packet.
+        let dport = unsafe { rd16(u + 2) };
         if dport != GENEVE_PORT.to_be() {
             return Err(Verdict::Pass);
         }
         let gnv = udp + 8;
-        let b0 = rd_u8(ctx, gnv).ok_or(Verdict::Drop(ctr::DROP_GENEVE_TRUNCATED))?;
-        let proto = rd_u16(ctx, gnv + 2).ok_or(Verdict::Drop(ctr::DROP_GENEVE_TRUNCATED))?;
-        let vni_word = rd_u32(ctx, gnv + 4).ok_or(Verdict::Drop(ctr::DROP_GENEVE_TRUNCATED))?;
+        // Reads below go through one checked pointer each with constant offsets: the verifier
+        // tracks a range per pointer, and re-deriving `data + off` would lose it.
+        let g = bound(ctx, gnv, 8).ok_or(Verdict::Drop(ctr::DROP_GENEVE_TRUNCATED))?;
+        // SAFETY: [g, g+8) is inside the packet.
+        let (b0, proto, vni_word) = unsafe { (rd8(g), rd16(g + 2), rd32(g + 4)) };
         if b0 >> 6 != 0 {
             return Err(Verdict::Drop(ctr::DROP_GENEVE_VERSION));
         }
@@ -189,9 +222,6 @@ mod prog {
         }
         let opt_len = ((b0 & 0x3f) as usize) * 4;
         let opts = gnv + 8;
-        if opts + opt_len > ctx.data_end() - ctx.data() {
-            return Err(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN));
-        }
         let mut off = 0usize;
         let mut meta: Option<u32> = None;
         let mut done = false;
@@ -203,16 +233,17 @@ mod prog {
             if off + 4 > opt_len {
                 return Err(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN));
             }
-            let class = rd_u16(ctx, opts + off).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
-            let typ = rd_u8(ctx, opts + off + 2).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
-            let len = rd_u8(ctx, opts + off + 3).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
+            let o = bound(ctx, (opts + off) & 0x1ff, 4).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
+            // SAFETY: [o, o+4) is inside the packet.
+            let (class, typ, len) = unsafe { (rd16(o), rd8(o + 2), rd8(o + 3)) };
             let olen = ((len & 0x1f) as usize) * 4;
             if off + 4 + olen > opt_len {
                 return Err(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN));
             }
             if class == OVN_OPT_CLASS.to_be() && typ == OVN_OPT_TYPE && olen == 4 {
-                let v = rd_u32(ctx, opts + off + 4).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
-                meta = Some(u32::from_be(v));
+                let o = bound(ctx, (opts + off) & 0x1ff, 8).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
+                // SAFETY: [o, o+8) is inside the packet.
+                meta = Some(u32::from_be(unsafe { rd32(o + 4) }));
             } else if typ & 0x80 != 0 {
                 return Err(Verdict::Drop(ctr::DROP_GENEVE_CRITICAL_OPT));
             }
@@ -221,6 +252,11 @@ mod prog {
         if !done && off < opt_len {
             // More options than the fast path walks: the slow path's codec has no such limit.
             return Err(Verdict::Slow);
+        }
+        // Checked after the walk, not before: had LLVM seen it first it would prove the
+        // per-option bounds checks redundant and drop them, and the verifier cannot follow.
+        if opts + opt_len > ctx.data_end() - ctx.data() {
+            return Err(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN));
         }
         let meta = meta.ok_or(Verdict::Drop(ctr::DROP_GENEVE_NO_METADATA))?;
         let inner = opts + opt_len;
@@ -238,42 +274,38 @@ mod prog {
         if off > 400 {
             return None;
         }
-        let dst = ptr_at::<[u8; 6]>(ctx, off)?;
-        let src = ptr_at::<[u8; 6]>(ctx, off + 6)?;
-        // SAFETY: both ranges bounds-checked by ptr_at.
+        let e = bound(ctx, off, ETH_LEN)?;
+        // SAFETY: [e, e+14) is inside the packet.
         unsafe {
-            key.eth_dst = core::ptr::read_unaligned(dst);
-            key.eth_src = core::ptr::read_unaligned(src);
+            key.eth_dst = core::ptr::read_unaligned(e as *const [u8; 6]);
+            key.eth_src = core::ptr::read_unaligned((e + 6) as *const [u8; 6]);
+            key.eth_type = rd16(e + 12);
         }
-        let et = rd_u16(ctx, off + 12)?;
-        key.eth_type = et;
-        if et != ETH_P_IPV4.to_be() {
+        if key.eth_type != ETH_P_IPV4.to_be() {
             return Some(());
         }
-        let ip = off + ETH_LEN;
-        let Some(vihl) = rd_u8(ctx, ip) else {
+        // Whole-header bounds (not per byte): a 1-byte check compiles to `p >= end`, which
+        // gives the verifier no range.
+        let Some(ip) = bound(ctx, off + ETH_LEN, 20) else {
             return Some(());
         };
+        // SAFETY: [ip, ip+20) is inside the packet.
+        let (vihl, frag, proto, s, d) =
+            unsafe { (rd8(ip), rd16(ip + 6), rd8(ip + 9), rd32(ip + 12), rd32(ip + 16)) };
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < 20 {
             return Some(());
         }
-        let (Some(proto), Some(frag), Some(s), Some(d)) = (
-            rd_u8(ctx, ip + 9),
-            rd_u16(ctx, ip + 6),
-            rd_u32(ctx, ip + 12),
-            rd_u32(ctx, ip + 16),
-        ) else {
-            return Some(());
-        };
         key.ip_proto = proto;
         key.ip_src = s;
         key.ip_dst = d;
         if (proto == IPPROTO_UDP || proto == IPPROTO_TCP) && u16::from_be(frag) & 0x1fff == 0 {
-            let l4 = ip + (ihl & 0x3c);
-            if let (Some(sp), Some(dp)) = (rd_u16(ctx, l4), rd_u16(ctx, l4 + 2)) {
-                key.l4_src = sp;
-                key.l4_dst = dp;
+            if let Some(l4) = bound(ctx, off + ETH_LEN + (ihl & 0x3c), 4) {
+                // SAFETY: [l4, l4+4) is inside the packet.
+                unsafe {
+                    key.l4_src = rd16(l4);
+                    key.l4_dst = rd16(l4 + 2);
+                }
             }
         }
         Some(())
@@ -393,6 +425,7 @@ mod prog {
         if rc != FIB_SUCCESS {
             // No neighbour yet (or no route): the slow path transmits and lets the kernel
             // resolve the next hop.
+            count(slot, ctr::FIB_MISS, 1);
             return to_slow_path(slot);
         }
         // SAFETY: helper call on the live context.

@@ -1,0 +1,406 @@
+//! The slow-path forwarder: owns the BPF maps and one AF_XDP socket per attached interface,
+//! applies pipeline snapshots from the control thread (attach/detach ports, bump the
+//! generations of changed datapaths), and runs the userspace pipeline on every frame the fast
+//! path could not decide: it transmits the frame itself and installs the megaflow so that the
+//! following packets stay in XDP. Share-nothing: one thread owns all of this state.
+
+use crate::loader::{Bpf, Install, LoaderError};
+use crate::metrics::{PortInfo, Shared};
+use crate::netdev::{self, Neighbours};
+use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
+use crate::xsk::{BindMode, Xsk, XskError, BATCH};
+use aya::programs::xdp::XdpLinkId;
+use crossbeam_channel::Receiver;
+use geneflow_abi::{ctr, port_kind, PortConf, MAX_PORTS};
+use geneflow_control::agent::PipelineUpdate;
+use geneflow_control::compiler::Pipeline;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tracing::{info, warn};
+
+const STRIDE: usize = 4096;
+const UPLINK_SLOT: u32 = 0;
+
+#[derive(Debug, Error)]
+pub enum ForwarderError {
+    #[error(transparent)]
+    Bpf(#[from] LoaderError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    pub uplink: String,
+    pub udp_csum: bool,
+    pub bind_mode: BindMode,
+}
+
+struct Port {
+    iface: String,
+    ifindex: u32,
+    slot: u32,
+    kind: u32,
+    link: Option<XdpLinkId>,
+    xsk: Xsk,
+}
+
+pub struct Forwarder {
+    cfg: ForwarderConfig,
+    bpf: Bpf,
+    shared: Arc<Shared>,
+    ports: Vec<Port>,
+    by_ifindex: HashMap<u32, usize>,
+    free_slots: Vec<u32>,
+    pipeline: Arc<Pipeline>,
+    tables: Tables,
+    neigh: Neighbours,
+    uplink_ifindex: u32,
+    uplink_mac: [u8; 6],
+    uplink_mtu: u32,
+    outputs: Vec<Output>,
+    rxbuf: Vec<u8>,
+    rxlen: [usize; BATCH],
+    encap_buf: Vec<u8>,
+    pollfds: Vec<libc::pollfd>,
+}
+
+impl Forwarder {
+    pub fn new(cfg: ForwarderConfig, mut bpf: Bpf, shared: Arc<Shared>) -> Result<Self, ForwarderError> {
+        let uplink_ifindex =
+            netdev::ifindex(&cfg.uplink).ok_or_else(|| ForwarderError::NoInterface(cfg.uplink.clone()))?;
+        let uplink_mac = netdev::mac(&cfg.uplink).unwrap_or_default();
+        if let Err(e) = netdev::enable_forwarding(&cfg.uplink) {
+            warn!(uplink = %cfg.uplink, "cannot enable forwarding, the fast path cannot encapsulate: {e}");
+        }
+        let uplink_mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
+        let link = bpf.attach(
+            uplink_ifindex,
+            PortConf {
+                slot: UPLINK_SLOT,
+                kind: port_kind::UPLINK,
+                local_ip: 0,
+                pad: 0,
+            },
+        )?;
+        let xsk = Xsk::open(&cfg.uplink, cfg.bind_mode)?;
+        bpf.set_xsk(UPLINK_SLOT, &xsk.fd())?;
+        info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, "uplink attached");
+        let pipeline = Arc::new(Pipeline::default());
+        let tables = Tables::new(pipeline.clone(), uplink_ifindex, uplink_mtu, cfg.udp_csum, |_| None);
+        let mut f = Forwarder {
+            neigh: Neighbours::new(&cfg.uplink),
+            cfg,
+            bpf,
+            shared,
+            ports: Vec::new(),
+            by_ifindex: HashMap::new(),
+            free_slots: (1..MAX_PORTS).rev().collect(),
+            pipeline,
+            tables,
+            uplink_ifindex,
+            uplink_mac,
+            uplink_mtu,
+            outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
+            rxbuf: vec![0u8; STRIDE * BATCH],
+            rxlen: [0; BATCH],
+            encap_buf: vec![0u8; STRIDE],
+            pollfds: Vec::new(),
+        };
+        f.add_port(f.cfg.uplink.clone(), uplink_ifindex, UPLINK_SLOT, port_kind::UPLINK, Some(link), xsk);
+        Ok(f)
+    }
+
+    fn add_port(&mut self, iface: String, ifindex: u32, slot: u32, kind: u32, link: Option<XdpLinkId>, xsk: Xsk) {
+        self.by_ifindex.insert(ifindex, self.ports.len());
+        self.ports.push(Port {
+            iface,
+            ifindex,
+            slot,
+            kind,
+            link,
+            xsk,
+        });
+        self.rebuild_index();
+    }
+
+    fn rebuild_index(&mut self) {
+        self.by_ifindex = self.ports.iter().enumerate().map(|(i, p)| (p.ifindex, i)).collect();
+        self.pollfds = self
+            .ports
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.xsk.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let infos = self
+            .ports
+            .iter()
+            .map(|p| PortInfo {
+                iface: p.iface.clone(),
+                ifindex: p.ifindex,
+                slot: p.slot,
+                kind: if p.kind == port_kind::UPLINK { "uplink" } else { "vm" },
+                port: self.pipeline.bindings.get(&p.iface).map(|b| b.port.clone()),
+            })
+            .collect();
+        if let Ok(mut g) = self.shared.ports.lock() {
+            *g = infos;
+        }
+    }
+
+    fn attach_vm(&mut self, iface: &str) -> Result<(), ForwarderError> {
+        let ifindex = netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
+        let Some(slot) = self.free_slots.pop() else {
+            warn!(iface, "no free port slot");
+            return Ok(());
+        };
+        let conf = PortConf {
+            slot,
+            kind: port_kind::VM,
+            local_ip: 0,
+            pad: 0,
+        };
+        let link = match self.bpf.attach(ifindex, conf) {
+            Ok(l) => l,
+            Err(e) => {
+                self.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        let xsk = match Xsk::open(iface, self.cfg.bind_mode) {
+            Ok(x) => x,
+            Err(e) => {
+                self.bpf.detach(ifindex, slot, link);
+                self.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        self.bpf.set_xsk(slot, &xsk.fd())?;
+        netdev::prepare_redirect_target(iface);
+        info!(iface, ifindex, slot, "port attached");
+        self.add_port(iface.to_string(), ifindex, slot, port_kind::VM, Some(link), xsk);
+        Ok(())
+    }
+
+    fn detach_at(&mut self, i: usize) {
+        let p = self.ports.remove(i);
+        if let Some(link) = p.link {
+            self.bpf.detach(p.ifindex, p.slot, link);
+        }
+        self.free_slots.push(p.slot);
+        info!(iface = %p.iface, "port detached");
+        self.rebuild_index();
+    }
+
+    /// Brings attached ports in line with the pipeline's local bindings and rebinds tables.
+    fn reconcile(&mut self) {
+        let wanted: Vec<String> = self.pipeline.bindings.keys().cloned().collect();
+        let mut i = 0;
+        while i < self.ports.len() {
+            let p = &self.ports[i];
+            let gone = p.kind == port_kind::VM
+                && (!wanted.contains(&p.iface) || netdev::ifindex(&p.iface) != Some(p.ifindex));
+            if gone {
+                self.detach_at(i);
+            } else {
+                i += 1;
+            }
+        }
+        for iface in wanted {
+            if self.ports.iter().any(|p| p.iface == iface) || netdev::ifindex(&iface).is_none() {
+                continue;
+            }
+            if let Err(e) = self.attach_vm(&iface) {
+                warn!(%iface, "cannot attach port: {e}");
+            }
+        }
+        let attached: HashMap<String, u32> = self.ports.iter().map(|p| (p.iface.clone(), p.ifindex)).collect();
+        self.tables = Tables::new(
+            self.pipeline.clone(),
+            self.uplink_ifindex,
+            self.uplink_mtu,
+            self.cfg.udp_csum,
+            |n| attached.get(n).copied(),
+        );
+        self.rebuild_index();
+    }
+
+    fn apply(&mut self, upd: PipelineUpdate) {
+        let old_ip = self.pipeline.encap_ip;
+        self.pipeline = upd.pipeline;
+        if self.pipeline.encap_ip != old_ip {
+            let ip = self.pipeline.encap_ip.map(|i| u32::from_ne_bytes(i.octets())).unwrap_or(0);
+            if let Err(e) = self.bpf.update_port(
+                self.uplink_ifindex,
+                PortConf {
+                    slot: UPLINK_SLOT,
+                    kind: port_kind::UPLINK,
+                    local_ip: ip,
+                    pad: 0,
+                },
+            ) {
+                warn!("cannot set uplink encap IP: {e}");
+            }
+        }
+        self.reconcile();
+        let live: Vec<u32> = self.pipeline.datapaths.keys().copied().collect();
+        if let Err(e) = self.bpf.bump_generations(&upd.changed, &live) {
+            warn!("generation update failed: {e}");
+        }
+        for dp in self.pipeline.datapaths.values() {
+            for (_, ip) in &dp.remote_chassis {
+                self.neigh.kick(*ip);
+            }
+        }
+        self.shared.nb_version.store(self.pipeline.nb_version, Ordering::Relaxed);
+        info!(
+            nb_version = self.pipeline.nb_version,
+            changed = ?upd.changed,
+            apply_us = upd.noticed.elapsed().as_micros() as u64,
+            "pipeline applied"
+        );
+    }
+
+    fn tick(&mut self) {
+        self.reconcile();
+        self.neigh.refresh();
+        let n = self.bpf.sweep();
+        if n > 0 {
+            tracing::debug!(removed = n, "swept stale megaflows");
+        }
+        self.shared.megaflows.store(self.bpf.megaflow_count() as u64, Ordering::Relaxed);
+        self.shared.masks.store(self.bpf.mask_count() as u64, Ordering::Relaxed);
+    }
+
+    pub fn run(&mut self, updates: Receiver<PipelineUpdate>, stop: Arc<AtomicBool>) {
+        let mut last_tick = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            while let Ok(u) = updates.try_recv() {
+                self.apply(u);
+            }
+            if last_tick.elapsed() > Duration::from_secs(1) {
+                last_tick = Instant::now();
+                self.tick();
+            }
+            let mut work = 0;
+            for i in 0..self.ports.len() {
+                work += self.service(i);
+            }
+            for p in self.ports.iter_mut() {
+                p.xsk.flush();
+            }
+            if work == 0 {
+                // SAFETY: pollfds is a live array of pollfd for our own sockets.
+                unsafe {
+                    libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, 20);
+                }
+            }
+        }
+    }
+
+    /// Receives and forwards one batch from port `i`.
+    fn service(&mut self, i: usize) -> usize {
+        let Forwarder {
+            ports,
+            rxbuf,
+            rxlen,
+            ..
+        } = self;
+        ports[i].xsk.reap();
+        let mut n = 0;
+        ports[i].xsk.recv(|frame| {
+            let len = frame.len().min(STRIDE);
+            rxbuf[n * STRIDE..n * STRIDE + len].copy_from_slice(&frame[..len]);
+            rxlen[n] = len;
+            n += 1;
+        });
+        let (in_ifindex, in_slot) = (self.ports[i].ifindex, self.ports[i].slot);
+        for k in 0..n {
+            self.forward(k, in_ifindex, in_slot);
+        }
+        n
+    }
+
+    fn forward(&mut self, k: usize, in_ifindex: u32, in_slot: u32) {
+        let Forwarder {
+            tables,
+            ports,
+            by_ifindex,
+            bpf,
+            neigh,
+            shared,
+            outputs,
+            rxbuf,
+            rxlen,
+            encap_buf,
+            uplink_ifindex,
+            uplink_mac,
+            cfg,
+            pipeline,
+            ..
+        } = self;
+        let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
+        shared.count(in_slot, ctr::SLOW_RX, 1);
+        let d = match tables.process(frame, in_ifindex, outputs) {
+            Ok(d) => d,
+            Err(r) => {
+                shared.count(in_slot, r.counter(), 1);
+                return;
+            }
+        };
+        let payload = &frame[d.payload_offset..];
+        for o in outputs.iter() {
+            let (target, bytes): (u32, &[u8]) = match *o {
+                Output::Local { ifindex } => (ifindex, payload),
+                Output::Tunnel { remote, vni, meta } => {
+                    let (Some(src_ip), Some(dst_mac)) = (pipeline.encap_ip, neigh.resolve(remote)) else {
+                        shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
+                        continue;
+                    };
+                    let p = EncapParams {
+                        src_mac: *uplink_mac,
+                        dst_mac,
+                        src_ip,
+                        dst_ip: remote,
+                        sport: EncapParams::sport_for(d.flow_hash),
+                        vni,
+                        meta,
+                        udp_csum: cfg.udp_csum,
+                    };
+                    match emit_encap(encap_buf, payload, &p) {
+                        Some(len) => (*uplink_ifindex, &encap_buf[..len]),
+                        None => {
+                            shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(&j) = by_ifindex.get(&target) else {
+                shared.count(in_slot, ctr::DROP_UNKNOWN_PORT, 1);
+                continue;
+            };
+            let out = &mut ports[j];
+            if out.xsk.send(bytes) {
+                shared.count(out.slot, ctr::SLOW_TX, 1);
+            } else {
+                shared.count(out.slot, ctr::DROP_TX_FULL, 1);
+            }
+        }
+        if let Some(m) = d.megaflow {
+            match bpf.install(&m) {
+                Ok(Install::Installed) => shared.count(in_slot, ctr::FLOW_INSTALL, 1),
+                Ok(Install::AlreadyPresent) => {}
+                Ok(Install::Refused) | Err(_) => shared.count(in_slot, ctr::FLOW_INSTALL_FAIL, 1),
+            }
+        }
+    }
+}

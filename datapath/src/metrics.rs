@@ -1,0 +1,76 @@
+//! Counters: the XDP program counts into a per-CPU BPF array, the slow path into atomics laid
+//! out the same way (slot x reason), so each reason has one name whichever path counted it.
+//! The forwarder is the only writer of the atomics (relaxed, uncontended).
+
+use aya::maps::{MapData, PerCpuArray};
+use geneflow_abi::{ctr, MAX_PORTS};
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone)]
+pub struct PortInfo {
+    pub iface: String,
+    pub ifindex: u32,
+    pub slot: u32,
+    pub kind: &'static str,
+    pub port: Option<String>,
+}
+
+pub struct Shared {
+    pub chassis: String,
+    user: Vec<AtomicU64>,
+    pub ports: Mutex<Vec<PortInfo>>,
+    pub megaflows: AtomicU64,
+    pub masks: AtomicU64,
+    pub nb_version: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(chassis: &str) -> Shared {
+        Shared {
+            chassis: chassis.to_string(),
+            user: (0..MAX_PORTS * ctr::COUNT).map(|_| AtomicU64::new(0)).collect(),
+            ports: Mutex::new(Vec::new()),
+            megaflows: AtomicU64::new(0),
+            masks: AtomicU64::new(0),
+            nb_version: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn count(&self, slot: u32, idx: u32, n: u64) {
+        if let Some(c) = self.user.get((slot * ctr::COUNT + idx) as usize) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// JSON snapshot of every counter, XDP and userspace summed per name.
+    pub fn snapshot(&self, xdp: Option<&PerCpuArray<MapData, u64>>) -> Value {
+        let ports = self.ports.lock().map(|p| p.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for p in ports {
+            let mut c = Map::new();
+            for (idx, name) in ctr::NAMES {
+                let i = p.slot * ctr::COUNT + idx;
+                let user = self.user[i as usize].load(Ordering::Relaxed);
+                let fast: u64 = xdp
+                    .and_then(|m| m.get(&i, 0).ok())
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                c.insert(name.to_string(), json!(user + fast));
+            }
+            out.push(json!({
+                "iface": p.iface, "ifindex": p.ifindex, "kind": p.kind,
+                "port": p.port, "counters": c,
+            }));
+        }
+        json!({
+            "chassis": self.chassis,
+            "nb_version": self.nb_version.load(Ordering::Relaxed),
+            "megaflows": self.megaflows.load(Ordering::Relaxed),
+            "masks": self.masks.load(Ordering::Relaxed),
+            "ports": out,
+        })
+    }
+}

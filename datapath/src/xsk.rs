@@ -1,0 +1,176 @@
+//! One AF_XDP socket (xsk-rs) bound to queue 0 of an interface, with its own UMEM: half the
+//! frames feed the fill ring (slow-path receive), half are a free list for transmit. This is the
+//! ring boundary, so the `unsafe` of the datapath lives here.
+
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+use thiserror::Error;
+use xsk_rs::config::{BindFlags, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+pub const BATCH: usize = 64;
+const FRAMES: u32 = 4096;
+const RING: u32 = 2048;
+
+#[derive(Debug, Error)]
+pub enum XskError {
+    #[error("AF_XDP on {iface}: {msg}")]
+    Setup { iface: String, msg: String },
+}
+
+pub struct Xsk {
+    umem: Umem,
+    tx: TxQueue,
+    rx: RxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    rx_descs: Vec<FrameDesc>,
+    comp_descs: Vec<FrameDesc>,
+    free_tx: Vec<FrameDesc>,
+    tx_pending: bool,
+}
+
+/// Zero-copy needs driver support (i40e, ice, mlx5); veth only does copy mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindMode {
+    Copy,
+    ZeroCopy,
+}
+
+impl Xsk {
+    pub fn open(iface: &str, mode: BindMode) -> Result<Xsk, XskError> {
+        let err = |msg: String| XskError::Setup {
+            iface: iface.to_string(),
+            msg,
+        };
+        let q = |n| QueueSize::new(n).map_err(|e| err(format!("{e}")));
+        let umem_cfg = UmemConfig::builder()
+            .fill_queue_size(q(RING)?)
+            .comp_queue_size(q(RING)?)
+            .build()
+            .map_err(|e| err(format!("{e}")))?;
+        let (umem, frames) = Umem::new(
+            umem_cfg,
+            NonZeroU32::new(FRAMES).expect("non-zero"),
+            false,
+        )
+        .map_err(|e| err(format!("{e}")))?;
+        let bind = match mode {
+            BindMode::Copy => BindFlags::XDP_COPY,
+            BindMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
+        } | BindFlags::XDP_USE_NEED_WAKEUP;
+        let cfg = SocketConfig::builder()
+            .rx_queue_size(q(RING)?)
+            .tx_queue_size(q(RING)?)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build();
+        let name: Interface = iface.parse().map_err(|e| err(format!("{e:?}")))?;
+        // Rebinding right after a previous owner exits can give EBUSY for a moment.
+        let mut delay = Duration::from_millis(10);
+        let (tx, rx, fqcq) = loop {
+            // SAFETY: the UMEM is not shared with another socket, so no libxdp program-load
+            // interaction applies; the rings returned are owned by this Xsk.
+            match unsafe { Socket::new(cfg, &umem, &name, 0) } {
+                Ok(s) => break s,
+                Err(e) if delay < Duration::from_secs(2) => {
+                    tracing::debug!(iface, "AF_XDP bind failed ({e}), retrying");
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                Err(e) => return Err(err(format!("{e}"))),
+            }
+        };
+        let (mut fq, cq) = fqcq.ok_or_else(|| err("no fill/completion queue".into()))?;
+        let (fill, free_tx) = frames.split_at(RING as usize);
+        // SAFETY: these frames belong to this UMEM and are handed to the kernel exactly once.
+        let n = unsafe { fq.produce(fill) };
+        if n != fill.len() {
+            return Err(err(format!("fill ring took {n} of {} frames", fill.len())));
+        }
+        let proto = frames[0];
+        Ok(Xsk {
+            umem,
+            tx,
+            rx,
+            fq,
+            cq,
+            rx_descs: vec![proto; BATCH],
+            comp_descs: vec![proto; BATCH],
+            free_tx: free_tx.to_vec(),
+            tx_pending: false,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    /// Returns completed transmit frames to the free list.
+    pub fn reap(&mut self) {
+        // SAFETY: the completion queue only returns frames of this UMEM that we produced.
+        let n = unsafe { self.cq.consume(&mut self.comp_descs) };
+        self.free_tx.extend_from_slice(&self.comp_descs[..n]);
+    }
+
+    /// Receives up to BATCH frames and calls `f` on each; frames go back to the fill ring
+    /// afterwards. Returns how many were received.
+    pub fn recv(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        // SAFETY: rx descriptors come from this UMEM; they are read and then returned to the
+        // fill ring below, never used after that.
+        let n = unsafe { self.rx.consume(&mut self.rx_descs) };
+        for d in &self.rx_descs[..n] {
+            // SAFETY: `d` was just received on this socket's UMEM and is not in any ring.
+            let data = unsafe { self.umem.data(d) };
+            f(data.contents());
+        }
+        if n > 0 {
+            // SAFETY: returning the frames we just consumed.
+            unsafe {
+                let mut done = 0;
+                while done < n {
+                    let k = self.fq.produce(&self.rx_descs[done..n]);
+                    if k == 0 {
+                        break;
+                    }
+                    done += k;
+                }
+            }
+        }
+        n
+    }
+
+    /// Queues one frame for transmit; `false` if no frame or ring slot was free.
+    pub fn send(&mut self, bytes: &[u8]) -> bool {
+        let Some(mut d) = self.free_tx.pop() else {
+            self.reap();
+            return false;
+        };
+        // SAFETY: `d` is a free frame of this UMEM, owned by us until produced to the tx ring.
+        let ok = unsafe {
+            let mut data = self.umem.data_mut(&mut d);
+            let mut c = data.cursor();
+            c.set_pos(0);
+            c.write_all(bytes).is_ok()
+        };
+        // SAFETY: `d` belongs to this UMEM and is in no ring.
+        if !ok || unsafe { self.tx.produce_one(&d) } == 0 {
+            self.free_tx.push(d);
+            return false;
+        }
+        self.tx_pending = true;
+        true
+    }
+
+    /// Kicks the kernel to transmit what was queued (copy mode transmits in the syscall).
+    pub fn flush(&mut self) {
+        if self.tx_pending {
+            self.tx_pending = false;
+            if self.tx.needs_wakeup() {
+                let _ = self.tx.wakeup();
+            }
+        }
+    }
+}
