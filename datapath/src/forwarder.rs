@@ -90,6 +90,9 @@ impl Forwarder {
         )?;
         let xsk = Xsk::open(&cfg.uplink, cfg.bind_mode)?;
         bpf.set_xsk(UPLINK_SLOT, &xsk.fd())?;
+        // Encapsulated frames are redirected to the uplink too; if it is a veth (testbeds,
+        // containers), its peer must accept XDP frames.
+        netdev::prepare_redirect_target(&cfg.uplink);
         info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, "uplink attached");
         let pipeline = Arc::new(Pipeline::default());
         let tables = Tables::new(pipeline.clone(), uplink_ifindex, uplink_mtu, cfg.udp_csum, |_| None);

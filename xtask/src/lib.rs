@@ -1,0 +1,3 @@
+//! geneflow orchestration library: the namespace testbed shared by `cargo xtask demo` and the
+//! end-to-end tests.
+pub mod testbed;

@@ -1,0 +1,467 @@
+//! A testbed of network namespaces: an underlay switch (a Linux bridge in its own namespace,
+//! 198.18.0.0/24), chassis namespaces each running one `geneflowd` with its uplink on that
+//! switch, VM namespaces behind each chassis, and optionally an "injector" namespace on the
+//! underlay for raw frames and captures. Everything is named with a per-run prefix and removed
+//! on drop, on failure and on Ctrl-C (see `cleanup_all`). Nothing touches the host's own
+//! interfaces.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Namespaces and agent pids of every live testbed of this process, for the Ctrl-C handler.
+static LIVE: Mutex<Vec<(Vec<String>, Vec<u32>)>> = Mutex::new(Vec::new());
+
+/// Removes everything every live testbed made. Safe to call from a signal handler thread.
+pub fn cleanup_all() {
+    let live = match LIVE.lock() {
+        Ok(mut l) => std::mem::take(&mut *l),
+        Err(_) => return,
+    };
+    for (ns, pids) in live {
+        for p in pids {
+            // SAFETY: plain kill(2) on a pid we spawned.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+        for n in ns {
+            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+        }
+    }
+}
+
+/// Installs a Ctrl-C/SIGTERM handler that cleans up and exits (once per process).
+pub fn install_signal_cleanup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("interrupted: removing testbed namespaces");
+            cleanup_all();
+            std::process::exit(130);
+        });
+    });
+}
+
+/// Removes namespaces left by earlier runs whose process is gone (a run killed with SIGKILL
+/// cannot clean up after itself). Only touches names of the form `gf<pid>x...`.
+pub fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("gf") else { continue };
+        let Some((pid, _)) = rest.split_once('x') else { continue };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// Where the project's binaries are: $GENEFLOW_BIN_DIR, or next to the running executable.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("GENEFLOW_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut d = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if d.file_name().is_some_and(|n| n == "deps") {
+        d.pop();
+    }
+    d
+}
+
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+pub struct Vm {
+    pub name: String,
+    pub ns: String,
+    pub chassis: String,
+    pub mac: String,
+    pub ip: String,
+    pub key: u16,
+    /// Chassis-side interface.
+    pub iface: String,
+}
+
+pub struct Chassis {
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    agent: Option<Child>,
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub bins: PathBuf,
+    pub nb: String,
+    pub underlay_ns: String,
+    pub chassis: Vec<Chassis>,
+    pub vms: Vec<Vm>,
+    pub injector: Option<String>,
+    namespaces: Vec<String>,
+    slot: usize,
+}
+
+impl Testbed {
+    /// Creates the underlay switch. `tag` makes names unique between testbeds of one process.
+    pub fn new(tag: &str) -> Result<Testbed> {
+        install_signal_cleanup();
+        sweep_stale();
+        let prefix = format!("gf{}x{}", std::process::id(), tag);
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let nb = format!("file://{}", dir.join("nb.json").display());
+        let underlay_ns = format!("{prefix}-ul");
+        let mut tb = Testbed {
+            prefix,
+            dir,
+            bins: bin_dir(),
+            nb,
+            underlay_ns: underlay_ns.clone(),
+            chassis: Vec::new(),
+            vms: Vec::new(),
+            injector: None,
+            namespaces: Vec::new(),
+            slot: LIVE.lock().map(|mut l| {
+                l.push((Vec::new(), Vec::new()));
+                l.len() - 1
+            })
+            .unwrap_or(0),
+        };
+        tb.add_ns(&underlay_ns)?;
+        ip(&["-n", &underlay_ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &underlay_ns, "link", "set", "br0", "up"])?;
+        Ok(tb)
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<()> {
+        ip(&["netns", "add", ns])?;
+        self.namespaces.push(ns.to_string());
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(self.slot) {
+                e.0.push(ns.to_string());
+            }
+        }
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Runs a command inside a namespace.
+    pub fn ns_cmd(&self, ns: &str, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, prog]);
+        c
+    }
+
+    pub fn bin(&self, name: &str) -> String {
+        self.bins.join(name).display().to_string()
+    }
+
+    /// Plugs a new veth into the underlay bridge; returns the far end's name in `ns`.
+    fn underlay_port(&mut self, ns: &str, host_if: &str, addr: &str) -> Result<()> {
+        let br_if = format!("u{}", self.namespaces.len());
+        ip(&[
+            "link", "add", host_if, "netns", ns, "type", "veth", "peer", "name", &br_if, "netns",
+            &self.underlay_ns,
+        ])?;
+        ip(&["-n", &self.underlay_ns, "link", "set", &br_if, "master", "br0"])?;
+        ip(&["-n", &self.underlay_ns, "link", "set", &br_if, "up"])?;
+        ip(&["-n", ns, "addr", "add", addr, "dev", host_if])?;
+        ip(&["-n", ns, "link", "set", host_if, "up"])?;
+        Ok(())
+    }
+
+    /// Adds a chassis namespace with uplink `ul` at 198.18.0.<n>/24 and registers it in the NB.
+    pub fn add_chassis(&mut self, name: &str) -> Result<()> {
+        let n = self.chassis.len() + 1;
+        let ns = format!("{}-{name}", self.prefix);
+        self.add_ns(&ns)?;
+        let ipaddr = format!("198.18.0.{n}");
+        self.underlay_port(&ns, "ul", &format!("{ipaddr}/24"))?;
+        self.nbctl(&["chassis-add", name, &ipaddr])?;
+        self.chassis.push(Chassis {
+            name: name.to_string(),
+            ns,
+            ip: ipaddr,
+            socket: self.dir.join(format!("{name}.sock")),
+            log: self.dir.join(format!("{name}.log")),
+            agent: None,
+        });
+        Ok(())
+    }
+
+    /// A raw namespace on the underlay (198.18.0.250) for injecting frames and capturing.
+    pub fn add_injector(&mut self) -> Result<String> {
+        let ns = format!("{}-inj", self.prefix);
+        self.add_ns(&ns)?;
+        self.underlay_port(&ns, "eth0", "198.18.0.250/24")?;
+        self.injector = Some(ns.clone());
+        Ok(ns)
+    }
+
+    /// Adds a VM namespace behind `chassis` on logical switch `switch`, as port `name` with
+    /// key `key`, MAC 0a:00:00:00:<key>, IP 10.<switch idx>.0.<key>.
+    pub fn add_vm(&mut self, name: &str, chassis: &str, switch: &str, key: u16) -> Result<()> {
+        let ch = self
+            .chassis
+            .iter()
+            .find(|c| c.name == chassis)
+            .ok_or_else(|| anyhow!("no chassis {chassis}"))?;
+        let ch_ns = ch.ns.clone();
+        let ns = format!("{}-{name}", self.prefix);
+        self.add_ns(&ns)?;
+        let iface = format!("vp-{name}");
+        let mac = format!("0a:00:00:00:{:02x}:{:02x}", key >> 8, key & 0xff);
+        let ipaddr = format!("10.0.{}.{}", key >> 8, key & 0xff);
+        ip(&[
+            "link", "add", &iface, "netns", &ch_ns, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "address", &mac, "mtu", "1442", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{ipaddr}/16"), "dev", "eth0"])?;
+        // Test VMs are veths: their tx checksum offload leaves UDP/TCP checksums partial, which
+        // an XDP redirect cannot complete (real VMs on tap/virtio are not affected).
+        run(self.ns_cmd(&ns, "ethtool").args(["-K", "eth0", "tx", "off"]))?;
+        ip(&["-n", &ch_ns, "link", "set", &iface, "up"])?;
+        self.nbctl(&["lsp-add", switch, name, &mac, &ipaddr, "--key", &key.to_string()])?;
+        self.nbctl(&["lsp-bind", name, chassis, &iface])?;
+        self.vms.push(Vm {
+            name: name.to_string(),
+            ns,
+            chassis: chassis.to_string(),
+            mac,
+            ip: ipaddr,
+            key,
+            iface,
+        });
+        Ok(())
+    }
+
+    pub fn nbctl(&self, args: &[&str]) -> Result<String> {
+        run(Command::new(self.bin("geneflowctl"))
+            .args(["nb", "--db", &self.nb])
+            .args(args))
+    }
+
+    /// Starts `geneflowd` in every chassis namespace and waits until each answers on its
+    /// control socket with all its ports attached.
+    pub fn start_agents(&mut self) -> Result<()> {
+        for i in 0..self.chassis.len() {
+            self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let bin = self.bin("geneflowd");
+        let c = &mut self.chassis[i];
+        let log = std::fs::File::create(&c.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &c.ns, &bin])
+            .args(["--chassis", &c.name, "--nb", &self.nb, "--uplink", "ul"])
+            .arg("--ctl-socket")
+            .arg(&c.socket)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting geneflowd")?;
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(self.slot) {
+                e.1.push(child.id());
+            }
+        }
+        c.agent = Some(child);
+        let name = c.name.clone();
+        let want = self.vms.iter().filter(|v| v.chassis == name).count() + 1;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(ch) = self.chassis[i].agent.as_mut() {
+                if let Ok(Some(st)) = ch.try_wait() {
+                    bail!(
+                        "geneflowd on {name} exited with {st}; log:\n{}",
+                        std::fs::read_to_string(&self.chassis[i].log).unwrap_or_default()
+                    );
+                }
+            }
+            if let Ok(s) = self.stats(&name) {
+                if s["ports"].as_array().map(|a| a.len()).unwrap_or(0) >= want {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "geneflowd on {name} not ready; log:\n{}",
+                    std::fs::read_to_string(&self.chassis[i].log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.chassis[i].agent.take() {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn chassis_index(&self, name: &str) -> Result<usize> {
+        self.chassis
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| anyhow!("no chassis {name}"))
+    }
+
+    pub fn vm(&self, name: &str) -> Result<&Vm> {
+        self.vms
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| anyhow!("no vm {name}"))
+    }
+
+    /// The agent's `stats` answer.
+    pub fn stats(&self, chassis: &str) -> Result<Value> {
+        let c = &self.chassis[self.chassis_index(chassis)?];
+        let out = run(Command::new(self.bin("geneflowctl"))
+            .args(["stats", "--format", "json", "--socket"])
+            .arg(&c.socket))?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// One counter of one interface of a chassis (0 if absent).
+    pub fn counter(&self, chassis: &str, iface: &str, name: &str) -> Result<u64> {
+        let s = self.stats(chassis)?;
+        Ok(s["ports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["iface"] == iface))
+            .and_then(|p| p["counters"][name].as_u64())
+            .unwrap_or(0))
+    }
+
+    pub fn ping(&self, from: &str, to_ip: &str, count: u32) -> Result<()> {
+        let vm = self.vm(from)?;
+        run(self.ns_cmd(&vm.ns, "ping").args([
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            "-q",
+            to_ip,
+        ]))
+        .map(|_| ())
+        .with_context(|| format!("ping {from} -> {to_ip}"))
+    }
+
+    /// Starts a counting UDP receiver in a VM; returns once it is bound.
+    pub fn udp_receiver(&self, vm: &str, port: u16, count: u64, idle_s: f64) -> Result<Child> {
+        let vm = self.vm(vm)?;
+        let mut child = self
+            .ns_cmd(&vm.ns, &self.bin("gf-udp"))
+            .args(["recv", "--port", &port.to_string(), "--count", &count.to_string()])
+            .args(["--idle", &idle_s.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("receiver did not start: {line:?}");
+        }
+        child.stdout = Some(r.into_inner());
+        Ok(child)
+    }
+
+    pub fn udp_send(&self, vm: &str, dst: &str, port: u16, count: u64, rate: u64) -> Result<()> {
+        let vm = self.vm(vm)?;
+        run(self.ns_cmd(&vm.ns, &self.bin("gf-udp")).args([
+            "send",
+            "--dst",
+            &format!("{dst}:{port}"),
+            "--count",
+            &count.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ]))?;
+        Ok(())
+    }
+
+    /// Waits for a receiver and returns how many distinct datagrams it got.
+    pub fn udp_result(mut child: Child) -> Result<u64> {
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        let _ = child.wait();
+        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("receiver said {line:?}"))?;
+        v["unique"].as_u64().ok_or_else(|| anyhow!("bad receiver output {line:?}"))
+    }
+
+    /// Sends `count` datagrams from `from` to `to` and returns how many distinct ones arrived.
+    pub fn udp_stream(&self, from: &str, to: &str, port: u16, count: u64, rate: u64) -> Result<u64> {
+        let dst = self.vm(to)?.ip.clone();
+        let rx = self.udp_receiver(to, port, count, 2.0)?;
+        self.udp_send(from, &dst, port, count, rate)?;
+        Self::udp_result(rx)
+    }
+
+    pub fn agent_log(&self, chassis: &str) -> String {
+        self.chassis_index(chassis)
+            .ok()
+            .and_then(|i| std::fs::read_to_string(&self.chassis[i].log).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for i in 0..self.chassis.len() {
+            self.stop_agent(i);
+        }
+        for n in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(self.slot) {
+                *e = (Vec::new(), Vec::new());
+            }
+        }
+        if std::env::var_os("GENEFLOW_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
