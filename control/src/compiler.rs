@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(p.bindings["vp-p1"].key, 1);
         let pb = compile(&topo(), "b");
         assert_eq!(pb.datapaths.len(), 2);
-        assert!(pb.datapaths[&10].remote_chassis.iter().any(|(c, _)| c == "a"));
+        assert!(pb.datapaths[&10]
+            .remote_chassis
+            .iter()
+            .any(|(c, _)| c == "a"));
     }
 
     #[test]

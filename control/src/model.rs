@@ -33,9 +33,17 @@ pub enum ModelError {
     #[error("tunnel key {key} already used by switch {other:?}")]
     DuplicateTunnelKey { key: u32, other: String },
     #[error("port key {key} already used by port {other:?} in switch {switch:?}")]
-    DuplicatePortKey { key: u16, other: String, switch: String },
+    DuplicatePortKey {
+        key: u16,
+        other: String,
+        switch: String,
+    },
     #[error("MAC {mac} already used by port {other:?} in switch {switch:?}")]
-    DuplicateMac { mac: Mac, other: String, switch: String },
+    DuplicateMac {
+        mac: Mac,
+        other: String,
+        switch: String,
+    },
     #[error("name must be 1-64 characters of [A-Za-z0-9_.-], got {0:?}")]
     BadName(String),
     #[error("interface name must be 1-15 characters without '/' or spaces, got {0:?}")]
@@ -224,7 +232,10 @@ impl NbDocument {
         let mut out = Validated::default();
         out.doc.version = self.version;
         for (k, c) in &self.chassis {
-            match c.validate().and_then(|_| key_matches("chassis", k, &c.name)) {
+            match c
+                .validate()
+                .and_then(|_| key_matches("chassis", k, &c.name))
+            {
                 Ok(()) => {
                     out.doc.chassis.insert(k.clone(), c.clone());
                 }
@@ -350,7 +361,10 @@ mod tests {
                 tunnel_key: 7,
             },
         );
-        for (n, k, m) in [("p1", 1, "0a:00:00:00:00:01"), ("p2", 2, "0a:00:00:00:00:02")] {
+        for (n, k, m) in [
+            ("p1", 1, "0a:00:00:00:00:01"),
+            ("p2", 2, "0a:00:00:00:00:02"),
+        ] {
             d.ports.insert(
                 n.into(),
                 LogicalPort {

@@ -87,9 +87,7 @@ impl FileStore {
     pub fn load(&self) -> Result<NbDocument, NbError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(NbDocument::default())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(NbDocument::default()),
             Err(e) => return Err(self.io(e)),
         };
         serde_json::from_str(&text).map_err(|e| NbError::Parse {
@@ -126,7 +124,9 @@ impl FileStore {
         f(&mut doc).map_err(NbError::Invalid)?;
         doc.check().map_err(NbError::Invalid)?;
         doc.version += 1;
-        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("tmp.{}", std::process::id()));
         let body = serde_json::to_vec_pretty(&doc).map_err(|e| NbError::Invalid(e.to_string()))?;
         {
             let mut t = File::create(&tmp).map_err(|e| self.io(e))?;

@@ -71,9 +71,13 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(cfg: ForwarderConfig, mut bpf: Bpf, shared: Arc<Shared>) -> Result<Self, ForwarderError> {
-        let uplink_ifindex =
-            netdev::ifindex(&cfg.uplink).ok_or_else(|| ForwarderError::NoInterface(cfg.uplink.clone()))?;
+    pub fn new(
+        cfg: ForwarderConfig,
+        mut bpf: Bpf,
+        shared: Arc<Shared>,
+    ) -> Result<Self, ForwarderError> {
+        let uplink_ifindex = netdev::ifindex(&cfg.uplink)
+            .ok_or_else(|| ForwarderError::NoInterface(cfg.uplink.clone()))?;
         let uplink_mac = netdev::mac(&cfg.uplink).unwrap_or_default();
         if let Err(e) = netdev::enable_forwarding(&cfg.uplink) {
             warn!(uplink = %cfg.uplink, "cannot enable forwarding, the fast path cannot encapsulate: {e}");
@@ -95,7 +99,13 @@ impl Forwarder {
         netdev::prepare_redirect_target(&cfg.uplink);
         info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, "uplink attached");
         let pipeline = Arc::new(Pipeline::default());
-        let tables = Tables::new(pipeline.clone(), uplink_ifindex, uplink_mtu, cfg.udp_csum, |_| None);
+        let tables = Tables::new(
+            pipeline.clone(),
+            uplink_ifindex,
+            uplink_mtu,
+            cfg.udp_csum,
+            |_| None,
+        );
         let mut f = Forwarder {
             neigh: Neighbours::new(&cfg.uplink),
             cfg,
@@ -115,11 +125,26 @@ impl Forwarder {
             encap_buf: vec![0u8; STRIDE],
             pollfds: Vec::new(),
         };
-        f.add_port(f.cfg.uplink.clone(), uplink_ifindex, UPLINK_SLOT, port_kind::UPLINK, Some(link), xsk);
+        f.add_port(
+            f.cfg.uplink.clone(),
+            uplink_ifindex,
+            UPLINK_SLOT,
+            port_kind::UPLINK,
+            Some(link),
+            xsk,
+        );
         Ok(f)
     }
 
-    fn add_port(&mut self, iface: String, ifindex: u32, slot: u32, kind: u32, link: Option<XdpLinkId>, xsk: Xsk) {
+    fn add_port(
+        &mut self,
+        iface: String,
+        ifindex: u32,
+        slot: u32,
+        kind: u32,
+        link: Option<XdpLinkId>,
+        xsk: Xsk,
+    ) {
         self.by_ifindex.insert(ifindex, self.ports.len());
         self.ports.push(Port {
             iface,
@@ -133,7 +158,12 @@ impl Forwarder {
     }
 
     fn rebuild_index(&mut self) {
-        self.by_ifindex = self.ports.iter().enumerate().map(|(i, p)| (p.ifindex, i)).collect();
+        self.by_ifindex = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.ifindex, i))
+            .collect();
         self.pollfds = self
             .ports
             .iter()
@@ -150,7 +180,11 @@ impl Forwarder {
                 iface: p.iface.clone(),
                 ifindex: p.ifindex,
                 slot: p.slot,
-                kind: if p.kind == port_kind::UPLINK { "uplink" } else { "vm" },
+                kind: if p.kind == port_kind::UPLINK {
+                    "uplink"
+                } else {
+                    "vm"
+                },
                 port: self.pipeline.bindings.get(&p.iface).map(|b| b.port.clone()),
             })
             .collect();
@@ -160,7 +194,8 @@ impl Forwarder {
     }
 
     fn attach_vm(&mut self, iface: &str) -> Result<(), ForwarderError> {
-        let ifindex = netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
+        let ifindex =
+            netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
         let Some(slot) = self.free_slots.pop() else {
             warn!(iface, "no free port slot");
             return Ok(());
@@ -188,8 +223,16 @@ impl Forwarder {
         };
         self.bpf.set_xsk(slot, &xsk.fd())?;
         netdev::prepare_redirect_target(iface);
+        netdev::silence_host_stack(iface);
         info!(iface, ifindex, slot, "port attached");
-        self.add_port(iface.to_string(), ifindex, slot, port_kind::VM, Some(link), xsk);
+        self.add_port(
+            iface.to_string(),
+            ifindex,
+            slot,
+            port_kind::VM,
+            Some(link),
+            xsk,
+        );
         Ok(())
     }
 
@@ -225,7 +268,11 @@ impl Forwarder {
                 warn!(%iface, "cannot attach port: {e}");
             }
         }
-        let attached: HashMap<String, u32> = self.ports.iter().map(|p| (p.iface.clone(), p.ifindex)).collect();
+        let attached: HashMap<String, u32> = self
+            .ports
+            .iter()
+            .map(|p| (p.iface.clone(), p.ifindex))
+            .collect();
         self.tables = Tables::new(
             self.pipeline.clone(),
             self.uplink_ifindex,
@@ -240,7 +287,11 @@ impl Forwarder {
         let old_ip = self.pipeline.encap_ip;
         self.pipeline = upd.pipeline;
         if self.pipeline.encap_ip != old_ip {
-            let ip = self.pipeline.encap_ip.map(|i| u32::from_ne_bytes(i.octets())).unwrap_or(0);
+            let ip = self
+                .pipeline
+                .encap_ip
+                .map(|i| u32::from_ne_bytes(i.octets()))
+                .unwrap_or(0);
             if let Err(e) = self.bpf.update_port(
                 self.uplink_ifindex,
                 PortConf {
@@ -263,7 +314,9 @@ impl Forwarder {
                 self.neigh.kick(*ip);
             }
         }
-        self.shared.nb_version.store(self.pipeline.nb_version, Ordering::Relaxed);
+        self.shared
+            .nb_version
+            .store(self.pipeline.nb_version, Ordering::Relaxed);
         info!(
             nb_version = self.pipeline.nb_version,
             changed = ?upd.changed,
@@ -279,8 +332,12 @@ impl Forwarder {
         if n > 0 {
             tracing::debug!(removed = n, "swept stale megaflows");
         }
-        self.shared.megaflows.store(self.bpf.megaflow_count() as u64, Ordering::Relaxed);
-        self.shared.masks.store(self.bpf.mask_count() as u64, Ordering::Relaxed);
+        self.shared
+            .megaflows
+            .store(self.bpf.megaflow_count() as u64, Ordering::Relaxed);
+        self.shared
+            .masks
+            .store(self.bpf.mask_count() as u64, Ordering::Relaxed);
     }
 
     pub fn run(&mut self, updates: Receiver<PipelineUpdate>, stop: Arc<AtomicBool>) {
@@ -303,7 +360,11 @@ impl Forwarder {
             if work == 0 {
                 // SAFETY: pollfds is a live array of pollfd for our own sockets.
                 unsafe {
-                    libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, 20);
+                    libc::poll(
+                        self.pollfds.as_mut_ptr(),
+                        self.pollfds.len() as libc::nfds_t,
+                        20,
+                    );
                 }
             }
         }
@@ -364,7 +425,8 @@ impl Forwarder {
             let (target, bytes): (u32, &[u8]) = match *o {
                 Output::Local { ifindex } => (ifindex, payload),
                 Output::Tunnel { remote, vni, meta } => {
-                    let (Some(src_ip), Some(dst_mac)) = (pipeline.encap_ip, neigh.resolve(remote)) else {
+                    let (Some(src_ip), Some(dst_mac)) = (pipeline.encap_ip, neigh.resolve(remote))
+                    else {
                         shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
                         continue;
                     };

@@ -73,7 +73,8 @@ impl Bpf {
             .ok_or(LoaderError::MissingMap("program geneflow"))?
             .try_into()?;
         prog.load()?;
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoaderError::MissingMap(name));
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(LoaderError::MissingMap(name));
         let flows = HashMap::try_from(take("FLOWS")?).map_err(map_err("FLOWS"))?;
         let masks = Array::try_from(take("MASKS")?).map_err(map_err("MASKS"))?;
         let config = Array::try_from(take("CONFIG")?).map_err(map_err("CONFIG"))?;
@@ -127,7 +128,9 @@ impl Bpf {
 
     /// Rewrites an attached interface's configuration (e.g. the uplink's encap IP).
     pub fn update_port(&mut self, ifindex: u32, conf: PortConf) -> Result<(), LoaderError> {
-        self.ports.insert(ifindex, conf, 0).map_err(map_err("PORTS"))
+        self.ports
+            .insert(ifindex, conf, 0)
+            .map_err(map_err("PORTS"))
     }
 
     pub fn detach(&mut self, ifindex: u32, slot: u32, link: XdpLinkId) {
@@ -139,7 +142,9 @@ impl Bpf {
     }
 
     pub fn set_xsk(&mut self, slot: u32, fd: &impl AsRawFd) -> Result<(), LoaderError> {
-        self.xsks.set(slot, fd.as_raw_fd(), 0).map_err(map_err("XSKS"))
+        self.xsks
+            .set(slot, fd.as_raw_fd(), 0)
+            .map_err(map_err("XSKS"))
     }
 
     /// Marks every entry of these datapaths stale (O(1) per datapath) and forgets removed
@@ -206,7 +211,9 @@ impl Bpf {
                 return Ok(Install::Refused);
             }
         }
-        self.flows.insert(key, action, 0).map_err(map_err("FLOWS"))?;
+        self.flows
+            .insert(key, action, 0)
+            .map_err(map_err("FLOWS"))?;
         self.installed.insert(key, action);
         Ok(Install::Installed)
     }

@@ -30,7 +30,9 @@ impl Shared {
     pub fn new(chassis: &str) -> Shared {
         Shared {
             chassis: chassis.to_string(),
-            user: (0..MAX_PORTS * ctr::COUNT).map(|_| AtomicU64::new(0)).collect(),
+            user: (0..MAX_PORTS * ctr::COUNT)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             ports: Mutex::new(Vec::new()),
             megaflows: AtomicU64::new(0),
             masks: AtomicU64::new(0),

@@ -38,9 +38,21 @@ pub fn enable_forwarding(name: &str) -> std::io::Result<()> {
     let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
     if std::fs::read_to_string(&path)?.trim() != "1" {
         std::fs::write(&path, "1")?;
-        info!(iface = name, "enabled IPv4 forwarding on the uplink (needed by bpf_fib_lookup)");
+        info!(
+            iface = name,
+            "enabled IPv4 forwarding on the uplink (needed by bpf_fib_lookup)"
+        );
     }
     Ok(())
+}
+
+/// A VM port belongs to the overlay: the chassis's own stack must not talk on it (IPv6 router
+/// solicitations and MLD reports from the host would reach the VM).
+pub fn silence_host_stack(name: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, "1") {
+        debug!(iface = name, "cannot disable IPv6 on port: {e}");
+    }
 }
 
 /// The underlay neighbour cache: next-hop MACs for remote chassis, from the kernel's table.
@@ -204,11 +216,21 @@ pub fn prepare_redirect_target(iface: &str) -> bool {
     };
     match cmd.output() {
         Ok(o) if o.status.success() => {
-            info!(iface, peer, netns = ns_name.as_deref().unwrap_or("-"), "GRO enabled on veth peer for XDP redirect");
+            info!(
+                iface,
+                peer,
+                netns = ns_name.as_deref().unwrap_or("-"),
+                "GRO enabled on veth peer for XDP redirect"
+            );
             true
         }
         Ok(o) => {
-            warn!(iface, peer, "enabling GRO on veth peer failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+            warn!(
+                iface,
+                peer,
+                "enabling GRO on veth peer failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             false
         }
         Err(e) => {

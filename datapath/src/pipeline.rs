@@ -165,19 +165,22 @@ impl Tables {
     ) -> Result<Decision, DropReason> {
         out.clear();
         if in_ifindex == self.uplink_ifindex {
-            self.from_tunnel(frame, in_ifindex, out)
+            self.ingress_tunnel(frame, in_ifindex, out)
         } else {
-            self.from_local(frame, in_ifindex, out)
+            self.ingress_local(frame, in_ifindex, out)
         }
     }
 
-    fn from_local(
+    fn ingress_local(
         &self,
         frame: &[u8],
         in_ifindex: u32,
         out: &mut Vec<Output>,
     ) -> Result<Decision, DropReason> {
-        let inp = *self.ports.get(&in_ifindex).ok_or(DropReason::UnknownInPort)?;
+        let inp = *self
+            .ports
+            .get(&in_ifindex)
+            .ok_or(DropReason::UnknownInPort)?;
         let key = extract_key(frame, in_ifindex).ok_or(DropReason::Malformed)?;
         let hash = flow_hash(&key);
         let dp = self
@@ -266,7 +269,7 @@ impl Tables {
         Ok(decision)
     }
 
-    fn from_tunnel(
+    fn ingress_tunnel(
         &self,
         frame: &[u8],
         in_ifindex: u32,
@@ -413,7 +416,9 @@ pub fn emit_encap(buf: &mut [u8], inner: &[u8], p: &EncapParams) -> Option<usize
         ovn: Some(p.meta),
     };
     let gnv_len = repr.buffer_len();
-    repr.emit(&mut geneve::Packet::new_unchecked(&mut buf[42..42 + gnv_len]));
+    repr.emit(&mut geneve::Packet::new_unchecked(
+        &mut buf[42..42 + gnv_len],
+    ));
     buf[42 + gnv_len..total].copy_from_slice(inner);
     let udp_payload_len = total - 42;
     let mut ip = Ipv4Header::new(
@@ -581,7 +586,9 @@ mod tests {
         assert!(d.megaflow.is_none());
         assert_eq!(out.len(), 2);
         assert!(out.contains(&Output::Local { ifindex: 11 }));
-        assert!(out.iter().any(|o| matches!(o, Output::Tunnel { meta, .. } if meta.egress == MC_FLOOD_KEY)));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Tunnel { meta, .. } if meta.egress == MC_FLOOD_KEY)));
     }
 
     #[test]
@@ -596,7 +603,10 @@ mod tests {
             t.process(&FRAME_CSUM[58..], 99, &mut out),
             Err(DropReason::UnknownInPort)
         );
-        assert_eq!(t.process(&[0u8; 5], 10, &mut out), Err(DropReason::Malformed));
+        assert_eq!(
+            t.process(&[0u8; 5], 10, &mut out),
+            Err(DropReason::Malformed)
+        );
     }
 
     #[test]
@@ -616,9 +626,15 @@ mod tests {
         assert_eq!((m.key.tun_vni, m.key.tun_out_port), (0xabcd, 6));
         // Unknown egress key and unknown VNI are counted drops.
         f[56..58].copy_from_slice(&77u16.to_be_bytes());
-        assert_eq!(t.process(&f, UPLINK, &mut out), Err(DropReason::UnknownPort));
+        assert_eq!(
+            t.process(&f, UPLINK, &mut out),
+            Err(DropReason::UnknownPort)
+        );
         f[47] = 0x99;
-        assert_eq!(t.process(&f, UPLINK, &mut out), Err(DropReason::UnknownDatapath));
+        assert_eq!(
+            t.process(&f, UPLINK, &mut out),
+            Err(DropReason::UnknownDatapath)
+        );
     }
 
     #[test]
@@ -629,7 +645,10 @@ mod tests {
         let mut out = Vec::new();
         let mut v1 = base.clone();
         v1[42] |= 0x40;
-        assert_eq!(t.process(&v1, UPLINK, &mut out), Err(DropReason::GeneveVersion));
+        assert_eq!(
+            t.process(&v1, UPLINK, &mut out),
+            Err(DropReason::GeneveVersion)
+        );
         let mut crit = base.clone();
         crit[50..52].copy_from_slice(&0xffffu16.to_be_bytes());
         assert_eq!(
@@ -638,7 +657,10 @@ mod tests {
         );
         let mut optlen = base.clone();
         optlen[53] = 3;
-        assert_eq!(t.process(&optlen, UPLINK, &mut out), Err(DropReason::GeneveOptLen));
+        assert_eq!(
+            t.process(&optlen, UPLINK, &mut out),
+            Err(DropReason::GeneveOptLen)
+        );
         assert_eq!(
             t.process(&base[..46], UPLINK, &mut out),
             Err(DropReason::GeneveTruncated)

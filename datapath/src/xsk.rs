@@ -51,12 +51,8 @@ impl Xsk {
             .comp_queue_size(q(RING)?)
             .build()
             .map_err(|e| err(format!("{e}")))?;
-        let (umem, frames) = Umem::new(
-            umem_cfg,
-            NonZeroU32::new(FRAMES).expect("non-zero"),
-            false,
-        )
-        .map_err(|e| err(format!("{e}")))?;
+        let (umem, frames) = Umem::new(umem_cfg, NonZeroU32::new(FRAMES).expect("non-zero"), false)
+            .map_err(|e| err(format!("{e}")))?;
         let bind = match mode {
             BindMode::Copy => BindFlags::XDP_COPY,
             BindMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,

@@ -1,0 +1,141 @@
+//! Topologies and helpers for the end-to-end tests (tests/tests/*.rs). The tests run real
+//! `geneflowd` agents with real XDP programs and AF_XDP sockets on veths in network namespaces
+//! they create and remove; they need root.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+pub use xtask::testbed::{run, Testbed};
+
+pub const LS1_KEY: u32 = 1000;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests need root (run `cargo xtask test`)"
+    );
+}
+
+/// ch1 hosts vm1 (key 1) and vm2 (key 2), ch2 hosts vm3 (key 3) and vm4 (key 4), all on ls1.
+pub fn two_chassis(tag: &str) -> Result<Testbed> {
+    require_root();
+    let mut tb = Testbed::new(tag)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    for (vm, ch, key) in [
+        ("vm1", "ch1", 1),
+        ("vm2", "ch1", 2),
+        ("vm3", "ch2", 3),
+        ("vm4", "ch2", 4),
+    ] {
+        tb.add_vm(vm, ch, "ls1", key)?;
+    }
+    tb.start_agents()?;
+    Ok(tb)
+}
+
+pub const PEER_PORT_KEY: u16 = 9;
+pub const PEER_MAC: &str = "0a:00:00:00:00:09";
+pub const PEER_VM_IP: &str = "10.0.0.9";
+
+/// ch1 (agent) hosts vm1 (key 1) on ls1; "peer" is a chassis in the NB whose encap IP is the
+/// injector namespace (198.18.0.250), hosting port vmx (key 9): what geneflow sends to vmx can be
+/// captured there, and frames built by scapy there look like they come from a real chassis.
+pub fn with_peer(tag: &str) -> Result<Testbed> {
+    require_root();
+    let mut tb = Testbed::new(tag)?;
+    tb.add_chassis("ch1")?;
+    tb.add_injector()?;
+    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    tb.add_vm("vm1", "ch1", "ls1", 1)?;
+    tb.nbctl(&[
+        "lsp-add",
+        "ls1",
+        "vmx",
+        PEER_MAC,
+        PEER_VM_IP,
+        "--key",
+        &PEER_PORT_KEY.to_string(),
+    ])?;
+    tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
+    tb.start_agents()?;
+    Ok(tb)
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// MAC of an interface inside a namespace.
+pub fn mac_of(ns: &str, iface: &str) -> Result<String> {
+    let out = run(Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", iface]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .context("no address")
+}
+
+/// Packets received by an interface inside a namespace (kernel counter).
+pub fn rx_packets(ns: &str, iface: &str) -> Result<u64> {
+    let out = run(Command::new("ip").args(["-n", ns, "-s", "-j", "link", "show", "dev", iface]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("no rx counter")
+}
+
+/// Injects `count` scapy-built Geneve frames of `kind` from the injector to ch1, addressed
+/// (inner) from vmx to vm1 on UDP port `dport`.
+pub fn inject(tb: &Testbed, kind: &str, count: u32, dport: u16) -> Result<()> {
+    let inj = tb.injector.clone().context("no injector")?;
+    let ch1 = &tb.chassis[tb.chassis_index("ch1")?];
+    let dst_mac = mac_of(&ch1.ns, "ul")?;
+    let vm1 = tb.vm("vm1")?;
+    let script = repo_root().join("tests/scripts/inject.py");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &inj, "/usr/bin/python3"])
+        .arg(&script)
+        .args([
+            "--iface",
+            "eth0",
+            "--dst-mac",
+            &dst_mac,
+            "--src-ip",
+            "198.18.0.250",
+        ])
+        .args([
+            "--dst-ip",
+            &ch1.ip,
+            "--inner-src-mac",
+            PEER_MAC,
+            "--inner-dst-mac",
+            &vm1.mac,
+        ])
+        .args(["--inner-src-ip", PEER_VM_IP, "--inner-dst-ip", &vm1.ip])
+        .args([
+            "--vni",
+            &LS1_KEY.to_string(),
+            "--ingress",
+            &PEER_PORT_KEY.to_string(),
+        ])
+        .args([
+            "--egress",
+            &vm1.key.to_string(),
+            "--dport",
+            &dport.to_string(),
+        ])
+        .args(["--count", &count.to_string(), "--kind", kind])
+        .output()?;
+    if !out.status.success() {
+        bail!("inject.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

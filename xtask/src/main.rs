@@ -105,8 +105,7 @@ fn setup() -> Result<()> {
         step("apt packages: all present");
     } else {
         step(&format!("apt: installing {}", missing.join(" ")));
-        run(Command::new("apt-get").arg("update").arg("-q"))
-            .context("apt-get update failed")?;
+        run(Command::new("apt-get").arg("update").arg("-q")).context("apt-get update failed")?;
         run(Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -118,17 +117,33 @@ fn setup() -> Result<()> {
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("rustup: installing nightly (minimal) with rust-src");
         run(Command::new("rustup").args([
-            "toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))?;
     }
     let comps = run(Command::new("rustup").args([
-        "component", "list", "--toolchain", "nightly", "--installed",
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
     ]))?;
     if comps.lines().any(|l| l.starts_with("rust-src")) {
         step("rustup: nightly rust-src present");
     } else {
         step("rustup: adding rust-src to nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if have("bpf-linker", "--version") {
         step("bpf-linker present");
@@ -137,7 +152,11 @@ fn setup() -> Result<()> {
         let st = Command::new("cargo")
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .args([
-                "install", "bpf-linker", "--locked", "--no-default-features", "--features",
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
                 "llvm-22",
             ])
             .status()?;
@@ -190,14 +209,23 @@ fn demo() -> Result<()> {
     tb.add_chassis("ch1")?;
     tb.add_chassis("ch2")?;
     tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
-    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3), ("vm4", "ch2", 4)] {
+    for (vm, ch, key) in [
+        ("vm1", "ch1", 1),
+        ("vm2", "ch1", 2),
+        ("vm3", "ch2", 3),
+        ("vm4", "ch2", 4),
+    ] {
         tb.add_vm(vm, ch, "ls1", key)?;
     }
     print!("{}", tb.nbctl(&["show"])?);
     step("starting geneflowd in each chassis namespace");
     tb.start_agents()?;
     step("ping every VM pair");
-    let vms: Vec<(String, String)> = tb.vms.iter().map(|v| (v.name.clone(), v.ip.clone())).collect();
+    let vms: Vec<(String, String)> = tb
+        .vms
+        .iter()
+        .map(|v| (v.name.clone(), v.ip.clone()))
+        .collect();
     for (a, _) in &vms {
         for (b, ip) in &vms {
             if a != b {
@@ -217,7 +245,10 @@ fn demo() -> Result<()> {
     step("per-chassis counters (XDP fast path + AF_XDP slow path)");
     for c in ["ch1", "ch2"] {
         let s = tb.stats(c)?;
-        println!("chassis {c}: {} megaflows, {} masks", s["megaflows"], s["masks"]);
+        println!(
+            "chassis {c}: {} megaflows, {} masks",
+            s["megaflows"], s["masks"]
+        );
         for p in s["ports"].as_array().cloned().unwrap_or_default() {
             let ctr = &p["counters"];
             let drops: Vec<String> = ctr
@@ -242,6 +273,9 @@ fn demo() -> Result<()> {
         }
     }
     drop(tb);
-    step(&format!("demo done in {:.1}s; namespaces removed", started.elapsed().as_secs_f64()));
+    step(&format!(
+        "demo done in {:.1}s; namespaces removed",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }

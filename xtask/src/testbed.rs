@@ -53,9 +53,15 @@ pub fn sweep_stale() {
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("gf") else { continue };
-        let Some((pid, _)) = rest.split_once('x') else { continue };
-        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let Some(rest) = name.strip_prefix("gf") else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
@@ -145,11 +151,13 @@ impl Testbed {
             vms: Vec::new(),
             injector: None,
             namespaces: Vec::new(),
-            slot: LIVE.lock().map(|mut l| {
-                l.push((Vec::new(), Vec::new()));
-                l.len() - 1
-            })
-            .unwrap_or(0),
+            slot: LIVE
+                .lock()
+                .map(|mut l| {
+                    l.push((Vec::new(), Vec::new()));
+                    l.len() - 1
+                })
+                .unwrap_or(0),
         };
         tb.add_ns(&underlay_ns)?;
         ip(&["-n", &underlay_ns, "link", "add", "br0", "type", "bridge"])?;
@@ -184,10 +192,28 @@ impl Testbed {
     fn underlay_port(&mut self, ns: &str, host_if: &str, addr: &str) -> Result<()> {
         let br_if = format!("u{}", self.namespaces.len());
         ip(&[
-            "link", "add", host_if, "netns", ns, "type", "veth", "peer", "name", &br_if, "netns",
+            "link",
+            "add",
+            host_if,
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &br_if,
+            "netns",
             &self.underlay_ns,
         ])?;
-        ip(&["-n", &self.underlay_ns, "link", "set", &br_if, "master", "br0"])?;
+        ip(&[
+            "-n",
+            &self.underlay_ns,
+            "link",
+            "set",
+            &br_if,
+            "master",
+            "br0",
+        ])?;
         ip(&["-n", &self.underlay_ns, "link", "set", &br_if, "up"])?;
         ip(&["-n", ns, "addr", "add", addr, "dev", host_if])?;
         ip(&["-n", ns, "link", "set", host_if, "up"])?;
@@ -240,13 +266,33 @@ impl Testbed {
             "link", "add", &iface, "netns", &ch_ns, "type", "veth", "peer", "name", "eth0",
             "netns", &ns,
         ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "address", &mac, "mtu", "1442", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{ipaddr}/16"), "dev", "eth0"])?;
+        ip(&[
+            "-n", &ns, "link", "set", "eth0", "address", &mac, "mtu", "1442", "up",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ipaddr}/16"),
+            "dev",
+            "eth0",
+        ])?;
         // Test VMs are veths: their tx checksum offload leaves UDP/TCP checksums partial, which
         // an XDP redirect cannot complete (real VMs on tap/virtio are not affected).
-        run(self.ns_cmd(&ns, "ethtool").args(["-K", "eth0", "tx", "off"]))?;
+        run(self
+            .ns_cmd(&ns, "ethtool")
+            .args(["-K", "eth0", "tx", "off"]))?;
         ip(&["-n", &ch_ns, "link", "set", &iface, "up"])?;
-        self.nbctl(&["lsp-add", switch, name, &mac, &ipaddr, "--key", &key.to_string()])?;
+        self.nbctl(&[
+            "lsp-add",
+            switch,
+            name,
+            &mac,
+            &ipaddr,
+            "--key",
+            &key.to_string(),
+        ])?;
         self.nbctl(&["lsp-bind", name, chassis, &iface])?;
         self.vms.push(Vm {
             name: name.to_string(),
@@ -284,7 +330,10 @@ impl Testbed {
             .args(["--chassis", &c.name, "--nb", &self.nb, "--uplink", "ul"])
             .arg("--ctl-socket")
             .arg(&c.socket)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -392,7 +441,13 @@ impl Testbed {
         let vm = self.vm(vm)?;
         let mut child = self
             .ns_cmd(&vm.ns, &self.bin("gf-udp"))
-            .args(["recv", "--port", &port.to_string(), "--count", &count.to_string()])
+            .args([
+                "recv",
+                "--port",
+                &port.to_string(),
+                "--count",
+                &count.to_string(),
+            ])
             .args(["--idle", &idle_s.to_string()])
             .stdout(Stdio::piped())
             .spawn()?;
@@ -427,12 +482,22 @@ impl Testbed {
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line)?;
         let _ = child.wait();
-        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("receiver said {line:?}"))?;
-        v["unique"].as_u64().ok_or_else(|| anyhow!("bad receiver output {line:?}"))
+        let v: Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("receiver said {line:?}"))?;
+        v["unique"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("bad receiver output {line:?}"))
     }
 
     /// Sends `count` datagrams from `from` to `to` and returns how many distinct ones arrived.
-    pub fn udp_stream(&self, from: &str, to: &str, port: u16, count: u64, rate: u64) -> Result<u64> {
+    pub fn udp_stream(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        count: u64,
+        rate: u64,
+    ) -> Result<u64> {
         let dst = self.vm(to)?.ip.clone();
         let rx = self.udp_receiver(to, port, count, 2.0)?;
         self.udp_send(from, &dst, port, count, rate)?;

@@ -13,7 +13,11 @@ use std::time::Duration;
 const DEFAULT_DB: &str = "file:///var/lib/geneflow/nb.json";
 
 #[derive(Parser)]
-#[command(name = "geneflowctl", version, about = "geneflow NB editor and agent inspector")]
+#[command(
+    name = "geneflowctl",
+    version,
+    about = "geneflow NB editor and agent inspector"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -32,7 +36,11 @@ enum Cmd {
     /// Per-interface counters of a running agent.
     Stats {
         /// Agent control socket.
-        #[arg(long, env = "GENEFLOW_CTL", default_value = "/run/geneflow/geneflowd.sock")]
+        #[arg(
+            long,
+            env = "GENEFLOW_CTL",
+            default_value = "/run/geneflow/geneflowd.sock"
+        )]
         socket: String,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
@@ -131,7 +139,11 @@ fn nb(db: &str, cmd: NbCmd) -> Result<()> {
                 if d.chassis.remove(&name).is_none() {
                     return Err(unknown("chassis", &name));
                 }
-                if let Some(p) = d.ports.values().find(|p| p.chassis.as_deref() == Some(&name)) {
+                if let Some(p) = d
+                    .ports
+                    .values()
+                    .find(|p| p.chassis.as_deref() == Some(&name))
+                {
                     return Err(format!("chassis {name:?} still hosts port {:?}", p.name));
                 }
                 Ok(())
@@ -204,7 +216,10 @@ fn nb(db: &str, cmd: NbCmd) -> Result<()> {
                 if !d.chassis.contains_key(&chassis) {
                     return Err(unknown("chassis", &chassis));
                 }
-                let p = d.ports.get_mut(&name).ok_or_else(|| unknown("port", &name))?;
+                let p = d
+                    .ports
+                    .get_mut(&name)
+                    .ok_or_else(|| unknown("port", &name))?;
                 geneflow_control::model::check_ifname(&iface).map_err(|e| e.to_string())?;
                 p.chassis = Some(chassis.clone());
                 p.iface = Some(iface.clone());
@@ -283,7 +298,11 @@ fn stats(socket: &str, format: &str) -> Result<()> {
     );
     if let Some(ports) = v["ports"].as_array() {
         for p in ports {
-            println!("{} ({})", p["iface"].as_str().unwrap_or("?"), p["kind"].as_str().unwrap_or("?"));
+            println!(
+                "{} ({})",
+                p["iface"].as_str().unwrap_or("?"),
+                p["kind"].as_str().unwrap_or("?")
+            );
             if let Some(c) = p["counters"].as_object() {
                 for (k, val) in c {
                     if val.as_u64().unwrap_or(0) != 0 {

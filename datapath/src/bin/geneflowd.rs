@@ -18,7 +18,11 @@ use std::sync::Arc;
 use tracing::info;
 
 #[derive(Parser, Debug)]
-#[command(name = "geneflowd", version, about = "geneflow per-chassis overlay agent")]
+#[command(
+    name = "geneflowd",
+    version,
+    about = "geneflow per-chassis overlay agent"
+)]
 struct Args {
     /// This chassis's name in the NB.
     #[arg(long)]
@@ -69,7 +73,8 @@ fn run(args: Args) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the signal handler")?;
     }
-    let mut bpf = Bpf::load(XDP_OBJECT, args.xdp_mode == "skb").context("loading the XDP program")?;
+    let mut bpf =
+        Bpf::load(XDP_OBJECT, args.xdp_mode == "skb").context("loading the XDP program")?;
     let shared = Arc::new(Shared::new(&args.chassis));
     let counters = bpf.take_counters();
     let cfg = ForwarderConfig {

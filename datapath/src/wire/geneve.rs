@@ -277,7 +277,7 @@ impl<'a> Repr<'a> {
     /// Writes the header into `packet`, which must hold at least `buffer_len()` bytes.
     /// `options` must be a multiple of 4 bytes and at most 252.
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut Packet<T>) {
-        debug_assert!(self.options.len() % 4 == 0 && self.options.len() <= 252);
+        debug_assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 252);
         packet.set_first_bytes(0, self.options.len(), self.oam, self.critical);
         packet.set_protocol(self.protocol);
         packet.set_vni(self.vni);
@@ -336,9 +336,14 @@ mod tests {
         let r = Repr::parse(&p).unwrap();
         assert_eq!(r.ovn, Some(META));
         assert_eq!(r.options.len(), 20);
-        let opts: Vec<_> = OptionIter::new(r.options).collect::<Result<_, _>>().unwrap();
+        let opts: Vec<_> = OptionIter::new(r.options)
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(opts.len(), 2);
-        assert_eq!((opts[0].class, opts[0].typ, opts[0].data.len()), (0xffff, 1, 8));
+        assert_eq!(
+            (opts[0].class, opts[0].typ, opts[0].data.len()),
+            (0xffff, 1, 8)
+        );
         // Round trip keeps the unknown option verbatim.
         let mut buf = vec![0u8; r.buffer_len()];
         r.emit(&mut Packet::new_unchecked(&mut buf[..]));
@@ -359,7 +364,10 @@ mod tests {
         assert_eq!(Repr::parse(&p), Err(Error::BadVersion(1)));
         let p = Packet::new_checked(HDR_PAST).unwrap();
         assert_eq!(Repr::parse(&p), Err(Error::BadOptionLength { offset: 0 }));
-        assert_eq!(Packet::new_checked(HDR_TRUNC).unwrap_err(), Error::Truncated(6));
+        assert_eq!(
+            Packet::new_checked(HDR_TRUNC).unwrap_err(),
+            Error::Truncated(6)
+        );
     }
 
     #[test]

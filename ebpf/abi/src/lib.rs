@@ -251,7 +251,10 @@ pub mod ctr {
         (DROP_GENEVE_VERSION, "drop_geneve_version"),
         (DROP_GENEVE_TRUNCATED, "drop_geneve_truncated"),
         (DROP_GENEVE_OPT_LEN, "drop_geneve_opt_len"),
-        (DROP_GENEVE_CRITICAL_OPT, "drop_geneve_unknown_critical_option"),
+        (
+            DROP_GENEVE_CRITICAL_OPT,
+            "drop_geneve_unknown_critical_option",
+        ),
         (DROP_GENEVE_PROTOCOL, "drop_geneve_protocol"),
         (DROP_GENEVE_NO_METADATA, "drop_geneve_no_metadata"),
         (DROP_TOO_BIG, "drop_too_big"),

@@ -15,9 +15,9 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, FlowAction, FlowKey, PortConf, ENCAP_OVERHEAD,
-        FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PORTS,
-        OVN_OPT_CLASS, OVN_OPT_TYPE,
+        act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, FlowAction, FlowKey,
+        PortConf, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS,
+        MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
 
     #[map]
@@ -178,7 +178,11 @@ mod prog {
     /// Validates outer Ethernet/IPv4/UDP/Geneve of a frame on the uplink and returns the offset
     /// of the inner Ethernet header. Non-overlay traffic goes to the stack.
     #[inline(always)]
-    fn parse_tunnel(ctx: &XdpContext, port: &PortConf, key: &mut FlowKey) -> Result<usize, Verdict> {
+    fn parse_tunnel(
+        ctx: &XdpContext,
+        port: &PortConf,
+        key: &mut FlowKey,
+    ) -> Result<usize, Verdict> {
         let eth_type = rd_u16(ctx, 12).ok_or(Verdict::Pass)?;
         if eth_type != ETH_P_IPV4.to_be() {
             return Err(Verdict::Pass);
@@ -233,7 +237,8 @@ mod prog {
             if off + 4 > opt_len {
                 return Err(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN));
             }
-            let o = bound(ctx, (opts + off) & 0x1ff, 4).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
+            let o = bound(ctx, (opts + off) & 0x1ff, 4)
+                .ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
             // SAFETY: [o, o+4) is inside the packet.
             let (class, typ, len) = unsafe { (rd16(o), rd8(o + 2), rd8(o + 3)) };
             let olen = ((len & 0x1f) as usize) * 4;
@@ -241,7 +246,8 @@ mod prog {
                 return Err(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN));
             }
             if class == OVN_OPT_CLASS.to_be() && typ == OVN_OPT_TYPE && olen == 4 {
-                let o = bound(ctx, (opts + off) & 0x1ff, 8).ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
+                let o = bound(ctx, (opts + off) & 0x1ff, 8)
+                    .ok_or(Verdict::Drop(ctr::DROP_GENEVE_OPT_LEN))?;
                 // SAFETY: [o, o+8) is inside the packet.
                 meta = Some(u32::from_be(unsafe { rd32(o + 4) }));
             } else if typ & 0x80 != 0 {
@@ -290,8 +296,15 @@ mod prog {
             return Some(());
         };
         // SAFETY: [ip, ip+20) is inside the packet.
-        let (vihl, frag, proto, s, d) =
-            unsafe { (rd8(ip), rd16(ip + 6), rd8(ip + 9), rd32(ip + 12), rd32(ip + 16)) };
+        let (vihl, frag, proto, s, d) = unsafe {
+            (
+                rd8(ip),
+                rd16(ip + 6),
+                rd8(ip + 9),
+                rd32(ip + 12),
+                rd32(ip + 16),
+            )
+        };
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < 20 {
             return Some(());
@@ -367,7 +380,15 @@ mod prog {
             }
             act::DROP => {
                 count(slot, ctr::FAST_HIT, 1);
-                count(slot, if a.drop_reason < ctr::COUNT { a.drop_reason } else { ctr::DROP_ACTION }, 1);
+                count(
+                    slot,
+                    if a.drop_reason < ctr::COUNT {
+                        a.drop_reason
+                    } else {
+                        ctr::DROP_ACTION
+                    },
+                    1,
+                );
                 xdp_action::XDP_DROP
             }
             _ => {
@@ -474,7 +495,10 @@ mod prog {
             core::ptr::write_unaligned(b.add(44) as *mut u16, ETH_P_TEB.to_be());
             core::ptr::write_unaligned(b.add(46) as *mut u32, (a.vni << 8).to_be());
             core::ptr::write_unaligned(b.add(50) as *mut u16, OVN_OPT_CLASS.to_be());
-            core::ptr::write_unaligned(b.add(52) as *mut u16, ((OVN_OPT_TYPE as u16) << 8 | 1).to_be());
+            core::ptr::write_unaligned(
+                b.add(52) as *mut u16,
+                ((OVN_OPT_TYPE as u16) << 8 | 1).to_be(),
+            );
             core::ptr::write_unaligned(b.add(54) as *mut u32, a.ovn_opt.to_be());
         }
         if a.flags & flag::UDP_CSUM != 0 {

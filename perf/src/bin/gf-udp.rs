@@ -11,7 +11,10 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "gf-udp", about = "bounded UDP stream sender / counting receiver")]
+#[command(
+    name = "gf-udp",
+    about = "bounded UDP stream sender / counting receiver"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,7 +42,7 @@ enum Cmd {
         port: u16,
         #[arg(long, default_value_t = 10000)]
         count: u64,
-        /// Give up after this long without a packet (seconds).
+        /// Give up after this long without a packet, counted from the start too (seconds).
         #[arg(long, default_value_t = 3.0)]
         idle: f64,
         /// Give up after this long in total (seconds).
@@ -57,7 +60,13 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Send { dst, count, rate, size, sport } => {
+        Cmd::Send {
+            dst,
+            count,
+            rate,
+            size,
+            sport,
+        } => {
             let s = UdpSocket::bind(("0.0.0.0", sport)).context("bind")?;
             let mut buf = vec![0u8; size.max(8)];
             let start = Instant::now();
@@ -75,9 +84,17 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
-            println!("{{\"sent\":{sent},\"secs\":{:.3}}}", start.elapsed().as_secs_f64());
+            println!(
+                "{{\"sent\":{sent},\"secs\":{:.3}}}",
+                start.elapsed().as_secs_f64()
+            );
         }
-        Cmd::Recv { port, count, idle, timeout } => {
+        Cmd::Recv {
+            port,
+            count,
+            idle,
+            timeout,
+        } => {
             let s = UdpSocket::bind(("0.0.0.0", port)).context("bind")?;
             let size: libc::c_int = 16 << 20;
             // SAFETY: setsockopt on our own socket with a correctly sized int.
@@ -100,7 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut last = Instant::now();
             while (seen.len() as u64) < count
                 && start.elapsed().as_secs_f64() < timeout
-                && (total == 0 || last.elapsed().as_secs_f64() < idle)
+                && last.elapsed().as_secs_f64() < idle
             {
                 if let Ok(n) = s.recv(&mut buf) {
                     if n >= 8 {
