@@ -1,19 +1,29 @@
-//! The control-plane thread of `geneflowd`: watches the NB, validates and compiles it for this
-//! chassis, and hands each new pipeline snapshot (with the set of logical datapaths that
-//! changed) to the forwarder over a channel. A malformed NB or a bad record never replaces the
-//! last good pipeline: the error is logged once and the datapath keeps forwarding.
+//! The control-plane thread of `geneflowd`. It connects to the NB (any backend), works out
+//! which topics this chassis needs (selective topology distribution: the tenants of its bound
+//! ports, plus the tenants its routers reach), reads them (full resync), compiles, subscribes,
+//! and then follows changes, recompiling only the logical datapaths they touch. Each new
+//! pipeline goes to the forwarder over a channel with the set of changed datapaths.
+//!
+//! Headless operation: when the NB is unreachable the forwarder keeps the last pipeline; this
+//! thread retries with backoff, logs once per state change, and resyncs on reconnect. Bad data
+//! (a malformed file, a record that does not parse or validate) is logged once and skipped.
 
-use crate::compiler::{compile, Pipeline};
-use crate::nb::{FileStore, Stamp};
+use crate::compiler::{Compiler, Pipeline};
+use crate::kv::{self, Kv};
+use crate::model::NbDocument;
+use crate::nb::{self, Backend, Event, NbError};
 use crossbeam_channel::Sender;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
-/// How often the file backend is checked for a new document.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+const POLL: Duration = Duration::from_millis(100);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
 /// A new compiled pipeline and the tunnel keys of the datapaths it changed.
 #[derive(Debug, Clone)]
@@ -22,67 +32,312 @@ pub struct PipelineUpdate {
     pub changed: Vec<u32>,
     /// When the NB change was noticed, for change-to-fast-path latency.
     pub noticed: Instant,
+    pub compile_time: Duration,
+}
+
+/// What the agent reports about its NB session (read by the control socket).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NbStatus {
+    pub backend: String,
+    pub connected: bool,
+    /// Topic prefixes this chassis reads and watches.
+    pub topics: Vec<String>,
+    /// Records held per table.
+    pub records: BTreeMap<String, usize>,
+    pub resyncs: u64,
+    pub last_compile_us: u64,
+    pub rejected_records: usize,
 }
 
 pub fn spawn(
-    store: FileStore,
+    url: String,
     chassis: String,
     tx: Sender<PipelineUpdate>,
     stop: Arc<AtomicBool>,
+    status: Arc<Mutex<NbStatus>>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("gf-control".into())
-        .spawn(move || run(store, chassis, tx, stop))
+        .spawn(move || run(url, chassis, tx, stop, status))
 }
 
-fn run(store: FileStore, chassis: String, tx: Sender<PipelineUpdate>, stop: Arc<AtomicBool>) {
-    let mut last_stamp: Option<Option<Stamp>> = None;
-    let mut current = Pipeline {
-        chassis: chassis.clone(),
-        ..Default::default()
+struct Agent {
+    chassis: String,
+    tx: Sender<PipelineUpdate>,
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<NbStatus>>,
+    compiler: Compiler,
+    sent_once: bool,
+    logged_rejections: BTreeSet<String>,
+    last_data_error: Option<String>,
+}
+
+fn run(
+    url: String,
+    chassis: String,
+    tx: Sender<PipelineUpdate>,
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<NbStatus>>,
+) {
+    let mut a = Agent {
+        compiler: Compiler::new(&chassis),
+        chassis,
+        tx,
+        stop,
+        status,
+        sent_once: false,
+        logged_rejections: BTreeSet::new(),
+        last_data_error: None,
     };
-    let mut sent_once = false;
-    while !stop.load(Ordering::Relaxed) {
-        let stamp = store.stamp();
-        if last_stamp != Some(stamp) {
-            last_stamp = Some(stamp);
-            let noticed = Instant::now();
-            match store.load() {
-                Err(e) => error!("NB not applied, keeping the last good pipeline: {e}"),
-                Ok(doc) => {
-                    let v = doc.validated();
-                    for r in &v.rejected {
-                        warn!(nb_version = doc.version, "NB record skipped: {r}");
-                    }
-                    let started = Instant::now();
-                    let p = compile(&v.doc, &chassis);
-                    if p.encap_ip.is_none() {
-                        warn!(chassis = %chassis, "no chassis record for this agent in the NB; tunnels need one");
-                    }
-                    if p != current || !sent_once {
-                        let changed = current.changed_datapaths(&p);
-                        info!(
-                            nb_version = doc.version,
-                            datapaths = p.datapaths.len(),
-                            local_ports = p.bindings.len(),
-                            changed = changed.len(),
-                            compile_us = started.elapsed().as_micros() as u64,
-                            "pipeline compiled"
-                        );
-                        current = p;
-                        sent_once = true;
-                        let upd = PipelineUpdate {
-                            pipeline: Arc::new(current.clone()),
-                            changed,
-                            noticed,
-                        };
-                        if tx.send(upd).is_err() {
-                            return;
-                        }
-                    }
+    let mut backoff = BACKOFF_MIN;
+    let mut was_connected = false;
+    let mut logged_down = false;
+    while !a.stop.load(Ordering::Relaxed) {
+        let mut b = match nb::open(&url) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("{e}");
+                return;
+            }
+        };
+        a.set_status(|s| s.backend = b.kind().to_string());
+        match a.session(&mut *b, &mut was_connected) {
+            Ok(()) => return,
+            Err(e) => {
+                a.set_status(|s| s.connected = false);
+                if was_connected {
+                    warn!("NB connection lost ({e}); forwarding on the last pipeline, retrying");
+                    was_connected = false;
+                    logged_down = true;
+                    backoff = BACKOFF_MIN;
+                } else if !logged_down {
+                    warn!("NB unreachable ({e}); forwarding on the last pipeline, retrying");
+                    logged_down = true;
                 }
             }
         }
-        std::thread::sleep(POLL_INTERVAL);
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !a.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if was_connected {
+            logged_down = false;
+        }
+    }
+}
+
+impl Agent {
+    fn set_status(&self, f: impl FnOnce(&mut NbStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Topic prefixes: global tables, this chassis's bindings, its tenants and the tenants
+    /// its routers reach (followed until nothing new appears).
+    fn resync(&mut self, b: &mut dyn Backend) -> Result<(Vec<String>, Kv), NbError> {
+        let base = vec![kv::GLOBAL.to_string(), kv::bind_prefix(&self.chassis)];
+        let mut data = b.snapshot(&base)?;
+        let mut tenants = kv::bound_tenants(&self.chassis, &data);
+        let mut fetched: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let todo: Vec<String> = tenants.difference(&fetched).cloned().collect();
+            if todo.is_empty() {
+                break;
+            }
+            let prefixes: Vec<String> = todo.iter().map(|t| kv::tenant_prefix(t)).collect();
+            data.extend(b.snapshot(&prefixes)?);
+            fetched.extend(todo);
+            tenants.extend(reached_tenants(&data));
+        }
+        let mut topics = base;
+        topics.extend(tenants.iter().map(|t| kv::tenant_prefix(t)));
+        Ok((topics, data))
+    }
+
+    fn session(&mut self, b: &mut dyn Backend, was_connected: &mut bool) -> Result<(), NbError> {
+        'resync: loop {
+            let noticed = Instant::now();
+            let (topics, mut data) = match self.resync(b) {
+                Ok(x) => x,
+                Err(e) if e.is_data_error() => {
+                    self.data_error(&e);
+                    self.wait(POLL);
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    continue 'resync;
+                }
+                Err(e) => return Err(e),
+            };
+            b.subscribe(&topics)?;
+            let (mut doc, errors) = kv::kv_to_doc(&data);
+            for e in errors {
+                warn!("NB record skipped: {e}");
+            }
+            if !*was_connected {
+                info!(
+                    backend = b.kind(),
+                    records = data.len(),
+                    topics = ?topics,
+                    "NB connected, resynced"
+                );
+                *was_connected = true;
+            }
+            self.last_data_error = None;
+            self.set_status(|s| {
+                s.connected = true;
+                s.topics = topics.clone();
+                s.resyncs += 1;
+            });
+            self.publish(&doc, None, noticed);
+            loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let events = match b.poll(POLL) {
+                    Ok(ev) => ev,
+                    Err(e) if e.is_data_error() => {
+                        self.data_error(&e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if events.is_empty() {
+                    continue;
+                }
+                self.last_data_error = None;
+                let noticed = Instant::now();
+                let mut dirty: BTreeSet<String> = BTreeSet::new();
+                let mut all = false;
+                for ev in &events {
+                    let (key, value) = match ev {
+                        Event::Put(k, v) => (k, Some(v.as_slice())),
+                        Event::Delete(k) => (k, None),
+                    };
+                    touch(&doc, key, &mut dirty, &mut all);
+                    match value {
+                        Some(v) => {
+                            data.insert(key.clone(), v.to_vec());
+                        }
+                        None => {
+                            data.remove(key);
+                        }
+                    }
+                    if let Err(e) = kv::apply(&mut doc, key, value) {
+                        warn!("NB record skipped: {e}");
+                    }
+                    touch(&doc, key, &mut dirty, &mut all);
+                }
+                // A binding or router change can change the topics: resync onto the new set.
+                let mut tenants = kv::bound_tenants(&self.chassis, &data);
+                tenants.extend(reached_tenants(&data));
+                let wanted: Vec<String> = [kv::GLOBAL.to_string(), kv::bind_prefix(&self.chassis)]
+                    .into_iter()
+                    .chain(tenants.iter().map(|t| kv::tenant_prefix(t)))
+                    .collect();
+                if wanted != topics {
+                    info!(from = ?topics, to = ?wanted, "NB topics changed, resubscribing");
+                    continue 'resync;
+                }
+                self.publish(&doc, if all { None } else { Some(&dirty) }, noticed);
+            }
+        }
+    }
+
+    fn wait(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn data_error(&mut self, e: &NbError) {
+        let msg = e.to_string();
+        if self.last_data_error.as_deref() != Some(&msg) {
+            error!("NB not applied, keeping the last good pipeline: {msg}");
+            self.last_data_error = Some(msg);
+        }
+    }
+
+    fn publish(&mut self, doc: &NbDocument, dirty: Option<&BTreeSet<String>>, noticed: Instant) {
+        let v = doc.validated();
+        for r in &v.rejected {
+            if self.logged_rejections.insert(r.clone()) {
+                warn!("NB record skipped: {r}");
+            }
+        }
+        self.logged_rejections.retain(|r| v.rejected.contains(r));
+        let started = Instant::now();
+        let changed = self.compiler.update(&v.doc, dirty);
+        let compile_time = started.elapsed();
+        let p = self.compiler.pipeline();
+        if p.encap_ip.is_none() {
+            warn!(chassis = %self.chassis, "no chassis record for this agent in the NB; tunnels need one");
+        }
+        let counts: BTreeMap<String, usize> = doc
+            .record_count()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let rejected = v.rejected.len();
+        self.set_status(|s| {
+            s.records = counts;
+            s.last_compile_us = compile_time.as_micros() as u64;
+            s.rejected_records = rejected;
+        });
+        if changed.is_empty() && self.sent_once {
+            return;
+        }
+        info!(
+            datapaths = p.datapaths.len(),
+            local_ports = p.bindings.len(),
+            changed = changed.len(),
+            compile_us = compile_time.as_micros() as u64,
+            "pipeline compiled"
+        );
+        self.sent_once = true;
+        let upd = PipelineUpdate {
+            pipeline: Arc::new(p.clone()),
+            changed,
+            noticed,
+            compile_time,
+        };
+        let _ = self.tx.send(upd);
+    }
+}
+
+/// Tenants reached by the routers held in `data` (router ports attached to other tenants'
+/// switches).
+fn reached_tenants(data: &Kv) -> BTreeSet<String> {
+    data.iter()
+        .filter(|(k, _)| k.contains("/router_ports/"))
+        .filter_map(|(_, v)| serde_json::from_slice::<crate::model::RouterPort>(v).ok())
+        .filter_map(|rp| rp.peer_tenant)
+        .collect()
+}
+
+/// Marks the switch a key's record belongs to as dirty (or everything, for chassis).
+fn touch(doc: &NbDocument, key: &str, dirty: &mut BTreeSet<String>, all: &mut bool) {
+    let Some(kv::KeyKind::Record { table, name }) = kv::parse_key(key) else {
+        return;
+    };
+    match table {
+        "chassis" => *all = true,
+        "switches" => {
+            dirty.insert(name.to_string());
+        }
+        "ports" => {
+            if let Some(p) = doc.ports.get(name) {
+                dirty.insert(p.switch.clone());
+            }
+        }
+        "subnets" => {
+            if let Some(s) = doc.subnets.get(name) {
+                dirty.insert(s.switch.clone());
+            }
+        }
+        _ => {}
     }
 }

@@ -96,79 +96,145 @@ impl Pipeline {
     }
 }
 
-/// Compiles `doc` (already validated) for `chassis`.
+/// Compiles `doc` (already validated) for `chassis`, from scratch.
 pub fn compile(doc: &NbDocument, chassis: &str) -> Pipeline {
-    let mut p = Pipeline {
-        chassis: chassis.to_string(),
-        nb_version: doc.version,
-        encap_ip: doc.chassis.get(chassis).map(|c| c.encap_ip),
-        ..Default::default()
-    };
-    // Switches this chassis hosts: those with a port bound here that has an interface.
-    let hosted: BTreeSet<&str> = doc
-        .ports
-        .values()
-        .filter(|lp| lp.chassis.as_deref() == Some(chassis) && lp.iface.is_some())
-        .map(|lp| lp.switch.as_str())
-        .collect();
-    for sw in doc.switches.values() {
-        if !hosted.contains(sw.name.as_str()) {
-            continue;
+    let mut c = Compiler::new(chassis);
+    c.update(doc, None);
+    c.pipeline().clone()
+}
+
+/// Incremental compiler: keeps the last pipeline and recompiles only the logical datapaths a
+/// change touches.
+pub struct Compiler {
+    current: Pipeline,
+}
+
+impl Compiler {
+    pub fn new(chassis: &str) -> Compiler {
+        Compiler {
+            current: Pipeline {
+                chassis: chassis.to_string(),
+                ..Default::default()
+            },
         }
-        let mut dp = Datapath {
-            name: sw.name.clone(),
-            tunnel_key: sw.tunnel_key,
-            ports: BTreeMap::new(),
-            macs: BTreeMap::new(),
-            remote_chassis: BTreeSet::new(),
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.current
+    }
+
+    /// Recompiles the switches named in `dirty` (all when `None`) and drops the ones this
+    /// chassis no longer hosts. Returns the tunnel keys whose datapath changed.
+    pub fn update(&mut self, doc: &NbDocument, dirty: Option<&BTreeSet<String>>) -> Vec<u32> {
+        let chassis = self.current.chassis.clone();
+        let old = std::mem::take(&mut self.current);
+        let mut p = Pipeline {
+            chassis: chassis.clone(),
+            nb_version: doc.version,
+            encap_ip: doc.chassis.get(&chassis).map(|c| c.encap_ip),
+            ..Default::default()
         };
-        for lp in doc.ports.values().filter(|lp| lp.switch == sw.name) {
-            let location = match (&lp.chassis, &lp.iface) {
-                (Some(c), Some(i)) if c == chassis => PortLocation::Local { iface: i.clone() },
-                (Some(c), _) if c != chassis => match doc.chassis.get(c) {
-                    Some(rc) => {
-                        dp.remote_chassis.insert((c.clone(), rc.encap_ip));
-                        PortLocation::Remote {
-                            chassis: c.clone(),
-                            encap_ip: rc.encap_ip,
-                        }
-                    }
-                    None => PortLocation::Unbound,
-                },
-                _ => PortLocation::Unbound,
+        // Switches this chassis hosts: those with a port bound here that has an interface.
+        let mut by_switch: BTreeMap<&str, Vec<&crate::model::LogicalPort>> = BTreeMap::new();
+        for lp in doc.ports.values() {
+            by_switch.entry(lp.switch.as_str()).or_default().push(lp);
+        }
+        let hosted: BTreeSet<&str> = doc
+            .ports
+            .values()
+            .filter(|lp| lp.chassis.as_deref() == Some(chassis.as_str()) && lp.iface.is_some())
+            .map(|lp| lp.switch.as_str())
+            .collect();
+        let all_dirty = dirty.is_none() || old.encap_ip != p.encap_ip;
+        for sw in doc.switches.values() {
+            if !hosted.contains(sw.name.as_str()) {
+                continue;
+            }
+            let reuse = !all_dirty
+                && !dirty.is_some_and(|d| d.contains(&sw.name))
+                && old
+                    .datapaths
+                    .get(&sw.tunnel_key)
+                    .is_some_and(|d| d.name == sw.name);
+            let dp = if reuse {
+                old.datapaths[&sw.tunnel_key].clone()
+            } else {
+                compile_datapath(
+                    doc,
+                    &chassis,
+                    sw,
+                    by_switch
+                        .get(sw.name.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
+                )
             };
-            if let PortLocation::Local { iface } = &location {
+            for (cp, iface) in dp.local_ports() {
                 p.bindings.insert(
-                    iface.clone(),
+                    iface.to_string(),
                     LocalBinding {
-                        port: lp.name.clone(),
-                        iface: iface.clone(),
-                        mac: lp.mac,
-                        key: lp.port_key,
-                        tunnel_key: sw.tunnel_key,
+                        port: cp.name.clone(),
+                        iface: iface.to_string(),
+                        mac: cp.mac,
+                        key: cp.key,
+                        tunnel_key: dp.tunnel_key,
                     },
                 );
             }
-            dp.macs.insert(lp.mac, lp.port_key);
-            dp.ports.insert(
-                lp.port_key,
-                CompiledPort {
-                    name: lp.name.clone(),
-                    mac: lp.mac,
-                    key: lp.port_key,
-                    location,
-                },
-            );
+            p.datapaths.insert(sw.tunnel_key, dp);
         }
-        p.datapaths.insert(sw.tunnel_key, dp);
+        let changed = old.changed_datapaths(&p);
+        self.current = p;
+        changed
     }
-    p
+}
+
+fn compile_datapath(
+    doc: &NbDocument,
+    chassis: &str,
+    sw: &crate::model::LogicalSwitch,
+    ports: &[&crate::model::LogicalPort],
+) -> Datapath {
+    let mut dp = Datapath {
+        name: sw.name.clone(),
+        tunnel_key: sw.tunnel_key,
+        ports: BTreeMap::new(),
+        macs: BTreeMap::new(),
+        remote_chassis: BTreeSet::new(),
+    };
+    for lp in ports {
+        let location = match (&lp.chassis, &lp.iface) {
+            (Some(c), Some(i)) if c == chassis => PortLocation::Local { iface: i.clone() },
+            (Some(c), _) if c != chassis => match doc.chassis.get(c) {
+                Some(rc) => {
+                    dp.remote_chassis.insert((c.clone(), rc.encap_ip));
+                    PortLocation::Remote {
+                        chassis: c.clone(),
+                        encap_ip: rc.encap_ip,
+                    }
+                }
+                None => PortLocation::Unbound,
+            },
+            _ => PortLocation::Unbound,
+        };
+        dp.macs.insert(lp.mac, lp.port_key);
+        dp.ports.insert(
+            lp.port_key,
+            CompiledPort {
+                name: lp.name.clone(),
+                mac: lp.mac,
+                key: lp.port_key,
+                location,
+            },
+        );
+    }
+    dp
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Chassis, LogicalPort, LogicalSwitch};
+    use crate::model::{Chassis, LogicalPort, LogicalSwitch, DEFAULT_MTU};
 
     fn topo() -> NbDocument {
         let mut d = NbDocument::default();
@@ -178,6 +244,7 @@ mod tests {
                 Chassis {
                     name: n.into(),
                     encap_ip: ip.parse().unwrap(),
+                    version: 0,
                 },
             );
         }
@@ -187,6 +254,9 @@ mod tests {
                 LogicalSwitch {
                     name: n.into(),
                     tunnel_key: k,
+                    mtu: DEFAULT_MTU,
+                    tenant: format!("t-{n}"),
+                    version: 0,
                 },
             );
         }
@@ -206,6 +276,10 @@ mod tests {
                     port_key: k,
                     chassis: Some(c.into()),
                     iface: Some(format!("vp-{n}")),
+                    security_groups: vec![],
+                    port_security: true,
+                    allowed_address_pairs: vec![],
+                    version: 0,
                 },
             );
         }
@@ -246,5 +320,24 @@ mod tests {
         d3.ports.get_mut("p1").unwrap().mac = Mac([0x0a, 0, 0, 0, 0, 0x99]);
         assert_eq!(old.changed_datapaths(&compile(&d3, "b")), vec![10]);
         assert!(old.changed_datapaths(&compile(&d, "b")).is_empty());
+    }
+
+    #[test]
+    fn incremental_update_recompiles_only_dirty_switches() {
+        let d = topo();
+        let mut c = Compiler::new("b");
+        assert_eq!(c.update(&d, None), vec![10, 20]);
+        let mut d2 = d.clone();
+        d2.ports.get_mut("p3").unwrap().mac = Mac([0x0a, 0, 0, 0, 0, 0x42]);
+        // Told only ls1 is dirty, the compiler keeps ls2 as it was (proving it did not
+        // recompile it); told the truth, it recompiles ls2 alone.
+        assert!(c
+            .update(&d2, Some(&BTreeSet::from(["ls1".to_string()])))
+            .is_empty());
+        assert_eq!(
+            c.update(&d2, Some(&BTreeSet::from(["ls2".to_string()]))),
+            vec![20]
+        );
+        assert_eq!(c.pipeline(), &compile(&d2, "b"));
     }
 }

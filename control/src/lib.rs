@@ -3,5 +3,6 @@
 //! (`agent`). Everything here is testable without a kernel.
 pub mod agent;
 pub mod compiler;
+pub mod kv;
 pub mod model;
 pub mod nb;

@@ -4,9 +4,10 @@
 
 use aya::maps::{MapData, PerCpuArray};
 use geneflow_abi::{ctr, MAX_PORTS};
+use geneflow_control::agent::NbStatus;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct PortInfo {
@@ -24,6 +25,8 @@ pub struct Shared {
     pub megaflows: AtomicU64,
     pub masks: AtomicU64,
     pub nb_version: AtomicU64,
+    /// Written by the control thread.
+    pub nb: Arc<Mutex<NbStatus>>,
 }
 
 impl Shared {
@@ -37,6 +40,7 @@ impl Shared {
             megaflows: AtomicU64::new(0),
             masks: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
+            nb: Arc::new(Mutex::new(NbStatus::default())),
         }
     }
 
@@ -72,6 +76,7 @@ impl Shared {
             "nb_version": self.nb_version.load(Ordering::Relaxed),
             "megaflows": self.megaflows.load(Ordering::Relaxed),
             "masks": self.masks.load(Ordering::Relaxed),
+            "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),
             "ports": out,
         })
     }

@@ -455,7 +455,7 @@ pub fn emit_encap(buf: &mut [u8], inner: &[u8], p: &EncapParams) -> Option<usize
 mod tests {
     use super::*;
     use geneflow_control::compiler::compile;
-    use geneflow_control::model::{Chassis, LogicalPort, LogicalSwitch, NbDocument};
+    use geneflow_control::model::{Chassis, LogicalPort, LogicalSwitch, NbDocument, DEFAULT_MTU};
 
     const FRAME_CSUM: &[u8] = include_bytes!("../../tests/fixtures/geneve/frame_ovn_csum.bin");
     const FRAME_NOCSUM: &[u8] = include_bytes!("../../tests/fixtures/geneve/frame_ovn_nocsum.bin");
@@ -498,6 +498,7 @@ mod tests {
                 Chassis {
                     name: n.into(),
                     encap_ip: ip.parse().unwrap(),
+                    version: 0,
                 },
             );
         }
@@ -506,6 +507,9 @@ mod tests {
             LogicalSwitch {
                 name: "ls".into(),
                 tunnel_key: 0xabcd,
+                mtu: DEFAULT_MTU,
+                tenant: "t".into(),
+                version: 0,
             },
         );
         for (n, k, mac, c) in [
@@ -523,6 +527,10 @@ mod tests {
                     port_key: k,
                     chassis: Some(c.into()),
                     iface: Some(format!("vp-{n}")),
+                    security_groups: vec![],
+                    port_security: true,
+                    allowed_address_pairs: vec![],
+                    version: 0,
                 },
             );
         }

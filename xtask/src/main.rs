@@ -40,6 +40,10 @@ const APT: &[&str] = &[
     "tshark",
     "python3-scapy",
     "bpftool",
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
+    "redis-server",
 ];
 
 fn main() {

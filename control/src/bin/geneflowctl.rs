@@ -3,8 +3,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use geneflow_control::model::{Chassis, LogicalPort, LogicalSwitch, Mac, ModelError};
-use geneflow_control::nb::FileStore;
+use geneflow_control::model::{
+    AddressPair, Chassis, Direction, EtherType, FloatingIp, Ipv4Net, LogicalPort, LogicalRouter,
+    LogicalSwitch, Mac, ModelError, Route, RouterPort, SecurityGroup, SgRule, Subnet,
+    DEFAULT_TENANT,
+};
+use geneflow_control::nb;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
@@ -50,17 +55,47 @@ enum Cmd {
 #[derive(Subcommand)]
 enum NbCmd {
     /// Add a chassis and its Geneve encap IPv4 address.
-    ChassisAdd { name: String, encap_ip: Ipv4Addr },
+    ChassisAdd {
+        name: String,
+        encap_ip: Ipv4Addr,
+    },
     /// Remove a chassis (it must host no port).
-    ChassisDel { name: String },
+    ChassisDel {
+        name: String,
+    },
     /// Add a logical switch with its 24-bit tunnel key (the VNI).
     LsAdd {
         name: String,
         #[arg(long)]
         key: u32,
+        #[arg(long, default_value_t = geneflow_control::model::DEFAULT_MTU)]
+        mtu: u32,
+        /// Tenant (distribution topic).
+        #[arg(long, default_value = DEFAULT_TENANT)]
+        tenant: String,
     },
     /// Remove a logical switch (it must have no port).
-    LsDel { name: String },
+    LsDel {
+        name: String,
+    },
+    /// Add a subnet (CIDR, gateway, DHCP, DNS) to a switch.
+    SubnetAdd {
+        switch: String,
+        name: String,
+        cidr: String,
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+        #[arg(long)]
+        dhcp: bool,
+        /// DHCP option as key=value (repeatable).
+        #[arg(long = "dhcp-option")]
+        dhcp_options: Vec<String>,
+        #[arg(long)]
+        dns: Vec<Ipv4Addr>,
+    },
+    SubnetDel {
+        name: String,
+    },
     /// Add a logical port to a switch.
     LspAdd {
         switch: String,
@@ -70,6 +105,23 @@ enum NbCmd {
         /// 15-bit port key, unique within the switch.
         #[arg(long)]
         key: u32,
+        /// Security group (repeatable).
+        #[arg(long = "sg")]
+        security_groups: Vec<String>,
+        #[arg(long)]
+        no_port_security: bool,
+        /// Allowed address pair CIDR[,MAC] (repeatable).
+        #[arg(long = "allowed-pair")]
+        allowed_pairs: Vec<String>,
+    },
+    /// Replace a port's security groups.
+    LspSetSg {
+        name: String,
+        groups: Vec<String>,
+    },
+    /// Unbind a port from its chassis.
+    LspUnbind {
+        name: String,
     },
     /// Bind a port to a chassis and a local interface there.
     LspBind {
@@ -78,7 +130,86 @@ enum NbCmd {
         iface: String,
     },
     /// Remove a logical port.
-    LspDel { name: String },
+    LspDel {
+        name: String,
+    },
+    /// Add a logical router with its 24-bit tunnel key.
+    LrAdd {
+        name: String,
+        #[arg(long)]
+        key: u32,
+        #[arg(long, default_value = DEFAULT_TENANT)]
+        tenant: String,
+    },
+    LrDel {
+        name: String,
+    },
+    /// Add a router port (MAC, address/prefix) attached to a switch.
+    LrpAdd {
+        router: String,
+        name: String,
+        mac: String,
+        network: String,
+        #[arg(long)]
+        key: u32,
+        #[arg(long)]
+        switch: Option<String>,
+    },
+    LrpDel {
+        name: String,
+    },
+    /// Add a static route to a router.
+    LrRouteAdd {
+        router: String,
+        prefix: String,
+        nexthop: Ipv4Addr,
+    },
+    LrRouteDel {
+        router: String,
+        prefix: String,
+    },
+    /// Add a security group.
+    SgAdd {
+        name: String,
+        #[arg(long, default_value = DEFAULT_TENANT)]
+        tenant: String,
+    },
+    SgDel {
+        name: String,
+    },
+    /// Add a rule to a security group.
+    SgRuleAdd {
+        group: String,
+        id: String,
+        #[arg(long, value_parser = ["ingress", "egress"])]
+        direction: String,
+        #[arg(long, default_value = "IPv4", value_parser = ["IPv4", "IPv6"])]
+        ethertype: String,
+        /// tcp, udp, icmp or a protocol number.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Port or range: 80 or 8000-8080.
+        #[arg(long)]
+        ports: Option<String>,
+        #[arg(long)]
+        remote_prefix: Option<String>,
+        #[arg(long)]
+        remote_group: Option<String>,
+    },
+    SgRuleDel {
+        group: String,
+        id: String,
+    },
+    /// Add a floating IP: external address -> fixed port, through a router.
+    FipAdd {
+        name: String,
+        external_ip: Ipv4Addr,
+        port: String,
+        router: String,
+    },
+    FipDel {
+        name: String,
+    },
     /// Print the NB contents.
     Show {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
@@ -117,152 +248,511 @@ fn unknown(kind: &'static str, name: &str) -> String {
     .to_string()
 }
 
+fn net(s: &str) -> Result<Ipv4Net, String> {
+    s.parse::<Ipv4Net>().map_err(|e| e.to_string())
+}
+
+macro_rules! del {
+    ($d:ident . $table:ident, $kind:expr, $name:expr) => {
+        $d.$table
+            .remove(&$name)
+            .map(|_| ())
+            .ok_or_else(|| unknown($kind, &$name))
+    };
+}
+
 fn nb(db: &str, cmd: NbCmd) -> Result<()> {
-    let store = FileStore::open(db)?;
+    let mut store = nb::open(db)?;
+    if let NbCmd::Show { format } = &cmd {
+        return show(&nb::load(&mut *store)?, format);
+    }
+    nb::update(&mut *store, move |d| edit(d, cmd))?;
+    Ok(())
+}
+
+fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), String> {
     match cmd {
+        NbCmd::Show { .. } => Ok(()),
         NbCmd::ChassisAdd { name, encap_ip } => {
-            store.update(|d| {
-                if d.chassis.contains_key(&name) {
-                    return Err(dup("chassis", &name));
-                }
-                let c = Chassis {
-                    name: name.clone(),
-                    encap_ip,
-                };
-                c.validate().map_err(|e| e.to_string())?;
-                d.chassis.insert(name.clone(), c);
-                Ok(())
-            })?;
+            if d.chassis.contains_key(&name) {
+                return Err(dup("chassis", &name));
+            }
+            let c = Chassis {
+                name: name.clone(),
+                encap_ip,
+                version: 0,
+            };
+            c.validate().map_err(|e| e.to_string())?;
+            d.chassis.insert(name, c);
+            Ok(())
         }
         NbCmd::ChassisDel { name } => {
-            store.update(|d| {
-                if d.chassis.remove(&name).is_none() {
-                    return Err(unknown("chassis", &name));
-                }
-                if let Some(p) = d
-                    .ports
-                    .values()
-                    .find(|p| p.chassis.as_deref() == Some(&name))
-                {
-                    return Err(format!("chassis {name:?} still hosts port {:?}", p.name));
-                }
-                Ok(())
-            })?;
+            del!(d.chassis, "chassis", name)?;
+            if let Some(p) = d
+                .ports
+                .values()
+                .find(|p| p.chassis.as_deref() == Some(&name))
+            {
+                return Err(format!("chassis {name:?} still hosts port {:?}", p.name));
+            }
+            Ok(())
         }
-        NbCmd::LsAdd { name, key } => {
-            store.update(|d| {
-                if d.switches.contains_key(&name) {
-                    return Err(dup("switch", &name));
-                }
-                let s = LogicalSwitch {
-                    name: name.clone(),
-                    tunnel_key: key,
-                };
-                s.validate().map_err(|e| e.to_string())?;
-                d.switches.insert(name.clone(), s);
-                Ok(())
-            })?;
+        NbCmd::LsAdd {
+            name,
+            key,
+            mtu,
+            tenant,
+        } => {
+            if d.switches.contains_key(&name) {
+                return Err(dup("switch", &name));
+            }
+            let s = LogicalSwitch {
+                name: name.clone(),
+                tunnel_key: key,
+                mtu,
+                tenant,
+                version: 0,
+            };
+            s.validate().map_err(|e| e.to_string())?;
+            d.switches.insert(name, s);
+            Ok(())
         }
         NbCmd::LsDel { name } => {
-            store.update(|d| {
-                if d.switches.remove(&name).is_none() {
-                    return Err(unknown("switch", &name));
-                }
-                if let Some(p) = d.ports.values().find(|p| p.switch == name) {
-                    return Err(format!("switch {name:?} still has port {:?}", p.name));
-                }
-                Ok(())
-            })?;
+            del!(d.switches, "switch", name)?;
+            if let Some(p) = d.ports.values().find(|p| p.switch == name) {
+                return Err(format!("switch {name:?} still has port {:?}", p.name));
+            }
+            d.subnets.retain(|_, s| s.switch != name);
+            Ok(())
         }
+        NbCmd::SubnetAdd {
+            switch,
+            name,
+            cidr,
+            gateway,
+            dhcp,
+            dhcp_options,
+            dns,
+        } => {
+            if d.subnets.contains_key(&name) {
+                return Err(dup("subnet", &name));
+            }
+            if !d.switches.contains_key(&switch) {
+                return Err(unknown("switch", &switch));
+            }
+            let mut opts = BTreeMap::new();
+            for o in dhcp_options {
+                let (k, v) = o
+                    .split_once('=')
+                    .ok_or_else(|| format!("DHCP option {o:?}: want key=value"))?;
+                opts.insert(k.to_string(), v.to_string());
+            }
+            d.subnets.insert(
+                name.clone(),
+                Subnet {
+                    name,
+                    switch,
+                    cidr: net(&cidr)?,
+                    gateway,
+                    dhcp,
+                    dhcp_options: opts,
+                    dns,
+                    version: 0,
+                },
+            );
+            Ok(())
+        }
+        NbCmd::SubnetDel { name } => del!(d.subnets, "subnet", name),
         NbCmd::LspAdd {
             switch,
             name,
             mac,
             ips,
             key,
+            security_groups,
+            no_port_security,
+            allowed_pairs,
         } => {
-            let mac: Mac = mac.parse()?;
+            let mac: Mac = mac.parse().map_err(|e: ModelError| e.to_string())?;
             let port_key = u16::try_from(key)
                 .ok()
                 .filter(|k| *k >= 1 && *k <= geneflow_control::model::MAX_PORT_KEY)
-                .ok_or(ModelError::PortKeyRange(key))?;
-            store.update(|d| {
-                if d.ports.contains_key(&name) {
-                    return Err(dup("port", &name));
-                }
-                if !d.switches.contains_key(&switch) {
-                    return Err(unknown("switch", &switch));
-                }
-                let p = LogicalPort {
-                    name: name.clone(),
-                    switch: switch.clone(),
-                    mac,
-                    ips: ips.clone(),
-                    port_key,
-                    chassis: None,
-                    iface: None,
+                .ok_or(ModelError::PortKeyRange(key).to_string())?;
+            if d.ports.contains_key(&name) {
+                return Err(dup("port", &name));
+            }
+            if !d.switches.contains_key(&switch) {
+                return Err(unknown("switch", &switch));
+            }
+            let mut pairs = Vec::new();
+            for p in allowed_pairs {
+                let (ip, mac) = match p.split_once(',') {
+                    Some((i, m)) => (i, Some(m.parse().map_err(|e: ModelError| e.to_string())?)),
+                    None => (p.as_str(), None),
                 };
-                p.validate().map_err(|e| e.to_string())?;
-                d.ports.insert(name.clone(), p);
-                Ok(())
-            })?;
+                pairs.push(AddressPair { ip: net(ip)?, mac });
+            }
+            let p = LogicalPort {
+                name: name.clone(),
+                switch,
+                mac,
+                ips,
+                port_key,
+                chassis: None,
+                iface: None,
+                security_groups,
+                port_security: !no_port_security,
+                allowed_address_pairs: pairs,
+                version: 0,
+            };
+            p.validate().map_err(|e| e.to_string())?;
+            d.ports.insert(name, p);
+            Ok(())
+        }
+        NbCmd::LspSetSg { name, groups } => {
+            let p = d
+                .ports
+                .get_mut(&name)
+                .ok_or_else(|| unknown("port", &name))?;
+            p.security_groups = groups;
+            Ok(())
         }
         NbCmd::LspBind {
             name,
             chassis,
             iface,
         } => {
-            store.update(|d| {
-                if !d.chassis.contains_key(&chassis) {
-                    return Err(unknown("chassis", &chassis));
-                }
-                let p = d
-                    .ports
-                    .get_mut(&name)
-                    .ok_or_else(|| unknown("port", &name))?;
-                geneflow_control::model::check_ifname(&iface).map_err(|e| e.to_string())?;
-                p.chassis = Some(chassis.clone());
-                p.iface = Some(iface.clone());
-                Ok(())
-            })?;
+            if !d.chassis.contains_key(&chassis) {
+                return Err(unknown("chassis", &chassis));
+            }
+            geneflow_control::model::check_ifname(&iface).map_err(|e| e.to_string())?;
+            let p = d
+                .ports
+                .get_mut(&name)
+                .ok_or_else(|| unknown("port", &name))?;
+            p.chassis = Some(chassis);
+            p.iface = Some(iface);
+            Ok(())
+        }
+        NbCmd::LspUnbind { name } => {
+            let p = d
+                .ports
+                .get_mut(&name)
+                .ok_or_else(|| unknown("port", &name))?;
+            p.chassis = None;
+            p.iface = None;
+            Ok(())
         }
         NbCmd::LspDel { name } => {
-            store.update(|d| {
-                d.ports
-                    .remove(&name)
-                    .map(|_| ())
-                    .ok_or_else(|| unknown("port", &name))
-            })?;
+            del!(d.ports, "port", name)?;
+            if let Some(f) = d.floating_ips.values().find(|f| f.port == name) {
+                return Err(format!(
+                    "port {name:?} is the fixed port of floating IP {:?}",
+                    f.name
+                ));
+            }
+            Ok(())
         }
-        NbCmd::Show { format } => {
-            let d = store.load()?;
-            if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&d)?);
-                return Ok(());
+        NbCmd::LrAdd { name, key, tenant } => {
+            if d.routers.contains_key(&name) {
+                return Err(dup("router", &name));
             }
-            println!("NB version {}", d.version);
-            for c in d.chassis.values() {
-                println!("chassis {} encap geneve {}", c.name, c.encap_ip);
+            d.routers.insert(
+                name.clone(),
+                LogicalRouter {
+                    name,
+                    tunnel_key: key,
+                    tenant,
+                    version: 0,
+                },
+            );
+            Ok(())
+        }
+        NbCmd::LrDel { name } => {
+            del!(d.routers, "router", name)?;
+            d.router_ports.retain(|_, p| p.router != name);
+            d.routes.retain(|_, r| r.router != name);
+            if let Some(f) = d.floating_ips.values().find(|f| f.router == name) {
+                return Err(format!(
+                    "router {name:?} still carries floating IP {:?}",
+                    f.name
+                ));
             }
-            for s in d.switches.values() {
-                println!("switch {} (tunnel key {})", s.name, s.tunnel_key);
-                for p in d.ports.values().filter(|p| p.switch == s.name) {
-                    let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
-                    let bind = match (&p.chassis, &p.iface) {
-                        (Some(c), Some(i)) => format!("on {c} iface {i}"),
-                        (Some(c), None) => format!("on {c}"),
-                        _ => "unbound".to_string(),
+            Ok(())
+        }
+        NbCmd::LrpAdd {
+            router,
+            name,
+            mac,
+            network,
+            key,
+            switch,
+        } => {
+            if d.router_ports.contains_key(&name) {
+                return Err(dup("router port", &name));
+            }
+            if !d.routers.contains_key(&router) {
+                return Err(unknown("router", &router));
+            }
+            let peer_tenant = match &switch {
+                Some(sw) => Some(
+                    d.switch_tenant(sw)
+                        .ok_or_else(|| unknown("switch", sw))?
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let port_key =
+                u16::try_from(key).map_err(|_| ModelError::PortKeyRange(key).to_string())?;
+            d.router_ports.insert(
+                name.clone(),
+                RouterPort {
+                    name,
+                    router,
+                    mac: mac.parse().map_err(|e: ModelError| e.to_string())?,
+                    network: net(&network)?,
+                    switch,
+                    peer_tenant,
+                    port_key,
+                    version: 0,
+                },
+            );
+            Ok(())
+        }
+        NbCmd::LrpDel { name } => del!(d.router_ports, "router port", name),
+        NbCmd::LrRouteAdd {
+            router,
+            prefix,
+            nexthop,
+        } => {
+            let prefix = net(&prefix)?;
+            let id = Route::id(&router, &prefix);
+            if d.routes.contains_key(&id) {
+                return Err(dup("route", &format!("{router} {prefix}")));
+            }
+            d.routes.insert(
+                id.clone(),
+                Route {
+                    name: id,
+                    router,
+                    prefix,
+                    nexthop,
+                    version: 0,
+                },
+            );
+            Ok(())
+        }
+        NbCmd::LrRouteDel { router, prefix } => {
+            let id = Route::id(&router, &net(&prefix)?);
+            d.routes
+                .remove(&id)
+                .map(|_| ())
+                .ok_or_else(|| unknown("route", &format!("{router} {prefix}")))
+        }
+        NbCmd::SgAdd { name, tenant } => {
+            if d.security_groups.contains_key(&name) {
+                return Err(dup("security group", &name));
+            }
+            d.security_groups.insert(
+                name.clone(),
+                SecurityGroup {
+                    name,
+                    tenant,
+                    rules: vec![],
+                    version: 0,
+                },
+            );
+            Ok(())
+        }
+        NbCmd::SgDel { name } => {
+            del!(d.security_groups, "security group", name)?;
+            if let Some(p) = d.ports.values().find(|p| p.security_groups.contains(&name)) {
+                return Err(format!(
+                    "security group {name:?} is used by port {:?}",
+                    p.name
+                ));
+            }
+            Ok(())
+        }
+        NbCmd::SgRuleAdd {
+            group,
+            id,
+            direction,
+            ethertype,
+            protocol,
+            ports,
+            remote_prefix,
+            remote_group,
+        } => {
+            let (port_min, port_max) = match ports {
+                None => (None, None),
+                Some(p) => {
+                    let (a, b) = p.split_once('-').unwrap_or((&p, &p));
+                    let parse = |x: &str| {
+                        x.parse::<u16>()
+                            .map_err(|_| format!("bad port range {p:?}"))
                     };
-                    println!(
-                        "    port {} key {} addresses [\"{} {}\"] {}",
-                        p.name,
-                        p.port_key,
-                        p.mac,
-                        ips.join(" "),
-                        bind
-                    );
+                    (Some(parse(a)?), Some(parse(b)?))
                 }
+            };
+            let rule = SgRule {
+                id: id.clone(),
+                direction: if direction == "ingress" {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
+                ethertype: if ethertype == "IPv6" {
+                    EtherType::IPv6
+                } else {
+                    EtherType::IPv4
+                },
+                protocol,
+                port_min,
+                port_max,
+                remote_prefix: remote_prefix.as_deref().map(net).transpose()?,
+                remote_group,
+            };
+            let g = d
+                .security_groups
+                .get_mut(&group)
+                .ok_or_else(|| unknown("security group", &group))?;
+            if g.rules.iter().any(|r| r.id == id) {
+                return Err(dup("rule", &id));
             }
+            g.rules.push(rule);
+            Ok(())
+        }
+        NbCmd::SgRuleDel { group, id } => {
+            let g = d
+                .security_groups
+                .get_mut(&group)
+                .ok_or_else(|| unknown("security group", &group))?;
+            let before = g.rules.len();
+            g.rules.retain(|r| r.id != id);
+            if g.rules.len() == before {
+                return Err(unknown("rule", &id));
+            }
+            Ok(())
+        }
+        NbCmd::FipAdd {
+            name,
+            external_ip,
+            port,
+            router,
+        } => {
+            if d.floating_ips.contains_key(&name) {
+                return Err(dup("floating IP", &name));
+            }
+            d.floating_ips.insert(
+                name.clone(),
+                FloatingIp {
+                    name,
+                    external_ip,
+                    port,
+                    router,
+                    version: 0,
+                },
+            );
+            Ok(())
+        }
+        NbCmd::FipDel { name } => del!(d.floating_ips, "floating IP", name),
+    }
+}
+
+fn show(d: &geneflow_control::model::NbDocument, format: &str) -> Result<()> {
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(d)?);
+        return Ok(());
+    }
+    println!("NB version {}", d.version);
+    for c in d.chassis.values() {
+        println!("chassis {} encap geneve {}", c.name, c.encap_ip);
+    }
+    for s in d.switches.values() {
+        println!(
+            "switch {} (tunnel key {}, tenant {}, mtu {})",
+            s.name, s.tunnel_key, s.tenant, s.mtu
+        );
+        for sn in d.subnets.values().filter(|x| x.switch == s.name) {
+            println!(
+                "    subnet {} {} gateway {} dhcp {}",
+                sn.name,
+                sn.cidr,
+                sn.gateway
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                if sn.dhcp { "on" } else { "off" }
+            );
+        }
+        for p in d.ports.values().filter(|p| p.switch == s.name) {
+            let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
+            let bind = match (&p.chassis, &p.iface) {
+                (Some(c), Some(i)) => format!("on {c} iface {i}"),
+                (Some(c), None) => format!("on {c}"),
+                _ => "unbound".to_string(),
+            };
+            let sgs = if p.security_groups.is_empty() {
+                String::new()
+            } else {
+                format!(" sg [{}]", p.security_groups.join(" "))
+            };
+            println!(
+                "    port {} key {} addresses [\"{} {}\"] {}{}",
+                p.name,
+                p.port_key,
+                p.mac,
+                ips.join(" "),
+                bind,
+                sgs
+            );
+        }
+    }
+    for r in d.routers.values() {
+        println!(
+            "router {} (tunnel key {}, tenant {})",
+            r.name, r.tunnel_key, r.tenant
+        );
+        for p in d.router_ports.values().filter(|p| p.router == r.name) {
+            println!(
+                "    port {} {} {} key {} switch {}",
+                p.name,
+                p.mac,
+                p.network,
+                p.port_key,
+                p.switch.as_deref().unwrap_or("-")
+            );
+        }
+        for rt in d.routes.values().filter(|x| x.router == r.name) {
+            println!("    route {} via {}", rt.prefix, rt.nexthop);
+        }
+        for f in d.floating_ips.values().filter(|x| x.router == r.name) {
+            println!(
+                "    floating IP {} {} -> port {}",
+                f.name, f.external_ip, f.port
+            );
+        }
+    }
+    for g in d.security_groups.values() {
+        println!("security group {} (tenant {})", g.name, g.tenant);
+        for r in &g.rules {
+            println!(
+                "    rule {} {:?} {:?} proto {} ports {}-{} remote {}",
+                r.id,
+                r.direction,
+                r.ethertype,
+                r.protocol.as_deref().unwrap_or("any"),
+                r.port_min
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "*".into()),
+                r.port_max
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "*".into()),
+                r.remote_prefix
+                    .map(|p| p.to_string())
+                    .or_else(|| r.remote_group.clone())
+                    .unwrap_or_else(|| "any".into())
+            );
         }
     }
     Ok(())

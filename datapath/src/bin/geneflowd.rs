@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use geneflow_control::nb::FileStore;
 use geneflow_datapath::{
     ctl::CtlServer,
     forwarder::{Forwarder, ForwarderConfig},
@@ -27,7 +26,7 @@ struct Args {
     /// This chassis's name in the NB.
     #[arg(long)]
     chassis: String,
-    /// NB DB URL.
+    /// NB DB URL: file:///path, etcd://host:port[,host:port...] or redis://host:port.
     #[arg(long, default_value = "file:///var/lib/geneflow/nb.json")]
     nb: String,
     /// Underlay interface carrying Geneve.
@@ -66,7 +65,8 @@ fn run(args: Args) -> Result<()> {
     if geneflow_control::model::check_name(&args.chassis).is_err() {
         bail!("--chassis {:?}: not a valid chassis name", args.chassis);
     }
-    let store = FileStore::open(&args.nb).with_context(|| format!("--nb {}", args.nb))?;
+    // Validate the URL up front: a bad one is a one-line error, not a retry loop.
+    drop(geneflow_control::nb::open(&args.nb).with_context(|| format!("--nb {}", args.nb))?);
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -76,6 +76,7 @@ fn run(args: Args) -> Result<()> {
     let mut bpf =
         Bpf::load(XDP_OBJECT, args.xdp_mode == "skb").context("loading the XDP program")?;
     let shared = Arc::new(Shared::new(&args.chassis));
+    let nb_status = shared.nb.clone();
     let counters = bpf.take_counters();
     let cfg = ForwarderConfig {
         uplink: args.uplink.clone(),
@@ -91,8 +92,14 @@ fn run(args: Args) -> Result<()> {
     let _ctl = CtlServer::start(&args.ctl_socket, shared, counters)
         .with_context(|| format!("--ctl-socket {}", args.ctl_socket.display()))?;
     let (tx, rx) = crossbeam_channel::unbounded();
-    let control = geneflow_control::agent::spawn(store, args.chassis.clone(), tx, stop.clone())
-        .context("starting the control thread")?;
+    let control = geneflow_control::agent::spawn(
+        args.nb.clone(),
+        args.chassis.clone(),
+        tx,
+        stop.clone(),
+        nb_status,
+    )
+    .context("starting the control thread")?;
     info!(chassis = %args.chassis, nb = %args.nb, "geneflowd running");
     fwd.run(rx, stop.clone());
     stop.store(true, Ordering::Relaxed);

@@ -1,36 +1,18 @@
-//! NB DB backends. The `file` backend keeps the whole NB as one JSON document: readers parse
-//! it, writers take an flock, apply their change to the current document, bump its version and
-//! replace the file atomically (write to a temporary file, fsync, rename), so a reader never
-//! sees a half-written document. Agents watch it by polling its identity (inode, size, mtime).
+//! The `file` backend keeps the whole NB as one JSON document: readers parse it, writers take
+//! an flock, apply their change to the current document, bump its version and replace the
+//! file atomically (write to a temporary file, fsync, rename), so a reader never sees a
+//! half-written document. Agents watch it by polling its identity (inode, size, mtime) and
+//! diffing its key/value projection.
 
+use super::{Backend, Event, NbError};
+use crate::kv::{self, Kv};
 use crate::model::NbDocument;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use thiserror::Error;
-
-#[derive(Debug, Error)]
-pub enum NbError {
-    #[error("{path}:{line}:{column}: malformed NB document: {msg}")]
-    Parse {
-        path: String,
-        line: usize,
-        column: usize,
-        msg: String,
-    },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("unsupported NB URL {0:?} (want file:///path)")]
-    BadUrl(String),
-    #[error("{0}")]
-    Invalid(String),
-}
+use std::time::{Duration, Instant};
 
 /// Where a backend's document stands, for change detection without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +24,9 @@ pub struct Stamp {
 
 pub struct FileStore {
     path: PathBuf,
+    prefixes: Vec<String>,
+    last: Kv,
+    last_stamp: Option<Option<Stamp>>,
 }
 
 impl FileStore {
@@ -59,6 +44,9 @@ impl FileStore {
         }
         Ok(FileStore {
             path: PathBuf::from(path),
+            prefixes: Vec::new(),
+            last: Kv::new(),
+            last_stamp: None,
         })
     }
 
@@ -120,10 +108,12 @@ impl FileStore {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(self.io(std::io::Error::last_os_error()));
         }
-        let mut doc = self.load()?;
+        let old = self.load()?;
+        let mut doc = old.clone();
         f(&mut doc).map_err(NbError::Invalid)?;
-        doc.check().map_err(NbError::Invalid)?;
-        doc.version += 1;
+        super::check_new_errors(&old, &doc)?;
+        kv::bump_versions(&old, &mut doc);
+        doc.version = old.version + 1;
         let tmp = self
             .path
             .with_extension(format!("tmp.{}", std::process::id()));
@@ -140,6 +130,80 @@ impl FileStore {
     }
 }
 
+fn filtered(kv: Kv, prefixes: &[String]) -> Kv {
+    kv.into_iter()
+        .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p.as_str())))
+        .collect()
+}
+
+impl Backend for FileStore {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn snapshot(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
+        self.last_stamp = Some(self.stamp());
+        Ok(filtered(kv::doc_to_kv(&self.load()?), prefixes))
+    }
+
+    fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
+        self.prefixes = prefixes.to_vec();
+        self.last_stamp = Some(self.stamp());
+        self.last = filtered(kv::doc_to_kv(&self.load()?), prefixes);
+        Ok(())
+    }
+
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stamp = self.stamp();
+            if self.last_stamp != Some(stamp) {
+                self.last_stamp = Some(stamp);
+                let doc = self.load()?;
+                let now = filtered(kv::doc_to_kv(&doc), &self.prefixes);
+                let (puts, dels) = kv::diff(&self.last, &now);
+                self.last = now;
+                let mut ev: Vec<Event> = puts.into_iter().map(|(k, v)| Event::Put(k, v)).collect();
+                ev.extend(dels.into_iter().map(Event::Delete));
+                if !ev.is_empty() {
+                    return Ok(ev);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn commit(
+        &mut self,
+        puts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+    ) -> Result<(), NbError> {
+        self.update(move |d| {
+            let mut kvs = kv::doc_to_kv(d);
+            for k in deletes {
+                kvs.remove(&k);
+            }
+            kvs.extend(puts);
+            let (nd, errs) = kv::kv_to_doc(&kvs);
+            if let Some(e) = errs.into_iter().next() {
+                return Err(e);
+            }
+            let version = d.version;
+            *d = nd;
+            d.version = version;
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    fn as_file(&mut self) -> Option<&mut FileStore> {
+        Some(self)
+    }
+}
+
 fn p_is_empty(p: &str) -> bool {
     p.trim().is_empty()
 }
@@ -147,7 +211,7 @@ fn p_is_empty(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LogicalSwitch;
+    use crate::model::{LogicalSwitch, DEFAULT_MTU};
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("gf-nb-test-{}-{}", std::process::id(), name));
@@ -168,6 +232,9 @@ mod tests {
                     LogicalSwitch {
                         name: "a".into(),
                         tunnel_key: 1,
+                        mtu: DEFAULT_MTU,
+                        tenant: "t".into(),
+                        version: 0,
                     },
                 );
                 Ok(())
@@ -193,6 +260,9 @@ mod tests {
                     LogicalSwitch {
                         name: "a".into(),
                         tunnel_key: 0,
+                        mtu: DEFAULT_MTU,
+                        tenant: "t".into(),
+                        version: 0,
                     },
                 );
                 Ok(())

@@ -1,0 +1,235 @@
+//! The etcd v3 backend: a range read per topic prefix, then one watch per prefix starting just
+//! after the snapshot's revision (so nothing between the read and the watch is missed).
+//! Writes are one transaction. The client is async; this backend owns a current-thread tokio
+//! runtime and blocks on it, so the control thread stays a plain thread.
+
+use super::{Backend, Event, NbError};
+use crate::kv::Kv;
+use etcd_client::{
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+pub struct EtcdStore {
+    rt: Runtime,
+    endpoints: Vec<String>,
+    client: Option<Client>,
+    revision: i64,
+    events: Option<mpsc::UnboundedReceiver<Result<Vec<Event>, String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn unreachable(e: impl std::fmt::Display) -> NbError {
+    NbError::Unreachable(e.to_string())
+}
+
+impl EtcdStore {
+    pub fn open(url: &str) -> Result<EtcdStore, NbError> {
+        let hosts = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| NbError::BadUrl(url.to_string()))?;
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| format!("http://{}", h.trim()))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(NbError::BadUrl(url.to_string()));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| NbError::Invalid(e.to_string()))?;
+        Ok(EtcdStore {
+            rt,
+            endpoints,
+            client: None,
+            revision: 0,
+            events: None,
+            tasks: Vec::new(),
+        })
+    }
+
+    fn client(&mut self) -> Result<Client, NbError> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
+        let eps = self.endpoints.clone();
+        let c = self
+            .rt
+            .block_on(Client::connect(eps, Some(opts)))
+            .map_err(unreachable)?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    fn reset(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.events = None;
+        self.client = None;
+    }
+}
+
+impl Backend for EtcdStore {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn snapshot(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
+        let mut c = self.client()?;
+        let r = self.rt.block_on(async {
+            let mut out = Kv::new();
+            let mut rev = 0;
+            for p in prefixes {
+                let resp = c
+                    .get(p.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await?;
+                if let Some(h) = resp.header() {
+                    rev = rev.max(h.revision());
+                }
+                for kv in resp.kvs() {
+                    out.insert(
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        kv.value().to_vec(),
+                    );
+                }
+            }
+            Ok::<_, etcd_client::Error>((out, rev))
+        });
+        match r {
+            Ok((kv, rev)) => {
+                self.revision = rev;
+                Ok(kv)
+            }
+            Err(e) => {
+                self.reset();
+                Err(unreachable(e))
+            }
+        }
+    }
+
+    fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let mut c = self.client()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let start = self.revision + 1;
+        let mut tasks = Vec::new();
+        for p in prefixes {
+            let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+            let (watcher, mut stream) = match self.rt.block_on(c.watch(p.as_str(), Some(opts))) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.reset();
+                    return Err(unreachable(e));
+                }
+            };
+            let tx = tx.clone();
+            tasks.push(self.rt.spawn(async move {
+                let _keep = watcher;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) => {
+                            if resp.canceled() {
+                                let _ = tx
+                                    .send(Err(format!("watch canceled: {}", resp.cancel_reason())));
+                                return;
+                            }
+                            let ev = resp
+                                .events()
+                                .iter()
+                                .filter_map(|e| {
+                                    let kv = e.kv()?;
+                                    let k = String::from_utf8_lossy(kv.key()).into_owned();
+                                    Some(match e.event_type() {
+                                        EventType::Put => Event::Put(k, kv.value().to_vec()),
+                                        EventType::Delete => Event::Delete(k),
+                                    })
+                                })
+                                .collect::<Vec<_>>();
+                            if !ev.is_empty() && tx.send(Ok(ev)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = tx.send(Err("watch stream ended".into()));
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        self.tasks = tasks;
+        self.events = Some(rx);
+        Ok(())
+    }
+
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
+        let Some(rx) = self.events.as_mut() else {
+            return Err(NbError::Unreachable("not subscribed".into()));
+        };
+        let first = self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, rx.recv()).await });
+        let mut out = Vec::new();
+        let mut failed = None;
+        let mut push = |m: Option<Result<Vec<Event>, String>>| match m {
+            Some(Ok(ev)) => out.extend(ev),
+            Some(Err(e)) => failed = Some(e),
+            None => failed = Some("watch channel closed".into()),
+        };
+        match first {
+            Err(_) => return Ok(Vec::new()),
+            Ok(m) => push(m),
+        }
+        while let Ok(m) = rx.try_recv() {
+            push(Some(m));
+        }
+        if let Some(e) = failed {
+            self.reset();
+            return Err(NbError::Unreachable(e));
+        }
+        Ok(out)
+    }
+
+    fn commit(
+        &mut self,
+        puts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+    ) -> Result<(), NbError> {
+        let mut c = self.client()?;
+        let mut ops: Vec<TxnOp> = puts
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, None))
+            .collect();
+        ops.extend(
+            deletes
+                .into_iter()
+                .map(|k| TxnOp::delete(k, None::<DeleteOptions>)),
+        );
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let r = self.rt.block_on(c.txn(Txn::new().and_then(ops)));
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.reset();
+                Err(unreachable(e))
+            }
+        }
+    }
+}

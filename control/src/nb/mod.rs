@@ -1,0 +1,120 @@
+//! NB DB backends behind one trait. Each stores the key/value projection of the model (see
+//! `kv`): `file` (one JSON document, the embedded default), `etcd` (v3 API, watch) and `redis`
+//! (keys plus pub/sub notifications, as Dragonflow's driver did). A URL chooses:
+//! `file:///path`, `etcd://h1:2379,h2:2379`, `redis://h:6379`.
+
+mod etcd;
+mod file;
+mod redis;
+
+pub use file::FileStore;
+
+use crate::kv::{self, Kv};
+use crate::model::NbDocument;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NbError {
+    #[error("{path}:{line}:{column}: malformed NB document: {msg}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        msg: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsupported NB URL {0:?} (want file:///path, etcd://host:port[,host:port...] or redis://host:port)")]
+    BadUrl(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("NB unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl NbError {
+    /// Bad data (the store answered, with something unusable) as opposed to a lost store.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, NbError::Parse { .. } | NbError::Invalid(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+pub trait Backend: Send {
+    fn kind(&self) -> &'static str;
+    /// Every key/value under these prefixes.
+    fn snapshot(&mut self, prefixes: &[String]) -> Result<Kv, NbError>;
+    /// Follows changes under these prefixes from the last snapshot on (replaces earlier
+    /// subscriptions).
+    fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError>;
+    /// Waits up to `timeout` for changes.
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError>;
+    /// Applies puts and deletes as one transaction and notifies subscribers.
+    fn commit(&mut self, puts: Vec<(String, Vec<u8>)>, deletes: Vec<String>)
+        -> Result<(), NbError>;
+    /// The file store does its read-modify-write under a lock; others use `update` below.
+    fn as_file(&mut self) -> Option<&mut FileStore> {
+        None
+    }
+}
+
+pub fn open(url: &str) -> Result<Box<dyn Backend>, NbError> {
+    if url.starts_with("etcd://") {
+        Ok(Box::new(etcd::EtcdStore::open(url)?))
+    } else if url.starts_with("redis://") {
+        Ok(Box::new(redis::RedisStore::open(url)?))
+    } else {
+        Ok(Box::new(FileStore::open(url)?))
+    }
+}
+
+/// The whole document as stored (unreadable records are left out).
+pub fn load(b: &mut dyn Backend) -> Result<NbDocument, NbError> {
+    if let Some(f) = b.as_file() {
+        return f.load();
+    }
+    let kv = b.snapshot(&[kv::ROOT.to_string()])?;
+    Ok(kv::kv_to_doc(&kv).0)
+}
+
+/// Applies `f` to the document and writes back what changed, with record versions bumped.
+/// The result must be valid: a change that adds a validation error is refused with it.
+pub fn update<F>(b: &mut dyn Backend, f: F) -> Result<(), NbError>
+where
+    F: FnOnce(&mut NbDocument) -> Result<(), String>,
+{
+    if let Some(fs) = b.as_file() {
+        return fs.update(f).map(|_| ());
+    }
+    let stored = b.snapshot(&[kv::ROOT.to_string()])?;
+    let (old, _) = kv::kv_to_doc(&stored);
+    let mut new = old.clone();
+    f(&mut new).map_err(NbError::Invalid)?;
+    check_new_errors(&old, &new)?;
+    kv::bump_versions(&old, &mut new);
+    let (puts, dels) = kv::diff(&kv::doc_to_kv(&old), &kv::doc_to_kv(&new));
+    b.commit(puts, dels)
+}
+
+/// Refuses `new` if it has a validation error `old` did not have (so records written behind
+/// geneflowctl's back do not make the NB uneditable).
+pub fn check_new_errors(old: &NbDocument, new: &NbDocument) -> Result<(), NbError> {
+    let before: BTreeSet<String> = old.validated_with(true).rejected.into_iter().collect();
+    for e in new.validated_with(true).rejected {
+        if !before.contains(&e) {
+            return Err(NbError::Invalid(e));
+        }
+    }
+    Ok(())
+}
