@@ -70,6 +70,8 @@ struct Agent {
     sent_once: bool,
     logged_rejections: BTreeSet<String>,
     last_data_error: Option<String>,
+    /// Ports accepted by the last validation: they keep their keys against newcomers.
+    incumbents: BTreeSet<String>,
 }
 
 fn run(
@@ -88,6 +90,7 @@ fn run(
         sent_once: false,
         logged_rejections: BTreeSet::new(),
         last_data_error: None,
+        incumbents: BTreeSet::new(),
     };
     let mut backoff = BACKOFF_MIN;
     let mut was_connected = false;
@@ -262,7 +265,8 @@ impl Agent {
     }
 
     fn publish(&mut self, doc: &NbDocument, dirty: Option<&BTreeSet<String>>, noticed: Instant) {
-        let v = doc.validated();
+        let v = doc.validated_preferring(false, &self.incumbents);
+        self.incumbents = v.doc.ports.keys().cloned().collect();
         for r in &v.rejected {
             if self.logged_rejections.insert(r.clone()) {
                 warn!("NB record skipped: {r}");

@@ -537,6 +537,13 @@ impl NbDocument {
     /// non-strict mode accepts references to records of tenants it does not hold (a router
     /// port's switch in another tenant, a security group it does not see).
     pub fn validated_with(&self, strict: bool) -> Validated {
+        self.validated_preferring(strict, &BTreeSet::new())
+    }
+
+    /// As `validated_with`, but when two ports claim the same key or MAC, the one named in
+    /// `incumbents` (accepted before) keeps it: a bad record written later never evicts a good
+    /// port that is carrying traffic.
+    pub fn validated_preferring(&self, strict: bool, incumbents: &BTreeSet<String>) -> Validated {
         let mut rejected = Vec::new();
         let mut doc = NbDocument {
             version: self.version,
@@ -637,7 +644,12 @@ impl NbDocument {
         // Port keys are shared by switch ports and router ports attached to the switch.
         let mut pkeys: BTreeMap<(String, u16), String> = BTreeMap::new();
         let mut macs: BTreeMap<(String, Mac), String> = BTreeMap::new();
-        for (k, p) in &self.ports {
+        let ordered = self
+            .ports
+            .iter()
+            .filter(|(k, _)| incumbents.contains(*k))
+            .chain(self.ports.iter().filter(|(k, _)| !incumbents.contains(*k)));
+        for (k, p) in ordered {
             let res = p.validate().and_then(|_| {
                 if !doc.switches.contains_key(&p.switch) {
                     return Err(unknown("switch", &p.switch));
@@ -883,6 +895,21 @@ mod tests {
         assert_eq!(v.rejected.len(), 2);
         assert!(v.rejected.iter().any(|r| r.contains("already used")));
         assert!(v.rejected.iter().any(|r| r.contains("does not exist")));
+    }
+
+    #[test]
+    fn incumbent_port_keeps_its_key_against_a_later_bad_record() {
+        let mut d = doc();
+        // "a-evil" sorts before "p1" and claims p1's key.
+        d.ports.insert(
+            "a-evil".into(),
+            port("a-evil", "ls1", 1, "0a:00:00:00:00:09"),
+        );
+        assert!(!d.validated().doc.ports.contains_key("p1"));
+        let inc = BTreeSet::from(["p1".to_string(), "p2".to_string()]);
+        let v = d.validated_preferring(false, &inc);
+        assert!(v.doc.ports.contains_key("p1"));
+        assert!(!v.doc.ports.contains_key("a-evil"));
     }
 
     #[test]

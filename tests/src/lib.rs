@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
-pub use xtask::testbed::{run, Testbed};
+pub use xtask::testbed::{run, NbKind, Testbed};
 
 pub const LS1_KEY: u32 = 1000;
 
@@ -20,8 +20,13 @@ pub fn require_root() {
 
 /// ch1 hosts vm1 (key 1) and vm2 (key 2), ch2 hosts vm3 (key 3) and vm4 (key 4), all on ls1.
 pub fn two_chassis(tag: &str) -> Result<Testbed> {
+    two_chassis_on(tag, NbKind::File)
+}
+
+/// `two_chassis` with the NB in `kind`.
+pub fn two_chassis_on(tag: &str, kind: NbKind) -> Result<Testbed> {
     require_root();
-    let mut tb = Testbed::new(tag)?;
+    let mut tb = Testbed::with_nb(tag, kind)?;
     tb.add_chassis("ch1")?;
     tb.add_chassis("ch2")?;
     tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
@@ -138,4 +143,33 @@ pub fn inject(tb: &Testbed, kind: &str, count: u32, dport: u16) -> Result<()> {
         bail!("inject.py failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
+}
+
+/// Polls `f` every 20 ms until it returns true or `within` passes; returns the time it took.
+pub fn within(
+    within: std::time::Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Option<std::time::Duration>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if f()? {
+            return Ok(Some(t0.elapsed()));
+        }
+        if t0.elapsed() > within {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether one ping from `from` to `ip` gets an answer within 300 ms.
+pub fn reachable(tb: &Testbed, from: &str, ip: &str) -> bool {
+    let Ok(vm) = tb.vm(from) else { return false };
+    tb.ns_cmd(&vm.ns, "ping")
+        .args(["-c", "1", "-W", "0.3", "-q", ip])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }

@@ -117,6 +117,27 @@ pub struct Chassis {
     agent: Option<Child>,
 }
 
+/// Which NB backend a testbed uses. Servers run in their own namespace on the underlay
+/// (198.18.0.200), reached by the agents over their uplinks as over a management network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbKind {
+    File,
+    /// An etcd cluster of this many members.
+    Etcd(usize),
+    Redis,
+}
+
+pub const DB_IP: &str = "198.18.0.200";
+
+/// A database server process the testbed started (restartable with the same arguments).
+pub struct Server {
+    pub name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    pub client_port: u16,
+}
+
 pub struct Testbed {
     pub prefix: String,
     pub dir: PathBuf,
@@ -126,6 +147,8 @@ pub struct Testbed {
     pub chassis: Vec<Chassis>,
     pub vms: Vec<Vm>,
     pub injector: Option<String>,
+    pub db_ns: Option<String>,
+    pub servers: Vec<Server>,
     namespaces: Vec<String>,
     slot: usize,
 }
@@ -150,6 +173,8 @@ impl Testbed {
             chassis: Vec::new(),
             vms: Vec::new(),
             injector: None,
+            db_ns: None,
+            servers: Vec::new(),
             namespaces: Vec::new(),
             slot: LIVE
                 .lock()
@@ -163,6 +188,184 @@ impl Testbed {
         ip(&["-n", &underlay_ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &underlay_ns, "link", "set", "br0", "up"])?;
         Ok(tb)
+    }
+
+    /// A testbed whose NB lives in `kind`'s servers (started here, stopped on drop).
+    pub fn with_nb(tag: &str, kind: NbKind) -> Result<Testbed> {
+        let mut tb = Testbed::new(tag)?;
+        match kind {
+            NbKind::File => {}
+            NbKind::Etcd(n) => tb.start_etcd(n)?,
+            NbKind::Redis => tb.start_redis()?,
+        }
+        Ok(tb)
+    }
+
+    fn add_db_ns(&mut self) -> Result<String> {
+        let ns = format!("{}-db", self.prefix);
+        self.add_ns(&ns)?;
+        self.underlay_port(&ns, "eth0", &format!("{DB_IP}/24"))?;
+        self.db_ns = Some(ns.clone());
+        Ok(ns)
+    }
+
+    fn start_etcd(&mut self, members: usize) -> Result<()> {
+        self.add_db_ns()?;
+        let cluster: Vec<String> = (0..members)
+            .map(|i| format!("m{i}=http://{DB_IP}:{}", 2380 + 10 * i))
+            .collect();
+        for i in 0..members {
+            let (cp, pp) = (2379 + 10 * i as u16, 2380 + 10 * i as u16);
+            let dir = self.dir.join(format!("etcd-m{i}"));
+            let args = vec![
+                "etcd".to_string(),
+                "--name".into(),
+                format!("m{i}"),
+                "--data-dir".into(),
+                dir.display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://{DB_IP}:{cp}"),
+                "--advertise-client-urls".into(),
+                format!("http://{DB_IP}:{cp}"),
+                "--listen-peer-urls".into(),
+                format!("http://{DB_IP}:{pp}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://{DB_IP}:{pp}"),
+                "--initial-cluster".into(),
+                cluster.join(","),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                self.prefix.clone(),
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+            ];
+            self.servers.push(Server {
+                name: format!("etcd-m{i}"),
+                args,
+                log: self.dir.join(format!("etcd-m{i}.log")),
+                child: None,
+                client_port: cp,
+            });
+        }
+        for i in 0..members {
+            self.start_server(i)?;
+        }
+        let eps: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("{DB_IP}:{}", s.client_port))
+            .collect();
+        self.nb = format!("etcd://{}", eps.join(","));
+        self.wait_db_healthy()
+    }
+
+    fn start_redis(&mut self) -> Result<()> {
+        self.add_db_ns()?;
+        let dir = self.dir.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        self.servers.push(Server {
+            name: "redis".into(),
+            args: vec![
+                "redis-server".into(),
+                "--bind".into(),
+                DB_IP.into(),
+                "--port".into(),
+                "6379".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+                "--appendonly".into(),
+                "yes".into(),
+                "--save".into(),
+                "".into(),
+                "--protected-mode".into(),
+                "no".into(),
+            ],
+            log: self.dir.join("redis.log"),
+            child: None,
+            client_port: 6379,
+        });
+        self.start_server(0)?;
+        self.nb = format!("redis://{DB_IP}:6379");
+        self.wait_db_healthy()
+    }
+
+    /// (Re)starts server `i` with its original arguments (and data directory).
+    pub fn start_server(&mut self, i: usize) -> Result<()> {
+        let ns = self
+            .db_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no db namespace"))?;
+        let s = &mut self.servers[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(&s.args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", s.name))?;
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(self.slot) {
+                e.1.push(child.id());
+            }
+        }
+        s.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills server `i` (SIGKILL: as a crash or a pulled cable would).
+    pub fn kill_server(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the NB answers (a read through geneflowctl).
+    pub fn wait_db_healthy(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.nbctl(&["show"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e.context("NB server not ready")),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Index of the current etcd leader.
+    pub fn etcd_leader(&self) -> Result<usize> {
+        let ns = self
+            .db_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no db namespace"))?;
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.child.is_none() {
+                continue;
+            }
+            let out = run(Command::new("ip")
+                .args(["netns", "exec", &ns, "etcdctl"])
+                .args([
+                    "--endpoints",
+                    &format!("{DB_IP}:{}", s.client_port),
+                    "endpoint",
+                    "status",
+                    "-w",
+                    "json",
+                ]))?;
+            let v: Value = serde_json::from_str(&out)?;
+            let st = &v[0]["Status"];
+            if st["leader"] == st["header"]["member_id"] && !st["leader"].is_null() {
+                return Ok(i);
+            }
+        }
+        bail!("no etcd leader found")
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
@@ -249,8 +452,26 @@ impl Testbed {
     }
 
     /// Adds a VM namespace behind `chassis` on logical switch `switch`, as port `name` with
-    /// key `key`, MAC 0a:00:00:00:<key>, IP 10.<switch idx>.0.<key>.
+    /// key `key`, MAC 0a:00:00:00:<key>, IP 10.0.<key>.
     pub fn add_vm(&mut self, name: &str, chassis: &str, switch: &str, key: u16) -> Result<()> {
+        self.add_vm_unbound(name, chassis, key)?;
+        let vm = self.vm(name)?;
+        let (mac, ip, iface) = (vm.mac.clone(), vm.ip.clone(), vm.iface.clone());
+        self.nbctl(&[
+            "lsp-add",
+            switch,
+            name,
+            &mac,
+            &ip,
+            "--key",
+            &key.to_string(),
+        ])?;
+        self.nbctl(&["lsp-bind", name, chassis, &iface])?;
+        Ok(())
+    }
+
+    /// Creates the VM namespace and its veth behind `chassis` without touching the NB.
+    pub fn add_vm_unbound(&mut self, name: &str, chassis: &str, key: u16) -> Result<()> {
         let ch = self
             .chassis
             .iter()
@@ -284,16 +505,6 @@ impl Testbed {
             .ns_cmd(&ns, "ethtool")
             .args(["-K", "eth0", "tx", "off"]))?;
         ip(&["-n", &ch_ns, "link", "set", &iface, "up"])?;
-        self.nbctl(&[
-            "lsp-add",
-            switch,
-            name,
-            &mac,
-            &ipaddr,
-            "--key",
-            &key.to_string(),
-        ])?;
-        self.nbctl(&["lsp-bind", name, chassis, &iface])?;
         self.vms.push(Vm {
             name: name.to_string(),
             ns,
@@ -306,10 +517,18 @@ impl Testbed {
         Ok(())
     }
 
+    /// Runs `geneflowctl nb` against the testbed's NB (from the db namespace when the NB is a
+    /// server there).
     pub fn nbctl(&self, args: &[&str]) -> Result<String> {
-        run(Command::new(self.bin("geneflowctl"))
-            .args(["nb", "--db", &self.nb])
-            .args(args))
+        let mut c = match &self.db_ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, &self.bin("geneflowctl")]);
+                c
+            }
+            None => Command::new(self.bin("geneflowctl")),
+        };
+        run(c.args(["nb", "--db", &self.nb]).args(args))
     }
 
     /// Starts `geneflowd` in every chassis namespace and waits until each answers on its
@@ -516,6 +735,9 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         for i in 0..self.chassis.len() {
             self.stop_agent(i);
+        }
+        for i in 0..self.servers.len() {
+            self.kill_server(i);
         }
         for n in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", n]).status();

@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 pub struct EtcdStore {
     rt: Runtime,
     endpoints: Vec<String>,
+    /// The member we talk to; rotated on every failure, so a dead member (a killed leader)
+    /// costs one retry, not an outage.
+    current: usize,
     client: Option<Client>,
     revision: i64,
     events: Option<mpsc::UnboundedReceiver<Result<Vec<Event>, String>>>,
@@ -45,6 +48,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             rt,
             endpoints,
+            current: 0,
             client: None,
             revision: 0,
             events: None,
@@ -60,7 +64,7 @@ impl EtcdStore {
             .with_connect_timeout(Duration::from_secs(1))
             .with_timeout(Duration::from_secs(2))
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
-        let eps = self.endpoints.clone();
+        let eps = vec![self.endpoints[self.current % self.endpoints.len()].clone()];
         let c = self
             .rt
             .block_on(Client::connect(eps, Some(opts)))
@@ -75,6 +79,25 @@ impl EtcdStore {
         }
         self.events = None;
         self.client = None;
+        self.current = (self.current + 1) % self.endpoints.len();
+    }
+
+    /// Runs `op` against one member after another until one answers.
+    fn retrying<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<T, NbError>,
+    ) -> Result<T, NbError> {
+        let mut last = None;
+        for _ in 0..self.endpoints.len() {
+            match op(self) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.reset();
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| NbError::Unreachable("no etcd endpoint".into())))
     }
 }
 
@@ -84,6 +107,29 @@ impl Backend for EtcdStore {
     }
 
     fn snapshot(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
+        self.retrying(|s| s.snapshot_once(prefixes))
+    }
+
+    fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
+        self.subscribe_once(prefixes)
+    }
+
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
+        self.poll_once(timeout)
+    }
+
+    fn commit(
+        &mut self,
+        puts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+    ) -> Result<(), NbError> {
+        // Puts and deletes are idempotent, so retrying a transaction on another member is safe.
+        self.retrying(|s| s.commit_once(puts.clone(), deletes.clone()))
+    }
+}
+
+impl EtcdStore {
+    fn snapshot_once(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
         let mut c = self.client()?;
         let r = self.rt.block_on(async {
             let mut out = Kv::new();
@@ -116,7 +162,7 @@ impl Backend for EtcdStore {
         }
     }
 
-    fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
+    fn subscribe_once(&mut self, prefixes: &[String]) -> Result<(), NbError> {
         for t in self.tasks.drain(..) {
             t.abort();
         }
@@ -177,7 +223,7 @@ impl Backend for EtcdStore {
         Ok(())
     }
 
-    fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
+    fn poll_once(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
         let Some(rx) = self.events.as_mut() else {
             return Err(NbError::Unreachable("not subscribed".into()));
         };
@@ -205,7 +251,7 @@ impl Backend for EtcdStore {
         Ok(out)
     }
 
-    fn commit(
+    fn commit_once(
         &mut self,
         puts: Vec<(String, Vec<u8>)>,
         deletes: Vec<String>,

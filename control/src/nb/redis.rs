@@ -2,16 +2,131 @@
 //! write is followed by a PUBLISH of the key on its topic's channel (the topic prefix). An
 //! agent SUBSCRIBEs to its topics on a second connection and reads each notified key back.
 //! Pub/sub is fire-and-forget, so the agent resyncs fully whenever the connection drops.
+//!
+//! The subscriber speaks RESP itself on a plain socket: redis-rs's blocking connection turns a
+//! read timeout into "skip the next message", which would lose notifications.
 
 use super::{Backend, Event, NbError};
 use crate::kv::{topic_of, Kv};
-use redis::{Client, Connection, Value};
+use redis::{Client, Connection};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 pub struct RedisStore {
     client: Client,
+    addr: String,
     cmd: Option<Connection>,
-    sub: Option<Connection>,
+    sub: Option<Subscriber>,
+}
+
+/// A RESP2 pub/sub reader on its own connection.
+struct Subscriber {
+    r: BufReader<TcpStream>,
+}
+
+enum Resp {
+    Bulk(Option<Vec<u8>>),
+    Simple(String),
+    Int(i64),
+    Array(Vec<Resp>),
+}
+
+impl Subscriber {
+    fn connect(addr: &str, channels: &[String]) -> std::io::Result<Subscriber> {
+        let sock = addr
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("bad address {addr}")))?;
+        let s = TcpStream::connect_timeout(&sock, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_nodelay(true)?;
+        let mut sub = Subscriber {
+            r: BufReader::new(s),
+        };
+        if !channels.is_empty() {
+            let mut cmd = format!("*{}\r\n$9\r\nSUBSCRIBE\r\n", channels.len() + 1);
+            for c in channels {
+                cmd.push_str(&format!("${}\r\n{c}\r\n", c.len()));
+            }
+            sub.r.get_mut().write_all(cmd.as_bytes())?;
+            for _ in channels {
+                sub.read()?;
+            }
+        }
+        Ok(sub)
+    }
+
+    fn line(&mut self) -> std::io::Result<String> {
+        let mut l = String::new();
+        if self.r.read_line(&mut l)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(l.trim_end().to_string())
+    }
+
+    fn read(&mut self) -> std::io::Result<Resp> {
+        let l = self.line()?;
+        let bad = || std::io::Error::other(format!("bad RESP line {l:?}"));
+        let (t, rest) = l.split_at(1.min(l.len()));
+        match t {
+            "+" => Ok(Resp::Simple(rest.to_string())),
+            "-" => Err(std::io::Error::other(format!("redis: {rest}"))),
+            ":" => rest.parse().map(Resp::Int).map_err(|_| bad()),
+            "$" => {
+                let n: i64 = rest.parse().map_err(|_| bad())?;
+                if n < 0 {
+                    return Ok(Resp::Bulk(None));
+                }
+                let mut b = vec![0u8; n as usize + 2];
+                self.r.read_exact(&mut b)?;
+                b.truncate(n as usize);
+                Ok(Resp::Bulk(Some(b)))
+            }
+            "*" => {
+                let n: i64 = rest.parse().map_err(|_| bad())?;
+                let mut v = Vec::new();
+                for _ in 0..n.max(0) {
+                    v.push(self.read()?);
+                }
+                Ok(Resp::Array(v))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// Waits up to `timeout` for the socket to have data; whole messages are then read with
+    /// the socket's own (generous) timeout, so a parse never stops half-way.
+    fn ready(&self, timeout: Duration) -> std::io::Result<bool> {
+        if !self.r.buffer().is_empty() {
+            return Ok(true);
+        }
+        let mut p = libc::pollfd {
+            fd: self.r.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for a socket we own.
+        let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(60_000) as i32) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n > 0)
+    }
+}
+
+fn message_key(v: Resp) -> Option<String> {
+    let Resp::Array(items) = v else { return None };
+    let text = |r: &Resp| match r {
+        Resp::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        Resp::Simple(s) => Some(s.clone()),
+        Resp::Int(i) => Some(i.to_string()),
+        _ => None,
+    };
+    if items.len() == 3 && text(&items[0]).as_deref() == Some("message") {
+        return text(&items[2]);
+    }
+    None
 }
 
 fn unreachable(e: impl std::fmt::Display) -> NbError {
@@ -21,8 +136,19 @@ fn unreachable(e: impl std::fmt::Display) -> NbError {
 impl RedisStore {
     pub fn open(url: &str) -> Result<RedisStore, NbError> {
         let client = Client::open(url).map_err(|_| NbError::BadUrl(url.to_string()))?;
+        let hostport = url
+            .trim_start_matches("redis://")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        let addr = if hostport.contains(':') {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:6379")
+        };
         Ok(RedisStore {
             client,
+            addr,
             cmd: None,
             sub: None,
         })
@@ -88,20 +214,7 @@ impl Backend for RedisStore {
     }
 
     fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
-        let mut c = self
-            .client
-            .get_connection_with_timeout(Duration::from_secs(1))
-            .map_err(unreachable)?;
-        if !prefixes.is_empty() {
-            let cmd = redis::cmd("SUBSCRIBE").arg(prefixes).get_packed_command();
-            c.send_packed_command(&cmd).map_err(unreachable)?;
-            c.set_read_timeout(Some(Duration::from_secs(2)))
-                .map_err(unreachable)?;
-            for _ in prefixes {
-                c.recv_response().map_err(unreachable)?;
-            }
-        }
-        self.sub = Some(c);
+        self.sub = Some(Subscriber::connect(&self.addr, prefixes).map_err(unreachable)?);
         Ok(())
     }
 
@@ -111,23 +224,24 @@ impl Backend for RedisStore {
             let Some(sub) = self.sub.as_mut() else {
                 return Err(NbError::Unreachable("not subscribed".into()));
             };
-            let mut wait = timeout.max(Duration::from_millis(1));
+            let mut wait = timeout;
             loop {
-                sub.set_read_timeout(Some(wait)).map_err(unreachable)?;
-                match sub.recv_response() {
-                    Ok(v) => {
+                match sub
+                    .ready(wait)
+                    .and_then(|r| if r { sub.read().map(Some) } else { Ok(None) })
+                {
+                    Ok(Some(v)) => {
                         if let Some(k) = message_key(v) {
                             keys.push(k);
                         }
-                        // Drain what else is already there, without waiting long.
-                        wait = Duration::from_millis(1);
+                        // Drain what else is already there without waiting.
+                        wait = Duration::ZERO;
                     }
-                    Err(e) if e.is_timeout() => break,
+                    Ok(None) => break,
                     Err(e) => {
-                        let e = unreachable(e);
                         self.cmd = None;
                         self.sub = None;
-                        return Err(e);
+                        return Err(unreachable(e));
                     }
                 }
             }
@@ -167,22 +281,4 @@ impl Backend for RedisStore {
         let r: redis::RedisResult<()> = pipe.query(self.conn()?);
         r.map_err(|e| self.fail(e))
     }
-}
-
-/// The key carried by a pub/sub "message" push, if `v` is one.
-fn message_key(v: Value) -> Option<String> {
-    let items = match v {
-        Value::Array(a) => a,
-        Value::Push { data, .. } => data,
-        _ => return None,
-    };
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
-    if items.len() == 3 && text(&items[0]).as_deref() == Some("message") {
-        return text(&items[2]);
-    }
-    None
 }

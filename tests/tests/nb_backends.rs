@@ -1,0 +1,310 @@
+//! End-to-end: the control plane on every NB backend (file, etcd, redis) with real servers
+//! started by the harness, etcd leader failover, NB outages, selective distribution and bad
+//! records.
+
+use anyhow::{Context, Result};
+use geneflow_tests::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The overlay works on `kind`, and a port added or deleted in the NB starts or stops
+/// carrying traffic within 1 s.
+fn overlay_and_port_churn(tag: &str, kind: NbKind) -> Result<()> {
+    let mut tb = two_chassis_on(tag, kind)?;
+    for (a, b) in [("vm1", "vm3"), ("vm2", "vm4"), ("vm1", "vm2")] {
+        tb.ping(a, &tb.vm(b)?.ip.clone(), 2)?;
+    }
+    let got = tb.udp_stream("vm1", "vm3", 6200, 5_000, 50_000)?;
+    assert_eq!(got, 5_000, "{kind:?}: stream lost {}", 5_000 - got);
+    // Add vm5 on ch2: the VM exists first, then its port appears in the NB.
+    tb.add_vm_unbound("vm5", "ch2", 5)?;
+    let ip5 = tb.vm("vm5")?.ip.clone();
+    assert!(
+        !reachable(&tb, "vm1", &ip5),
+        "vm5 reachable before its port exists"
+    );
+    tb.nbctl(&[
+        "lsp-add",
+        "ls1",
+        "vm5",
+        "0a:00:00:00:00:05",
+        &ip5,
+        "--key",
+        "5",
+    ])?;
+    tb.nbctl(&["lsp-bind", "vm5", "ch2", "vp-vm5"])?;
+    let took = within(Duration::from_secs(5), || Ok(reachable(&tb, "vm1", &ip5)))?
+        .with_context(|| format!("{kind:?}: new port never carried traffic"))?;
+    // Each probe waits up to 300 ms for its answer: the port was live before the probe that
+    // succeeded started.
+    assert!(
+        took < Duration::from_millis(1300),
+        "{kind:?}: new port took {took:?}"
+    );
+    tb.nbctl(&["lsp-del", "vm5"])?;
+    let took = within(Duration::from_secs(5), || Ok(!reachable(&tb, "vm1", &ip5)))?
+        .with_context(|| format!("{kind:?}: deleted port kept carrying traffic"))?;
+    assert!(
+        took < Duration::from_millis(1300),
+        "{kind:?}: delete took {took:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn overlay_and_port_churn_on_file() -> Result<()> {
+    overlay_and_port_churn("nf", NbKind::File)
+}
+
+#[test]
+fn overlay_and_port_churn_on_etcd() -> Result<()> {
+    overlay_and_port_churn("ne", NbKind::Etcd(1))
+}
+
+#[test]
+fn overlay_and_port_churn_on_redis() -> Result<()> {
+    overlay_and_port_churn("nr", NbKind::Redis)
+}
+
+fn spawn_stream(
+    tb: &Testbed,
+    from: &str,
+    to_ip: &str,
+    port: u16,
+    count: u64,
+    rate: u64,
+) -> Result<std::process::Child> {
+    Ok(tb
+        .ns_cmd(&tb.vm(from)?.ns, &tb.bin("gf-udp"))
+        .args([
+            "send",
+            "--dst",
+            &format!("{to_ip}:{port}"),
+            "--count",
+            &count.to_string(),
+        ])
+        .args(["--rate", &rate.to_string()])
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+#[test]
+fn etcd_leader_loss_loses_no_packets_and_changes_still_arrive() -> Result<()> {
+    let mut tb = two_chassis_on("el", NbKind::Etcd(3))?;
+    tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 1)?;
+    tb.ping("vm4", &tb.vm("vm2")?.ip.clone(), 1)?;
+    // Two streams, one each way, 3 s at 10k pps.
+    let rx1 = tb.udp_receiver("vm3", 6300, 30_000, 3.0)?;
+    let rx2 = tb.udp_receiver("vm2", 6301, 30_000, 3.0)?;
+    let ip3 = tb.vm("vm3")?.ip.clone();
+    let ip2 = tb.vm("vm2")?.ip.clone();
+    let mut s1 = spawn_stream(&tb, "vm1", &ip3, 6300, 30_000, 10_000)?;
+    let mut s2 = spawn_stream(&tb, "vm4", &ip2, 6301, 30_000, 10_000)?;
+    std::thread::sleep(Duration::from_millis(800));
+    let leader = tb.etcd_leader()?;
+    tb.kill_server(leader);
+    s1.wait()?;
+    s2.wait()?;
+    assert_eq!(
+        Testbed::udp_result(rx1)?,
+        30_000,
+        "stream vm1 -> vm3 lost packets"
+    );
+    assert_eq!(
+        Testbed::udp_result(rx2)?,
+        30_000,
+        "stream vm4 -> vm2 lost packets"
+    );
+    // A new leader is elected; a change made now reaches both agents.
+    let new_leader = within(Duration::from_secs(10), || Ok(tb.etcd_leader().is_ok()))?;
+    assert!(new_leader.is_some(), "no new etcd leader");
+    tb.add_vm_unbound("vm5", "ch2", 5)?;
+    let ip5 = tb.vm("vm5")?.ip.clone();
+    let mut wrote = false;
+    for _ in 0..50 {
+        if tb
+            .nbctl(&[
+                "lsp-add",
+                "ls1",
+                "vm5",
+                "0a:00:00:00:00:05",
+                &ip5,
+                "--key",
+                "5",
+            ])
+            .is_ok()
+        {
+            wrote = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(wrote, "NB write after the election failed");
+    tb.nbctl(&["lsp-bind", "vm5", "ch2", "vp-vm5"])?;
+    // ch1 learns vm5 is remote (vm1 reaches it), ch2 attaches it (vm4, local, reaches it).
+    for from in ["vm1", "vm4"] {
+        within(Duration::from_secs(10), || Ok(reachable(&tb, from, &ip5)))?
+            .with_context(|| format!("{from} never reached vm5 after the election"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn nb_outage_is_headless_and_resyncs() -> Result<()> {
+    let mut tb = two_chassis_on("no", NbKind::Etcd(1))?;
+    tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 1)?;
+    let rx = tb.udp_receiver("vm3", 6400, 30_000, 3.0)?;
+    let ip3 = tb.vm("vm3")?.ip.clone();
+    let mut s = spawn_stream(&tb, "vm1", &ip3, 6400, 30_000, 10_000)?;
+    std::thread::sleep(Duration::from_millis(500));
+    tb.kill_server(0);
+    // The agents notice and say so once, and keep forwarding.
+    within(Duration::from_secs(5), || {
+        Ok(tb.stats("ch1")?["nb"]["connected"] == false
+            && tb.stats("ch2")?["nb"]["connected"] == false)
+    })?
+    .context("agents did not notice the NB outage")?;
+    s.wait()?;
+    assert_eq!(
+        Testbed::udp_result(rx)?,
+        30_000,
+        "stream lost packets during the outage"
+    );
+    // New flows work headless too.
+    tb.ping("vm2", &tb.vm("vm4")?.ip.clone(), 1)?;
+    tb.start_server(0)?;
+    tb.wait_db_healthy()?;
+    within(Duration::from_secs(10), || {
+        Ok(tb.stats("ch1")?["nb"]["connected"] == true
+            && tb.stats("ch2")?["nb"]["connected"] == true)
+    })?
+    .context("agents did not reconnect")?;
+    // A change made after the return is applied.
+    let ip4 = tb.vm("vm4")?.ip.clone();
+    tb.nbctl(&["lsp-del", "vm4"])?;
+    within(Duration::from_secs(3), || Ok(!reachable(&tb, "vm1", &ip4)))?
+        .context("deletion after the NB returned was not applied")?;
+    let log = tb.agent_log("ch1");
+    assert_eq!(log.matches("NB connection lost").count(), 1, "log:\n{log}");
+    Ok(())
+}
+
+#[test]
+fn selective_distribution_holds_only_served_tenants() -> Result<()> {
+    require_root();
+    let mut tb = Testbed::with_nb("sd", NbKind::Redis)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    tb.nbctl(&["ls-add", "red", "--key", "100", "--tenant", "red"])?;
+    tb.nbctl(&["ls-add", "blue", "--key", "200", "--tenant", "blue"])?;
+    tb.add_vm("r1", "ch1", "red", 1)?;
+    tb.add_vm("b1", "ch2", "blue", 2)?;
+    tb.nbctl(&["lsp-add", "red", "r2", "0a:00:00:00:00:22", "--key", "2"])?;
+    tb.start_agents()?;
+    let s1 = tb.stats("ch1")?;
+    let s2 = tb.stats("ch2")?;
+    let topics = |s: &serde_json::Value| s["nb"]["topics"].to_string();
+    assert!(
+        topics(&s1).contains("/gf/t/red/") && !topics(&s1).contains("/gf/t/blue/"),
+        "{}",
+        s1["nb"]
+    );
+    assert!(
+        topics(&s2).contains("/gf/t/blue/") && !topics(&s2).contains("/gf/t/red/"),
+        "{}",
+        s2["nb"]
+    );
+    assert_eq!(
+        s1["nb"]["records"]["ports"], 2,
+        "ch1 holds red's two ports only: {}",
+        s1["nb"]
+    );
+    assert_eq!(
+        s2["nb"]["records"]["ports"], 1,
+        "ch2 holds blue's port only: {}",
+        s2["nb"]
+    );
+    // Bind a red port to ch2: it subscribes to red; unbind it: red's state goes.
+    tb.nbctl(&["lsp-bind", "r2", "ch2", "vp-r2"])?;
+    within(Duration::from_secs(3), || {
+        Ok(topics(&tb.stats("ch2")?).contains("/gf/t/red/"))
+    })?
+    .context("ch2 never subscribed to red")?;
+    assert_eq!(tb.stats("ch2")?["nb"]["records"]["ports"], 3);
+    tb.nbctl(&["lsp-unbind", "r2"])?;
+    within(Duration::from_secs(3), || {
+        Ok(!topics(&tb.stats("ch2")?).contains("/gf/t/red/"))
+    })?
+    .context("ch2 kept red's topic")?;
+    assert_eq!(tb.stats("ch2")?["nb"]["records"]["ports"], 1);
+    Ok(())
+}
+
+#[test]
+fn invalid_records_are_refused_or_skipped() -> Result<()> {
+    let tb = two_chassis_on("ir", NbKind::Etcd(1))?;
+    let refused = [
+        vec!["subnet-add", "ls1", "s1", "10.0.0.0/33"],
+        vec!["subnet-add", "ls1", "s1", "10.0.0.1/16"],
+        vec!["lsp-add", "ls1", "dup", "0a:00:00:00:00:99", "--key", "1"],
+        vec!["lsp-add", "nosuch", "x", "0a:00:00:00:00:98", "--key", "9"],
+        vec!["lsp-bind", "vm1", "nosuch", "eth9"],
+        vec![
+            "lrp-add",
+            "nosuch",
+            "rp",
+            "0a:00:00:00:01:01",
+            "10.0.0.254/16",
+            "--key",
+            "9",
+        ],
+        vec!["fip-add", "f1", "203.0.113.5", "vm1", "nosuch"],
+        vec!["sg-rule-add", "nosuch", "r1", "--direction", "ingress"],
+    ];
+    for args in refused {
+        let err = tb
+            .nbctl(&args)
+            .expect_err(&format!("{args:?} was accepted"))
+            .to_string();
+        let line = err.lines().last().unwrap_or("");
+        assert!(line.contains("geneflowctl: error:"), "{args:?}: {err}");
+    }
+    // Written behind geneflowctl's back: a port with a duplicate key and one that is not
+    // JSON. The agent skips them with a log line and keeps forwarding.
+    let db = tb.db_ns.clone().unwrap();
+    let ep = format!("{}:2379", xtask::testbed::DB_IP);
+    let bad = r#"{"name":"evil","switch":"ls1","mac":"0a:00:00:00:00:77","port_key":1,"chassis":"ch1","iface":"nope0"}"#;
+    for (k, v) in [
+        ("/gf/t/default/ports/evil", bad),
+        ("/gf/t/default/ports/junk", "{not json"),
+    ] {
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &db,
+                "etcdctl",
+                "--endpoints",
+                &ep,
+                "put",
+                k,
+                v,
+            ])
+            .stdout(Stdio::null())
+            .status()?;
+        assert!(st.success());
+    }
+    within(Duration::from_secs(3), || {
+        let l = tb.agent_log("ch1");
+        Ok(l.contains("NB record skipped") && l.contains("junk") && l.contains("evil"))
+    })?
+    .with_context(|| {
+        format!(
+            "agent did not report the bad records:\n{}",
+            tb.agent_log("ch1")
+        )
+    })?;
+    tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
+    tb.ping("vm2", &tb.vm("vm4")?.ip.clone(), 2)?;
+    Ok(())
+}
