@@ -49,21 +49,26 @@ pub struct NbStatus {
     pub rejected_records: usize,
 }
 
+/// Called after each pipeline is sent, so a sleeping forwarder picks it up at once.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
 pub fn spawn(
     url: String,
     chassis: String,
     tx: Sender<PipelineUpdate>,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<NbStatus>>,
+    wake: Waker,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("gf-control".into())
-        .spawn(move || run(url, chassis, tx, stop, status))
+        .spawn(move || run(url, chassis, tx, stop, status, wake))
 }
 
 struct Agent {
     chassis: String,
     tx: Sender<PipelineUpdate>,
+    wake: Waker,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<NbStatus>>,
     compiler: Compiler,
@@ -80,11 +85,13 @@ fn run(
     tx: Sender<PipelineUpdate>,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<NbStatus>>,
+    wake: Waker,
 ) {
     let mut a = Agent {
         compiler: Compiler::new(&chassis),
         chassis,
         tx,
+        wake,
         stop,
         status,
         sent_once: false,
@@ -309,6 +316,7 @@ impl Agent {
             compile_time,
         };
         let _ = self.tx.send(upd);
+        (self.wake)();
     }
 }
 

@@ -6,6 +6,7 @@
 use crate::model::{Mac, NbDocument};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// Where a logical port lives, seen from this chassis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +66,9 @@ pub struct Pipeline {
     pub nb_version: u64,
     /// This chassis's encap IP, from its NB record.
     pub encap_ip: Option<Ipv4Addr>,
-    /// Logical datapaths by tunnel key.
-    pub datapaths: BTreeMap<u32, Datapath>,
+    /// Logical datapaths by tunnel key. Shared, so an incremental compile reuses untouched
+    /// datapaths without copying them.
+    pub datapaths: BTreeMap<u32, Arc<Datapath>>,
     /// Local bindings by interface name.
     pub bindings: BTreeMap<String, LocalBinding>,
 }
@@ -77,8 +79,9 @@ impl Pipeline {
     pub fn changed_datapaths(&self, new: &Pipeline) -> Vec<u32> {
         let mut out = Vec::new();
         for (k, d) in &new.datapaths {
-            if self.datapaths.get(k) != Some(d) {
-                out.push(*k);
+            match self.datapaths.get(k) {
+                Some(o) if Arc::ptr_eq(o, d) || o == d => {}
+                _ => out.push(*k),
             }
         }
         for k in self.datapaths.keys() {
@@ -159,7 +162,7 @@ impl Compiler {
             let dp = if reuse {
                 old.datapaths[&sw.tunnel_key].clone()
             } else {
-                compile_datapath(
+                Arc::new(compile_datapath(
                     doc,
                     &chassis,
                     sw,
@@ -167,7 +170,7 @@ impl Compiler {
                         .get(sw.name.as_str())
                         .map(Vec::as_slice)
                         .unwrap_or(&[]),
-                )
+                ))
             };
             for (cp, iface) in dp.local_ports() {
                 p.bindings.insert(

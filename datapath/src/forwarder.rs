@@ -32,6 +32,8 @@ pub enum ForwarderError {
     Xsk(#[from] XskError),
     #[error("interface {0} does not exist")]
     NoInterface(String),
+    #[error("eventfd: {0}")]
+    Io(std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +70,25 @@ pub struct Forwarder {
     rxlen: [usize; BATCH],
     encap_buf: Vec<u8>,
     pollfds: Vec<libc::pollfd>,
+    wake_fd: std::os::fd::OwnedFd,
+}
+
+/// Wakes the forwarder out of its idle poll (an eventfd in its poll set).
+#[derive(Clone)]
+pub struct WakeHandle(Arc<std::os::fd::OwnedFd>);
+
+impl WakeHandle {
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: 8-byte write of a u64 to an eventfd we own.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.0),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
 }
 
 impl Forwarder {
@@ -106,6 +127,13 @@ impl Forwarder {
             cfg.udp_csum,
             |_| None,
         );
+        // SAFETY: plain eventfd(2); the descriptor is owned right away.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(ForwarderError::Io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor nobody else owns.
+        let wake_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
         let mut f = Forwarder {
             neigh: Neighbours::new(&cfg.uplink),
             cfg,
@@ -124,6 +152,7 @@ impl Forwarder {
             rxlen: [0; BATCH],
             encap_buf: vec![0u8; STRIDE],
             pollfds: Vec::new(),
+            wake_fd,
         };
         f.add_port(
             f.cfg.uplink.clone(),
@@ -157,6 +186,11 @@ impl Forwarder {
         self.rebuild_index();
     }
 
+    /// A handle the control thread uses to wake this forwarder.
+    pub fn waker(&self) -> std::io::Result<WakeHandle> {
+        Ok(WakeHandle(Arc::new(self.wake_fd.try_clone()?)))
+    }
+
     fn rebuild_index(&mut self) {
         self.by_ifindex = self
             .ports
@@ -173,6 +207,11 @@ impl Forwarder {
                 revents: 0,
             })
             .collect();
+        self.pollfds.push(libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         let infos = self
             .ports
             .iter()
@@ -317,6 +356,9 @@ impl Forwarder {
         self.shared
             .nb_version
             .store(self.pipeline.nb_version, Ordering::Relaxed);
+        self.shared
+            .pipelines_applied
+            .fetch_add(1, Ordering::Relaxed);
         info!(
             nb_version = self.pipeline.nb_version,
             changed = ?upd.changed,
@@ -366,6 +408,15 @@ impl Forwarder {
                         20,
                     );
                 }
+                let mut buf = 0u64;
+                // SAFETY: drains the nonblocking eventfd into an 8-byte buffer.
+                unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd),
+                        &mut buf as *mut u64 as *mut libc::c_void,
+                        8,
+                    )
+                };
             }
         }
     }

@@ -25,6 +25,9 @@ pub struct Shared {
     pub megaflows: AtomicU64,
     pub masks: AtomicU64,
     pub nb_version: AtomicU64,
+    /// Pipelines applied to the fast path (generation bumps done): an NB change is "in the
+    /// fast path" once this moves.
+    pub pipelines_applied: AtomicU64,
     /// Written by the control thread.
     pub nb: Arc<Mutex<NbStatus>>,
 }
@@ -40,6 +43,7 @@ impl Shared {
             megaflows: AtomicU64::new(0),
             masks: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
+            pipelines_applied: AtomicU64::new(0),
             nb: Arc::new(Mutex::new(NbStatus::default())),
         }
     }
@@ -76,6 +80,7 @@ impl Shared {
             "nb_version": self.nb_version.load(Ordering::Relaxed),
             "megaflows": self.megaflows.load(Ordering::Relaxed),
             "masks": self.masks.load(Ordering::Relaxed),
+            "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),
             "ports": out,
         })

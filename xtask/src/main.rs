@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
-use xtask::testbed::{run, Testbed};
+use xtask::testbed::{run, NbKind, Testbed};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -21,6 +21,13 @@ enum Cmd {
     Setup,
     /// Build, then run two chassis with two VMs each and show the overlay working.
     Demo,
+    /// Control-plane benchmark: compile time at 10k ports / 100 switches, and NB write to
+    /// fast path latency on each backend (file, etcd, redis).
+    BenchNb {
+        /// Fewer samples (for a smoke run).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build, then run the unit tests and the end-to-end tests (root).
     Test {
         /// Extra arguments for the end-to-end test harness (e.g. a test name filter).
@@ -52,6 +59,7 @@ fn main() {
         Cmd::Setup => setup(),
         Cmd::Demo => setup().and_then(|_| build()).and_then(|_| demo()),
         Cmd::Test { args } => setup().and_then(|_| build()).and_then(|_| test(&args)),
+        Cmd::BenchNb { quick } => setup().and_then(|_| bench_nb(quick)),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");
@@ -281,5 +289,90 @@ fn demo() -> Result<()> {
         "demo done in {:.1}s; namespaces removed",
         started.elapsed().as_secs_f64()
     ));
+    Ok(())
+}
+
+fn bench_nb(quick: bool) -> Result<()> {
+    step("cargo build --release --workspace --bins");
+    let st = Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "--workspace", "--bins"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    let bins = target_dir().join("release");
+    std::env::set_var("GENEFLOW_BIN_DIR", &bins);
+    let bench = bins.join("gf-nb-bench").display().to_string();
+    let runs = if quick { "5" } else { "25" };
+    step("compile: 10k ports on 100 switches (validate, full compile, incremental compile)");
+    let out = run(Command::new(&bench).args(["compile", "--runs", runs]))?;
+    let compile: serde_json::Value = serde_json::from_str(out.trim())?;
+    let mut latency = Vec::new();
+    for kind in [NbKind::File, NbKind::Etcd(1), NbKind::Redis] {
+        step(&format!("NB write -> fast path latency on {kind:?}"));
+        let mut tb = Testbed::with_nb("bnb", kind)?;
+        tb.add_chassis("ch1")?;
+        tb.nbctl(&["chassis-add", "chr", "198.18.0.99"])?;
+        tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
+        tb.add_vm("vm1", "ch1", "ls1", 1)?;
+        tb.start_agents()?;
+        let ctl = tb.chassis[0].socket.display().to_string();
+        let samples = if quick { "10" } else { "60" };
+        let args = [
+            "latency",
+            "--nb",
+            &tb.nb,
+            "--ctl",
+            &ctl,
+            "--switch",
+            "ls1",
+            "--remote",
+            "chr",
+            "--samples",
+            samples,
+        ];
+        let out = match &tb.db_ns {
+            Some(ns) => run(Command::new("ip")
+                .args(["netns", "exec", ns, &bench])
+                .args(args))?,
+            None => run(Command::new(&bench).args(args))?,
+        };
+        latency.push(serde_json::from_str::<serde_json::Value>(out.trim())?);
+    }
+    println!("\n| measurement | value |\n|---|---|");
+    println!(
+        "| validate 10k ports / 100 switches, p50 | {:.2} ms |",
+        compile["validate_ms_p50"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "| full compile, p50 (baseline) | {:.2} ms |",
+        compile["full_compile_ms_p50"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "| incremental compile (1 port changed), p50 | {:.2} ms ({:.2}x the full compile) |",
+        compile["incremental_compile_ms_p50"]
+            .as_f64()
+            .unwrap_or(0.0),
+        compile["incremental_over_full"].as_f64().unwrap_or(0.0)
+    );
+    println!("\n| backend | write p50 | NB write -> fast path p50 | p99 |\n|---|---|---|---|");
+    for l in &latency {
+        println!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            l["backend"].as_str().unwrap_or("?"),
+            l["write_ms_p50"].as_f64().unwrap_or(0.0),
+            l["to_fastpath_ms_p50"].as_f64().unwrap_or(0.0),
+            l["to_fastpath_ms_p99"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let dir = root().join("results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("nb-bench.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&serde_json::json!({ "compile": compile, "latency": latency }))?,
+    )?;
+    step(&format!("raw results in {}", path.display()));
     Ok(())
 }

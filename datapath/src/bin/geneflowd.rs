@@ -92,12 +92,16 @@ fn run(args: Args) -> Result<()> {
     let _ctl = CtlServer::start(&args.ctl_socket, shared, counters)
         .with_context(|| format!("--ctl-socket {}", args.ctl_socket.display()))?;
     let (tx, rx) = crossbeam_channel::unbounded();
+    let waker = fwd
+        .waker()
+        .context("creating the forwarder's wake handle")?;
     let control = geneflow_control::agent::spawn(
         args.nb.clone(),
         args.chassis.clone(),
         tx,
         stop.clone(),
         nb_status,
+        Arc::new(move || waker.wake()),
     )
     .context("starting the control thread")?;
     info!(chassis = %args.chassis, nb = %args.nb, "geneflowd running");

@@ -1,0 +1,236 @@
+//! gf-nb-bench: control-plane benchmarks.
+//! - `compile`: validation + compile time for N ports on M switches, full vs incremental
+//!   (one port changed); the full compile is the baseline of the ratio.
+//! - `latency`: time from an NB write (in-process, through the backend) to the agent having
+//!   applied the new pipeline to its fast path (its `pipelines_applied` counter moves).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use geneflow_control::compiler::Compiler;
+use geneflow_control::model::*;
+use geneflow_control::nb;
+use geneflow_perf::percentile;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Compile {
+        #[arg(long, default_value_t = 10_000)]
+        ports: usize,
+        #[arg(long, default_value_t = 100)]
+        switches: usize,
+        #[arg(long, default_value_t = 15)]
+        runs: usize,
+    },
+    Latency {
+        #[arg(long)]
+        nb: String,
+        #[arg(long)]
+        ctl: String,
+        /// Switch hosted by the agent; ports are added to it, bound to `--remote`.
+        #[arg(long)]
+        switch: String,
+        #[arg(long)]
+        remote: String,
+        #[arg(long, default_value_t = 40)]
+        samples: usize,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("gf-nb-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Compile {
+            ports,
+            switches,
+            runs,
+        } => compile(ports, switches, runs),
+        Cmd::Latency {
+            nb,
+            ctl,
+            switch,
+            remote,
+            samples,
+        } => latency(&nb, &ctl, &switch, &remote, samples),
+    }
+}
+
+fn topo(ports: usize, switches: usize) -> NbDocument {
+    let mut d = NbDocument::default();
+    for c in 0..4 {
+        let name = format!("ch{c}");
+        d.chassis.insert(
+            name.clone(),
+            Chassis {
+                name,
+                encap_ip: format!("198.18.0.{}", c + 1).parse().expect("ip"),
+                version: 1,
+            },
+        );
+    }
+    for s in 0..switches {
+        let name = format!("ls{s}");
+        d.switches.insert(
+            name.clone(),
+            LogicalSwitch {
+                name,
+                tunnel_key: s as u32 + 1,
+                mtu: DEFAULT_MTU,
+                tenant: format!("t{}", s % 10),
+                version: 1,
+            },
+        );
+    }
+    for p in 0..ports {
+        let name = format!("p{p}");
+        let sw = p % switches;
+        let key = (p / switches + 1) as u16;
+        d.ports.insert(
+            name.clone(),
+            LogicalPort {
+                name: name.clone(),
+                switch: format!("ls{sw}"),
+                mac: Mac([
+                    0x0a,
+                    (p >> 24) as u8,
+                    (p >> 16) as u8,
+                    (p >> 8) as u8,
+                    p as u8,
+                    1,
+                ]),
+                ips: vec![],
+                port_key: key,
+                chassis: Some(format!("ch{}", (p / switches) % 4)),
+                iface: Some(format!("tap{p}")),
+                security_groups: vec![],
+                port_security: true,
+                allowed_address_pairs: vec![],
+                version: 1,
+            },
+        );
+    }
+    d
+}
+
+fn compile(ports: usize, switches: usize, runs: usize) -> Result<()> {
+    let doc = topo(ports, switches);
+    let (mut validate, mut full, mut incr) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let t = Instant::now();
+        let v = doc.validated();
+        validate.push(t.elapsed().as_secs_f64() * 1e3);
+        if !v.rejected.is_empty() {
+            bail!("generated topology invalid: {}", v.rejected[0]);
+        }
+        let mut c = Compiler::new("ch0");
+        let t = Instant::now();
+        let changed = c.update(&v.doc, None);
+        full.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(changed.len(), switches);
+        // One port changes MAC: only its switch is recompiled.
+        let mut d2 = v.doc.clone();
+        let p = d2.ports.get_mut(&format!("p{}", i % ports)).expect("port");
+        p.mac.0[5] = 0x77;
+        let dirty = BTreeSet::from([p.switch.clone()]);
+        let t = Instant::now();
+        let changed = c.update(&d2, Some(&dirty));
+        incr.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(changed.len(), 1);
+    }
+    let (v50, f50, i50) = (
+        percentile(&mut validate, 0.5),
+        percentile(&mut full, 0.5),
+        percentile(&mut incr, 0.5),
+    );
+    println!(
+        "{}",
+        json!({
+            "ports": ports, "switches": switches, "runs": runs,
+            "validate_ms_p50": v50, "full_compile_ms_p50": f50,
+            "incremental_compile_ms_p50": i50, "incremental_over_full": i50 / f50,
+        })
+    );
+    Ok(())
+}
+
+fn applied(ctl: &str) -> Result<u64> {
+    let mut s = UnixStream::connect(ctl).with_context(|| format!("agent at {ctl}"))?;
+    s.write_all(b"stats\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    v["pipelines_applied"]
+        .as_u64()
+        .context("agent reports no pipelines_applied")
+}
+
+fn latency(url: &str, ctl: &str, switch: &str, remote: &str, samples: usize) -> Result<()> {
+    let mut b = nb::open(url)?;
+    let mut lat = Vec::new();
+    let mut write_ms = Vec::new();
+    for i in 0..samples {
+        let before = applied(ctl)?;
+        let name = format!("bench{}", i % 2);
+        let add = i % 4 < 2;
+        let t0 = Instant::now();
+        nb::update(&mut *b, |d| {
+            if add {
+                d.ports.insert(
+                    name.clone(),
+                    LogicalPort {
+                        name: name.clone(),
+                        switch: switch.to_string(),
+                        mac: Mac([0x0a, 0xbe, 0, 0, 0, (i % 2) as u8 + 1]),
+                        ips: vec![],
+                        port_key: 30000 + (i % 2) as u16,
+                        chassis: Some(remote.to_string()),
+                        iface: None,
+                        security_groups: vec![],
+                        port_security: true,
+                        allowed_address_pairs: vec![],
+                        version: 0,
+                    },
+                );
+            } else {
+                d.ports.remove(&name);
+            }
+            Ok(())
+        })?;
+        write_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while applied(ctl)? == before {
+            if Instant::now() > deadline {
+                bail!("sample {i}: the agent never applied the change");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{}",
+        json!({
+            "backend": b.kind(), "samples": samples,
+            "write_ms_p50": percentile(&mut write_ms, 0.5),
+            "to_fastpath_ms_p50": percentile(&mut lat.clone(), 0.5),
+            "to_fastpath_ms_p99": percentile(&mut lat, 0.99),
+        })
+    );
+    Ok(())
+}
