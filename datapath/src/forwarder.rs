@@ -438,13 +438,14 @@ impl Forwarder {
             n += 1;
         });
         let (in_ifindex, in_slot) = (self.ports[i].ifindex, self.ports[i].slot);
+        let arrived = std::time::Instant::now();
         for k in 0..n {
-            self.forward(k, in_ifindex, in_slot);
+            self.forward(k, in_ifindex, in_slot, arrived);
         }
         n
     }
 
-    fn forward(&mut self, k: usize, in_ifindex: u32, in_slot: u32) {
+    fn forward(&mut self, k: usize, in_ifindex: u32, in_slot: u32, arrived: std::time::Instant) {
         let Forwarder {
             tables,
             ports,
@@ -513,7 +514,12 @@ impl Forwarder {
         }
         if let Some(m) = d.megaflow {
             match bpf.install(&m) {
-                Ok(Install::Installed) => shared.count(in_slot, ctr::FLOW_INSTALL, 1),
+                Ok(Install::Installed) => {
+                    shared.count(in_slot, ctr::FLOW_INSTALL, 1);
+                    shared
+                        .last_flow_setup_ns
+                        .store(arrived.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
                 Ok(Install::AlreadyPresent) => {}
                 Ok(Install::Refused) | Err(_) => shared.count(in_slot, ctr::FLOW_INSTALL_FAIL, 1),
             }

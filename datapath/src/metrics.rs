@@ -28,6 +28,9 @@ pub struct Shared {
     /// Pipelines applied to the fast path (generation bumps done): an NB change is "in the
     /// fast path" once this moves.
     pub pipelines_applied: AtomicU64,
+    /// Nanoseconds from a missed frame's arrival on the AF_XDP ring to its megaflow being in
+    /// the BPF map, for the last install.
+    pub last_flow_setup_ns: AtomicU64,
     /// Written by the control thread.
     pub nb: Arc<Mutex<NbStatus>>,
 }
@@ -44,6 +47,7 @@ impl Shared {
             masks: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
             pipelines_applied: AtomicU64::new(0),
+            last_flow_setup_ns: AtomicU64::new(0),
             nb: Arc::new(Mutex::new(NbStatus::default())),
         }
     }
@@ -81,6 +85,7 @@ impl Shared {
             "megaflows": self.megaflows.load(Ordering::Relaxed),
             "masks": self.masks.load(Ordering::Relaxed),
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
+            "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),
             "ports": out,
         })

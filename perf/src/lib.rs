@@ -12,3 +12,4 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     let i = ((v.len() - 1) as f64 * p).round() as usize;
     v[i.min(v.len() - 1)]
 }
+pub mod pktgen;

@@ -28,6 +28,13 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Datapath benchmark (pktgen scenarios against a plain-redirect baseline); writes
+    /// results/bench.{md,json,svg}.
+    Bench {
+        /// One short run per scenario (under a minute; used by the test suite).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build, then run the unit tests and the end-to-end tests (root).
     Test {
         /// Extra arguments for the end-to-end test harness (e.g. a test name filter).
@@ -51,6 +58,7 @@ const APT: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "redis-server",
+    "iperf3",
 ];
 
 fn main() {
@@ -60,6 +68,7 @@ fn main() {
         Cmd::Demo => setup().and_then(|_| build()).and_then(|_| demo()),
         Cmd::Test { args } => setup().and_then(|_| build()).and_then(|_| test(&args)),
         Cmd::BenchNb { quick } => setup().and_then(|_| bench_nb(quick)),
+        Cmd::Bench { quick } => setup().and_then(|_| bench(quick)),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");
@@ -210,6 +219,15 @@ fn test(args: &[String]) -> Result<()> {
     if !st.success() {
         bail!("end-to-end tests failed");
     }
+    step("bench --quick: every scenario must produce a figure (no assertion on speed)");
+    std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("debug"));
+    let dir = std::env::temp_dir().join(format!("gf-bench-quick-{}", std::process::id()));
+    xtask::bench::bench(&xtask::bench::Opts {
+        quick: true,
+        results: dir.clone(),
+    })?;
+    xtask::bench::check_complete(&dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -375,4 +393,20 @@ fn bench_nb(quick: bool) -> Result<()> {
     )?;
     step(&format!("raw results in {}", path.display()));
     Ok(())
+}
+
+fn bench(quick: bool) -> Result<()> {
+    step("cargo build --release --workspace --bins");
+    let st = Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "--workspace", "--bins"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
+    xtask::bench::bench(&xtask::bench::Opts {
+        quick,
+        results: xtask::bench::results_dir(&root()),
+    })
 }

@@ -111,6 +111,8 @@ pub struct Vm {
 pub struct Chassis {
     pub name: String,
     pub ns: String,
+    /// The uplink's peer on the underlay bridge (in the underlay namespace).
+    pub bridge_port: String,
     pub ip: String,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -391,8 +393,8 @@ impl Testbed {
         self.bins.join(name).display().to_string()
     }
 
-    /// Plugs a new veth into the underlay bridge; returns the far end's name in `ns`.
-    fn underlay_port(&mut self, ns: &str, host_if: &str, addr: &str) -> Result<()> {
+    /// Plugs a new veth into the underlay bridge; returns the bridge-side name.
+    fn underlay_port(&mut self, ns: &str, host_if: &str, addr: &str) -> Result<String> {
         let br_if = format!("u{}", self.namespaces.len());
         ip(&[
             "link",
@@ -420,6 +422,21 @@ impl Testbed {
         ip(&["-n", &self.underlay_ns, "link", "set", &br_if, "up"])?;
         ip(&["-n", ns, "addr", "add", addr, "dev", host_if])?;
         ip(&["-n", ns, "link", "set", host_if, "up"])?;
+        Ok(br_if)
+    }
+
+    /// A bare namespace owned by this testbed (removed with it).
+    pub fn add_raw_ns(&mut self, name: &str) -> Result<String> {
+        let ns = format!("{}-{name}", self.prefix);
+        self.add_ns(&ns)?;
+        Ok(ns)
+    }
+
+    /// A veth pair between two namespaces, both ends up.
+    pub fn raw_veth(&self, ns_a: &str, if_a: &str, ns_b: &str, if_b: &str) -> Result<()> {
+        ip(&["link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b])?;
+        ip(&["-n", ns_a, "link", "set", if_a, "up"])?;
+        ip(&["-n", ns_b, "link", "set", if_b, "up"])?;
         Ok(())
     }
 
@@ -429,16 +446,41 @@ impl Testbed {
         let ns = format!("{}-{name}", self.prefix);
         self.add_ns(&ns)?;
         let ipaddr = format!("198.18.0.{n}");
-        self.underlay_port(&ns, "ul", &format!("{ipaddr}/24"))?;
+        let bridge_port = self.underlay_port(&ns, "ul", &format!("{ipaddr}/24"))?;
         self.nbctl(&["chassis-add", name, &ipaddr])?;
         self.chassis.push(Chassis {
             name: name.to_string(),
             ns,
+            bridge_port,
             ip: ipaddr,
             socket: self.dir.join(format!("{name}.sock")),
             log: self.dir.join(format!("{name}.log")),
             agent: None,
         });
+        Ok(())
+    }
+
+    /// Two chassis whose uplinks are one veth pair (no bridge between them): the fastest
+    /// underlay a single machine has, for benchmarks.
+    pub fn add_chassis_pair_direct(&mut self, a: &str, b: &str) -> Result<()> {
+        let (na, nb) = (format!("{}-{a}", self.prefix), format!("{}-{b}", self.prefix));
+        self.add_ns(&na)?;
+        self.add_ns(&nb)?;
+        self.raw_veth(&na, "ul", &nb, "ul")?;
+        for (name, ns, n) in [(a, &na, 1), (b, &nb, 2)] {
+            let ipaddr = format!("198.18.0.{n}");
+            ip(&["-n", ns, "addr", "add", &format!("{ipaddr}/24"), "dev", "ul"])?;
+            self.nbctl(&["chassis-add", name, &ipaddr])?;
+            self.chassis.push(Chassis {
+                name: name.to_string(),
+                ns: ns.clone(),
+                bridge_port: String::new(),
+                ip: ipaddr,
+                socket: self.dir.join(format!("{name}.sock")),
+                log: self.dir.join(format!("{name}.log")),
+                agent: None,
+            });
+        }
         Ok(())
     }
 

@@ -1,0 +1,123 @@
+//! Benchmark XDP programs: `gf_pktgen` (run by BPF_PROG_RUN in live-frames mode: stamps a
+//! per-flow value into the template frame and transmits it with XDP_TX), `gf_sink` (counts and
+//! drops) and `gf_redirect` (plain redirect to one interface: the machine's limit).
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        helpers::generated::bpf_redirect,
+        macros::{map, xdp},
+        maps::{Array, PerCpuArray},
+        programs::XdpContext,
+    };
+
+    /// Generator config (slot 0): flows, offset of the 16-bit field varied per flow, its base
+    /// value, and the offset of a 16-bit checksum covering it (0 = none).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct GenConf {
+        pub flows: u32,
+        pub field_off: u32,
+        pub base: u32,
+        pub csum_off: u32,
+        pub redirect_ifindex: u32,
+        pub pad: u32,
+    }
+
+    #[map]
+    static GEN: Array<GenConf> = Array::with_max_entries(1, 0);
+    /// Per-CPU packet sequence of the generator.
+    #[map]
+    static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+    /// Sink counters: [packets, bytes].
+    #[map]
+    static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+    #[inline(always)]
+    fn fold(mut s: u32) -> u16 {
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        s as u16
+    }
+
+    #[xdp]
+    pub fn gf_pktgen(ctx: XdpContext) -> u32 {
+        let Some(c) = GEN.get(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let flows = if c.flows == 0 { 1 } else { c.flows };
+        let Some(seq) = SEQ.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: per-CPU slot, this CPU only.
+        let n = unsafe {
+            *seq += 1;
+            *seq
+        };
+        let v = ((c.base as u64 + n % flows as u64) & 0xffff) as u16;
+        let off = (c.field_off & 0x1ff) as usize;
+        let p = ctx.data() + off;
+        if p + 2 > ctx.data_end() {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: [p, p+2) is inside the frame.
+        let old = unsafe { core::ptr::read_unaligned(p as *const u16) };
+        let new = v.to_be();
+        // SAFETY: as above.
+        unsafe { core::ptr::write_unaligned(p as *mut u16, new) };
+        if c.csum_off != 0 {
+            let q = ctx.data() + (c.csum_off & 0x1ff) as usize;
+            if q + 2 <= ctx.data_end() {
+                // RFC 1624 incremental update: HC' = ~(~HC + ~m + m').
+                // SAFETY: [q, q+2) is inside the frame.
+                unsafe {
+                    let hc = core::ptr::read_unaligned(q as *const u16);
+                    let s = (!hc as u32) + (!old as u32) + new as u32;
+                    core::ptr::write_unaligned(q as *mut u16, !fold(s));
+                }
+            }
+        }
+        if c.redirect_ifindex != 0 {
+            // SAFETY: plain helper call.
+            return unsafe { bpf_redirect(c.redirect_ifindex, 0) } as u32;
+        }
+        xdp_action::XDP_TX
+    }
+
+    #[xdp]
+    pub fn gf_sink(ctx: XdpContext) -> u32 {
+        let len = (ctx.data_end() - ctx.data()) as u64;
+        if let Some(p) = SINK.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, this CPU only.
+            unsafe { *p += 1 };
+        }
+        if let Some(p) = SINK.get_ptr_mut(1) {
+            // SAFETY: as above.
+            unsafe { *p += len };
+        }
+        xdp_action::XDP_DROP
+    }
+
+    #[xdp]
+    pub fn gf_redirect(_ctx: XdpContext) -> u32 {
+        let Some(c) = GEN.get(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(c.redirect_ifindex, 0) as u32 }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
