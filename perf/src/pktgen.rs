@@ -171,8 +171,7 @@ impl Generator {
     /// A generator transmitting `t` out of `iface` (XDP_TX), `flows` distinct values.
     pub fn new(t: &Template, flows: u32, iface: &str) -> Result<Generator> {
         let mut ebpf = load()?;
-        let mut gen: Array<_, GenConf> =
-            Array::try_from(ebpf.map_mut("GEN").context("GEN map")?)?;
+        let mut gen: Array<_, GenConf> = Array::try_from(ebpf.map_mut("GEN").context("GEN map")?)?;
         gen.set(
             0,
             GenConf {
@@ -310,8 +309,7 @@ pub struct Redirect {
 impl Redirect {
     pub fn attach(from: &str, to: &str) -> Result<Redirect> {
         let mut ebpf = load()?;
-        let mut gen: Array<_, GenConf> =
-            Array::try_from(ebpf.map_mut("GEN").context("GEN map")?)?;
+        let mut gen: Array<_, GenConf> = Array::try_from(ebpf.map_mut("GEN").context("GEN map")?)?;
         gen.set(
             0,
             GenConf {

@@ -23,6 +23,10 @@ struct Scenario {
     samples: Vec<f64>,
     /// Counts against the baseline (packets/s scenarios).
     vs_baseline: bool,
+    /// The OVS scenario this one is compared with.
+    vs_ovs: Option<&'static str>,
+    /// Why there is no figure, if there is none.
+    error: Option<String>,
 }
 
 impl Scenario {
@@ -57,7 +61,15 @@ impl Ctx {
     /// Starts a sink in `ns` on `iface`; returns once attached.
     fn sink(&self, ns: &str, iface: &str) -> Result<Child> {
         let mut c = Command::new("ip")
-            .args(["netns", "exec", ns, &self.pktgen(), "sink", "--iface", iface])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                &self.pktgen(),
+                "sink",
+                "--iface",
+                iface,
+            ])
             .args(["--window", &self.window.to_string(), "--wait", "10"])
             .stdout(Stdio::piped())
             .spawn()?;
@@ -77,12 +89,19 @@ impl Ctx {
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line)?;
         let _ = c.wait();
-        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("sink said {line:?}"))?;
+        let v: Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("sink said {line:?}"))?;
         v["mpps"].as_f64().context("no mpps")
     }
 
     /// One measurement: sink attached, generator flat out for window + margins.
-    fn measure(&self, sink_ns: &str, sink_if: &str, gen_ns: &str, gen_args: &[String]) -> Result<f64> {
+    fn measure(
+        &self,
+        sink_ns: &str,
+        sink_if: &str,
+        gen_ns: &str,
+        gen_args: &[String],
+    ) -> Result<f64> {
         let sink = self.sink(sink_ns, sink_if)?;
         let dur = self.window + 1.0;
         let out = run(Command::new("ip")
@@ -105,7 +124,10 @@ fn args(v: &[&str]) -> Vec<String> {
 fn mac_of(ns: &str, iface: &str) -> Result<String> {
     let out = run(Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", iface]))?;
     let v: Value = serde_json::from_str(&out)?;
-    v[0]["address"].as_str().map(str::to_string).context("no MAC")
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .context("no MAC")
 }
 
 pub fn bench(o: &Opts) -> Result<()> {
@@ -115,7 +137,11 @@ pub fn bench(o: &Opts) -> Result<()> {
         reps: if o.quick { 1 } else { 3 },
         window: if o.quick { 0.5 } else { 2.0 },
     };
-    let flow_counts: &[u32] = if o.quick { &[1, 1000] } else { &[1, 1000, 100_000] };
+    let flow_counts: &[u32] = if o.quick {
+        &[1, 1000]
+    } else {
+        &[1, 1000, 100_000]
+    };
     let mut sc: Vec<Scenario> = Vec::new();
 
     // Baseline: plain XDP redirect veth -> veth.
@@ -128,14 +154,34 @@ pub fn bench(o: &Opts) -> Result<()> {
         tb.raw_veth(&g, "eth0", &r, "a0")?;
         tb.raw_veth(&r, "b0", &s, "eth0")?;
         let mut red = Command::new("ip")
-            .args(["netns", "exec", &r, &ctx.pktgen(), "redirect", "--from", "a0", "--to", "b0"])
+            .args([
+                "netns",
+                "exec",
+                &r,
+                &ctx.pktgen(),
+                "redirect",
+                "--from",
+                "a0",
+                "--to",
+                "b0",
+            ])
             .stdout(Stdio::piped())
             .spawn()?;
         let mut l = String::new();
         BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
         let gen = args(&[
-            "--iface", "eth0", "--src-mac", "02:00:00:00:00:01", "--dst-mac", "02:00:00:00:00:02",
-            "--src-ip", "10.9.0.1", "--dst-ip", "10.9.0.2", "--flows", "1000",
+            "--iface",
+            "eth0",
+            "--src-mac",
+            "02:00:00:00:00:01",
+            "--dst-mac",
+            "02:00:00:00:00:02",
+            "--src-ip",
+            "10.9.0.1",
+            "--dst-ip",
+            "10.9.0.2",
+            "--flows",
+            "1000",
         ]);
         let samples = ctx.repeat(|| ctx.measure(&s, "eth0", &g, &gen));
         // SAFETY: plain kill(2) on our child.
@@ -147,6 +193,8 @@ pub fn bench(o: &Opts) -> Result<()> {
             unit: "Mpps",
             samples: samples?,
             vs_baseline: true,
+            vs_ovs: None,
+            error: None,
         });
     }
 
@@ -159,18 +207,38 @@ pub fn bench(o: &Opts) -> Result<()> {
         tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
         tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
         tb.add_vm("vm1", "ch1", "ls1", 1)?;
-        tb.nbctl(&["lsp-add", "ls1", "vmx", "0a:00:00:00:00:09", "10.0.0.9", "--key", "9"])?;
+        tb.nbctl(&[
+            "lsp-add",
+            "ls1",
+            "vmx",
+            "0a:00:00:00:00:09",
+            "10.0.0.9",
+            "--key",
+            "9",
+        ])?;
         tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
         tb.start_agents()?;
         let ch = &tb.chassis[0];
         // Resolve the underlay neighbour before the sink takes the bridge port over.
-        run(tb.ns_cmd(&ch.ns, "ping").args(["-c", "1", "-W", "1", "198.18.0.250"]))?;
+        run(tb
+            .ns_cmd(&ch.ns, "ping")
+            .args(["-c", "1", "-W", "1", "198.18.0.250"]))?;
         let vm1 = tb.vm("vm1")?;
         let ul_mac = mac_of(&ch.ns, "ul")?;
         for &flows in flow_counts {
             let gen = args(&[
-                "--iface", "eth0", "--src-mac", &vm1.mac, "--dst-mac", "0a:00:00:00:00:09",
-                "--src-ip", &vm1.ip, "--dst-ip", "10.0.0.9", "--flows", &flows.to_string(),
+                "--iface",
+                "eth0",
+                "--src-mac",
+                &vm1.mac,
+                "--dst-mac",
+                "0a:00:00:00:00:09",
+                "--src-ip",
+                &vm1.ip,
+                "--dst-ip",
+                "10.0.0.9",
+                "--flows",
+                &flows.to_string(),
             ]);
             let s = ctx.repeat(|| ctx.measure(&tb.underlay_ns, &ch.bridge_port, &vm1.ns, &gen))?;
             sc.push(Scenario {
@@ -179,15 +247,38 @@ pub fn bench(o: &Opts) -> Result<()> {
                 unit: "Mpps",
                 samples: s,
                 vs_baseline: true,
+                vs_ovs: None,
+                error: None,
             });
         }
         for &flows in flow_counts {
             let gen = args(&[
-                "--iface", &ch.bridge_port, "--src-mac", "0a:00:00:00:00:09", "--dst-mac", &vm1.mac,
-                "--src-ip", "10.0.0.9", "--dst-ip", &vm1.ip, "--flows", &flows.to_string(),
-                "--geneve-vni", "1000", "--ovn-ingress", "9", "--ovn-egress", "1",
-                "--outer-src-mac", "02:00:c6:12:00:fa", "--outer-dst-mac", &ul_mac,
-                "--outer-src-ip", "198.18.0.250", "--outer-dst-ip", &ch.ip,
+                "--iface",
+                &ch.bridge_port,
+                "--src-mac",
+                "0a:00:00:00:00:09",
+                "--dst-mac",
+                &vm1.mac,
+                "--src-ip",
+                "10.0.0.9",
+                "--dst-ip",
+                &vm1.ip,
+                "--flows",
+                &flows.to_string(),
+                "--geneve-vni",
+                "1000",
+                "--ovn-ingress",
+                "9",
+                "--ovn-egress",
+                "1",
+                "--outer-src-mac",
+                "02:00:c6:12:00:fa",
+                "--outer-dst-mac",
+                &ul_mac,
+                "--outer-src-ip",
+                "198.18.0.250",
+                "--outer-dst-ip",
+                &ch.ip,
             ]);
             let s = ctx.repeat(|| ctx.measure(&vm1.ns, "eth0", &tb.underlay_ns, &gen))?;
             sc.push(Scenario {
@@ -196,6 +287,8 @@ pub fn bench(o: &Opts) -> Result<()> {
                 unit: "Mpps",
                 samples: s,
                 vs_baseline: true,
+                vs_ovs: None,
+                error: None,
             });
         }
         let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
@@ -214,8 +307,18 @@ pub fn bench(o: &Opts) -> Result<()> {
         tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
         let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
         let gen = args(&[
-            "--iface", "eth0", "--src-mac", &vm1.mac, "--dst-mac", &vm3.mac, "--src-ip", &vm1.ip,
-            "--dst-ip", &vm3.ip, "--flows", "1000",
+            "--iface",
+            "eth0",
+            "--src-mac",
+            &vm1.mac,
+            "--dst-mac",
+            &vm3.mac,
+            "--src-ip",
+            &vm1.ip,
+            "--dst-ip",
+            &vm3.ip,
+            "--flows",
+            "1000",
         ]);
         let s = ctx.repeat(|| ctx.measure(&vm3.ns, "eth0", &vm1.ns, &gen))?;
         sc.push(Scenario {
@@ -224,6 +327,8 @@ pub fn bench(o: &Opts) -> Result<()> {
             unit: "Mpps",
             samples: s,
             vs_baseline: true,
+            vs_ovs: Some("OVS afxdp end to end UDP 64B"),
+            error: None,
         });
         // TCP with iperf3.
         let secs = if o.quick { 2 } else { 10 };
@@ -236,12 +341,20 @@ pub fn bench(o: &Opts) -> Result<()> {
                 .spawn()?;
             std::thread::sleep(Duration::from_millis(300));
             let out = run(tb.ns_cmd(&vm1.ns, "iperf3").args([
-                "-c", &vm3.ip, "-p", "5201", "-t", &secs.to_string(), "-J",
+                "-c",
+                &vm3.ip,
+                "-p",
+                "5201",
+                "-t",
+                &secs.to_string(),
+                "-J",
             ]));
             let _ = srv.kill();
             let _ = srv.wait();
             let v: Value = serde_json::from_str(&out?)?;
-            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0);
             tcp.push(bps / 1e9);
         }
         sc.push(Scenario {
@@ -250,12 +363,27 @@ pub fn bench(o: &Opts) -> Result<()> {
             unit: "Gbit/s",
             samples: tcp,
             vs_baseline: false,
+            vs_ovs: Some("OVS afxdp end to end TCP (iperf3)"),
+            error: None,
         });
         eprintln!("==> slow path: every frame to a new destination");
         let gen = args(&[
-            "--iface", "eth0", "--src-mac", &vm1.mac, "--dst-mac", "0a:00:00:ee:00:00",
-            "--src-ip", &vm1.ip, "--dst-ip", &vm3.ip, "--flows", "60000", "--vary", "dst-mac",
-            "--rate", "2000000",
+            "--iface",
+            "eth0",
+            "--src-mac",
+            &vm1.mac,
+            "--dst-mac",
+            "0a:00:00:ee:00:00",
+            "--src-ip",
+            &vm1.ip,
+            "--dst-ip",
+            &vm3.ip,
+            "--flows",
+            "60000",
+            "--vary",
+            "dst-mac",
+            "--rate",
+            "2000000",
         ]);
         let mut slow = Vec::new();
         for _ in 0..ctx.reps {
@@ -276,6 +404,8 @@ pub fn bench(o: &Opts) -> Result<()> {
             unit: "Mpps",
             samples: slow,
             vs_baseline: true,
+            vs_ovs: None,
+            error: None,
         });
         // Flow setup: invalidate ls1 (an NB change), send one frame, time until the megaflow
         // for it is installed in XDP.
@@ -285,7 +415,14 @@ pub fn bench(o: &Opts) -> Result<()> {
                 Ok(tb.stats("ch1")?["pipelines_applied"].as_u64().unwrap_or(0))
             };
             let a0 = applied(&tb)?;
-            tb.nbctl(&["lsp-add", "ls1", &format!("dummy{i}"), &format!("0a:00:00:dd:00:{i:02x}"), "--key", &(100 + i).to_string()])?;
+            tb.nbctl(&[
+                "lsp-add",
+                "ls1",
+                &format!("dummy{i}"),
+                &format!("0a:00:00:dd:00:{i:02x}"),
+                "--key",
+                &(100 + i).to_string(),
+            ])?;
             let t = Instant::now();
             while applied(&tb)? == a0 && t.elapsed() < Duration::from_secs(5) {
                 std::thread::sleep(Duration::from_millis(2));
@@ -294,7 +431,14 @@ pub fn bench(o: &Opts) -> Result<()> {
             let t0 = Instant::now();
             run(Command::new("ip")
                 .args(["netns", "exec", &vm1.ns, &ctx.pktgen(), "send", "--quiet"])
-                .args(["--iface", "eth0", "--src-mac", &vm1.mac, "--dst-mac", &vm3.mac])
+                .args([
+                    "--iface",
+                    "eth0",
+                    "--src-mac",
+                    &vm1.mac,
+                    "--dst-mac",
+                    &vm3.mac,
+                ])
                 .args(["--src-ip", &vm1.ip, "--dst-ip", &vm3.ip, "--count", "1"]))?;
             while tb.counter("ch1", "vp-vm1", "megaflow_install")? == m0 {
                 if t0.elapsed() > Duration::from_secs(5) {
@@ -303,7 +447,9 @@ pub fn bench(o: &Opts) -> Result<()> {
             }
             // Measured by the forwarder: from the frame's arrival on the AF_XDP ring to the
             // megaflow being in the BPF map.
-            let us = tb.stats("ch1")?["last_flow_setup_us"].as_f64().unwrap_or(0.0);
+            let us = tb.stats("ch1")?["last_flow_setup_us"]
+                .as_f64()
+                .unwrap_or(0.0);
             setup.push(us);
         }
         sc.push(Scenario {
@@ -312,10 +458,131 @@ pub fn bench(o: &Opts) -> Result<()> {
             unit: "us",
             samples: setup,
             vs_baseline: false,
+            vs_ovs: None,
+            error: None,
+        });
+    }
+
+    for afxdp in [false, true] {
+        let kind = if afxdp { "afxdp" } else { "system" };
+        eprintln!(
+            "==> peer: Open vSwitch userspace datapath, {kind} ports, same end-to-end traffic"
+        );
+        let (udp, tcp) = match ovs_peer(&ctx, o, afxdp) {
+            Ok((u, t)) => ((u, None), (t, None)),
+            Err(e) => {
+                eprintln!("    OVS {kind}: {e:#}");
+                (
+                    (vec![], Some(format!("{e:#}"))),
+                    (vec![], Some(format!("{e:#}"))),
+                )
+            }
+        };
+        sc.push(Scenario {
+            name: format!("OVS {kind} end to end UDP 64B"),
+            what: format!(
+                "two ovs-vswitchd (netdev), {kind} ports, Geneve + OVN option via TLV map"
+            ),
+            unit: "Mpps",
+            samples: udp.0,
+            vs_baseline: true,
+            vs_ovs: None,
+            error: udp.1,
+        });
+        sc.push(Scenario {
+            name: format!("OVS {kind} end to end TCP (iperf3)"),
+            what: format!("iperf3, two ovs-vswitchd (netdev), {kind} ports"),
+            unit: "Gbit/s",
+            samples: tcp.0,
+            vs_baseline: false,
+            vs_ovs: None,
+            error: tcp.1,
         });
     }
 
     report(&sc, o, started.elapsed())
+}
+
+fn iperf(tb: &Testbed, from: &str, to: &str, secs: u32) -> Result<f64> {
+    let (a, b) = (tb.vm(from)?, tb.vm(to)?);
+    let mut srv = tb
+        .ns_cmd(&b.ns, "iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run(tb.ns_cmd(&a.ns, "iperf3").args([
+        "-c",
+        &b.ip,
+        "-p",
+        "5201",
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ]));
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: Value = serde_json::from_str(&out?)?;
+    Ok(v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9)
+}
+
+/// The same end-to-end traffic through two Open vSwitch userspace chassis.
+fn ovs_peer(ctx: &Ctx, o: &Opts, afxdp: bool) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut tb = Testbed::new(if afxdp { "bo2" } else { "bo1" })?;
+    tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
+    tb.add_ovs_pair_direct("o1", "o2", afxdp)?;
+    tb.add_ovs_vm(
+        "vm1",
+        "o1",
+        "ls1",
+        1000,
+        1,
+        &[("0a:00:00:00:00:03".into(), 3)],
+    )?;
+    tb.add_ovs_vm(
+        "vm3",
+        "o2",
+        "ls1",
+        1000,
+        3,
+        &[("0a:00:00:00:00:01".into(), 1)],
+    )?;
+    let ip3 = tb.vm("vm3")?.ip.clone();
+    // OVS resolves its tunnel next hop itself; give it a moment on the first packets.
+    let mut ok = false;
+    for _ in 0..10 {
+        if tb.ping("vm1", &ip3, 1).is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    if !ok {
+        bail!("vm1 cannot reach vm3 through OVS");
+    }
+    let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
+    let gen = args(&[
+        "--iface",
+        "eth0",
+        "--src-mac",
+        &vm1.mac,
+        "--dst-mac",
+        &vm3.mac,
+        "--src-ip",
+        &vm1.ip,
+        "--dst-ip",
+        &vm3.ip,
+        "--flows",
+        "1000",
+    ]);
+    let udp = ctx.repeat(|| ctx.measure(&vm3.ns, "eth0", &vm1.ns, &gen))?;
+    let secs = if o.quick { 2 } else { 10 };
+    let tcp = (0..ctx.reps)
+        .map(|_| iperf(&tb, "vm1", "vm3", secs))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((udp, tcp))
 }
 
 fn machine() -> Value {
@@ -350,14 +617,35 @@ fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
     ));
     md.push_str("| scenario | median | min-max | ratio to baseline | ratio to OVS | what |\n|---|---|---|---|---|---|\n");
     for s in sc {
+        if let Some(e) = &s.error {
+            md.push_str(&format!(
+                "| {} | not measured | - | - | - | {}: {} |\n",
+                s.name,
+                s.what,
+                e.replace('|', "/")
+            ));
+            continue;
+        }
         let ratio = if s.vs_baseline && base > 0.0 {
             format!("{:.2}", s.median() / base)
         } else {
             "-".into()
         };
+        let ovs = match s.vs_ovs.and_then(|n| sc.iter().find(|x| x.name == n)) {
+            Some(x) if x.median() > 0.0 => format!("{:.2}x {}", s.median() / x.median(), x.name),
+            Some(_) => "OVS not measured".into(),
+            None => "-".into(),
+        };
         md.push_str(&format!(
-            "| {} | {:.3} {} | {:.3}-{:.3} | {} | not measured | {} |\n",
-            s.name, s.median(), s.unit, s.min(), s.max(), ratio, s.what
+            "| {} | {:.3} {} | {:.3}-{:.3} | {} | {} | {} |\n",
+            s.name,
+            s.median(),
+            s.unit,
+            s.min(),
+            s.max(),
+            ratio,
+            ovs,
+            s.what
         ));
     }
     std::fs::create_dir_all(&o.results)?;
@@ -369,9 +657,13 @@ fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
             "name": s.name, "unit": s.unit, "samples": s.samples, "median": s.median(),
             "ratio_to_baseline": if s.vs_baseline && base > 0.0 { json!(s.median() / base) } else { Value::Null },
             "what": s.what,
+            "error": s.error,
         })).collect::<Vec<_>>(),
     });
-    std::fs::write(o.results.join("bench.json"), serde_json::to_vec_pretty(&raw)?)?;
+    std::fs::write(
+        o.results.join("bench.json"),
+        serde_json::to_vec_pretty(&raw)?,
+    )?;
     std::fs::write(o.results.join("bench.svg"), svg(sc))?;
     println!("{md}");
     eprintln!("==> report: {}", o.results.join("bench.md").display());
@@ -420,6 +712,10 @@ pub const REQUIRED: &[&str] = &[
     "end to end TCP (iperf3)",
     "slow path (AF_XDP)",
     "flow setup",
+    "OVS system end to end UDP 64B",
+    "OVS system end to end TCP (iperf3)",
+    "OVS afxdp end to end UDP 64B",
+    "OVS afxdp end to end TCP (iperf3)",
 ];
 
 /// Fails unless the report in `dir` is complete: markdown, SVG, and every required scenario

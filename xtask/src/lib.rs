@@ -1,4 +1,4 @@
 //! geneflow orchestration library: the namespace testbed shared by `cargo xtask demo` and the
 //! end-to-end tests.
-pub mod testbed;
 pub mod bench;
+pub mod testbed;

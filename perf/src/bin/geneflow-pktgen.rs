@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "geneflow-pktgen", about = "XDP live-frames packet generator and sink")]
+#[command(
+    name = "geneflow-pktgen",
+    about = "XDP live-frames packet generator and sink"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -159,7 +162,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut t = pktgen::udp_template(&spec, vary)?;
             if let Some(vni) = geneve_vni {
-                let need = |o: Option<Mac>, n: &str| o.map(|m| m.0).with_context(|| format!("--{n} is needed with --geneve-vni"));
+                let need = |o: Option<Mac>, n: &str| {
+                    o.map(|m| m.0)
+                        .with_context(|| format!("--{n} is needed with --geneve-vni"))
+                };
                 let p = EncapParams {
                     src_mac: need(outer_src_mac, "outer-src-mac")?,
                     dst_mac: need(outer_dst_mac, "outer-dst-mac")?,
@@ -229,7 +235,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("ready");
             std::io::stdout().flush()?;
             let t0 = Instant::now();
-            while !stop.load(Ordering::Relaxed) && (hold == 0.0 || t0.elapsed().as_secs_f64() < hold) {
+            while !stop.load(Ordering::Relaxed)
+                && (hold == 0.0 || t0.elapsed().as_secs_f64() < hold)
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
