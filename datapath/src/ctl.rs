@@ -20,7 +20,7 @@ impl CtlServer {
     pub fn start(
         path: &Path,
         shared: Arc<Shared>,
-        counters: Option<PerCpuArray<MapData, u64>>,
+        counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
     ) -> std::io::Result<CtlServer> {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;

@@ -369,7 +369,14 @@ impl Forwarder {
 
     fn tick(&mut self) {
         self.reconcile();
-        self.neigh.refresh();
+        if self.neigh.refresh() {
+            // Encap megaflows carry the next hop's MAC: a changed neighbour makes them stale.
+            let live: Vec<u32> = self.pipeline.datapaths.keys().copied().collect();
+            info!("underlay neighbour changed; invalidating encap megaflows");
+            if let Err(e) = self.bpf.bump_generations(&live, &live) {
+                warn!("generation update failed: {e}");
+            }
+        }
         let n = self.bpf.sweep();
         if n > 0 {
             tracing::debug!(removed = n, "swept stale megaflows");
@@ -512,7 +519,15 @@ impl Forwarder {
                 shared.count(out.slot, ctr::DROP_TX_FULL, 1);
             }
         }
-        if let Some(m) = d.megaflow {
+        if let Some(mut m) = d.megaflow {
+            if m.action.kind == geneflow_abi::act::ENCAP {
+                let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
+                if let Some(mac) = neigh.get(dst) {
+                    m.action.nh_dmac = mac;
+                    m.action.nh_smac = *uplink_mac;
+                    m.action.flags |= geneflow_abi::flag::NH_CACHED;
+                }
+            }
             match bpf.install(&m) {
                 Ok(Install::Installed) => {
                     shared.count(in_slot, ctr::FLOW_INSTALL, 1);

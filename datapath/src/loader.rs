@@ -57,7 +57,7 @@ pub struct Bpf {
     ports: HashMap<MapData, u32, PortConf>,
     gens: HashMap<MapData, u32, u32>,
     xsks: XskMap<MapData>,
-    counters: Option<PerCpuArray<MapData, u64>>,
+    counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
     /// Userspace mirrors: the mask list, live generations and installed entries, so the slow
     /// path never re-installs what is there and the sweeper knows what to delete.
     mask_list: Vec<FlowKey>,
@@ -103,7 +103,7 @@ impl Bpf {
     }
 
     /// The per-CPU counter map, handed once to the stats reader.
-    pub fn take_counters(&mut self) -> Option<PerCpuArray<MapData, u64>> {
+    pub fn take_counters(&mut self) -> Option<PerCpuArray<MapData, geneflow_abi::PortCounters>> {
         self.counters.take()
     }
 

@@ -3,7 +3,7 @@
 //! The forwarder is the only writer of the atomics (relaxed, uncontended).
 
 use aya::maps::{MapData, PerCpuArray};
-use geneflow_abi::{ctr, MAX_PORTS};
+use geneflow_abi::{ctr, PortCounters, MAX_PORTS};
 use geneflow_control::agent::NbStatus;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,17 +60,18 @@ impl Shared {
     }
 
     /// JSON snapshot of every counter, XDP and userspace summed per name.
-    pub fn snapshot(&self, xdp: Option<&PerCpuArray<MapData, u64>>) -> Value {
+    pub fn snapshot(&self, xdp: Option<&PerCpuArray<MapData, PortCounters>>) -> Value {
         let ports = self.ports.lock().map(|p| p.clone()).unwrap_or_default();
         let mut out = Vec::new();
         for p in ports {
             let mut c = Map::new();
+            let percpu = xdp.and_then(|m| m.get(&p.slot, 0).ok());
             for (idx, name) in ctr::NAMES {
                 let i = p.slot * ctr::COUNT + idx;
                 let user = self.user[i as usize].load(Ordering::Relaxed);
-                let fast: u64 = xdp
-                    .and_then(|m| m.get(&i, 0).ok())
-                    .map(|v| v.iter().sum())
+                let fast: u64 = percpu
+                    .as_ref()
+                    .map(|v| v.iter().map(|pc| pc.c[idx as usize]).sum())
                     .unwrap_or(0);
                 c.insert(name.to_string(), json!(user + fast));
             }

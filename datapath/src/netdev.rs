@@ -115,12 +115,14 @@ impl Neighbours {
         }
     }
 
-    pub fn refresh(&mut self) {
+    /// Re-reads the kernel's table. Returns true if a next hop we knew changed or went away
+    /// (megaflows carrying it must then go stale).
+    pub fn refresh(&mut self) -> bool {
         self.last_refresh = Instant::now();
         let Ok(text) = std::fs::read_to_string("/proc/net/arp") else {
-            return;
+            return false;
         };
-        self.table.clear();
+        let old = std::mem::take(&mut self.table);
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 6 || f[5] != self.uplink {
@@ -137,6 +139,7 @@ impl Neighbours {
                 self.table.insert(ip, m.0);
             }
         }
+        old.iter().any(|(ip, mac)| self.table.get(ip) != Some(mac))
     }
 }
 

@@ -158,6 +158,8 @@ pub mod act {
 pub mod flag {
     /// Compute the outer UDP checksum on encap (otherwise it is sent as zero, RFC 8926 3.3).
     pub const UDP_CSUM: u32 = 1;
+    /// `nh_dmac`/`nh_smac` are valid; `out_ifindex` is the uplink to redirect to.
+    pub const NH_CACHED: u32 = 2;
 }
 
 /// The value of a megaflow entry.
@@ -181,6 +183,11 @@ pub struct FlowAction {
     /// Largest inner frame (Ethernet header included) that may be encapsulated.
     pub max_inner_len: u32,
     pub pad: u32,
+    /// Underlay next hop resolved by userspace at install time (flag::NH_CACHED): saves the
+    /// per-packet `bpf_fib_lookup`. A neighbour change bumps every generation.
+    pub nh_dmac: [u8; 6],
+    pub nh_smac: [u8; 6],
+    pub pad2: u32,
 }
 
 /// Per-interface configuration, keyed by ifindex.
@@ -274,6 +281,22 @@ pub mod ctr {
     ];
 }
 
+/// One interface's counters (the value of the per-CPU counter array, one entry per slot):
+/// one map lookup per packet serves every counter it bumps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortCounters {
+    pub c: [u64; ctr::COUNT as usize],
+}
+
+impl Default for PortCounters {
+    fn default() -> Self {
+        PortCounters {
+            c: [0; ctr::COUNT as usize],
+        }
+    }
+}
+
 /// Global program configuration (array slot 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -294,4 +317,6 @@ mod pod {
     unsafe impl aya::Pod for super::PortConf {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortCounters {}
 }

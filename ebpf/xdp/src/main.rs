@@ -16,8 +16,8 @@ mod prog {
     };
     use geneflow_abi::{
         act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, FlowAction, FlowKey,
-        PortConf, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS,
-        MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
+        PortConf, PortCounters, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS,
+        MAX_FLOWS, MAX_MASKS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
 
     #[map]
@@ -31,7 +31,7 @@ mod prog {
     #[map]
     static GENS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DATAPATHS, 0);
     #[map]
-    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PORTS * ctr::COUNT, 0);
+    static COUNTERS: PerCpuArray<PortCounters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
     #[map]
     static XSKS: XskMap = XskMap::with_max_entries(MAX_PORTS, 0);
 
@@ -47,14 +47,36 @@ mod prog {
     /// 4-byte words summed for the outer UDP checksum: a full 1500-byte inner frame.
     const CSUM_WORDS: usize = 384;
 
+    /// The counters of one interface on this CPU, looked up once per packet.
+    #[derive(Clone, Copy)]
+    struct Ctr {
+        slot: u32,
+        p: Option<*mut PortCounters>,
+    }
+
+    impl Ctr {
+        #[inline(always)]
+        fn new(slot: u32) -> Ctr {
+            Ctr {
+                slot,
+                p: COUNTERS.get_ptr_mut(slot),
+            }
+        }
+    }
+
     #[inline(always)]
-    fn count(slot: u32, idx: u32, n: u64) {
-        if slot >= MAX_PORTS {
+    fn count(slot: Ctr, idx: u32, n: u64) {
+        if idx >= ctr::COUNT {
             return;
         }
-        if let Some(p) = COUNTERS.get_ptr_mut(slot * ctr::COUNT + idx) {
-            // SAFETY: per-CPU slot returned by the kernel for this CPU; no concurrent writer.
-            unsafe { *p += n };
+        if let Some(p) = slot.p {
+            // SAFETY: per-CPU value returned by the kernel for this CPU; no concurrent writer;
+            // idx bounded above.
+            // `get_mut`, not indexing: a bounds-check panic path would be an unverifiable
+            // call to a function that never returns.
+            if let Some(c) = unsafe { (*p).c.get_mut(idx as usize) } {
+                *c += n;
+            }
         }
     }
 
@@ -123,7 +145,7 @@ mod prog {
             Some(p) => *p,
             None => return xdp_action::XDP_PASS,
         };
-        let slot = port.slot;
+        let slot = Ctr::new(port.slot);
         count(slot, ctr::RX_PACKETS, 1);
         count(slot, ctr::RX_BYTES, (ctx.data_end() - ctx.data()) as u64);
         let mut key = FlowKey::zeroed();
@@ -162,8 +184,8 @@ mod prog {
     }
 
     #[inline(always)]
-    fn to_slow_path(slot: u32) -> u32 {
-        match XSKS.redirect(slot, 0) {
+    fn to_slow_path(slot: Ctr) -> u32 {
+        match XSKS.redirect(slot.slot, 0) {
             Ok(a) => {
                 count(slot, ctr::MISS, 1);
                 a
@@ -358,7 +380,7 @@ mod prog {
     }
 
     #[inline(always)]
-    fn run_action(ctx: &XdpContext, slot: u32, inner: usize, key: &FlowKey, a: &FlowAction) -> u32 {
+    fn run_action(ctx: &XdpContext, slot: Ctr, inner: usize, key: &FlowKey, a: &FlowAction) -> u32 {
         match a.kind {
             act::OUTPUT => {
                 count(slot, ctr::FAST_HIT, 1);
@@ -399,7 +421,7 @@ mod prog {
     }
 
     #[inline(always)]
-    fn redirect(slot: u32, ifindex: u32) -> u32 {
+    fn redirect(slot: Ctr, ifindex: u32) -> u32 {
         // SAFETY: plain helper call.
         let r = unsafe { bpf_redirect(ifindex, 0) } as u32;
         if r != xdp_action::XDP_REDIRECT {
@@ -419,36 +441,41 @@ mod prog {
     }
 
     #[inline(always)]
-    fn encap(ctx: &XdpContext, slot: u32, key: &FlowKey, a: &FlowAction) -> u32 {
+    fn encap(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) -> u32 {
         let inner_len = (ctx.data_end() - ctx.data()) as u32;
         if inner_len > a.max_inner_len {
             count(slot, ctr::DROP_TOO_BIG, 1);
             return xdp_action::XDP_DROP;
         }
         let ip_len = inner_len + ENCAP_OVERHEAD - ETH_LEN as u32;
-        // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is its documented initial state.
-        let mut fib: FibParams = unsafe { core::mem::zeroed() };
-        fib.family = AF_INET;
-        fib.l4_protocol = IPPROTO_UDP;
-        fib.ifindex = a.out_ifindex;
-        fib.__bindgen_anon_1.tot_len = ip_len as u16;
-        fib.__bindgen_anon_3.ipv4_src = a.encap_src;
-        fib.__bindgen_anon_4.ipv4_dst = a.encap_dst;
-        // SAFETY: helper call with a stack struct of the size we pass.
-        let rc = unsafe {
-            bpf_fib_lookup(
-                ctx.ctx as *mut _,
-                &mut fib as *mut FibParams,
-                core::mem::size_of::<FibParams>() as i32,
-                0,
-            )
+        let (dmac, smac, out_ifindex) = if a.flags & flag::NH_CACHED != 0 {
+            (a.nh_dmac, a.nh_smac, a.out_ifindex)
+        } else {
+            // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is its initial state.
+            let mut fib: FibParams = unsafe { core::mem::zeroed() };
+            fib.family = AF_INET;
+            fib.l4_protocol = IPPROTO_UDP;
+            fib.ifindex = a.out_ifindex;
+            fib.__bindgen_anon_1.tot_len = ip_len as u16;
+            fib.__bindgen_anon_3.ipv4_src = a.encap_src;
+            fib.__bindgen_anon_4.ipv4_dst = a.encap_dst;
+            // SAFETY: helper call with a stack struct of the size we pass.
+            let rc = unsafe {
+                bpf_fib_lookup(
+                    ctx.ctx as *mut _,
+                    &mut fib as *mut FibParams,
+                    core::mem::size_of::<FibParams>() as i32,
+                    0,
+                )
+            };
+            if rc != FIB_SUCCESS {
+                // No neighbour yet (or no route): the slow path transmits and lets the kernel
+                // resolve the next hop.
+                count(slot, ctr::FIB_MISS, 1);
+                return to_slow_path(slot);
+            }
+            (fib.dmac, fib.smac, fib.ifindex)
         };
-        if rc != FIB_SUCCESS {
-            // No neighbour yet (or no route): the slow path transmits and lets the kernel
-            // resolve the next hop.
-            count(slot, ctr::FIB_MISS, 1);
-            return to_slow_path(slot);
-        }
         // SAFETY: helper call on the live context.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ENCAP_OVERHEAD as i32)) } != 0 {
             count(slot, ctr::DROP_MALFORMED, 1);
@@ -475,8 +502,8 @@ mod prog {
         let b = start as *mut u8;
         // SAFETY: [start, start+58) is inside the packet (checked above); writes are unaligned.
         unsafe {
-            core::ptr::write_unaligned(b as *mut [u8; 6], fib.dmac);
-            core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], fib.smac);
+            core::ptr::write_unaligned(b as *mut [u8; 6], dmac);
+            core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], smac);
             core::ptr::write_unaligned(b.add(12) as *mut u16, ETH_P_IPV4.to_be());
             core::ptr::write_unaligned(b.add(14) as *mut u16, w0);
             core::ptr::write_unaligned(b.add(16) as *mut u16, w1);
@@ -542,7 +569,7 @@ mod prog {
             }
         }
         count(slot, ctr::FAST_HIT, 1);
-        redirect(slot, fib.ifindex)
+        redirect(slot, out_ifindex)
     }
 
     #[panic_handler]
