@@ -41,6 +41,8 @@ pub struct ForwarderConfig {
     pub uplink: String,
     pub udp_csum: bool,
     pub bind_mode: BindMode,
+    /// Local Geneve endpoint, overriding the NB chassis record when set.
+    pub encap_ip: Option<std::net::Ipv4Addr>,
 }
 
 struct Port {
@@ -324,7 +326,14 @@ impl Forwarder {
 
     fn apply(&mut self, upd: PipelineUpdate) {
         let old_ip = self.pipeline.encap_ip;
-        self.pipeline = upd.pipeline;
+        self.pipeline = match self.cfg.encap_ip {
+            Some(ip) if upd.pipeline.encap_ip != Some(ip) => {
+                let mut p = (*upd.pipeline).clone();
+                p.encap_ip = Some(ip);
+                Arc::new(p)
+            }
+            _ => upd.pipeline,
+        };
         if self.pipeline.encap_ip != old_ip {
             let ip = self
                 .pipeline
@@ -348,10 +357,24 @@ impl Forwarder {
         if let Err(e) = self.bpf.bump_generations(&upd.changed, &live) {
             warn!("generation update failed: {e}");
         }
-        for dp in self.pipeline.datapaths.values() {
-            for (_, ip) in &dp.remote_chassis {
+        // Resolve the underlay next hops of new remote chassis now (bounded), so the first
+        // flood to them is not dropped for want of a neighbour.
+        let remotes: Vec<std::net::Ipv4Addr> = self
+            .pipeline
+            .datapaths
+            .values()
+            .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip))
+            .collect();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            for ip in &remotes {
                 self.neigh.kick(*ip);
             }
+            if remotes.iter().all(|ip| self.neigh.get(*ip).is_some()) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            self.neigh.refresh();
         }
         self.shared
             .nb_version
@@ -365,6 +388,113 @@ impl Forwarder {
             apply_us = upd.noticed.elapsed().as_micros() as u64,
             "pipeline applied"
         );
+    }
+
+    fn ifname(&self, ix: u32) -> String {
+        self.ports
+            .iter()
+            .find(|p| p.ifindex == ix)
+            .map(|p| p.iface.clone())
+            .unwrap_or_else(|| format!("ifindex {ix}"))
+    }
+
+    /// Answers an inspection request from the control socket.
+    fn answer(&self, cmd: &str, arg: &serde_json::Value) -> serde_json::Value {
+        use serde_json::json;
+        match cmd {
+            "ports" => {
+                let ports: Vec<_> = self
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let b = self.pipeline.bindings.get(&p.iface);
+                        let sw = b.and_then(|b| self.pipeline.datapaths.get(&b.tunnel_key));
+                        json!({
+                            "iface": p.iface, "ifindex": p.ifindex, "slot": p.slot,
+                            "kind": if p.kind == port_kind::UPLINK { "uplink" } else { "vm" },
+                            "logical_port": b.map(|b| b.port.clone()),
+                            "port_key": b.map(|b| b.key),
+                            "mac": b.map(|b| b.mac.to_string()),
+                            "switch": sw.map(|d| d.name.clone()),
+                            "tunnel_key": b.map(|b| b.tunnel_key),
+                        })
+                    })
+                    .collect();
+                json!({ "ports": ports })
+            }
+            "flows" => {
+                let flows: Vec<_> = self
+                    .bpf
+                    .flows()
+                    .into_iter()
+                    .map(|f| {
+                        let a = &f.action;
+                        let action = match a.kind {
+                            geneflow_abi::act::OUTPUT => {
+                                format!("output({})", self.ifname(a.out_ifindex))
+                            }
+                            geneflow_abi::act::ENCAP => format!(
+                                "encap_geneve(dst={},vni={},ovn=0x{:08x}{}),redirect({})",
+                                std::net::Ipv4Addr::from(a.encap_dst.to_ne_bytes()),
+                                a.vni,
+                                a.ovn_opt,
+                                if a.flags & geneflow_abi::flag::NH_CACHED != 0 {
+                                    ",nh_cached"
+                                } else {
+                                    ""
+                                },
+                                self.ifname(a.out_ifindex)
+                            ),
+                            geneflow_abi::act::DECAP_OUTPUT => {
+                                format!("decap,output({})", self.ifname(a.out_ifindex))
+                            }
+                            geneflow_abi::act::DROP => format!("drop(reason {})", a.drop_reason),
+                            geneflow_abi::act::PASS => "pass".to_string(),
+                            k => format!("kind {k}"),
+                        };
+                        json!({
+                            "match": crate::pipeline::describe_match(&f.key, &f.mask),
+                            "mask_id": f.key.mask_id,
+                            "action": action,
+                            "datapath": a.dp_key,
+                            "generation": a.generation,
+                            "stale": f.stale,
+                            "hits": f.hits,
+                            "age_s": f.age.as_secs_f64(),
+                        })
+                    })
+                    .collect();
+                json!({ "megaflows": flows, "masks": self.bpf.mask_count() })
+            }
+            "trace" => match crate::pipeline::frame_from_spec(arg) {
+                Err(e) => json!({ "error": e }),
+                Ok((in_port, frame)) => {
+                    let ix = if in_port == "uplink" {
+                        Some(self.uplink_ifindex)
+                    } else {
+                        self.pipeline
+                            .bindings
+                            .values()
+                            .find(|b| b.port == in_port || b.iface == in_port)
+                            .and_then(|b| self.tables.ifindex(&b.iface))
+                    };
+                    match ix {
+                        None => {
+                            json!({ "error": format!("{in_port:?} is not a port bound on this chassis") })
+                        }
+                        Some(ix) => {
+                            let t = self.tables.trace(&frame, ix, &|i| self.ifname(i));
+                            json!({
+                                "stages": t.stages,
+                                "outputs": t.outputs.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),
+                                "verdict": match &t.verdict { Ok(_) => "forward".to_string(), Err(r) => format!("drop: {r:?}") },
+                            })
+                        }
+                    }
+                }
+            },
+            other => json!({ "error": format!("unknown request {other:?}") }),
+        }
     }
 
     fn tick(&mut self) {
@@ -389,11 +519,20 @@ impl Forwarder {
             .store(self.bpf.mask_count() as u64, Ordering::Relaxed);
     }
 
-    pub fn run(&mut self, updates: Receiver<PipelineUpdate>, stop: Arc<AtomicBool>) {
+    pub fn run(
+        &mut self,
+        updates: Receiver<PipelineUpdate>,
+        ctl: Receiver<crate::ctl::CtlRequest>,
+        stop: Arc<AtomicBool>,
+    ) {
         let mut last_tick = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             while let Ok(u) = updates.try_recv() {
                 self.apply(u);
+            }
+            while let Ok(r) = ctl.try_recv() {
+                let answer = self.answer(&r.cmd, &r.arg);
+                let _ = r.reply.send(answer);
             }
             if last_tick.elapsed() > Duration::from_secs(1) {
                 last_tick = Instant::now();
@@ -531,6 +670,12 @@ impl Forwarder {
             match bpf.install(&m) {
                 Ok(Install::Installed) => {
                     shared.count(in_slot, ctr::FLOW_INSTALL, 1);
+                    shared
+                        .megaflows
+                        .store(bpf.megaflow_count() as u64, Ordering::Relaxed);
+                    shared
+                        .masks
+                        .store(bpf.mask_count() as u64, Ordering::Relaxed);
                     shared
                         .last_flow_setup_ns
                         .store(arrived.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -3,7 +3,9 @@
 //! (`xsk`), the slow-path forwarder (`forwarder`), interface and neighbour facts (`netdev`),
 //! counters (`metrics`) and the local control socket (`ctl`). `geneflowd` wires them to the
 //! control-plane thread.
+pub mod config;
 pub mod ctl;
+pub mod exporter;
 pub mod forwarder;
 pub mod loader;
 pub mod metrics;

@@ -62,7 +62,18 @@ pub struct Bpf {
     /// path never re-installs what is there and the sweeper knows what to delete.
     mask_list: Vec<FlowKey>,
     live_gens: StdHashMap<u32, u32>,
-    installed: StdHashMap<FlowKey, FlowAction>,
+    installed: StdHashMap<FlowKey, (FlowAction, std::time::Instant)>,
+}
+
+/// One installed megaflow, for inspection.
+#[derive(Debug, Clone)]
+pub struct FlowInfo {
+    pub key: FlowKey,
+    pub mask: FlowKey,
+    pub action: FlowAction,
+    pub hits: u64,
+    pub age: std::time::Duration,
+    pub stale: bool,
 }
 
 impl Bpf {
@@ -202,7 +213,7 @@ impl Bpf {
         key.mask_id = id as u8;
         let mut action = m.action;
         action.generation = generation;
-        if self.installed.get(&key) == Some(&action) {
+        if self.installed.get(&key).map(|(a, _)| a) == Some(&action) {
             return Ok(Install::AlreadyPresent);
         }
         if self.installed.len() >= MAX_FLOWS as usize {
@@ -214,7 +225,8 @@ impl Bpf {
         self.flows
             .insert(key, action, 0)
             .map_err(map_err("FLOWS"))?;
-        self.installed.insert(key, action);
+        self.installed
+            .insert(key, (action, std::time::Instant::now()));
         Ok(Install::Installed)
     }
 
@@ -224,7 +236,7 @@ impl Bpf {
         let stale: Vec<FlowKey> = self
             .installed
             .iter()
-            .filter(|(_, a)| gens.get(&a.dp_key) != Some(&a.generation))
+            .filter(|(_, (a, _))| gens.get(&a.dp_key) != Some(&a.generation))
             .map(|(k, _)| *k)
             .collect();
         for k in &stale {
@@ -232,6 +244,28 @@ impl Bpf {
             self.installed.remove(k);
         }
         stale.len()
+    }
+
+    /// Every installed megaflow with its mask, XDP hit count and age.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let mut out: Vec<FlowInfo> = self
+            .installed
+            .iter()
+            .map(|(k, (a, t))| FlowInfo {
+                key: *k,
+                mask: self
+                    .mask_list
+                    .get(k.mask_id as usize)
+                    .copied()
+                    .unwrap_or_default(),
+                action: *a,
+                hits: self.flows.get(k, 0).map(|v| v.hits).unwrap_or(0),
+                age: t.elapsed(),
+                stale: self.live_gens.get(&a.dp_key) != Some(&a.generation),
+            })
+            .collect();
+        out.sort_by_key(|f| std::cmp::Reverse(f.hits));
+        out
     }
 
     pub fn megaflow_count(&self) -> usize {

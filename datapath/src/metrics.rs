@@ -33,11 +33,31 @@ pub struct Shared {
     pub last_flow_setup_ns: AtomicU64,
     /// Written by the control thread.
     pub nb: Arc<Mutex<NbStatus>>,
+    /// Registry of the metrics that are observed, not read (histograms).
+    pub registry: prometheus::Registry,
+    /// From the agent noticing an NB change to the fast path running the new pipeline.
+    pub nb_latency: prometheus::Histogram,
 }
 
 impl Shared {
     pub fn new(chassis: &str) -> Shared {
+        let registry = prometheus::Registry::new();
+        let nb_latency = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "geneflow_nb_change_to_fastpath_seconds",
+                "From the agent noticing an NB change to the fast path running the new pipeline.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("static histogram options are valid");
+        registry
+            .register(Box::new(nb_latency.clone()))
+            .expect("one registration");
         Shared {
+            registry,
+            nb_latency,
             chassis: chassis.to_string(),
             user: (0..MAX_PORTS * ctr::COUNT)
                 .map(|_| AtomicU64::new(0))

@@ -352,6 +352,195 @@ impl Tables {
     }
 }
 
+/// What `trace` found: the stages a frame passes, and the verdict.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub stages: Vec<String>,
+    pub outputs: Vec<Output>,
+    pub verdict: Result<Decision, DropReason>,
+}
+
+/// A megaflow's match, human readable.
+pub fn describe_match(k: &FlowKey, mask: &FlowKey) -> String {
+    describe_key(k, mask)
+}
+
+/// Builds a test frame from a packet description (`geneflowctl trace`): `in_port`, `eth_src`,
+/// `eth_dst`, optional `ip_src`, `ip_dst`, `proto` (udp, tcp, icmp), `sport`, `dport`.
+pub fn frame_from_spec(v: &serde_json::Value) -> Result<(String, Vec<u8>), String> {
+    let s = |k: &str| v[k].as_str().map(str::to_string);
+    let in_port = s("in_port").ok_or("trace needs in_port")?;
+    let mac = |k: &str| -> Result<[u8; 6], String> {
+        s(k).ok_or(format!("trace needs {k}"))?
+            .parse::<Mac>()
+            .map(|m| m.0)
+            .map_err(|e| format!("{k}: {e}"))
+    };
+    let (src, dst) = (mac("eth_src")?, mac("eth_dst")?);
+    let ip = |k: &str| -> Result<Option<[u8; 4]>, String> {
+        match s(k) {
+            None => Ok(None),
+            Some(x) => x
+                .parse::<Ipv4Addr>()
+                .map(|a| Some(a.octets()))
+                .map_err(|_| format!("{k}: bad IPv4 address {x:?}")),
+        }
+    };
+    let mut frame = Vec::new();
+    let payload = [0u8; 18];
+    match (ip("ip_src")?, ip("ip_dst")?) {
+        (Some(a), Some(b)) => {
+            let base = etherparse::PacketBuilder::ethernet2(src, dst).ipv4(a, b, 64);
+            let sport = v["sport"].as_u64().unwrap_or(40000) as u16;
+            let dport = v["dport"].as_u64().unwrap_or(9) as u16;
+            let r = match s("proto").as_deref().unwrap_or("udp") {
+                "udp" => base.udp(sport, dport).write(&mut frame, &payload),
+                "tcp" => base.tcp(sport, dport, 1, 64000).write(&mut frame, &payload),
+                "icmp" => base.icmpv4_echo_request(1, 1).write(&mut frame, &payload),
+                p => return Err(format!("proto: want udp, tcp or icmp, got {p:?}")),
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+        (None, None) => {
+            frame.extend_from_slice(&dst);
+            frame.extend_from_slice(&src);
+            frame.extend_from_slice(&[0x88, 0xb5]);
+            frame.resize(60, 0);
+        }
+        _ => return Err("give both ip_src and ip_dst, or neither".into()),
+    }
+    Ok((in_port, frame))
+}
+
+fn describe_key(k: &FlowKey, mask: &FlowKey) -> String {
+    let mut f = Vec::new();
+    if mask.in_ifindex != 0 {
+        f.push(format!("in_ifindex={}", k.in_ifindex));
+    }
+    if mask.tun_vni != 0 {
+        f.push(format!("tun_vni={}", k.tun_vni));
+    }
+    if mask.tun_out_port != 0 {
+        f.push(format!("tun_egress_key={}", k.tun_out_port));
+    }
+    if mask.eth_dst != [0; 6] {
+        f.push(format!("eth_dst={}", Mac(k.eth_dst)));
+    }
+    if mask.eth_src != [0; 6] {
+        f.push(format!("eth_src={}", Mac(k.eth_src)));
+    }
+    f.join(",")
+}
+
+impl Tables {
+    /// Runs the pipeline on `frame` like `process` and says, stage by stage, what it did
+    /// (like ovn-trace / ofproto/trace). Sends nothing. `ifname` names an ifindex.
+    pub fn trace(&self, frame: &[u8], in_ifindex: u32, ifname: &dyn Fn(u32) -> String) -> Trace {
+        let mut st = Vec::new();
+        let mut outputs = Vec::new();
+        let verdict = self.process(frame, in_ifindex, &mut outputs);
+        let key = extract_key(frame, in_ifindex);
+        if in_ifindex == self.uplink_ifindex {
+            st.push(format!(
+                "ingress: uplink {} (Geneve from the underlay)",
+                ifname(in_ifindex)
+            ));
+        } else if let Some(inp) = self.ports.get(&in_ifindex) {
+            let dp = self.pipeline.datapaths.get(&inp.dp_key);
+            let pname = dp
+                .and_then(|d| d.ports.get(&inp.port_key))
+                .map(|p| p.name.as_str())
+                .unwrap_or("?");
+            st.push(format!(
+                "ingress: interface {} = logical port {pname} (key {}) on logical switch {} (tunnel key {})",
+                ifname(in_ifindex),
+                inp.port_key,
+                dp.map(|d| d.name.as_str()).unwrap_or("?"),
+                inp.dp_key
+            ));
+            if let (Some(k), Some(d)) = (key, dp) {
+                let dst = Mac(k.eth_dst);
+                if dst.is_multicast() {
+                    st.push(format!("l2 lookup: {dst} is broadcast/multicast: flood to the switch's other local ports and replicate to {} remote chassis", d.remote_chassis.len()));
+                } else {
+                    match d.macs.get(&dst).and_then(|key| d.ports.get(key)) {
+                        Some(p) => {
+                            let where_ = match &p.location {
+                                PortLocation::Local { iface } => {
+                                    format!("local, interface {iface}")
+                                }
+                                PortLocation::Remote { chassis, encap_ip } => {
+                                    format!("remote, on chassis {chassis} ({encap_ip})")
+                                }
+                                PortLocation::Unbound => "unbound".to_string(),
+                            };
+                            st.push(format!(
+                                "l2 lookup: {dst} -> egress logical port {} (key {}), {where_}",
+                                p.name, p.key
+                            ));
+                        }
+                        None => st.push(format!(
+                            "l2 lookup: {dst} is not on logical switch {}",
+                            d.name
+                        )),
+                    }
+                }
+            }
+        } else {
+            st.push(format!(
+                "ingress: interface {} is not a bound port",
+                ifname(in_ifindex)
+            ));
+        }
+        for o in &outputs {
+            match o {
+                Output::Local { ifindex } => st.push(format!("output: to local interface {}", ifname(*ifindex))),
+                Output::Tunnel { remote, vni, meta } => st.push(format!(
+                    "output: Geneve encapsulation to {remote}: outer {} -> {remote} UDP dst port {GENEVE_PORT}, VNI {vni}, OVN option class 0x0102 type 0x80 ingress key {} egress key {}, out of uplink {}",
+                    self.pipeline.encap_ip.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+                    meta.ingress,
+                    meta.egress,
+                    ifname(self.uplink_ifindex)
+                )),
+            }
+        }
+        match &verdict {
+            Ok(d) => {
+                if d.payload_offset > 0 {
+                    st.push(format!(
+                        "decap: {} bytes of outer headers removed",
+                        d.payload_offset
+                    ));
+                }
+                match &d.megaflow {
+                    Some(m) => st.push(format!(
+                        "megaflow: match {} -> action {} (the fast path handles the following packets)",
+                        describe_key(&m.key, &m.mask),
+                        match m.action.kind {
+                            act::OUTPUT => format!("output({})", ifname(m.action.out_ifindex)),
+                            act::ENCAP => format!(
+                                "encap_geneve(vni={},ovn=0x{:08x}),redirect({})",
+                                m.action.vni,
+                                m.action.ovn_opt,
+                                ifname(m.action.out_ifindex)
+                            ),
+                            act::DECAP_OUTPUT => format!("decap,output({})", ifname(m.action.out_ifindex)),
+                            k => format!("kind {k}"),
+                        }
+                    )),
+                    None => st.push("megaflow: none (handled by the slow path every time)".into()),
+                }
+            }
+            Err(r) => st.push(format!("drop: {r:?}")),
+        }
+        Trace {
+            stages: st,
+            outputs,
+            verdict,
+        }
+    }
+}
+
 /// Builds the L2-L4 part of the flow key exactly as the XDP program does.
 pub fn extract_key(frame: &[u8], in_ifindex: u32) -> Option<FlowKey> {
     let (eth, rest) = Ethernet2Header::from_slice(frame).ok()?;

@@ -38,6 +38,57 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NbCmd,
     },
+    /// Interfaces the agent has attached, with their logical ports.
+    Ports {
+        #[arg(
+            long,
+            env = "GENEFLOW_CTL",
+            default_value = "/run/geneflow/geneflowd.sock"
+        )]
+        socket: String,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Megaflows in XDP: match (masked), action, hits, age.
+    Flows {
+        #[arg(
+            long,
+            env = "GENEFLOW_CTL",
+            default_value = "/run/geneflow/geneflowd.sock"
+        )]
+        socket: String,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Runs a described packet through the agent's logical pipeline and prints each stage and
+    /// the final actions, without sending anything (like ovn-trace).
+    Trace {
+        #[arg(
+            long,
+            env = "GENEFLOW_CTL",
+            default_value = "/run/geneflow/geneflowd.sock"
+        )]
+        socket: String,
+        /// Logical port name (or local interface) the packet enters on, or "uplink".
+        #[arg(long)]
+        in_port: String,
+        #[arg(long)]
+        eth_src: String,
+        #[arg(long)]
+        eth_dst: String,
+        #[arg(long)]
+        ip_src: Option<Ipv4Addr>,
+        #[arg(long)]
+        ip_dst: Option<Ipv4Addr>,
+        #[arg(long, value_parser = ["udp", "tcp", "icmp"])]
+        proto: Option<String>,
+        #[arg(long)]
+        sport: Option<u16>,
+        #[arg(long)]
+        dport: Option<u16>,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
     /// Per-interface counters of a running agent.
     Stats {
         /// Agent control socket.
@@ -229,6 +280,90 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Nb { db, cmd } => nb(&db, cmd),
         Cmd::Stats { socket, format } => stats(&socket, &format),
+        Cmd::Ports { socket, format } => {
+            let v = ctl_request(&socket, "ports")?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            for p in v["ports"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<12} ifindex {:<4} {:<6} {}",
+                    p["iface"].as_str().unwrap_or("?"),
+                    p["ifindex"],
+                    p["kind"].as_str().unwrap_or("?"),
+                    match p["logical_port"].as_str() {
+                        Some(lp) => format!(
+                            "port {lp} key {} mac {} on switch {} (tunnel key {})",
+                            p["port_key"],
+                            p["mac"].as_str().unwrap_or("?"),
+                            p["switch"].as_str().unwrap_or("?"),
+                            p["tunnel_key"]
+                        ),
+                        None => String::new(),
+                    }
+                );
+            }
+            Ok(())
+        }
+        Cmd::Flows { socket, format } => {
+            let v = ctl_request(&socket, "flows")?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{} masks", v["masks"]);
+            for f in v["megaflows"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "mask {} {} actions:{} hits:{} age:{:.1}s{}",
+                    f["mask_id"],
+                    f["match"].as_str().unwrap_or(""),
+                    f["action"].as_str().unwrap_or(""),
+                    f["hits"],
+                    f["age_s"].as_f64().unwrap_or(0.0),
+                    if f["stale"].as_bool().unwrap_or(false) {
+                        " (stale)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(())
+        }
+        Cmd::Trace {
+            socket,
+            in_port,
+            eth_src,
+            eth_dst,
+            ip_src,
+            ip_dst,
+            proto,
+            sport,
+            dport,
+            format,
+        } => {
+            let req = serde_json::json!({
+                "in_port": in_port, "eth_src": eth_src, "eth_dst": eth_dst,
+                "ip_src": ip_src.map(|i| i.to_string()), "ip_dst": ip_dst.map(|i| i.to_string()),
+                "proto": proto, "sport": sport, "dport": dport,
+            });
+            let v = ctl_request(&socket, &format!("trace {req}"))?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            for (i, st) in v["stages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                println!("{}. {}", i + 1, st.as_str().unwrap_or(""));
+            }
+            println!("verdict: {}", v["verdict"].as_str().unwrap_or("?"));
+            Ok(())
+        }
     }
 }
 

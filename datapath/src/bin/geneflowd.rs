@@ -1,19 +1,23 @@
 //! geneflowd: the per-chassis agent. Wires the control-plane thread (NB watch + compile), the
-//! forwarder (XDP fast path + AF_XDP slow path) and the local control socket.
+//! forwarder (XDP fast path + AF_XDP slow path), the local control socket and the Prometheus
+//! exporter. Configuration comes from a TOML file (`--config`), every key overridable by a flag.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use geneflow_datapath::{
+    config,
     ctl::CtlServer,
+    exporter,
     forwarder::{Forwarder, ForwarderConfig},
     loader::Bpf,
     metrics::Shared,
     xsk::BindMode,
     XDP_OBJECT,
 };
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -23,27 +27,39 @@ use tracing::info;
     about = "geneflow per-chassis overlay agent"
 )]
 struct Args {
+    /// Configuration file (TOML); flags override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// This chassis's name in the NB.
     #[arg(long)]
-    chassis: String,
+    chassis: Option<String>,
+    /// Local Geneve endpoint address (default: the chassis record in the NB).
+    #[arg(long)]
+    encap_ip: Option<Ipv4Addr>,
     /// NB DB URL: file:///path, etcd://host:port[,host:port...] or redis://host:port.
-    #[arg(long, default_value = "file:///var/lib/geneflow/nb.json")]
-    nb: String,
+    #[arg(long)]
+    nb: Option<String>,
     /// Underlay interface carrying Geneve.
     #[arg(long)]
-    uplink: String,
+    uplink: Option<String>,
     /// Local control socket.
-    #[arg(long, default_value = "/run/geneflow/geneflowd.sock")]
-    ctl_socket: PathBuf,
+    #[arg(long)]
+    ctl_socket: Option<PathBuf>,
+    /// Prometheus exporter address.
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
     /// Compute the outer UDP checksum (otherwise zero, as RFC 8926 allows).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    udp_csum: bool,
+    #[arg(long, action = clap::ArgAction::Set)]
+    udp_csum: Option<bool>,
     /// XDP attach mode.
-    #[arg(long, default_value = "native", value_parser = ["native", "skb"])]
-    xdp_mode: String,
+    #[arg(long, value_parser = ["native", "skb"])]
+    xdp_mode: Option<String>,
     /// AF_XDP bind mode (zero-copy needs driver support; veth is copy only).
-    #[arg(long, default_value = "copy", value_parser = ["copy", "zero-copy"])]
-    bind_mode: String,
+    #[arg(long, value_parser = ["copy", "zero-copy"])]
+    bind_mode: Option<String>,
+    /// Cores for the forwarder thread (comma separated; the first is used).
+    #[arg(long, value_delimiter = ',')]
+    forwarder_cores: Option<Vec<usize>>,
 }
 
 fn main() {
@@ -61,51 +77,110 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
-    if geneflow_control::model::check_name(&args.chassis).is_err() {
-        bail!("--chassis {:?}: not a valid chassis name", args.chassis);
+fn pin_to(core: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, filled by CPU_SET.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "forwarder_cores: cannot pin to core {core}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<()> {
+    let (path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(config::DEFAULT_PATH), false),
+    };
+    let file = config::load(&path, explicit)?;
+    let chassis = args
+        .chassis
+        .or(file.chassis)
+        .context("no chassis name: set `chassis` in the config or pass --chassis")?;
+    if geneflow_control::model::check_name(&chassis).is_err() {
+        bail!("--chassis {chassis:?}: not a valid chassis name");
+    }
+    let uplink = args
+        .uplink
+        .or(file.uplink)
+        .context("no uplink: set `uplink` in the config or pass --uplink")?;
+    let nb = args
+        .nb
+        .or(file.nb)
+        .unwrap_or_else(|| "file:///var/lib/geneflow/nb.json".into());
+    let ctl_socket = args
+        .ctl_socket
+        .or(file.ctl_socket)
+        .unwrap_or_else(|| PathBuf::from("/run/geneflow/geneflowd.sock"));
+    let metrics_address = args
+        .metrics_address
+        .or(file.metrics_address)
+        .unwrap_or_else(|| "127.0.0.1:9469".parse().expect("static address"));
+    let udp_csum = args.udp_csum.or(file.udp_csum).unwrap_or(true);
+    let xdp_mode = args
+        .xdp_mode
+        .or(file.xdp_mode)
+        .unwrap_or_else(|| "native".into());
+    let bind_mode = args
+        .bind_mode
+        .or(file.bind_mode)
+        .unwrap_or_else(|| "copy".into());
+    let cores = args.forwarder_cores.or(file.forwarder_cores);
+    let encap_ip = args.encap_ip.or(file.encap_ip);
     // Validate the URL up front: a bad one is a one-line error, not a retry loop.
-    drop(geneflow_control::nb::open(&args.nb).with_context(|| format!("--nb {}", args.nb))?);
+    drop(geneflow_control::nb::open(&nb).with_context(|| format!("nb {nb}"))?);
+
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the signal handler")?;
     }
-    let mut bpf =
-        Bpf::load(XDP_OBJECT, args.xdp_mode == "skb").context("loading the XDP program")?;
-    let shared = Arc::new(Shared::new(&args.chassis));
+    let mut bpf = Bpf::load(XDP_OBJECT, xdp_mode == "skb").context("loading the XDP program")?;
+    let shared = Arc::new(Shared::new(&chassis));
     let nb_status = shared.nb.clone();
-    let counters = bpf.take_counters();
+    let counters = Arc::new(Mutex::new(bpf.take_counters()));
     let cfg = ForwarderConfig {
-        uplink: args.uplink.clone(),
-        udp_csum: args.udp_csum,
-        bind_mode: if args.bind_mode == "zero-copy" {
+        uplink: uplink.clone(),
+        udp_csum,
+        bind_mode: if bind_mode == "zero-copy" {
             BindMode::ZeroCopy
         } else {
             BindMode::Copy
         },
+        encap_ip,
     };
-    let mut fwd = Forwarder::new(cfg, bpf, shared.clone())
-        .with_context(|| format!("--uplink {}", args.uplink))?;
-    let _ctl = CtlServer::start(&args.ctl_socket, shared, counters)
-        .with_context(|| format!("--ctl-socket {}", args.ctl_socket.display()))?;
+    let mut fwd =
+        Forwarder::new(cfg, bpf, shared.clone()).with_context(|| format!("uplink {uplink}"))?;
+    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+    let _ctl = CtlServer::start(&ctl_socket, shared.clone(), counters.clone(), ctl_tx)
+        .with_context(|| format!("ctl socket {}", ctl_socket.display()))?;
+    exporter::start(metrics_address, shared.clone(), counters)
+        .with_context(|| format!("metrics address {metrics_address}"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let waker = fwd
         .waker()
         .context("creating the forwarder's wake handle")?;
     let control = geneflow_control::agent::spawn(
-        args.nb.clone(),
-        args.chassis.clone(),
+        nb.clone(),
+        chassis.clone(),
         tx,
         stop.clone(),
         nb_status,
         Arc::new(move || waker.wake()),
     )
     .context("starting the control thread")?;
-    info!(chassis = %args.chassis, nb = %args.nb, "geneflowd running");
-    fwd.run(rx, stop.clone());
+    if let Some(c) = cores.as_ref().and_then(|c| c.first()) {
+        pin_to(*c)?;
+        info!(core = c, "forwarder pinned");
+    }
+    info!(chassis = %chassis, nb = %nb, uplink = %uplink, metrics = %metrics_address, "geneflowd running");
+    fwd.run(rx, ctl_rx, stop.clone());
     stop.store(true, Ordering::Relaxed);
     let _ = control.join();
     drop(fwd);

@@ -188,6 +188,9 @@ pub struct FlowAction {
     pub nh_dmac: [u8; 6],
     pub nh_smac: [u8; 6],
     pub pad2: u32,
+    /// Packets that used this entry, counted by XDP (approximate under concurrent CPUs:
+    /// incremented without an atomic to keep the hot path cheap). Userspace writes 0.
+    pub hits: u64,
 }
 
 /// Per-interface configuration, keyed by ifindex.

@@ -366,13 +366,16 @@ mod prog {
             k.mask_id = i as u8;
             // SAFETY: values are written whole by userspace; a torn read only yields a stale
             // action for one packet, which the generation check below bounds.
-            if let Some(a) = unsafe { FLOWS.get(&k) } {
-                let a = *a;
+            if let Some(p) = FLOWS.get_ptr_mut(&k) {
+                // SAFETY: the kernel returned a pointer to the live value.
+                let a = unsafe { *p };
                 // SAFETY: as above.
                 let live = unsafe { GENS.get(&a.dp_key) }.copied();
                 if live != Some(a.generation) {
                     return None;
                 }
+                // SAFETY: as above; a racy increment only loses counts, never corrupts.
+                unsafe { (*p).hits += 1 };
                 return Some(a);
             }
         }

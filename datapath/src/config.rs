@@ -1,0 +1,218 @@
+//! geneflowd's configuration file (TOML). Every key is also a flag (flags win). Unknown keys
+//! and bad values are refused at start with one line naming the key.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const DEFAULT_PATH: &str = "/etc/geneflow/geneflowd.toml";
+pub const KEYS: &[&str] = &[
+    "chassis",
+    "encap_ip",
+    "uplink",
+    "nb",
+    "xdp_mode",
+    "bind_mode",
+    "forwarder_cores",
+    "metrics_address",
+    "ctl_socket",
+    "udp_csum",
+];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{path}: {msg}")]
+    Bad { path: String, msg: String },
+    #[error("{path}: {msg}")]
+    Io { path: String, msg: String },
+}
+
+/// What a config file sets (everything optional; flags and defaults fill the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub chassis: Option<String>,
+    pub encap_ip: Option<Ipv4Addr>,
+    pub uplink: Option<String>,
+    pub nb: Option<String>,
+    pub xdp_mode: Option<String>,
+    pub bind_mode: Option<String>,
+    pub forwarder_cores: Option<Vec<usize>>,
+    pub metrics_address: Option<SocketAddr>,
+    pub ctl_socket: Option<PathBuf>,
+    pub udp_csum: Option<bool>,
+}
+
+fn bad(path: &str, msg: String) -> ConfigError {
+    ConfigError::Bad {
+        path: path.to_string(),
+        msg,
+    }
+}
+
+/// Reads `path`. A missing file is an error only when `explicit` (given with --config).
+pub fn load(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+    let p = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&p, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
+        Err(e) => Err(ConfigError::Io {
+            path: p,
+            msg: e.to_string(),
+        }),
+    }
+}
+
+pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(0);
+        bad(
+            path,
+            format!("line {line}: {}", e.message().replace('\n', " ")),
+        )
+    })?;
+    let mut c = FileConfig::default();
+    for (k, v) in &table {
+        let want = |what: &str| bad(path, format!("key `{k}`: expected {what}, got {v}"));
+        match k.as_str() {
+            "chassis" | "uplink" | "nb" => {
+                let s = v.as_str().ok_or_else(|| want("a string"))?.to_string();
+                if s.is_empty() {
+                    return Err(want("a non-empty string"));
+                }
+                match k.as_str() {
+                    "chassis" => {
+                        geneflow_control::model::check_name(&s)
+                            .map_err(|e| bad(path, format!("key `chassis`: {e}")))?;
+                        c.chassis = Some(s)
+                    }
+                    "uplink" => {
+                        geneflow_control::model::check_ifname(&s)
+                            .map_err(|e| bad(path, format!("key `uplink`: {e}")))?;
+                        c.uplink = Some(s)
+                    }
+                    _ => {
+                        geneflow_control::nb::open(&s)
+                            .map_err(|e| bad(path, format!("key `nb`: {e}")))?;
+                        c.nb = Some(s)
+                    }
+                }
+            }
+            "encap_ip" => {
+                let s = v.as_str().ok_or_else(|| want("an IPv4 address string"))?;
+                c.encap_ip = Some(s.parse().map_err(|_| want("an IPv4 address"))?);
+            }
+            "xdp_mode" => {
+                let s = v.as_str().ok_or_else(|| want("\"native\" or \"skb\""))?;
+                if !matches!(s, "native" | "skb") {
+                    return Err(want("\"native\" or \"skb\""));
+                }
+                c.xdp_mode = Some(s.to_string());
+            }
+            "bind_mode" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| want("\"copy\" or \"zero-copy\""))?;
+                if !matches!(s, "copy" | "zero-copy") {
+                    return Err(want("\"copy\" or \"zero-copy\""));
+                }
+                c.bind_mode = Some(s.to_string());
+            }
+            "forwarder_cores" => {
+                let a = v
+                    .as_array()
+                    .ok_or_else(|| want("an array of core numbers"))?;
+                let n = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                let mut cores = Vec::new();
+                for x in a {
+                    let i = x
+                        .as_integer()
+                        .filter(|i| *i >= 0 && (*i as usize) < n)
+                        .ok_or_else(|| want(&format!("core numbers below {n}")))?;
+                    cores.push(i as usize);
+                }
+                if cores.is_empty() {
+                    return Err(want("at least one core"));
+                }
+                c.forwarder_cores = Some(cores);
+            }
+            "metrics_address" => {
+                let s = v.as_str().ok_or_else(|| want("\"address:port\""))?;
+                c.metrics_address = Some(s.parse().map_err(|_| want("\"address:port\""))?);
+            }
+            "ctl_socket" => {
+                let s = v.as_str().ok_or_else(|| want("a path"))?;
+                if !s.starts_with('/') {
+                    return Err(want("an absolute path"));
+                }
+                c.ctl_socket = Some(PathBuf::from(s));
+            }
+            "udp_csum" => {
+                c.udp_csum = Some(v.as_bool().ok_or_else(|| want("true or false"))?);
+            }
+            other => {
+                return Err(bad(
+                    path,
+                    format!("unknown key `{other}` (known: {})", KEYS.join(", ")),
+                ))
+            }
+        }
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            "x.toml",
+            r#"
+chassis = "ch1"
+encap_ip = "198.18.0.1"
+uplink = "eth1"
+nb = "etcd://10.0.0.5:2379"
+xdp_mode = "native"
+bind_mode = "copy"
+forwarder_cores = [0]
+metrics_address = "127.0.0.1:9469"
+ctl_socket = "/run/geneflow/geneflowd.sock"
+udp_csum = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.chassis.as_deref(), Some("ch1"));
+        assert_eq!(c.forwarder_cores, Some(vec![0]));
+        assert_eq!(c.metrics_address.unwrap().port(), 9469);
+    }
+
+    #[test]
+    fn errors_name_the_key_on_one_line() {
+        let cases = [
+            ("chasis = \"x\"", "unknown key `chasis`"),
+            ("xdp_mode = \"fast\"", "key `xdp_mode`"),
+            ("bind_mode = 3", "key `bind_mode`"),
+            ("encap_ip = \"1.2.3\"", "key `encap_ip`"),
+            ("forwarder_cores = [99]", "key `forwarder_cores`"),
+            ("metrics_address = \"nope\"", "key `metrics_address`"),
+            ("udp_csum = \"yes\"", "key `udp_csum`"),
+            ("nb = \"ftp://x\"", "key `nb`"),
+            ("uplink = \"a/b\"", "key `uplink`"),
+            ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),
+        ];
+        for (text, want) in cases {
+            let e = parse("/etc/g.toml", text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(e.starts_with("/etc/g.toml: "), "{e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Operating the agent: Prometheus metrics against real traffic, `geneflowctl trace` against
+//! what the packet really does, `flows`/`ports`, and configuration errors.
+
+use anyhow::{Context, Result};
+use geneflow_tests::*;
+use std::collections::HashMap;
+use std::process::Command;
+
+/// Scrapes the agent's /metrics from inside its namespace (it listens on the namespace's
+/// loopback) and parses the samples: "name{labels}" -> value.
+fn scrape(tb: &Testbed, chassis: &str) -> Result<HashMap<String, f64>> {
+    let ns = &tb.chassis[tb.chassis_index(chassis)?].ns;
+    let out = run(Command::new("ip").args([
+        "netns", "exec", ns, "/usr/bin/python3", "-c",
+        "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9469/metrics').read().decode())",
+    ]))?;
+    let mut m = HashMap::new();
+    for l in out.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        if let Some((k, v)) = l.rsplit_once(' ') {
+            m.insert(k.to_string(), v.parse().unwrap_or(f64::NAN));
+        }
+    }
+    Ok(m)
+}
+
+fn sample(m: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.iter()
+        .find(|(k, _)| {
+            k.starts_with(&format!("{name}{{")) || **k == name
+        } && labels.iter().all(|(l, v)| k.contains(&format!("{l}=\"{v}\""))))
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_count_a_stream_and_a_provoked_drop() -> Result<()> {
+    let tb = two_chassis("ma")?;
+    tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
+    let m0 = scrape(&tb, "ch1")?;
+    let r0 = scrape(&tb, "ch2")?;
+    let got = tb.udp_stream("vm1", "vm3", 6600, 5_000, 20_000)?;
+    assert_eq!(got, 5_000);
+    let m1 = scrape(&tb, "ch1")?;
+    let r1 = scrape(&tb, "ch2")?;
+    let d = |a: &HashMap<String, f64>, b: &HashMap<String, f64>, n: &str, iface: &str| {
+        sample(b, n, &[("iface", iface)]) - sample(a, n, &[("iface", iface)])
+    };
+    let rx = d(&m0, &m1, "geneflow_rx_packets_total", "vp-vm1");
+    let fast = d(&m0, &m1, "geneflow_fastpath_hits_total", "vp-vm1");
+    let miss = d(&m0, &m1, "geneflow_fastpath_misses_total", "vp-vm1");
+    assert!(rx >= 5_000.0, "rx_packets moved by {rx}");
+    // Every frame received was either run in XDP or sent to the slow path.
+    assert_eq!(rx, fast + miss, "rx {rx} != fast {fast} + miss {miss}");
+    assert!(fast >= 4_950.0, "fast path hits {fast}");
+    let decap = d(&r0, &r1, "geneflow_fastpath_hits_total", "ul");
+    assert!(decap >= 4_950.0, "ch2 decapsulated {decap} in XDP");
+    assert!(sample(&m1, "geneflow_megaflows", &[]) >= 1.0);
+    assert_eq!(sample(&m1, "geneflow_nb_connected", &[]), 1.0);
+    assert!(sample(&m1, "geneflow_nb_records", &[("table", "ports")]) >= 4.0);
+    assert!(m1
+        .keys()
+        .any(|k| k.starts_with("geneflow_nb_change_to_fastpath_seconds_bucket")));
+    // Provoke a drop: frames to a MAC no port has.
+    let vm1 = tb.vm("vm1")?;
+    run(Command::new("ip").args([
+        "-n",
+        &vm1.ns,
+        "neigh",
+        "replace",
+        "10.0.0.99",
+        "lladdr",
+        "0a:00:00:00:00:99",
+        "dev",
+        "eth0",
+    ]))?;
+    let before = sample(
+        &m1,
+        "geneflow_drops_total",
+        &[("iface", "vp-vm1"), ("reason", "no_destination")],
+    );
+    tb.udp_send("vm1", "10.0.0.99", 6601, 20, 1000)?;
+    let m2 = scrape(&tb, "ch1")?;
+    let after = sample(
+        &m2,
+        "geneflow_drops_total",
+        &[("iface", "vp-vm1"), ("reason", "no_destination")],
+    );
+    assert_eq!(
+        after - before,
+        20.0,
+        "no_destination drops went {before} -> {after}"
+    );
+    Ok(())
+}
+
+#[test]
+fn trace_says_what_the_packet_really_does() -> Result<()> {
+    let tb = two_chassis("tr")?;
+    let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
+    let sock = tb.chassis[0].socket.display().to_string();
+    let ctl = |args: &[&str]| {
+        run(Command::new(tb.bin("geneflowctl"))
+            .args(args)
+            .args(["--socket", &sock]))
+    };
+    let trace = ctl(&[
+        "trace",
+        "--in-port",
+        "vm1",
+        "--eth-src",
+        &vm1.mac,
+        "--eth-dst",
+        &vm3.mac,
+        "--ip-src",
+        &vm1.ip,
+        "--ip-dst",
+        &vm3.ip,
+        "--proto",
+        "udp",
+        "--dport",
+        "6700",
+    ])?;
+    for want in [
+        "logical port vm1 (key 1) on logical switch ls1 (tunnel key 1000)",
+        "egress logical port vm3 (key 3), remote, on chassis ch2 (198.18.0.2)",
+        "Geneve encapsulation to 198.18.0.2",
+        "VNI 1000",
+        "ingress key 1 egress key 3",
+        "encap_geneve(vni=1000,ovn=0x00010003)",
+        "verdict: forward",
+    ] {
+        assert!(trace.contains(want), "trace lacks {want:?}:\n{trace}");
+    }
+    // Nothing was sent: no megaflow exists yet for vm3's MAC.
+    let flows = ctl(&["flows", "--format", "json"])?;
+    assert!(
+        !flows.contains("0a:00:00:00:00:03"),
+        "trace installed something:\n{flows}"
+    );
+    // Now the real packets: the megaflow the slow path installs is the one the trace named,
+    // and the fast path uses it.
+    tb.udp_send("vm1", &vm3.ip, 6700, 10, 1000)?;
+    let v: serde_json::Value = serde_json::from_str(&ctl(&["flows", "--format", "json"])?)?;
+    let f = v["megaflows"]
+        .as_array()
+        .context("megaflows")?
+        .iter()
+        .find(|f| {
+            f["match"]
+                .as_str()
+                .unwrap_or("")
+                .contains("eth_dst=0a:00:00:00:00:03")
+        })
+        .cloned()
+        .with_context(|| format!("no megaflow for vm3: {v}"))?;
+    let action = f["action"].as_str().unwrap_or("");
+    assert!(
+        action.starts_with("encap_geneve(dst=198.18.0.2,vni=1000,ovn=0x00010003"),
+        "{action}"
+    );
+    assert!(f["hits"].as_u64().unwrap_or(0) >= 8, "{f}");
+    // Traced drops match real drops too.
+    let t = ctl(&[
+        "trace",
+        "--in-port",
+        "vm1",
+        "--eth-src",
+        &vm1.mac,
+        "--eth-dst",
+        "0a:00:00:00:00:99",
+    ])?;
+    assert!(t.contains("verdict: drop: NoDestination"), "{t}");
+    let ports = ctl(&["ports"])?;
+    assert!(
+        ports.contains("port vm1 key 1") && ports.contains("switch ls1"),
+        "{ports}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_config_files_are_refused_with_one_line_naming_the_key() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("gf-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let bin = xtask::testbed::bin_dir().join("geneflowd");
+    let cases = [
+        (
+            "unknown.toml",
+            "chassis = \"ch1\"\nuplnk = \"eth1\"\n",
+            "`uplnk`",
+        ),
+        (
+            "mode.toml",
+            "chassis = \"ch1\"\nxdp_mode = \"turbo\"\n",
+            "`xdp_mode`",
+        ),
+        ("ip.toml", "encap_ip = \"300.1.1.1\"\n", "`encap_ip`"),
+        (
+            "cores.toml",
+            "forwarder_cores = [\"zero\"]\n",
+            "`forwarder_cores`",
+        ),
+        ("nb.toml", "nb = \"mysql://db\"\n", "`nb`"),
+        (
+            "addr.toml",
+            "metrics_address = \"localhost\"\n",
+            "`metrics_address`",
+        ),
+        ("syntax.toml", "chassis = \"ch1\n", "line 1"),
+    ];
+    for (name, text, want) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        let out = Command::new(&bin).arg("--config").arg(&p).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(want) && err.contains(name), "{name}: {err}");
+    }
+    let out = Command::new(&bin)
+        .args(["--config", "/nonexistent/geneflowd.toml"])
+        .output()?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/geneflowd.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
