@@ -100,6 +100,12 @@ pub fn rx_packets(ns: &str, iface: &str) -> Result<u64> {
 /// Injects `count` scapy-built Geneve frames of `kind` from the injector to ch1, addressed
 /// (inner) from vmx to vm1 on UDP port `dport`.
 pub fn inject(tb: &Testbed, kind: &str, count: u32, dport: u16) -> Result<()> {
+    let egress = tb.vm("vm1")?.key;
+    inject_to(tb, kind, count, dport, egress)
+}
+
+/// As `inject`, with the OVN option's egress port key chosen by the caller.
+pub fn inject_to(tb: &Testbed, kind: &str, count: u32, dport: u16, egress: u16) -> Result<()> {
     let inj = tb.injector.clone().context("no injector")?;
     let ch1 = &tb.chassis[tb.chassis_index("ch1")?];
     let dst_mac = mac_of(&ch1.ns, "ul")?;
@@ -133,7 +139,7 @@ pub fn inject(tb: &Testbed, kind: &str, count: u32, dport: u16) -> Result<()> {
         ])
         .args([
             "--egress",
-            &vm1.key.to_string(),
+            &egress.to_string(),
             "--dport",
             &dport.to_string(),
         ])

@@ -164,39 +164,7 @@ fn scapy_geneve_frame_reaches_the_right_vm() -> Result<()> {
     assert_eq!(got, 5, "vm1 received {got} of 5 injected frames");
     // A frame for a port key that does not exist on this chassis goes nowhere, counted.
     let before = tb.counter("ch1", "ul", "drop_unknown_port")?;
-    let inj = tb.injector.clone().unwrap();
-    let ch1 = &tb.chassis[0];
-    let dst_mac = mac_of(&ch1.ns, "ul")?;
-    let out = Command::new("ip")
-        .args(["netns", "exec", &inj, "/usr/bin/python3"])
-        .arg(repo_root().join("tests/scripts/inject.py"))
-        .args([
-            "--iface",
-            "eth0",
-            "--dst-mac",
-            &dst_mac,
-            "--src-ip",
-            "198.18.0.250",
-        ])
-        .args([
-            "--dst-ip",
-            &ch1.ip,
-            "--inner-src-mac",
-            PEER_MAC,
-            "--inner-dst-mac",
-            "0a:00:00:00:00:01",
-        ])
-        .args([
-            "--inner-src-ip",
-            PEER_VM_IP,
-            "--inner-dst-ip",
-            "10.0.0.1",
-            "--vni",
-            "1000",
-        ])
-        .args(["--ingress", "9", "--egress", "77", "--count", "3"])
-        .output()?;
-    assert!(out.status.success());
+    inject_to(&tb, "good", 3, 7000, 77)?;
     let deadline = Instant::now() + Duration::from_secs(2);
     while tb.counter("ch1", "ul", "drop_unknown_port")? < before + 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
