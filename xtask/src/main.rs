@@ -311,14 +311,7 @@ fn demo() -> Result<()> {
 }
 
 fn bench_nb(quick: bool) -> Result<()> {
-    step("cargo build --release --workspace --bins");
-    let st = Command::new("cargo")
-        .current_dir(root())
-        .args(["build", "--release", "--workspace", "--bins"])
-        .status()?;
-    if !st.success() {
-        bail!("cargo build --release failed");
-    }
+    build_release()?;
     let bins = target_dir().join("release");
     std::env::set_var("GENEFLOW_BIN_DIR", &bins);
     let bench = bins.join("gf-nb-bench").display().to_string();
@@ -396,6 +389,15 @@ fn bench_nb(quick: bool) -> Result<()> {
 }
 
 fn bench(quick: bool) -> Result<()> {
+    build_release()?;
+    std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
+    xtask::bench::bench(&xtask::bench::Opts {
+        quick,
+        results: xtask::bench::results_dir(&root()),
+    })
+}
+
+fn build_release() -> Result<()> {
     step("cargo build --release --workspace --bins");
     let st = Command::new("cargo")
         .current_dir(root())
@@ -404,9 +406,5 @@ fn bench(quick: bool) -> Result<()> {
     if !st.success() {
         bail!("cargo build --release failed");
     }
-    std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
-    xtask::bench::bench(&xtask::bench::Opts {
-        quick,
-        results: xtask::bench::results_dir(&root()),
-    })
+    Ok(())
 }
