@@ -59,6 +59,8 @@ const APT: &[&str] = &[
     "etcd-client",
     "redis-server",
     "iperf3",
+    // The independent Geneve peer of the interop test and the OVS baselines of the bench.
+    "openvswitch-switch",
 ];
 
 fn main() {
