@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 /// Where a logical port lives, seen from this chassis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PortLocation {
     /// Bound here, on this interface.
     Local { iface: String },
@@ -19,7 +19,7 @@ pub enum PortLocation {
     Unbound,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CompiledPort {
     pub name: String,
     pub mac: Mac,
@@ -28,7 +28,7 @@ pub struct CompiledPort {
 }
 
 /// One logical switch as this chassis sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Datapath {
     pub name: String,
     pub tunnel_key: u32,

@@ -17,6 +17,7 @@ pub const KEYS: &[&str] = &[
     "metrics_address",
     "ctl_socket",
     "udp_csum",
+    "pin_dir",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -40,6 +41,7 @@ pub struct FileConfig {
     pub metrics_address: Option<SocketAddr>,
     pub ctl_socket: Option<PathBuf>,
     pub udp_csum: Option<bool>,
+    pub pin_dir: Option<PathBuf>,
 }
 
 fn bad(path: &str, msg: String) -> ConfigError {
@@ -146,12 +148,16 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
                 let s = v.as_str().ok_or_else(|| want("\"address:port\""))?;
                 c.metrics_address = Some(s.parse().map_err(|_| want("\"address:port\""))?);
             }
-            "ctl_socket" => {
+            "ctl_socket" | "pin_dir" => {
                 let s = v.as_str().ok_or_else(|| want("a path"))?;
                 if !s.starts_with('/') {
                     return Err(want("an absolute path"));
                 }
-                c.ctl_socket = Some(PathBuf::from(s));
+                if k == "pin_dir" {
+                    c.pin_dir = Some(PathBuf::from(s));
+                } else {
+                    c.ctl_socket = Some(PathBuf::from(s));
+                }
             }
             "udp_csum" => {
                 c.udp_csum = Some(v.as_bool().ok_or_else(|| want("true or false"))?);
@@ -186,6 +192,7 @@ forwarder_cores = [0]
 metrics_address = "127.0.0.1:9469"
 ctl_socket = "/run/geneflow/geneflowd.sock"
 udp_csum = true
+pin_dir = "/sys/fs/bpf/geneflow/ch1"
 "#,
         )
         .unwrap();
@@ -204,6 +211,7 @@ udp_csum = true
             ("forwarder_cores = [99]", "key `forwarder_cores`"),
             ("metrics_address = \"nope\"", "key `metrics_address`"),
             ("udp_csum = \"yes\"", "key `udp_csum`"),
+            ("pin_dir = \"bpf\"", "key `pin_dir`"),
             ("nb = \"ftp://x\"", "key `nb`"),
             ("uplink = \"a/b\"", "key `uplink`"),
             ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),

@@ -4,12 +4,11 @@
 //! path could not decide: it transmits the frame itself and installs the megaflow so that the
 //! following packets stay in XDP. Share-nothing: one thread owns all of this state.
 
-use crate::loader::{Bpf, Install, LoaderError};
+use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink};
 use crate::metrics::{PortInfo, Shared};
 use crate::netdev::{self, Neighbours};
 use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
 use crate::xsk::{BindMode, Xsk, XskError, BATCH};
-use aya::programs::xdp::XdpLinkId;
 use crossbeam_channel::Receiver;
 use geneflow_abi::{ctr, port_kind, PortConf, MAX_PORTS};
 use geneflow_control::agent::PipelineUpdate;
@@ -50,7 +49,7 @@ struct Port {
     ifindex: u32,
     slot: u32,
     kind: u32,
-    link: Option<XdpLinkId>,
+    link: Option<PortLink>,
     xsk: Xsk,
 }
 
@@ -73,6 +72,11 @@ pub struct Forwarder {
     encap_buf: Vec<u8>,
     pollfds: Vec<libc::pollfd>,
     wake_fd: std::os::fd::OwnedFd,
+    /// A pipeline has been applied: until then the slow path installs nothing (it would
+    /// decide on an empty pipeline) and pinned state of a previous process is left alone.
+    ready: bool,
+    /// Megaflows adopted from a previous process, still to be checked against the next hops.
+    adopted: Adopted,
 }
 
 /// Wakes the forwarder out of its idle poll (an eventfd in its poll set).
@@ -97,6 +101,7 @@ impl Forwarder {
     pub fn new(
         cfg: ForwarderConfig,
         mut bpf: Bpf,
+        adopted: Adopted,
         shared: Arc<Shared>,
     ) -> Result<Self, ForwarderError> {
         let uplink_ifindex = netdev::ifindex(&cfg.uplink)
@@ -106,12 +111,19 @@ impl Forwarder {
             warn!(uplink = %cfg.uplink, "cannot enable forwarding, the fast path cannot encapsulate: {e}");
         }
         let uplink_mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
-        let link = bpf.attach(
+        // Until the first pipeline names the encap IP, keep the one a previous process left:
+        // the fast path decapsulates only what is addressed to it.
+        let local_ip = cfg
+            .encap_ip
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .or_else(|| bpf.pinned_port(uplink_ifindex).map(|c| c.local_ip))
+            .unwrap_or(0);
+        let (link, swapped) = bpf.attach(
             uplink_ifindex,
             PortConf {
                 slot: UPLINK_SLOT,
                 kind: port_kind::UPLINK,
-                local_ip: 0,
+                local_ip,
                 pad: 0,
             },
         )?;
@@ -120,7 +132,7 @@ impl Forwarder {
         // Encapsulated frames are redirected to the uplink too; if it is a veth (testbeds,
         // containers), its peer must accept XDP frames.
         netdev::prepare_redirect_target(&cfg.uplink);
-        info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, "uplink attached");
+        info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, adopted = swapped, "uplink attached");
         let pipeline = Arc::new(Pipeline::default());
         let tables = Tables::new(
             pipeline.clone(),
@@ -155,6 +167,8 @@ impl Forwarder {
             encap_buf: vec![0u8; STRIDE],
             pollfds: Vec::new(),
             wake_fd,
+            ready: false,
+            adopted,
         };
         f.add_port(
             f.cfg.uplink.clone(),
@@ -173,7 +187,7 @@ impl Forwarder {
         ifindex: u32,
         slot: u32,
         kind: u32,
-        link: Option<XdpLinkId>,
+        link: Option<PortLink>,
         xsk: Xsk,
     ) {
         self.by_ifindex.insert(ifindex, self.ports.len());
@@ -237,9 +251,20 @@ impl Forwarder {
     fn attach_vm(&mut self, iface: &str) -> Result<(), ForwarderError> {
         let ifindex =
             netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
-        let Some(slot) = self.free_slots.pop() else {
-            warn!(iface, "no free port slot");
-            return Ok(());
+        // Keep the slot a previous process gave the interface: its counters continue.
+        let pinned = self
+            .bpf
+            .pinned_port(ifindex)
+            .and_then(|c| self.free_slots.iter().position(|s| *s == c.slot));
+        let slot = match pinned {
+            Some(i) => self.free_slots.remove(i),
+            None => match self.free_slots.pop() {
+                Some(s) => s,
+                None => {
+                    warn!(iface, "no free port slot");
+                    return Ok(());
+                }
+            },
         };
         let conf = PortConf {
             slot,
@@ -247,7 +272,7 @@ impl Forwarder {
             local_ip: 0,
             pad: 0,
         };
-        let link = match self.bpf.attach(ifindex, conf) {
+        let (link, swapped) = match self.bpf.attach(ifindex, conf) {
             Ok(l) => l,
             Err(e) => {
                 self.free_slots.push(slot);
@@ -265,7 +290,7 @@ impl Forwarder {
         self.bpf.set_xsk(slot, &xsk.fd())?;
         netdev::prepare_redirect_target(iface);
         netdev::silence_host_stack(iface);
-        info!(iface, ifindex, slot, "port attached");
+        info!(iface, ifindex, slot, adopted = swapped, "port attached");
         self.add_port(
             iface.to_string(),
             ifindex,
@@ -288,7 +313,9 @@ impl Forwarder {
     }
 
     /// Brings attached ports in line with the pipeline's local bindings and rebinds tables.
-    fn reconcile(&mut self) {
+    /// Returns whether an interface was attached or detached.
+    fn reconcile(&mut self) -> bool {
+        let before: Vec<u32> = self.ports.iter().map(|p| p.ifindex).collect();
         let wanted: Vec<String> = self.pipeline.bindings.keys().cloned().collect();
         let mut i = 0;
         while i < self.ports.len() {
@@ -322,6 +349,19 @@ impl Forwarder {
             |n| attached.get(n).copied(),
         );
         self.rebuild_index();
+        self.ports.iter().map(|p| p.ifindex).ne(before)
+    }
+
+    /// New generations for the datapaths whose fingerprint moved (see `Tables::fingerprints`).
+    fn regenerate(&mut self) -> Vec<u32> {
+        let fps = self.tables.fingerprints(self.uplink_mac);
+        match self.bpf.set_generations(&fps) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("generation update failed: {e}");
+                Vec::new()
+            }
+        }
     }
 
     fn apply(&mut self, upd: PipelineUpdate) {
@@ -353,10 +393,7 @@ impl Forwarder {
             }
         }
         self.reconcile();
-        let live: Vec<u32> = self.pipeline.datapaths.keys().copied().collect();
-        if let Err(e) = self.bpf.bump_generations(&upd.changed, &live) {
-            warn!("generation update failed: {e}");
-        }
+        let changed = self.regenerate();
         // Resolve the underlay next hops of new remote chassis now (bounded), so the first
         // flood to them is not dropped for want of a neighbour.
         let remotes: Vec<std::net::Ipv4Addr> = self
@@ -376,6 +413,10 @@ impl Forwarder {
             std::thread::sleep(Duration::from_millis(5));
             self.neigh.refresh();
         }
+        if !self.ready {
+            self.ready = true;
+            self.adopt_finish();
+        }
         self.shared
             .nb_version
             .store(self.pipeline.nb_version, Ordering::Relaxed);
@@ -384,10 +425,54 @@ impl Forwarder {
             .fetch_add(1, Ordering::Relaxed);
         info!(
             nb_version = self.pipeline.nb_version,
-            changed = ?upd.changed,
+            changed = ?changed,
             apply_us = upd.noticed.elapsed().as_micros() as u64,
             "pipeline applied"
         );
+    }
+
+    /// After the first pipeline is applied: drop what a previous process left that this one
+    /// does not serve (links and port entries of interfaces no longer bound here), and adopted
+    /// encap megaflows whose cached next hop is no longer the underlay neighbour.
+    fn adopt_finish(&mut self) {
+        let keep: Vec<u32> = self.ports.iter().map(|p| p.ifindex).collect();
+        let gone = self.bpf.forget_ports_except(&keep);
+        if !gone.is_empty() {
+            info!(ifindexes = ?gone, "removed the pinned state of interfaces no longer served");
+        }
+        if self.adopted.megaflows == 0 {
+            return;
+        }
+        let (neigh, smac) = (&self.neigh, self.uplink_mac);
+        let moved = self.bpf.retain(|a| {
+            let dst = std::net::Ipv4Addr::from(a.encap_dst.to_ne_bytes());
+            a.kind != geneflow_abi::act::ENCAP
+                || a.flags & geneflow_abi::flag::NH_CACHED == 0
+                || (a.nh_smac == smac && neigh.get(dst) == Some(a.nh_dmac))
+        });
+        info!(
+            megaflows = self.adopted.megaflows,
+            masks = self.adopted.masks,
+            datapaths = self.adopted.datapaths,
+            next_hop_moved = moved,
+            "adopted the fast-path state of the previous process"
+        );
+    }
+
+    /// Ends the forwarder. With `cleanup` every interface is detached and the pinned state
+    /// removed; otherwise the fast path keeps forwarding on the pinned program and maps until
+    /// the next `geneflowd` adopts them. Returns the pin directory.
+    pub fn shutdown(mut self, cleanup: bool) -> std::path::PathBuf {
+        let root = self.bpf.pin_root().to_path_buf();
+        if cleanup {
+            for p in std::mem::take(&mut self.ports) {
+                if let Some(link) = p.link {
+                    self.bpf.detach(p.ifindex, p.slot, link);
+                }
+            }
+            self.bpf.remove_pins();
+        }
+        root
     }
 
     fn ifname(&self, ix: u32) -> String {
@@ -498,12 +583,16 @@ impl Forwarder {
     }
 
     fn tick(&mut self) {
-        self.reconcile();
+        if self.reconcile() && self.ready {
+            let changed = self.regenerate();
+            if !changed.is_empty() {
+                info!(?changed, "interfaces changed; datapaths regenerated");
+            }
+        }
         if self.neigh.refresh() {
             // Encap megaflows carry the next hop's MAC: a changed neighbour makes them stale.
-            let live: Vec<u32> = self.pipeline.datapaths.keys().copied().collect();
             info!("underlay neighbour changed; invalidating encap megaflows");
-            if let Err(e) = self.bpf.bump_generations(&live, &live) {
+            if let Err(e) = self.bpf.invalidate_all() {
                 warn!("generation update failed: {e}");
             }
         }
@@ -607,6 +696,7 @@ impl Forwarder {
             uplink_mac,
             cfg,
             pipeline,
+            ready,
             ..
         } = self;
         let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
@@ -658,7 +748,7 @@ impl Forwarder {
                 shared.count(out.slot, ctr::DROP_TX_FULL, 1);
             }
         }
-        if let Some(mut m) = d.megaflow {
+        if let (true, Some(mut m)) = (*ready, d.megaflow) {
             if m.action.kind == geneflow_abi::act::ENCAP {
                 let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
                 if let Some(mac) = neigh.get(dst) {

@@ -1,8 +1,9 @@
 //! geneflow datapath: the Geneve codec (`wire`) and the sans-IO userspace pipeline
 //! (`pipeline`), and the I/O around them: the BPF loader and its maps (`loader`), AF_XDP sockets
 //! (`xsk`), the slow-path forwarder (`forwarder`), interface and neighbour facts (`netdev`),
-//! counters (`metrics`) and the local control socket (`ctl`). `geneflowd` wires them to the
-//! control-plane thread.
+//! counters (`metrics`, `exporter`), the local control socket (`ctl`), the configuration file
+//! (`config`) and the pinned state that outlives a process (`persist`). `geneflowd` wires them
+//! to the control-plane thread.
 pub mod config;
 pub mod ctl;
 pub mod exporter;
@@ -10,6 +11,7 @@ pub mod forwarder;
 pub mod loader;
 pub mod metrics;
 pub mod netdev;
+pub mod persist;
 pub mod pipeline;
 pub mod wire;
 pub mod xsk;

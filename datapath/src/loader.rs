@@ -1,15 +1,25 @@
 //! Loads the XDP object, attaches it to interfaces and owns the typed handles of its maps. All
 //! BPF syscalls of the datapath go through here; none of them runs per packet on the hot path
-//! (only per new megaflow, per NB change and per sweep).
+//! (only per new megaflow, per NB change and per sweep). Maps and links are pinned (see
+//! `persist`): loading adopts the maps a previous process left, rebuilds the userspace mirrors
+//! from them, and attaching adopts a pinned link by swapping the program in atomically.
 
+use crate::persist::PinDir;
 use crate::pipeline::Megaflow;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
-use aya::programs::{xdp::XdpLinkId, Xdp, XdpMode};
-use aya::Ebpf;
-use geneflow_abi::{Config, FlowAction, FlowKey, PortConf, MAX_FLOWS, MAX_MASKS};
-use std::collections::HashMap as StdHashMap;
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, XskMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use geneflow_abi::{
+    Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MAX_DATAPATHS, MAX_FLOWS,
+    MAX_MASKS, MAX_PORTS,
+};
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::mem::size_of;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use thiserror::Error;
+use tracing::{info, warn};
 
 const PROG: &str = "geneflow";
 
@@ -33,6 +43,47 @@ pub enum LoaderError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("XDP on ifindex {0} is not a BPF link (kernel too old to pin it)")]
+    NotALink(u32),
+}
+
+/// Every pinned map: name, key size, value size, capacity. A pinned map that differs is not
+/// adopted.
+const MAPS: [(&str, usize, usize, u32); 7] = [
+    (
+        "FLOWS",
+        size_of::<FlowKey>(),
+        size_of::<FlowAction>(),
+        MAX_FLOWS,
+    ),
+    ("MASKS", 4, size_of::<FlowKey>(), MAX_MASKS),
+    ("CONFIG", 4, size_of::<Config>(), 1),
+    ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS),
+    ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS),
+    ("COUNTERS", 4, size_of::<PortCounters>(), MAX_PORTS),
+    ("XSKS", 4, 4, MAX_PORTS),
+];
+
+/// What a load found on bpffs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Adopted {
+    pub megaflows: usize,
+    pub masks: usize,
+    pub datapaths: usize,
+}
+
+/// An interface's XDP link, pinned: dropping it leaves the program attached; `Bpf::detach`
+/// removes the pin and so the attachment.
+#[derive(Debug)]
+pub struct PortLink {
+    link: FdLink,
+    path: PathBuf,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> LoaderError {
@@ -50,18 +101,22 @@ pub enum Install {
 
 pub struct Bpf {
     ebpf: Ebpf,
+    pins: PinDir,
     mode: XdpMode,
     flows: HashMap<MapData, FlowKey, FlowAction>,
     masks: Array<MapData, FlowKey>,
     config: Array<MapData, Config>,
     ports: HashMap<MapData, u32, PortConf>,
-    gens: HashMap<MapData, u32, u32>,
+    gens: HashMap<MapData, u32, DpGen>,
     xsks: XskMap<MapData>,
     counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
     /// Userspace mirrors: the mask list, live generations and installed entries, so the slow
     /// path never re-installs what is there and the sweeper knows what to delete.
     mask_list: Vec<FlowKey>,
-    live_gens: StdHashMap<u32, u32>,
+    live_gens: StdHashMap<u32, DpGen>,
+    /// Generations are global and only grow, so a datapath removed and added back can never
+    /// revive its old entries.
+    next_gen: u32,
     installed: StdHashMap<FlowKey, (FlowAction, std::time::Instant)>,
 }
 
@@ -77,13 +132,55 @@ pub struct FlowInfo {
 }
 
 impl Bpf {
-    pub fn load(object: &[u8], skb_mode: bool) -> Result<Bpf, LoaderError> {
-        let mut ebpf = Ebpf::load(object)?;
+    /// Loads the program with the maps pinned under `pins` (created there if absent or of
+    /// another layout) and rebuilds the userspace mirrors from their contents.
+    pub fn load(
+        object: &[u8],
+        skb_mode: bool,
+        pins: PinDir,
+    ) -> Result<(Bpf, Adopted), LoaderError> {
+        for gone in pins.remove_other_abis() {
+            info!(dir = %gone, "removed pinned maps of another ABI version");
+        }
+        let mismatch = MAPS.iter().find(|(name, k, v, n)| {
+            let path = pins.map_path(name);
+            path.exists()
+                && !MapInfo::from_pin(&path).is_ok_and(|i| {
+                    i.key_size() as usize == *k
+                        && i.value_size() as usize == *v
+                        && i.max_entries() == *n
+                })
+        });
+        if let Some((name, ..)) = mismatch {
+            warn!(
+                map = name,
+                "pinned maps do not match this program's layout; starting with fresh maps"
+            );
+            if let Err(e) = pins.reset_maps() {
+                warn!("cannot reset pinned maps: {e}");
+            }
+        }
+        let paths: Vec<(&str, PathBuf)> = MAPS
+            .iter()
+            .map(|(name, ..)| (*name, pins.map_path(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROG)
             .ok_or(LoaderError::MissingMap("program geneflow"))?
             .try_into()?;
         prog.load()?;
+        // The pinned program is for operators (bpftool); links keep the running one alive.
+        let prog_path = pins.prog_path();
+        let _ = std::fs::remove_file(&prog_path);
+        prog.pin(&prog_path).map_err(|source| LoaderError::Pin {
+            path: prog_path.clone(),
+            source,
+        })?;
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(LoaderError::MissingMap(name));
         let flows = HashMap::try_from(take("FLOWS")?).map_err(map_err("FLOWS"))?;
@@ -93,8 +190,9 @@ impl Bpf {
         let gens = HashMap::try_from(take("GENS")?).map_err(map_err("GENS"))?;
         let xsks = XskMap::try_from(take("XSKS")?).map_err(map_err("XSKS"))?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?).map_err(map_err("COUNTERS"))?;
-        Ok(Bpf {
+        let mut bpf = Bpf {
             ebpf,
+            pins,
             mode: if skb_mode {
                 XdpMode::Skb
             } else {
@@ -109,8 +207,42 @@ impl Bpf {
             counters: Some(counters),
             mask_list: Vec::new(),
             live_gens: StdHashMap::new(),
+            next_gen: 1,
             installed: StdHashMap::with_capacity(MAX_FLOWS as usize),
-        })
+        };
+        let adopted = bpf.restore();
+        Ok((bpf, adopted))
+    }
+
+    /// Rebuilds the mirrors from the (possibly adopted) maps.
+    fn restore(&mut self) -> Adopted {
+        let n = self
+            .config
+            .get(&0, 0)
+            .map(|c| c.n_masks)
+            .unwrap_or(0)
+            .min(MAX_MASKS);
+        self.mask_list = (0..n).map_while(|i| self.masks.get(&i, 0).ok()).collect();
+        self.live_gens = self.gens.iter().flatten().collect();
+        let now = std::time::Instant::now();
+        let mut top = self
+            .live_gens
+            .values()
+            .map(|g| g.generation)
+            .max()
+            .unwrap_or(0);
+        for (k, mut a) in self.flows.iter().flatten() {
+            // The mirror holds actions as installed; hits are the kernel's to count.
+            a.hits = 0;
+            top = top.max(a.generation);
+            self.installed.insert(k, (a, now));
+        }
+        self.next_gen = top.wrapping_add(1).max(1);
+        Adopted {
+            megaflows: self.installed.len(),
+            masks: self.mask_list.len(),
+            datapaths: self.live_gens.len(),
+        }
     }
 
     /// The per-CPU counter map, handed once to the stats reader.
@@ -126,15 +258,76 @@ impl Bpf {
             .try_into()?)
     }
 
-    /// Registers the interface in PORTS and attaches the program to it.
-    pub fn attach(&mut self, ifindex: u32, conf: PortConf) -> Result<XdpLinkId, LoaderError> {
+    /// The configuration a previous process left for this interface, if any.
+    pub fn pinned_port(&self, ifindex: u32) -> Option<PortConf> {
+        self.ports.get(&ifindex, 0).ok()
+    }
+
+    /// Registers the interface in PORTS and attaches the program to it: by swapping it into
+    /// the link a previous process pinned for the interface (atomic, the fast path never stops)
+    /// or, failing that, with a new link, pinned at once so that it outlives this process.
+    /// Returns the link and whether it was adopted.
+    pub fn attach(
+        &mut self,
+        ifindex: u32,
+        conf: PortConf,
+    ) -> Result<(PortLink, bool), LoaderError> {
         self.ports
             .insert(ifindex, conf, 0)
             .map_err(map_err("PORTS"))?;
+        let path = self.pins.link_path(ifindex);
+        if path.exists() {
+            match self.adopt_link(ifindex, &path) {
+                Ok(link) => return Ok((link, true)),
+                Err(e) => {
+                    warn!(
+                        ifindex,
+                        "cannot adopt the pinned XDP link, attaching anew: {e}"
+                    );
+                    // Dropping the last reference detaches whatever it still holds.
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         let mode = self.mode;
-        self.prog()?
+        let prog = self.prog()?;
+        let id = prog
             .attach_to_if_index(ifindex, mode)
-            .map_err(|source| LoaderError::Attach { ifindex, source })
+            .map_err(|source| LoaderError::Attach { ifindex, source })?;
+        let link = prog.take_link(id)?;
+        let fd = FdLink::try_from(link).map_err(|_| LoaderError::NotALink(ifindex))?;
+        let pinned = fd.pin(&path).map_err(|source| LoaderError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((
+            PortLink {
+                link: pinned.into(),
+                path,
+            },
+            false,
+        ))
+    }
+
+    fn adopt_link(
+        &mut self,
+        ifindex: u32,
+        path: &std::path::Path,
+    ) -> Result<PortLink, LoaderError> {
+        let fd: FdLink = PinnedLink::from_pin(path)
+            .map_err(|_| LoaderError::NotALink(ifindex))?
+            .into();
+        let xdp = XdpLink::try_from(fd).map_err(|_| LoaderError::NotALink(ifindex))?;
+        let prog = self.prog()?;
+        let id = prog
+            .attach_to_link(xdp)
+            .map_err(|source| LoaderError::Attach { ifindex, source })?;
+        let fd =
+            FdLink::try_from(prog.take_link(id)?).map_err(|_| LoaderError::NotALink(ifindex))?;
+        Ok(PortLink {
+            link: fd,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Rewrites an attached interface's configuration (e.g. the uplink's encap IP).
@@ -144,12 +337,47 @@ impl Bpf {
             .map_err(map_err("PORTS"))
     }
 
-    pub fn detach(&mut self, ifindex: u32, slot: u32, link: XdpLinkId) {
-        if let Ok(p) = self.prog() {
-            let _ = p.detach(link);
-        }
+    /// Detaches the program from the interface (removing its pin) and forgets the port.
+    pub fn detach(&mut self, ifindex: u32, slot: u32, link: PortLink) {
+        let _ = std::fs::remove_file(&link.path);
+        drop(link.link);
         let _ = self.ports.remove(&ifindex);
         let _ = self.xsks.unset(slot);
+    }
+
+    /// Removes links and port entries a previous process left for interfaces that are not in
+    /// `keep` (unbound while it was down, or gone).
+    pub fn forget_ports_except(&mut self, keep: &[u32]) -> Vec<u32> {
+        let mut gone = Vec::new();
+        for ix in self.pins.pinned_links() {
+            if !keep.contains(&ix) {
+                let _ = std::fs::remove_file(self.pins.link_path(ix));
+                gone.push(ix);
+            }
+        }
+        let stale: Vec<u32> = self
+            .ports
+            .keys()
+            .flatten()
+            .filter(|ix| !keep.contains(ix))
+            .collect();
+        for ix in stale {
+            let _ = self.ports.remove(&ix);
+            if !gone.contains(&ix) {
+                gone.push(ix);
+            }
+        }
+        gone
+    }
+
+    /// Removes everything pinned for this chassis (`--cleanup`). Links detach when their last
+    /// descriptor closes, i.e. when the caller drops its `PortLink`s.
+    pub fn remove_pins(&self) {
+        self.pins.remove_all();
+    }
+
+    pub fn pin_root(&self) -> &std::path::Path {
+        self.pins.root()
     }
 
     pub fn set_xsk(&mut self, slot: u32, fd: &impl AsRawFd) -> Result<(), LoaderError> {
@@ -158,31 +386,78 @@ impl Bpf {
             .map_err(map_err("XSKS"))
     }
 
-    /// Marks every entry of these datapaths stale (O(1) per datapath) and forgets removed
-    /// datapaths.
-    pub fn bump_generations(&mut self, changed: &[u32], live: &[u32]) -> Result<(), LoaderError> {
-        for dp in changed {
-            if live.contains(dp) {
-                let g = self.live_gens.entry(*dp).or_insert(0);
-                *g = g.wrapping_add(1);
-                let g = *g;
-                self.gens.insert(*dp, g, 0).map_err(map_err("GENS"))?;
-            } else {
-                self.live_gens.remove(dp);
-                let _ = self.gens.remove(dp);
+    fn set_gen(&mut self, dp: u32, fingerprint: u64) -> Result<(), LoaderError> {
+        let g = DpGen {
+            generation: self.next_gen,
+            pad: 0,
+            fingerprint,
+        };
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.gens.insert(dp, g, 0).map_err(map_err("GENS"))?;
+        self.live_gens.insert(dp, g);
+        Ok(())
+    }
+
+    /// Brings the generations in line with the datapaths' fingerprints (`fingerprints` holds
+    /// every live datapath): a datapath whose fingerprint changed, or that is new, gets a new
+    /// generation, which makes all its entries stale in O(1); removed datapaths are forgotten.
+    /// Datapaths whose fingerprint is unchanged keep their entries, across restarts too.
+    /// Returns the datapaths that changed.
+    pub fn set_generations(
+        &mut self,
+        fingerprints: &BTreeMap<u32, u64>,
+    ) -> Result<Vec<u32>, LoaderError> {
+        let mut changed = Vec::new();
+        for (&dp, &fp) in fingerprints {
+            if self.live_gens.get(&dp).map(|g| g.fingerprint) != Some(fp) {
+                self.set_gen(dp, fp)?;
+                changed.push(dp);
             }
         }
-        for dp in live {
-            if !self.live_gens.contains_key(dp) {
-                self.live_gens.insert(*dp, 1);
-                self.gens.insert(*dp, 1, 0).map_err(map_err("GENS"))?;
-            }
+        let gone: Vec<u32> = self
+            .live_gens
+            .keys()
+            .copied()
+            .filter(|dp| !fingerprints.contains_key(dp))
+            .collect();
+        for dp in gone {
+            self.live_gens.remove(&dp);
+            let _ = self.gens.remove(&dp);
+            changed.push(dp);
+        }
+        Ok(changed)
+    }
+
+    /// Makes every entry of every datapath stale (e.g. a next hop changed).
+    pub fn invalidate_all(&mut self) -> Result<(), LoaderError> {
+        let all: Vec<(u32, u64)> = self
+            .live_gens
+            .iter()
+            .map(|(dp, g)| (*dp, g.fingerprint))
+            .collect();
+        for (dp, fp) in all {
+            self.set_gen(dp, fp)?;
         }
         Ok(())
     }
 
+    /// Deletes the entries whose action `keep` rejects. Returns how many went.
+    pub fn retain(&mut self, keep: impl Fn(&FlowAction) -> bool) -> usize {
+        let doomed: Vec<FlowKey> = self
+            .installed
+            .iter()
+            .filter(|(_, (a, _))| !keep(a))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &doomed {
+            let _ = self.flows.remove(k);
+            self.installed.remove(k);
+        }
+        doomed.len()
+    }
+
     pub fn install(&mut self, m: &Megaflow) -> Result<Install, LoaderError> {
-        let Some(&generation) = self.live_gens.get(&m.action.dp_key) else {
+        let Some(generation) = self.live_gens.get(&m.action.dp_key).map(|g| g.generation) else {
             return Ok(Install::Refused);
         };
         let id = match self.mask_list.iter().position(|k| *k == m.mask) {
@@ -232,18 +507,10 @@ impl Bpf {
 
     /// Deletes entries whose datapath generation moved on. Returns how many were removed.
     pub fn sweep(&mut self) -> usize {
-        let gens = &self.live_gens;
-        let stale: Vec<FlowKey> = self
-            .installed
-            .iter()
-            .filter(|(_, (a, _))| gens.get(&a.dp_key) != Some(&a.generation))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &stale {
-            let _ = self.flows.remove(k);
-            self.installed.remove(k);
-        }
-        stale.len()
+        let gens = std::mem::take(&mut self.live_gens);
+        let n = self.retain(|a| gens.get(&a.dp_key).map(|g| g.generation) == Some(a.generation));
+        self.live_gens = gens;
+        n
     }
 
     /// Every installed megaflow with its mask, XDP hit count and age.
@@ -261,7 +528,7 @@ impl Bpf {
                 action: *a,
                 hits: self.flows.get(k, 0).map(|v| v.hits).unwrap_or(0),
                 age: t.elapsed(),
-                stale: self.live_gens.get(&a.dp_key) != Some(&a.generation),
+                stale: self.live_gens.get(&a.dp_key).map(|g| g.generation) != Some(a.generation),
             })
             .collect();
         out.sort_by_key(|f| std::cmp::Reverse(f.hits));

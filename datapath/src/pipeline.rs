@@ -14,6 +14,26 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+/// FNV-1a: a hash that, unlike std's, is fixed across Rust releases, so fingerprints stored
+/// by one build compare equal in the next.
+#[derive(Default)]
+struct Fnv1a(Option<u64>);
+
+impl std::hash::Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0.unwrap_or(0xcbf2_9ce4_8422_2325);
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = Some(h);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.unwrap_or(0xcbf2_9ce4_8422_2325)
+    }
+}
+
 /// Why the slow path dropped a frame. Each maps to a counter shared with the XDP program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
@@ -149,6 +169,36 @@ impl Tables {
 
     pub fn ifindex(&self, iface: &str) -> Option<u32> {
         self.ifindex_by_iface.get(iface).copied()
+    }
+
+    /// One fingerprint per logical datapath of everything its megaflows are computed from: the
+    /// compiled datapath, the interfaces its local ports are attached as, the uplink and its
+    /// next-hop source MAC (`uplink_mac`), the encap IP and options, and this build. Equal
+    /// fingerprints mean the installed entries are still exact, so a restarted agent keeps them.
+    pub fn fingerprints(&self, uplink_mac: [u8; 6]) -> std::collections::BTreeMap<u32, u64> {
+        use std::hash::{Hash, Hasher};
+        self.pipeline
+            .datapaths
+            .iter()
+            .map(|(key, dp)| {
+                let mut h = Fnv1a::default();
+                geneflow_abi::ABI_VERSION.hash(&mut h);
+                env!("CARGO_PKG_VERSION").hash(&mut h);
+                dp.hash(&mut h);
+                self.pipeline.encap_ip.hash(&mut h);
+                (
+                    self.uplink_ifindex,
+                    self.uplink_mtu,
+                    self.udp_csum,
+                    uplink_mac,
+                )
+                    .hash(&mut h);
+                for (_, iface) in dp.local_ports() {
+                    self.ifindex(iface).hash(&mut h);
+                }
+                (*key, h.finish())
+            })
+            .collect()
     }
 
     /// Largest inner frame (with its Ethernet header) that fits the uplink once encapsulated.
@@ -729,6 +779,33 @@ mod tests {
             "vp-p2" => Some(11),
             _ => None,
         })
+    }
+
+    #[test]
+    fn fingerprints_move_only_with_what_megaflows_depend_on() {
+        let t = tables();
+        let mac = [2, 0, 0, 0, 0, 1];
+        let base = t.fingerprints(mac);
+        assert_eq!(base.keys().copied().collect::<Vec<_>>(), vec![0xabcd]);
+        // Recompiling the same NB, as a restarted agent does, gives the same fingerprints.
+        assert_eq!(tables().fingerprints(mac), base);
+        // Each input of the actions changes it: a port's interface, the uplink's MAC and MTU,
+        // the checksum option, the encap IP.
+        let reattached = Tables::new(t.pipeline.clone(), UPLINK, 1500, true, |n| match n {
+            "vp-p1" => Some(12),
+            "vp-p2" => Some(11),
+            _ => None,
+        });
+        assert_ne!(reattached.fingerprints(mac), base);
+        assert_ne!(t.fingerprints([2, 0, 0, 0, 0, 2]), base);
+        let other_mtu = Tables::new(t.pipeline.clone(), UPLINK, 9000, true, |n| t.ifindex(n));
+        assert_ne!(other_mtu.fingerprints(mac), base);
+        let no_csum = Tables::new(t.pipeline.clone(), UPLINK, 1500, false, |n| t.ifindex(n));
+        assert_ne!(no_csum.fingerprints(mac), base);
+        let mut p = (*t.pipeline).clone();
+        p.encap_ip = Some("198.18.0.9".parse().unwrap());
+        let moved = Tables::new(Arc::new(p), UPLINK, 1500, true, |n| t.ifindex(n));
+        assert_ne!(moved.fingerprints(mac), base);
     }
 
     fn inner_to(dst: [u8; 6]) -> Vec<u8> {

@@ -179,3 +179,10 @@ pub fn reachable(tb: &Testbed, from: &str, ip: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// The id of the XDP program attached to `iface` in namespace `ns`, if any.
+pub fn xdp_prog_id(ns: &str, iface: &str) -> Result<Option<u64>> {
+    let out = run(Command::new("ip").args(["-n", ns, "-j", "-d", "link", "show", "dev", iface]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v[0]["xdp"]["prog"]["id"].as_u64())
+}

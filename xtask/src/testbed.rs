@@ -13,8 +13,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Namespaces and agent pids of every live testbed of this process, for the Ctrl-C handler.
-static LIVE: Mutex<Vec<(Vec<String>, Vec<u32>)>> = Mutex::new(Vec::new());
+/// Namespaces, agent pids and bpffs mounts of every live testbed of this process, for the
+/// Ctrl-C handler.
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct Live {
+    namespaces: Vec<String>,
+    pids: Vec<u32>,
+    mounts: Vec<PathBuf>,
+}
 
 /// Removes everything every live testbed made. Safe to call from a signal handler thread.
 pub fn cleanup_all() {
@@ -22,7 +30,12 @@ pub fn cleanup_all() {
         Ok(mut l) => std::mem::take(&mut *l),
         Err(_) => return,
     };
-    for (ns, pids) in live {
+    for Live {
+        namespaces: ns,
+        pids,
+        mounts,
+    } in live
+    {
         for p in pids {
             // SAFETY: plain kill(2) on a pid we spawned.
             unsafe { libc::kill(p as i32, libc::SIGKILL) };
@@ -30,7 +43,21 @@ pub fn cleanup_all() {
         for n in ns {
             let _ = Command::new("ip").args(["netns", "del", &n]).status();
         }
+        for m in mounts {
+            unmount_bpffs(&m);
+        }
     }
+}
+
+/// Removes the pins of a testbed's bpffs and unmounts it (the pinned maps and links die with
+/// the last reference).
+fn unmount_bpffs(m: &Path) {
+    if let Ok(rd) = std::fs::read_dir(m) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let _ = Command::new("umount").arg("-l").arg(m).status();
 }
 
 /// Installs a Ctrl-C/SIGTERM handler that cleans up and exits (once per process).
@@ -66,6 +93,30 @@ pub fn sweep_stale() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
+    // bpffs mounts of dead runs: /tmp/gf<pid>x<tag>/bpffs.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(at), Some("bpf")) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Some(dir) = at.strip_suffix("/bpffs") else {
+            continue;
+        };
+        let base = Path::new(dir)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        let pid = base
+            .strip_prefix("gf")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(p, _)| p.parse::<i32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                unmount_bpffs(Path::new(at));
+            }
+        }
+    }
 }
 
 /// Where the project's binaries are: $GENEFLOW_BIN_DIR, or next to the running executable.
@@ -97,6 +148,7 @@ fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
+#[derive(Debug, Clone)]
 pub struct Vm {
     pub name: String,
     pub ns: String,
@@ -116,6 +168,8 @@ pub struct Chassis {
     pub ip: String,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// Extra geneflowd flags (e.g. `--cleanup`).
+    pub agent_args: Vec<String>,
     agent: Option<Child>,
 }
 
@@ -191,11 +245,22 @@ impl Testbed {
             slot: LIVE
                 .lock()
                 .map(|mut l| {
-                    l.push((Vec::new(), Vec::new()));
+                    l.push(Live::default());
                     l.len() - 1
                 })
                 .unwrap_or(0),
         };
+        // The agents pin their fast path here. `ip netns exec` hides the host's /sys/fs/bpf,
+        // but a mount under /tmp stays visible in every namespace of the run.
+        let bpffs = tb.bpffs();
+        std::fs::create_dir_all(&bpffs)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))
+            .context("mounting the testbed's bpffs")?;
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(tb.slot) {
+                e.mounts.push(bpffs);
+            }
+        }
         tb.add_ns(&underlay_ns)?;
         ip(&["-n", &underlay_ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &underlay_ns, "link", "set", "br0", "up"])?;
@@ -324,7 +389,7 @@ impl Testbed {
             .with_context(|| format!("starting {}", s.name))?;
         if let Ok(mut l) = LIVE.lock() {
             if let Some(e) = l.get_mut(self.slot) {
-                e.1.push(child.id());
+                e.pids.push(child.id());
             }
         }
         s.child = Some(child);
@@ -385,7 +450,7 @@ impl Testbed {
         self.namespaces.push(ns.to_string());
         if let Ok(mut l) = LIVE.lock() {
             if let Some(e) = l.get_mut(self.slot) {
-                e.0.push(ns.to_string());
+                e.namespaces.push(ns.to_string());
             }
         }
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -527,7 +592,7 @@ impl Testbed {
             if let Ok(p) = std::fs::read_to_string(dir.join(pidf)) {
                 if let (Ok(pid), Ok(mut l)) = (p.trim().parse::<u32>(), LIVE.lock()) {
                     if let Some(e) = l.get_mut(self.slot) {
-                        e.1.push(pid);
+                        e.pids.push(pid);
                     }
                 }
             }
@@ -598,6 +663,7 @@ impl Testbed {
             ip: ipaddr,
             socket: self.dir.join(format!("{name}.sock")),
             log: dir.join("ovs-vswitchd.log"),
+            agent_args: Vec::new(),
             agent: None,
         });
         Ok(())
@@ -742,6 +808,7 @@ impl Testbed {
             ip: ipaddr,
             socket: self.dir.join(format!("{name}.sock")),
             log: self.dir.join(format!("{name}.log")),
+            agent_args: Vec::new(),
             agent: None,
         });
         Ok(())
@@ -776,6 +843,7 @@ impl Testbed {
                 ip: ipaddr,
                 socket: self.dir.join(format!("{name}.sock")),
                 log: self.dir.join(format!("{name}.log")),
+                agent_args: Vec::new(),
                 agent: None,
             });
         }
@@ -884,15 +952,33 @@ impl Testbed {
         Ok(())
     }
 
+    /// The testbed's bpffs (mounted in the host's mount namespace, under the run directory).
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    /// Where chassis `name`'s agent pins its fast path.
+    pub fn pin_dir(&self, name: &str) -> PathBuf {
+        self.bpffs().join(name)
+    }
+
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let bin = self.bin("geneflowd");
+        let pin_dir = self.pin_dir(&self.chassis[i].name);
         let c = &mut self.chassis[i];
-        let log = std::fs::File::create(&c.log)?;
+        // Appended, so that a restart keeps the log of the agent before it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&c.log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &c.ns, &bin])
             .args(["--chassis", &c.name, "--nb", &self.nb, "--uplink", "ul"])
             .arg("--ctl-socket")
             .arg(&c.socket)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(&c.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -903,7 +989,7 @@ impl Testbed {
             .context("starting geneflowd")?;
         if let Ok(mut l) = LIVE.lock() {
             if let Some(e) = l.get_mut(self.slot) {
-                e.1.push(child.id());
+                e.pids.push(child.id());
             }
         }
         c.agent = Some(child);
@@ -931,6 +1017,14 @@ impl Testbed {
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills chassis `i`'s agent with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.chassis[i].agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -1096,9 +1190,10 @@ impl Drop for Testbed {
         for n in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
+        unmount_bpffs(&self.bpffs());
         if let Ok(mut l) = LIVE.lock() {
             if let Some(e) = l.get_mut(self.slot) {
-                *e = (Vec::new(), Vec::new());
+                *e = Live::default();
             }
         }
         if std::env::var_os("GENEFLOW_KEEP_LOGS").is_none() {

@@ -11,6 +11,7 @@ use geneflow_datapath::{
     forwarder::{Forwarder, ForwarderConfig},
     loader::Bpf,
     metrics::Shared,
+    persist::PinDir,
     xsk::BindMode,
     XDP_OBJECT,
 };
@@ -60,6 +61,17 @@ struct Args {
     /// Cores for the forwarder thread (comma separated; the first is used).
     #[arg(long, value_delimiter = ',')]
     forwarder_cores: Option<Vec<usize>>,
+    /// Directory on bpffs for the pinned program, maps and XDP links
+    /// (default /sys/fs/bpf/geneflow/<chassis>).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// On exit, detach from every interface and remove the pinned state (by default the fast
+    /// path keeps forwarding until the next geneflowd adopts it).
+    #[arg(long)]
+    cleanup: bool,
+    /// Remove the pinned state a stopped geneflowd left (detaching its XDP program) and exit.
+    #[arg(long, conflicts_with = "cleanup")]
+    cleanup_only: bool,
 }
 
 fn main() {
@@ -105,6 +117,16 @@ fn run(args: Args) -> Result<()> {
     if geneflow_control::model::check_name(&chassis).is_err() {
         bail!("--chassis {chassis:?}: not a valid chassis name");
     }
+    let pin_dir = args
+        .pin_dir
+        .or(file.pin_dir)
+        .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/geneflow/{chassis}")));
+    if args.cleanup_only {
+        let pins = PinDir::open(&pin_dir)?;
+        pins.remove_all();
+        info!(pin_dir = %pin_dir.display(), "pinned datapath state removed; XDP detached");
+        return Ok(());
+    }
     let uplink = args
         .uplink
         .or(file.uplink)
@@ -141,7 +163,17 @@ fn run(args: Args) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the signal handler")?;
     }
-    let mut bpf = Bpf::load(XDP_OBJECT, xdp_mode == "skb").context("loading the XDP program")?;
+    let pins = PinDir::open(&pin_dir)?;
+    let (mut bpf, adopted) =
+        Bpf::load(XDP_OBJECT, xdp_mode == "skb", pins).context("loading the XDP program")?;
+    if adopted.datapaths > 0 || adopted.megaflows > 0 {
+        info!(
+            megaflows = adopted.megaflows,
+            datapaths = adopted.datapaths,
+            pin_dir = %pin_dir.display(),
+            "found the pinned fast path of a previous geneflowd; adopting it"
+        );
+    }
     let shared = Arc::new(Shared::new(&chassis));
     let nb_status = shared.nb.clone();
     let counters = Arc::new(Mutex::new(bpf.take_counters()));
@@ -155,8 +187,8 @@ fn run(args: Args) -> Result<()> {
         },
         encap_ip,
     };
-    let mut fwd =
-        Forwarder::new(cfg, bpf, shared.clone()).with_context(|| format!("uplink {uplink}"))?;
+    let mut fwd = Forwarder::new(cfg, bpf, adopted, shared.clone())
+        .with_context(|| format!("uplink {uplink}"))?;
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let _ctl = CtlServer::start(&ctl_socket, shared.clone(), counters.clone(), ctl_tx)
         .with_context(|| format!("ctl socket {}", ctl_socket.display()))?;
@@ -183,7 +215,11 @@ fn run(args: Args) -> Result<()> {
     fwd.run(rx, ctl_rx, stop.clone());
     stop.store(true, Ordering::Relaxed);
     let _ = control.join();
-    drop(fwd);
-    info!("geneflowd stopped; XDP programs detached");
+    let root = fwd.shutdown(args.cleanup);
+    if args.cleanup {
+        info!("geneflowd stopped; XDP programs detached, pinned state removed");
+    } else {
+        info!(pin_dir = %root.display(), "geneflowd stopped; the fast path keeps forwarding on its pinned state (--cleanup-only removes it)");
+    }
     Ok(())
 }

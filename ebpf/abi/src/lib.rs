@@ -4,6 +4,11 @@
 //! both sides, so a layout change can never drift between them.
 #![no_std]
 
+/// Version of the layout of every map below. Bump it on any change to a map's key or value type
+/// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
+/// across versions swaps in fresh maps and the slow path refills them).
+pub const ABI_VERSION: u32 = 1;
+
 /// Upper bound of the ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
 /// Megaflow table capacity.
@@ -309,6 +314,16 @@ pub struct Config {
     pub pad: u32,
 }
 
+/// The live generation of one logical datapath, and a fingerprint of everything its megaflows
+/// were computed from, so that a restarted agent can tell whether they are still right.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DpGen {
+    pub generation: u32,
+    pub pad: u32,
+    pub fingerprint: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all these types are repr(C), Copy, contain only integers and have no implicit
@@ -322,4 +337,6 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DpGen {}
 }

@@ -15,7 +15,7 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, FlowAction, FlowKey,
+        act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, DpGen, FlowAction, FlowKey,
         PortConf, PortCounters, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS,
         MAX_FLOWS, MAX_MASKS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
@@ -29,7 +29,7 @@ mod prog {
     #[map]
     static PORTS: HashMap<u32, PortConf> = HashMap::with_max_entries(MAX_PORTS, 0);
     #[map]
-    static GENS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DATAPATHS, 0);
+    static GENS: HashMap<u32, DpGen> = HashMap::with_max_entries(MAX_DATAPATHS, 0);
     #[map]
     static COUNTERS: PerCpuArray<PortCounters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
     #[map]
@@ -370,7 +370,7 @@ mod prog {
                 // SAFETY: the kernel returned a pointer to the live value.
                 let a = unsafe { *p };
                 // SAFETY: as above.
-                let live = unsafe { GENS.get(&a.dp_key) }.copied();
+                let live = unsafe { GENS.get(&a.dp_key) }.map(|g| g.generation);
                 if live != Some(a.generation) {
                     return None;
                 }

@@ -1,0 +1,163 @@
+//! Hitless restart: the fast path is pinned on bpffs, outlives `geneflowd` (SIGKILL or SIGTERM)
+//! and is adopted by the next one, which swaps its own program in atomically; `--cleanup` and
+//! `--cleanup-only` tear it down.
+
+use anyhow::{Context, Result};
+use geneflow_tests::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const N: u64 = 200_000;
+const RATE: u64 = 20_000;
+
+#[test]
+fn sigkill_and_restart_during_a_stream_lose_no_packet() -> Result<()> {
+    let mut tb = two_chassis("rk")?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    let (ns1, ns2) = (tb.chassis[0].ns.clone(), tb.chassis[1].ns.clone());
+    // Establish the flows both ways (ARP, megaflows) before the stream.
+    tb.ping("vm1", &vm3.ip, 2)?;
+    let before = (
+        xdp_prog_id(&ns1, &vm1.iface)?.context("no XDP on ch1's vm1 port")?,
+        xdp_prog_id(&ns2, "ul")?.context("no XDP on ch2's uplink")?,
+    );
+    let rx = tb.udp_receiver("vm3", 6800, N, 3.0)?;
+    let mut tx = tb
+        .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
+        .args(["send", "--dst", &format!("{}:6800", vm3.ip)])
+        .args(["--count", &N.to_string(), "--rate", &RATE.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let t0 = Instant::now();
+    let at = |s: f64| {
+        let when = t0 + Duration::from_secs_f64(s);
+        std::thread::sleep(when.saturating_duration_since(Instant::now()));
+    };
+
+    // Encapsulating side: kill ch1's agent mid-stream; its XDP program keeps forwarding.
+    at(2.0);
+    tb.kill_agent(0);
+    at(2.5);
+    assert_eq!(
+        xdp_prog_id(&ns1, &vm1.iface)?,
+        Some(before.0),
+        "the fast path died with the agent"
+    );
+    tb.start_agent(0)?;
+    let swapped = xdp_prog_id(&ns1, &vm1.iface)?.context("XDP gone after restart")?;
+    assert_ne!(
+        swapped, before.0,
+        "the new agent did not swap its program in"
+    );
+    assert_eq!(
+        xdp_prog_id(&ns1, "ul")?,
+        Some(swapped),
+        "uplink runs another program"
+    );
+
+    // Decapsulating side.
+    at(5.0);
+    tb.kill_agent(1);
+    at(5.5);
+    assert_eq!(xdp_prog_id(&ns2, "ul")?, Some(before.1));
+    tb.start_agent(1)?;
+    assert_ne!(xdp_prog_id(&ns2, "ul")?.context("XDP gone")?, before.1);
+
+    let st = tx.wait()?;
+    assert!(st.success(), "sender: {st}");
+    let got = Testbed::udp_result(rx)?;
+    assert_eq!(
+        got,
+        N,
+        "lost {} of {N} datagrams across two restarts",
+        N - got
+    );
+
+    // The restarted agents adopted the pinned state instead of starting cold.
+    for ch in ["ch1", "ch2"] {
+        let log = tb.agent_log(ch);
+        assert!(
+            log.contains("adopted the fast-path state of the previous process"),
+            "{ch} did not adopt:\n{log}"
+        );
+    }
+    // ch1's new agent still knows the megaflow it inherited and sees its hits.
+    let sock = tb.chassis[0].socket.display().to_string();
+    let flows =
+        run(Command::new(tb.bin("geneflowctl"))
+            .args(["flows", "--format", "json", "--socket", &sock]))?;
+    let v: serde_json::Value = serde_json::from_str(&flows)?;
+    let f = v["megaflows"]
+        .as_array()
+        .context("megaflows")?
+        .iter()
+        .find(|f| {
+            f["match"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("eth_dst={}", vm3.mac))
+        })
+        .cloned()
+        .with_context(|| format!("megaflow to vm3 lost: {v}"))?;
+    assert!(f["hits"].as_u64().unwrap_or(0) >= N / 2, "{f}");
+    assert_eq!(f["stale"], false, "{f}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_keeps_the_fast_path_and_cleanup_removes_it() -> Result<()> {
+    let mut tb = two_chassis("rt")?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    let ns1 = tb.chassis[0].ns.clone();
+    let pins = tb.pin_dir("ch1");
+    tb.ping("vm1", &vm3.ip, 2)?;
+    // SIGTERM: the agent is gone, established traffic still flows.
+    tb.stop_agent(0);
+    assert!(xdp_prog_id(&ns1, &vm1.iface)?.is_some());
+    assert!(
+        pins.join("links").read_dir()?.count() >= 3,
+        "uplink + 2 VM links pinned"
+    );
+    assert_eq!(tb.udp_stream("vm1", "vm3", 6801, 1_000, 5_000)?, 1_000);
+    // --cleanup-only on the stopped agent's pins tears the datapath down.
+    run(Command::new("ip")
+        .args(["netns", "exec", &ns1])
+        .arg(tb.bin("geneflowd"))
+        .args([
+            "--chassis",
+            "ch1",
+            "--pin-dir",
+            &pins.display().to_string(),
+            "--cleanup-only",
+        ]))?;
+    assert_eq!(xdp_prog_id(&ns1, &vm1.iface)?, None);
+    assert_eq!(xdp_prog_id(&ns1, "ul")?, None);
+    assert!(!pins.exists());
+    // A cold start works after that; with --cleanup, SIGTERM removes everything.
+    tb.chassis[0].agent_args = vec!["--cleanup".into()];
+    tb.start_agent(0)?;
+    assert_eq!(tb.udp_stream("vm1", "vm3", 6802, 100, 5_000)?, 100);
+    tb.stop_agent(0);
+    assert_eq!(xdp_prog_id(&ns1, &vm1.iface)?, None);
+    assert_eq!(xdp_prog_id(&ns1, "ul")?, None);
+    assert!(!pins.exists());
+    // A pin directory off bpffs is refused with one line naming it.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns1])
+        .arg(tb.bin("geneflowd"))
+        .args([
+            "--chassis",
+            "ch1",
+            "--uplink",
+            "ul",
+            "--pin-dir",
+            "/tmp/not-bpffs/ch1",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("pin_dir /tmp/not-bpffs/ch1"),
+        "{err}"
+    );
+    Ok(())
+}
