@@ -161,3 +161,78 @@ fn sigterm_keeps_the_fast_path_and_cleanup_removes_it() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn megaflows_of_a_datapath_changed_while_down_are_not_adopted() -> Result<()> {
+    let mut tb = two_chassis("rc")?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    assert_eq!(tb.udp_stream("vm1", "vm3", 6810, 100, 5_000)?, 100);
+    tb.kill_agent(0);
+    // While ch1 has no agent, vm3 leaves ls1: the pinned megaflow to it is now wrong.
+    tb.nbctl(&["lsp-del", "vm3"])?;
+    tb.start_agent(0)?;
+    let sock = tb.chassis[0].socket.display().to_string();
+    let flows =
+        run(Command::new(tb.bin("geneflowctl"))
+            .args(["flows", "--format", "json", "--socket", &sock]))?;
+    let v: serde_json::Value = serde_json::from_str(&flows)?;
+    let live_to_vm3 = v["megaflows"]
+        .as_array()
+        .context("megaflows")?
+        .iter()
+        .filter(|f| f["stale"] == false)
+        .any(|f| {
+            f["match"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("eth_dst={}", vm3.mac))
+        });
+    assert!(!live_to_vm3, "the stale megaflow to vm3 was adopted: {v}");
+    // Frames to vm3 now end where the new pipeline says: no destination.
+    let before = tb.counter("ch1", &vm1.iface, "drop_no_destination")?;
+    tb.udp_send("vm1", &vm3.ip, 6811, 20, 1_000)?;
+    let after = tb.counter("ch1", &vm1.iface, "drop_no_destination")?;
+    assert_eq!(after - before, 20);
+    assert!(
+        tb.agent_log("ch1").contains("changed=[1000]"),
+        "{}",
+        tb.agent_log("ch1")
+    );
+    Ok(())
+}
+
+#[test]
+fn restart_while_the_nb_is_down_keeps_established_flows() -> Result<()> {
+    let mut tb = two_chassis_on("rn", NbKind::Redis)?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    tb.ping("vm1", &vm3.ip, 2)?;
+    const M: u64 = 40_000;
+    let rx = tb.udp_receiver("vm3", 6820, M, 3.0)?;
+    let mut tx = tb
+        .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
+        .args(["send", "--dst", &format!("{}:6820", vm3.ip)])
+        .args(["--count", &M.to_string(), "--rate", "5000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    // The NB goes away, then ch1's agent dies and comes back without it: it adopts the pinned
+    // state and serves the uplink, the VM ports keep the old program until it knows them.
+    tb.kill_server(0);
+    tb.kill_agent(0);
+    tb.start_agent_uplink_only(0)?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!tb
+        .agent_log("ch1")
+        .contains("adopted the fast-path state of the previous"));
+    tb.start_server(0)?;
+    within(Duration::from_secs(10), || {
+        Ok(tb
+            .agent_log("ch1")
+            .contains("adopted the fast-path state of the previous process"))
+    })?
+    .context("the agent did not finish adopting once the NB returned")?;
+    assert!(tx.wait()?.success());
+    let got = Testbed::udp_result(rx)?;
+    assert_eq!(got, M, "lost {} of {M}", M - got);
+    Ok(())
+}

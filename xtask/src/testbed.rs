@@ -962,7 +962,23 @@ impl Testbed {
         self.bpffs().join(name)
     }
 
+    /// Starts chassis `i`'s agent and waits until it has attached the uplink and every VM
+    /// port of the chassis.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.spawn_agent(i)?;
+        let name = &self.chassis[i].name;
+        let want = self.vms.iter().filter(|v| &v.chassis == name).count() + 1;
+        self.wait_agent(i, want)
+    }
+
+    /// Starts chassis `i`'s agent and waits only for its uplink (an agent that cannot reach
+    /// the NB attaches nothing else).
+    pub fn start_agent_uplink_only(&mut self, i: usize) -> Result<()> {
+        self.spawn_agent(i)?;
+        self.wait_agent(i, 1)
+    }
+
+    fn spawn_agent(&mut self, i: usize) -> Result<()> {
         let bin = self.bin("geneflowd");
         let pin_dir = self.pin_dir(&self.chassis[i].name);
         let c = &mut self.chassis[i];
@@ -993,8 +1009,12 @@ impl Testbed {
             }
         }
         c.agent = Some(child);
-        let name = c.name.clone();
-        let want = self.vms.iter().filter(|v| v.chassis == name).count() + 1;
+        Ok(())
+    }
+
+    /// Waits until chassis `i`'s agent answers with `want` ports attached.
+    fn wait_agent(&mut self, i: usize, want: usize) -> Result<()> {
+        let name = self.chassis[i].name.clone();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(ch) = self.chassis[i].agent.as_mut() {
