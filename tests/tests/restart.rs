@@ -236,3 +236,53 @@ fn restart_while_the_nb_is_down_keeps_established_flows() -> Result<()> {
     assert_eq!(got, M, "lost {} of {M}", M - got);
     Ok(())
 }
+
+#[test]
+fn an_upgrade_across_map_layouts_starts_fresh_maps_without_detaching() -> Result<()> {
+    let mut tb = two_chassis("ru")?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    let ns1 = tb.chassis[0].ns.clone();
+    assert_eq!(tb.udp_stream("vm1", "vm3", 6830, 100, 5_000)?, 100);
+    tb.stop_agent(0);
+    let old = xdp_prog_id(&ns1, &vm1.iface)?.context("no XDP")?;
+    // What a build of another ABI version would have left: its maps under its own version.
+    let pins = tb.pin_dir("ch1");
+    let maps = std::fs::read_dir(&pins)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("maps-v"))
+        .context("no pinned maps")?;
+    std::fs::rename(pins.join(&maps), pins.join("maps-v0"))?;
+    tb.start_agent(0)?;
+    assert!(
+        !pins.join("maps-v0").exists(),
+        "old-layout maps left behind"
+    );
+    assert!(pins.join(&maps).join("FLOWS").exists());
+    let new = xdp_prog_id(&ns1, &vm1.iface)?.context("XDP gone")?;
+    assert_ne!(new, old);
+    assert!(tb
+        .agent_log("ch1")
+        .contains("removed pinned maps of another ABI version"));
+    // Nothing adopted (fresh maps), and the slow path refills them.
+    assert_eq!(tb.udp_stream("vm1", "vm3", 6831, 100, 5_000)?, 100);
+    let s = tb.stats("ch1")?;
+    assert!(s["megaflows"].as_u64().unwrap_or(0) >= 1, "{s}");
+    // A pinned map of our version but another shape (a build that forgot to bump the version)
+    // is not adopted either.
+    tb.stop_agent(0);
+    let config = pins.join(&maps).join("CONFIG");
+    std::fs::remove_file(&config)?;
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&config)
+        .args([
+            "type", "array", "key", "4", "value", "16", "entries", "1", "name", "CONFIG",
+        ]))?;
+    tb.start_agent(0)?;
+    assert!(tb
+        .agent_log("ch1")
+        .contains("pinned maps do not match this program's layout"));
+    assert_eq!(tb.udp_stream("vm1", "vm3", 6832, 100, 5_000)?, 100);
+    Ok(())
+}
