@@ -61,6 +61,8 @@ const APT: &[&str] = &[
     "iperf3",
     // The independent Geneve peer of the interop test and the OVS baselines of the bench.
     "openvswitch-switch",
+    // Keeps the OVS chassis's own stack off its system ports (netdev ingress hook).
+    "nftables",
 ];
 
 fn main() {

@@ -49,6 +49,25 @@ pub fn cleanup_all() {
     }
 }
 
+/// Drops everything arriving on `iface` (in `ns`) at the netdev ingress hook: after AF_PACKET
+/// (OVS `system` ports) has seen it, before the namespace's own IP stack does. Otherwise the
+/// kernel works on every frame OVS forwards too, and answers Geneve with ICMP port unreachable.
+fn keep_stack_out(tb: &Testbed, ns: &str, iface: &str) -> Result<()> {
+    let table = format!("gf_{}", iface.replace('-', "_"));
+    run(tb
+        .ns_cmd(ns, "nft")
+        .args(["add", "table", "netdev", &table]))?;
+    run(tb.ns_cmd(ns, "nft").args([
+        "add",
+        "chain",
+        "netdev",
+        &table,
+        "in",
+        &format!("{{ type filter hook ingress device \"{iface}\" priority 0; policy drop; }}"),
+    ]))?;
+    Ok(())
+}
+
 /// Removes the pins of a testbed's bpffs and unmounts it (the pinned maps and links die with
 /// the last reference).
 fn unmount_bpffs(m: &Path) {
@@ -598,6 +617,9 @@ impl Testbed {
             }
         }
         let port_type = if afxdp { "afxdp" } else { "system" };
+        if !afxdp {
+            keep_stack_out(self, &ns, "ul")?;
+        }
         vsctl(&[
             "add-br",
             "br-int",
@@ -705,12 +727,12 @@ impl Testbed {
             .ok_or_else(|| anyhow!("no OVS chassis {chassis}"))?;
         let d = o.dir.display().to_string();
         let pt = o.port_type;
-        // Frames XDP-transmitted into the VM's veth (the XDP generator) need GRO on the OVS
-        // side, or the kernel drops them before AF_PACKET sees them.
+        // No GRO here: it would hand AF_PACKET (system ports) 64 KB TCP aggregates that OVS
+        // cannot forward. The XDP generator's frames need it; the benchmark turns it on itself.
         let ovs_ns = o.ns.clone();
-        run(self
-            .ns_cmd(&ovs_ns, "ethtool")
-            .args(["-K", &iface, "gro", "on"]))?;
+        if pt == "system" {
+            keep_stack_out(self, &ovs_ns, &iface)?;
+        }
         let mut c = Command::new("ovs-vsctl");
         c.env("OVS_RUNDIR", &d)
             .arg(format!("--db=unix:{d}/db.sock"))
