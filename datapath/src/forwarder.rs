@@ -757,7 +757,12 @@ impl Forwarder {
                     m.action.flags |= geneflow_abi::flag::NH_CACHED;
                 }
             }
-            match bpf.install(&m) {
+            let list = if in_ifindex == *uplink_ifindex {
+                geneflow_abi::mask_list::UPLINK
+            } else {
+                geneflow_abi::mask_list::VM
+            };
+            match bpf.install(&m, list) {
                 Ok(Install::Installed) => {
                     shared.count(in_slot, ctr::FLOW_INSTALL, 1);
                     shared

@@ -11,8 +11,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
-    Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MAX_DATAPATHS, MAX_FLOWS,
-    MAX_MASKS, MAX_PORTS,
+    Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS,
+    MAX_FLOWS, MAX_MASKS, MAX_PORTS,
 };
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::mem::size_of;
@@ -62,7 +62,7 @@ const MAPS: [(&str, usize, usize, u32); 7] = [
         size_of::<FlowAction>(),
         MAX_FLOWS,
     ),
-    ("MASKS", 4, size_of::<FlowKey>(), MAX_MASKS),
+    ("MASKS", 4, size_of::<FlowKey>(), MAX_MASKS * MASK_LISTS),
     ("CONFIG", 4, size_of::<Config>(), 1),
     ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS),
     ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS),
@@ -112,7 +112,8 @@ pub struct Bpf {
     counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
     /// Userspace mirrors: the mask list, live generations and installed entries, so the slow
     /// path never re-installs what is there and the sweeper knows what to delete.
-    mask_list: Vec<FlowKey>,
+    /// The mask lists (`mask_list::*`), as in MASKS.
+    mask_lists: [Vec<FlowKey>; MASK_LISTS as usize],
     live_gens: StdHashMap<u32, DpGen>,
     /// Generations are global and only grow, so a datapath removed and added back can never
     /// revive its old entries.
@@ -205,7 +206,7 @@ impl Bpf {
             gens,
             xsks,
             counters: Some(counters),
-            mask_list: Vec::new(),
+            mask_lists: Default::default(),
             live_gens: StdHashMap::new(),
             next_gen: 1,
             installed: StdHashMap::with_capacity(MAX_FLOWS as usize),
@@ -216,13 +217,17 @@ impl Bpf {
 
     /// Rebuilds the mirrors from the (possibly adopted) maps.
     fn restore(&mut self) -> Adopted {
-        let n = self
+        let counts = self
             .config
             .get(&0, 0)
             .map(|c| c.n_masks)
-            .unwrap_or(0)
-            .min(MAX_MASKS);
-        self.mask_list = (0..n).map_while(|i| self.masks.get(&i, 0).ok()).collect();
+            .unwrap_or_default();
+        for (l, n) in counts.iter().enumerate() {
+            let base = l as u32 * MAX_MASKS;
+            self.mask_lists[l] = (0..(*n).min(MAX_MASKS))
+                .map_while(|i| self.masks.get(&(base + i), 0).ok())
+                .collect();
+        }
         self.live_gens = self.gens.iter().flatten().collect();
         let now = std::time::Instant::now();
         let mut top = self
@@ -240,7 +245,7 @@ impl Bpf {
         self.next_gen = top.wrapping_add(1).max(1);
         Adopted {
             megaflows: self.installed.len(),
-            masks: self.mask_list.len(),
+            masks: self.mask_count(),
             datapaths: self.live_gens.len(),
         }
     }
@@ -456,32 +461,30 @@ impl Bpf {
         doomed.len()
     }
 
-    pub fn install(&mut self, m: &Megaflow) -> Result<Install, LoaderError> {
+    /// Installs a megaflow for frames arriving on a port of mask list `list` (`mask_list::*`).
+    pub fn install(&mut self, m: &Megaflow, list: u32) -> Result<Install, LoaderError> {
         let Some(generation) = self.live_gens.get(&m.action.dp_key).map(|g| g.generation) else {
             return Ok(Install::Refused);
         };
-        let id = match self.mask_list.iter().position(|k| *k == m.mask) {
-            Some(i) => i,
+        let l = (list as usize).min(MASK_LISTS as usize - 1);
+        let base = l as u32 * MAX_MASKS;
+        let id = match self.mask_lists[l].iter().position(|k| *k == m.mask) {
+            Some(i) => base + i as u32,
             None => {
-                if self.mask_list.len() >= MAX_MASKS as usize {
+                if self.mask_lists[l].len() >= MAX_MASKS as usize {
                     return Ok(Install::Refused);
                 }
-                let i = self.mask_list.len();
-                self.masks
-                    .set(i as u32, m.mask, 0)
-                    .map_err(map_err("MASKS"))?;
-                self.mask_list.push(m.mask);
+                let id = base + self.mask_lists[l].len() as u32;
+                self.masks.set(id, m.mask, 0).map_err(map_err("MASKS"))?;
+                self.mask_lists[l].push(m.mask);
+                let mut n_masks = [0; MASK_LISTS as usize];
+                for (n, list) in n_masks.iter_mut().zip(&self.mask_lists) {
+                    *n = list.len() as u32;
+                }
                 self.config
-                    .set(
-                        0,
-                        Config {
-                            n_masks: self.mask_list.len() as u32,
-                            pad: 0,
-                        },
-                        0,
-                    )
+                    .set(0, Config { n_masks }, 0)
                     .map_err(map_err("CONFIG"))?;
-                i
+                id
             }
         };
         let mut key = m.key.masked(&m.mask);
@@ -521,8 +524,9 @@ impl Bpf {
             .map(|(k, (a, t))| FlowInfo {
                 key: *k,
                 mask: self
-                    .mask_list
-                    .get(k.mask_id as usize)
+                    .mask_lists
+                    .get(k.mask_id as usize / MAX_MASKS as usize)
+                    .and_then(|l| l.get(k.mask_id as usize % MAX_MASKS as usize))
                     .copied()
                     .unwrap_or_default(),
                 action: *a,
@@ -540,6 +544,6 @@ impl Bpf {
     }
 
     pub fn mask_count(&self) -> usize {
-        self.mask_list.len()
+        self.mask_lists.iter().map(Vec::len).sum()
     }
 }

@@ -7,10 +7,17 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
-/// Upper bound of the ordered mask list the XDP program walks (tuple-space search).
+/// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
+/// One mask list per kind of ingress port, so that a frame is never looked up under the masks
+/// of the other kind (whose entries can never match its in_port): VM ports, then the uplink.
+pub const MASK_LISTS: u32 = 2;
+pub mod mask_list {
+    pub const VM: u32 = 0;
+    pub const UPLINK: u32 = 1;
+}
 /// Megaflow table capacity.
 pub const MAX_FLOWS: u32 = 65536;
 /// Interfaces the datapath can be attached to at once (counter slots, XSKMAP entries).
@@ -309,9 +316,9 @@ impl Default for PortCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Number of valid entries in the mask list.
-    pub n_masks: u32,
-    pub pad: u32,
+    /// Number of valid entries in each mask list (`mask_list::*`); list `l`'s masks are at
+    /// MASKS[l * MAX_MASKS ..].
+    pub n_masks: [u32; MASK_LISTS as usize],
 }
 
 /// The live generation of one logical datapath, and a fingerprint of everything its megaflows

@@ -15,15 +15,15 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, ctr, flag, flow_hash, port_kind, udp_source_port, Config, DpGen, FlowAction, FlowKey,
-        PortConf, PortCounters, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MAX_DATAPATHS,
-        MAX_FLOWS, MAX_MASKS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
+        act, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port, Config, DpGen,
+        FlowAction, FlowKey, PortConf, PortCounters, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT,
+        MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
 
     #[map]
     static FLOWS: HashMap<FlowKey, FlowAction> = HashMap::with_max_entries(MAX_FLOWS, 0);
     #[map]
-    static MASKS: Array<FlowKey> = Array::with_max_entries(MAX_MASKS, 0);
+    static MASKS: Array<FlowKey> = Array::with_max_entries(MAX_MASKS * MASK_LISTS, 0);
     #[map]
     static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
     #[map]
@@ -170,7 +170,12 @@ mod prog {
             count(slot, ctr::DROP_MALFORMED, 1);
             return xdp_action::XDP_DROP;
         }
-        let action = match lookup(&key) {
+        let list = if port.kind == port_kind::UPLINK {
+            mask_list::UPLINK
+        } else {
+            mask_list::VM
+        };
+        let action = match lookup(&key, list) {
             Some(a) => a,
             None => return to_slow_path(slot),
         };
@@ -299,6 +304,10 @@ mod prog {
     /// Fills the L2-L4 fields of the key from the (inner) frame at `off`.
     #[inline(always)]
     fn parse_inner(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Option<()> {
+        // Opaque to LLVM: otherwise it proves the bounds checks below redundant with the
+        // tunnel parser's length checks, drops them, and the verifier, which learns packet
+        // ranges only from pointer comparisons, rejects the reads.
+        let off = core::hint::black_box(off);
         if off > 400 {
             return None;
         }
@@ -346,16 +355,27 @@ mod prog {
         Some(())
     }
 
-    /// Tuple-space search over the active masks; stale entries (generation moved on) miss.
+    /// Tuple-space search over the active masks of the port kind's list; stale entries
+    /// (generation moved on) miss.
     #[inline(always)]
-    fn lookup(key: &FlowKey) -> Option<FlowAction> {
-        let n = CONFIG.get(0).map(|c| c.n_masks).unwrap_or(0);
+    fn lookup(key: &FlowKey, list: u32) -> Option<FlowAction> {
+        let n = CONFIG
+            .get(0)
+            .map(|c| {
+                if list == mask_list::UPLINK {
+                    c.n_masks[1]
+                } else {
+                    c.n_masks[0]
+                }
+            })
+            .unwrap_or(0);
+        let base = list * MAX_MASKS;
         let kw = key.to_words();
         for i in 0..MAX_MASKS {
             if i >= n {
                 break;
             }
-            let Some(m) = MASKS.get(i) else { break };
+            let Some(m) = MASKS.get(base + i) else { break };
             let mw = m.to_words();
             let mut w = [0u64; FLOW_KEY_WORDS];
             for j in 0..FLOW_KEY_WORDS {
@@ -363,7 +383,7 @@ mod prog {
             }
             // SAFETY: FlowKey is repr(C), 40 bytes, plain integers: any bit pattern is valid.
             let mut k: FlowKey = unsafe { core::mem::transmute(w) };
-            k.mask_id = i as u8;
+            k.mask_id = (base + i) as u8;
             // SAFETY: values are written whole by userspace; a torn read only yields a stale
             // action for one packet, which the generation check below bounds.
             if let Some(p) = FLOWS.get_ptr_mut(&k) {
