@@ -27,6 +27,16 @@ const PORT_COUNTERS: &[(&str, &str, &str)] = &[
         "Bytes received on the interface by the XDP program.",
     ),
     (
+        "tx_packets",
+        "geneflow_tx_packets_total",
+        "Frames transmitted on the interface (fast path redirects and slow path sends).",
+    ),
+    (
+        "tx_bytes",
+        "geneflow_tx_bytes_total",
+        "Bytes transmitted on the interface, as sent (Geneve-encapsulated on the uplink).",
+    ),
+    (
         "fastpath_hit",
         "geneflow_fastpath_hits_total",
         "Frames whose megaflow action ran in XDP.",

@@ -744,6 +744,8 @@ impl Forwarder {
             let out = &mut ports[j];
             if out.xsk.send(bytes) {
                 shared.count(out.slot, ctr::SLOW_TX, 1);
+                shared.count(out.slot, ctr::TX_PACKETS, 1);
+                shared.count(out.slot, ctr::TX_BYTES, bytes.len() as u64);
             } else {
                 shared.count(out.slot, ctr::DROP_TX_FULL, 1);
             }
@@ -757,6 +759,10 @@ impl Forwarder {
                     m.action.flags |= geneflow_abi::flag::NH_CACHED;
                 }
             }
+            m.action.out_slot = by_ifindex
+                .get(&m.action.out_ifindex)
+                .map(|&j| ports[j].slot)
+                .unwrap_or(UPLINK_SLOT);
             let list = if in_ifindex == *uplink_ifindex {
                 geneflow_abi::mask_list::UPLINK
             } else {

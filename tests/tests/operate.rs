@@ -38,13 +38,44 @@ fn metrics_count_a_stream_and_a_provoked_drop() -> Result<()> {
     tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
     let m0 = scrape(&tb, "ch1")?;
     let r0 = scrape(&tb, "ch2")?;
-    let got = tb.udp_stream("vm1", "vm3", 6600, 5_000, 20_000)?;
-    assert_eq!(got, 5_000);
+    // 5000 datagrams over 2 s, scraped in the middle and after.
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    let rx = tb.udp_receiver("vm3", 6600, 5_000, 2.0)?;
+    let mut tx = tb
+        .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
+        .args(["send", "--dst", &format!("{}:6600", vm3.ip)])
+        .args(["--count", "5000", "--rate", "2500"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let mid = scrape(&tb, "ch1")?;
+    assert!(tx.wait()?.success());
+    assert_eq!(Testbed::udp_result(rx)?, 5_000);
     let m1 = scrape(&tb, "ch1")?;
     let r1 = scrape(&tb, "ch2")?;
     let d = |a: &HashMap<String, f64>, b: &HashMap<String, f64>, n: &str, iface: &str| {
         sample(b, n, &[("iface", iface)]) - sample(a, n, &[("iface", iface)])
     };
+    let half = d(&m0, &mid, "geneflow_rx_packets_total", "vp-vm1");
+    assert!(
+        (1_000.0..4_500.0).contains(&half),
+        "mid-stream scrape saw {half} of 5000"
+    );
+    // What vm1 sent leaves ch1's uplink encapsulated and ch2's vm3 port decapsulated: the
+    // same frames, 58 bytes of Geneve apart.
+    let tx_ul = d(&m0, &m1, "geneflow_tx_packets_total", "ul");
+    let tx_vm3 = d(&r0, &r1, "geneflow_tx_packets_total", &vm3.iface);
+    assert!((5_000.0..5_100.0).contains(&tx_ul), "ch1 ul tx {tx_ul}");
+    assert!(
+        (5_000.0..5_100.0).contains(&tx_vm3),
+        "ch2 vm3 port tx {tx_vm3}"
+    );
+    let bytes_ul = d(&m0, &m1, "geneflow_tx_bytes_total", "ul");
+    let bytes_vm3 = d(&r0, &r1, "geneflow_tx_bytes_total", &vm3.iface);
+    assert!(
+        (bytes_ul - bytes_vm3 - 58.0 * tx_vm3).abs() < 58.0 * 100.0,
+        "uplink tx bytes {bytes_ul} vs vm3 port {bytes_vm3}"
+    );
     let rx = d(&m0, &m1, "geneflow_rx_packets_total", "vp-vm1");
     let fast = d(&m0, &m1, "geneflow_fastpath_hits_total", "vp-vm1");
     let miss = d(&m0, &m1, "geneflow_fastpath_misses_total", "vp-vm1");

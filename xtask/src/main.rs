@@ -323,10 +323,11 @@ fn demo() -> Result<()> {
                 })
                 .unwrap_or_default();
             println!(
-                "  {:<10} {:<6} rx {:>7}  fast-path hits {:>7}  slow-path {:>5}  to-stack {:>4}  drops: {}",
+                "  {:<10} {:<6} rx {:>7}  tx {:>7}  fast-path hits {:>7}  slow-path {:>5}  to-stack {:>4}  drops: {}",
                 p["iface"].as_str().unwrap_or("?"),
                 p["kind"].as_str().unwrap_or("?"),
                 ctr["rx_packets"],
+                ctr["tx_packets"],
                 ctr["fastpath_hit"],
                 ctr["slowpath_rx"],
                 ctr["pass_to_stack"],

@@ -194,7 +194,9 @@ pub struct FlowAction {
     pub ovn_opt: u32,
     /// Largest inner frame (Ethernet header included) that may be encapsulated.
     pub max_inner_len: u32,
-    pub pad: u32,
+    /// Counter slot of the interface the action transmits on (set by userspace at install),
+    /// so the fast path counts tx per interface without another PORTS lookup.
+    pub out_slot: u32,
     /// Underlay next hop resolved by userspace at install time (flag::NH_CACHED): saves the
     /// per-packet `bpf_fib_lookup`. A neighbour change bumps every generation.
     pub nh_dmac: [u8; 6],
@@ -259,10 +261,14 @@ pub mod ctr {
     /// `bpf_fib_lookup` gave no next hop for an encap (no neighbour yet, forwarding off, no
     /// route): the frame went to the slow path instead.
     pub const FIB_MISS: u32 = 26;
+    /// Frames transmitted on the interface, by the fast path (handed to redirect) and by the
+    /// slow path, and their bytes as sent (encapsulated on the uplink).
+    pub const TX_PACKETS: u32 = 27;
+    pub const TX_BYTES: u32 = 28;
     pub const COUNT: u32 = 32;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 27] = [
+    pub const NAMES: [(u32, &str); 29] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -293,6 +299,8 @@ pub mod ctr {
         (FLOW_INSTALL, "megaflow_install"),
         (FLOW_INSTALL_FAIL, "megaflow_install_fail"),
         (FIB_MISS, "fib_miss"),
+        (TX_PACKETS, "tx_packets"),
+        (TX_BYTES, "tx_bytes"),
     ];
 }
 

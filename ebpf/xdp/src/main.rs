@@ -407,7 +407,7 @@ mod prog {
         match a.kind {
             act::OUTPUT => {
                 count(slot, ctr::FAST_HIT, 1);
-                redirect(slot, a.out_ifindex)
+                redirect(ctx, slot, a.out_ifindex, a.out_slot)
             }
             act::DECAP_OUTPUT => {
                 // SAFETY: helper call on the live context; inner <= frame length was checked.
@@ -416,7 +416,7 @@ mod prog {
                     return xdp_action::XDP_DROP;
                 }
                 count(slot, ctr::FAST_HIT, 1);
-                redirect(slot, a.out_ifindex)
+                redirect(ctx, slot, a.out_ifindex, a.out_slot)
             }
             act::ENCAP => encap(ctx, slot, key, a),
             act::PASS => {
@@ -444,11 +444,15 @@ mod prog {
     }
 
     #[inline(always)]
-    fn redirect(slot: Ctr, ifindex: u32) -> u32 {
+    fn redirect(ctx: &XdpContext, slot: Ctr, ifindex: u32, out_slot: u32) -> u32 {
         // SAFETY: plain helper call.
         let r = unsafe { bpf_redirect(ifindex, 0) } as u32;
         if r != xdp_action::XDP_REDIRECT {
             count(slot, ctr::REDIRECT_FAIL, 1);
+        } else {
+            let out = Ctr::new(out_slot);
+            count(out, ctr::TX_PACKETS, 1);
+            count(out, ctr::TX_BYTES, (ctx.data_end() - ctx.data()) as u64);
         }
         r
     }
@@ -592,7 +596,7 @@ mod prog {
             }
         }
         count(slot, ctr::FAST_HIT, 1);
-        redirect(slot, out_ifindex)
+        redirect(ctx, slot, out_ifindex, a.out_slot)
     }
 
     #[panic_handler]
