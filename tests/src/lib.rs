@@ -186,3 +186,25 @@ pub fn xdp_prog_id(ns: &str, iface: &str) -> Result<Option<u64>> {
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok(v[0]["xdp"]["prog"]["id"].as_u64())
 }
+
+/// The megaflows `geneflowctl flows --format json` lists on `chassis`.
+pub fn megaflows(tb: &Testbed, chassis: &str) -> Result<Vec<serde_json::Value>> {
+    let sock = tb.chassis[tb.chassis_index(chassis)?].socket.clone();
+    let out = run(Command::new(tb.bin("geneflowctl"))
+        .args(["flows", "--format", "json", "--socket"])
+        .arg(&sock))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["megaflows"]
+        .as_array()
+        .cloned()
+        .with_context(|| format!("no megaflows in {v}"))
+}
+
+/// The megaflow among `flows` that matches destination MAC `mac` (and is not stale).
+pub fn megaflow_to(flows: &[serde_json::Value], mac: &str) -> Option<serde_json::Value> {
+    let m = format!("eth_dst={mac}");
+    flows
+        .iter()
+        .find(|f| f["stale"] == false && f["match"].as_str().unwrap_or("").contains(&m))
+        .cloned()
+}

@@ -66,28 +66,6 @@ fn overlay_and_port_churn_on_redis() -> Result<()> {
     overlay_and_port_churn("nr", NbKind::Redis)
 }
 
-fn spawn_stream(
-    tb: &Testbed,
-    from: &str,
-    to_ip: &str,
-    port: u16,
-    count: u64,
-    rate: u64,
-) -> Result<std::process::Child> {
-    Ok(tb
-        .ns_cmd(&tb.vm(from)?.ns, &tb.bin("gf-udp"))
-        .args([
-            "send",
-            "--dst",
-            &format!("{to_ip}:{port}"),
-            "--count",
-            &count.to_string(),
-        ])
-        .args(["--rate", &rate.to_string()])
-        .stdout(Stdio::null())
-        .spawn()?)
-}
-
 #[test]
 fn etcd_leader_loss_loses_no_packets_and_changes_still_arrive() -> Result<()> {
     let mut tb = two_chassis_on("el", NbKind::Etcd(3))?;
@@ -98,8 +76,8 @@ fn etcd_leader_loss_loses_no_packets_and_changes_still_arrive() -> Result<()> {
     let rx2 = tb.udp_receiver("vm2", 6301, 30_000, 3.0)?;
     let ip3 = tb.vm("vm3")?.ip.clone();
     let ip2 = tb.vm("vm2")?.ip.clone();
-    let mut s1 = spawn_stream(&tb, "vm1", &ip3, 6300, 30_000, 10_000)?;
-    let mut s2 = spawn_stream(&tb, "vm4", &ip2, 6301, 30_000, 10_000)?;
+    let mut s1 = tb.udp_sender("vm1", &ip3, 6300, 30_000, 10_000)?;
+    let mut s2 = tb.udp_sender("vm4", &ip2, 6301, 30_000, 10_000)?;
     std::thread::sleep(Duration::from_millis(800));
     let leader = tb.etcd_leader()?;
     tb.kill_server(leader);
@@ -155,7 +133,7 @@ fn nb_outage_is_headless_and_resyncs() -> Result<()> {
     tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 1)?;
     let rx = tb.udp_receiver("vm3", 6400, 30_000, 3.0)?;
     let ip3 = tb.vm("vm3")?.ip.clone();
-    let mut s = spawn_stream(&tb, "vm1", &ip3, 6400, 30_000, 10_000)?;
+    let mut s = tb.udp_sender("vm1", &ip3, 6400, 30_000, 10_000)?;
     std::thread::sleep(Duration::from_millis(500));
     tb.kill_server(0);
     // The agents notice and say so once, and keep forwarding.

@@ -41,12 +41,7 @@ fn metrics_count_a_stream_and_a_provoked_drop() -> Result<()> {
     // 5000 datagrams over 2 s, scraped in the middle and after.
     let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
     let rx = tb.udp_receiver("vm3", 6600, 5_000, 2.0)?;
-    let mut tx = tb
-        .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
-        .args(["send", "--dst", &format!("{}:6600", vm3.ip)])
-        .args(["--count", "5000", "--rate", "2500"])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let mut tx = tb.udp_sender(&vm1.name, &vm3.ip, 6600, 5_000, 2_500)?;
     std::thread::sleep(std::time::Duration::from_millis(1000));
     let mid = scrape(&tb, "ch1")?;
     assert!(tx.wait()?.success());
@@ -171,19 +166,9 @@ fn trace_says_what_the_packet_really_does() -> Result<()> {
     // Now the real packets: the megaflow the slow path installs is the one the trace named,
     // and the fast path uses it.
     tb.udp_send("vm1", &vm3.ip, 6700, 10, 1000)?;
-    let v: serde_json::Value = serde_json::from_str(&ctl(&["flows", "--format", "json"])?)?;
-    let f = v["megaflows"]
-        .as_array()
-        .context("megaflows")?
-        .iter()
-        .find(|f| {
-            f["match"]
-                .as_str()
-                .unwrap_or("")
-                .contains("eth_dst=0a:00:00:00:00:03")
-        })
-        .cloned()
-        .with_context(|| format!("no megaflow for vm3: {v}"))?;
+    let flows = megaflows(&tb, "ch1")?;
+    let f =
+        megaflow_to(&flows, &vm3.mac).with_context(|| format!("no megaflow for vm3: {flows:?}"))?;
     let action = f["action"].as_str().unwrap_or("");
     assert!(
         action.starts_with("encap_geneve(dst=198.18.0.2,vni=1000,ovn=0x00010003"),

@@ -217,19 +217,7 @@ fn deleting_a_port_stops_its_traffic_within_a_second() -> Result<()> {
     let vm3_ns = tb.vm("vm3")?.ns.clone();
     let vm3_ip = tb.vm("vm3")?.ip.clone();
     // A long stream, so the entries are hot in XDP when the port goes.
-    let sender = tb
-        .ns_cmd(&tb.vm("vm1")?.ns, &tb.bin("gf-udp"))
-        .args([
-            "send",
-            "--dst",
-            &format!("{vm3_ip}:6100"),
-            "--count",
-            "40000",
-            "--rate",
-            "10000",
-        ])
-        .stdout(Stdio::null())
-        .spawn()?;
+    let sender = tb.udp_sender("vm1", &vm3_ip, 6100, 40_000, 10_000)?;
     let mut sender = scopeguard(sender);
     std::thread::sleep(Duration::from_millis(800));
     let fast_before = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;

@@ -22,12 +22,7 @@ fn sigkill_and_restart_during_a_stream_lose_no_packet() -> Result<()> {
         xdp_prog_id(&ns2, "ul")?.context("no XDP on ch2's uplink")?,
     );
     let rx = tb.udp_receiver("vm3", 6800, N, 3.0)?;
-    let mut tx = tb
-        .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
-        .args(["send", "--dst", &format!("{}:6800", vm3.ip)])
-        .args(["--count", &N.to_string(), "--rate", &RATE.to_string()])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let mut tx = tb.udp_sender("vm1", &vm3.ip, 6800, N, RATE)?;
     let t0 = Instant::now();
     let at = |s: f64| {
         let when = t0 + Duration::from_secs_f64(s);
@@ -82,23 +77,9 @@ fn sigkill_and_restart_during_a_stream_lose_no_packet() -> Result<()> {
         );
     }
     // ch1's new agent still knows the megaflow it inherited and sees its hits.
-    let sock = tb.chassis[0].socket.display().to_string();
-    let flows =
-        run(Command::new(tb.bin("geneflowctl"))
-            .args(["flows", "--format", "json", "--socket", &sock]))?;
-    let v: serde_json::Value = serde_json::from_str(&flows)?;
-    let f = v["megaflows"]
-        .as_array()
-        .context("megaflows")?
-        .iter()
-        .find(|f| {
-            f["match"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("eth_dst={}", vm3.mac))
-        })
-        .cloned()
-        .with_context(|| format!("megaflow to vm3 lost: {v}"))?;
+    let flows = megaflows(&tb, "ch1")?;
+    let f = megaflow_to(&flows, &vm3.mac)
+        .with_context(|| format!("megaflow to vm3 lost: {flows:?}"))?;
     assert!(f["hits"].as_u64().unwrap_or(0) >= N / 2, "{f}");
     assert_eq!(f["stale"], false, "{f}");
     Ok(())
@@ -119,6 +100,12 @@ fn sigterm_keeps_the_fast_path_and_cleanup_removes_it() -> Result<()> {
         "uplink + 2 VM links pinned"
     );
     assert_eq!(tb.udp_stream("vm1", "vm3", 6801, 1_000, 5_000)?, 1_000);
+    let torn_down = || -> Result<()> {
+        assert_eq!(xdp_prog_id(&ns1, &vm1.iface)?, None);
+        assert_eq!(xdp_prog_id(&ns1, "ul")?, None);
+        assert!(!pins.exists(), "{} left behind", pins.display());
+        Ok(())
+    };
     // --cleanup-only on the stopped agent's pins tears the datapath down.
     run(Command::new("ip")
         .args(["netns", "exec", &ns1])
@@ -130,17 +117,13 @@ fn sigterm_keeps_the_fast_path_and_cleanup_removes_it() -> Result<()> {
             &pins.display().to_string(),
             "--cleanup-only",
         ]))?;
-    assert_eq!(xdp_prog_id(&ns1, &vm1.iface)?, None);
-    assert_eq!(xdp_prog_id(&ns1, "ul")?, None);
-    assert!(!pins.exists());
+    torn_down()?;
     // A cold start works after that; with --cleanup, SIGTERM removes everything.
     tb.chassis[0].agent_args = vec!["--cleanup".into()];
     tb.start_agent(0)?;
     assert_eq!(tb.udp_stream("vm1", "vm3", 6802, 100, 5_000)?, 100);
     tb.stop_agent(0);
-    assert_eq!(xdp_prog_id(&ns1, &vm1.iface)?, None);
-    assert_eq!(xdp_prog_id(&ns1, "ul")?, None);
-    assert!(!pins.exists());
+    torn_down()?;
     // A pin directory off bpffs is refused with one line naming it.
     let out = Command::new("ip")
         .args(["netns", "exec", &ns1])
@@ -171,23 +154,11 @@ fn megaflows_of_a_datapath_changed_while_down_are_not_adopted() -> Result<()> {
     // While ch1 has no agent, vm3 leaves ls1: the pinned megaflow to it is now wrong.
     tb.nbctl(&["lsp-del", "vm3"])?;
     tb.start_agent(0)?;
-    let sock = tb.chassis[0].socket.display().to_string();
-    let flows =
-        run(Command::new(tb.bin("geneflowctl"))
-            .args(["flows", "--format", "json", "--socket", &sock]))?;
-    let v: serde_json::Value = serde_json::from_str(&flows)?;
-    let live_to_vm3 = v["megaflows"]
-        .as_array()
-        .context("megaflows")?
-        .iter()
-        .filter(|f| f["stale"] == false)
-        .any(|f| {
-            f["match"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("eth_dst={}", vm3.mac))
-        });
-    assert!(!live_to_vm3, "the stale megaflow to vm3 was adopted: {v}");
+    let flows = megaflows(&tb, "ch1")?;
+    assert!(
+        megaflow_to(&flows, &vm3.mac).is_none(),
+        "the stale megaflow to vm3 was adopted: {flows:?}"
+    );
     // Frames to vm3 now end where the new pipeline says: no destination.
     let before = tb.counter("ch1", &vm1.iface, "drop_no_destination")?;
     tb.udp_send("vm1", &vm3.ip, 6811, 20, 1_000)?;
@@ -204,16 +175,11 @@ fn megaflows_of_a_datapath_changed_while_down_are_not_adopted() -> Result<()> {
 #[test]
 fn restart_while_the_nb_is_down_keeps_established_flows() -> Result<()> {
     let mut tb = two_chassis_on("rn", NbKind::Redis)?;
-    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    let vm3 = tb.vm("vm3")?.clone();
     tb.ping("vm1", &vm3.ip, 2)?;
     const M: u64 = 40_000;
     let rx = tb.udp_receiver("vm3", 6820, M, 3.0)?;
-    let mut tx = tb
-        .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
-        .args(["send", "--dst", &format!("{}:6820", vm3.ip)])
-        .args(["--count", &M.to_string(), "--rate", "5000"])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let mut tx = tb.udp_sender("vm1", &vm3.ip, 6820, M, 5_000)?;
     std::thread::sleep(Duration::from_secs(1));
     // The NB goes away, then ch1's agent dies and comes back without it: it adopts the pinned
     // state and serves the uplink, the VM ports keep the old program until it knows them.

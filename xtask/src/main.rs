@@ -281,12 +281,7 @@ fn demo() -> Result<()> {
         let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
         let n = 30_000u64;
         let rx = tb.udp_receiver("vm3", 5003, n, 2.0)?;
-        let mut tx = tb
-            .ns_cmd(&vm1.ns, &tb.bin("gf-udp"))
-            .args(["send", "--dst", &format!("{}:5003", vm3.ip)])
-            .args(["--count", &n.to_string(), "--rate", "10000"])
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
+        let mut tx = tb.udp_sender(&vm1.name, &vm3.ip, 5003, n, 10_000)?;
         std::thread::sleep(Duration::from_secs(1));
         tb.kill_agent(0);
         eprintln!("    ch1's agent killed; its pinned XDP program keeps forwarding");

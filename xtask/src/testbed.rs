@@ -1161,17 +1161,29 @@ impl Testbed {
         Ok(child)
     }
 
-    pub fn udp_send(&self, vm: &str, dst: &str, port: u16, count: u64, rate: u64) -> Result<()> {
+    /// Starts sending `count` datagrams at `rate`/s from a VM to `dst:port` in the background.
+    pub fn udp_sender(
+        &self,
+        vm: &str,
+        dst: &str,
+        port: u16,
+        count: u64,
+        rate: u64,
+    ) -> Result<Child> {
         let vm = self.vm(vm)?;
-        run(self.ns_cmd(&vm.ns, &self.bin("gf-udp")).args([
-            "send",
-            "--dst",
-            &format!("{dst}:{port}"),
-            "--count",
-            &count.to_string(),
-            "--rate",
-            &rate.to_string(),
-        ]))?;
+        self.ns_cmd(&vm.ns, &self.bin("gf-udp"))
+            .args(["send", "--dst", &format!("{dst}:{port}")])
+            .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting gf-udp send")
+    }
+
+    pub fn udp_send(&self, vm: &str, dst: &str, port: u16, count: u64, rate: u64) -> Result<()> {
+        let st = self.udp_sender(vm, dst, port, count, rate)?.wait()?;
+        if !st.success() {
+            bail!("gf-udp send from {vm} to {dst}:{port}: {st}");
+        }
         Ok(())
     }
 
