@@ -1,8 +1,8 @@
 //! The control-plane thread of `geneflowd`. It connects to the NB (any backend), works out
 //! which topics this chassis needs (selective topology distribution: the tenants of its bound
 //! ports, plus the tenants its routers reach), reads them (full resync), compiles, subscribes,
-//! and then follows changes, recompiling only the logical datapaths they touch. Each new
-//! pipeline goes to the forwarder over a channel with the set of changed datapaths.
+//! and then follows changes, recompiling only the logical datapaths they touch. Each pipeline
+//! that changed a datapath goes to the forwarder over a channel.
 //!
 //! Headless operation: when the NB is unreachable the forwarder keeps the last pipeline; this
 //! thread retries with backoff, logs once per state change, and resyncs on reconnect. Bad data
@@ -25,11 +25,12 @@ const POLL: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
-/// A new compiled pipeline and the tunnel keys of the datapaths it changed.
+/// A new compiled pipeline (sent only when a datapath changed). The forwarder works out which
+/// datapaths' fast-path entries to invalidate itself, from fingerprints that also cover what the
+/// control plane cannot see (interfaces, the uplink) and survive restarts.
 #[derive(Debug, Clone)]
 pub struct PipelineUpdate {
     pub pipeline: Arc<Pipeline>,
-    pub changed: Vec<u32>,
     /// When the NB change was noticed, for change-to-fast-path latency.
     pub noticed: Instant,
     pub compile_time: Duration,
@@ -311,7 +312,6 @@ impl Agent {
         self.sent_once = true;
         let upd = PipelineUpdate {
             pipeline: Arc::new(p.clone()),
-            changed,
             noticed,
             compile_time,
         };

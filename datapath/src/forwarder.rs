@@ -1,6 +1,6 @@
 //! The slow-path forwarder: owns the BPF maps and one AF_XDP socket per attached interface,
 //! applies pipeline snapshots from the control thread (attach/detach ports, bump the
-//! generations of changed datapaths), and runs the userspace pipeline on every frame the fast
+//! generations of datapaths whose fingerprint moved), and runs the userspace pipeline on every frame the fast
 //! path could not decide: it transmits the frame itself and installs the megaflow so that the
 //! following packets stay in XDP. Share-nothing: one thread owns all of this state.
 
