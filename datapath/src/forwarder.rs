@@ -118,7 +118,7 @@ impl Forwarder {
             .map(|ip| u32::from_ne_bytes(ip.octets()))
             .or_else(|| bpf.pinned_port(uplink_ifindex).map(|c| c.local_ip))
             .unwrap_or(0);
-        let (link, swapped) = bpf.attach(
+        let link = bpf.attach(
             uplink_ifindex,
             PortConf {
                 slot: UPLINK_SLOT,
@@ -132,7 +132,7 @@ impl Forwarder {
         // Encapsulated frames are redirected to the uplink too; if it is a veth (testbeds,
         // containers), its peer must accept XDP frames.
         netdev::prepare_redirect_target(&cfg.uplink);
-        info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, adopted = swapped, "uplink attached");
+        info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, adopted = link.pending(), "uplink attached");
         let pipeline = Arc::new(Pipeline::default());
         let tables = Tables::new(
             pipeline.clone(),
@@ -272,7 +272,19 @@ impl Forwarder {
             local_ip: 0,
             pad: 0,
         };
-        let (link, swapped) = match self.bpf.attach(ifindex, conf) {
+        // Before the first pipeline a previous process's program keeps serving (see
+        // `adopt_finish`); after it, ours goes in at once.
+        let ready = self.ready;
+        let attached = self.bpf.attach(ifindex, conf).and_then(|l| {
+            let adopted = l.pending();
+            let l = if ready {
+                self.bpf.swap_in(ifindex, l)?
+            } else {
+                l
+            };
+            Ok((l, adopted))
+        });
+        let (link, adopted) = match attached {
             Ok(l) => l,
             Err(e) => {
                 self.free_slots.push(slot);
@@ -290,7 +302,7 @@ impl Forwarder {
         self.bpf.set_xsk(slot, &xsk.fd())?;
         netdev::prepare_redirect_target(iface);
         netdev::silence_host_stack(iface);
-        info!(iface, ifindex, slot, adopted = swapped, "port attached");
+        info!(iface, ifindex, slot, adopted, "port attached");
         self.add_port(
             iface.to_string(),
             ifindex,
@@ -431,14 +443,34 @@ impl Forwarder {
         );
     }
 
-    /// After the first pipeline is applied: drop what a previous process left that this one
-    /// does not serve (links and port entries of interfaces no longer bound here), and adopted
-    /// encap megaflows whose cached next hop is no longer the underlay neighbour.
+    /// After the first pipeline is applied: swap this process's program into the links a
+    /// previous process left (its program served the fast path until now), drop what that
+    /// process left that this one does not serve (links and port entries of interfaces no
+    /// longer bound here), and adopted encap megaflows whose cached next hop is no longer the
+    /// underlay neighbour.
     fn adopt_finish(&mut self) {
+        let mut swapped = 0;
+        for p in self.ports.iter_mut() {
+            let Some(link) = p.link.take() else { continue };
+            let pending = link.pending();
+            match self.bpf.swap_in(p.ifindex, link) {
+                Ok(l) => {
+                    swapped += usize::from(pending);
+                    p.link = Some(l);
+                }
+                Err(e) => warn!(iface = %p.iface, "cannot attach the program: {e}"),
+            }
+        }
         let keep: Vec<u32> = self.ports.iter().map(|p| p.ifindex).collect();
         let gone = self.bpf.forget_ports_except(&keep);
         if !gone.is_empty() {
             info!(ifindexes = ?gone, "removed the pinned state of interfaces no longer served");
+        }
+        if swapped > 0 {
+            info!(
+                links = swapped,
+                "program swapped into the links of the previous process"
+            );
         }
         if self.adopted.megaflows == 0 {
             return;

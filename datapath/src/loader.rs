@@ -84,6 +84,14 @@ pub struct Adopted {
 pub struct PortLink {
     link: FdLink,
     path: PathBuf,
+    /// Still runs a previous process's program: `Bpf::swap_in` replaces it with ours.
+    pending: bool,
+}
+
+impl PortLink {
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> LoaderError {
@@ -268,32 +276,37 @@ impl Bpf {
         self.ports.get(&ifindex, 0).ok()
     }
 
-    /// Registers the interface in PORTS and attaches the program to it: by swapping it into
-    /// the link a previous process pinned for the interface (atomic, the fast path never stops)
-    /// or, failing that, with a new link, pinned at once so that it outlives this process.
-    /// Returns the link and whether it was adopted.
-    pub fn attach(
-        &mut self,
-        ifindex: u32,
-        conf: PortConf,
-    ) -> Result<(PortLink, bool), LoaderError> {
+    /// Registers the interface in PORTS and attaches the program to it. If a previous process
+    /// pinned a link for the interface, that link is taken over as it is, its program still
+    /// serving the fast path (`pending`) until `swap_in`; otherwise a new link is made and
+    /// pinned at once so that it outlives this process.
+    pub fn attach(&mut self, ifindex: u32, conf: PortConf) -> Result<PortLink, LoaderError> {
         self.ports
             .insert(ifindex, conf, 0)
             .map_err(map_err("PORTS"))?;
         let path = self.pins.link_path(ifindex);
         if path.exists() {
-            match self.adopt_link(ifindex, &path) {
-                Ok(link) => return Ok((link, true)),
+            match PinnedLink::from_pin(&path) {
+                Ok(p) => {
+                    return Ok(PortLink {
+                        link: p.into(),
+                        path,
+                        pending: true,
+                    })
+                }
                 Err(e) => {
                     warn!(
                         ifindex,
-                        "cannot adopt the pinned XDP link, attaching anew: {e}"
+                        "cannot open the pinned XDP link, attaching anew: {e}"
                     );
-                    // Dropping the last reference detaches whatever it still holds.
                     let _ = std::fs::remove_file(&path);
                 }
             }
         }
+        self.attach_new(ifindex, path)
+    }
+
+    fn attach_new(&mut self, ifindex: u32, path: PathBuf) -> Result<PortLink, LoaderError> {
         let mode = self.mode;
         let prog = self.prog()?;
         let id = prog
@@ -305,34 +318,46 @@ impl Bpf {
             path: path.clone(),
             source,
         })?;
-        Ok((
-            PortLink {
-                link: pinned.into(),
-                path,
-            },
-            false,
-        ))
+        Ok(PortLink {
+            link: pinned.into(),
+            path,
+            pending: false,
+        })
     }
 
-    fn adopt_link(
-        &mut self,
-        ifindex: u32,
-        path: &std::path::Path,
-    ) -> Result<PortLink, LoaderError> {
-        let fd: FdLink = PinnedLink::from_pin(path)
-            .map_err(|_| LoaderError::NotALink(ifindex))?
-            .into();
-        let xdp = XdpLink::try_from(fd).map_err(|_| LoaderError::NotALink(ifindex))?;
-        let prog = self.prog()?;
-        let id = prog
-            .attach_to_link(xdp)
-            .map_err(|source| LoaderError::Attach { ifindex, source })?;
-        let fd =
-            FdLink::try_from(prog.take_link(id)?).map_err(|_| LoaderError::NotALink(ifindex))?;
-        Ok(PortLink {
-            link: fd,
-            path: path.to_path_buf(),
-        })
+    /// Puts this process's program into a pending link: an atomic replacement in the kernel
+    /// (`bpf_link_update`), so no frame meets an interface without a program. A link that
+    /// cannot be updated (its interface went away and came back) is replaced by a new one.
+    pub fn swap_in(&mut self, ifindex: u32, link: PortLink) -> Result<PortLink, LoaderError> {
+        if !link.pending {
+            return Ok(link);
+        }
+        let PortLink { link, path, .. } = link;
+        let swapped = XdpLink::try_from(link)
+            .map_err(|_| LoaderError::NotALink(ifindex))
+            .and_then(|xdp| {
+                let prog = self.prog()?;
+                let id = prog
+                    .attach_to_link(xdp)
+                    .map_err(|source| LoaderError::Attach { ifindex, source })?;
+                FdLink::try_from(prog.take_link(id)?).map_err(|_| LoaderError::NotALink(ifindex))
+            });
+        match swapped {
+            Ok(fd) => Ok(PortLink {
+                link: fd,
+                path,
+                pending: false,
+            }),
+            Err(e) => {
+                warn!(
+                    ifindex,
+                    "cannot swap into the pinned XDP link, attaching anew: {e}"
+                );
+                // Dropping the last reference detaches whatever it still holds.
+                let _ = std::fs::remove_file(&path);
+                self.attach_new(ifindex, path)
+            }
+        }
     }
 
     /// Rewrites an attached interface's configuration (e.g. the uplink's encap IP).
