@@ -213,16 +213,32 @@ mod tests {
     use super::*;
     use crate::model::{LogicalSwitch, DEFAULT_MTU};
 
-    fn tmp(name: &str) -> PathBuf {
+    /// A scratch directory for one test's NB file, removed when the test ends.
+    struct Tmp(PathBuf);
+
+    impl Tmp {
+        fn file(&self) -> PathBuf {
+            self.0.join("nb.json")
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp(name: &str) -> Tmp {
         let d = std::env::temp_dir().join(format!("gf-nb-test-{}-{}", std::process::id(), name));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        d.join("nb.json")
+        Tmp(d)
     }
 
     #[test]
     fn write_is_versioned_and_atomic() {
-        let p = tmp("v");
+        let t = tmp("v");
+        let p = t.file();
         let s = FileStore::open(&format!("file://{}", p.display())).unwrap();
         assert_eq!(s.load().unwrap().version, 0);
         let v = s
@@ -250,7 +266,8 @@ mod tests {
 
     #[test]
     fn invalid_update_leaves_file_untouched() {
-        let p = tmp("inv");
+        let t = tmp("inv");
+        let p = t.file();
         let s = FileStore::open(p.to_str().unwrap()).unwrap();
         s.update(|_| Ok(())).unwrap();
         let e = s
@@ -274,7 +291,8 @@ mod tests {
 
     #[test]
     fn malformed_file_reports_position() {
-        let p = tmp("bad");
+        let t = tmp("bad");
+        let p = t.file();
         fs::write(&p, "{\n  \"version\": 1,\n  \"switches\": {,}\n}").unwrap();
         let s = FileStore::open(p.to_str().unwrap()).unwrap();
         let e = s.load().unwrap_err().to_string();
