@@ -11,13 +11,14 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
-    Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS,
+    ctr, Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS,
     MAX_FLOWS, MAX_MASKS, MAX_PORTS,
 };
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::mem::size_of;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -51,11 +52,13 @@ pub enum LoaderError {
     },
     #[error("XDP on ifindex {0} is not a BPF link (kernel too old to pin it)")]
     NotALink(u32),
+    #[error("mapping SLOW_COUNTERS into memory: {0}")]
+    Mmap(std::io::Error),
 }
 
-/// Every pinned map: name, key size, value size, capacity. A pinned map that differs is not
-/// adopted.
-const MAPS: [(&str, usize, usize, u32); 7] = [
+/// Every pinned map: name, key size, value size, capacity. A pinned map that differs (or that
+/// cannot be memory-mapped where we need it) is not adopted.
+const MAPS: [(&str, usize, usize, u32); 8] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
@@ -68,7 +71,43 @@ const MAPS: [(&str, usize, usize, u32); 7] = [
     ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS),
     ("COUNTERS", 4, size_of::<PortCounters>(), MAX_PORTS),
     ("XSKS", 4, 4, MAX_PORTS),
+    ("SLOW_COUNTERS", 4, 8, MAX_PORTS * ctr::COUNT),
 ];
+
+/// `BPF_F_MMAPABLE`: SLOW_COUNTERS is created with it.
+const MMAPABLE: u32 = 1 << 10;
+
+/// The slow path's counters: the pinned SLOW_COUNTERS array mapped into memory, used as
+/// atomics (no syscall per count).
+pub struct MappedCounters {
+    ptr: std::ptr::NonNull<AtomicU64>,
+    len: usize,
+    bytes: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is shared memory owned by this value for its whole life, and it is only
+// ever accessed through atomics.
+unsafe impl Send for MappedCounters {}
+// SAFETY: as above.
+unsafe impl Sync for MappedCounters {}
+
+impl std::ops::Deref for MappedCounters {
+    type Target = [AtomicU64];
+
+    fn deref(&self) -> &[AtomicU64] {
+        // SAFETY: ptr maps `len` u64 values (page-aligned, so aligned for AtomicU64, which has
+        // the layout of u64) that stay mapped until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappedCounters {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mmap returned; no reference outlives self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
 
 /// What a load found on bpffs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -153,11 +192,13 @@ impl Bpf {
         }
         let mismatch = MAPS.iter().find(|(name, k, v, n)| {
             let path = pins.map_path(name);
+            let mmapable = *name == "SLOW_COUNTERS";
             path.exists()
                 && !MapInfo::from_pin(&path).is_ok_and(|i| {
                     i.key_size() as usize == *k
                         && i.value_size() as usize == *v
                         && i.max_entries() == *n
+                        && (i.map_flags() & MMAPABLE != 0) == mmapable
                 })
         });
         if let Some((name, ..)) = mismatch {
@@ -256,6 +297,44 @@ impl Bpf {
             masks: self.mask_count(),
             datapaths: self.live_gens.len(),
         }
+    }
+
+    /// The slow path's counters, memory-mapped from their pinned map (handed once, to the
+    /// shared metrics).
+    pub fn slow_counters(&mut self) -> Result<MappedCounters, LoaderError> {
+        let map = self
+            .ebpf
+            .take_map("SLOW_COUNTERS")
+            .ok_or(LoaderError::MissingMap("SLOW_COUNTERS"))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(LoaderError::MissingMap("SLOW_COUNTERS"));
+        };
+        let len = (MAX_PORTS * ctr::COUNT) as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (len * 8).div_ceil(page) * page;
+        // SAFETY: maps a BPF array created with BPF_F_MMAPABLE through its own descriptor;
+        // the kernel checks the length against the map.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(LoaderError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(MappedCounters {
+            ptr: std::ptr::NonNull::new(p.cast())
+                .ok_or(LoaderError::MissingMap("SLOW_COUNTERS"))?,
+            len,
+            bytes,
+            _map: data,
+        })
     }
 
     /// The per-CPU counter map, handed once to the stats reader.

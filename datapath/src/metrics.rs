@@ -1,6 +1,7 @@
 //! Counters: the XDP program counts into a per-CPU BPF array, the slow path into atomics laid
 //! out the same way (slot x reason), so each reason has one name whichever path counted it.
-//! The forwarder is the only writer of the atomics (relaxed, uncontended).
+//! The forwarder is the only writer of the atomics (relaxed, uncontended). Both live in pinned
+//! maps (the atomics in a memory-mapped one), so totals never go backwards across a restart.
 
 use aya::maps::{MapData, PerCpuArray};
 use geneflow_abi::{ctr, PortCounters, MAX_PORTS};
@@ -20,7 +21,7 @@ pub struct PortInfo {
 
 pub struct Shared {
     pub chassis: String,
-    user: Vec<AtomicU64>,
+    user: CounterStore,
     pub ports: Mutex<Vec<PortInfo>>,
     pub megaflows: AtomicU64,
     pub masks: AtomicU64,
@@ -39,8 +40,21 @@ pub struct Shared {
     pub nb_latency: prometheus::Histogram,
 }
 
+/// Where the slow path's counters live: the memory-mapped pinned map (`Bpf::slow_counters`),
+/// or, failing that, the heap (then they restart from zero with the process).
+pub type CounterStore = Box<dyn std::ops::Deref<Target = [AtomicU64]> + Send + Sync>;
+
+/// Counters on the heap, `MAX_PORTS` x `ctr::COUNT`.
+pub fn heap_counters() -> CounterStore {
+    Box::new(
+        (0..MAX_PORTS * ctr::COUNT)
+            .map(|_| AtomicU64::new(0))
+            .collect::<Vec<_>>(),
+    )
+}
+
 impl Shared {
-    pub fn new(chassis: &str) -> Shared {
+    pub fn new(chassis: &str, user: CounterStore) -> Shared {
         let registry = prometheus::Registry::new();
         let nb_latency = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new(
@@ -59,9 +73,7 @@ impl Shared {
             registry,
             nb_latency,
             chassis: chassis.to_string(),
-            user: (0..MAX_PORTS * ctr::COUNT)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            user,
             ports: Mutex::new(Vec::new()),
             megaflows: AtomicU64::new(0),
             masks: AtomicU64::new(0),
@@ -88,7 +100,10 @@ impl Shared {
             let percpu = xdp.and_then(|m| m.get(&p.slot, 0).ok());
             for (idx, name) in ctr::NAMES {
                 let i = p.slot * ctr::COUNT + idx;
-                let user = self.user[i as usize].load(Ordering::Relaxed);
+                let user = self
+                    .user
+                    .get(i as usize)
+                    .map_or(0, |c| c.load(Ordering::Relaxed));
                 let fast: u64 = percpu
                     .as_ref()
                     .map(|v| v.iter().map(|pc| pc.c[idx as usize]).sum())

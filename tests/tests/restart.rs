@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 
 const N: u64 = 200_000;
 
+/// Counter `name` of interface `iface` in a `stats` answer.
+fn tb_counter(stats: &serde_json::Value, iface: &str, name: &str) -> u64 {
+    stats["ports"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["iface"] == iface))
+        .and_then(|p| p["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
 /// Waits (up to 2 s) until `iface` runs another XDP program than `old`; returns its id.
 fn swapped_in(ns: &str, iface: &str, old: u64) -> Result<u64> {
     let mut now = None;
@@ -42,6 +51,7 @@ fn sigkill_and_restart_during_a_stream_lose_no_packet() -> Result<()> {
 
     // Encapsulating side: kill ch1's agent mid-stream; its XDP program keeps forwarding.
     at(2.0);
+    let counted = tb.stats("ch1")?;
     tb.kill_agent(0);
     at(2.5);
     assert_eq!(
@@ -57,6 +67,21 @@ fn sigkill_and_restart_during_a_stream_lose_no_packet() -> Result<()> {
         Some(swapped),
         "uplink runs another program"
     );
+
+    // No counter went backwards: the fast path's and the slow path's both outlive the process
+    // (a total that dropped would read as a counter reset to Prometheus).
+    let now = tb.stats("ch1")?;
+    for p in counted["ports"].as_array().context("ports")? {
+        let iface = p["iface"].as_str().unwrap_or("");
+        for (name, v) in p["counters"].as_object().context("counters")? {
+            let after = tb_counter(&now, iface, name);
+            assert!(
+                after >= v.as_u64().unwrap_or(0),
+                "{iface} {name}: {v} before the restart, {after} after"
+            );
+        }
+    }
+    assert!(tb_counter(&now, &vm1.iface, "slowpath_rx") > 0);
 
     // Decapsulating side.
     at(5.0);

@@ -1150,6 +1150,7 @@ impl Testbed {
             .args(["--idle", &idle_s.to_string()])
             .stdout(Stdio::piped())
             .spawn()?;
+        self.track_helper(&child);
         let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut r = BufReader::new(out);
         let mut line = String::new();
@@ -1159,6 +1160,16 @@ impl Testbed {
         }
         child.stdout = Some(r.into_inner());
         Ok(child)
+    }
+
+    /// Registers a background traffic helper (gf-udp) for cleanup: a test that fails midway
+    /// must not leave it running.
+    fn track_helper(&self, child: &Child) {
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(self.slot) {
+                e.pids.push(child.id());
+            }
+        }
     }
 
     /// Starts sending `count` datagrams at `rate`/s from a VM to `dst:port` in the background.
@@ -1171,12 +1182,15 @@ impl Testbed {
         rate: u64,
     ) -> Result<Child> {
         let vm = self.vm(vm)?;
-        self.ns_cmd(&vm.ns, &self.bin("gf-udp"))
+        let child = self
+            .ns_cmd(&vm.ns, &self.bin("gf-udp"))
             .args(["send", "--dst", &format!("{dst}:{port}")])
             .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
             .stdout(Stdio::null())
             .spawn()
-            .context("starting gf-udp send")
+            .context("starting gf-udp send")?;
+        self.track_helper(&child);
+        Ok(child)
     }
 
     pub fn udp_send(&self, vm: &str, dst: &str, port: u16, count: u64, rate: u64) -> Result<()> {
@@ -1227,6 +1241,19 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         for i in 0..self.chassis.len() {
             self.stop_agent(i);
+        }
+        let pids = LIVE
+            .lock()
+            .ok()
+            .and_then(|l| l.get(self.slot).map(|e| e.pids.clone()))
+            .unwrap_or_default();
+        for p in pids {
+            // Only helpers still running: a reaped pid may belong to someone else by now.
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains("gf-udp") {
+                // SAFETY: plain kill(2) on a helper this testbed started.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
         }
         for i in 0..self.servers.len() {
             self.kill_server(i);

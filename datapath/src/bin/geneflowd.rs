@@ -176,7 +176,14 @@ fn run(args: Args) -> Result<()> {
             "found the pinned fast path of a previous geneflowd; adopting it"
         );
     }
-    let shared = Arc::new(Shared::new(&chassis));
+    let user_counters: geneflow_datapath::metrics::CounterStore = match bpf.slow_counters() {
+        Ok(m) => Box::new(m),
+        Err(e) => {
+            tracing::warn!("slow-path counters on the heap (they restart from zero): {e}");
+            geneflow_datapath::metrics::heap_counters()
+        }
+    };
+    let shared = Arc::new(Shared::new(&chassis, user_counters));
     let nb_status = shared.nb.clone();
     let counters = Arc::new(Mutex::new(bpf.take_counters()));
     let cfg = ForwarderConfig {

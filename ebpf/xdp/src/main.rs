@@ -8,7 +8,7 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::{bpf_fib_lookup as FibParams, xdp_action},
+        bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
         helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
         macros::{map, xdp},
         maps::{Array, HashMap, PerCpuArray, XskMap},
@@ -34,6 +34,13 @@ mod prog {
     static COUNTERS: PerCpuArray<PortCounters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
     #[map]
     static XSKS: XskMap = XskMap::with_max_entries(MAX_PORTS, 0);
+    /// The slow path's counters (slot x reason, like COUNTERS), never touched here: userspace
+    /// maps it into memory (BPF_F_MMAPABLE) and counts with plain atomics, and being a pinned
+    /// map it outlives the process like the XDP counters do, so every total stays monotonic
+    /// across restarts.
+    #[map]
+    static SLOW_COUNTERS: Array<u64> =
+        Array::with_max_entries(MAX_PORTS * ctr::COUNT, BPF_F_MMAPABLE as u32);
 
     const ETH_LEN: usize = 14;
     const ETH_P_IPV4: u16 = 0x0800;

@@ -2,7 +2,7 @@
 //! `recv` counts distinct sequence numbers until it has N or the stream goes idle, then prints
 //! one JSON line. Used inside VM namespaces by the tests and the demo.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::collections::HashSet;
 use std::io::Write;
@@ -74,12 +74,26 @@ fn run(cli: Cli) -> Result<()> {
             while sent < count {
                 // Pace in small bursts: precise enough, and no syscall storm of sleeps.
                 let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(count);
+                let mut stuck_since: Option<Instant> = None;
                 while sent < due {
                     buf[..8].copy_from_slice(&sent.to_be_bytes());
                     match s.send_to(&buf, dst) {
-                        Ok(_) => sent += 1,
-                        // ENOBUFS/EAGAIN from a full qdisc: retry, never skip a sequence.
-                        Err(_) => std::thread::sleep(Duration::from_micros(50)),
+                        Ok(_) => {
+                            sent += 1;
+                            stuck_since = None;
+                        }
+                        // ENOBUFS/EAGAIN from a full qdisc: retry, never skip a sequence; but
+                        // not forever, and not on errors that will not go away (the interface
+                        // or its namespace is gone).
+                        Err(e) => {
+                            let transient = e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.raw_os_error() == Some(libc::ENOBUFS);
+                            let t = *stuck_since.get_or_insert_with(Instant::now);
+                            if !transient || t.elapsed() > Duration::from_secs(5) {
+                                bail!("send to {dst} failed after {sent} datagrams: {e}");
+                            }
+                            std::thread::sleep(Duration::from_micros(50));
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_micros(200));
