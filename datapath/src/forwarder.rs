@@ -51,6 +51,8 @@ struct Port {
     kind: u32,
     link: Option<PortLink>,
     xsk: Xsk,
+    /// The socket's drop statistics already added to the counters.
+    xsk_drops: (u64, u64),
 }
 
 pub struct Forwarder {
@@ -198,6 +200,7 @@ impl Forwarder {
             kind,
             link,
             xsk,
+            xsk_drops: (0, 0),
         });
         self.rebuild_index();
     }
@@ -627,6 +630,15 @@ impl Forwarder {
             if let Err(e) = self.bpf.invalidate_all() {
                 warn!("generation update failed: {e}");
             }
+        }
+        // Frames the kernel could not hand to the slow path are drops too: count them.
+        for p in self.ports.iter_mut() {
+            let now = p.xsk.rx_drops();
+            let full = now.0.saturating_sub(p.xsk_drops.0);
+            let other = now.1.saturating_sub(p.xsk_drops.1);
+            p.xsk_drops = now;
+            self.shared.count(p.slot, ctr::DROP_XSK_RING_FULL, full);
+            self.shared.count(p.slot, ctr::DROP_XSK_RX, other);
         }
         let n = self.bpf.sweep();
         if n > 0 {

@@ -104,6 +104,15 @@ impl Xsk {
         self.rx.fd().as_raw_fd()
     }
 
+    /// What the kernel dropped on the way into this socket since it was bound: (rx ring full,
+    /// other rx drops). One getsockopt; called once per second, not per packet.
+    pub fn rx_drops(&self) -> (u64, u64) {
+        match self.rx.fd().xdp_statistics() {
+            Ok(s) => (s.rx_ring_full(), s.rx_dropped()),
+            Err(_) => (0, 0),
+        }
+    }
+
     /// Returns completed transmit frames to the free list.
     pub fn reap(&mut self) {
         // SAFETY: the completion queue only returns frames of this UMEM that we produced.

@@ -265,10 +265,15 @@ pub mod ctr {
     /// slow path, and their bytes as sent (encapsulated on the uplink).
     pub const TX_PACKETS: u32 = 27;
     pub const TX_BYTES: u32 = 28;
+    /// Misses the kernel could not queue to the slow path: its AF_XDP rx ring was full (the
+    /// slow path fell behind a burst), or the socket dropped them for another reason. Read
+    /// from the socket's XDP_STATISTICS.
+    pub const DROP_XSK_RING_FULL: u32 = 29;
+    pub const DROP_XSK_RX: u32 = 30;
     pub const COUNT: u32 = 32;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 29] = [
+    pub const NAMES: [(u32, &str); 31] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -301,6 +306,8 @@ pub mod ctr {
         (FIB_MISS, "fib_miss"),
         (TX_PACKETS, "tx_packets"),
         (TX_BYTES, "tx_bytes"),
+        (DROP_XSK_RING_FULL, "drop_xsk_ring_full"),
+        (DROP_XSK_RX, "drop_xsk_rx"),
     ];
 }
 
