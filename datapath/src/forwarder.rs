@@ -496,9 +496,8 @@ impl Forwarder {
 
     /// Ends the forwarder. With `cleanup` every interface is detached and the pinned state
     /// removed; otherwise the fast path keeps forwarding on the pinned program and maps until
-    /// the next `geneflowd` adopts them. Returns the pin directory.
-    pub fn shutdown(mut self, cleanup: bool) -> std::path::PathBuf {
-        let root = self.bpf.pin_root().to_path_buf();
+    /// the next `geneflowd` adopts them.
+    pub fn shutdown(mut self, cleanup: bool) {
         if cleanup {
             for p in std::mem::take(&mut self.ports) {
                 if let Some(link) = p.link {
@@ -507,7 +506,6 @@ impl Forwarder {
             }
             self.bpf.remove_pins();
         }
-        root
     }
 
     fn ifname(&self, ix: u32) -> String {

@@ -1,8 +1,9 @@
 //! Loads the XDP object, attaches it to interfaces and owns the typed handles of its maps. All
 //! BPF syscalls of the datapath go through here; none of them runs per packet on the hot path
 //! (only per new megaflow, per NB change and per sweep). Maps and links are pinned (see
-//! `persist`): loading adopts the maps a previous process left, rebuilds the userspace mirrors
-//! from them, and attaching adopts a pinned link by swapping the program in atomically.
+//! `persist`): loading adopts the maps a previous process left and rebuilds the userspace
+//! mirrors from them; attaching takes over a pinned link with the previous program still in it,
+//! and `swap_in` later replaces that program with ours atomically.
 
 use crate::persist::PinDir;
 use crate::pipeline::Megaflow;
@@ -56,26 +57,33 @@ pub enum LoaderError {
     Mmap(std::io::Error),
 }
 
-/// Every pinned map: name, key size, value size, capacity. A pinned map that differs (or that
-/// cannot be memory-mapped where we need it) is not adopted.
-const MAPS: [(&str, usize, usize, u32); 8] = [
+/// `BPF_F_MMAPABLE`: SLOW_COUNTERS is created with it.
+const MMAPABLE: u32 = 1 << 10;
+
+/// Every pinned map: name, key size, value size, capacity, whether it is memory-mappable. A
+/// pinned map that differs in any of these is not adopted.
+const MAPS: [(&str, usize, usize, u32, bool); 8] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
         size_of::<FlowAction>(),
         MAX_FLOWS,
+        false,
     ),
-    ("MASKS", 4, size_of::<FlowKey>(), MAX_MASKS * MASK_LISTS),
-    ("CONFIG", 4, size_of::<Config>(), 1),
-    ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS),
-    ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS),
-    ("COUNTERS", 4, size_of::<PortCounters>(), MAX_PORTS),
-    ("XSKS", 4, 4, MAX_PORTS),
-    ("SLOW_COUNTERS", 4, 8, MAX_PORTS * ctr::COUNT),
+    (
+        "MASKS",
+        4,
+        size_of::<FlowKey>(),
+        MAX_MASKS * MASK_LISTS,
+        false,
+    ),
+    ("CONFIG", 4, size_of::<Config>(), 1, false),
+    ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS, false),
+    ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS, false),
+    ("COUNTERS", 4, size_of::<PortCounters>(), MAX_PORTS, false),
+    ("XSKS", 4, 4, MAX_PORTS, false),
+    ("SLOW_COUNTERS", 4, 8, MAX_PORTS * ctr::COUNT, true),
 ];
-
-/// `BPF_F_MMAPABLE`: SLOW_COUNTERS is created with it.
-const MMAPABLE: u32 = 1 << 10;
 
 /// The slow path's counters: the pinned SLOW_COUNTERS array mapped into memory, used as
 /// atomics (no syscall per count).
@@ -157,9 +165,9 @@ pub struct Bpf {
     gens: HashMap<MapData, u32, DpGen>,
     xsks: XskMap<MapData>,
     counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
-    /// Userspace mirrors: the mask list, live generations and installed entries, so the slow
-    /// path never re-installs what is there and the sweeper knows what to delete.
-    /// The mask lists (`mask_list::*`), as in MASKS.
+    /// Userspace mirrors: the mask lists (`mask_list::*`, as in MASKS), live generations and
+    /// installed entries, so the slow path never re-installs what is there and the sweeper
+    /// knows what to delete.
     mask_lists: [Vec<FlowKey>; MASK_LISTS as usize],
     live_gens: StdHashMap<u32, DpGen>,
     /// Generations are global and only grow, so a datapath removed and added back can never
@@ -190,15 +198,14 @@ impl Bpf {
         for gone in pins.remove_other_abis() {
             info!(dir = %gone, "removed pinned maps of another ABI version");
         }
-        let mismatch = MAPS.iter().find(|(name, k, v, n)| {
+        let mismatch = MAPS.iter().find(|(name, k, v, n, mmapable)| {
             let path = pins.map_path(name);
-            let mmapable = *name == "SLOW_COUNTERS";
             path.exists()
                 && !MapInfo::from_pin(&path).is_ok_and(|i| {
                     i.key_size() as usize == *k
                         && i.value_size() as usize == *v
                         && i.max_entries() == *n
-                        && (i.map_flags() & MMAPABLE != 0) == mmapable
+                        && (i.map_flags() & MMAPABLE != 0) == *mmapable
                 })
         });
         if let Some((name, ..)) = mismatch {
@@ -210,13 +217,9 @@ impl Bpf {
                 warn!("cannot reset pinned maps: {e}");
             }
         }
-        let paths: Vec<(&str, PathBuf)> = MAPS
-            .iter()
-            .map(|(name, ..)| (*name, pins.map_path(name)))
-            .collect();
         let mut loader = EbpfLoader::new();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        for (name, ..) in MAPS {
+            loader.map_pin_path(name, pins.map_path(name));
         }
         let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
@@ -373,15 +376,25 @@ impl Bpf {
                         pending: true,
                     })
                 }
-                Err(e) => {
-                    warn!(
-                        ifindex,
-                        "cannot open the pinned XDP link, attaching anew: {e}"
-                    );
-                    let _ = std::fs::remove_file(&path);
-                }
+                Err(e) => return self.replace_link(ifindex, path, e),
             }
         }
+        self.attach_new(ifindex, path)
+    }
+
+    /// Gives up on a pinned link that cannot be taken over: removing its pin drops the last
+    /// reference (detaching whatever it still holds), then a new link is attached.
+    fn replace_link(
+        &mut self,
+        ifindex: u32,
+        path: PathBuf,
+        why: impl std::fmt::Display,
+    ) -> Result<PortLink, LoaderError> {
+        warn!(
+            ifindex,
+            "cannot take over the pinned XDP link, attaching anew: {why}"
+        );
+        let _ = std::fs::remove_file(&path);
         self.attach_new(ifindex, path)
     }
 
@@ -427,15 +440,7 @@ impl Bpf {
                 path,
                 pending: false,
             }),
-            Err(e) => {
-                warn!(
-                    ifindex,
-                    "cannot swap into the pinned XDP link, attaching anew: {e}"
-                );
-                // Dropping the last reference detaches whatever it still holds.
-                let _ = std::fs::remove_file(&path);
-                self.attach_new(ifindex, path)
-            }
+            Err(e) => self.replace_link(ifindex, path, e),
         }
     }
 
@@ -483,10 +488,6 @@ impl Bpf {
     /// descriptor closes, i.e. when the caller drops its `PortLink`s.
     pub fn remove_pins(&self) {
         self.pins.remove_all();
-    }
-
-    pub fn pin_root(&self) -> &std::path::Path {
-        self.pins.root()
     }
 
     pub fn set_xsk(&mut self, slot: u32, fd: &impl AsRawFd) -> Result<(), LoaderError> {

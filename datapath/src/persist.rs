@@ -2,8 +2,8 @@
 //! filesystem holding the XDP program (`prog`), its maps (`maps-v<ABI>/<NAME>`, one directory per
 //! ABI version so an upgrade that changes a map layout never adopts maps it cannot read) and one
 //! XDP link per attached interface (`links/<ifindex>`). Pinned links keep the program attached
-//! after the process dies; a restarted agent adopts them and swaps its own program in
-//! atomically. The directory is held under an exclusive lock so that two agents never share it.
+//! after the process dies; a restarted agent adopts them and, once it has a pipeline, swaps
+//! its own program in atomically. The directory is held under an exclusive lock so that two agents never share it.
 
 use geneflow_abi::ABI_VERSION;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -68,10 +68,6 @@ impl PinDir {
         };
         std::fs::create_dir_all(d.maps_dir()).map_err(io)?;
         Ok(d)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     pub fn maps_dir(&self) -> PathBuf {

@@ -94,22 +94,12 @@ pub fn install_signal_cleanup() {
 /// Removes namespaces left by earlier runs whose process is gone (a run killed with SIGKILL
 /// cannot clean up after itself). Only touches names of the form `gf<pid>x...`.
 pub fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("gf") else {
-            continue;
-        };
-        let Some((pid, _)) = rest.split_once('x') else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<i32>() else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if of_dead_run(name) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
         }
     }
     // bpffs mounts of dead runs: /tmp/gf<pid>x<tag>/bpffs.
@@ -119,23 +109,22 @@ pub fn sweep_stale() {
         let (Some(_), Some(at), Some("bpf")) = (f.next(), f.next(), f.next()) else {
             continue;
         };
-        let Some(dir) = at.strip_suffix("/bpffs") else {
-            continue;
-        };
-        let base = Path::new(dir)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("");
-        let pid = base
-            .strip_prefix("gf")
-            .and_then(|r| r.split_once('x'))
-            .and_then(|(p, _)| p.parse::<i32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                unmount_bpffs(Path::new(at));
-            }
+        let run = at
+            .strip_suffix("/bpffs")
+            .and_then(|dir| Path::new(dir).file_name())
+            .and_then(|n| n.to_str());
+        if run.is_some_and(of_dead_run) {
+            unmount_bpffs(Path::new(at));
         }
     }
+}
+
+/// Whether `name` is of the form `gf<pid>x...` for a process that no longer exists.
+fn of_dead_run(name: &str) -> bool {
+    name.strip_prefix("gf")
+        .and_then(|r| r.split_once('x'))
+        .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Where the project's binaries are: $GENEFLOW_BIN_DIR, or next to the running executable.

@@ -224,11 +224,11 @@ fn run(args: Args) -> Result<()> {
     fwd.run(rx, ctl_rx, stop.clone());
     stop.store(true, Ordering::Relaxed);
     let _ = control.join();
-    let root = fwd.shutdown(args.cleanup);
+    fwd.shutdown(args.cleanup);
     if args.cleanup {
         info!("geneflowd stopped; XDP programs detached, pinned state removed");
     } else {
-        info!(pin_dir = %root.display(), "geneflowd stopped; the fast path keeps forwarding on its pinned state (--cleanup-only removes it)");
+        info!(pin_dir = %pin_dir.display(), "geneflowd stopped; the fast path keeps forwarding on its pinned state (--cleanup-only removes it)");
     }
     Ok(())
 }
