@@ -280,11 +280,17 @@ impl Agent {
                 warn!("NB record skipped: {r}");
             }
         }
-        self.logged_rejections.retain(|r| v.rejected.contains(r));
         let started = Instant::now();
         let changed = self.compiler.update(&v.doc, dirty);
         let compile_time = started.elapsed();
         let p = self.compiler.pipeline();
+        for problem in &p.problems {
+            if self.logged_rejections.insert(problem.clone()) {
+                warn!("NB record not usable: {problem}");
+            }
+        }
+        self.logged_rejections
+            .retain(|r| v.rejected.contains(r) || p.problems.contains(r));
         if p.encap_ip.is_none() {
             warn!(chassis = %self.chassis, "no chassis record for this agent in the NB; tunnels need one");
         }
@@ -336,7 +342,9 @@ fn touch(doc: &NbDocument, key: &str, dirty: &mut BTreeSet<String>, all: &mut bo
         return;
     };
     match table {
-        "chassis" => *all = true,
+        // Routers reach across switches: recompile everything (routers are small and the
+        // switches' entries are reused when their content did not change).
+        "chassis" | "routers" | "router_ports" | "routes" => *all = true,
         "switches" => {
             dirty.insert(name.to_string());
         }

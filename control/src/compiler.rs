@@ -1,9 +1,11 @@
 //! The flow compiler: turns the validated NB document into the immutable pipeline one chassis
 //! needs (its local ports, and for every logical switch it hosts, where each MAC lives and which
-//! remote chassis to replicate floods to). Only switches with a local port are compiled: the
-//! chassis never holds state for tenants it does not serve.
+//! remote chassis to replicate floods to), plus the logical routers attached to those switches
+//! and the switches those routers reach (a routed packet is delivered into them). Nothing else
+//! is compiled: the chassis never holds state for tenants it does not serve.
 
 use crate::model::{Mac, NbDocument};
+pub use crate::router::{CompiledRoute, CompiledRouterPort, Router};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -27,6 +29,23 @@ pub struct CompiledPort {
     pub location: PortLocation,
 }
 
+/// Who owns an IPv4 address on a switch (a logical port's fixed IP or a router port's
+/// address): what the ARP responder answers and where a router delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpOwner {
+    pub mac: Mac,
+    pub key: u16,
+}
+
+/// A router port attached to a switch, found by its MAC in the switch's L2 lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RouterAttach {
+    /// Tunnel key of the router.
+    pub router: u32,
+    /// The router port's key on this switch.
+    pub port_key: u16,
+}
+
 /// One logical switch as this chassis sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Datapath {
@@ -38,6 +57,10 @@ pub struct Datapath {
     pub macs: BTreeMap<Mac, u16>,
     /// Remote chassis hosting at least one port of this switch (flood targets).
     pub remote_chassis: BTreeSet<(String, Ipv4Addr)>,
+    /// IPv4 address -> owner (logical ports and router ports of this switch).
+    pub ips: BTreeMap<Ipv4Addr, IpOwner>,
+    /// Router ports on this switch by MAC (only routers this chassis compiled).
+    pub router_ports: BTreeMap<Mac, RouterAttach>,
 }
 
 impl Datapath {
@@ -71,6 +94,11 @@ pub struct Pipeline {
     pub datapaths: BTreeMap<u32, Arc<Datapath>>,
     /// Local bindings by interface name.
     pub bindings: BTreeMap<String, LocalBinding>,
+    /// Logical routers attached to a hosted switch, by tunnel key.
+    pub routers: BTreeMap<u32, Arc<Router>>,
+    /// NB records that validate but cannot be used as they are (e.g. a static route whose next
+    /// hop is on none of its router's subnets), for the agent to log.
+    pub problems: Vec<String>,
 }
 
 impl Pipeline {
@@ -89,6 +117,19 @@ impl Pipeline {
                 out.push(*k);
             }
         }
+        // A routed megaflow belongs to the switch its packets entered: a router change, or a
+        // change of any switch that router reaches, changes the switches attached to it.
+        let touched: BTreeSet<u32> = out.iter().copied().collect();
+        for (k, r) in new.routers.iter().chain(self.routers.iter()) {
+            let moved = new.routers.get(k) != self.routers.get(k)
+                || r.ports.iter().any(|p| touched.contains(&p.switch));
+            if moved {
+                out.extend(r.ports.iter().map(|p| p.switch));
+            }
+        }
+        out.retain(|k| new.datapaths.contains_key(k) || self.datapaths.contains_key(k));
+        out.sort_unstable();
+        out.dedup();
         // The encap IP is part of every tunnel action.
         if self.encap_ip != new.encap_ip {
             out.extend(new.datapaths.keys().copied());
@@ -148,9 +189,22 @@ impl Compiler {
             .filter(|lp| lp.chassis.as_deref() == Some(chassis.as_str()) && lp.iface.is_some())
             .map(|lp| lp.switch.as_str())
             .collect();
+        // Routers attached to a hosted switch, and the switches they reach.
+        let routers: BTreeSet<&str> = doc
+            .router_ports
+            .values()
+            .filter(|rp| rp.switch.as_deref().is_some_and(|s| hosted.contains(s)))
+            .map(|rp| rp.router.as_str())
+            .collect();
+        let reached: BTreeSet<&str> = doc
+            .router_ports
+            .values()
+            .filter(|rp| routers.contains(rp.router.as_str()))
+            .filter_map(|rp| rp.switch.as_deref())
+            .collect();
         let all_dirty = dirty.is_none() || old.encap_ip != p.encap_ip;
         for sw in doc.switches.values() {
-            if !hosted.contains(sw.name.as_str()) {
+            if !hosted.contains(sw.name.as_str()) && !reached.contains(sw.name.as_str()) {
                 continue;
             }
             let reuse = !all_dirty
@@ -170,6 +224,7 @@ impl Compiler {
                         .get(sw.name.as_str())
                         .map(Vec::as_slice)
                         .unwrap_or(&[]),
+                    &routers,
                 ))
             };
             for (cp, iface) in dp.local_ports() {
@@ -186,6 +241,24 @@ impl Compiler {
             }
             p.datapaths.insert(sw.tunnel_key, dp);
         }
+        // Routers are small: always recompiled, compared by value.
+        let compiled: BTreeSet<u32> = p.datapaths.keys().copied().collect();
+        let switch_key = |name: &str| {
+            doc.switches
+                .get(name)
+                .map(|s| s.tunnel_key)
+                .filter(|k| compiled.contains(k))
+        };
+        for name in &routers {
+            if let Some(r) = crate::router::compile_router(doc, name, &switch_key, &mut p.problems)
+            {
+                let r = match old.routers.get(&r.tunnel_key) {
+                    Some(o) if **o == r => o.clone(),
+                    _ => Arc::new(r),
+                };
+                p.routers.insert(r.tunnel_key, r);
+            }
+        }
         let changed = old.changed_datapaths(&p);
         self.current = p;
         changed
@@ -197,6 +270,7 @@ fn compile_datapath(
     chassis: &str,
     sw: &crate::model::LogicalSwitch,
     ports: &[&crate::model::LogicalPort],
+    routers: &BTreeSet<&str>,
 ) -> Datapath {
     let mut dp = Datapath {
         name: sw.name.clone(),
@@ -204,7 +278,33 @@ fn compile_datapath(
         ports: BTreeMap::new(),
         macs: BTreeMap::new(),
         remote_chassis: BTreeSet::new(),
+        ips: BTreeMap::new(),
+        router_ports: BTreeMap::new(),
     };
+    for rp in doc.router_ports.values() {
+        if rp.switch.as_deref() != Some(sw.name.as_str()) {
+            continue;
+        }
+        dp.ips.insert(
+            rp.network.addr,
+            IpOwner {
+                mac: rp.mac,
+                key: rp.port_key,
+            },
+        );
+        if let (true, Some(r)) = (
+            routers.contains(rp.router.as_str()),
+            doc.routers.get(&rp.router),
+        ) {
+            dp.router_ports.insert(
+                rp.mac,
+                RouterAttach {
+                    router: r.tunnel_key,
+                    port_key: rp.port_key,
+                },
+            );
+        }
+    }
     for lp in ports {
         let location = match (&lp.chassis, &lp.iface) {
             (Some(c), Some(i)) if c == chassis => PortLocation::Local { iface: i.clone() },
@@ -221,6 +321,12 @@ fn compile_datapath(
             _ => PortLocation::Unbound,
         };
         dp.macs.insert(lp.mac, lp.port_key);
+        for ip in &lp.ips {
+            dp.ips.entry(*ip).or_insert(IpOwner {
+                mac: lp.mac,
+                key: lp.port_key,
+            });
+        }
         dp.ports.insert(
             lp.port_key,
             CompiledPort {

@@ -6,3 +6,4 @@ pub mod compiler;
 pub mod kv;
 pub mod model;
 pub mod nb;
+pub mod router;

@@ -739,7 +739,20 @@ impl NbDocument {
                 if !r.prefix.is_network() {
                     return Err(ModelError::BadCidr(r.prefix.to_string()));
                 }
-                check_host_ip(&r.nexthop)
+                check_host_ip(&r.nexthop)?;
+                // On write the next hop must be on one of the router's subnets (an agent that
+                // sees the route before its router port skips it until the port arrives).
+                let on_link = doc
+                    .router_ports
+                    .values()
+                    .any(|rp| rp.router == r.router && rp.network.contains(r.nexthop));
+                if strict && !on_link {
+                    return Err(ModelError::Invalid(format!(
+                        "next hop {} is on none of router {:?}'s subnets",
+                        r.nexthop, r.router
+                    )));
+                }
+                Ok(())
             })();
             match res {
                 Ok(()) => {

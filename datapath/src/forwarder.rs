@@ -7,7 +7,8 @@
 use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink};
 use crate::metrics::{PortInfo, Shared};
 use crate::netdev::{self, Neighbours};
-use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
+use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Output, Tables};
+use crate::ratelimit::RateLimiter;
 use crate::xsk::{BindMode, Xsk, XskError, BATCH};
 use crossbeam_channel::Receiver;
 use geneflow_abi::{ctr, port_kind, PortConf, MAX_PORTS};
@@ -72,6 +73,10 @@ pub struct Forwarder {
     rxbuf: Vec<u8>,
     rxlen: [usize; BATCH],
     encap_buf: Vec<u8>,
+    /// Frames the pipeline writes (routed copies, ARP and ICMP answers).
+    txbuf: Vec<u8>,
+    /// Per-source budget of generated answers.
+    answers: RateLimiter,
     pollfds: Vec<libc::pollfd>,
     wake_fd: std::os::fd::OwnedFd,
     /// A pipeline has been applied: until then the slow path installs nothing (it would
@@ -167,6 +172,10 @@ impl Forwarder {
             rxbuf: vec![0u8; STRIDE * BATCH],
             rxlen: [0; BATCH],
             encap_buf: vec![0u8; STRIDE],
+            txbuf: Vec::with_capacity(STRIDE),
+            // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays whole);
+            // 5000/s in all.
+            answers: RateLimiter::new(100.0, 50.0, 5000.0),
             pollfds: Vec::new(),
             wake_fd,
             ready: false,
@@ -734,6 +743,8 @@ impl Forwarder {
             rxbuf,
             rxlen,
             encap_buf,
+            txbuf,
+            answers,
             uplink_ifindex,
             uplink_mac,
             cfg,
@@ -743,14 +754,36 @@ impl Forwarder {
         } = self;
         let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
         shared.count(in_slot, ctr::SLOW_RX, 1);
-        let d = match tables.process(frame, in_ifindex, outputs) {
+        let d = match tables.process(frame, in_ifindex, outputs, txbuf) {
             Ok(d) => d,
             Err(r) => {
                 shared.count(in_slot, r.counter(), 1);
                 return;
             }
         };
-        let payload = &frame[d.payload_offset..];
+        if let Some(a) = d.answer {
+            if a.kind == AnswerKind::IcmpTimeExceeded {
+                shared.count(in_slot, ctr::TTL_EXPIRED, 1);
+            }
+            if !answers.allow(a.source, arrived) {
+                shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
+                return;
+            }
+            shared.count(
+                in_slot,
+                if a.kind == AnswerKind::ArpReply {
+                    ctr::ARP_REPLY
+                } else {
+                    ctr::ICMP_SENT
+                },
+                1,
+            );
+        }
+        let payload = if d.rewritten {
+            &txbuf[..]
+        } else {
+            &frame[d.payload_offset..]
+        };
         for o in outputs.iter() {
             let (target, bytes): (u32, &[u8]) = match *o {
                 Output::Local { ifindex } => (ifindex, payload),

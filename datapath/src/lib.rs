@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod netdev;
 pub mod persist;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod wire;
 pub mod xsk;
 

@@ -15,7 +15,7 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port, Config, DpGen,
+        act, arp, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port, Config, DpGen,
         FlowAction, FlowKey, PortConf, PortCounters, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT,
         MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
@@ -45,6 +45,7 @@ mod prog {
     const ETH_LEN: usize = 14;
     const ETH_P_IPV4: u16 = 0x0800;
     const ETH_P_TEB: u16 = 0x6558;
+    const ETH_P_ARP: u16 = 0x0806;
     const IPPROTO_TCP: u8 = 6;
     const IPPROTO_UDP: u8 = 17;
     const AF_INET: u8 = 2;
@@ -325,6 +326,10 @@ mod prog {
             key.eth_src = core::ptr::read_unaligned((e + 6) as *const [u8; 6]);
             key.eth_type = rd16(e + 12);
         }
+        if key.eth_type == ETH_P_ARP.to_be() {
+            parse_arp(ctx, off + ETH_LEN, key);
+            return Some(());
+        }
         if key.eth_type != ETH_P_IPV4.to_be() {
             return Some(());
         }
@@ -360,6 +365,39 @@ mod prog {
             }
         }
         Some(())
+    }
+
+    /// Keys an ARP frame the way `geneflow_abi::arp` describes (sender/target protocol
+    /// address in ip_src/ip_dst, opcode in ip_proto; 0 when malformed).
+    #[inline(always)]
+    fn parse_arp(ctx: &XdpContext, off: usize, key: &mut FlowKey) {
+        let Some(a) = bound(ctx, off, 28) else {
+            return;
+        };
+        // SAFETY: [a, a+28) is inside the packet.
+        let (htype, ptype, hlen, plen, op, spa, tpa) = unsafe {
+            (
+                rd16(a),
+                rd16(a + 2),
+                rd8(a + 4),
+                rd8(a + 5),
+                rd16(a + 6),
+                rd32(a + 14),
+                rd32(a + 24),
+            )
+        };
+        let op = u16::from_be(op);
+        if htype != 1u16.to_be()
+            || ptype != ETH_P_IPV4.to_be()
+            || hlen != 6
+            || plen != 4
+            || (op != arp::OP_REQUEST as u16 && op != arp::OP_REPLY as u16)
+        {
+            return;
+        }
+        key.ip_src = spa;
+        key.ip_dst = tpa;
+        key.ip_proto = op as u8 | if spa == tpa { arp::GRATUITOUS } else { 0 };
     }
 
     /// Tuple-space search over the active masks of the port kind's list; stale entries
@@ -410,8 +448,113 @@ mod prog {
     }
 
     #[inline(always)]
+    fn drop_with(slot: Ctr, reason: u32) -> u32 {
+        count(slot, reason, 1);
+        xdp_action::XDP_DROP
+    }
+
+    /// A source address no router forwards from (host byte order): this network, loopback,
+    /// link-local, multicast, reserved and broadcast. Same list as the slow path's.
+    #[inline(always)]
+    fn martian(a: u32) -> bool {
+        let top = a >> 24;
+        top == 0 || top == 127 || top >= 224 || a >> 16 == 0xa9fe
+    }
+
+    /// The checks and rewrites of a routed packet (`flag::ROUTE`); `Err` carries the verdict
+    /// when the packet does not go on.
+    #[inline(always)]
+    fn route(ctx: &XdpContext, slot: Ctr, a: &FlowAction) -> Result<(), u32> {
+        let p = bound(ctx, 0, ETH_LEN + 20).ok_or_else(|| drop_with(slot, ctr::DROP_MALFORMED))?;
+        // SAFETY: [p, p+34) is inside the packet.
+        let vihl = unsafe { rd8(p + ETH_LEN) };
+        if vihl != 0x45 {
+            return Err(drop_with(
+                slot,
+                if vihl >> 4 == 4 {
+                    ctr::DROP_IP_OPTIONS
+                } else {
+                    ctr::DROP_MALFORMED
+                },
+            ));
+        }
+        let mut sum: u64 = 0;
+        for i in 0..10 {
+            // SAFETY: 2 bytes inside [p+14, p+34).
+            sum += unsafe { rd16(p + ETH_LEN + 2 * i) } as u64;
+        }
+        if fold(sum) != 0xffff {
+            return Err(drop_with(slot, ctr::DROP_IP_CSUM));
+        }
+        // SAFETY: inside [p, p+34).
+        let (frag, ttl, src) = unsafe { (rd16(p + 20), rd8(p + 22), rd32(p + 26)) };
+        if martian(u32::from_be(src)) {
+            return Err(drop_with(slot, ctr::DROP_MARTIAN));
+        }
+        if ttl <= 1 {
+            // ICMP time exceeded comes from the slow path.
+            return Err(to_slow_path(slot));
+        }
+        if a.kind == act::ENCAP && (ctx.data_end() - ctx.data()) as u32 > a.max_inner_len {
+            if u16::from_be(frag) & 0x4000 != 0 {
+                // DF: the slow path answers with ICMP fragmentation needed (PMTUD).
+                return Err(to_slow_path(slot));
+            }
+            return Err(drop_with(slot, ctr::DROP_TOO_BIG));
+        }
+        let b = p as *mut u8;
+        // SAFETY: [p, p+34) is inside the packet; unaligned writes.
+        unsafe {
+            core::ptr::write_unaligned(b as *mut [u8; 6], a.set_dmac);
+            core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], a.set_smac);
+            core::ptr::write_unaligned(b.add(22), ttl - 1);
+            // RFC 1624 incremental update for TTL - 1 (as Linux's ip_decrease_ttl): the
+            // checksum grows by 0x0100 in network order, with end-around carry.
+            let c = core::ptr::read_unaligned(b.add(24) as *const u16) as u32
+                + 0x0100u16.to_be() as u32;
+            let c = c + (c >= 0xffff) as u32;
+            core::ptr::write_unaligned(b.add(24) as *mut u16, c as u16);
+        }
+        Ok(())
+    }
+
+    /// Turns the ARP request in the frame into the reply of `mac` and sends it back.
+    #[inline(always)]
+    fn arp_reply(ctx: &XdpContext, slot: Ctr, mac: [u8; 6]) -> u32 {
+        let Some(p) = bound(ctx, 0, arp::FRAME_LEN) else {
+            return drop_with(slot, ctr::DROP_MALFORMED_ARP);
+        };
+        let b = p as *mut u8;
+        // SAFETY: [p, p+42) is inside the packet; unaligned reads and writes.
+        unsafe {
+            let requester: [u8; 6] = core::ptr::read_unaligned(b.add(6) as *const [u8; 6]);
+            let sha: [u8; 6] = core::ptr::read_unaligned(b.add(22) as *const [u8; 6]);
+            let spa = rd32(p + 28);
+            let tpa = rd32(p + 38);
+            core::ptr::write_unaligned(b as *mut [u8; 6], requester);
+            core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], mac);
+            core::ptr::write_unaligned(b.add(20) as *mut u16, (arp::OP_REPLY as u16).to_be());
+            core::ptr::write_unaligned(b.add(22) as *mut [u8; 6], mac);
+            core::ptr::write_unaligned(b.add(28) as *mut u32, tpa);
+            core::ptr::write_unaligned(b.add(32) as *mut [u8; 6], sha);
+            core::ptr::write_unaligned(b.add(38) as *mut u32, spa);
+        }
+        count(slot, ctr::FAST_HIT, 1);
+        count(slot, ctr::ARP_REPLY, 1);
+        count(slot, ctr::TX_PACKETS, 1);
+        count(slot, ctr::TX_BYTES, (ctx.data_end() - ctx.data()) as u64);
+        xdp_action::XDP_TX
+    }
+
+    #[inline(always)]
     fn run_action(ctx: &XdpContext, slot: Ctr, inner: usize, key: &FlowKey, a: &FlowAction) -> u32 {
+        if a.flags & flag::ROUTE != 0 {
+            if let Err(v) = route(ctx, slot, a) {
+                return v;
+            }
+        }
         match a.kind {
+            act::ARP_REPLY => arp_reply(ctx, slot, a.set_smac),
             act::OUTPUT => {
                 count(slot, ctr::FAST_HIT, 1);
                 redirect(ctx, slot, a.out_ifindex, a.out_slot)

@@ -1,0 +1,351 @@
+//! The sans-IO userspace pipeline: given a frame, the interface it arrived on and the compiled
+//! tables, decide where it goes and which megaflow (key, mask, action) the XDP fast path can use
+//! for the packets that follow. No I/O, no allocation per packet (outputs and generated frames
+//! go into caller-owned buffers), unit-tested without a kernel.
+//!
+//! It is a list of stages, one file each, like OVN's logical flow tables. Each stage reads the
+//! packet and the compiled tables, narrows the decision or decides, and ORs into the megaflow
+//! mask every field it consulted (as OVS accumulates wildcards), so the entry installed for one
+//! packet is right for every packet it matches.
+//!
+//! - from a VM port (logical switch ingress): `port_security` -> `acl` -> `arp_responder` ->
+//!   `dhcp` -> `l2_lookup` -> `output`, or through a router:
+//! - logical router (`router/`): `admission` -> `ip_input` -> `dnat` -> `routing` ->
+//!   `next_hop` -> `snat` -> `output` into the destination switch;
+//! - from the uplink: `tunnel_rx` (outer headers, Geneve, datapath and port keys) ->
+//!   logical switch egress (`acl`, `port_security`) -> deliver.
+
+mod acl;
+mod arp_responder;
+mod dhcp;
+pub mod encap;
+mod fingerprint;
+mod icmp;
+pub mod key;
+mod l2_lookup;
+mod output;
+mod port_security;
+pub mod rewrite;
+mod router;
+mod trace;
+mod tunnel_rx;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_router;
+
+pub use encap::{emit_encap, EncapParams};
+pub use key::{describe_match, extract_key};
+pub use trace::{frame_from_spec, Trace};
+
+use crate::wire::geneve::{self, OvnMetadata};
+use geneflow_abi::{ctr, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD};
+use geneflow_control::compiler::{Datapath, Pipeline};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+/// Why the slow path dropped a frame. Each maps to a counter shared with the XDP program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    Malformed,
+    NotOverlay,
+    GeneveVersion,
+    GeneveTruncated,
+    GeneveOptLen,
+    GeneveCriticalOpt,
+    GeneveProtocol,
+    GeneveNoMetadata,
+    UnknownDatapath,
+    UnknownPort,
+    UnknownInPort,
+    NoDestination,
+    TooBig,
+    MalformedArp,
+    NotRoutable,
+    IpOptions,
+    IpChecksum,
+    Martian,
+    NoRoute,
+    ToRouter,
+}
+
+impl DropReason {
+    pub fn counter(self) -> u32 {
+        match self {
+            DropReason::Malformed | DropReason::NotOverlay | DropReason::UnknownInPort => {
+                ctr::DROP_MALFORMED
+            }
+            DropReason::GeneveVersion => ctr::DROP_GENEVE_VERSION,
+            DropReason::GeneveTruncated => ctr::DROP_GENEVE_TRUNCATED,
+            DropReason::GeneveOptLen => ctr::DROP_GENEVE_OPT_LEN,
+            DropReason::GeneveCriticalOpt => ctr::DROP_GENEVE_CRITICAL_OPT,
+            DropReason::GeneveProtocol => ctr::DROP_GENEVE_PROTOCOL,
+            DropReason::GeneveNoMetadata => ctr::DROP_GENEVE_NO_METADATA,
+            DropReason::UnknownDatapath => ctr::DROP_UNKNOWN_DATAPATH,
+            DropReason::UnknownPort => ctr::DROP_UNKNOWN_PORT,
+            DropReason::NoDestination => ctr::DROP_NO_DEST,
+            DropReason::TooBig => ctr::DROP_TOO_BIG,
+            DropReason::MalformedArp => ctr::DROP_MALFORMED_ARP,
+            DropReason::NotRoutable => ctr::DROP_NOT_ROUTABLE,
+            DropReason::IpOptions => ctr::DROP_IP_OPTIONS,
+            DropReason::IpChecksum => ctr::DROP_IP_CSUM,
+            DropReason::Martian => ctr::DROP_MARTIAN,
+            DropReason::NoRoute => ctr::DROP_NO_ROUTE,
+            DropReason::ToRouter => ctr::DROP_TO_ROUTER,
+        }
+    }
+}
+
+impl From<geneve::Error> for DropReason {
+    fn from(e: geneve::Error) -> Self {
+        match e {
+            geneve::Error::Truncated(_) => DropReason::GeneveTruncated,
+            geneve::Error::BadVersion(_) => DropReason::GeneveVersion,
+            geneve::Error::OptionsTruncated { .. } | geneve::Error::BadOptionLength { .. } => {
+                DropReason::GeneveOptLen
+            }
+            geneve::Error::UnknownCriticalOption { .. } => DropReason::GeneveCriticalOpt,
+        }
+    }
+}
+
+/// Where one copy of the frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Transmit the payload on a local interface.
+    Local { ifindex: u32 },
+    /// Encapsulate the payload in Geneve to a remote chassis.
+    Tunnel {
+        remote: Ipv4Addr,
+        vni: u32,
+        meta: OvnMetadata,
+    },
+}
+
+/// A megaflow for the fast path. `action.generation` is filled in by whoever installs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Megaflow {
+    pub key: FlowKey,
+    pub mask: FlowKey,
+    pub action: FlowAction,
+}
+
+/// What kind of frame the pipeline generated itself (sent only if its source is within rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerKind {
+    ArpReply,
+    IcmpEchoReply,
+    IcmpTimeExceeded,
+    IcmpNetUnreachable,
+    IcmpHostUnreachable,
+    IcmpFragNeeded,
+}
+
+/// A generated frame: its kind, and the address that asked for it (the rate-limit key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub kind: AnswerKind,
+    pub source: Ipv4Addr,
+}
+
+/// The verdict for one frame: outputs are in the caller's vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Offset of the frame to output (non-zero after decapsulation).
+    pub payload_offset: usize,
+    /// The frame to output is the caller's scratch buffer (rewritten by a router, or an
+    /// answer), not the received frame.
+    pub rewritten: bool,
+    /// Hash of the inner flow, for the outer UDP source port of tunnel outputs.
+    pub flow_hash: u32,
+    pub megaflow: Option<Megaflow>,
+    /// Set when the pipeline answered (ARP, ICMP) instead of forwarding.
+    pub answer: Option<Answer>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InPort {
+    dp_key: u32,
+    port_key: u16,
+}
+
+/// The compiled pipeline bound to this host's interfaces (names resolved to ifindexes).
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub pipeline: Arc<Pipeline>,
+    pub uplink_ifindex: u32,
+    pub uplink_mtu: u32,
+    pub udp_csum: bool,
+    ports: HashMap<u32, InPort>,
+    ifindex_by_iface: HashMap<String, u32>,
+}
+
+/// One run of the pipeline over one frame: the key of the frame, the fields consulted so far
+/// (the megaflow mask) and, for `trace`, what each stage decided.
+pub(crate) struct Run<'a> {
+    pub t: &'a Tables,
+    pub frame: &'a [u8],
+    pub in_ifindex: u32,
+    pub key: FlowKey,
+    pub mask: FlowKey,
+    trace: Option<&'a mut Vec<String>>,
+}
+
+impl Run<'_> {
+    pub fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    /// Records what `stage` decided (only when tracing: the closure is not run otherwise).
+    pub fn note(&mut self, stage: &str, f: impl FnOnce() -> String) {
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{stage}: {}", f()));
+        }
+    }
+
+    pub fn decision(&self, payload_offset: usize) -> Decision {
+        Decision {
+            payload_offset,
+            rewritten: false,
+            flow_hash: flow_hash(&self.key),
+            megaflow: None,
+            answer: None,
+        }
+    }
+
+    /// The megaflow of this run: the key under the accumulated mask, with `action`.
+    pub fn megaflow(&self, action: FlowAction) -> Megaflow {
+        Megaflow {
+            key: self.key.masked(&self.mask),
+            mask: self.mask,
+            action,
+        }
+    }
+}
+
+impl Tables {
+    /// Binds `pipeline` to interfaces; `resolve` maps an interface name to its ifindex (ports
+    /// whose interface does not exist yet are left out until the next bind).
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        uplink_ifindex: u32,
+        uplink_mtu: u32,
+        udp_csum: bool,
+        resolve: impl Fn(&str) -> Option<u32>,
+    ) -> Tables {
+        let mut ports = HashMap::new();
+        let mut ifindex_by_iface = HashMap::new();
+        for b in pipeline.bindings.values() {
+            if let Some(ix) = resolve(&b.iface) {
+                ports.insert(
+                    ix,
+                    InPort {
+                        dp_key: b.tunnel_key,
+                        port_key: b.key,
+                    },
+                );
+                ifindex_by_iface.insert(b.iface.clone(), ix);
+            }
+        }
+        Tables {
+            pipeline,
+            uplink_ifindex,
+            uplink_mtu,
+            udp_csum,
+            ports,
+            ifindex_by_iface,
+        }
+    }
+
+    pub fn ifindex(&self, iface: &str) -> Option<u32> {
+        self.ifindex_by_iface.get(iface).copied()
+    }
+
+    /// Largest inner frame (with its Ethernet header) that fits the uplink once encapsulated.
+    pub fn max_inner_len(&self) -> u32 {
+        self.uplink_mtu + 14 - ENCAP_OVERHEAD
+    }
+
+    fn datapath(&self, key: u32) -> Option<&Arc<Datapath>> {
+        self.pipeline.datapaths.get(&key)
+    }
+
+    /// Runs the logical pipeline on one frame. Frames the pipeline writes itself (routed
+    /// copies, answers) go into `buf` (`Decision::rewritten`).
+    pub fn process(
+        &self,
+        frame: &[u8],
+        in_ifindex: u32,
+        out: &mut Vec<Output>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Decision, DropReason> {
+        self.run(frame, in_ifindex, out, buf, None)
+    }
+
+    fn run(
+        &self,
+        frame: &[u8],
+        in_ifindex: u32,
+        out: &mut Vec<Output>,
+        buf: &mut Vec<u8>,
+        trace: Option<&mut Vec<String>>,
+    ) -> Result<Decision, DropReason> {
+        out.clear();
+        let mut r = Run {
+            t: self,
+            frame,
+            in_ifindex,
+            key: FlowKey::zeroed(),
+            mask: FlowKey::zeroed(),
+            trace,
+        };
+        if in_ifindex == self.uplink_ifindex {
+            tunnel_rx::run(&mut r, out)
+        } else {
+            self.ingress_local(&mut r, out, buf)
+        }
+    }
+
+    /// Logical switch ingress: a frame from a local VM port.
+    fn ingress_local(
+        &self,
+        r: &mut Run,
+        out: &mut Vec<Output>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Decision, DropReason> {
+        let inp = *self
+            .ports
+            .get(&r.in_ifindex)
+            .ok_or(DropReason::UnknownInPort)?;
+        r.key = extract_key(r.frame, r.in_ifindex).ok_or(DropReason::Malformed)?;
+        r.mask.in_ifindex = u32::MAX;
+        let dp = self
+            .datapath(inp.dp_key)
+            .ok_or(DropReason::UnknownDatapath)?;
+        r.note("ingress", || {
+            format!(
+                "logical port {} (key {}) on logical switch {} (tunnel key {})",
+                dp.ports
+                    .get(&inp.port_key)
+                    .map(|p| p.name.as_str())
+                    .unwrap_or("?"),
+                inp.port_key,
+                dp.name,
+                dp.tunnel_key
+            )
+        });
+        port_security::ingress(r, dp, inp.port_key)?;
+        acl::from_lport(r, dp, inp.port_key)?;
+        if let Some(d) = arp_responder::run(r, dp, inp.port_key, out, buf)? {
+            return Ok(d);
+        }
+        dhcp::run(r, dp, inp.port_key)?;
+        match l2_lookup::run(r, dp, inp.port_key, out)? {
+            l2_lookup::L2::Flooded => Ok(r.decision(0)),
+            l2_lookup::L2::Port(port) => output::to_port(r, dp, inp.port_key, port, out, None),
+            l2_lookup::L2::Router(att) => router::run(r, dp, att, out, buf),
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Routing: longest-prefix match over the router's connected subnets and static routes.
+
+use super::super::Run;
+use etherparse::Ipv4HeaderSlice;
+use geneflow_control::compiler::{CompiledRoute, Router};
+
+pub(in super::super) fn run<'a>(
+    r: &mut Run,
+    router: &'a Router,
+    ip: &Ipv4HeaderSlice,
+) -> Option<&'a CompiledRoute> {
+    let dst = ip.destination_addr();
+    let route = router.lookup(dst);
+    r.note("routing", || match route {
+        Some(rt) => format!(
+            "{dst} matches {} via {} ({})",
+            rt.prefix,
+            router.ports[rt.port].name,
+            rt.nexthop
+                .map(|n| format!("next hop {n}"))
+                .unwrap_or_else(|| "connected".into())
+        ),
+        None => format!("no route to {dst}: ICMP network unreachable"),
+    });
+    route
+}

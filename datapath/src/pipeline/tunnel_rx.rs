@@ -1,0 +1,100 @@
+//! A frame from the underlay: validate the outer IPv4/UDP and the Geneve header and options,
+//! find the logical datapath (VNI) and egress port (OVN option), then run the logical switch
+//! egress stages (to-lport ACL, port security) and deliver. The sending chassis already ran the
+//! ingress pipeline (and any router), so nothing here routes.
+
+use super::{acl, extract_key, port_security, DropReason, Output, Run};
+use crate::wire::geneve;
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, UdpHeader};
+use geneflow_abi::{act, FlowAction, GENEVE_PORT};
+use geneflow_control::compiler::PortLocation;
+use geneflow_control::model::MC_FLOOD_KEY;
+use std::net::Ipv4Addr;
+
+pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision, DropReason> {
+    let frame = r.frame;
+    let (eth, rest) = Ethernet2Header::from_slice(frame).map_err(|_| DropReason::Malformed)?;
+    if eth.ether_type != EtherType::IPV4 {
+        return Err(DropReason::NotOverlay);
+    }
+    let (ip, _) = Ipv4Header::from_slice(rest).map_err(|_| DropReason::NotOverlay)?;
+    if ip.protocol != IpNumber::UDP || ip.is_fragmenting_payload() {
+        return Err(DropReason::NotOverlay);
+    }
+    if Some(Ipv4Addr::from(ip.destination)) != r.t.pipeline.encap_ip {
+        return Err(DropReason::NotOverlay);
+    }
+    let udp_off = 14 + ip.header_len();
+    let (udp, _) = UdpHeader::from_slice(&frame[udp_off..]).map_err(|_| DropReason::NotOverlay)?;
+    if udp.destination_port != GENEVE_PORT {
+        return Err(DropReason::NotOverlay);
+    }
+    let gnv_off = udp_off + 8;
+    let pkt = geneve::Packet::new_checked(&frame[gnv_off..])?;
+    let repr = geneve::Repr::parse(&pkt)?;
+    if repr.protocol != geneve::PROTO_ETHERNET {
+        return Err(DropReason::GeneveProtocol);
+    }
+    let meta = repr.ovn.ok_or(DropReason::GeneveNoMetadata)?;
+    let inner_off = gnv_off + pkt.header_len();
+    let mut key =
+        extract_key(&frame[inner_off..], r.in_ifindex).ok_or(DropReason::GeneveTruncated)?;
+    key.tun_vni = repr.vni;
+    key.tun_out_port = meta.egress;
+    r.key = key;
+    r.note("tunnel rx", || {
+        format!(
+            "Geneve from {}: VNI {}, ingress key {}, egress key {}",
+            Ipv4Addr::from(ip.source),
+            repr.vni,
+            meta.ingress,
+            meta.egress
+        )
+    });
+    let dp =
+        r.t.pipeline
+            .datapaths
+            .get(&repr.vni)
+            .ok_or(DropReason::UnknownDatapath)?;
+    r.mask.in_ifindex = u32::MAX;
+    r.mask.tun_vni = u32::MAX;
+    r.mask.tun_out_port = u16::MAX;
+    if meta.egress >= MC_FLOOD_KEY {
+        // Multicast group: deliver to every local port of the switch. The sender already
+        // replicated to each chassis, so nothing goes back out to the tunnel.
+        for (p, iface) in dp.local_ports() {
+            if p.key == meta.ingress {
+                continue;
+            }
+            if let Some(ix) = r.t.ifindex(iface) {
+                out.push(Output::Local { ifindex: ix });
+            }
+        }
+        r.note("deliver", || {
+            format!("multicast group: to {} local ports", out.len())
+        });
+        return Ok(r.decision(inner_off));
+    }
+    let port = dp.ports.get(&meta.egress).ok_or(DropReason::UnknownPort)?;
+    let PortLocation::Local { iface } = &port.location else {
+        return Err(DropReason::UnknownPort);
+    };
+    let ix = r.t.ifindex(iface).ok_or(DropReason::UnknownPort)?;
+    acl::to_lport(r, dp, port.key)?;
+    port_security::egress(r, dp, port.key)?;
+    out.push(Output::Local { ifindex: ix });
+    r.note("deliver", || {
+        format!(
+            "decapsulate, to logical port {} on interface {iface}",
+            port.name
+        )
+    });
+    let mut d = r.decision(inner_off);
+    d.megaflow = Some(r.megaflow(FlowAction {
+        kind: act::DECAP_OUTPUT,
+        out_ifindex: ix,
+        dp_key: dp.tunnel_key,
+        ..Default::default()
+    }));
+    Ok(d)
+}

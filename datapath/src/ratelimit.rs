@@ -1,0 +1,103 @@
+//! Rate limits for the frames the slow path generates (ICMP, ARP answers): a token bucket per
+//! source address in a fixed table (no allocation per packet; a colliding source takes the
+//! slot over with a fresh bucket), under a global bucket that bounds the total whatever the
+//! number of sources. Like Linux's icmp_ratelimit, but per source first.
+
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+const SLOTS: usize = 1024;
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    key: u32,
+    tokens: f32,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant, rate: f32, burst: f32) -> bool {
+        let dt = self
+            .last
+            .map(|l| now.saturating_duration_since(l).as_secs_f32())
+            .unwrap_or(f32::MAX);
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub struct RateLimiter {
+    per_source: Box<[Bucket]>,
+    global: Bucket,
+    rate: f32,
+    burst: f32,
+    global_rate: f32,
+    global_burst: f32,
+}
+
+impl RateLimiter {
+    /// `rate`/s per source with bursts of `burst`, and at most `global_rate`/s in all.
+    pub fn new(rate: f32, burst: f32, global_rate: f32) -> RateLimiter {
+        let empty = Bucket {
+            key: 0,
+            tokens: 0.0,
+            last: None,
+        };
+        RateLimiter {
+            per_source: vec![empty; SLOTS].into_boxed_slice(),
+            global: empty,
+            rate,
+            burst,
+            global_rate,
+            global_burst: global_rate / 4.0,
+        }
+    }
+
+    /// Whether one more answer to `source` may be sent now.
+    pub fn allow(&mut self, source: Ipv4Addr, now: Instant) -> bool {
+        let key = u32::from(source);
+        let slot = (key.wrapping_mul(0x9e37_79b1) >> 22) as usize % SLOTS;
+        let b = &mut self.per_source[slot];
+        if b.key != key || b.last.is_none() {
+            *b = Bucket {
+                key,
+                tokens: self.burst,
+                last: Some(now),
+            };
+        }
+        b.take(now, self.rate, self.burst)
+            && self.global.take(now, self.global_rate, self.global_burst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bursts_then_rate_per_source_and_a_global_cap() {
+        let mut l = RateLimiter::new(10.0, 5.0, 1000.0);
+        let t0 = Instant::now();
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 0, 0, 2);
+        assert_eq!((0..20).filter(|_| l.allow(a, t0)).count(), 5);
+        // Another source has its own budget.
+        assert!(l.allow(b, t0));
+        // 10/s: one more token every 100 ms.
+        assert!(l.allow(a, t0 + Duration::from_millis(110)));
+        assert!(!l.allow(a, t0 + Duration::from_millis(120)));
+        // The global bucket bounds many sources.
+        let mut g = RateLimiter::new(100.0, 100.0, 40.0);
+        let n = (0..1000u32)
+            .filter(|i| g.allow(Ipv4Addr::from(0x0a00_0000 + i), t0))
+            .count();
+        assert_eq!(n, 10);
+    }
+}
