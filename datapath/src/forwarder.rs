@@ -577,7 +577,20 @@ impl Forwarder {
                             }
                             geneflow_abi::act::DROP => format!("drop(reason {})", a.drop_reason),
                             geneflow_abi::act::PASS => "pass".to_string(),
+                            geneflow_abi::act::ARP_REPLY => format!(
+                                "arp_reply({}),tx",
+                                geneflow_control::model::Mac(a.set_smac)
+                            ),
                             k => format!("kind {k}"),
+                        };
+                        let action = if a.flags & geneflow_abi::flag::ROUTE != 0 {
+                            format!(
+                                "route(eth_src={},eth_dst={},dec_ttl),{action}",
+                                geneflow_control::model::Mac(a.set_smac),
+                                geneflow_control::model::Mac(a.set_dmac)
+                            )
+                        } else {
+                            action
                         };
                         json!({
                             "match": crate::pipeline::describe_match(&f.key, &f.mask),

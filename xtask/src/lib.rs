@@ -2,3 +2,4 @@
 //! end-to-end tests.
 pub mod bench;
 pub mod testbed;
+pub mod testbed_l3;

@@ -518,9 +518,11 @@ mod prog {
         Ok(())
     }
 
-    /// Turns the ARP request in the frame into the reply of `mac` and sends it back.
+    /// Turns the ARP request in the frame into the reply of `a.set_smac` and sends it back out of
+    /// the port it came in on (`a.out_ifindex`).
     #[inline(always)]
-    fn arp_reply(ctx: &XdpContext, slot: Ctr, mac: [u8; 6]) -> u32 {
+    fn arp_reply(ctx: &XdpContext, slot: Ctr, a: &FlowAction) -> u32 {
+        let mac = a.set_smac;
         let Some(p) = bound(ctx, 0, arp::FRAME_LEN) else {
             return drop_with(slot, ctr::DROP_MALFORMED_ARP);
         };
@@ -541,9 +543,10 @@ mod prog {
         }
         count(slot, ctr::FAST_HIT, 1);
         count(slot, ctr::ARP_REPLY, 1);
-        count(slot, ctr::TX_PACKETS, 1);
-        count(slot, ctr::TX_BYTES, (ctx.data_end() - ctx.data()) as u64);
-        xdp_action::XDP_TX
+        // A redirect to the port it came in on rather than XDP_TX: on a veth, XDP_TX of a
+        // frame that arrived from the peer's stack (an skb) never reached the peer here (the
+        // VM saw no reply), while the redirect takes the path decap outputs take.
+        redirect(ctx, slot, a.out_ifindex, a.out_slot)
     }
 
     #[inline(always)]
@@ -554,7 +557,7 @@ mod prog {
             }
         }
         match a.kind {
-            act::ARP_REPLY => arp_reply(ctx, slot, a.set_smac),
+            act::ARP_REPLY => arp_reply(ctx, slot, a),
             act::OUTPUT => {
                 count(slot, ctr::FAST_HIT, 1);
                 redirect(ctx, slot, a.out_ifindex, a.out_slot)

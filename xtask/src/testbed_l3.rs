@@ -1,0 +1,49 @@
+//! Testbed helpers for routed topologies: VMs with their own subnet address and a default
+//! route through their logical router's port.
+
+use crate::testbed::{run, Testbed};
+use anyhow::Result;
+use std::process::Command;
+
+impl Testbed {
+    /// Adds VM `name` behind `chassis` on logical switch `switch` (port key `key`, MAC
+    /// 0a:00:00:00:<key>) with address `cidr` (e.g. 10.1.0.11/24), default route via `gateway`
+    /// and interface MTU `mtu`, and binds it in the NB.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_routed_vm(
+        &mut self,
+        name: &str,
+        chassis: &str,
+        switch: &str,
+        key: u16,
+        cidr: &str,
+        gateway: &str,
+        mtu: u32,
+    ) -> Result<()> {
+        self.add_vm_unbound(name, chassis, key)?;
+        let ip = cidr.split('/').next().unwrap_or(cidr).to_string();
+        let (ns, mac, iface) = {
+            let vm = self.vm(name)?;
+            (vm.ns.clone(), vm.mac.clone(), vm.iface.clone())
+        };
+        let ipc = |args: &[&str]| run(Command::new("ip").arg("-n").arg(&ns).args(args));
+        ipc(&["addr", "flush", "dev", "eth0"])?;
+        ipc(&["addr", "add", cidr, "dev", "eth0"])?;
+        ipc(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
+        ipc(&["route", "add", "default", "via", gateway])?;
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.name == name) {
+            vm.ip = ip.clone();
+        }
+        self.nbctl(&[
+            "lsp-add",
+            switch,
+            name,
+            &mac,
+            &ip,
+            "--key",
+            &key.to_string(),
+        ])?;
+        self.nbctl(&["lsp-bind", name, chassis, &iface])?;
+        Ok(())
+    }
+}
