@@ -121,7 +121,7 @@ pub fn compile_router(
         }
     }
     // Stable: connected routes (pushed first) stay ahead of static ones of the same length.
-    routes.sort_by(|a, b| b.prefix.len.cmp(&a.prefix.len));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len));
     Some(Router {
         name: lr.name.clone(),
         tunnel_key: lr.tunnel_key,
