@@ -299,6 +299,76 @@ fn demo() -> Result<()> {
             bail!("the restart lost {} datagrams", n - got);
         }
     }
+    step("routing: router r1 joins ls1 (gateway 10.0.255.254/16) and ls2 (10.1.0.0/24, VNI 1001); vm5 on ls2 behind ch2");
+    {
+        tb.nbctl(&["ls-add", "ls2", "--key", "1001"])?;
+        tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
+        tb.nbctl(&[
+            "lrp-add",
+            "r1",
+            "r1-ls1",
+            "0a:00:00:00:ff:01",
+            "10.0.255.254/16",
+            "--key",
+            "100",
+            "--switch",
+            "ls1",
+        ])?;
+        tb.nbctl(&[
+            "lrp-add",
+            "r1",
+            "r1-ls2",
+            "0a:00:00:00:ff:02",
+            "10.1.0.1/24",
+            "--key",
+            "100",
+            "--switch",
+            "ls2",
+        ])?;
+        tb.add_routed_vm("vm5", "ch2", "ls2", 5, "10.1.0.5/24", "10.1.0.1", 1442)?;
+        let vm1 = tb.vm("vm1")?.clone();
+        run(tb
+            .ns_cmd(&vm1.ns, "ip")
+            .args(["route", "add", "default", "via", "10.0.255.254"]))?;
+        let t0 = Instant::now();
+        while tb.ping("vm1", "10.1.0.5", 1).is_err() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("vm1 cannot reach vm5 through r1");
+            }
+        }
+        tb.ping("vm1", "10.1.0.5", 3)?;
+        eprintln!("    vm1 (10.0.0.1, ch1) -> vm5 (10.1.0.5, ch2) routed by ch1: 3/3 replies");
+        tb.ping("vm1", "10.0.255.254", 3)?;
+        eprintln!("    vm1 -> its gateway 10.0.255.254: 3/3 replies (answered by ch1)");
+        let got = tb.udp_stream("vm1", "vm5", 5004, 10_000, 50_000)?;
+        eprintln!("    routed UDP vm1 -> vm5: {got}/10000 received");
+        if got != 10_000 {
+            bail!("routed stream lost {} datagrams", 10_000 - got);
+        }
+        eprintln!("    geneflowctl trace of that flow on ch1:");
+        let out = run(Command::new(tb.bin("geneflowctl"))
+            .args(["trace", "--socket"])
+            .arg(&tb.chassis[0].socket)
+            .args([
+                "--in-port",
+                "vm1",
+                "--eth-src",
+                &vm1.mac,
+                "--eth-dst",
+                "0a:00:00:00:ff:01",
+                "--ip-src",
+                "10.0.0.1",
+                "--ip-dst",
+                "10.1.0.5",
+                "--proto",
+                "udp",
+                "--dport",
+                "5004",
+            ]))?;
+        for l in out.lines() {
+            println!("      {l}");
+        }
+    }
     step("per-chassis counters (XDP fast path + AF_XDP slow path)");
     for c in ["ch1", "ch2"] {
         let s = tb.stats(c)?;

@@ -80,12 +80,16 @@ enum Cmd {
         ip_src: Option<Ipv4Addr>,
         #[arg(long)]
         ip_dst: Option<Ipv4Addr>,
-        #[arg(long, value_parser = ["udp", "tcp", "icmp"])]
+        /// udp, tcp, icmp (echo request), or arp (a request from --ip-src for --ip-dst).
+        #[arg(long, value_parser = ["udp", "tcp", "icmp", "arp"])]
         proto: Option<String>,
         #[arg(long)]
         sport: Option<u16>,
         #[arg(long)]
         dport: Option<u16>,
+        /// IPv4 TTL (default 64).
+        #[arg(long)]
+        ttl: Option<u8>,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
@@ -340,12 +344,13 @@ fn run(cli: Cli) -> Result<()> {
             proto,
             sport,
             dport,
+            ttl,
             format,
         } => {
             let req = serde_json::json!({
                 "in_port": in_port, "eth_src": eth_src, "eth_dst": eth_dst,
                 "ip_src": ip_src.map(|i| i.to_string()), "ip_dst": ip_dst.map(|i| i.to_string()),
-                "proto": proto, "sport": sport, "dport": dport,
+                "proto": proto, "sport": sport, "dport": dport, "ttl": ttl,
             });
             let v = ctl_request(&socket, &format!("trace {req}"))?;
             if format == "json" {
