@@ -418,27 +418,21 @@ impl Forwarder {
         }
         self.reconcile();
         let changed = self.regenerate();
-        // Resolve the underlay next hops of new remote chassis now (bounded), so the first
-        // flood to them is not dropped for want of a neighbour.
-        let remotes: Vec<std::net::Ipv4Addr> = self
-            .pipeline
-            .datapaths
-            .values()
-            .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip))
-            .collect();
-        let deadline = Instant::now() + Duration::from_millis(200);
-        loop {
-            for ip in &remotes {
-                self.neigh.kick(*ip);
-            }
-            if remotes.iter().all(|ip| self.neigh.get(*ip).is_some()) || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-            self.neigh.refresh();
-        }
+        // Follow the underlay next hops of the pipeline's remote chassis: resolution runs in
+        // the background (netdev::Neighbours, over netlink); nothing here waits for it.
+        self.neigh.track(
+            self.pipeline
+                .datapaths
+                .values()
+                .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip)),
+        );
         if !self.ready {
             self.ready = true;
+            // Adopted megaflows are checked against the next hops: look them up first (a few
+            // netlink round trips, never an ARP wait).
+            if self.adopted.megaflows > 0 && !self.neigh.sync(Duration::from_millis(50)) {
+                warn!("underlay next hops not looked up in time; adopted megaflows may be dropped");
+            }
             self.adopt_finish();
         }
         self.shared

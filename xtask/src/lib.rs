@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod testbed;
 pub mod testbed_l3;
+pub mod testbed_routed;

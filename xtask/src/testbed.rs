@@ -181,6 +181,29 @@ pub struct Chassis {
     agent: Option<Child>,
 }
 
+impl Chassis {
+    /// A chassis record for topologies built in sibling modules (`testbed_routed`): socket and
+    /// log under `dir`, no agent yet.
+    pub(crate) fn new(
+        name: &str,
+        ns: String,
+        bridge_port: String,
+        ip: String,
+        dir: &Path,
+    ) -> Chassis {
+        Chassis {
+            name: name.to_string(),
+            ns,
+            bridge_port,
+            ip,
+            socket: dir.join(format!("{name}.sock")),
+            log: dir.join(format!("{name}.log")),
+            agent_args: Vec::new(),
+            agent: None,
+        }
+    }
+}
+
 /// Which NB backend a testbed uses. Servers run in their own namespace on the underlay
 /// (198.18.0.200), reached by the agents over their uplinks as over a management network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
