@@ -427,6 +427,24 @@ impl Forwarder {
                 .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip)),
         );
         if !self.ready {
+            // At start-up only (the previous program, if any, is still serving and this
+            // process forwards nothing yet): give the first resolutions up to 200 ms so the
+            // VMs' first floods are not dropped for want of a next hop. Later NB changes never
+            // wait; a new remote chassis's first frames may then count drop_no_neighbour.
+            let remotes: Vec<std::net::Ipv4Addr> = self
+                .pipeline
+                .datapaths
+                .values()
+                .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip))
+                .collect();
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while !remotes.iter().all(|ip| self.neigh.get(*ip).is_some())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if !self.ready {
             self.ready = true;
             // Adopted megaflows are checked against the next hops: look them up first (a few
             // netlink round trips, never an ARP wait).

@@ -208,3 +208,23 @@ pub fn megaflow_to(flows: &[serde_json::Value], mac: &str) -> Option<serde_json:
         .find(|f| f["stale"] == false && f["match"].as_str().unwrap_or("").contains(&m))
         .cloned()
 }
+
+/// Asserts that no port of `chassis` counted any drop.
+pub fn assert_no_drops(tb: &Testbed, chassis: &[&str]) -> Result<()> {
+    assert_no_drops_but(tb, chassis, &[])
+}
+
+/// As `assert_no_drops`, but the counters named in `allowed` may count.
+pub fn assert_no_drops_but(tb: &Testbed, chassis: &[&str], allowed: &[&str]) -> Result<()> {
+    for c in chassis {
+        let s = tb.stats(c)?;
+        for p in s["ports"].as_array().into_iter().flatten() {
+            for (k, v) in p["counters"].as_object().into_iter().flatten() {
+                if k.starts_with("drop_") && !allowed.contains(&k.as_str()) {
+                    assert_eq!(v.as_u64(), Some(0), "{c} {}: {k} = {v}", p["iface"]);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -34,16 +34,7 @@ fn ping_every_pair_and_streams_stay_in_the_fast_path() -> Result<()> {
     }
     // The receiving chassis decapsulated in XDP too.
     assert!(tb.counter("ch2", "ul", "fastpath_hit")? >= 9_900);
-    for c in ["ch1", "ch2"] {
-        let s = tb.stats(c)?;
-        for p in s["ports"].as_array().unwrap() {
-            for (k, v) in p["counters"].as_object().unwrap() {
-                if k.starts_with("drop_") {
-                    assert_eq!(v.as_u64(), Some(0), "{c} {}: {k} = {v}", p["iface"]);
-                }
-            }
-        }
-    }
+    assert_no_drops(&tb, &["ch1", "ch2"])?;
     Ok(())
 }
 

@@ -149,17 +149,10 @@ fn routed_traffic_across_chassis_and_tenants_stays_in_the_fast_path() -> Result<
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     assert!(bytes > 10_000_000, "iperf3 moved only {bytes} bytes");
-    // Nothing was dropped on the way.
-    for c in ["ch1", "ch2"] {
-        let s = tb.stats(c)?;
-        for p in s["ports"].as_array().unwrap() {
-            for (k, v) in p["counters"].as_object().unwrap() {
-                if k.starts_with("drop_") {
-                    assert_eq!(v.as_u64(), Some(0), "{c} {}: {k} = {v}", p["iface"]);
-                }
-            }
-        }
-    }
+    // Nothing was dropped on the way. The exception: a VM's first flood (IPv6 solicitations at
+    // start-up) to a remote chassis whose underlay next hop is not resolved yet is dropped and
+    // counted, since applying a pipeline no longer waits for ARP.
+    assert_no_drops_but(&tb, &["ch1", "ch2"], &["drop_no_neighbour"])?;
     Ok(())
 }
 
