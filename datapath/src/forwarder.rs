@@ -287,6 +287,19 @@ impl Forwarder {
         // Before the first pipeline a previous process's program keeps serving (see
         // `adopt_finish`); after it, ours goes in at once.
         let ready = self.ready;
+        // The slow-path socket is in place before the program sees the port's first frame
+        // (its misses would count drop_xsk otherwise).
+        let xsk = match Xsk::open(iface, self.cfg.bind_mode) {
+            Ok(x) => x,
+            Err(e) => {
+                self.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.bpf.set_xsk(slot, &xsk.fd()) {
+            self.free_slots.push(slot);
+            return Err(e.into());
+        }
         let attached = self.bpf.attach(ifindex, conf).and_then(|l| {
             let adopted = l.pending();
             let l = if ready {
@@ -303,15 +316,6 @@ impl Forwarder {
                 return Err(e.into());
             }
         };
-        let xsk = match Xsk::open(iface, self.cfg.bind_mode) {
-            Ok(x) => x,
-            Err(e) => {
-                self.bpf.detach(ifindex, slot, link);
-                self.free_slots.push(slot);
-                return Err(e.into());
-            }
-        };
-        self.bpf.set_xsk(slot, &xsk.fd())?;
         netdev::prepare_redirect_target(iface);
         netdev::silence_host_stack(iface);
         info!(iface, ifindex, slot, adopted, "port attached");
