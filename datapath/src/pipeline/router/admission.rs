@@ -2,7 +2,7 @@
 //! (the L2 lookup matched that MAC). Refused, counted: other ethertypes, IP options, a bad
 //! header checksum, martian source or destination addresses.
 
-use super::super::rewrite::{martian_destination, martian_source};
+use super::super::rewrite::martian;
 use super::super::{DropReason, Run};
 use etherparse::{EtherType, Ipv4HeaderSlice};
 use geneflow_control::compiler::{CompiledRouterPort, Router};
@@ -27,7 +27,10 @@ pub(in super::super) fn run<'a>(
     if ip.ihl() != 5 {
         return Err(DropReason::IpOptions);
     }
-    if usize::from(ip.total_len()) + 14 > frame.len() {
+    // etherparse does not hold the total length to the header's: a total shorter than the
+    // header, or longer than the frame, is malformed.
+    let total = usize::from(ip.total_len());
+    if total < ip.slice().len() || total + 14 > frame.len() {
         return Err(DropReason::Malformed);
     }
     if ip.to_header().calc_header_checksum() != ip.header_checksum() {
@@ -36,7 +39,7 @@ pub(in super::super) fn run<'a>(
         });
         return Err(DropReason::IpChecksum);
     }
-    if martian_source(ip.source_addr()) || martian_destination(ip.destination_addr()) {
+    if martian(ip.source_addr()) || martian(ip.destination_addr()) {
         r.note("router admission", || {
             format!(
                 "martian address ({} -> {}): dropped",
