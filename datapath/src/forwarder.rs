@@ -423,32 +423,25 @@ impl Forwarder {
         self.reconcile();
         let changed = self.regenerate();
         // Follow the underlay next hops of the pipeline's remote chassis: resolution runs in
-        // the background (netdev::Neighbours, over netlink); nothing here waits for it.
-        self.neigh.track(
-            self.pipeline
-                .datapaths
-                .values()
-                .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip)),
-        );
+        // the background (netdev::Neighbours, over netlink).
+        let remotes: Vec<std::net::Ipv4Addr> = self
+            .pipeline
+            .datapaths
+            .values()
+            .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip))
+            .collect();
+        self.neigh.track(remotes.iter().copied());
         if !self.ready {
             // At start-up only (the previous program, if any, is still serving and this
             // process forwards nothing yet): give the first resolutions up to 200 ms so the
             // VMs' first floods are not dropped for want of a next hop. Later NB changes never
             // wait; a new remote chassis's first frames may then count drop_no_neighbour.
-            let remotes: Vec<std::net::Ipv4Addr> = self
-                .pipeline
-                .datapaths
-                .values()
-                .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip))
-                .collect();
             let deadline = Instant::now() + Duration::from_millis(200);
             while !remotes.iter().all(|ip| self.neigh.get(*ip).is_some())
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(5));
             }
-        }
-        if !self.ready {
             self.ready = true;
             // Adopted megaflows are checked against the next hops: look them up first (a few
             // netlink round trips, never an ARP wait).
@@ -572,42 +565,7 @@ impl Forwarder {
                     .into_iter()
                     .map(|f| {
                         let a = &f.action;
-                        let action = match a.kind {
-                            geneflow_abi::act::OUTPUT => {
-                                format!("output({})", self.ifname(a.out_ifindex))
-                            }
-                            geneflow_abi::act::ENCAP => format!(
-                                "encap_geneve(dst={},vni={},ovn=0x{:08x}{}),redirect({})",
-                                std::net::Ipv4Addr::from(a.encap_dst.to_ne_bytes()),
-                                a.vni,
-                                a.ovn_opt,
-                                if a.flags & geneflow_abi::flag::NH_CACHED != 0 {
-                                    ",nh_cached"
-                                } else {
-                                    ""
-                                },
-                                self.ifname(a.out_ifindex)
-                            ),
-                            geneflow_abi::act::DECAP_OUTPUT => {
-                                format!("decap,output({})", self.ifname(a.out_ifindex))
-                            }
-                            geneflow_abi::act::DROP => format!("drop(reason {})", a.drop_reason),
-                            geneflow_abi::act::PASS => "pass".to_string(),
-                            geneflow_abi::act::ARP_REPLY => format!(
-                                "arp_reply({}),tx",
-                                geneflow_control::model::Mac(a.set_smac)
-                            ),
-                            k => format!("kind {k}"),
-                        };
-                        let action = if a.flags & geneflow_abi::flag::ROUTE != 0 {
-                            format!(
-                                "route(eth_src={},eth_dst={},dec_ttl),{action}",
-                                geneflow_control::model::Mac(a.set_smac),
-                                geneflow_control::model::Mac(a.set_dmac)
-                            )
-                        } else {
-                            action
-                        };
+                        let action = crate::pipeline::describe_action(a, &|i| self.ifname(i), true);
                         json!({
                             "match": crate::pipeline::describe_match(&f.key, &f.mask),
                             "mask_id": f.key.mask_id,

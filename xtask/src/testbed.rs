@@ -897,18 +897,23 @@ impl Testbed {
     /// key `key`, MAC 0a:00:00:00:<key>, IP 10.0.<key>.
     pub fn add_vm(&mut self, name: &str, chassis: &str, switch: &str, key: u16) -> Result<()> {
         self.add_vm_unbound(name, chassis, key)?;
+        self.register_vm(name, switch)
+    }
+
+    /// Adds VM `name`'s port to logical switch `switch` in the NB with its MAC, IP and key, and
+    /// binds it to its chassis and interface.
+    pub fn register_vm(&self, name: &str, switch: &str) -> Result<()> {
         let vm = self.vm(name)?;
-        let (mac, ip, iface) = (vm.mac.clone(), vm.ip.clone(), vm.iface.clone());
         self.nbctl(&[
             "lsp-add",
             switch,
             name,
-            &mac,
-            &ip,
+            &vm.mac,
+            &vm.ip,
             "--key",
-            &key.to_string(),
+            &vm.key.to_string(),
         ])?;
-        self.nbctl(&["lsp-bind", name, chassis, &iface])?;
+        self.nbctl(&["lsp-bind", name, &vm.chassis, &vm.iface])?;
         Ok(())
     }
 

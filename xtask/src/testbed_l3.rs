@@ -22,28 +22,16 @@ impl Testbed {
     ) -> Result<()> {
         self.add_vm_unbound(name, chassis, key)?;
         let ip = cidr.split('/').next().unwrap_or(cidr).to_string();
-        let (ns, mac, iface) = {
-            let vm = self.vm(name)?;
-            (vm.ns.clone(), vm.mac.clone(), vm.iface.clone())
-        };
+        let ns = self.vm(name)?.ns.clone();
         let ipc = |args: &[&str]| run(Command::new("ip").arg("-n").arg(&ns).args(args));
         ipc(&["addr", "flush", "dev", "eth0"])?;
         ipc(&["addr", "add", cidr, "dev", "eth0"])?;
         ipc(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
         ipc(&["route", "add", "default", "via", gateway])?;
         if let Some(vm) = self.vms.iter_mut().find(|v| v.name == name) {
-            vm.ip = ip.clone();
+            vm.ip = ip;
         }
-        self.nbctl(&[
-            "lsp-add",
-            switch,
-            name,
-            &mac,
-            &ip,
-            "--key",
-            &key.to_string(),
-        ])?;
-        self.nbctl(&["lsp-bind", name, chassis, &iface])?;
+        self.register_vm(name, switch)?;
         Ok(())
     }
 }

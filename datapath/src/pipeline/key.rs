@@ -2,7 +2,7 @@
 //! readable form.
 
 use etherparse::{EtherType, Ethernet2Header};
-use geneflow_abi::{arp, FlowKey};
+use geneflow_abi::{act, arp, flag, FlowAction, FlowKey};
 use geneflow_control::model::Mac;
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr};
 use std::net::Ipv4Addr;
@@ -106,6 +106,46 @@ pub fn describe_match(k: &FlowKey, mask: &FlowKey) -> String {
         f.push(format!("l4_dst={}", u16::from_be(k.l4_dst)));
     }
     f.join(",")
+}
+
+/// A megaflow's action, human readable. `installed` adds what only an entry in the fast path
+/// carries: the tunnel destination and whether its underlay next hop is cached.
+pub fn describe_action(a: &FlowAction, ifname: &dyn Fn(u32) -> String, installed: bool) -> String {
+    let kind = match a.kind {
+        act::OUTPUT => format!("output({})", ifname(a.out_ifindex)),
+        act::ENCAP if installed => format!(
+            "encap_geneve(dst={},vni={},ovn=0x{:08x}{}),redirect({})",
+            key_ip(a.encap_dst),
+            a.vni,
+            a.ovn_opt,
+            if a.flags & flag::NH_CACHED != 0 {
+                ",nh_cached"
+            } else {
+                ""
+            },
+            ifname(a.out_ifindex)
+        ),
+        act::ENCAP => format!(
+            "encap_geneve(vni={},ovn=0x{:08x}),redirect({})",
+            a.vni,
+            a.ovn_opt,
+            ifname(a.out_ifindex)
+        ),
+        act::DECAP_OUTPUT => format!("decap,output({})", ifname(a.out_ifindex)),
+        act::DROP => format!("drop(reason {})", a.drop_reason),
+        act::PASS => "pass".to_string(),
+        act::ARP_REPLY => format!("arp_reply({}),tx", Mac(a.set_smac)),
+        k => format!("kind {k}"),
+    };
+    if a.flags & flag::ROUTE != 0 {
+        format!(
+            "route(eth_src={},eth_dst={},dec_ttl),{kind}",
+            Mac(a.set_smac),
+            Mac(a.set_dmac)
+        )
+    } else {
+        kind
+    }
 }
 
 fn masked_ip(v: u32, m: u32) -> String {

@@ -36,7 +36,7 @@ mod tests;
 mod tests_router;
 
 pub use encap::{emit_encap, EncapParams};
-pub use key::{describe_match, extract_key};
+pub use key::{describe_action, describe_match, extract_key};
 pub use trace::{frame_from_spec, Trace};
 
 use crate::wire::geneve::{self, OvnMetadata};

@@ -1,9 +1,9 @@
 //! `geneflowctl trace`: runs a described packet through the pipeline without sending it and
 //! says what every stage decided, like ovn-trace.
 
-use super::key::describe_match;
+use super::key::{describe_action, describe_match};
 use super::{Decision, DropReason, Output, Tables};
-use geneflow_abi::{act, GENEVE_PORT};
+use geneflow_abi::GENEVE_PORT;
 use geneflow_control::model::Mac;
 use std::net::Ipv4Addr;
 
@@ -119,27 +119,7 @@ impl Tables {
                 }
                 match &d.megaflow {
                     Some(m) => {
-                        let a = &m.action;
-                        let mut action = String::new();
-                        if a.flags & geneflow_abi::flag::ROUTE != 0 {
-                            action.push_str(&format!(
-                                "route(eth_src={},eth_dst={},dec_ttl),",
-                                Mac(a.set_smac),
-                                Mac(a.set_dmac)
-                            ));
-                        }
-                        action.push_str(&match a.kind {
-                            act::OUTPUT => format!("output({})", ifname(a.out_ifindex)),
-                            act::ENCAP => format!(
-                                "encap_geneve(vni={},ovn=0x{:08x}),redirect({})",
-                                a.vni,
-                                a.ovn_opt,
-                                ifname(a.out_ifindex)
-                            ),
-                            act::DECAP_OUTPUT => format!("decap,output({})", ifname(a.out_ifindex)),
-                            act::ARP_REPLY => format!("arp_reply({}),tx", Mac(a.set_smac)),
-                            k => format!("kind {k}"),
-                        });
+                        let action = describe_action(&m.action, ifname, false);
                         st.push(format!(
                             "megaflow: match {} -> action {action} (the fast path handles the following packets)",
                             describe_match(&m.key, &m.mask)
