@@ -5,6 +5,7 @@
 //! is compiled: the chassis never holds state for tenants it does not serve.
 
 use crate::model::{Mac, NbDocument};
+use crate::port_security::PortSecurity;
 pub use crate::router::{CompiledRoute, CompiledRouterPort, Router};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -27,6 +28,8 @@ pub struct CompiledPort {
     pub mac: Mac,
     pub key: u16,
     pub location: PortLocation,
+    /// What the port may send from; `None` with port security off.
+    pub security: Option<PortSecurity>,
 }
 
 /// Who owns an IPv4 address on a switch (a logical port's fixed IP or a router port's
@@ -89,6 +92,9 @@ pub struct Pipeline {
     pub nb_version: u64,
     /// This chassis's encap IP, from its NB record.
     pub encap_ip: Option<Ipv4Addr>,
+    /// Encap IPs of the other chassis in the NB: the only underlay sources this chassis
+    /// accepts Geneve from.
+    pub peer_ips: BTreeSet<Ipv4Addr>,
     /// Logical datapaths by tunnel key. Shared, so an incremental compile reuses untouched
     /// datapaths without copying them.
     pub datapaths: BTreeMap<u32, Arc<Datapath>>,
@@ -176,6 +182,12 @@ impl Compiler {
             chassis: chassis.clone(),
             nb_version: doc.version,
             encap_ip: doc.chassis.get(&chassis).map(|c| c.encap_ip),
+            peer_ips: doc
+                .chassis
+                .values()
+                .filter(|c| c.name != chassis)
+                .map(|c| c.encap_ip)
+                .collect(),
             ..Default::default()
         };
         // Switches this chassis hosts: those with a port bound here that has an interface.
@@ -334,6 +346,7 @@ fn compile_datapath(
                 mac: lp.mac,
                 key: lp.port_key,
                 location,
+                security: PortSecurity::of(lp),
             },
         );
     }

@@ -1,9 +1,11 @@
 //! geneflow control plane: the NB model (`model`), NB backends (`nb`), the flow compiler
 //! (`compiler`) and the control-plane thread that feeds compiled pipelines to the datapath
 //! (`agent`). Everything here is testable without a kernel.
+pub mod acl;
 pub mod agent;
 pub mod compiler;
 pub mod kv;
 pub mod model;
 pub mod nb;
+pub mod port_security;
 pub mod router;

@@ -4,6 +4,11 @@
 //! counted.
 
 use crate::metrics::Shared;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
 use aya::maps::{MapData, PerCpuArray};
 use geneflow_abi::PortCounters;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
@@ -11,7 +16,6 @@ use prometheus::{Encoder, TextEncoder};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
 /// Names of the per-interface counters that are not drops: (counter, metric, help).
@@ -232,7 +236,26 @@ pub fn render(shared: &Shared, counters: Option<&PerCpuArray<MapData, PortCounte
     buf
 }
 
-/// Serves `/metrics` on `addr` from a dedicated thread.
+/// What the HTTP handlers read.
+#[derive(Clone)]
+struct Scrape {
+    shared: Arc<Shared>,
+    counters: Arc<Mutex<Option<PerCpuArray<MapData, PortCounters>>>>,
+}
+
+async fn metrics(State(s): State<Scrape>) -> impl IntoResponse {
+    let c = s.counters.lock().ok();
+    let body = render(&s.shared, c.as_ref().and_then(|c| c.as_ref()));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, "try /metrics\n")
+}
+
+/// Serves `/metrics` on `addr` (hyper through axum: every connection is its own task, so a
+/// slow or stalled client holds only its own connection) from a current-thread runtime on a
+/// dedicated thread, never a forwarder's.
 pub fn start(
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -241,10 +264,17 @@ pub fn start(
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     info!(%addr, "metrics exporter listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(Scrape { shared, counters });
     std::thread::Builder::new()
         .name("gf-metrics".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     warn!("metrics runtime: {e}");
@@ -259,33 +289,8 @@ pub fn start(
                         return;
                     }
                 };
-                loop {
-                    let Ok((mut sock, _)) = listener.accept().await else { continue };
-                    let mut req = [0u8; 2048];
-                    let n = match tokio::time::timeout(
-                        std::time::Duration::from_secs(2),
-                        sock.read(&mut req),
-                    )
-                    .await
-                    {
-                        Ok(Ok(n)) => n,
-                        _ => continue,
-                    };
-                    let head = String::from_utf8_lossy(&req[..n]);
-                    let (status, ctype, body) = if head.starts_with("GET /metrics") {
-                        let c = counters.lock().ok();
-                        let body = render(&shared, c.as_ref().and_then(|c| c.as_ref()));
-                        ("200 OK", "text/plain; version=0.0.4", body)
-                    } else {
-                        ("404 Not Found", "text/plain", b"try /metrics\n".to_vec())
-                    };
-                    let hdr = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = sock.write_all(hdr.as_bytes()).await;
-                    let _ = sock.write_all(&body).await;
-                    let _ = sock.shutdown().await;
+                if let Err(e) = axum::serve(listener, app).await {
+                    warn!("metrics server stopped: {e}");
                 }
             });
         })?;

@@ -13,10 +13,11 @@ use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
     ctr, Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS,
-    MAX_FLOWS, MAX_MASKS, MAX_PORTS,
+    MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
 };
-use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet};
 use std::mem::size_of;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -62,7 +63,7 @@ const MMAPABLE: u32 = 1 << 10;
 
 /// Every pinned map: name, key size, value size, capacity, whether it is memory-mappable. A
 /// pinned map that differs in any of these is not adopted.
-const MAPS: [(&str, usize, usize, u32, bool); 8] = [
+const MAPS: [(&str, usize, usize, u32, bool); 11] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
@@ -78,12 +79,19 @@ const MAPS: [(&str, usize, usize, u32, bool); 8] = [
         false,
     ),
     ("CONFIG", 4, size_of::<Config>(), 1, false),
+    ("MASK_HITS", 4, 8, MAX_MASKS * MASK_LISTS, false),
+    ("PEER_CACHE", 4, 8, 1, false),
     ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS, false),
     ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS, false),
+    ("PEERS", 4, 4, MAX_PEERS, false),
     ("COUNTERS", 4, size_of::<PortCounters>(), MAX_PORTS, false),
     ("XSKS", 4, 4, MAX_PORTS, false),
     ("SLOW_COUNTERS", 4, 8, MAX_PORTS * ctr::COUNT, true),
 ];
+
+fn identity_order() -> [u8; MAX_MASKS as usize] {
+    std::array::from_fn(|i| i as u8)
+}
 
 /// The slow path's counters: the pinned SLOW_COUNTERS array mapped into memory, used as
 /// atomics (no syscall per count).
@@ -161,8 +169,15 @@ pub struct Bpf {
     flows: HashMap<MapData, FlowKey, FlowAction>,
     masks: Array<MapData, FlowKey>,
     config: Array<MapData, Config>,
+    mask_hits: PerCpuArray<MapData, u64>,
+    /// The mask order written to CONFIG, and the hit totals at the last reordering.
+    order: [[u8; MAX_MASKS as usize]; MASK_LISTS as usize],
+    last_mask_hits: [u64; (MAX_MASKS * MASK_LISTS) as usize],
+    /// Generation of the PEERS contents (`Config::peers_gen`).
+    peers_gen: u32,
     ports: HashMap<MapData, u32, PortConf>,
     gens: HashMap<MapData, u32, DpGen>,
+    peers: HashMap<MapData, u32, u32>,
     xsks: XskMap<MapData>,
     counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
     /// Userspace mirrors: the mask lists (`mask_list::*`, as in MASKS), live generations and
@@ -239,8 +254,10 @@ impl Bpf {
         let flows = HashMap::try_from(take("FLOWS")?).map_err(map_err("FLOWS"))?;
         let masks = Array::try_from(take("MASKS")?).map_err(map_err("MASKS"))?;
         let config = Array::try_from(take("CONFIG")?).map_err(map_err("CONFIG"))?;
+        let mask_hits = PerCpuArray::try_from(take("MASK_HITS")?).map_err(map_err("MASK_HITS"))?;
         let ports = HashMap::try_from(take("PORTS")?).map_err(map_err("PORTS"))?;
         let gens = HashMap::try_from(take("GENS")?).map_err(map_err("GENS"))?;
+        let peers = HashMap::try_from(take("PEERS")?).map_err(map_err("PEERS"))?;
         let xsks = XskMap::try_from(take("XSKS")?).map_err(map_err("XSKS"))?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let mut bpf = Bpf {
@@ -254,8 +271,13 @@ impl Bpf {
             flows,
             masks,
             config,
+            mask_hits,
+            order: Default::default(),
+            last_mask_hits: [0; (MAX_MASKS * MASK_LISTS) as usize],
+            peers_gen: 0,
             ports,
             gens,
+            peers,
             xsks,
             counters: Some(counters),
             mask_lists: Default::default(),
@@ -269,17 +291,24 @@ impl Bpf {
 
     /// Rebuilds the mirrors from the (possibly adopted) maps.
     fn restore(&mut self) -> Adopted {
-        let counts = self
-            .config
-            .get(&0, 0)
-            .map(|c| c.n_masks)
-            .unwrap_or_default();
-        for (l, n) in counts.iter().enumerate() {
+        let cfg = self.config.get(&0, 0).unwrap_or_default();
+        self.peers_gen = cfg.peers_gen.wrapping_add(1);
+        for (l, n) in cfg.n_masks.iter().enumerate() {
             let base = l as u32 * MAX_MASKS;
             self.mask_lists[l] = (0..(*n).min(MAX_MASKS))
                 .map_while(|i| self.masks.get(&(base + i), 0).ok())
                 .collect();
+            // An adopted order is kept if it is a permutation of the masks there.
+            let n = self.mask_lists[l].len();
+            let mut seen: Vec<u8> = cfg.order[l][..n].to_vec();
+            seen.sort_unstable();
+            self.order[l] = if seen.iter().copied().eq(0..n as u8) {
+                cfg.order[l]
+            } else {
+                identity_order()
+            };
         }
+        let _ = self.write_config();
         self.live_gens = self.gens.iter().flatten().collect();
         let now = std::time::Instant::now();
         let mut top = self
@@ -538,6 +567,86 @@ impl Bpf {
         Ok(changed)
     }
 
+    fn write_config(&mut self) -> Result<(), LoaderError> {
+        let mut n_masks = [0; MASK_LISTS as usize];
+        for (n, list) in n_masks.iter_mut().zip(&self.mask_lists) {
+            *n = list.len() as u32;
+        }
+        self.config
+            .set(
+                0,
+                Config {
+                    n_masks,
+                    order: self.order,
+                    peers_gen: self.peers_gen,
+                },
+                0,
+            )
+            .map_err(map_err("CONFIG"))
+    }
+
+    /// Orders each mask list by the packets its masks matched since the last call, most
+    /// first (ties keep install order): the tuple-space search then finds most packets'
+    /// entries with its first probe. CONFIG is written only when the order changes; a packet
+    /// that reads it mid-write at worst misses once (the slow path answers the same).
+    pub fn reorder_masks(&mut self) -> Result<bool, LoaderError> {
+        let mut hits = [0u64; (MAX_MASKS * MASK_LISTS) as usize];
+        for (i, h) in hits.iter_mut().enumerate() {
+            *h = self
+                .mask_hits
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+        }
+        let mut changed = false;
+        for l in 0..MASK_LISTS as usize {
+            let base = l * MAX_MASKS as usize;
+            let n = self.mask_lists[l].len();
+            let delta = |s: u8| {
+                hits[base + s as usize].saturating_sub(self.last_mask_hits[base + s as usize])
+            };
+            let mut order: Vec<u8> = (0..n as u8).collect();
+            order.sort_by_key(|&s| std::cmp::Reverse(delta(s)));
+            if order[..] != self.order[l][..n] {
+                self.order[l][..n].copy_from_slice(&order);
+                changed = true;
+            }
+        }
+        self.last_mask_hits = hits;
+        if changed {
+            self.write_config()?;
+        }
+        Ok(changed)
+    }
+
+    /// Makes `ips` the chassis Geneve is accepted from (the XDP program drops the rest).
+    pub fn set_peers(&mut self, ips: &BTreeSet<Ipv4Addr>) -> Result<(), LoaderError> {
+        let want: StdHashSet<u32> = ips
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let have: Vec<u32> = self.peers.keys().flatten().collect();
+        let mut changed = false;
+        for k in &have {
+            if !want.contains(k) {
+                let _ = self.peers.remove(k);
+                changed = true;
+            }
+        }
+        for k in want {
+            if !have.contains(&k) {
+                self.peers.insert(k, 1, 0).map_err(map_err("PEERS"))?;
+                changed = true;
+            }
+        }
+        if changed {
+            // A removed chassis must not stay accepted from a CPU's cache.
+            self.peers_gen = self.peers_gen.wrapping_add(1);
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
     /// Makes every entry of every datapath stale (e.g. a next hop changed).
     pub fn invalidate_all(&mut self) -> Result<(), LoaderError> {
         let all: Vec<(u32, u64)> = self
@@ -582,13 +691,10 @@ impl Bpf {
                 let id = base + self.mask_lists[l].len() as u32;
                 self.masks.set(id, m.mask, 0).map_err(map_err("MASKS"))?;
                 self.mask_lists[l].push(m.mask);
-                let mut n_masks = [0; MASK_LISTS as usize];
-                for (n, list) in n_masks.iter_mut().zip(&self.mask_lists) {
-                    *n = list.len() as u32;
-                }
-                self.config
-                    .set(0, Config { n_masks }, 0)
-                    .map_err(map_err("CONFIG"))?;
+                // A new mask goes last in the order until its hits move it up.
+                let n = self.mask_lists[l].len();
+                self.order[l][n - 1] = (n - 1) as u8;
+                self.write_config()?;
                 id
             }
         };

@@ -1,5 +1,5 @@
-//! Rate limits for the frames the slow path generates (ICMP, ARP answers): a token bucket per
-//! source address in a fixed table (no allocation per packet; a colliding source takes the
+//! Rate limits for what the slow path generates (ICMP and ARP answers per source address,
+//! drop megaflows per port): a token bucket per key in a fixed table (no allocation per packet; a colliding source takes the
 //! slot over with a fresh bucket), under a global bucket that bounds the total whatever the
 //! number of sources. Like Linux's icmp_ratelimit, but per source first.
 
@@ -61,7 +61,11 @@ impl RateLimiter {
 
     /// Whether one more answer to `source` may be sent now.
     pub fn allow(&mut self, source: Ipv4Addr, now: Instant) -> bool {
-        let key = u32::from(source);
+        self.allow_key(u32::from(source), now)
+    }
+
+    /// `allow` for any 32-bit key (e.g. an interface index).
+    pub fn allow_key(&mut self, key: u32, now: Instant) -> bool {
         let slot = (key.wrapping_mul(0x9e37_79b1) >> 22) as usize % SLOTS;
         let b = &mut self.per_source[slot];
         if b.key != key || b.last.is_none() {

@@ -2,7 +2,8 @@
 """Injects Geneve frames built by scapy (an encoder independent of geneflow) into the underlay.
 
 kind: good | critical (unknown critical option) | version1 | optlen (option length past the end
-of the options area) | truncated (Geneve header cut short). Every inner frame is a valid
+of the options area) | truncated (Geneve header cut short) | udplong / udpshort (a good frame
+whose outer UDP length claims 8 bytes more / fewer than it carries). Every inner frame is a valid
 UDP/IPv4 datagram carrying an 8-byte sequence number, so a receiver would count it if it leaked.
 """
 import argparse
@@ -43,13 +44,20 @@ def main():
         elif o.kind == "optlen":
             past = GeneveOptions(classid=0x0102, type=0x80, length=3, data=bytes(ovn)[4:8])
             g = GENEVE(critical=1, proto=0x6558, vni=o.vni, optionlen=2, options=[past]) / inner
+        elif o.kind in ("udplong", "udpshort"):
+            pass
         elif o.kind == "truncated":
             g = Raw(bytes(GENEVE(critical=1, proto=0x6558, vni=o.vni, optionlen=2,
                                  options=[ovn]))[:6])
         else:
             raise SystemExit("unknown kind " + o.kind)
-        frames.append(Ether(dst=o.dst_mac) / IP(src=o.src_ip, dst=o.dst_ip, flags="DF")
-                      / UDP(sport=50000 + seq % 1000, dport=6081) / g)
+        if o.kind in ("udplong", "udpshort"):
+            g = GENEVE(critical=1, proto=0x6558, vni=o.vni, optionlen=2, options=[ovn]) / inner
+        f = (Ether(dst=o.dst_mac) / IP(src=o.src_ip, dst=o.dst_ip, flags="DF")
+             / UDP(sport=50000 + seq % 1000, dport=6081) / g)
+        if o.kind in ("udplong", "udpshort"):
+            f[UDP].len = len(f[UDP]) + (8 if o.kind == "udplong" else -8)
+        frames.append(f)
     sendp(frames, iface=o.iface, verbose=False)
 
 

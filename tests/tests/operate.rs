@@ -119,6 +119,60 @@ fn metrics_count_a_stream_and_a_provoked_drop() -> Result<()> {
     Ok(())
 }
 
+/// Stalled clients (a request never finished, a response never read) hold only their own
+/// connection: 20 concurrent scrapes still complete, and unknown paths get a 404.
+const SLOW_CLIENTS: &str = r#"
+import socket, threading, time, urllib.request, urllib.error
+stalled = []
+for i in range(50):
+    s = socket.create_connection(("127.0.0.1", 9469))
+    s.sendall(b"GET /metr")
+    stalled.append(s)
+for i in range(20):
+    s = socket.create_connection(("127.0.0.1", 9469))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+    stalled.append(s)
+ok, lock = [], threading.Lock()
+def scrape():
+    body = urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=3).read()
+    if b"geneflow_rx_packets_total" in body:
+        with lock:
+            ok.append(1)
+t0 = time.time()
+ts = [threading.Thread(target=scrape) for _ in range(20)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+try:
+    urllib.request.urlopen("http://127.0.0.1:9469/nope", timeout=3)
+    code = 200
+except urllib.error.HTTPError as e:
+    code = e.code
+print(len(ok), code, round(time.time() - t0, 2))
+"#;
+
+#[test]
+fn metrics_server_is_not_blocked_by_stalled_clients() -> Result<()> {
+    let tb = two_chassis("mb")?;
+    let ns = &tb.chassis[tb.chassis_index("ch1")?].ns;
+    let out = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns,
+        "/usr/bin/python3",
+        "-c",
+        SLOW_CLIENTS,
+    ]))?;
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        f.first(),
+        Some(&"20"),
+        "scrapes completed, 404, seconds: {out}"
+    );
+    assert_eq!(f.get(1), Some(&"404"), "{out}");
+    Ok(())
+}
+
 #[test]
 fn trace_says_what_the_packet_really_does() -> Result<()> {
     let tb = two_chassis("tr")?;

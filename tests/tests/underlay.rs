@@ -105,8 +105,12 @@ fn routed_underlay_pings_and_streams_in_the_fast_path() -> Result<()> {
     assert!(dec >= 9_900, "ch2 decapsulated only {dec} in XDP");
     for c in ["ch1", "ch2"] {
         assert_eq!(
-            tb.counter(c, "vp-vm1", "drop_no_neighbour")?
-                + tb.counter(c, "ul", "drop_no_neighbour")?,
+            tb.counter(c, "ul", "drop_no_neighbour")?
+                + if c == "ch1" {
+                    tb.counter(c, "vp-vm1", "drop_no_neighbour")?
+                } else {
+                    0
+                },
             0,
             "{c} dropped for want of a neighbour; {}",
             diag(&tb)
@@ -227,8 +231,8 @@ fn nb_changes_apply_fast_with_a_silent_remote_chassis() -> Result<()> {
         e2e[1] < LIMIT_MS,
         "NB write -> applied took {e2e:?} ms (median limit {LIMIT_MS} ms)"
     );
-    // Traffic to the reachable chassis is unaffected. (Floods to the ghost are counted as
-    // drop_no_neighbour on ch1, rightly.)
+    // Traffic to the reachable chassis is unaffected. (Floods to the ghost wait up to a second
+    // for its next hop, then count as drop_no_neighbour on ch1, rightly.)
     tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
     Ok(())
 }

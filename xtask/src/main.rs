@@ -28,12 +28,28 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Run each cargo-fuzz target (tests/fuzz) for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Merge what the run finds into the corpus kept in the repo.
+        #[arg(long)]
+        grow: bool,
+    },
     /// Datapath benchmark (pktgen scenarios against a plain-redirect baseline); writes
     /// results/bench.{md,json,svg}.
     Bench {
         /// One short run per scenario (under a minute; used by the test suite).
         #[arg(long)]
         quick: bool,
+        /// Only these groups of scenarios (the generator ceiling and the baseline always run):
+        /// encap (encap and decap), routed, e2e (end to end, slow path, flow setup), ovs.
+        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "e2e", "ovs"])]
+        only: Vec<String>,
+        /// Where the report goes.
+        #[arg(long)]
+        results: Option<PathBuf>,
     },
     /// Build, then run the unit tests and the end-to-end tests (root).
     Test {
@@ -72,7 +88,12 @@ fn main() {
         Cmd::Demo => setup().and_then(|_| build()).and_then(|_| demo()),
         Cmd::Test { args } => setup().and_then(|_| build()).and_then(|_| test(&args)),
         Cmd::BenchNb { quick } => setup().and_then(|_| bench_nb(quick)),
-        Cmd::Bench { quick } => setup().and_then(|_| bench(quick)),
+        Cmd::Fuzz { secs, grow } => setup().and_then(|_| xtask::fuzz::fuzz(&root(), secs, grow)),
+        Cmd::Bench {
+            quick,
+            only,
+            results,
+        } => setup().and_then(|_| bench(quick, only, results)),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");
@@ -108,6 +129,15 @@ fn check_root() -> Result<()> {
 fn have(prog: &str, arg: &str) -> bool {
     Command::new(prog)
         .arg(arg)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `cargo <sub> --version` works (an installed cargo subcommand).
+fn have_cargo(sub: &str) -> bool {
+    Command::new("cargo")
+        .args([sub, "--version"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
@@ -170,6 +200,17 @@ fn setup() -> Result<()> {
             "nightly",
         ]))?;
     }
+    if have_cargo("fuzz") {
+        step("cargo-fuzz present");
+    } else {
+        step("cargo install cargo-fuzz, takes a minute once");
+        let st = Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .status()?;
+        if !st.success() {
+            bail!("cargo install cargo-fuzz failed");
+        }
+    }
     if have("bpf-linker", "--version") {
         step("bpf-linker present");
     } else {
@@ -223,11 +264,14 @@ fn test(args: &[String]) -> Result<()> {
     if !st.success() {
         bail!("end-to-end tests failed");
     }
+    step("fuzz: each target for 60 s (corpus in tests/fuzz/corpus)");
+    xtask::fuzz::fuzz(&root(), 60, false)?;
     step("bench --quick: every scenario must produce a figure (no assertion on speed)");
     std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("debug"));
     let dir = std::env::temp_dir().join(format!("gf-bench-quick-{}", std::process::id()));
     xtask::bench::bench(&xtask::bench::Opts {
         quick: true,
+        only: vec![],
         results: dir.clone(),
     })?;
     xtask::bench::check_complete(&dir)?;
@@ -425,29 +469,50 @@ fn bench_nb(quick: bool) -> Result<()> {
         tb.nbctl(&["chassis-add", "chr", "198.18.0.99"])?;
         tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
         tb.add_vm("vm1", "ch1", "ls1", 1)?;
+        // A router on ls1, so that route changes concern this chassis.
+        tb.nbctl(&["lr-add", "r1", "--key", "1010"])?;
+        tb.nbctl(&[
+            "lrp-add",
+            "r1",
+            "r1-ls1",
+            "0a:00:00:00:ff:01",
+            "10.0.255.254/16",
+            "--key",
+            "100",
+            "--switch",
+            "ls1",
+        ])?;
         tb.start_agents()?;
         let ctl = tb.chassis[0].socket.display().to_string();
         let samples = if quick { "10" } else { "60" };
-        let args = [
-            "latency",
-            "--nb",
-            &tb.nb,
-            "--ctl",
-            &ctl,
-            "--switch",
-            "ls1",
-            "--remote",
-            "chr",
-            "--samples",
-            samples,
-        ];
-        let out = match &tb.db_ns {
-            Some(ns) => run(Command::new("ip")
-                .args(["netns", "exec", ns, &bench])
-                .args(args))?,
-            None => run(Command::new(&bench).args(args))?,
-        };
-        latency.push(serde_json::from_str::<serde_json::Value>(out.trim())?);
+        for change in ["port", "route"] {
+            let args = [
+                "latency",
+                "--nb",
+                &tb.nb,
+                "--ctl",
+                &ctl,
+                "--switch",
+                "ls1",
+                "--remote",
+                "chr",
+                "--samples",
+                samples,
+                "--change",
+                change,
+                "--router",
+                "r1",
+                "--nexthop",
+                "10.0.0.50",
+            ];
+            let out = match &tb.db_ns {
+                Some(ns) => run(Command::new("ip")
+                    .args(["netns", "exec", ns, &bench])
+                    .args(args))?,
+                None => run(Command::new(&bench).args(args))?,
+            };
+            latency.push(serde_json::from_str::<serde_json::Value>(out.trim())?);
+        }
     }
     println!("\n| measurement | value |\n|---|---|");
     println!(
@@ -465,11 +530,12 @@ fn bench_nb(quick: bool) -> Result<()> {
             .unwrap_or(0.0),
         compile["incremental_over_full"].as_f64().unwrap_or(0.0)
     );
-    println!("\n| backend | write p50 | NB write -> fast path p50 | p99 |\n|---|---|---|---|");
+    println!("\n| backend | change | write p50 | NB write -> fast path p50 | p99 |\n|---|---|---|---|---|");
     for l in &latency {
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            "| {} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
             l["backend"].as_str().unwrap_or("?"),
+            l["change"].as_str().unwrap_or("?"),
             l["write_ms_p50"].as_f64().unwrap_or(0.0),
             l["to_fastpath_ms_p50"].as_f64().unwrap_or(0.0),
             l["to_fastpath_ms_p99"].as_f64().unwrap_or(0.0)
@@ -486,12 +552,17 @@ fn bench_nb(quick: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool) -> Result<()> {
-    build_release()?;
-    std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
+fn bench(quick: bool, only: Vec<String>, results: Option<PathBuf>) -> Result<()> {
+    // GENEFLOW_BIN_DIR set by the caller benches the binaries there (e.g. an older commit's
+    // geneflowd beside this pktgen) with the same scenarios, and builds nothing.
+    if std::env::var_os("GENEFLOW_BIN_DIR").is_none() {
+        build_release()?;
+        std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
+    }
     xtask::bench::bench(&xtask::bench::Opts {
         quick,
-        results: xtask::bench::results_dir(&root()),
+        only,
+        results: results.unwrap_or_else(|| xtask::bench::results_dir(&root())),
     })
 }
 

@@ -169,6 +169,16 @@ enum NbCmd {
         #[arg(long = "allowed-pair")]
         allowed_pairs: Vec<String>,
     },
+    /// Set a port's port security: on (the default) or `--off`, and its allowed address
+    /// pairs (replaced by those given).
+    LspSetPortSecurity {
+        name: String,
+        #[arg(long)]
+        off: bool,
+        /// Allowed address pair CIDR[,MAC] (repeatable).
+        #[arg(long = "allowed-pair")]
+        allowed_pairs: Vec<String>,
+    },
     /// Replace a port's security groups.
     LspSetSg {
         name: String,
@@ -392,6 +402,19 @@ fn net(s: &str) -> Result<Ipv4Net, String> {
     s.parse::<Ipv4Net>().map_err(|e| e.to_string())
 }
 
+/// `CIDR[,MAC]` arguments as address pairs.
+fn address_pairs(args: &[String]) -> Result<Vec<AddressPair>, String> {
+    args.iter()
+        .map(|p| {
+            let (ip, mac) = match p.split_once(',') {
+                Some((i, m)) => (i, Some(m.parse().map_err(|e: ModelError| e.to_string())?)),
+                None => (p.as_str(), None),
+            };
+            Ok(AddressPair { ip: net(ip)?, mac })
+        })
+        .collect()
+}
+
 macro_rules! del {
     ($d:ident . $table:ident, $kind:expr, $name:expr) => {
         $d.$table
@@ -524,14 +547,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
             if !d.switches.contains_key(&switch) {
                 return Err(unknown("switch", &switch));
             }
-            let mut pairs = Vec::new();
-            for p in allowed_pairs {
-                let (ip, mac) = match p.split_once(',') {
-                    Some((i, m)) => (i, Some(m.parse().map_err(|e: ModelError| e.to_string())?)),
-                    None => (p.as_str(), None),
-                };
-                pairs.push(AddressPair { ip: net(ip)?, mac });
-            }
+            let pairs = address_pairs(&allowed_pairs)?;
             let p = LogicalPort {
                 name: name.clone(),
                 switch,
@@ -547,6 +563,20 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
             };
             p.validate().map_err(|e| e.to_string())?;
             d.ports.insert(name, p);
+            Ok(())
+        }
+        NbCmd::LspSetPortSecurity {
+            name,
+            off,
+            allowed_pairs,
+        } => {
+            let pairs = address_pairs(&allowed_pairs)?;
+            let p = d
+                .ports
+                .get_mut(&name)
+                .ok_or_else(|| unknown("port", &name))?;
+            p.port_security = !off;
+            p.allowed_address_pairs = pairs;
             Ok(())
         }
         NbCmd::LspSetSg { name, groups } => {

@@ -71,14 +71,31 @@ impl FileStore {
         })
     }
 
-    /// Reads the document. A missing file is an empty NB.
+    /// Reads the document for a writer: a missing file is an empty NB (the first write
+    /// creates it).
     pub fn load(&self) -> Result<NbDocument, NbError> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(NbDocument::default()),
-            Err(e) => return Err(self.io(e)),
-        };
-        serde_json::from_str(&text).map_err(|e| NbError::Parse {
+        match fs::read_to_string(&self.path) {
+            Ok(t) => self.parse(&t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NbDocument::default()),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Reads the document for an agent: a missing or unreadable file means the NB is
+    /// unavailable (deleted by mistake, an unmounted volume), like an unreachable etcd, never
+    /// an empty topology that would detach every port.
+    fn load_present(&self) -> Result<NbDocument, NbError> {
+        match fs::read_to_string(&self.path) {
+            Ok(t) => self.parse(&t),
+            Err(e) => Err(NbError::Unreachable(format!(
+                "{}: {e}",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn parse(&self, text: &str) -> Result<NbDocument, NbError> {
+        serde_json::from_str(text).map_err(|e| NbError::Parse {
             path: self.path.display().to_string(),
             line: e.line(),
             column: e.column(),
@@ -143,13 +160,13 @@ impl Backend for FileStore {
 
     fn snapshot(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
         self.last_stamp = Some(self.stamp());
-        Ok(filtered(kv::doc_to_kv(&self.load()?), prefixes))
+        Ok(filtered(kv::doc_to_kv(&self.load_present()?), prefixes))
     }
 
     fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
         self.prefixes = prefixes.to_vec();
         self.last_stamp = Some(self.stamp());
-        self.last = filtered(kv::doc_to_kv(&self.load()?), prefixes);
+        self.last = filtered(kv::doc_to_kv(&self.load_present()?), prefixes);
         Ok(())
     }
 
@@ -159,7 +176,7 @@ impl Backend for FileStore {
             let stamp = self.stamp();
             if self.last_stamp != Some(stamp) {
                 self.last_stamp = Some(stamp);
-                let doc = self.load()?;
+                let doc = self.load_present()?;
                 let now = filtered(kv::doc_to_kv(&doc), &self.prefixes);
                 let (puts, dels) = kv::diff(&self.last, &now);
                 self.last = now;
@@ -298,6 +315,23 @@ mod tests {
         let e = s.load().unwrap_err().to_string();
         assert!(e.contains(":3:"), "{e}");
         assert!(e.contains("nb.json"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_an_unavailable_nb_for_agents() {
+        let t = tmp("gone");
+        let p = t.file();
+        let mut s = FileStore::open(p.to_str().unwrap()).unwrap();
+        // Before the first write: unavailable to an agent, empty to a writer.
+        assert!(matches!(s.snapshot(&[]), Err(NbError::Unreachable(_))));
+        assert_eq!(s.load().unwrap().version, 0);
+        s.update(|_| Ok(())).unwrap();
+        s.subscribe(&["/".into()]).unwrap();
+        fs::remove_file(&p).unwrap();
+        let e = s.poll(Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, NbError::Unreachable(_)), "{e}");
+        assert!(!e.is_data_error());
+        assert!(e.to_string().contains("nb.json"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub(super) fn run(
         return Ok(None);
     }
     r.mask.ip_proto = u8::MAX;
-    match r.key.ip_proto {
+    match r.key.ip_proto & !arp::SHA_MISMATCH {
         0 => {
             r.note("arp responder", || "malformed ARP: dropped".into());
             return Err(DropReason::MalformedArp);

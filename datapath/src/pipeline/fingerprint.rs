@@ -71,6 +71,23 @@ impl Tables {
                 }
                 (*key, h.finish())
             })
+            .chain(std::iter::once((
+                geneflow_abi::DP_KEY_HOSTED,
+                self.hosted_fingerprint(),
+            )))
             .collect()
+    }
+
+    /// The fingerprint of the generation slot `DP_KEY_HOSTED`: the set of datapaths this
+    /// chassis hosts, which the drop entries of unknown VNIs (a negative cache) depend on.
+    fn hosted_fingerprint(&self) -> u64 {
+        let mut h = Fnv1a::default();
+        geneflow_abi::ABI_VERSION.hash(&mut h);
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        self.uplink_ifindex.hash(&mut h);
+        for k in self.pipeline.datapaths.keys() {
+            k.hash(&mut h);
+        }
+        h.finish()
     }
 }

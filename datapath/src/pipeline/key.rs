@@ -24,6 +24,7 @@ pub fn extract_key(frame: &[u8], in_ifindex: u32) -> Option<FlowKey> {
             .and_then(|p| ArpRepr::parse(&p).ok());
         if let Some(ArpRepr::EthernetIpv4 {
             operation,
+            source_hardware_addr: sha,
             source_protocol_addr: spa,
             target_protocol_addr: tpa,
             ..
@@ -36,7 +37,13 @@ pub fn extract_key(frame: &[u8], in_ifindex: u32) -> Option<FlowKey> {
             };
             k.ip_src = u32::from_ne_bytes(spa.octets());
             k.ip_dst = u32::from_ne_bytes(tpa.octets());
-            k.ip_proto = op | if spa == tpa { arp::GRATUITOUS } else { 0 };
+            k.ip_proto = op
+                | if spa == tpa { arp::GRATUITOUS } else { 0 }
+                | if sha.0 != eth.source {
+                    arp::SHA_MISMATCH
+                } else {
+                    0
+                };
         }
         return Some(k);
     }

@@ -34,13 +34,15 @@ mod tunnel_rx;
 mod tests;
 #[cfg(test)]
 mod tests_router;
+#[cfg(test)]
+mod tests_security;
 
 pub use encap::{emit_encap, EncapParams};
 pub use key::{describe_action, describe_match, extract_key};
 pub use trace::{frame_from_spec, Trace};
 
 use crate::wire::geneve::{self, OvnMetadata};
-use geneflow_abi::{ctr, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD};
+use geneflow_abi::{act, ctr, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD};
 use geneflow_control::compiler::{Datapath, Pipeline};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -69,9 +71,34 @@ pub enum DropReason {
     Martian,
     NoRoute,
     ToRouter,
+    SpoofedMac,
+    SpoofedIp,
+    SpoofedArp,
+    Ipv6NotAllowed,
+    UnknownGroup,
+    UnknownSource,
+    BadLength,
 }
 
 impl DropReason {
+    /// The verdict follows from the key fields the stages consulted and the datapath's
+    /// state alone, so a drop megaflow can repeat it in XDP. Not for verdicts on what the key
+    /// does not hold (checksums, lengths, options, malformed headers), nor for an unknown
+    /// destination MAC (legitimate traffic, often short-lived, that should not fill the
+    /// megaflow table with drop entries).
+    pub fn cacheable(self) -> bool {
+        matches!(
+            self,
+            DropReason::SpoofedMac
+                | DropReason::SpoofedIp
+                | DropReason::SpoofedArp
+                | DropReason::Ipv6NotAllowed
+                | DropReason::UnknownDatapath
+                | DropReason::UnknownPort
+                | DropReason::UnknownGroup
+        )
+    }
+
     pub fn counter(self) -> u32 {
         match self {
             DropReason::Malformed | DropReason::NotOverlay | DropReason::UnknownInPort => {
@@ -94,6 +121,13 @@ impl DropReason {
             DropReason::Martian => ctr::DROP_MARTIAN,
             DropReason::NoRoute => ctr::DROP_NO_ROUTE,
             DropReason::ToRouter => ctr::DROP_TO_ROUTER,
+            DropReason::SpoofedMac => ctr::DROP_SPOOFED_MAC,
+            DropReason::SpoofedIp => ctr::DROP_SPOOFED_IP,
+            DropReason::SpoofedArp => ctr::DROP_SPOOFED_ARP,
+            DropReason::Ipv6NotAllowed => ctr::DROP_IPV6,
+            DropReason::UnknownGroup => ctr::DROP_UNKNOWN_GROUP,
+            DropReason::UnknownSource => ctr::DROP_UNKNOWN_SOURCE,
+            DropReason::BadLength => ctr::DROP_BAD_LENGTH,
         }
     }
 }
@@ -150,6 +184,14 @@ pub struct Answer {
     pub source: Ipv4Addr,
 }
 
+/// A frame the pipeline dropped, and the drop megaflow that repeats the verdict in XDP when
+/// the verdict allows it (`DropReason::cacheable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub reason: DropReason,
+    pub megaflow: Option<Megaflow>,
+}
+
 /// The verdict for one frame: outputs are in the caller's vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
@@ -190,6 +232,9 @@ pub(crate) struct Run<'a> {
     pub in_ifindex: u32,
     pub key: FlowKey,
     pub mask: FlowKey,
+    /// Generation slot the verdict depends on, once known (the datapath, or
+    /// `DP_KEY_HOSTED` for an unknown VNI).
+    pub dp_key: Option<u32>,
     trace: Option<&'a mut Vec<String>>,
 }
 
@@ -281,7 +326,44 @@ impl Tables {
         out: &mut Vec<Output>,
         buf: &mut Vec<u8>,
     ) -> Result<Decision, DropReason> {
-        self.run(frame, in_ifindex, out, buf, None)
+        self.process_dropping(frame, in_ifindex, out, buf)
+            .map_err(|d| d.reason)
+    }
+
+    /// `process`, with the drop megaflow of a drop verdict where it has one.
+    // The drop verdict carries its megaflow by value as `Decision` does: boxing it would
+    // allocate for every dropped frame.
+    #[allow(clippy::result_large_err)]
+    pub fn process_dropping(
+        &self,
+        frame: &[u8],
+        in_ifindex: u32,
+        out: &mut Vec<Output>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Decision, Dropped> {
+        out.clear();
+        let mut r = Run {
+            t: self,
+            frame,
+            in_ifindex,
+            key: FlowKey::zeroed(),
+            mask: FlowKey::zeroed(),
+            dp_key: None,
+            trace: None,
+        };
+        self.stages(&mut r, out, buf).map_err(|reason| {
+            out.clear();
+            let megaflow = match r.dp_key {
+                Some(dp_key) if reason.cacheable() => Some(r.megaflow(FlowAction {
+                    kind: act::DROP,
+                    drop_reason: reason.counter(),
+                    dp_key,
+                    ..Default::default()
+                })),
+                _ => None,
+            };
+            Dropped { reason, megaflow }
+        })
     }
 
     fn run(
@@ -299,12 +381,22 @@ impl Tables {
             in_ifindex,
             key: FlowKey::zeroed(),
             mask: FlowKey::zeroed(),
+            dp_key: None,
             trace,
         };
-        if in_ifindex == self.uplink_ifindex {
-            tunnel_rx::run(&mut r, out)
+        self.stages(&mut r, out, buf)
+    }
+
+    fn stages(
+        &self,
+        r: &mut Run,
+        out: &mut Vec<Output>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Decision, DropReason> {
+        if r.in_ifindex == self.uplink_ifindex {
+            tunnel_rx::run(r, out)
         } else {
-            self.ingress_local(&mut r, out, buf)
+            self.ingress_local(r, out, buf)
         }
     }
 
@@ -324,6 +416,7 @@ impl Tables {
         let dp = self
             .datapath(inp.dp_key)
             .ok_or(DropReason::UnknownDatapath)?;
+        r.dp_key = Some(dp.tunnel_key);
         r.note("ingress", || {
             format!(
                 "logical port {} (key {}) on logical switch {} (tunnel key {})",

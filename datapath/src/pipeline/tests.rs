@@ -95,7 +95,8 @@ fn fingerprints_move_only_with_what_megaflows_depend_on() {
     let t = tables();
     let mac = [2, 0, 0, 0, 0, 1];
     let base = t.fingerprints(mac);
-    assert_eq!(base.keys().copied().collect::<Vec<_>>(), vec![0xabcd]);
+    // One per datapath, and the set of hosted datapaths (slot 0).
+    assert_eq!(base.keys().copied().collect::<Vec<_>>(), vec![0, 0xabcd]);
     // Recompiling the same NB, as a restarted agent does, gives the same fingerprints.
     assert_eq!(tables().fingerprints(mac), base);
     // Each input of the actions changes it: a port's interface, the uplink's MAC and MTU,
@@ -133,7 +134,7 @@ fn mangled_frames_never_panic_and_every_verdict_is_counted() {
     };
     // The uplink's Geneve frame, addressed to this chassis and its port p2 (key 6).
     let mut geneve = FRAME_CSUM.to_vec();
-    geneve[30..34].copy_from_slice(&[198, 18, 0, 1]);
+    readdress(&mut geneve);
     geneve[56..58].copy_from_slice(&6u16.to_be_bytes());
     for (base, in_if) in [(geneve, UPLINK), (FRAME_CSUM[58..].to_vec(), 10)] {
         // The sweep starts from frames the pipeline accepts.
@@ -186,8 +187,10 @@ fn local_to_remote_encaps_with_megaflow() {
     assert_eq!(m.action.ovn_opt, 0x0005_0007);
     assert_eq!(m.action.out_ifindex, UPLINK);
     assert_eq!(m.action.max_inner_len, 1456);
-    // The megaflow is wide: it matches on in-port and destination MAC only.
+    // The megaflow is wide: in-port, destination MAC, and the source MAC port security
+    // checked (the port has no IPv4 address: not the source address).
     assert_eq!(m.key.ip_src, 0);
+    assert_eq!(m.mask.eth_src, [0xff; 6]);
     assert_eq!(m.key.eth_dst, [0x0a, 0, 0, 0, 0, 2]);
     assert_eq!(m.key.in_ifindex, 10);
 }
@@ -239,13 +242,20 @@ fn unknown_destination_and_port_drop() {
     );
 }
 
+/// Turns the scapy frame (from a, 198.18.0.1, to b, 198.18.0.2) around: from b to a, as chassis
+/// a receives it. Swapping the addresses keeps the header checksum valid.
+fn readdress(f: &mut [u8]) {
+    f[26..30].copy_from_slice(&[198, 18, 0, 2]);
+    f[30..34].copy_from_slice(&[198, 18, 0, 1]);
+}
+
 #[test]
 fn tunnel_to_local_decaps() {
     let t = tables();
     // The scapy frame is addressed to 198.18.0.2; chassis b's view receives it.
     let mut f = FRAME_CSUM.to_vec();
     // Re-address to a (198.18.0.1) and egress port p2 (key 6).
-    f[30..34].copy_from_slice(&[198, 18, 0, 1]);
+    readdress(&mut f);
     f[56..58].copy_from_slice(&6u16.to_be_bytes());
     let mut out = Vec::new();
     let mut buf = Vec::new();
@@ -272,7 +282,7 @@ fn tunnel_to_local_decaps() {
 fn malformed_tunnel_frames_map_to_reasons() {
     let t = tables();
     let mut base = FRAME_CSUM.to_vec();
-    base[30..34].copy_from_slice(&[198, 18, 0, 1]);
+    readdress(&mut base);
     let mut out = Vec::new();
     let mut buf = Vec::new();
     let mut v1 = base.clone();
@@ -293,8 +303,9 @@ fn malformed_tunnel_frames_map_to_reasons() {
         t.process(&optlen, UPLINK, &mut out, &mut buf),
         Err(DropReason::GeneveOptLen)
     );
+    // Cut short, the frame no longer matches its outer lengths.
     assert_eq!(
         t.process(&base[..46], UPLINK, &mut out, &mut buf),
-        Err(DropReason::GeneveTruncated)
+        Err(DropReason::BadLength)
     );
 }

@@ -195,11 +195,13 @@ fn routed_across_chassis_leaves_routed_in_the_destination_vni() {
     assert_ne!(m.action.flags & flag::ROUTE, 0);
     assert_eq!((m.action.set_smac, m.action.set_dmac), (R2, P2));
     assert_eq!((m.action.vni, m.action.ovn_opt), (20, 0x0064_0002));
-    // Wide: in-port, router MAC, IPv4 and the exact destination; not the source or ports.
+    // Wide: in-port, router MAC, IPv4, the exact destination and the source port security
+    // checked; not the L4 ports.
     assert_eq!(m.mask.ip_dst, u32::MAX);
     assert_eq!(m.mask.eth_dst, [0xff; 6]);
     assert_eq!(m.mask.eth_type, u16::MAX);
-    assert_eq!((m.mask.ip_src, m.mask.l4_src, m.mask.l4_dst), (0, 0, 0));
+    assert_eq!((m.mask.ip_src, m.mask.eth_src), (u32::MAX, [0xff; 6]));
+    assert_eq!((m.mask.l4_src, m.mask.l4_dst), (0, 0));
     // The entry belongs to the switch the packet entered.
     assert_eq!(m.action.dp_key, 10);
 }
@@ -297,7 +299,11 @@ fn router_errors_ttl_no_route_unknown_host_and_pmtu() {
 
 #[test]
 fn router_refuses_bad_packets_with_a_reason() {
-    let t = tables();
+    // p1 without port security (an appliance): what the router itself refuses, with sources
+    // port security would have stopped first.
+    let mut d = doc();
+    d.ports.get_mut("p1").unwrap().port_security = false;
+    let t = tables_of(&d);
     let good = udp(R1, [10, 1, 0, 5], [10, 2, 0, 6], 64, 18);
     let mut bad_csum = good.clone();
     bad_csum[24] ^= 0xff;
@@ -439,7 +445,7 @@ fn trace_walks_the_router_stages() {
         "snat",
         "rewrite",
         "output",
-        "megaflow: match in_ifindex=10,eth_dst=0a:ff:00:00:00:01,eth_type=0x0800,ip_dst=10.2.0.6",
+        "megaflow: match in_ifindex=10,eth_dst=0a:ff:00:00:00:01,eth_src=0a:00:00:00:00:01,eth_type=0x0800,ip_src=10.1.0.5,ip_dst=10.2.0.6",
     ] {
         assert!(text.contains(stage), "{stage} missing in:\n{text}");
     }

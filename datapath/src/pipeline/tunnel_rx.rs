@@ -6,7 +6,7 @@
 use super::{acl, extract_key, port_security, DropReason, Output, Run};
 use crate::wire::geneve;
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, UdpHeader};
-use geneflow_abi::{act, FlowAction, GENEVE_PORT};
+use geneflow_abi::{act, FlowAction, DP_KEY_HOSTED, GENEVE_PORT};
 use geneflow_control::compiler::PortLocation;
 use geneflow_control::model::MC_FLOOD_KEY;
 use std::net::Ipv4Addr;
@@ -28,6 +28,28 @@ pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision,
     let (udp, _) = UdpHeader::from_slice(&frame[udp_off..]).map_err(|_| DropReason::NotOverlay)?;
     if udp.destination_port != GENEVE_PORT {
         return Err(DropReason::NotOverlay);
+    }
+    // The outer lengths must describe this frame exactly: a shorter UDP length would hide
+    // bytes from the checks, a longer one reads past the packet.
+    if ip.total_len as usize + 14 != frame.len()
+        || udp.length as usize + ip.header_len() != ip.total_len as usize
+    {
+        r.note("tunnel rx", || {
+            format!(
+                "outer lengths (IPv4 {}, UDP {}) disagree with the {}-byte frame: dropped",
+                ip.total_len,
+                udp.length,
+                frame.len()
+            )
+        });
+        return Err(DropReason::BadLength);
+    }
+    let src = Ipv4Addr::from(ip.source);
+    if !r.t.pipeline.peer_ips.contains(&src) {
+        r.note("tunnel rx", || {
+            format!("outer source {src} is no chassis of the NB: dropped")
+        });
+        return Err(DropReason::UnknownSource);
     }
     let gnv_off = udp_off + 8;
     let pkt = geneve::Packet::new_checked(&frame[gnv_off..])?;
@@ -51,15 +73,28 @@ pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision,
             meta.egress
         )
     });
-    let dp =
-        r.t.pipeline
-            .datapaths
-            .get(&repr.vni)
-            .ok_or(DropReason::UnknownDatapath)?;
     r.mask.in_ifindex = u32::MAX;
     r.mask.tun_vni = u32::MAX;
+    let Some(dp) = r.t.pipeline.datapaths.get(&repr.vni) else {
+        // Negative cache: dropped in XDP until this chassis hosts the VNI.
+        r.dp_key = Some(DP_KEY_HOSTED);
+        r.note("tunnel rx", || {
+            format!("VNI {} is no datapath of this chassis: dropped", repr.vni)
+        });
+        return Err(DropReason::UnknownDatapath);
+    };
+    r.dp_key = Some(dp.tunnel_key);
     r.mask.tun_out_port = u16::MAX;
-    if meta.egress >= MC_FLOOD_KEY {
+    if meta.egress > MC_FLOOD_KEY {
+        r.note("tunnel rx", || {
+            format!(
+                "egress key {} is no multicast group of {}: dropped",
+                meta.egress, dp.name
+            )
+        });
+        return Err(DropReason::UnknownGroup);
+    }
+    if meta.egress == MC_FLOOD_KEY {
         // Multicast group: deliver to every local port of the switch. The sender already
         // replicated to each chassis, so nothing goes back out to the tunnel.
         for (p, iface) in dp.local_ports() {

@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -24,6 +24,12 @@ pub const MAX_FLOWS: u32 = 65536;
 pub const MAX_PORTS: u32 = 64;
 /// Logical datapaths tracked by the generation map.
 pub const MAX_DATAPATHS: u32 = 16384;
+/// Chassis this one accepts Geneve from (`PEERS`: encap IPv4, network byte order -> 1).
+pub const MAX_PEERS: u32 = 16384;
+/// Generation slot (`FlowAction::dp_key`) of the set of datapaths a chassis hosts: no logical
+/// datapath has tunnel key 0, and the drop entries for unknown VNIs use it, so that hosting a
+/// new datapath makes them stale.
+pub const DP_KEY_HOSTED: u32 = 0;
 
 /// Geneve UDP destination port (IANA).
 pub const GENEVE_PORT: u16 = 6081;
@@ -178,6 +184,8 @@ pub mod arp {
     pub const OP_REQUEST: u8 = 1;
     pub const OP_REPLY: u8 = 2;
     pub const GRATUITOUS: u8 = 0x80;
+    /// The sender hardware address in the ARP payload differs from the Ethernet source.
+    pub const SHA_MISMATCH: u8 = 0x40;
     /// Ethernet header + ARP payload for Ethernet/IPv4.
     pub const FRAME_LEN: usize = 42;
 }
@@ -314,10 +322,24 @@ pub mod ctr {
     pub const DROP_RATE_LIMIT: u32 = 40;
     /// Packets for the router itself that it does not answer (not an echo request).
     pub const DROP_TO_ROUTER: u32 = 41;
-    pub const COUNT: u32 = 48;
+    /// Port security: a frame from a VM port with a source MAC the port may not use.
+    pub const DROP_SPOOFED_MAC: u32 = 42;
+    /// Port security: IPv4 from a source address the port may not use.
+    pub const DROP_SPOOFED_IP: u32 = 43;
+    /// Port security: ARP whose sender MAC or address is not the port's.
+    pub const DROP_SPOOFED_ARP: u32 = 44;
+    /// Port security: IPv6 from a port that has no IPv6 address.
+    pub const DROP_IPV6: u32 = 45;
+    /// Underlay: Geneve from an outer source that is no known chassis' encap address.
+    pub const DROP_UNKNOWN_SOURCE: u32 = 46;
+    /// Underlay: outer IPv4 total length or UDP length disagreeing with the frame.
+    pub const DROP_BAD_LENGTH: u32 = 47;
+    /// Underlay: a multicast egress key that is no group of the datapath.
+    pub const DROP_UNKNOWN_GROUP: u32 = 48;
+    pub const COUNT: u32 = 64;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 42] = [
+    pub const NAMES: [(u32, &str); 49] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -363,6 +385,13 @@ pub mod ctr {
         (ICMP_SENT, "icmp_sent"),
         (DROP_RATE_LIMIT, "drop_rate_limit"),
         (DROP_TO_ROUTER, "drop_to_router"),
+        (DROP_SPOOFED_MAC, "drop_spoofed_mac"),
+        (DROP_SPOOFED_IP, "drop_spoofed_ip"),
+        (DROP_SPOOFED_ARP, "drop_spoofed_arp"),
+        (DROP_IPV6, "drop_ipv6_not_allowed"),
+        (DROP_UNKNOWN_SOURCE, "drop_unknown_source"),
+        (DROP_BAD_LENGTH, "drop_bad_length"),
+        (DROP_UNKNOWN_GROUP, "drop_unknown_group"),
     ];
 }
 
@@ -389,6 +418,13 @@ pub struct Config {
     /// Number of valid entries in each mask list (`mask_list::*`); list `l`'s masks are at
     /// MASKS[l * MAX_MASKS ..].
     pub n_masks: [u32; MASK_LISTS as usize],
+    /// The order in which each list's masks are tried (slots within the list): the tuple
+    /// space search stops at the first mask with a matching entry, so userspace keeps the
+    /// masks most packets hit first (`MASK_HITS`). Entries at or past `n_masks` are skipped.
+    pub order: [[u8; MAX_MASKS as usize]; MASK_LISTS as usize],
+    /// Bumped whenever `PEERS` changes: invalidates the per-CPU cache of the last accepted
+    /// outer source.
+    pub peers_gen: u32,
 }
 
 /// The live generation of one logical datapath, and a fingerprint of everything its megaflows

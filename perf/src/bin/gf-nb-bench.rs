@@ -2,7 +2,9 @@
 //! - `compile`: validation + compile time for N ports on M switches, full vs incremental
 //!   (one port changed); the full compile is the baseline of the ratio.
 //! - `latency`: time from an NB write (in-process, through the backend) to the agent having
-//!   applied the new pipeline to its fast path (its `pipelines_applied` counter moves).
+//!   applied the new pipeline to its fast path (its `pipelines_applied` counter moves). The
+//!   write adds or removes a port (`--change port`) or a static route of `--router`
+//!   (`--change route`).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -44,7 +46,22 @@ enum Cmd {
         remote: String,
         #[arg(long, default_value_t = 40)]
         samples: usize,
+        /// What each write changes.
+        #[arg(long, value_enum, default_value_t = Change::Port)]
+        change: Change,
+        /// Router whose static routes `--change route` adds and removes.
+        #[arg(long, default_value = "r1")]
+        router: String,
+        /// Next hop of those routes (must be on one of the router's subnets).
+        #[arg(long, default_value = "10.0.0.50")]
+        nexthop: std::net::Ipv4Addr,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Change {
+    Port,
+    Route,
 }
 
 fn main() {
@@ -67,7 +84,16 @@ fn run(cli: Cli) -> Result<()> {
             switch,
             remote,
             samples,
-        } => latency(&nb, &ctl, &switch, &remote, samples),
+            change,
+            router,
+            nexthop,
+        } => {
+            let change = match change {
+                Change::Port => NbWrite::Port { switch, remote },
+                Change::Route => NbWrite::Route { router, nexthop },
+            };
+            latency(&nb, &ctl, &change, samples)
+        }
     }
 }
 
@@ -180,26 +206,37 @@ fn applied(ctl: &str) -> Result<u64> {
         .context("agent reports no pipelines_applied")
 }
 
-fn latency(url: &str, ctl: &str, switch: &str, remote: &str, samples: usize) -> Result<()> {
-    let mut b = nb::open(url)?;
-    let mut lat = Vec::new();
-    let mut write_ms = Vec::new();
-    for i in 0..samples {
-        let before = applied(ctl)?;
-        let name = format!("bench{}", i % 2);
+/// What a latency sample writes.
+enum NbWrite {
+    /// A port on `switch` bound to chassis `remote`, added then removed.
+    Port { switch: String, remote: String },
+    /// A static route of `router` via `nexthop`, added then removed.
+    Route {
+        router: String,
+        nexthop: std::net::Ipv4Addr,
+    },
+}
+
+impl NbWrite {
+    /// Sample `i`: the odd pairs remove what the even pairs added (two objects alternate).
+    fn apply(&self, d: &mut NbDocument, i: usize) {
         let add = i % 4 < 2;
-        let t0 = Instant::now();
-        nb::update(&mut *b, |d| {
-            if add {
+        match self {
+            NbWrite::Port { switch, remote } => {
+                let name = format!("bench{}", i % 2);
+                if !add {
+                    d.ports.remove(&name);
+                    return;
+                }
                 d.ports.insert(
                     name.clone(),
                     LogicalPort {
-                        name: name.clone(),
-                        switch: switch.to_string(),
+                        name,
+                        switch: switch.clone(),
                         mac: Mac([0x0a, 0xbe, 0, 0, 0, (i % 2) as u8 + 1]),
                         ips: vec![],
                         port_key: 30000 + (i % 2) as u16,
-                        chassis: Some(remote.to_string()),
+                        chassis: Some(remote.clone()),
                         iface: None,
                         security_groups: vec![],
                         port_security: true,
@@ -207,9 +244,48 @@ fn latency(url: &str, ctl: &str, switch: &str, remote: &str, samples: usize) -> 
                         version: 0,
                     },
                 );
-            } else {
-                d.ports.remove(&name);
             }
+            NbWrite::Route { router, nexthop } => {
+                let prefix = Ipv4Net {
+                    addr: std::net::Ipv4Addr::new(10, 99, (i % 2) as u8, 0),
+                    len: 24,
+                };
+                let name = Route::id(router, &prefix);
+                if !add {
+                    d.routes.remove(&name);
+                    return;
+                }
+                d.routes.insert(
+                    name.clone(),
+                    Route {
+                        name,
+                        router: router.clone(),
+                        prefix,
+                        nexthop: *nexthop,
+                        version: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            NbWrite::Port { .. } => "port",
+            NbWrite::Route { .. } => "route",
+        }
+    }
+}
+
+fn latency(url: &str, ctl: &str, change: &NbWrite, samples: usize) -> Result<()> {
+    let mut b = nb::open(url)?;
+    let mut lat = Vec::new();
+    let mut write_ms = Vec::new();
+    for i in 0..samples {
+        let before = applied(ctl)?;
+        let t0 = Instant::now();
+        nb::update(&mut *b, |d| {
+            change.apply(d, i);
             Ok(())
         })?;
         write_ms.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -226,7 +302,7 @@ fn latency(url: &str, ctl: &str, switch: &str, remote: &str, samples: usize) -> 
     println!(
         "{}",
         json!({
-            "backend": b.kind(), "samples": samples,
+            "backend": b.kind(), "change": change.kind(), "samples": samples,
             "write_ms_p50": percentile(&mut write_ms, 0.5),
             "to_fastpath_ms_p50": percentile(&mut lat.clone(), 0.5),
             "to_fastpath_ms_p99": percentile(&mut lat, 0.99),

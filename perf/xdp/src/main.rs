@@ -23,11 +23,21 @@ mod prog {
         pub base: u32,
         pub csum_off: u32,
         pub redirect_ifindex: u32,
-        pub pad: u32,
+        /// 8-byte words of the template's head (`HEAD`) written back before every stamp.
+        pub head_words: u32,
     }
+
+    /// Words of the template frame's head, up to 64 bytes.
+    pub const HEAD_WORDS: usize = 8;
 
     #[map]
     static GEN: Array<GenConf> = Array::with_max_entries(1, 0);
+    /// The template's first bytes. In live-frames mode the kernel recycles the frame pages
+    /// without resetting their data, so whatever the device under test rewrote in place (a
+    /// router's MACs and TTL) would come back on the next use of the page: the head is restored
+    /// on every run.
+    #[map]
+    static HEAD: Array<[u64; HEAD_WORDS]> = Array::with_max_entries(1, 0);
     /// Per-CPU packet sequence of the generator.
     #[map]
     static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -56,6 +66,18 @@ mod prog {
             *seq += 1;
             *seq
         };
+        if c.head_words != 0 {
+            if let Some(h) = HEAD.get(0) {
+                for (i, w) in h.iter().enumerate() {
+                    let q = ctx.data() + i * 8;
+                    if i as u32 >= c.head_words || q + 8 > ctx.data_end() {
+                        break;
+                    }
+                    // SAFETY: [q, q+8) is inside the frame.
+                    unsafe { core::ptr::write_unaligned(q as *mut u64, *w) };
+                }
+            }
+        }
         let v = ((c.base as u64 + n % flows as u64) & 0xffff) as u16;
         let off = (c.field_off & 0x1ff) as usize;
         let p = ctx.data() + off;

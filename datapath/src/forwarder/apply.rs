@@ -1,0 +1,182 @@
+//! Applying a pipeline snapshot: attach and detach ports, bind the tables, new generations
+//! for the datapaths whose fingerprint moved, the accepted underlay sources, and, once, the
+//! adoption of a previous process's fast path.
+
+use super::*;
+
+impl Forwarder {
+    /// Brings attached ports in line with the pipeline's local bindings and rebinds tables.
+    /// Returns whether an interface was attached or detached.
+    pub(super) fn reconcile(&mut self) -> bool {
+        let before: Vec<u32> = self.ports.iter().map(|p| p.ifindex).collect();
+        let wanted: Vec<String> = self.pipeline.bindings.keys().cloned().collect();
+        let mut i = 0;
+        while i < self.ports.len() {
+            let p = &self.ports[i];
+            let gone = p.kind == port_kind::VM
+                && (!wanted.contains(&p.iface) || netdev::ifindex(&p.iface) != Some(p.ifindex));
+            if gone {
+                self.detach_at(i);
+            } else {
+                i += 1;
+            }
+        }
+        for iface in wanted {
+            if self.ports.iter().any(|p| p.iface == iface) || netdev::ifindex(&iface).is_none() {
+                continue;
+            }
+            if let Err(e) = self.attach_vm(&iface) {
+                warn!(%iface, "cannot attach port: {e}");
+            }
+        }
+        let attached: HashMap<String, u32> = self
+            .ports
+            .iter()
+            .map(|p| (p.iface.clone(), p.ifindex))
+            .collect();
+        self.tables = Tables::new(
+            self.pipeline.clone(),
+            self.uplink_ifindex,
+            self.uplink_mtu,
+            self.cfg.udp_csum,
+            |n| attached.get(n).copied(),
+        );
+        self.rebuild_index();
+        self.ports.iter().map(|p| p.ifindex).ne(before)
+    }
+
+    /// New generations for the datapaths whose fingerprint moved (see `Tables::fingerprints`).
+    pub(super) fn regenerate(&mut self) -> Vec<u32> {
+        let fps = self.tables.fingerprints(self.uplink_mac);
+        match self.bpf.set_generations(&fps) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("generation update failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    pub(super) fn apply(&mut self, upd: PipelineUpdate) {
+        let old_ip = self.pipeline.encap_ip;
+        self.pipeline = match self.cfg.encap_ip {
+            Some(ip) if upd.pipeline.encap_ip != Some(ip) => {
+                let mut p = (*upd.pipeline).clone();
+                p.encap_ip = Some(ip);
+                Arc::new(p)
+            }
+            _ => upd.pipeline,
+        };
+        if self.pipeline.encap_ip != old_ip {
+            let ip = self
+                .pipeline
+                .encap_ip
+                .map(|i| u32::from_ne_bytes(i.octets()))
+                .unwrap_or(0);
+            if let Err(e) = self.bpf.update_port(
+                self.uplink_ifindex,
+                PortConf {
+                    slot: UPLINK_SLOT,
+                    kind: port_kind::UPLINK,
+                    local_ip: ip,
+                    pad: 0,
+                },
+            ) {
+                warn!("cannot set uplink encap IP: {e}");
+            }
+        }
+        self.reconcile();
+        if let Err(e) = self.bpf.set_peers(&self.pipeline.peer_ips) {
+            warn!("cannot update the accepted underlay sources: {e}");
+        }
+        let changed = self.regenerate();
+        // Follow the underlay next hops of the pipeline's remote chassis: resolution runs in
+        // the background (netdev::Neighbours, over netlink).
+        let remotes: Vec<std::net::Ipv4Addr> = self
+            .pipeline
+            .datapaths
+            .values()
+            .flat_map(|dp| dp.remote_chassis.iter().map(|(_, ip)| *ip))
+            .collect();
+        self.neigh.track(remotes.iter().copied());
+        if !self.ready {
+            // At start-up only (the previous program, if any, is still serving and this
+            // process forwards nothing yet): give the first resolutions up to 200 ms so the
+            // VMs' first floods are not dropped for want of a next hop. Later NB changes never
+            // wait; a new remote chassis's first frames may then count drop_no_neighbour.
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while !remotes.iter().all(|ip| self.neigh.get(*ip).is_some())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.ready = true;
+            // Adopted megaflows are checked against the next hops: look them up first (a few
+            // netlink round trips, never an ARP wait).
+            if self.adopted.megaflows > 0 && !self.neigh.sync(Duration::from_millis(50)) {
+                warn!("underlay next hops not looked up in time; adopted megaflows may be dropped");
+            }
+            self.adopt_finish();
+        }
+        self.shared
+            .nb_version
+            .store(self.pipeline.nb_version, Ordering::Relaxed);
+        self.shared
+            .pipelines_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(
+            nb_version = self.pipeline.nb_version,
+            changed = ?changed,
+            apply_us = upd.noticed.elapsed().as_micros() as u64,
+            "pipeline applied"
+        );
+    }
+
+    /// After the first pipeline is applied: swap this process's program into the links a
+    /// previous process left (its program served the fast path until now), drop what that
+    /// process left that this one does not serve (links and port entries of interfaces no
+    /// longer bound here), and adopted encap megaflows whose cached next hop is no longer the
+    /// underlay neighbour.
+    pub(super) fn adopt_finish(&mut self) {
+        let mut swapped = 0;
+        for p in self.ports.iter_mut() {
+            let Some(link) = p.link.take() else { continue };
+            let pending = link.pending();
+            match self.bpf.swap_in(p.ifindex, link) {
+                Ok(l) => {
+                    swapped += usize::from(pending);
+                    p.link = Some(l);
+                }
+                Err(e) => warn!(iface = %p.iface, "cannot attach the program: {e}"),
+            }
+        }
+        let keep: Vec<u32> = self.ports.iter().map(|p| p.ifindex).collect();
+        let gone = self.bpf.forget_ports_except(&keep);
+        if !gone.is_empty() {
+            info!(ifindexes = ?gone, "removed the pinned state of interfaces no longer served");
+        }
+        if swapped > 0 {
+            info!(
+                links = swapped,
+                "program swapped into the links of the previous process"
+            );
+        }
+        if self.adopted.megaflows == 0 {
+            return;
+        }
+        let (neigh, smac) = (&self.neigh, self.uplink_mac);
+        let moved = self.bpf.retain(|a| {
+            let dst = std::net::Ipv4Addr::from(a.encap_dst.to_ne_bytes());
+            a.kind != geneflow_abi::act::ENCAP
+                || a.flags & geneflow_abi::flag::NH_CACHED == 0
+                || (a.nh_smac == smac && neigh.get(dst) == Some(a.nh_dmac))
+        });
+        info!(
+            megaflows = self.adopted.megaflows,
+            masks = self.adopted.masks,
+            datapaths = self.adopted.datapaths,
+            next_hop_moved = moved,
+            "adopted the fast-path state of the previous process"
+        );
+    }
+}

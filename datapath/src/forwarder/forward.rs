@@ -1,0 +1,218 @@
+//! One frame through the slow path: run the pipeline, count, transmit its outputs (encap in
+//! userspace where needed) and install the megaflow, or the drop megaflow, that repeats the
+//! verdict in XDP.
+
+use super::*;
+
+impl Forwarder {
+    pub(super) fn forward(
+        &mut self,
+        k: usize,
+        in_ifindex: u32,
+        in_slot: u32,
+        arrived: std::time::Instant,
+    ) {
+        let Forwarder {
+            tables,
+            ports,
+            by_ifindex,
+            bpf,
+            neigh,
+            shared,
+            outputs,
+            rxbuf,
+            rxlen,
+            encap_buf,
+            txbuf,
+            answers,
+            drop_installs,
+            uplink_ifindex,
+            uplink_mac,
+            cfg,
+            pipeline,
+            ready,
+            pending,
+            ..
+        } = self;
+        let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
+        shared.count(in_slot, ctr::SLOW_RX, 1);
+        let d = match tables.process_dropping(frame, in_ifindex, outputs, txbuf) {
+            Ok(d) => d,
+            Err(dropped) => {
+                shared.count(in_slot, dropped.reason.counter(), 1);
+                // A drop entry repeats the verdict in XDP for the frames that follow.
+                if let (true, Some(m)) = (*ready, dropped.megaflow) {
+                    if drop_installs.allow_key(in_ifindex, arrived) {
+                        Self::install(bpf, shared, &m, in_ifindex, *uplink_ifindex, in_slot, None);
+                    }
+                }
+                return;
+            }
+        };
+        if let Some(a) = d.answer {
+            if a.kind == AnswerKind::IcmpTimeExceeded {
+                shared.count(in_slot, ctr::TTL_EXPIRED, 1);
+            }
+            if !answers.allow(a.source, arrived) {
+                shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
+                return;
+            }
+            shared.count(
+                in_slot,
+                if a.kind == AnswerKind::ArpReply {
+                    ctr::ARP_REPLY
+                } else {
+                    ctr::ICMP_SENT
+                },
+                1,
+            );
+        }
+        let payload = if d.rewritten {
+            &txbuf[..]
+        } else {
+            &frame[d.payload_offset..]
+        };
+        for o in outputs.iter() {
+            let (target, bytes): (u32, &[u8]) = match *o {
+                Output::Local { ifindex } => (ifindex, payload),
+                Output::Tunnel { remote, vni, meta } => {
+                    let Some(src_ip) = pipeline.encap_ip else {
+                        shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
+                        continue;
+                    };
+                    let dst_mac = neigh.resolve(remote);
+                    let p = EncapParams {
+                        src_mac: *uplink_mac,
+                        dst_mac: dst_mac.unwrap_or_default(),
+                        src_ip,
+                        dst_ip: remote,
+                        sport: EncapParams::sport_for(d.flow_hash),
+                        vni,
+                        meta,
+                        udp_csum: cfg.udp_csum,
+                    };
+                    if dst_mac.is_none() {
+                        // The next hop is being resolved: the frame waits for it (bounded).
+                        let Some(mut slot) = pending.park(remote) else {
+                            shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
+                            continue;
+                        };
+                        match emit_encap(slot.buf(), payload, &p) {
+                            Some(len) => slot.commit(len, in_slot, arrived),
+                            None => shared.count(in_slot, ctr::DROP_TOO_BIG, 1),
+                        }
+                        continue;
+                    }
+                    match emit_encap(encap_buf, payload, &p) {
+                        Some(len) => (*uplink_ifindex, &encap_buf[..len]),
+                        None => {
+                            shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(&j) = by_ifindex.get(&target) else {
+                shared.count(in_slot, ctr::DROP_UNKNOWN_PORT, 1);
+                continue;
+            };
+            let out = &mut ports[j];
+            if out.xsk.send(bytes) {
+                shared.count(out.slot, ctr::SLOW_TX, 1);
+                shared.count(out.slot, ctr::TX_PACKETS, 1);
+                shared.count(out.slot, ctr::TX_BYTES, bytes.len() as u64);
+            } else {
+                shared.count(out.slot, ctr::DROP_TX_FULL, 1);
+            }
+        }
+        if let (true, Some(mut m)) = (*ready, d.megaflow) {
+            if m.action.kind == geneflow_abi::act::ENCAP {
+                let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
+                if let Some(mac) = neigh.get(dst) {
+                    m.action.nh_dmac = mac;
+                    m.action.nh_smac = *uplink_mac;
+                    m.action.flags |= geneflow_abi::flag::NH_CACHED;
+                }
+            }
+            m.action.out_slot = by_ifindex
+                .get(&m.action.out_ifindex)
+                .map(|&j| ports[j].slot)
+                .unwrap_or(UPLINK_SLOT);
+            Self::install(
+                bpf,
+                shared,
+                &m,
+                in_ifindex,
+                *uplink_ifindex,
+                in_slot,
+                Some(arrived),
+            );
+        }
+    }
+
+    /// Sends the parked frames whose next hop is now known (see `pending`).
+    pub(super) fn flush_pending(&mut self) {
+        let Some(&j) = self.by_ifindex.get(&self.uplink_ifindex) else {
+            return;
+        };
+        let Forwarder {
+            pending,
+            ports,
+            neigh,
+            shared,
+            ..
+        } = self;
+        let up = &mut ports[j];
+        let slot = up.slot;
+        pending.flush(
+            Instant::now(),
+            |ip| neigh.get(ip),
+            |bytes, _| {
+                let ok = up.xsk.send(bytes);
+                if ok {
+                    shared.count(slot, ctr::SLOW_TX, 1);
+                    shared.count(slot, ctr::TX_PACKETS, 1);
+                    shared.count(slot, ctr::TX_BYTES, bytes.len() as u64);
+                }
+                ok
+            },
+            |in_slot| shared.count(in_slot, ctr::DROP_NO_NEIGH, 1),
+        );
+    }
+
+    /// Installs `m` for frames arriving on `in_ifindex`; `arrived` (the frame's arrival)
+    /// records the flow-setup time.
+    pub(super) fn install(
+        bpf: &mut Bpf,
+        shared: &Shared,
+        m: &Megaflow,
+        in_ifindex: u32,
+        uplink_ifindex: u32,
+        in_slot: u32,
+        arrived: Option<std::time::Instant>,
+    ) {
+        let list = if in_ifindex == uplink_ifindex {
+            geneflow_abi::mask_list::UPLINK
+        } else {
+            geneflow_abi::mask_list::VM
+        };
+        match bpf.install(m, list) {
+            Ok(Install::Installed) => {
+                shared.count(in_slot, ctr::FLOW_INSTALL, 1);
+                shared
+                    .megaflows
+                    .store(bpf.megaflow_count() as u64, Ordering::Relaxed);
+                shared
+                    .masks
+                    .store(bpf.mask_count() as u64, Ordering::Relaxed);
+                if let Some(t) = arrived {
+                    shared
+                        .last_flow_setup_ns
+                        .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+            }
+            Ok(Install::AlreadyPresent) => {}
+            Ok(Install::Refused) | Err(_) => shared.count(in_slot, ctr::FLOW_INSTALL_FAIL, 1),
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The slow-path forwarder: owns the BPF maps and one AF_XDP socket per attached interface,
+//! applies pipeline snapshots from the control thread (attach/detach ports, bump the
+//! generations of datapaths whose fingerprint moved), and runs the userspace pipeline on every frame the fast
+//! path could not decide: it transmits the frame itself and installs the megaflow so that the
+//! following packets stay in XDP. Share-nothing: one thread owns all of this state.
+
+use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink};
+use crate::metrics::{PortInfo, Shared};
+use crate::netdev::{self, Neighbours};
+use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Output, Tables};
+use crate::ratelimit::RateLimiter;
+use crate::xsk::{BindMode, Xsk, XskError, BATCH};
+use crossbeam_channel::Receiver;
+use geneflow_abi::{ctr, port_kind, PortConf, MAX_PORTS};
+use geneflow_control::agent::PipelineUpdate;
+use geneflow_control::compiler::Pipeline;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tracing::{info, warn};
+
+mod apply;
+mod ctl;
+mod forward;
+mod pending;
+
+const STRIDE: usize = 4096;
+const UPLINK_SLOT: u32 = 0;
+
+#[derive(Debug, Error)]
+pub enum ForwarderError {
+    #[error(transparent)]
+    Bpf(#[from] LoaderError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
+    #[error("eventfd: {0}")]
+    Io(std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    pub uplink: String,
+    pub udp_csum: bool,
+    pub bind_mode: BindMode,
+    /// Local Geneve endpoint, overriding the NB chassis record when set.
+    pub encap_ip: Option<std::net::Ipv4Addr>,
+}
+
+struct Port {
+    iface: String,
+    ifindex: u32,
+    slot: u32,
+    kind: u32,
+    link: Option<PortLink>,
+    xsk: Xsk,
+    /// The socket's drop statistics already added to the counters.
+    xsk_drops: (u64, u64),
+}
+
+pub struct Forwarder {
+    cfg: ForwarderConfig,
+    bpf: Bpf,
+    shared: Arc<Shared>,
+    ports: Vec<Port>,
+    by_ifindex: HashMap<u32, usize>,
+    free_slots: Vec<u32>,
+    pipeline: Arc<Pipeline>,
+    tables: Tables,
+    neigh: Neighbours,
+    uplink_ifindex: u32,
+    uplink_mac: [u8; 6],
+    uplink_mtu: u32,
+    outputs: Vec<Output>,
+    rxbuf: Vec<u8>,
+    rxlen: [usize; BATCH],
+    encap_buf: Vec<u8>,
+    /// Frames the pipeline writes (routed copies, ARP and ICMP answers).
+    txbuf: Vec<u8>,
+    /// Frames waiting for their remote chassis' next hop.
+    pending: pending::Pending,
+    /// Per-source budget of generated answers.
+    answers: RateLimiter,
+    /// Per-port budget of drop megaflows: a VM forging a new source on every frame would
+    /// otherwise fill the megaflow table with drop entries (65,536 in well under a second)
+    /// and push everyone's flows to the slow path. Past it, drops stay in the slow path,
+    /// where the port gets its fair share.
+    drop_installs: RateLimiter,
+    pollfds: Vec<libc::pollfd>,
+    wake_fd: std::os::fd::OwnedFd,
+    /// A pipeline has been applied: until then the slow path installs nothing (it would
+    /// decide on an empty pipeline) and pinned state of a previous process is left alone.
+    ready: bool,
+    /// Megaflows adopted from a previous process, still to be checked against the next hops.
+    adopted: Adopted,
+}
+
+/// Wakes the forwarder out of its idle poll (an eventfd in its poll set).
+#[derive(Clone)]
+pub struct WakeHandle(Arc<std::os::fd::OwnedFd>);
+
+impl WakeHandle {
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: 8-byte write of a u64 to an eventfd we own.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.0),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
+}
+
+impl Forwarder {
+    pub fn new(
+        cfg: ForwarderConfig,
+        mut bpf: Bpf,
+        adopted: Adopted,
+        shared: Arc<Shared>,
+    ) -> Result<Self, ForwarderError> {
+        let uplink_ifindex = netdev::ifindex(&cfg.uplink)
+            .ok_or_else(|| ForwarderError::NoInterface(cfg.uplink.clone()))?;
+        let uplink_mac = netdev::mac(&cfg.uplink).unwrap_or_default();
+        if let Err(e) = netdev::enable_forwarding(&cfg.uplink) {
+            warn!(uplink = %cfg.uplink, "cannot enable forwarding, the fast path cannot encapsulate: {e}");
+        }
+        let uplink_mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
+        // Until the first pipeline names the encap IP, keep the one a previous process left:
+        // the fast path decapsulates only what is addressed to it.
+        let local_ip = cfg
+            .encap_ip
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .or_else(|| bpf.pinned_port(uplink_ifindex).map(|c| c.local_ip))
+            .unwrap_or(0);
+        let link = bpf.attach(
+            uplink_ifindex,
+            PortConf {
+                slot: UPLINK_SLOT,
+                kind: port_kind::UPLINK,
+                local_ip,
+                pad: 0,
+            },
+        )?;
+        let xsk = Xsk::open(&cfg.uplink, cfg.bind_mode)?;
+        bpf.set_xsk(UPLINK_SLOT, &xsk.fd())?;
+        // Encapsulated frames are redirected to the uplink too; if it is a veth (testbeds,
+        // containers), its peer must accept XDP frames.
+        netdev::prepare_redirect_target(&cfg.uplink);
+        info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, adopted = link.pending(), "uplink attached");
+        let pipeline = Arc::new(Pipeline::default());
+        let tables = Tables::new(
+            pipeline.clone(),
+            uplink_ifindex,
+            uplink_mtu,
+            cfg.udp_csum,
+            |_| None,
+        );
+        // SAFETY: plain eventfd(2); the descriptor is owned right away.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(ForwarderError::Io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor nobody else owns.
+        let wake_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+        let mut f = Forwarder {
+            neigh: Neighbours::new(&cfg.uplink),
+            cfg,
+            bpf,
+            shared,
+            ports: Vec::new(),
+            by_ifindex: HashMap::new(),
+            free_slots: (1..MAX_PORTS).rev().collect(),
+            pipeline,
+            tables,
+            uplink_ifindex,
+            uplink_mac,
+            uplink_mtu,
+            outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
+            rxbuf: vec![0u8; STRIDE * BATCH],
+            rxlen: [0; BATCH],
+            encap_buf: vec![0u8; STRIDE],
+            txbuf: Vec::with_capacity(STRIDE),
+            // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays whole);
+            // 5000/s in all.
+            pending: pending::Pending::new(STRIDE),
+            answers: RateLimiter::new(100.0, 50.0, 5000.0),
+            // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
+            drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),
+            pollfds: Vec::new(),
+            wake_fd,
+            ready: false,
+            adopted,
+        };
+        f.add_port(
+            f.cfg.uplink.clone(),
+            uplink_ifindex,
+            UPLINK_SLOT,
+            port_kind::UPLINK,
+            Some(link),
+            xsk,
+        );
+        Ok(f)
+    }
+
+    fn add_port(
+        &mut self,
+        iface: String,
+        ifindex: u32,
+        slot: u32,
+        kind: u32,
+        link: Option<PortLink>,
+        xsk: Xsk,
+    ) {
+        self.by_ifindex.insert(ifindex, self.ports.len());
+        self.ports.push(Port {
+            iface,
+            ifindex,
+            slot,
+            kind,
+            link,
+            xsk,
+            xsk_drops: (0, 0),
+        });
+        self.rebuild_index();
+    }
+
+    /// A handle the control thread uses to wake this forwarder.
+    pub fn waker(&self) -> std::io::Result<WakeHandle> {
+        Ok(WakeHandle(Arc::new(self.wake_fd.try_clone()?)))
+    }
+
+    fn rebuild_index(&mut self) {
+        self.by_ifindex = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.ifindex, i))
+            .collect();
+        self.pollfds = self
+            .ports
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.xsk.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        self.pollfds.push(libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let infos = self
+            .ports
+            .iter()
+            .map(|p| PortInfo {
+                iface: p.iface.clone(),
+                ifindex: p.ifindex,
+                slot: p.slot,
+                kind: if p.kind == port_kind::UPLINK {
+                    "uplink"
+                } else {
+                    "vm"
+                },
+                port: self.pipeline.bindings.get(&p.iface).map(|b| b.port.clone()),
+            })
+            .collect();
+        if let Ok(mut g) = self.shared.ports.lock() {
+            *g = infos;
+        }
+    }
+
+    fn attach_vm(&mut self, iface: &str) -> Result<(), ForwarderError> {
+        let ifindex =
+            netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
+        // Keep the slot a previous process gave the interface: its counters continue.
+        let pinned = self
+            .bpf
+            .pinned_port(ifindex)
+            .and_then(|c| self.free_slots.iter().position(|s| *s == c.slot));
+        let slot = match pinned {
+            Some(i) => self.free_slots.remove(i),
+            None => match self.free_slots.pop() {
+                Some(s) => s,
+                None => {
+                    warn!(iface, "no free port slot");
+                    return Ok(());
+                }
+            },
+        };
+        let conf = PortConf {
+            slot,
+            kind: port_kind::VM,
+            local_ip: 0,
+            pad: 0,
+        };
+        // Before the first pipeline a previous process's program keeps serving (see
+        // `adopt_finish`); after it, ours goes in at once.
+        let ready = self.ready;
+        // The slow-path socket is in place before the program sees the port's first frame
+        // (its misses would count drop_xsk otherwise).
+        let xsk = match Xsk::open(iface, self.cfg.bind_mode) {
+            Ok(x) => x,
+            Err(e) => {
+                self.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.bpf.set_xsk(slot, &xsk.fd()) {
+            self.free_slots.push(slot);
+            return Err(e.into());
+        }
+        let attached = self.bpf.attach(ifindex, conf).and_then(|l| {
+            let adopted = l.pending();
+            let l = if ready {
+                self.bpf.swap_in(ifindex, l)?
+            } else {
+                l
+            };
+            Ok((l, adopted))
+        });
+        let (link, adopted) = match attached {
+            Ok(l) => l,
+            Err(e) => {
+                self.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        netdev::prepare_redirect_target(iface);
+        netdev::silence_host_stack(iface);
+        info!(iface, ifindex, slot, adopted, "port attached");
+        self.add_port(
+            iface.to_string(),
+            ifindex,
+            slot,
+            port_kind::VM,
+            Some(link),
+            xsk,
+        );
+        Ok(())
+    }
+
+    fn detach_at(&mut self, i: usize) {
+        let p = self.ports.remove(i);
+        if let Some(link) = p.link {
+            self.bpf.detach(p.ifindex, p.slot, link);
+        }
+        self.free_slots.push(p.slot);
+        info!(iface = %p.iface, "port detached");
+        self.rebuild_index();
+    }
+
+    /// Ends the forwarder. With `cleanup` every interface is detached and the pinned state
+    /// removed; otherwise the fast path keeps forwarding on the pinned program and maps until
+    /// the next `geneflowd` adopts them.
+    pub fn shutdown(mut self, cleanup: bool) {
+        if cleanup {
+            for p in std::mem::take(&mut self.ports) {
+                if let Some(link) = p.link {
+                    self.bpf.detach(p.ifindex, p.slot, link);
+                }
+            }
+            self.bpf.remove_pins();
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.reconcile() && self.ready {
+            let changed = self.regenerate();
+            if !changed.is_empty() {
+                info!(?changed, "interfaces changed; datapaths regenerated");
+            }
+        }
+        if self.neigh.refresh() {
+            // Encap megaflows carry the next hop's MAC: a changed neighbour makes them stale.
+            info!("underlay neighbour changed; invalidating encap megaflows");
+            if let Err(e) = self.bpf.invalidate_all() {
+                warn!("generation update failed: {e}");
+            }
+        }
+        // Frames the kernel could not hand to the slow path are drops too: count them.
+        for p in self.ports.iter_mut() {
+            let now = p.xsk.rx_drops();
+            let full = now.0.saturating_sub(p.xsk_drops.0);
+            let other = now.1.saturating_sub(p.xsk_drops.1);
+            p.xsk_drops = now;
+            self.shared.count(p.slot, ctr::DROP_XSK_RING_FULL, full);
+            self.shared.count(p.slot, ctr::DROP_XSK_RX, other);
+        }
+        match self.bpf.reorder_masks() {
+            Ok(true) => tracing::debug!("mask order follows the hits"),
+            Ok(false) => {}
+            Err(e) => warn!("mask reorder failed: {e}"),
+        }
+        let n = self.bpf.sweep();
+        if n > 0 {
+            tracing::debug!(removed = n, "swept stale megaflows");
+        }
+        self.shared
+            .megaflows
+            .store(self.bpf.megaflow_count() as u64, Ordering::Relaxed);
+        self.shared
+            .masks
+            .store(self.bpf.mask_count() as u64, Ordering::Relaxed);
+    }
+
+    pub fn run(
+        &mut self,
+        updates: Receiver<PipelineUpdate>,
+        ctl: Receiver<crate::ctl::CtlRequest>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let mut last_tick = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            while let Ok(u) = updates.try_recv() {
+                self.apply(u);
+            }
+            while let Ok(r) = ctl.try_recv() {
+                let answer = self.answer(&r.cmd, &r.arg);
+                let _ = r.reply.send(answer);
+            }
+            if last_tick.elapsed() > Duration::from_secs(1) {
+                last_tick = Instant::now();
+                self.tick();
+            }
+            let mut work = 0;
+            for i in 0..self.ports.len() {
+                work += self.service(i);
+            }
+            if !self.pending.is_empty() {
+                self.flush_pending();
+            }
+            for p in self.ports.iter_mut() {
+                p.xsk.flush();
+            }
+            if work == 0 {
+                // Frames waiting for a next hop are checked every millisecond.
+                let timeout = if self.pending.is_empty() { 20 } else { 1 };
+                // SAFETY: pollfds is a live array of pollfd for our own sockets.
+                unsafe {
+                    libc::poll(
+                        self.pollfds.as_mut_ptr(),
+                        self.pollfds.len() as libc::nfds_t,
+                        timeout,
+                    );
+                }
+                let mut buf = 0u64;
+                // SAFETY: drains the nonblocking eventfd into an 8-byte buffer.
+                unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd),
+                        &mut buf as *mut u64 as *mut libc::c_void,
+                        8,
+                    )
+                };
+            }
+        }
+    }
+
+    /// Receives and forwards one batch from port `i`.
+    fn service(&mut self, i: usize) -> usize {
+        let Forwarder {
+            ports,
+            rxbuf,
+            rxlen,
+            ..
+        } = self;
+        ports[i].xsk.reap();
+        let mut n = 0;
+        ports[i].xsk.recv(|frame| {
+            let len = frame.len().min(STRIDE);
+            rxbuf[n * STRIDE..n * STRIDE + len].copy_from_slice(&frame[..len]);
+            rxlen[n] = len;
+            n += 1;
+        });
+        let (in_ifindex, in_slot) = (self.ports[i].ifindex, self.ports[i].slot);
+        let arrived = std::time::Instant::now();
+        for k in 0..n {
+            self.forward(k, in_ifindex, in_slot, arrived);
+        }
+        n
+    }
+}

@@ -1,0 +1,297 @@
+//! `cargo xtask bench`: the datapath benchmark. Every scenario is measured with the XDP
+//! live-frames generator and an XDP counting sink (perf/), several times, median reported, and
+//! compared with a plain XDP redirect between two veths measured in the same run (the limit of
+//! this machine). Writes a Markdown table, the raw samples as JSON and an SVG bar chart.
+
+mod ovs;
+mod report;
+mod routed;
+mod scenarios;
+
+pub use report::{check_complete, results_dir, REQUIRED};
+
+/// The scenario that measures the generator alone.
+pub(crate) const GENERATOR: &str = "generator ceiling";
+/// A packet rate at or above this share of the generator's ceiling says more about the
+/// generator than about what it measures: such figures are marked generator-bound.
+pub(crate) const GENERATOR_BOUND: f64 = 0.8;
+
+use crate::bpfstats::{ProgStats, StatsOn};
+use crate::testbed::{run, Testbed};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+pub struct Opts {
+    pub quick: bool,
+    /// Only these scenario groups (empty: all).
+    pub only: Vec<String>,
+    pub results: std::path::PathBuf,
+}
+
+pub(crate) struct Scenario {
+    name: String,
+    what: String,
+    unit: &'static str,
+    samples: Vec<f64>,
+    /// Counts against the baseline (packets/s scenarios).
+    vs_baseline: bool,
+    /// The scenario this one is compared with (OVS, or the L2 path for the routed one).
+    vs: Option<&'static str>,
+    /// Why there is no figure, if there is none.
+    error: Option<String>,
+    /// The XDP programs' run time per packet (bpf_stats), where measured.
+    xdp_ns: Vec<f64>,
+}
+
+impl Scenario {
+    /// A packet-rate scenario that could not be measured, and why.
+    fn failed(name: &str, e: anyhow::Error) -> Self {
+        Scenario {
+            name: name.into(),
+            what: String::new(),
+            unit: "Mpps",
+            samples: vec![],
+            vs_baseline: true,
+            vs: None,
+            error: Some(format!("{e:#}")),
+            xdp_ns: vec![],
+        }
+    }
+    fn median(&self) -> f64 {
+        let mut v = self.samples.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        if v.is_empty() {
+            0.0
+        } else {
+            v[v.len() / 2]
+        }
+    }
+    fn min(&self) -> f64 {
+        self.samples.iter().cloned().fold(f64::INFINITY, f64::min)
+    }
+    fn max(&self) -> f64 {
+        self.samples.iter().cloned().fold(0.0, f64::max)
+    }
+    fn xdp_ns_median(&self) -> Option<f64> {
+        let mut v = self.xdp_ns.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.get(v.len() / 2).copied()
+    }
+}
+
+pub(crate) struct Ctx {
+    bins: String,
+    reps: usize,
+    window: f64,
+}
+
+impl Ctx {
+    fn pktgen(&self) -> String {
+        format!("{}/geneflow-pktgen", self.bins)
+    }
+
+    /// Starts a sink in `ns` on `iface`; returns once attached.
+    fn sink(&self, ns: &str, iface: &str) -> Result<Child> {
+        let mut c = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                &self.pktgen(),
+                "sink",
+                "--iface",
+                iface,
+            ])
+            .args(["--window", &self.window.to_string(), "--wait", "10"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = c.stdout.take().context("sink stdout")?;
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("sink did not start: {line:?}");
+        }
+        c.stdout = Some(r.into_inner());
+        Ok(c)
+    }
+
+    fn sink_result(mut c: Child) -> Result<f64> {
+        let out = c.stdout.take().context("sink stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        let _ = c.wait();
+        let v: Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("sink said {line:?}"))?;
+        v["mpps"].as_f64().context("no mpps")
+    }
+
+    /// One measurement: sink attached, generator flat out for window + margins.
+    fn measure(
+        &self,
+        sink_ns: &str,
+        sink_if: &str,
+        gen_ns: &str,
+        gen_args: &[String],
+    ) -> Result<f64> {
+        let sink = self.sink(sink_ns, sink_if)?;
+        let dur = self.window + 1.0;
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", gen_ns, &self.pktgen(), "send", "--quiet"])
+            .args(gen_args)
+            .args(["--duration", &dur.to_string()]))?;
+        let _ = out;
+        Self::sink_result(sink)
+    }
+
+    fn repeat(&self, f: impl Fn() -> Result<f64>) -> Result<Vec<f64>> {
+        (0..self.reps).map(|_| f()).collect()
+    }
+
+    /// [`Ctx::measure`] `reps` times, then `reps` times more with the kernel's BPF statistics
+    /// on, reading what the XDP programs `progs` cost per packet over those windows (summed over the
+    /// programs, i.e. over the hops of the path). The statistics stay off while the rates are
+    /// measured: their accounting (two clock reads per program run, the generator's and the
+    /// sink's included) halves the generator's ceiling on this machine kind (4.55 -> 2.31 Mpps).
+    /// Returns the packet rates and the ns/packet figure, if any.
+    fn repeat_xdp(
+        &self,
+        sink: (&str, &str),
+        gen_ns: &str,
+        gen_args: &[String],
+        progs: &[u32],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let rates = self.repeat(|| self.measure(sink.0, sink.1, gen_ns, gen_args))?;
+        let stats = match StatsOn::enable() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("    no XDP ns/packet figure: {e:#}");
+                return Ok((rates, vec![]));
+            }
+        };
+        let mut ns = Vec::new();
+        for _ in 0..self.reps {
+            let before = read_all(progs)?;
+            self.measure(sink.0, sink.1, gen_ns, gen_args)?;
+            let after = read_all(progs)?;
+            let per: Option<Vec<f64>> = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| b.ns_per_run(a))
+                .collect();
+            ns.extend(per.map(|p| p.iter().sum::<f64>()));
+        }
+        drop(stats);
+        Ok((rates, ns))
+    }
+}
+
+/// The sink takes over the chassis' bridge port and drops everything, ARP replies included:
+/// the chassis' neighbour entry for the peer (198.18.0.250, the injector) is pinned, or it
+/// would fail after its reachable time (30 s or so) in the middle of the encap scenarios.
+fn pin_peer_neighbour(tb: &Testbed, chassis_ns: &str) -> Result<()> {
+    let inj = tb.injector.clone().context("no injector")?;
+    let mac = mac_of(&inj, "eth0")?;
+    run(Command::new("ip").args([
+        "-n",
+        chassis_ns,
+        "neigh",
+        "replace",
+        "198.18.0.250",
+        "lladdr",
+        &mac,
+        "dev",
+        "ul",
+        "nud",
+        "permanent",
+    ]))?;
+    Ok(())
+}
+
+fn read_all(progs: &[u32]) -> Result<Vec<ProgStats>> {
+    progs.iter().map(|&id| ProgStats::read(id)).collect()
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn mac_of(ns: &str, iface: &str) -> Result<String> {
+    let out = run(Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", iface]))?;
+    let v: Value = serde_json::from_str(&out)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .context("no MAC")
+}
+
+pub fn bench(o: &Opts) -> Result<()> {
+    let started = Instant::now();
+    let ctx = Ctx {
+        bins: crate::testbed::bin_dir().display().to_string(),
+        reps: if o.quick { 1 } else { 3 },
+        window: if o.quick { 0.5 } else { 2.0 },
+    };
+    let flow_counts: &[u32] = if o.quick {
+        &[1, 1000]
+    } else {
+        &[1, 1000, 100_000]
+    };
+    let mut sc: Vec<Scenario> = Vec::new();
+    sc.extend(scenarios::baseline(&ctx)?);
+    let want = |g: &str| o.only.is_empty() || o.only.iter().any(|x| x == g);
+    if want("encap") {
+        sc.extend(scenarios::encap_decap(&ctx, flow_counts)?);
+    }
+    if want("routed") {
+        sc.push(routed::routed(&ctx).unwrap_or_else(|e| {
+            eprintln!("    routed: {e:#}");
+            Scenario::failed(routed::NAME, e)
+        }));
+    }
+    if want("e2e") {
+        sc.extend(scenarios::end_to_end(&ctx, o)?);
+    }
+    for afxdp in [false, true].into_iter().filter(|_| want("ovs")) {
+        let kind = if afxdp { "afxdp" } else { "system" };
+        eprintln!(
+            "==> peer: Open vSwitch userspace datapath, {kind} ports, same end-to-end traffic"
+        );
+        let (udp, tcp) = match ovs::ovs_peer(&ctx, o, afxdp) {
+            Ok((u, t)) => ((u, None), (t, None)),
+            Err(e) => {
+                eprintln!("    OVS {kind}: {e:#}");
+                (
+                    (vec![], Some(format!("{e:#}"))),
+                    (vec![], Some(format!("{e:#}"))),
+                )
+            }
+        };
+        sc.push(Scenario {
+            name: format!("OVS {kind} end to end UDP 64B"),
+            what: format!(
+                "two ovs-vswitchd (netdev), {kind} ports, Geneve + OVN option via TLV map"
+            ),
+            unit: "Mpps",
+            samples: udp.0,
+            vs_baseline: true,
+            vs: None,
+            error: udp.1,
+            xdp_ns: vec![],
+        });
+        sc.push(Scenario {
+            name: format!("OVS {kind} end to end TCP (iperf3)"),
+            what: format!("iperf3, two ovs-vswitchd (netdev), {kind} ports"),
+            unit: "Gbit/s",
+            samples: tcp.0,
+            vs_baseline: false,
+            vs: None,
+            error: tcp.1,
+            xdp_ns: vec![],
+        });
+    }
+    report::report(&sc, o, started.elapsed())
+}

@@ -1,0 +1,192 @@
+//! The report: Markdown table, raw JSON, SVG chart, and the completeness check.
+
+use super::{Opts, Scenario, GENERATOR, GENERATOR_BOUND};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+fn machine() -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel.trim(),
+        "cpu": cpu,
+    })
+}
+
+pub(super) fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
+    let base = sc
+        .iter()
+        .find(|s| s.name == "baseline")
+        .map(|s| s.median())
+        .unwrap_or(0.0);
+    let ceiling = sc
+        .iter()
+        .find(|s| s.name == GENERATOR)
+        .map(|s| s.median())
+        .unwrap_or(0.0);
+    // The share of the generator's ceiling a packet-rate scenario reached, if it has one.
+    let share = |s: &Scenario| -> Option<f64> {
+        (s.unit == "Mpps" && s.name != GENERATOR && ceiling > 0.0 && s.error.is_none())
+            .then(|| s.median() / ceiling)
+    };
+    let m = machine();
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# geneflow datapath benchmark\n\nMachine: {} cores, {}, kernel {}. {} run(s) per scenario, median shown. Took {:.0} s.\n\n",
+        m["cores"], m["cpu"].as_str().unwrap_or(""), m["kernel"].as_str().unwrap_or(""),
+        if o.quick { 1 } else { 3 }, took.as_secs_f64()
+    ));
+    md.push_str(&format!(
+        "A packet rate at {GENERATOR_BOUND}x or more of the generator's own ceiling ({ceiling:.3} Mpps, measured in this run) is marked generator-bound: it shows the generator's limit, not the datapath's. XDP ns/pkt is the geneflow program's run time per packet from bpf_stats, read over extra windows after the rates (the statistics would slow the generator); the sum over both chassis end to end; the accounting's own clock reads are included.\n\n"
+    ));
+    md.push_str("| scenario | median | min-max | of generator ceiling | ratio to baseline | compared with | XDP ns/pkt | what |\n|---|---|---|---|---|---|---|---|\n");
+    for s in sc {
+        if let Some(e) = &s.error {
+            md.push_str(&format!(
+                "| {} | not measured | - | - | - | - | - | {}: {} |\n",
+                s.name,
+                s.what,
+                e.replace('|', "/")
+            ));
+            continue;
+        }
+        let ratio = if s.vs_baseline && base > 0.0 {
+            format!("{:.2}", s.median() / base)
+        } else {
+            "-".into()
+        };
+        let ovs = match s.vs.and_then(|n| sc.iter().find(|x| x.name == n)) {
+            Some(x) if x.median() > 0.0 => format!("{:.2}x {}", s.median() / x.median(), x.name),
+            Some(x) => format!("{} not measured", x.name),
+            None => "-".into(),
+        };
+        let ns = s
+            .xdp_ns_median()
+            .map(|n| format!("{n:.0}"))
+            .unwrap_or_else(|| "-".into());
+        let gen = match share(s) {
+            Some(x) if x >= GENERATOR_BOUND => format!("{x:.2} **generator-bound**"),
+            Some(x) => format!("{x:.2}"),
+            None => "-".into(),
+        };
+        md.push_str(&format!(
+            "| {} | {:.3} {} | {:.3}-{:.3} | {} | {} | {} | {} | {} |\n",
+            s.name,
+            s.median(),
+            s.unit,
+            s.min(),
+            s.max(),
+            gen,
+            ratio,
+            ovs,
+            ns,
+            s.what
+        ));
+    }
+    std::fs::create_dir_all(&o.results)?;
+    std::fs::write(o.results.join("bench.md"), &md)?;
+    let raw = json!({
+        "machine": m,
+        "quick": o.quick,
+        "scenarios": sc.iter().map(|s| json!({
+            "name": s.name, "unit": s.unit, "samples": s.samples, "median": s.median(),
+            "ratio_to_baseline": if s.vs_baseline && base > 0.0 { json!(s.median() / base) } else { Value::Null },
+            "xdp_ns_per_packet": s.xdp_ns, "xdp_ns_per_packet_median": s.xdp_ns_median(),
+            "of_generator_ceiling": share(s),
+            "generator_bound": share(s).map(|x| x >= GENERATOR_BOUND),
+            "what": s.what,
+            "error": s.error,
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        o.results.join("bench.json"),
+        serde_json::to_vec_pretty(&raw)?,
+    )?;
+    std::fs::write(o.results.join("bench.svg"), svg(sc))?;
+    println!("{md}");
+    eprintln!("==> report: {}", o.results.join("bench.md").display());
+    Ok(())
+}
+
+/// A horizontal bar chart of the packets/s scenarios.
+fn svg(sc: &[Scenario]) -> String {
+    let rows: Vec<&Scenario> = sc.iter().filter(|s| s.unit == "Mpps").collect();
+    let max = rows.iter().map(|s| s.max()).fold(0.0, f64::max).max(1e-9);
+    let (w, lh) = (720.0, 28.0);
+    let h = 40.0 + lh * rows.len() as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"20\" font-size=\"14\">geneflow datapath, Mpps (median, 64-byte frames)</text>\n"
+    );
+    for (i, s) in rows.iter().enumerate() {
+        let y = 32.0 + lh * i as f64;
+        let bw = (w - 330.0) * s.median() / max;
+        out.push_str(&format!(
+            "<text x=\"10\" y=\"{:.0}\">{}</text><rect x=\"200\" y=\"{:.0}\" width=\"{bw:.1}\" height=\"18\" fill=\"{}\"/><text x=\"{:.0}\" y=\"{:.0}\">{:.3}</text>\n",
+            y + 13.0,
+            s.name,
+            y,
+            if s.name == "baseline" { "#888" } else { "#3a7bd5" },
+            205.0 + bw,
+            y + 13.0,
+            s.median()
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+pub fn results_dir(root: &Path) -> std::path::PathBuf {
+    root.join("results")
+}
+
+/// The scenarios every report must contain, each with a non-zero figure.
+pub const REQUIRED: &[&str] = &[
+    super::GENERATOR,
+    "baseline",
+    "encap 1 flow",
+    "encap 1000 flows",
+    "decap 1 flow",
+    "decap 1000 flows",
+    "routed 1000 flows",
+    "end to end UDP 64B",
+    "end to end TCP (iperf3)",
+    "slow path (AF_XDP)",
+    "flow setup",
+    "OVS system end to end UDP 64B",
+    "OVS system end to end TCP (iperf3)",
+    "OVS afxdp end to end UDP 64B",
+    "OVS afxdp end to end TCP (iperf3)",
+];
+
+/// Fails unless the report in `dir` is complete: markdown, SVG, and every required scenario
+/// with a non-zero median in the JSON.
+pub fn check_complete(dir: &Path) -> Result<()> {
+    for f in ["bench.md", "bench.svg", "bench.json"] {
+        if std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0) == 0 {
+            bail!("report file {f} missing or empty");
+        }
+    }
+    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("bench.json"))?)?;
+    let sc = v["scenarios"].as_array().context("no scenarios")?;
+    for name in REQUIRED {
+        let s = sc
+            .iter()
+            .find(|s| s["name"] == *name)
+            .with_context(|| format!("scenario {name:?} missing from the report"))?;
+        if s["median"].as_f64().unwrap_or(0.0) <= 0.0 {
+            bail!("scenario {name:?} has no figure: {s}");
+        }
+    }
+    eprintln!("==> bench report complete ({} scenarios)", sc.len());
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! The single-hop and two-chassis scenarios: the baseline redirect, encap and decap on one
+//! chassis, end to end across two chassis (UDP and TCP), the slow path and flow setup.
+
+use super::{args, mac_of, Ctx, Opts, Scenario, GENERATOR};
+use crate::bpfstats::prog_on;
+use crate::testbed::{run, Testbed};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The generator's own ceiling (generator -> veth -> XDP_DROP sink) and the baseline, a plain
+/// XDP redirect veth -> veth: this machine's limit for one hop.
+pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
+    eprintln!("==> generator ceiling, and the baseline: XDP_REDIRECT between two veths");
+    let mut tb = Testbed::new("bb")?;
+    let g = tb.add_raw_ns("g")?;
+    let r = tb.add_raw_ns("r")?;
+    let s = tb.add_raw_ns("s")?;
+    tb.raw_veth(&g, "eth0", &r, "a0")?;
+    tb.raw_veth(&r, "b0", &s, "eth0")?;
+    let gen = args(&[
+        "--iface",
+        "eth0",
+        "--src-mac",
+        "02:00:00:00:00:01",
+        "--dst-mac",
+        "02:00:00:00:00:02",
+        "--src-ip",
+        "10.9.0.1",
+        "--dst-ip",
+        "10.9.0.2",
+        "--flows",
+        "1000",
+    ]);
+    // The sink straight on the generator's peer: nothing but the generator in the path.
+    let ceiling = ctx.repeat(|| ctx.measure(&r, "a0", &g, &gen))?;
+    let mut red = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &r,
+            &ctx.pktgen(),
+            "redirect",
+            "--from",
+            "a0",
+            "--to",
+            "b0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut l = String::new();
+    BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
+    let measured = prog_on(&r, "a0").and_then(|p| ctx.repeat_xdp((&s, "eth0"), &g, &gen, &[p]));
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
+    let _ = red.wait();
+    let (samples, xdp_ns) = measured?;
+    Ok(vec![
+        Scenario {
+            name: GENERATOR.into(),
+            what: "generator -> veth -> XDP_DROP sink: the most any scenario can show".into(),
+            unit: "Mpps",
+            samples: ceiling,
+            vs_baseline: false,
+            vs: None,
+            error: None,
+            xdp_ns: vec![],
+        },
+        Scenario {
+            name: "baseline".into(),
+            what: "plain XDP_REDIRECT veth -> veth (the limit)".into(),
+            unit: "Mpps",
+            samples,
+            vs_baseline: true,
+            vs: None,
+            error: None,
+            xdp_ns,
+        },
+    ])
+}
+
+/// Encap and decap on one chassis; the "peer" chassis is the injector's address.
+pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario>> {
+    let mut sc = Vec::new();
+    eprintln!("==> encap / decap: one chassis, VM port <-> uplink");
+    let mut tb = Testbed::new("be")?;
+    tb.add_chassis("ch1")?;
+    tb.add_injector()?;
+    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
+    tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
+    tb.add_vm("vm1", "ch1", "ls1", 1)?;
+    tb.nbctl(&[
+        "lsp-add",
+        "ls1",
+        "vmx",
+        "0a:00:00:00:00:09",
+        "10.0.0.9",
+        "--key",
+        "9",
+    ])?;
+    tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
+    tb.start_agents()?;
+    let ch = &tb.chassis[0];
+    super::pin_peer_neighbour(&tb, &ch.ns)?;
+    let vm1 = tb.vm("vm1")?;
+    let ul_mac = mac_of(&ch.ns, "ul")?;
+    for &flows in flow_counts {
+        let gen = args(&[
+            "--iface",
+            "eth0",
+            "--src-mac",
+            &vm1.mac,
+            "--dst-mac",
+            "0a:00:00:00:00:09",
+            "--src-ip",
+            &vm1.ip,
+            "--dst-ip",
+            "10.0.0.9",
+            "--flows",
+            &flows.to_string(),
+        ]);
+        let (s, xdp_ns) = ctx.repeat_xdp(
+            (&tb.underlay_ns, &ch.bridge_port),
+            &vm1.ns,
+            &gen,
+            &[prog_on(&ch.ns, "vp-vm1")?],
+        )?;
+        sc.push(Scenario {
+            name: format!("encap {flows} flow{}", if flows > 1 { "s" } else { "" }),
+            what: "VM port -> XDP megaflow -> Geneve on the uplink".into(),
+            unit: "Mpps",
+            samples: s,
+            vs_baseline: true,
+            vs: None,
+            error: None,
+            xdp_ns,
+        });
+    }
+    for &flows in flow_counts {
+        let gen = args(&[
+            "--iface",
+            &ch.bridge_port,
+            "--src-mac",
+            "0a:00:00:00:00:09",
+            "--dst-mac",
+            &vm1.mac,
+            "--src-ip",
+            "10.0.0.9",
+            "--dst-ip",
+            &vm1.ip,
+            "--flows",
+            &flows.to_string(),
+            "--geneve-vni",
+            "1000",
+            "--ovn-ingress",
+            "9",
+            "--ovn-egress",
+            "1",
+            "--outer-src-mac",
+            "02:00:c6:12:00:fa",
+            "--outer-dst-mac",
+            &ul_mac,
+            "--outer-src-ip",
+            "198.18.0.250",
+            "--outer-dst-ip",
+            &ch.ip,
+        ]);
+        let (s, xdp_ns) = ctx.repeat_xdp(
+            (&vm1.ns, "eth0"),
+            &tb.underlay_ns,
+            &gen,
+            &[prog_on(&ch.ns, "ul")?],
+        )?;
+        sc.push(Scenario {
+            name: format!("decap {flows} flow{}", if flows > 1 { "s" } else { "" }),
+            what: "Geneve on the uplink -> XDP decap -> VM port".into(),
+            unit: "Mpps",
+            samples: s,
+            vs_baseline: true,
+            vs: None,
+            error: None,
+            xdp_ns,
+        });
+    }
+    let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
+    eprintln!("    (fast-path hits on vp-vm1: {hits})");
+    Ok(sc)
+}
+
+/// End to end across two chassis, and the slow path.
+pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
+    let mut sc = Vec::new();
+    eprintln!("==> end to end: VM on ch1 -> VM on ch2 (uplinks on one veth pair)");
+    let mut tb = Testbed::new("bx")?;
+    tb.add_chassis_pair_direct("ch1", "ch2")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
+    tb.add_vm("vm1", "ch1", "ls1", 1)?;
+    tb.add_vm("vm3", "ch2", "ls1", 3)?;
+    tb.start_agents()?;
+    tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
+    let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
+    let gen = args(&[
+        "--iface",
+        "eth0",
+        "--src-mac",
+        &vm1.mac,
+        "--dst-mac",
+        &vm3.mac,
+        "--src-ip",
+        &vm1.ip,
+        "--dst-ip",
+        &vm3.ip,
+        "--flows",
+        "1000",
+    ]);
+    let progs = [
+        prog_on(&tb.chassis[0].ns, "vp-vm1")?,
+        prog_on(&tb.chassis[1].ns, "ul")?,
+    ];
+    let (s, xdp_ns) = ctx.repeat_xdp((&vm3.ns, "eth0"), &vm1.ns, &gen, &progs)?;
+    sc.push(Scenario {
+        name: "end to end UDP 64B".into(),
+        what: "VM ch1 -> encap (XDP) -> underlay veth -> decap (XDP) -> VM ch2".into(),
+        unit: "Mpps",
+        samples: s,
+        vs_baseline: true,
+        vs: Some("OVS afxdp end to end UDP 64B"),
+        error: None,
+        xdp_ns,
+    });
+    // TCP with iperf3.
+    let secs = if o.quick { 2 } else { 10 };
+    let mut tcp = Vec::new();
+    for _ in 0..ctx.reps {
+        let mut srv = tb
+            .ns_cmd(&vm3.ns, "iperf3")
+            .args(["-s", "-1", "-p", "5201"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let out = run(tb.ns_cmd(&vm1.ns, "iperf3").args([
+            "-c",
+            &vm3.ip,
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ]));
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let v: Value = serde_json::from_str(&out?)?;
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        tcp.push(bps / 1e9);
+    }
+    sc.push(Scenario {
+        name: "end to end TCP (iperf3)".into(),
+        what: format!("iperf3 {secs}s, vm1 -> vm3"),
+        unit: "Gbit/s",
+        samples: tcp,
+        vs_baseline: false,
+        vs: Some("OVS afxdp end to end TCP (iperf3)"),
+        error: None,
+        xdp_ns: vec![],
+    });
+    eprintln!("==> slow path: every frame to a new destination");
+    let gen = args(&[
+        "--iface",
+        "eth0",
+        "--src-mac",
+        &vm1.mac,
+        "--dst-mac",
+        "0a:00:00:ee:00:00",
+        "--src-ip",
+        &vm1.ip,
+        "--dst-ip",
+        &vm3.ip,
+        "--flows",
+        "60000",
+        "--vary",
+        "dst-mac",
+    ]);
+    let mut slow = Vec::new();
+    for _ in 0..ctx.reps {
+        let c0 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &vm1.ns, &ctx.pktgen(), "send", "--quiet"])
+            .args(&gen)
+            .args(["--duration", &ctx.window.to_string()]))?;
+        // Whatever is still queued (one ring at most) drains within a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        let c1 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
+        // Over the generator's own sending window: the process start and the drain pause
+        // are not slow-path time.
+        let secs = serde_json::from_str::<Value>(out.trim())
+            .ok()
+            .and_then(|v| v["secs"].as_f64())
+            .filter(|s| *s > 0.0)
+            .with_context(|| format!("pktgen said {out:?}"))?;
+        slow.push((c1 - c0) as f64 / secs / 1e6);
+    }
+    sc.push(Scenario {
+        name: "slow path (AF_XDP)".into(),
+        what: "every frame misses: AF_XDP -> userspace pipeline (drops: unknown MAC)".into(),
+        unit: "Mpps",
+        samples: slow,
+        vs_baseline: true,
+        vs: None,
+        error: None,
+        xdp_ns: vec![],
+    });
+    // Flow setup: invalidate ls1 (an NB change), send one frame, time until the megaflow
+    // for it is installed in XDP.
+    let mut setup = Vec::new();
+    for i in 0..(if o.quick { 3 } else { 10 }) {
+        let applied = |tb: &Testbed| -> Result<u64> {
+            Ok(tb.stats("ch1")?["pipelines_applied"].as_u64().unwrap_or(0))
+        };
+        let a0 = applied(&tb)?;
+        tb.nbctl(&[
+            "lsp-add",
+            "ls1",
+            &format!("dummy{i}"),
+            &format!("0a:00:00:dd:00:{i:02x}"),
+            "--key",
+            &(100 + i).to_string(),
+        ])?;
+        let t = Instant::now();
+        while applied(&tb)? == a0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let m0 = tb.counter("ch1", "vp-vm1", "megaflow_install")?;
+        let t0 = Instant::now();
+        run(Command::new("ip")
+            .args(["netns", "exec", &vm1.ns, &ctx.pktgen(), "send", "--quiet"])
+            .args([
+                "--iface",
+                "eth0",
+                "--src-mac",
+                &vm1.mac,
+                "--dst-mac",
+                &vm3.mac,
+            ])
+            .args(["--src-ip", &vm1.ip, "--dst-ip", &vm3.ip, "--count", "1"]))?;
+        while tb.counter("ch1", "vp-vm1", "megaflow_install")? == m0 {
+            if t0.elapsed() > Duration::from_secs(5) {
+                bail!("megaflow never installed");
+            }
+        }
+        // Measured by the forwarder: from the frame's arrival on the AF_XDP ring to the
+        // megaflow being in the BPF map.
+        let us = tb.stats("ch1")?["last_flow_setup_us"]
+            .as_f64()
+            .unwrap_or(0.0);
+        setup.push(us);
+    }
+    sc.push(Scenario {
+        name: "flow setup".into(),
+        what: "first frame of a flow on the AF_XDP ring -> its megaflow in XDP".into(),
+        unit: "us",
+        samples: setup,
+        vs_baseline: false,
+        vs: None,
+        error: None,
+        xdp_ns: vec![],
+    });
+    Ok(sc)
+}

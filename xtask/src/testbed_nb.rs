@@ -1,0 +1,188 @@
+//! Testbed NB servers: etcd clusters and Redis in their own namespace on the underlay,
+//! started, killed and restarted by the tests.
+
+use crate::testbed::*;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+impl Testbed {
+    /// A testbed whose NB lives in `kind`'s servers (started here, stopped on drop).
+    pub fn with_nb(tag: &str, kind: NbKind) -> Result<Testbed> {
+        let mut tb = Testbed::new(tag)?;
+        match kind {
+            NbKind::File => {}
+            NbKind::Etcd(n) => tb.start_etcd(n)?,
+            NbKind::Redis => tb.start_redis()?,
+        }
+        Ok(tb)
+    }
+
+    pub(crate) fn add_db_ns(&mut self) -> Result<String> {
+        let ns = format!("{}-db", self.prefix);
+        self.add_ns(&ns)?;
+        self.underlay_port(&ns, "eth0", &format!("{DB_IP}/24"))?;
+        self.db_ns = Some(ns.clone());
+        Ok(ns)
+    }
+
+    pub(crate) fn start_etcd(&mut self, members: usize) -> Result<()> {
+        self.add_db_ns()?;
+        let cluster: Vec<String> = (0..members)
+            .map(|i| format!("m{i}=http://{DB_IP}:{}", 2380 + 10 * i))
+            .collect();
+        for i in 0..members {
+            let (cp, pp) = (2379 + 10 * i as u16, 2380 + 10 * i as u16);
+            let dir = self.dir.join(format!("etcd-m{i}"));
+            let args = vec![
+                "etcd".to_string(),
+                "--name".into(),
+                format!("m{i}"),
+                "--data-dir".into(),
+                dir.display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://{DB_IP}:{cp}"),
+                "--advertise-client-urls".into(),
+                format!("http://{DB_IP}:{cp}"),
+                "--listen-peer-urls".into(),
+                format!("http://{DB_IP}:{pp}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://{DB_IP}:{pp}"),
+                "--initial-cluster".into(),
+                cluster.join(","),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                self.prefix.clone(),
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+            ];
+            self.servers.push(Server {
+                name: format!("etcd-m{i}"),
+                args,
+                log: self.dir.join(format!("etcd-m{i}.log")),
+                child: None,
+                client_port: cp,
+            });
+        }
+        for i in 0..members {
+            self.start_server(i)?;
+        }
+        let eps: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("{DB_IP}:{}", s.client_port))
+            .collect();
+        self.nb = format!("etcd://{}", eps.join(","));
+        self.wait_db_healthy()
+    }
+
+    pub(crate) fn start_redis(&mut self) -> Result<()> {
+        self.add_db_ns()?;
+        let dir = self.dir.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        self.servers.push(Server {
+            name: "redis".into(),
+            args: vec![
+                "redis-server".into(),
+                "--bind".into(),
+                DB_IP.into(),
+                "--port".into(),
+                "6379".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+                "--appendonly".into(),
+                "yes".into(),
+                "--save".into(),
+                "".into(),
+                "--protected-mode".into(),
+                "no".into(),
+            ],
+            log: self.dir.join("redis.log"),
+            child: None,
+            client_port: 6379,
+        });
+        self.start_server(0)?;
+        self.nb = format!("redis://{DB_IP}:6379");
+        self.wait_db_healthy()
+    }
+
+    /// (Re)starts server `i` with its original arguments (and data directory).
+    pub fn start_server(&mut self, i: usize) -> Result<()> {
+        let ns = self
+            .db_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no db namespace"))?;
+        let s = &mut self.servers[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(&s.args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", s.name))?;
+        if let Ok(mut l) = LIVE.lock() {
+            if let Some(e) = l.get_mut(self.slot) {
+                e.pids.push(child.id());
+            }
+        }
+        s.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills server `i` (SIGKILL: as a crash or a pulled cable would).
+    pub fn kill_server(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the NB answers (a read through geneflowctl).
+    pub fn wait_db_healthy(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.nbctl(&["show"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e.context("NB server not ready")),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Index of the current etcd leader.
+    pub fn etcd_leader(&self) -> Result<usize> {
+        let ns = self
+            .db_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no db namespace"))?;
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.child.is_none() {
+                continue;
+            }
+            let out = run(Command::new("ip")
+                .args(["netns", "exec", &ns, "etcdctl"])
+                .args([
+                    "--endpoints",
+                    &format!("{DB_IP}:{}", s.client_port),
+                    "endpoint",
+                    "status",
+                    "-w",
+                    "json",
+                ]))?;
+            let v: Value = serde_json::from_str(&out)?;
+            let st = &v[0]["Status"];
+            if st["leader"] == st["header"]["member_id"] && !st["leader"].is_null() {
+                return Ok(i);
+            }
+        }
+        bail!("no etcd leader found")
+    }
+}
