@@ -344,11 +344,15 @@ fn touch(doc: &NbDocument, key: &str, dirty: &mut BTreeSet<String>, all: &mut bo
     match table {
         // Routers reach across switches: recompile everything (routers are small and the
         // switches' entries are reused when their content did not change).
-        "chassis" | "routers" | "router_ports" | "routes" => *all = true,
+        "chassis" | "routers" | "router_ports" | "routes" | "security_groups" => *all = true,
         "switches" => {
             dirty.insert(name.to_string());
         }
         "ports" => {
+            // A port's addresses and groups are in the remote-group rules of other ports.
+            if !doc.security_groups.is_empty() {
+                *all = true;
+            }
             if let Some(p) = doc.ports.get(name) {
                 dirty.insert(p.switch.clone());
             }

@@ -4,6 +4,7 @@
 //! and the switches those routers reach (a routed packet is delivered into them). Nothing else
 //! is compiled: the chassis never holds state for tenants it does not serve.
 
+use crate::acl::PortAcl;
 use crate::model::{Mac, NbDocument};
 use crate::port_security::PortSecurity;
 pub use crate::router::{CompiledRoute, CompiledRouterPort, Router};
@@ -30,6 +31,8 @@ pub struct CompiledPort {
     pub location: PortLocation,
     /// What the port may send from; `None` with port security off.
     pub security: Option<PortSecurity>,
+    /// Its security groups' rules, for a port bound here; `None` without groups (no ACL).
+    pub acl: Option<PortAcl>,
 }
 
 /// Who owns an IPv4 address on a switch (a logical port's fixed IP or a router port's
@@ -108,6 +111,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Some port bound here has security groups: conntrack runs for this chassis's traffic.
+    pub fn has_acl(&self) -> bool {
+        self.datapaths
+            .values()
+            .any(|d| d.ports.values().any(|p| p.acl.is_some()))
+    }
+
     /// Tunnel keys of the datapaths that differ between `self` (old) and `new`, including
     /// added and removed ones: exactly the datapaths whose fast-path entries must go stale.
     pub fn changed_datapaths(&self, new: &Pipeline) -> Vec<u32> {
@@ -345,8 +355,12 @@ fn compile_datapath(
                 name: lp.name.clone(),
                 mac: lp.mac,
                 key: lp.port_key,
-                location,
                 security: PortSecurity::of(lp),
+                acl: match location {
+                    PortLocation::Local { .. } => PortAcl::of(lp, doc),
+                    _ => None,
+                },
+                location,
             },
         );
     }

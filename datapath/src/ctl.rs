@@ -58,7 +58,7 @@ impl CtlServer {
                             let c = counters.lock().ok();
                             shared.snapshot(c.as_ref().and_then(|c| c.as_ref()))
                         }
-                        "ports" | "flows" | "trace" => {
+                        "ports" | "flows" | "trace" | "ct" | "ct-flush" => {
                             let arg = if rest.is_empty() {
                                 Value::Null
                             } else {

@@ -12,8 +12,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
-    ctr, Config, DpGen, FlowAction, FlowKey, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS,
-    MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
+    ct, ctr, Config, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf, PortCounters,
+    MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet};
 use std::mem::size_of;
@@ -63,7 +63,7 @@ const MMAPABLE: u32 = 1 << 10;
 
 /// Every pinned map: name, key size, value size, capacity, whether it is memory-mappable. A
 /// pinned map that differs in any of these is not adopted.
-const MAPS: [(&str, usize, usize, u32, bool); 11] = [
+const MAPS: [(&str, usize, usize, u32, bool); 12] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
@@ -81,6 +81,13 @@ const MAPS: [(&str, usize, usize, u32, bool); 11] = [
     ("CONFIG", 4, size_of::<Config>(), 1, false),
     ("MASK_HITS", 4, 8, MAX_MASKS * MASK_LISTS, false),
     ("PEER_CACHE", 4, 8, 1, false),
+    (
+        "CT",
+        size_of::<CtKey>(),
+        size_of::<CtEntry>(),
+        ct::MAX_ENTRIES,
+        false,
+    ),
     ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS, false),
     ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS, false),
     ("PEERS", 4, 4, MAX_PEERS, false),
@@ -175,6 +182,9 @@ pub struct Bpf {
     last_mask_hits: [u64; (MAX_MASKS * MASK_LISTS) as usize],
     /// Generation of the PEERS contents (`Config::peers_gen`).
     peers_gen: u32,
+    /// Conntrack of uplink frames (`Config::ct_uplink`).
+    ct_uplink: bool,
+    ct: HashMap<MapData, CtKey, CtEntry>,
     ports: HashMap<MapData, u32, PortConf>,
     gens: HashMap<MapData, u32, DpGen>,
     peers: HashMap<MapData, u32, u32>,
@@ -258,6 +268,7 @@ impl Bpf {
         let ports = HashMap::try_from(take("PORTS")?).map_err(map_err("PORTS"))?;
         let gens = HashMap::try_from(take("GENS")?).map_err(map_err("GENS"))?;
         let peers = HashMap::try_from(take("PEERS")?).map_err(map_err("PEERS"))?;
+        let ct = HashMap::try_from(take("CT")?).map_err(map_err("CT"))?;
         let xsks = XskMap::try_from(take("XSKS")?).map_err(map_err("XSKS"))?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let mut bpf = Bpf {
@@ -275,6 +286,8 @@ impl Bpf {
             order: Default::default(),
             last_mask_hits: [0; (MAX_MASKS * MASK_LISTS) as usize],
             peers_gen: 0,
+            ct_uplink: false,
+            ct,
             ports,
             gens,
             peers,
@@ -293,6 +306,7 @@ impl Bpf {
     fn restore(&mut self) -> Adopted {
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         self.peers_gen = cfg.peers_gen.wrapping_add(1);
+        self.ct_uplink = cfg.ct_uplink != 0;
         for (l, n) in cfg.n_masks.iter().enumerate() {
             let base = l as u32 * MAX_MASKS;
             self.mask_lists[l] = (0..(*n).min(MAX_MASKS))
@@ -579,6 +593,7 @@ impl Bpf {
                     n_masks,
                     order: self.order,
                     peers_gen: self.peers_gen,
+                    ct_uplink: self.ct_uplink as u32,
                 },
                 0,
             )
@@ -617,6 +632,42 @@ impl Bpf {
             self.write_config()?;
         }
         Ok(changed)
+    }
+
+    /// Conntrack for frames from the uplink on or off.
+    pub fn set_ct_uplink(&mut self, on: bool) -> Result<(), LoaderError> {
+        if self.ct_uplink != on {
+            self.ct_uplink = on;
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// Commits a connection the slow path allowed (its first packet; XDP commits the rest).
+    pub fn ct_commit(&mut self, k: &CtKey, now_ns: u64) -> Result<(), LoaderError> {
+        let e = CtEntry {
+            last_seen_ns: now_ns,
+            created_ns: now_ns,
+            packets: 1,
+        };
+        self.ct.insert(k, e, 0).map_err(map_err("CT"))
+    }
+
+    /// Every conntrack entry.
+    pub fn ct_entries(&self) -> Vec<(CtKey, CtEntry)> {
+        self.ct.iter().flatten().collect()
+    }
+
+    /// Deletes the entries `doomed` picks; returns how many went.
+    pub fn ct_delete(&mut self, doomed: impl Fn(&CtKey, &CtEntry) -> bool) -> usize {
+        let keys: Vec<CtKey> = self
+            .ct
+            .iter()
+            .flatten()
+            .filter(|(k, e)| doomed(k, e))
+            .map(|(k, _)| k)
+            .collect();
+        keys.iter().filter(|k| self.ct.remove(k).is_ok()).count()
     }
 
     /// Makes `ips` the chassis Geneve is accepted from (the XDP program drops the rest).

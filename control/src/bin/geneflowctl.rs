@@ -94,6 +94,22 @@ enum Cmd {
         format: String,
     },
     /// Per-interface counters of a running agent.
+    /// Conntrack entries of a running agent (zone = logical datapath), or `--flush` them (all,
+    /// or one `--zone`).
+    Ct {
+        #[arg(
+            long,
+            env = "GENEFLOW_CTL",
+            default_value = "/run/geneflow/geneflowd.sock"
+        )]
+        socket: String,
+        #[arg(long)]
+        flush: bool,
+        #[arg(long)]
+        zone: Option<u32>,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
     Stats {
         /// Agent control socket.
         #[arg(
@@ -294,6 +310,40 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Nb { db, cmd } => nb(&db, cmd),
         Cmd::Stats { socket, format } => stats(&socket, &format),
+        Cmd::Ct {
+            socket,
+            flush,
+            zone,
+            format,
+        } => {
+            if flush {
+                let arg = serde_json::json!({ "zone": zone });
+                let v = ctl_request(&socket, &format!("ct-flush {arg}"))?;
+                println!("flushed {} entries", v["flushed"]);
+                return Ok(());
+            }
+            let v = ctl_request(&socket, "ct")?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            for e in v["entries"].as_array().cloned().unwrap_or_default() {
+                if zone.is_some_and(|z| e["zone"].as_u64() != Some(z as u64)) {
+                    continue;
+                }
+                println!(
+                    "zone {} proto {} {} -> {} age {:.1}s idle {:.1}s packets {}",
+                    e["zone"],
+                    e["proto"],
+                    e["src"].as_str().unwrap_or(""),
+                    e["dst"].as_str().unwrap_or(""),
+                    e["age_s"].as_f64().unwrap_or(0.0),
+                    e["idle_s"].as_f64().unwrap_or(0.0),
+                    e["packets"]
+                );
+            }
+            Ok(())
+        }
         Cmd::Ports { socket, format } => {
             let v = ctl_request(&socket, "ports")?;
             if format == "json" {

@@ -5,6 +5,29 @@
 use super::*;
 
 impl Forwarder {
+    /// Conntrack on or off, and each VM port's zone, as the pipeline's security groups want.
+    pub(super) fn sync_conntrack(&mut self) {
+        if let Err(e) = self.bpf.set_ct_uplink(self.pipeline.has_acl()) {
+            warn!("cannot switch conntrack on the uplink: {e}");
+        }
+        for i in 0..self.ports.len() {
+            if self.ports[i].kind != port_kind::VM {
+                continue;
+            }
+            let zone = self.ct_zone_of(&self.ports[i].iface.clone());
+            let p = &self.ports[i];
+            let conf = PortConf {
+                slot: p.slot,
+                kind: port_kind::VM,
+                local_ip: 0,
+                ct_zone: zone,
+            };
+            if let Err(e) = self.bpf.update_port(p.ifindex, conf) {
+                warn!(iface = %p.iface, "cannot set the conntrack zone: {e}");
+            }
+        }
+    }
+
     /// Brings attached ports in line with the pipeline's local bindings and rebinds tables.
     /// Returns whether an interface was attached or detached.
     pub(super) fn reconcile(&mut self) -> bool {
@@ -59,6 +82,7 @@ impl Forwarder {
 
     pub(super) fn apply(&mut self, upd: PipelineUpdate) {
         let old_ip = self.pipeline.encap_ip;
+        let old_acls = super::conntrack::acls_by_zone(&self.pipeline);
         self.pipeline = match self.cfg.encap_ip {
             Some(ip) if upd.pipeline.encap_ip != Some(ip) => {
                 let mut p = (*upd.pipeline).clone();
@@ -79,17 +103,19 @@ impl Forwarder {
                     slot: UPLINK_SLOT,
                     kind: port_kind::UPLINK,
                     local_ip: ip,
-                    pad: 0,
+                    ct_zone: 0,
                 },
             ) {
                 warn!("cannot set uplink encap IP: {e}");
             }
         }
         self.reconcile();
+        self.sync_conntrack();
         if let Err(e) = self.bpf.set_peers(&self.pipeline.peer_ips) {
             warn!("cannot update the accepted underlay sources: {e}");
         }
         let changed = self.regenerate();
+        self.ct_flush_changed(&old_acls);
         // Follow the underlay next hops of the pipeline's remote chassis: resolution runs in
         // the background (netdev::Neighbours, over netlink).
         let remotes: Vec<std::net::Ipv4Addr> = self

@@ -1,4 +1,5 @@
-//! Answers to the control socket's inspection requests (`geneflowctl ports/flows/trace/stats`).
+//! Answers to the control socket's inspection requests (`geneflowctl ports/flows/trace/stats/
+//! ct`).
 
 use super::*;
 
@@ -12,9 +13,15 @@ impl Forwarder {
     }
 
     /// Answers an inspection request from the control socket.
-    pub(super) fn answer(&self, cmd: &str, arg: &serde_json::Value) -> serde_json::Value {
+    pub(super) fn answer(&mut self, cmd: &str, arg: &serde_json::Value) -> serde_json::Value {
         use serde_json::json;
         match cmd {
+            "ct" => self.ct_list(),
+            "ct-flush" => {
+                let zone = arg["zone"].as_u64().map(|z| z as u32);
+                let n = self.bpf.ct_delete(|k, _| zone.is_none_or(|z| z == k.zone));
+                json!({ "flushed": n })
+            }
             "ports" => {
                 let ports: Vec<_> = self
                     .ports

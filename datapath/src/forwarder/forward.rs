@@ -3,6 +3,18 @@
 //! verdict in XDP.
 
 use super::*;
+use geneflow_abi::CtKey;
+
+/// CLOCK_MONOTONIC in ns: the clock of the XDP program's `bpf_ktime_get_ns`.
+pub(super) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 impl Forwarder {
     pub(super) fn forward(
@@ -22,6 +34,7 @@ impl Forwarder {
             outputs,
             rxbuf,
             rxlen,
+            rxct,
             encap_buf,
             txbuf,
             answers,
@@ -36,7 +49,11 @@ impl Forwarder {
         } = self;
         let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
         shared.count(in_slot, ctr::SLOW_RX, 1);
-        let d = match tables.process_dropping(frame, in_ifindex, outputs, txbuf) {
+        let Some(ct_state) = rxct[k] else {
+            shared.count(in_slot, ctr::DROP_MALFORMED, 1);
+            return;
+        };
+        let d = match tables.process_dropping(frame, in_ifindex, ct_state, outputs, txbuf) {
             Ok(d) => d,
             Err(dropped) => {
                 shared.count(in_slot, dropped.reason.counter(), 1);
@@ -49,6 +66,22 @@ impl Forwarder {
                 return;
             }
         };
+        // A new connection an ACL allowed: commit it here for this first packet (the
+        // megaflow's action commits the next connections that match it).
+        for zone in d.ct_commit.into_iter().filter(|z| *z != 0) {
+            let key = CtKey {
+                zone,
+                src: d.key.ip_src,
+                dst: d.key.ip_dst,
+                sport: d.key.l4_src,
+                dport: d.key.l4_dst,
+                proto: d.key.ip_proto,
+                pad: [0; 3],
+            };
+            if let Err(e) = bpf.ct_commit(&key, monotonic_ns()) {
+                tracing::debug!("conntrack commit failed: {e}");
+            }
+        }
         if let Some(a) = d.answer {
             if a.kind == AnswerKind::IcmpTimeExceeded {
                 shared.count(in_slot, ctr::TTL_EXPIRED, 1);

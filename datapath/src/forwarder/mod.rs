@@ -11,7 +11,7 @@ use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Output, Tab
 use crate::ratelimit::RateLimiter;
 use crate::xsk::{BindMode, Xsk, XskError, BATCH};
 use crossbeam_channel::Receiver;
-use geneflow_abi::{ctr, port_kind, PortConf, MAX_PORTS};
+use geneflow_abi::{ctr, port_kind, PortConf, SlowMeta, MAX_PORTS};
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::compiler::Pipeline;
 use std::collections::HashMap;
@@ -22,6 +22,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 mod apply;
+mod conntrack;
 mod ctl;
 mod forward;
 mod pending;
@@ -77,9 +78,14 @@ pub struct Forwarder {
     outputs: Vec<Output>,
     rxbuf: Vec<u8>,
     rxlen: [usize; BATCH],
+    /// The conntrack state XDP sent with each received frame (its `SlowMeta`); `None` for a
+    /// frame that came without one (not from our program: dropped).
+    rxct: [Option<u8>; BATCH],
     encap_buf: Vec<u8>,
     /// Frames the pipeline writes (routed copies, ARP and ICMP answers).
     txbuf: Vec<u8>,
+    /// Housekeeping rounds (one a second).
+    ticks: u64,
     /// Frames waiting for their remote chassis' next hop.
     pending: pending::Pending,
     /// Per-source budget of generated answers.
@@ -143,7 +149,7 @@ impl Forwarder {
                 slot: UPLINK_SLOT,
                 kind: port_kind::UPLINK,
                 local_ip,
-                pad: 0,
+                ct_zone: 0,
             },
         )?;
         let xsk = Xsk::open(&cfg.uplink, cfg.bind_mode)?;
@@ -183,11 +189,13 @@ impl Forwarder {
             outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
             rxbuf: vec![0u8; STRIDE * BATCH],
             rxlen: [0; BATCH],
+            rxct: [None; BATCH],
             encap_buf: vec![0u8; STRIDE],
             txbuf: Vec::with_capacity(STRIDE),
             // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays whole);
             // 5000/s in all.
             pending: pending::Pending::new(STRIDE),
+            ticks: 0,
             answers: RateLimiter::new(100.0, 50.0, 5000.0),
             // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
             drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),
@@ -275,6 +283,20 @@ impl Forwarder {
         }
     }
 
+    /// The conntrack zone of a VM port: its datapath's key once any port here has security
+    /// groups (every port then, so that replies toward a port with groups are tracked
+    /// whichever port they come from), else 0.
+    pub(super) fn ct_zone_of(&self, iface: &str) -> u32 {
+        if !self.pipeline.has_acl() {
+            return 0;
+        }
+        self.pipeline
+            .bindings
+            .get(iface)
+            .map(|b| b.tunnel_key)
+            .unwrap_or(0)
+    }
+
     fn attach_vm(&mut self, iface: &str) -> Result<(), ForwarderError> {
         let ifindex =
             netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
@@ -297,7 +319,7 @@ impl Forwarder {
             slot,
             kind: port_kind::VM,
             local_ip: 0,
-            pad: 0,
+            ct_zone: self.ct_zone_of(iface),
         };
         // Before the first pipeline a previous process's program keeps serving (see
         // `adopt_finish`); after it, ours goes in at once.
@@ -370,6 +392,13 @@ impl Forwarder {
     }
 
     fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(10) {
+            let n = self.ct_expire();
+            if n > 0 {
+                tracing::debug!(expired = n, "conntrack entries expired");
+            }
+        }
         if self.reconcile() && self.ready {
             let changed = self.regenerate();
             if !changed.is_empty() {
@@ -468,14 +497,25 @@ impl Forwarder {
             ports,
             rxbuf,
             rxlen,
+            rxct,
             ..
         } = self;
         ports[i].xsk.reap();
         let mut n = 0;
         ports[i].xsk.recv(|frame| {
+            // Every frame from our XDP program starts with its SlowMeta.
+            let meta = (frame.len() >= SlowMeta::LEN
+                && u16::from_ne_bytes([frame[0], frame[1]]) == SlowMeta::MAGIC)
+                .then(|| frame[2]);
+            let frame = if meta.is_some() {
+                &frame[SlowMeta::LEN..]
+            } else {
+                frame
+            };
             let len = frame.len().min(STRIDE);
             rxbuf[n * STRIDE..n * STRIDE + len].copy_from_slice(&frame[..len]);
             rxlen[n] = len;
+            rxct[n] = meta;
             n += 1;
         });
         let (in_ifindex, in_slot) = (self.ports[i].ifindex, self.ports[i].slot);

@@ -78,6 +78,7 @@ pub enum DropReason {
     UnknownGroup,
     UnknownSource,
     BadLength,
+    Acl,
 }
 
 impl DropReason {
@@ -96,6 +97,7 @@ impl DropReason {
                 | DropReason::UnknownDatapath
                 | DropReason::UnknownPort
                 | DropReason::UnknownGroup
+                | DropReason::Acl
         )
     }
 
@@ -128,6 +130,7 @@ impl DropReason {
             DropReason::UnknownGroup => ctr::DROP_UNKNOWN_GROUP,
             DropReason::UnknownSource => ctr::DROP_UNKNOWN_SOURCE,
             DropReason::BadLength => ctr::DROP_BAD_LENGTH,
+            DropReason::Acl => ctr::DROP_ACL,
         }
     }
 }
@@ -205,6 +208,11 @@ pub struct Decision {
     pub megaflow: Option<Megaflow>,
     /// Set when the pipeline answered (ARP, ICMP) instead of forwarding.
     pub answer: Option<Answer>,
+    /// Zones the slow path commits the frame's connection in (the megaflow's action does it
+    /// for the packets that follow).
+    pub ct_commit: [u32; 2],
+    /// The frame's whole key (the megaflow's is masked).
+    pub key: FlowKey,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -235,6 +243,11 @@ pub(crate) struct Run<'a> {
     /// Generation slot the verdict depends on, once known (the datapath, or
     /// `DP_KEY_HOSTED` for an unknown VNI).
     pub dp_key: Option<u32>,
+    /// The conntrack state XDP found for the frame (`ct::*`), set into the key by the stages
+    /// that extract it.
+    pub ct_state: u8,
+    /// Zones the frame's new connection is committed in (an ACL allowed it).
+    pub ct_commit: [u32; 2],
     trace: Option<&'a mut Vec<String>>,
 }
 
@@ -257,7 +270,28 @@ impl Run<'_> {
             flow_hash: flow_hash(&self.key),
             megaflow: None,
             answer: None,
+            ct_commit: self.ct_commit,
+            key: self.key,
         }
+    }
+
+    /// Commits the frame's connection in `zone` too.
+    pub fn commit(&mut self, zone: u32) {
+        if self.ct_commit.contains(&zone) {
+            return;
+        }
+        if let Some(z) = self.ct_commit.iter_mut().find(|z| **z == 0) {
+            *z = zone;
+        }
+    }
+
+    /// `action` with the conntrack commit of this run, if any.
+    pub fn with_commit(&self, mut action: FlowAction) -> FlowAction {
+        if self.ct_commit != [0, 0] {
+            action.flags |= geneflow_abi::flag::CT_COMMIT;
+            action.ct_zones = self.ct_commit;
+        }
+        action
     }
 
     /// The megaflow of this run: the key under the accumulated mask, with `action`.
@@ -326,7 +360,7 @@ impl Tables {
         out: &mut Vec<Output>,
         buf: &mut Vec<u8>,
     ) -> Result<Decision, DropReason> {
-        self.process_dropping(frame, in_ifindex, out, buf)
+        self.process_dropping(frame, in_ifindex, 0, out, buf)
             .map_err(|d| d.reason)
     }
 
@@ -338,6 +372,7 @@ impl Tables {
         &self,
         frame: &[u8],
         in_ifindex: u32,
+        ct_state: u8,
         out: &mut Vec<Output>,
         buf: &mut Vec<u8>,
     ) -> Result<Decision, Dropped> {
@@ -349,6 +384,8 @@ impl Tables {
             key: FlowKey::zeroed(),
             mask: FlowKey::zeroed(),
             dp_key: None,
+            ct_state,
+            ct_commit: [0; 2],
             trace: None,
         };
         self.stages(&mut r, out, buf).map_err(|reason| {
@@ -382,6 +419,8 @@ impl Tables {
             key: FlowKey::zeroed(),
             mask: FlowKey::zeroed(),
             dp_key: None,
+            ct_state: 0,
+            ct_commit: [0; 2],
             trace,
         };
         self.stages(&mut r, out, buf)
@@ -412,6 +451,7 @@ impl Tables {
             .get(&r.in_ifindex)
             .ok_or(DropReason::UnknownInPort)?;
         r.key = extract_key(r.frame, r.in_ifindex).ok_or(DropReason::Malformed)?;
+        r.key.ct_state = r.ct_state;
         r.mask.in_ifindex = u32::MAX;
         let dp = self
             .datapath(inp.dp_key)

@@ -40,6 +40,7 @@ pub(super) fn to_port(
                 r.note("output", || "back to the port it came from: dropped".into());
                 return Err(DropReason::NoDestination);
             }
+            super::acl::to_lport(r, dp, port.key)?;
             out.push(Output::Local { ifindex: ix });
             action.kind = act::OUTPUT;
             action.out_ifindex = ix;
@@ -88,6 +89,6 @@ pub(super) fn to_port(
         }
     }
     let mut d = r.decision(0);
-    d.megaflow = Some(r.megaflow(action));
+    d.megaflow = Some(r.megaflow(r.with_commit(action)));
     Ok(d)
 }

@@ -63,6 +63,7 @@ pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision,
         extract_key(&frame[inner_off..], r.in_ifindex).ok_or(DropReason::GeneveTruncated)?;
     key.tun_vni = repr.vni;
     key.tun_out_port = meta.egress;
+    key.ct_state = r.ct_state;
     r.key = key;
     r.note("tunnel rx", || {
         format!(
@@ -125,11 +126,11 @@ pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision,
         )
     });
     let mut d = r.decision(inner_off);
-    d.megaflow = Some(r.megaflow(FlowAction {
+    d.megaflow = Some(r.megaflow(r.with_commit(FlowAction {
         kind: act::DECAP_OUTPUT,
         out_ifindex: ix,
         dp_key: dp.tunnel_key,
         ..Default::default()
-    }));
+    })));
     Ok(d)
 }

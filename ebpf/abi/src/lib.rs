@@ -64,7 +64,9 @@ pub struct FlowKey {
     /// Index of the mask this key was built with; part of the hash key so that entries of
     /// different masks never collide.
     pub mask_id: u8,
-    pub pad: [u8; 2],
+    /// Connection state (`ct::*` bits) from the CT table, 0 where conntrack is off.
+    pub ct_state: u8,
+    pub pad: u8,
 }
 
 pub const FLOW_KEY_WORDS: usize = 5;
@@ -85,7 +87,8 @@ impl FlowKey {
             l4_dst: 0,
             ip_proto: 0,
             mask_id: 0,
-            pad: [0; 2],
+            ct_state: 0,
+            pad: 0,
         }
     }
 
@@ -202,6 +205,59 @@ pub mod flag {
     /// ICMP); then source/destination MAC := `set_smac`/`set_dmac` and TTL - 1 (checksum
     /// updated incrementally) before the output or encap.
     pub const ROUTE: u32 = 4;
+    /// A new connection that the security groups allow: commit it to conntrack
+    /// (`ct_zones`), so its later packets and replies are established.
+    pub const CT_COMMIT: u32 = 8;
+}
+
+/// Connection tracking (`CT`, an LRU hash). Entries are keyed by zone (a logical datapath's
+/// key) and the 5-tuple of the connection's first packet; a packet whose own tuple is there is
+/// `EST`, one whose reversed tuple is there is `EST | REPLY`, any other is `NEW`. ICMP is
+/// tracked per address pair (ports 0).
+pub mod ct {
+    pub const NEW: u8 = 1;
+    pub const EST: u8 = 2;
+    pub const REPLY: u8 = 4;
+    pub const MAX_ENTRIES: u32 = 65536;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub zone: u32,
+    /// Network byte order, as in `FlowKey`.
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` of the last packet either way, and of the commit.
+    pub last_seen_ns: u64,
+    pub created_ns: u64,
+    /// Packets seen in XDP after the commit (approximate: racy per-CPU increments).
+    pub packets: u64,
+}
+
+/// Prepended by XDP to every frame it hands to the slow path (AF_XDP): what XDP learnt that
+/// the frame does not carry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlowMeta {
+    pub magic: u16,
+    pub ct_state: u8,
+    pub pad: u8,
+    pub ct_zone: u32,
+}
+
+impl SlowMeta {
+    pub const MAGIC: u16 = 0x6766;
+    pub const LEN: usize = 8;
 }
 
 /// The value of a megaflow entry.
@@ -234,6 +290,8 @@ pub struct FlowAction {
     /// Rewrites of `flag::ROUTE` and the answering MAC of `act::ARP_REPLY`.
     pub set_smac: [u8; 6],
     pub set_dmac: [u8; 6],
+    /// `flag::CT_COMMIT`: the zones the frame's connection is committed in (0 = none).
+    pub ct_zones: [u32; 2],
     /// Packets that used this entry, counted by XDP (approximate under concurrent CPUs:
     /// incremented without an atomic to keep the hot path cheap). Userspace writes 0.
     pub hits: u64,
@@ -249,7 +307,8 @@ pub struct PortConf {
     /// For uplinks: the local encap IPv4 (network byte order); Geneve frames to another address
     /// are not ours and go to the stack.
     pub local_ip: u32,
-    pub pad: u32,
+    /// Conntrack zone of frames from this (VM) port: its datapath's key; 0 = no conntrack.
+    pub ct_zone: u32,
 }
 
 pub mod port_kind {
@@ -336,10 +395,12 @@ pub mod ctr {
     pub const DROP_BAD_LENGTH: u32 = 47;
     /// Underlay: a multicast egress key that is no group of the datapath.
     pub const DROP_UNKNOWN_GROUP: u32 = 48;
+    /// Security groups: a new connection no rule allows.
+    pub const DROP_ACL: u32 = 49;
     pub const COUNT: u32 = 64;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 49] = [
+    pub const NAMES: [(u32, &str); 50] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -392,6 +453,7 @@ pub mod ctr {
         (DROP_UNKNOWN_SOURCE, "drop_unknown_source"),
         (DROP_BAD_LENGTH, "drop_bad_length"),
         (DROP_UNKNOWN_GROUP, "drop_unknown_group"),
+        (DROP_ACL, "drop_acl"),
     ];
 }
 
@@ -425,6 +487,8 @@ pub struct Config {
     /// Bumped whenever `PEERS` changes: invalidates the per-CPU cache of the last accepted
     /// outer source.
     pub peers_gen: u32,
+    /// Nonzero: frames from the uplink are looked up in conntrack, in the zone of their VNI.
+    pub ct_uplink: u32,
 }
 
 /// The live generation of one logical datapath, and a fingerprint of everything its megaflows
@@ -452,4 +516,8 @@ mod pod {
     unsafe impl aya::Pod for super::PortCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DpGen {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtEntry {}
 }

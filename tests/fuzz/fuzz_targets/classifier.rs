@@ -36,12 +36,13 @@ fn tables() -> &'static Tables {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, frame)) = data.split_first() else {
+    // The first byte picks the interface, the second is the conntrack state XDP sent along.
+    let [sel, ct_state, frame @ ..] = data else {
         return;
     };
-    let in_ifindex = IFINDEXES[sel as usize % IFINDEXES.len()];
+    let in_ifindex = IFINDEXES[*sel as usize % IFINDEXES.len()];
     let (mut out, mut buf) = (Vec::new(), Vec::new());
-    match tables().process_dropping(frame, in_ifindex, &mut out, &mut buf) {
+    match tables().process_dropping(frame, in_ifindex, *ct_state, &mut out, &mut buf) {
         Ok(d) => {
             assert!(d.payload_offset <= frame.len());
             if let Some(m) = d.megaflow {

@@ -1,0 +1,89 @@
+//! Conntrack housekeeping: idle entries expire (per protocol, like Cilium's defaults), a
+//! change of a zone's security groups ends the connections they allowed (their packets are
+//! checked again as new), and `geneflowctl ct` lists and flushes.
+
+use super::*;
+use geneflow_abi::{CtEntry, CtKey};
+use geneflow_control::acl::PortAcl;
+use std::collections::BTreeMap;
+
+/// Idle timeout of an entry, by IP protocol.
+fn timeout(proto: u8) -> Duration {
+    match proto {
+        6 => Duration::from_secs(6 * 3600),
+        17 => Duration::from_secs(60),
+        _ => Duration::from_secs(30),
+    }
+}
+
+/// The ACLs of each zone (datapath), to tell which zones' groups changed.
+pub(super) fn acls_by_zone(p: &Pipeline) -> BTreeMap<u32, Vec<(u16, PortAcl)>> {
+    p.datapaths
+        .iter()
+        .map(|(k, d)| {
+            let acls = d
+                .ports
+                .values()
+                .filter_map(|p| p.acl.clone().map(|a| (p.key, a)))
+                .collect();
+            (*k, acls)
+        })
+        .collect()
+}
+
+impl Forwarder {
+    /// Ends the connections of the zones whose security groups changed between `old` and the
+    /// current pipeline. Returns how many entries went.
+    pub(super) fn ct_flush_changed(&mut self, old: &BTreeMap<u32, Vec<(u16, PortAcl)>>) -> usize {
+        let new = acls_by_zone(&self.pipeline);
+        let empty = Vec::new();
+        let zones: Vec<u32> = old
+            .keys()
+            .chain(new.keys())
+            .copied()
+            .filter(|z| old.get(z).unwrap_or(&empty) != new.get(z).unwrap_or(&empty))
+            .collect();
+        if zones.is_empty() {
+            return 0;
+        }
+        let n = self.bpf.ct_delete(|k, _| zones.contains(&k.zone));
+        if n > 0 {
+            info!(
+                ?zones,
+                ended = n,
+                "security groups changed: their connections are checked again"
+            );
+        }
+        n
+    }
+
+    /// Deletes the entries idle for longer than their protocol's timeout.
+    pub(super) fn ct_expire(&mut self) -> usize {
+        let now = forward::monotonic_ns();
+        self.bpf.ct_delete(|k, e| {
+            now.saturating_sub(e.last_seen_ns) > timeout(k.proto).as_nanos() as u64
+        })
+    }
+
+    pub(super) fn ct_list(&self) -> serde_json::Value {
+        let now = forward::monotonic_ns();
+        let ip = |v: u32| std::net::Ipv4Addr::from(v.to_ne_bytes()).to_string();
+        let entries: Vec<serde_json::Value> = self
+            .bpf
+            .ct_entries()
+            .into_iter()
+            .map(|(k, e): (CtKey, CtEntry)| {
+                serde_json::json!({
+                    "zone": k.zone,
+                    "proto": k.proto,
+                    "src": format!("{}:{}", ip(k.src), u16::from_be(k.sport)),
+                    "dst": format!("{}:{}", ip(k.dst), u16::from_be(k.dport)),
+                    "age_s": now.saturating_sub(e.created_ns) as f64 / 1e9,
+                    "idle_s": now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
+                    "packets": e.packets,
+                })
+            })
+            .collect();
+        serde_json::json!({ "entries": entries })
+    }
+}
