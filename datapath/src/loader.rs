@@ -648,7 +648,9 @@ impl Bpf {
         let e = CtEntry {
             last_seen_ns: now_ns,
             created_ns: now_ns,
-            packets: 1,
+            reserved: 0,
+            flags: 0,
+            pad: 0,
         };
         self.ct.insert(k, e, 0).map_err(map_err("CT"))
     }

@@ -321,3 +321,114 @@ fn a_vm_forging_a_new_source_per_frame_cannot_fill_the_megaflow_table() -> Resul
     assert!(tb.counter("ch1", "vp-vm1", "fastpath_hit")? - fast0 >= 190);
     Ok(())
 }
+
+#[test]
+fn no_frame_a_vm_can_craft_reaches_another_tenant() -> Result<()> {
+    require_root();
+    let mut tb = Testbed::new("sf")?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    // Two tenants with the same subnet and addresses, each with its router.
+    for (t, key) in [("ta", 1000u32), ("tb", 2000)] {
+        let ls = format!("{t}-ls");
+        tb.nbctl(&["ls-add", &ls, "--key", &key.to_string(), "--tenant", t])?;
+        tb.nbctl(&[
+            "subnet-add",
+            &ls,
+            &format!("{t}-s"),
+            "10.1.0.0/24",
+            "--gateway",
+            "10.1.0.1",
+        ])?;
+        let r = format!("{t}-r");
+        tb.nbctl(&[
+            "lr-add",
+            &r,
+            "--key",
+            &(key + 10).to_string(),
+            "--tenant",
+            t,
+        ])?;
+        tb.nbctl(&[
+            "lrp-add",
+            &r,
+            &format!("{r}-p"),
+            &format!("0a:00:00:00:ff:{:02x}", key / 1000),
+            "10.1.0.1/24",
+            "--key",
+            "100",
+            "--switch",
+            &ls,
+        ])?;
+    }
+    for (vm, ch, t, key, ip) in [
+        ("vm1", "ch1", "ta", 1, "10.1.0.11"),
+        ("vm2", "ch2", "ta", 2, "10.1.0.12"),
+        ("vm5", "ch2", "tb", 5, "10.1.0.11"),
+        ("vm6", "ch1", "tb", 6, "10.1.0.12"),
+    ] {
+        tb.add_routed_vm(
+            vm,
+            ch,
+            &format!("{t}-ls"),
+            key,
+            &format!("{ip}/24"),
+            "10.1.0.1",
+            1442,
+        )?;
+    }
+    tb.start_agents()?;
+    tb.ping("vm1", "10.1.0.12", 2)?;
+    tb.ping("vm5", "10.1.0.12", 2)?;
+    let tx = |tb: &Testbed| -> Result<u64> {
+        Ok(tb.counter("ch2", "vp-vm5", "tx_packets")?
+            + tb.counter("ch1", "vp-vm6", "tx_packets")?)
+    };
+    let rx = |tb: &Testbed| -> Result<u64> {
+        Ok(rx_packets(&tb.vm("vm5")?.ns, "eth0")? + rx_packets(&tb.vm("vm6")?.ns, "eth0")?)
+    };
+    let (tx0, rx0) = (tx(&tb)?, rx(&tb)?);
+    let vm1 = tb.vm("vm1")?.clone();
+    // Tenant b's VMs and router, and tenant a's own router (its routing must not leak).
+    let victims_mac = format!(
+        "{},{},0a:00:00:00:ff:02,0a:00:00:00:ff:01",
+        tb.vm("vm5")?.mac,
+        tb.vm("vm6")?.mac
+    );
+    let underlay = tb
+        .chassis
+        .iter()
+        .map(|c| c.ip.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", &vm1.ns, "/usr/bin/python3"])
+        .arg(repo_root().join("tests/scripts/craft.py"))
+        .args(["--iface", "eth0", "--mac", &vm1.mac, "--ip", &vm1.ip])
+        .args([
+            "--victim-macs",
+            &victims_mac,
+            "--victim-ips",
+            "10.1.0.11,10.1.0.12",
+        ])
+        .args([
+            "--underlay",
+            &underlay,
+            "--victim-vnis",
+            "2000,2010",
+            "--count",
+            "3",
+        ]))?;
+    let sent: u64 = out.trim().parse().unwrap_or(0);
+    assert!(sent > 1000, "craft.py sent {sent} frames");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        tx(&tb)?,
+        tx0,
+        "a crafted frame was delivered to tenant b's ports"
+    );
+    assert_eq!(rx(&tb)?, rx0, "tenant b's VMs received frames");
+    // Tenant b still works.
+    tb.ping("vm5", "10.1.0.12", 2)?;
+    Ok(())
+}

@@ -123,6 +123,17 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
         && e["zone"] == LS1_KEY
         && e["proto"] == 6));
     assert!(ct("ch1")?.is_empty());
+    // Both connections were closed (FIN): marked closing, they expire within 10 s of their
+    // last packet (the collector runs every 10 s).
+    assert!(web.iter().all(|e| e["closing"] == true), "{web:?}");
+    let t = Instant::now();
+    while ct("ch2")?.iter().any(|e| e["dst"] == format!("{ip3}:8080")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(25),
+            "closed connections never expired"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // The rule goes: its connections end (the zone's entries are flushed) and new ones are
     // refused at once.
     tb.nbctl(&["sg-rule-del", "web", "http"])?;
@@ -141,5 +152,54 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     );
     // Ports without groups are untouched.
     assert!(pings(&tb, "vm2", &tb.vm("vm4")?.ip)?);
+    // Established traffic stays in XDP: vm3's UDP stream out (its egress rule) misses the
+    // fast path only for its first packet and its first established one.
+    let hits0 = tb.counter("ch2", "vp-vm3", "fastpath_hit")?;
+    let miss0 = tb.counter("ch2", "vp-vm3", "miss")?;
+    let rx = tb.udp_receiver("vm1", 7600, 2000, 3.0)?;
+    tb.udp_send("vm3", &ip1, 7600, 2000, 4000)?;
+    assert_eq!(Testbed::udp_result(rx)?, 2000);
+    let hits = tb.counter("ch2", "vp-vm3", "fastpath_hit")? - hits0;
+    let misses = tb.counter("ch2", "vp-vm3", "miss")? - miss0;
+    assert!(
+        hits >= 1990 && misses <= 10,
+        "{hits} fast-path hits, {misses} misses"
+    );
+    Ok(())
+}
+
+#[test]
+fn remote_group_rules_follow_membership() -> Result<()> {
+    let tb = two_chassis("sh")?;
+    let ip3 = tb.vm("vm3")?.ip.clone();
+    for g in ["web", "app"] {
+        tb.nbctl(&["sg-add", g])?;
+        tb.nbctl(&["sg-rule-add", g, "out", "--direction", "egress"])?;
+    }
+    tb.nbctl(&[
+        "sg-rule-add",
+        "web",
+        "peers",
+        "--direction",
+        "ingress",
+        "--remote-group",
+        "app",
+    ])?;
+    tb.nbctl(&["lsp-set-sg", "vm3", "web"])?;
+    let reach = |want: bool| -> Result<bool> {
+        let t = Instant::now();
+        loop {
+            let ok = pings(&tb, "vm2", &ip3)?;
+            if ok == want || t.elapsed() > Duration::from_secs(5) {
+                return Ok(ok);
+            }
+        }
+    };
+    assert!(!reach(false)?, "vm2 reached vm3 before joining app");
+    tb.nbctl(&["lsp-set-sg", "vm2", "app"])?;
+    assert!(reach(true)?, "vm2 in app cannot reach vm3");
+    // Leaving the group ends it, established or not.
+    tb.nbctl(&["lsp-set-sg", "vm2"])?;
+    assert!(!reach(false)?, "vm2 still reaches vm3 after leaving app");
     Ok(())
 }

@@ -332,14 +332,14 @@ fn run(cli: Cli) -> Result<()> {
                     continue;
                 }
                 println!(
-                    "zone {} proto {} {} -> {} age {:.1}s idle {:.1}s packets {}",
+                    "zone {} proto {} {} -> {} age {:.0}s idle {:.0}s{}",
                     e["zone"],
                     e["proto"],
                     e["src"].as_str().unwrap_or(""),
                     e["dst"].as_str().unwrap_or(""),
                     e["age_s"].as_f64().unwrap_or(0.0),
                     e["idle_s"].as_f64().unwrap_or(0.0),
-                    e["packets"]
+                    if e["closing"] == true { " closing" } else { "" }
                 );
             }
             Ok(())

@@ -1,4 +1,5 @@
-//! Conntrack housekeeping: idle entries expire (per protocol, like Cilium's defaults), a
+//! Conntrack housekeeping: idle entries expire (per protocol, like Cilium's defaults: TCP 6 h,
+//! UDP 60 s, others 30 s; a TCP connection that saw a FIN or RST 10 s after it), a
 //! change of a zone's security groups ends the connections they allowed (their packets are
 //! checked again as new), and `geneflowctl ct` lists and flushes.
 
@@ -61,7 +62,12 @@ impl Forwarder {
     pub(super) fn ct_expire(&mut self) -> usize {
         let now = forward::monotonic_ns();
         self.bpf.ct_delete(|k, e| {
-            now.saturating_sub(e.last_seen_ns) > timeout(k.proto).as_nanos() as u64
+            let t = if e.flags & geneflow_abi::ct::CLOSING != 0 {
+                Duration::from_secs(geneflow_abi::ct::CLOSING_TIMEOUT_S)
+            } else {
+                timeout(k.proto)
+            };
+            now.saturating_sub(e.last_seen_ns) > t.as_nanos() as u64
         })
     }
 
@@ -80,7 +86,7 @@ impl Forwarder {
                     "dst": format!("{}:{}", ip(k.dst), u16::from_be(k.dport)),
                     "age_s": now.saturating_sub(e.created_ns) as f64 / 1e9,
                     "idle_s": now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
-                    "packets": e.packets,
+                    "closing": e.flags & geneflow_abi::ct::CLOSING != 0,
                 })
             })
             .collect();

@@ -5,14 +5,14 @@
 use super::*;
 use geneflow_abi::CtKey;
 
-/// CLOCK_MONOTONIC in ns: the clock of the XDP program's `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of the XDP program's `bpf_ktime_get_coarse_ns`.
 pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into a live local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

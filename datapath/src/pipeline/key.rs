@@ -112,6 +112,21 @@ pub fn describe_match(k: &FlowKey, mask: &FlowKey) -> String {
     if mask.l4_dst != 0 {
         f.push(format!("l4_dst={}", u16::from_be(k.l4_dst)));
     }
+    if mask.ct_state != 0 {
+        let s = k.ct_state;
+        let name = if s & geneflow_abi::ct::EST == 0 {
+            if s & geneflow_abi::ct::NEW != 0 {
+                "new"
+            } else {
+                "untracked"
+            }
+        } else if s & geneflow_abi::ct::REPLY != 0 {
+            "est+rpl"
+        } else {
+            "est"
+        };
+        f.push(format!("ct_state={name}"));
+    }
     f.join(",")
 }
 

@@ -31,7 +31,11 @@ mod trace;
 mod tunnel_rx;
 
 #[cfg(test)]
+mod test_nb;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_acl;
 #[cfg(test)]
 mod tests_router;
 #[cfg(test)]

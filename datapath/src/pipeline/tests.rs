@@ -2,8 +2,8 @@
 use super::*;
 use geneflow_abi::{act, ctr};
 use geneflow_control::compiler::compile;
-use geneflow_control::model::{Chassis, LogicalPort, LogicalSwitch, NbDocument, DEFAULT_MTU};
-use geneflow_control::model::{Mac, MC_FLOOD_KEY};
+use geneflow_control::model::NbDocument;
+use geneflow_control::model::MC_FLOOD_KEY;
 
 const FRAME_CSUM: &[u8] = include_bytes!("../../../tests/fixtures/geneve/frame_ovn_csum.bin");
 const FRAME_NOCSUM: &[u8] = include_bytes!("../../../tests/fixtures/geneve/frame_ovn_nocsum.bin");
@@ -40,47 +40,15 @@ fn encap_is_byte_exact_with_scapy() {
 /// chassis "b" hosts p7.
 fn tables() -> Tables {
     let mut d = NbDocument::default();
-    for (n, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
-        d.chassis.insert(
-            n.into(),
-            Chassis {
-                name: n.into(),
-                encap_ip: ip.parse().unwrap(),
-                version: 0,
-            },
-        );
-    }
-    d.switches.insert(
-        "ls".into(),
-        LogicalSwitch {
-            name: "ls".into(),
-            tunnel_key: 0xabcd,
-            mtu: DEFAULT_MTU,
-            tenant: "t".into(),
-            version: 0,
-        },
-    );
+    test_nb::chassis_ab(&mut d);
+    test_nb::switch(&mut d, "ls", 0xabcd);
     for (n, k, mac, c) in [
         ("p1", 5, [0x0a, 0, 0, 0, 0, 1], "a"),
         ("p2", 6, [0x0a, 0, 0, 0, 0, 3], "a"),
         ("p7", 7, [0x0a, 0, 0, 0, 0, 2], "b"),
     ] {
-        d.ports.insert(
-            n.into(),
-            LogicalPort {
-                name: n.into(),
-                switch: "ls".into(),
-                mac: Mac(mac),
-                ips: vec![],
-                port_key: k,
-                chassis: Some(c.into()),
-                iface: Some(format!("vp-{n}")),
-                security_groups: vec![],
-                port_security: true,
-                allowed_address_pairs: vec![],
-                version: 0,
-            },
-        );
+        d.ports
+            .insert(n.into(), test_nb::port(n, "ls", k, mac, &[], c));
     }
     let p = Arc::new(compile(&d, "a"));
     Tables::new(p, UPLINK, 1500, true, |n| match n {

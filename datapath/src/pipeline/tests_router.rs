@@ -22,27 +22,9 @@ const P4: [u8; 6] = [0x0a, 0, 0, 0, 0, 4];
 
 fn doc() -> NbDocument {
     let mut d = NbDocument::default();
-    for (n, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
-        d.chassis.insert(
-            n.into(),
-            Chassis {
-                name: n.into(),
-                encap_ip: ip.parse().unwrap(),
-                version: 0,
-            },
-        );
-    }
+    test_nb::chassis_ab(&mut d);
     for (n, k, cidr) in [("ls1", 10, "10.1.0.0/24"), ("ls2", 20, "10.2.0.0/24")] {
-        d.switches.insert(
-            n.into(),
-            LogicalSwitch {
-                name: n.into(),
-                tunnel_key: k,
-                mtu: DEFAULT_MTU,
-                tenant: "t".into(),
-                version: 0,
-            },
-        );
+        test_nb::switch(&mut d, n, k);
         d.subnets.insert(
             n.into(),
             Subnet {
@@ -63,22 +45,8 @@ fn doc() -> NbDocument {
         ("p3", "ls2", 3, P3, "10.2.0.7", "a"),
         ("p4", "ls1", 4, P4, "10.1.0.8", "b"),
     ] {
-        d.ports.insert(
-            n.into(),
-            LogicalPort {
-                name: n.into(),
-                switch: sw.into(),
-                mac: Mac(mac),
-                ips: vec![ip.parse().unwrap()],
-                port_key: k,
-                chassis: Some(c.into()),
-                iface: Some(format!("vp-{n}")),
-                security_groups: vec![],
-                port_security: true,
-                allowed_address_pairs: vec![],
-                version: 0,
-            },
-        );
+        d.ports
+            .insert(n.into(), test_nb::port(n, sw, k, mac, &[ip], c));
     }
     d.routers.insert(
         "r".into(),

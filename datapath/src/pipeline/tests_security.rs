@@ -20,54 +20,22 @@ const FORGED: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x66];
 
 fn tables() -> Tables {
     let mut d = NbDocument::default();
-    for (n, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
-        d.chassis.insert(
-            n.into(),
-            Chassis {
-                name: n.into(),
-                encap_ip: ip.parse().unwrap(),
-                version: 0,
-            },
-        );
-    }
-    d.switches.insert(
-        "ls".into(),
-        LogicalSwitch {
-            name: "ls".into(),
-            tunnel_key: VNI,
-            mtu: DEFAULT_MTU,
-            tenant: "t".into(),
-            version: 0,
-        },
-    );
+    test_nb::chassis_ab(&mut d);
+    test_nb::switch(&mut d, "ls", VNI);
     for (n, k, mac, ip, c, sec) in [
         ("p1", 1, P1, "10.0.0.1", "a", true),
         ("p2", 2, P2, "10.0.0.2", "a", false),
         ("p3", 3, P3, "10.0.0.3", "b", true),
     ] {
-        d.ports.insert(
-            n.into(),
-            LogicalPort {
-                name: n.into(),
-                switch: "ls".into(),
-                mac: Mac(mac),
-                ips: vec![ip.parse().unwrap()],
-                port_key: k,
-                chassis: Some(c.into()),
-                iface: Some(format!("vp-{n}")),
-                security_groups: vec![],
-                port_security: sec,
-                allowed_address_pairs: if n == "p1" {
-                    vec![AddressPair {
-                        ip: "10.9.0.0/24".parse().unwrap(),
-                        mac: None,
-                    }]
-                } else {
-                    vec![]
-                },
-                version: 0,
-            },
-        );
+        let mut p = test_nb::port(n, "ls", k, mac, &[ip], c);
+        p.port_security = sec;
+        if n == "p1" {
+            p.allowed_address_pairs = vec![AddressPair {
+                ip: "10.9.0.0/24".parse().unwrap(),
+                mac: None,
+            }];
+        }
+        d.ports.insert(n.into(), p);
     }
     assert!(d.check().is_ok(), "{:?}", d.check());
     Tables::new(

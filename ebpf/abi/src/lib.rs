@@ -66,6 +66,7 @@ pub struct FlowKey {
     pub mask_id: u8,
     /// Connection state (`ct::*` bits) from the CT table, 0 where conntrack is off.
     pub ct_state: u8,
+    /// TCP flags, for conntrack; in no mask, so never part of a megaflow.
     pub pad: u8,
 }
 
@@ -131,6 +132,7 @@ impl FlowKey {
         out.l4_src = self.l4_src & mask.l4_src;
         out.l4_dst = self.l4_dst & mask.l4_dst;
         out.ip_proto = self.ip_proto & mask.ip_proto;
+        out.ct_state = self.ct_state & mask.ct_state;
         out
     }
 }
@@ -219,6 +221,10 @@ pub mod ct {
     pub const EST: u8 = 2;
     pub const REPLY: u8 = 4;
     pub const MAX_ENTRIES: u32 = 65536;
+    /// `CtEntry::flags`: the TCP connection is closing (FIN or RST seen).
+    pub const CLOSING: u32 = 1;
+    /// How long a closing TCP connection stays (like Cilium's close timeout).
+    pub const CLOSING_TIMEOUT_S: u64 = 10;
 }
 
 #[repr(C)]
@@ -237,11 +243,14 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns` of the last packet either way, and of the commit.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the commit, and of the last
+    /// packet either way to within a second.
     pub last_seen_ns: u64,
     pub created_ns: u64,
-    /// Packets seen in XDP after the commit (approximate: racy per-CPU increments).
-    pub packets: u64,
+    pub reserved: u64,
+    /// `ct::CLOSING` once a FIN or RST went through.
+    pub flags: u32,
+    pub pad: u32,
 }
 
 /// Prepended by XDP to every frame it hands to the slow path (AF_XDP): what XDP learnt that

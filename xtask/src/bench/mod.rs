@@ -7,6 +7,7 @@ mod ovs;
 mod report;
 mod routed;
 mod scenarios;
+mod sg;
 
 pub use report::{check_complete, results_dir, REQUIRED};
 
@@ -189,6 +190,26 @@ impl Ctx {
     }
 }
 
+/// A one-chassis testbed (ch1) whose remote end is the injector, registered in the NB as
+/// chassis "peer" (198.18.0.250): what ch1 encapsulates for the peer's ports reaches the sink
+/// on ch1's bridge port.
+fn with_peer_chassis(tag: &str) -> Result<Testbed> {
+    let mut tb = Testbed::new(tag)?;
+    tb.add_chassis("ch1")?;
+    tb.add_injector()?;
+    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
+    Ok(tb)
+}
+
+/// Port `name` (key 9, MAC 0a:00:00:00:00:09, address `ip`) of `switch`, bound to the peer.
+fn add_peer_port(tb: &Testbed, switch: &str, name: &str, ip: &str) -> Result<()> {
+    tb.nbctl(&["lsp-add", switch, name, PEER_PORT_MAC, ip, "--key", "9"])?;
+    tb.nbctl(&["lsp-bind", name, "peer", &format!("{name}-if")])?;
+    Ok(())
+}
+
+const PEER_PORT_MAC: &str = "0a:00:00:00:00:09";
+
 /// The sink takes over the chassis' bridge port and drops everything, ARP replies included:
 /// the chassis' neighbour entry for the peer (198.18.0.250, the injector) is pinned, or it
 /// would fail after its reachable time (30 s or so) in the middle of the encap scenarios.
@@ -213,6 +234,25 @@ fn pin_peer_neighbour(tb: &Testbed, chassis_ns: &str) -> Result<()> {
 
 fn read_all(progs: &[u32]) -> Result<Vec<ProgStats>> {
     progs.iter().map(|&id| ProgStats::read(id)).collect()
+}
+
+/// Generator arguments: IPv4/UDP frames out of the namespace's eth0, `flows` source ports.
+fn udp_gen(src_mac: &str, dst_mac: &str, src_ip: &str, dst_ip: &str, flows: u32) -> Vec<String> {
+    let flows = flows.to_string();
+    args(&[
+        "--iface",
+        "eth0",
+        "--src-mac",
+        src_mac,
+        "--dst-mac",
+        dst_mac,
+        "--src-ip",
+        src_ip,
+        "--dst-ip",
+        dst_ip,
+        "--flows",
+        &flows,
+    ])
 }
 
 fn args(v: &[&str]) -> Vec<String> {
@@ -250,6 +290,12 @@ pub fn bench(o: &Opts) -> Result<()> {
         sc.push(routed::routed(&ctx).unwrap_or_else(|e| {
             eprintln!("    routed: {e:#}");
             Scenario::failed(routed::NAME, e)
+        }));
+    }
+    if want("sg") {
+        sc.push(sg::sg(&ctx).unwrap_or_else(|e| {
+            eprintln!("    security group: {e:#}");
+            Scenario::failed(sg::NAME, e)
         }));
     }
     if want("e2e") {

@@ -1,13 +1,14 @@
 //! The peer: the same end-to-end traffic through two Open vSwitch userspace chassis.
 
-use super::{args, Ctx, Opts};
+use super::{udp_gen, Ctx, Opts};
 use crate::testbed::{run, Testbed};
 use anyhow::{bail, Result};
 use serde_json::Value;
 use std::process::Stdio;
 use std::time::Duration;
 
-fn iperf(tb: &Testbed, from: &str, to: &str, secs: u32) -> Result<f64> {
+/// iperf3 from VM `from` to VM `to` for `secs` s: the receiver's Gbit/s.
+pub(super) fn iperf(tb: &Testbed, from: &str, to: &str, secs: u32) -> Result<f64> {
     let (a, b) = (tb.vm(from)?, tb.vm(to)?);
     let mut srv = tb
         .ns_cmd(&b.ns, "iperf3")
@@ -67,20 +68,7 @@ pub(super) fn ovs_peer(ctx: &Ctx, o: &Opts, afxdp: bool) -> Result<(Vec<f64>, Ve
         bail!("vm1 cannot reach vm3 through OVS");
     }
     let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
-    let gen = args(&[
-        "--iface",
-        "eth0",
-        "--src-mac",
-        &vm1.mac,
-        "--dst-mac",
-        &vm3.mac,
-        "--src-ip",
-        &vm1.ip,
-        "--dst-ip",
-        &vm3.ip,
-        "--flows",
-        "1000",
-    ]);
+    let gen = udp_gen(&vm1.mac, &vm3.mac, &vm1.ip, &vm3.ip, 1000);
     // TCP first: the UDP flood below (and the GRO it needs) must not disturb it.
     let secs = if o.quick { 2 } else { 10 };
     let tcp = (0..ctx.reps)

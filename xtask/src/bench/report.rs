@@ -158,6 +158,7 @@ pub const REQUIRED: &[&str] = &[
     "decap 1 flow",
     "decap 1000 flows",
     "routed 1000 flows",
+    "encap 1000 flows, security group",
     "end to end UDP 64B",
     "end to end TCP (iperf3)",
     "slow path (AF_XDP)",

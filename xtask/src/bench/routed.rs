@@ -2,7 +2,7 @@
 //! distributed router, hosted by another chassis. The first chassis routes (MAC rewrite,
 //! TTL - 1) and encapsulates in XDP; compared with the L2 encap scenario of the same run.
 
-use super::{args, Ctx, Scenario};
+use super::{udp_gen, Ctx, Scenario};
 use crate::bpfstats::prog_on;
 use crate::testbed::Testbed;
 use anyhow::{ensure, Result};
@@ -13,10 +13,7 @@ pub(super) const NAME: &str = "routed 1000 flows";
 
 pub(super) fn routed(ctx: &Ctx) -> Result<Scenario> {
     eprintln!("==> routed: VM ls1 -> distributed router -> VM ls2 on another chassis");
-    let mut tb = Testbed::new("br")?;
-    tb.add_chassis("ch1")?;
-    tb.add_injector()?;
-    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
+    let mut tb = super::with_peer_chassis("br")?;
     for i in 1..=2u32 {
         let sw = format!("ls{i}");
         tb.nbctl(&["ls-add", &sw, "--key", &(1000 + i).to_string()])?;
@@ -44,34 +41,12 @@ pub(super) fn routed(ctx: &Ctx) -> Result<Scenario> {
         ])?;
     }
     tb.add_routed_vm("vm1", "ch1", "ls1", 1, "10.1.0.11/24", "10.1.0.1", 1442)?;
-    tb.nbctl(&[
-        "lsp-add",
-        "ls2",
-        "vmy",
-        "0a:00:00:00:00:09",
-        "10.2.0.9",
-        "--key",
-        "9",
-    ])?;
-    tb.nbctl(&["lsp-bind", "vmy", "peer", "vmy-if"])?;
+    super::add_peer_port(&tb, "ls2", "vmy", "10.2.0.9")?;
     tb.start_agents()?;
     let ch = &tb.chassis[0];
     super::pin_peer_neighbour(&tb, &ch.ns)?;
     let vm1 = tb.vm("vm1")?;
-    let gen = args(&[
-        "--iface",
-        "eth0",
-        "--src-mac",
-        &vm1.mac,
-        "--dst-mac",
-        ROUTER_MAC,
-        "--src-ip",
-        "10.1.0.11",
-        "--dst-ip",
-        "10.2.0.9",
-        "--flows",
-        &FLOWS.to_string(),
-    ]);
+    let gen = udp_gen(&vm1.mac, ROUTER_MAC, "10.1.0.11", "10.2.0.9", FLOWS);
     let counters = |tb: &Testbed| -> Result<(u64, u64)> {
         Ok((
             tb.counter("ch1", "vp-vm1", "fastpath_hit")?,

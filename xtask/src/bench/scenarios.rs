@@ -1,7 +1,7 @@
 //! The single-hop and two-chassis scenarios: the baseline redirect, encap and decap on one
 //! chassis, end to end across two chassis (UDP and TCP), the slow path and flow setup.
 
-use super::{args, mac_of, Ctx, Opts, Scenario, GENERATOR};
+use super::{args, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR};
 use crate::bpfstats::prog_on;
 use crate::testbed::{run, Testbed};
 use anyhow::{bail, Context, Result};
@@ -20,20 +20,13 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
     let s = tb.add_raw_ns("s")?;
     tb.raw_veth(&g, "eth0", &r, "a0")?;
     tb.raw_veth(&r, "b0", &s, "eth0")?;
-    let gen = args(&[
-        "--iface",
-        "eth0",
-        "--src-mac",
+    let gen = udp_gen(
         "02:00:00:00:00:01",
-        "--dst-mac",
         "02:00:00:00:00:02",
-        "--src-ip",
         "10.9.0.1",
-        "--dst-ip",
         "10.9.0.2",
-        "--flows",
-        "1000",
-    ]);
+        1000,
+    );
     // The sink straight on the generator's peer: nothing but the generator in the path.
     let ceiling = ctx.repeat(|| ctx.measure(&r, "a0", &g, &gen))?;
     let mut red = Command::new("ip")
@@ -85,42 +78,17 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
 pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario>> {
     let mut sc = Vec::new();
     eprintln!("==> encap / decap: one chassis, VM port <-> uplink");
-    let mut tb = Testbed::new("be")?;
-    tb.add_chassis("ch1")?;
-    tb.add_injector()?;
-    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
+    let mut tb = super::with_peer_chassis("be")?;
     tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
     tb.add_vm("vm1", "ch1", "ls1", 1)?;
-    tb.nbctl(&[
-        "lsp-add",
-        "ls1",
-        "vmx",
-        "0a:00:00:00:00:09",
-        "10.0.0.9",
-        "--key",
-        "9",
-    ])?;
-    tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
+    super::add_peer_port(&tb, "ls1", "vmx", "10.0.0.9")?;
     tb.start_agents()?;
     let ch = &tb.chassis[0];
     super::pin_peer_neighbour(&tb, &ch.ns)?;
     let vm1 = tb.vm("vm1")?;
     let ul_mac = mac_of(&ch.ns, "ul")?;
     for &flows in flow_counts {
-        let gen = args(&[
-            "--iface",
-            "eth0",
-            "--src-mac",
-            &vm1.mac,
-            "--dst-mac",
-            "0a:00:00:00:00:09",
-            "--src-ip",
-            &vm1.ip,
-            "--dst-ip",
-            "10.0.0.9",
-            "--flows",
-            &flows.to_string(),
-        ]);
+        let gen = udp_gen(&vm1.mac, "0a:00:00:00:00:09", &vm1.ip, "10.0.0.9", flows);
         let (s, xdp_ns) = ctx.repeat_xdp(
             (&tb.underlay_ns, &ch.bridge_port),
             &vm1.ns,
@@ -201,20 +169,7 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     tb.start_agents()?;
     tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
     let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
-    let gen = args(&[
-        "--iface",
-        "eth0",
-        "--src-mac",
-        &vm1.mac,
-        "--dst-mac",
-        &vm3.mac,
-        "--src-ip",
-        &vm1.ip,
-        "--dst-ip",
-        &vm3.ip,
-        "--flows",
-        "1000",
-    ]);
+    let gen = udp_gen(&vm1.mac, &vm3.mac, &vm1.ip, &vm3.ip, 1000);
     let progs = [
         prog_on(&tb.chassis[0].ns, "vp-vm1")?,
         prog_on(&tb.chassis[1].ns, "ul")?,
@@ -232,31 +187,9 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     });
     // TCP with iperf3.
     let secs = if o.quick { 2 } else { 10 };
-    let mut tcp = Vec::new();
-    for _ in 0..ctx.reps {
-        let mut srv = tb
-            .ns_cmd(&vm3.ns, "iperf3")
-            .args(["-s", "-1", "-p", "5201"])
-            .stdout(Stdio::null())
-            .spawn()?;
-        std::thread::sleep(Duration::from_millis(300));
-        let out = run(tb.ns_cmd(&vm1.ns, "iperf3").args([
-            "-c",
-            &vm3.ip,
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ]));
-        let _ = srv.kill();
-        let _ = srv.wait();
-        let v: Value = serde_json::from_str(&out?)?;
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
-        tcp.push(bps / 1e9);
-    }
+    let tcp = (0..ctx.reps)
+        .map(|_| super::ovs::iperf(&tb, "vm1", "vm3", secs))
+        .collect::<Result<Vec<_>>>()?;
     sc.push(Scenario {
         name: "end to end TCP (iperf3)".into(),
         what: format!("iperf3 {secs}s, vm1 -> vm3"),
