@@ -172,6 +172,11 @@ pub fn gather(
         snap["megaflows"].as_f64().unwrap_or(0.0),
     ));
     out.push(g(
+        "geneflow_conntrack_entries",
+        "Conntrack entries (counted every 10 s; the table holds conntrack_capacity, then the least recently used entry makes room).",
+        snap["conntrack_entries"].as_f64().unwrap_or(0.0),
+    ));
+    out.push(g(
         "geneflow_megaflow_masks",
         "Masks in use by the XDP tuple-space search.",
         snap["masks"].as_f64().unwrap_or(0.0),

@@ -25,6 +25,8 @@ pub struct Shared {
     pub ports: Mutex<Vec<PortInfo>>,
     pub megaflows: AtomicU64,
     pub masks: AtomicU64,
+    /// Conntrack entries, as of the last expiry round (every 10 s).
+    pub conntrack: AtomicU64,
     pub nb_version: AtomicU64,
     /// Pipelines applied to the fast path (generation bumps done): an NB change is "in the
     /// fast path" once this moves.
@@ -77,6 +79,7 @@ impl Shared {
             ports: Mutex::new(Vec::new()),
             megaflows: AtomicU64::new(0),
             masks: AtomicU64::new(0),
+            conntrack: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
             pipelines_applied: AtomicU64::new(0),
             last_flow_setup_ns: AtomicU64::new(0),
@@ -120,6 +123,8 @@ impl Shared {
             "nb_version": self.nb_version.load(Ordering::Relaxed),
             "megaflows": self.megaflows.load(Ordering::Relaxed),
             "masks": self.masks.load(Ordering::Relaxed),
+            "conntrack_entries": self.conntrack.load(Ordering::Relaxed),
+            "conntrack_capacity": geneflow_abi::ct::MAX_ENTRIES,
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),

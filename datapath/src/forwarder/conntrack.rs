@@ -58,17 +58,24 @@ impl Forwarder {
         n
     }
 
-    /// Deletes the entries idle for longer than their protocol's timeout.
+    /// Deletes the entries idle for longer than their protocol's timeout, and publishes how
+    /// many remain.
     pub(super) fn ct_expire(&mut self) -> usize {
         let now = forward::monotonic_ns();
-        self.bpf.ct_delete(|k, e| {
+        let total = std::cell::Cell::new(0u64);
+        let n = self.bpf.ct_delete(|k, e| {
+            total.set(total.get() + 1);
             let t = if e.flags & geneflow_abi::ct::CLOSING != 0 {
                 Duration::from_secs(geneflow_abi::ct::CLOSING_TIMEOUT_S)
             } else {
                 timeout(k.proto)
             };
             now.saturating_sub(e.last_seen_ns) > t.as_nanos() as u64
-        })
+        });
+        self.shared
+            .conntrack
+            .store(total.get().saturating_sub(n as u64), Ordering::Relaxed);
+        n
     }
 
     pub(super) fn ct_list(&self) -> serde_json::Value {
