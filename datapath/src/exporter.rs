@@ -176,6 +176,16 @@ pub fn gather(
         "Conntrack entries (counted every 10 s; the table holds conntrack_capacity, then the least recently used entry makes room).",
         snap["conntrack_entries"].as_f64().unwrap_or(0.0),
     ));
+    let mut full = family(
+        "geneflow_conntrack_full_total",
+        "Expiry rounds (every 10 s) that found the conntrack table full: its least recently used entries were being evicted.",
+        MetricType::COUNTER,
+    );
+    full.mut_metric().push(counter(
+        vec![],
+        snap["conntrack_full"].as_f64().unwrap_or(0.0),
+    ));
+    out.push(full);
     out.push(g(
         "geneflow_megaflow_masks",
         "Masks in use by the XDP tuple-space search.",

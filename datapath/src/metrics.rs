@@ -27,6 +27,8 @@ pub struct Shared {
     pub masks: AtomicU64,
     /// Conntrack entries, as of the last expiry round (every 10 s).
     pub conntrack: AtomicU64,
+    /// Expiry rounds that found the conntrack table full (its LRU evicting to make room).
+    pub conntrack_full: AtomicU64,
     pub nb_version: AtomicU64,
     /// Pipelines applied to the fast path (generation bumps done): an NB change is "in the
     /// fast path" once this moves.
@@ -80,6 +82,7 @@ impl Shared {
             megaflows: AtomicU64::new(0),
             masks: AtomicU64::new(0),
             conntrack: AtomicU64::new(0),
+            conntrack_full: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
             pipelines_applied: AtomicU64::new(0),
             last_flow_setup_ns: AtomicU64::new(0),
@@ -125,6 +128,7 @@ impl Shared {
             "masks": self.masks.load(Ordering::Relaxed),
             "conntrack_entries": self.conntrack.load(Ordering::Relaxed),
             "conntrack_capacity": geneflow_abi::ct::MAX_ENTRIES,
+            "conntrack_full": self.conntrack_full.load(Ordering::Relaxed),
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),

@@ -203,3 +203,55 @@ fn remote_group_rules_follow_membership() -> Result<()> {
     assert!(!reach(false)?, "vm2 still reaches vm3 after leaving app");
     Ok(())
 }
+
+#[test]
+fn a_full_conntrack_table_evicts_the_oldest_and_says_so() -> Result<()> {
+    let tb = two_chassis("si")?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    tb.nbctl(&["sg-add", "web"])?;
+    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
+    tb.nbctl(&[
+        "lsp-set-port-security",
+        "vm1",
+        "--allowed-pair",
+        "10.0.0.0/16",
+    ])?;
+    tb.nbctl(&["lsp-set-sg", "vm1", "web"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    // 65,535 source ports, then 60,000 source addresses (vm1's pair): more connections than
+    // the table's 65,536 entries, each committed by XDP.
+    for (vary, flows) in [("sport", "65535"), ("ip", "60000")] {
+        run(Command::new("ip")
+            .args(["netns", "exec", &vm1.ns])
+            .arg(tb.bin("geneflow-pktgen"))
+            .args(["send", "--quiet", "--iface", "eth0", "--src-mac", &vm1.mac])
+            .args([
+                "--dst-mac",
+                &vm3.mac,
+                "--src-ip",
+                &vm1.ip,
+                "--dst-ip",
+                &vm3.ip,
+            ])
+            .args(["--flows", flows, "--vary", vary, "--count", flows]))?;
+    }
+    let stats = |tb: &Testbed| -> Result<serde_json::Value> { tb.stats("ch1") };
+    let t = Instant::now();
+    while stats(&tb)?["conntrack_full"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the full table was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let s = stats(&tb)?;
+    let (n, cap) = (
+        s["conntrack_entries"].as_u64().unwrap_or(0),
+        s["conntrack_capacity"].as_u64().unwrap_or(0),
+    );
+    assert!(n <= cap && n > cap / 2, "{n} entries, capacity {cap}");
+    assert!(tb.agent_log("ch1").contains("conntrack table full"));
+    // New connections are still committed and answered.
+    assert!(pings(&tb, "vm1", &vm3.ip)?);
+    Ok(())
+}

@@ -72,9 +72,17 @@ impl Forwarder {
             };
             now.saturating_sub(e.last_seen_ns) > t.as_nanos() as u64
         });
-        self.shared
-            .conntrack
-            .store(total.get().saturating_sub(n as u64), Ordering::Relaxed);
+        let left = total.get().saturating_sub(n as u64);
+        self.shared.conntrack.store(left, Ordering::Relaxed);
+        // An LRU hash evicts a little before it is completely full (per-CPU free lists).
+        if total.get() >= geneflow_abi::ct::MAX_ENTRIES as u64 * 95 / 100 {
+            self.shared.conntrack_full.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                entries = total.get(),
+                capacity = geneflow_abi::ct::MAX_ENTRIES,
+                "conntrack table full: the least recently used connections are evicted"
+            );
+        }
         n
     }
 
