@@ -31,13 +31,15 @@ pub(super) fn sg(ctx: &Ctx) -> Result<Scenario> {
         &[prog_on(&ch.ns, "vp-vm1")?],
     )?;
     let misses = tb.counter("ch1", "vp-vm1", "slowpath_rx")? - m0;
+    let (entries, memlock) = ct_table_size()?;
     // The first flow's new and established packets, and what arrives meanwhile.
     ensure!(misses < 5_000, "{misses} frames went to the slow path");
     eprintln!("    ({misses} frames via the slow path)");
     Ok(Scenario {
         name: NAME.into(),
         what: format!(
-            "as encap 1000 flows, the VM's port in a group: conntrack in XDP, 1000 connections committed by XDP; {misses} frames via the slow path"
+            "as encap 1000 flows, the VM's port in a group: conntrack in XDP, 1000 connections committed by XDP; {misses} frames via the slow path; CT table {entries} entries, {:.1} MB locked",
+            memlock as f64 / 1e6
         ),
         unit: "Mpps",
         samples,
@@ -46,4 +48,20 @@ pub(super) fn sg(ctx: &Ctx) -> Result<Scenario> {
         error: None,
         xdp_ns,
     })
+}
+
+/// The CT map's capacity and the memory the kernel charges for it (bpftool), in the one
+/// agent this testbed runs.
+fn ct_table_size() -> Result<(u64, u64)> {
+    let out =
+        crate::testbed::run(std::process::Command::new("bpftool").args(["-j", "map", "show"]))?;
+    let maps: serde_json::Value = serde_json::from_str(&out)?;
+    let ct = maps
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["name"] == "CT"))
+        .ok_or_else(|| anyhow::anyhow!("no CT map loaded"))?;
+    Ok((
+        ct["max_entries"].as_u64().unwrap_or(0),
+        ct["bytes_memlock"].as_u64().unwrap_or(0),
+    ))
 }
