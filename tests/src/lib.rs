@@ -106,34 +106,34 @@ pub fn inject(tb: &Testbed, kind: &str, count: u32, dport: u16) -> Result<()> {
 
 /// As `inject`, with the OVN option's egress port key chosen by the caller.
 pub fn inject_to(tb: &Testbed, kind: &str, count: u32, dport: u16, egress: u16) -> Result<()> {
+    inject_from(tb, "198.18.0.250", kind, LS1_KEY, egress, count, dport)
+}
+
+/// Injects `count` scapy-built Geneve frames of `kind` (tests/scripts/inject.py) to ch1 from
+/// underlay address `src` (spoofed if it is not the injector's), in VNI `vni` to egress key
+/// `egress`, inner UDP from vmx to vm1 port `dport`.
+pub fn inject_from(
+    tb: &Testbed,
+    src: &str,
+    kind: &str,
+    vni: u32,
+    egress: u16,
+    count: u32,
+    dport: u16,
+) -> Result<()> {
     let inj = tb.injector.clone().context("no injector")?;
     let ch1 = &tb.chassis[tb.chassis_index("ch1")?];
-    let dst_mac = mac_of(&ch1.ns, "ul")?;
     let vm1 = tb.vm("vm1")?;
-    let script = repo_root().join("tests/scripts/inject.py");
     let out = Command::new("ip")
         .args(["netns", "exec", &inj, "/usr/bin/python3"])
-        .arg(&script)
-        .args([
-            "--iface",
-            "eth0",
-            "--dst-mac",
-            &dst_mac,
-            "--src-ip",
-            "198.18.0.250",
-        ])
-        .args([
-            "--dst-ip",
-            &ch1.ip,
-            "--inner-src-mac",
-            PEER_MAC,
-            "--inner-dst-mac",
-            &vm1.mac,
-        ])
+        .arg(repo_root().join("tests/scripts/inject.py"))
+        .args(["--iface", "eth0", "--dst-mac", &mac_of(&ch1.ns, "ul")?])
+        .args(["--src-ip", src, "--dst-ip", &ch1.ip])
+        .args(["--inner-src-mac", PEER_MAC, "--inner-dst-mac", &vm1.mac])
         .args(["--inner-src-ip", PEER_VM_IP, "--inner-dst-ip", &vm1.ip])
         .args([
             "--vni",
-            &LS1_KEY.to_string(),
+            &vni.to_string(),
             "--ingress",
             &PEER_PORT_KEY.to_string(),
         ])

@@ -255,7 +255,27 @@ pub(crate) struct Run<'a> {
     trace: Option<&'a mut Vec<String>>,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(
+        t: &'a Tables,
+        frame: &'a [u8],
+        in_ifindex: u32,
+        ct_state: u8,
+        trace: Option<&'a mut Vec<String>>,
+    ) -> Run<'a> {
+        Run {
+            t,
+            frame,
+            in_ifindex,
+            key: FlowKey::zeroed(),
+            mask: FlowKey::zeroed(),
+            dp_key: None,
+            ct_state,
+            ct_commit: [0; 2],
+            trace,
+        }
+    }
+
     pub fn tracing(&self) -> bool {
         self.trace.is_some()
     }
@@ -381,17 +401,7 @@ impl Tables {
         buf: &mut Vec<u8>,
     ) -> Result<Decision, Dropped> {
         out.clear();
-        let mut r = Run {
-            t: self,
-            frame,
-            in_ifindex,
-            key: FlowKey::zeroed(),
-            mask: FlowKey::zeroed(),
-            dp_key: None,
-            ct_state,
-            ct_commit: [0; 2],
-            trace: None,
-        };
+        let mut r = Run::new(self, frame, in_ifindex, ct_state, None);
         self.stages(&mut r, out, buf).map_err(|reason| {
             out.clear();
             let megaflow = match r.dp_key {
@@ -416,17 +426,7 @@ impl Tables {
         trace: Option<&mut Vec<String>>,
     ) -> Result<Decision, DropReason> {
         out.clear();
-        let mut r = Run {
-            t: self,
-            frame,
-            in_ifindex,
-            key: FlowKey::zeroed(),
-            mask: FlowKey::zeroed(),
-            dp_key: None,
-            ct_state: 0,
-            ct_commit: [0; 2],
-            trace,
-        };
+        let mut r = Run::new(self, frame, in_ifindex, 0, trace);
         self.stages(&mut r, out, buf)
     }
 
