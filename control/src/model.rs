@@ -298,6 +298,17 @@ pub struct Route {
 }
 
 impl Route {
+    /// A static route of `router`, named by `Route::id` (version 0: the store sets it).
+    pub fn new(router: &str, prefix: Ipv4Net, nexthop: Ipv4Addr) -> Route {
+        Route {
+            name: Route::id(router, &prefix),
+            router: router.to_string(),
+            prefix,
+            nexthop,
+            version: 0,
+        }
+    }
+
     pub fn id(router: &str, prefix: &Ipv4Net) -> String {
         format!("{router}:{prefix}").replace('/', "_")
     }

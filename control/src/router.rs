@@ -165,18 +165,8 @@ mod tests {
             );
         }
         for (p, nh) in [("10.9.0.0/16", "10.1.0.7"), ("10.2.5.0/24", "10.1.0.8")] {
-            let prefix: Ipv4Net = p.parse().unwrap();
-            let id = Route::id("r", &prefix);
-            d.routes.insert(
-                id.clone(),
-                Route {
-                    name: id,
-                    router: "r".into(),
-                    prefix,
-                    nexthop: nh.parse().unwrap(),
-                    version: 0,
-                },
-            );
+            let r = Route::new("r", p.parse().unwrap(), nh.parse().unwrap());
+            d.routes.insert(r.name.clone(), r);
         }
         d
     }
@@ -217,18 +207,12 @@ mod tests {
     #[test]
     fn unreachable_next_hop_is_reported_not_used() {
         let mut d = doc();
-        let prefix: Ipv4Net = "0.0.0.0/0".parse().unwrap();
-        let id = Route::id("r", &prefix);
-        d.routes.insert(
-            id.clone(),
-            Route {
-                name: id,
-                router: "r".into(),
-                prefix,
-                nexthop: "192.0.2.1".parse().unwrap(),
-                version: 0,
-            },
+        let r = Route::new(
+            "r",
+            "0.0.0.0/0".parse().unwrap(),
+            "192.0.2.1".parse().unwrap(),
         );
+        d.routes.insert(r.name.clone(), r);
         let mut problems = Vec::new();
         let r = compile_router(&d, "r", &key, &mut problems).unwrap();
         assert_eq!(problems.len(), 1, "{problems:?}");

@@ -634,6 +634,11 @@ impl Bpf {
         Ok(changed)
     }
 
+    /// Where the CT map is pinned (its expiry runs on a handle of its own).
+    pub fn ct_pin(&self) -> PathBuf {
+        self.pins.map_path("CT")
+    }
+
     /// Conntrack for frames from the uplink on or off.
     pub fn set_ct_uplink(&mut self, on: bool) -> Result<(), LoaderError> {
         if self.ct_uplink != on {

@@ -745,21 +745,11 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
             prefix,
             nexthop,
         } => {
-            let prefix = net(&prefix)?;
-            let id = Route::id(&router, &prefix);
-            if d.routes.contains_key(&id) {
-                return Err(dup("route", &format!("{router} {prefix}")));
+            let r = Route::new(&router, net(&prefix)?, nexthop);
+            if d.routes.contains_key(&r.name) {
+                return Err(dup("route", &format!("{router} {}", r.prefix)));
             }
-            d.routes.insert(
-                id.clone(),
-                Route {
-                    name: id,
-                    router,
-                    prefix,
-                    nexthop,
-                    version: 0,
-                },
-            );
+            d.routes.insert(r.name.clone(), r);
             Ok(())
         }
         NbCmd::LrRouteDel { router, prefix } => {

@@ -4,9 +4,11 @@
 //! checked again as new), and `geneflowctl ct` lists and flushes.
 
 use super::*;
-use geneflow_abi::{CtEntry, CtKey};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use geneflow_abi::{ct, CtEntry, CtKey};
 use geneflow_control::acl::PortAcl;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// Idle timeout of an entry, by IP protocol.
 fn timeout(proto: u8) -> Duration {
@@ -58,34 +60,6 @@ impl Forwarder {
         n
     }
 
-    /// Deletes the entries idle for longer than their protocol's timeout, and publishes how
-    /// many remain.
-    pub(super) fn ct_expire(&mut self) -> usize {
-        let now = forward::monotonic_ns();
-        let total = std::cell::Cell::new(0u64);
-        let n = self.bpf.ct_delete(|k, e| {
-            total.set(total.get() + 1);
-            let t = if e.flags & geneflow_abi::ct::CLOSING != 0 {
-                Duration::from_secs(geneflow_abi::ct::CLOSING_TIMEOUT_S)
-            } else {
-                timeout(k.proto)
-            };
-            now.saturating_sub(e.last_seen_ns) > t.as_nanos() as u64
-        });
-        let left = total.get().saturating_sub(n as u64);
-        self.shared.conntrack.store(left, Ordering::Relaxed);
-        // An LRU hash evicts a little before it is completely full (per-CPU free lists).
-        if total.get() >= geneflow_abi::ct::MAX_ENTRIES as u64 * 95 / 100 {
-            self.shared.conntrack_full.fetch_add(1, Ordering::Relaxed);
-            warn!(
-                entries = total.get(),
-                capacity = geneflow_abi::ct::MAX_ENTRIES,
-                "conntrack table full: the least recently used connections are evicted"
-            );
-        }
-        n
-    }
-
     pub(super) fn ct_list(&self) -> serde_json::Value {
         let now = forward::monotonic_ns();
         let ip = |v: u32| std::net::Ipv4Addr::from(v.to_ne_bytes()).to_string();
@@ -106,5 +80,76 @@ impl Forwarder {
             })
             .collect();
         serde_json::json!({ "entries": entries })
+    }
+}
+
+/// Expires idle entries every 10 s in a thread of its own, on the pinned CT map: walking a
+/// full table is two syscalls per entry (a tenth of a second or more for 65,536), which the
+/// forwarder thread, the slow path, must not spend. Publishes the entry count and reports a
+/// table found full. Ends when `stop` is set.
+pub(super) fn spawn_expiry(
+    pin: PathBuf,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("gf-ct-expiry".into())
+        .spawn(move || {
+            let mut map: BpfHashMap<MapData, CtKey, CtEntry> = match MapData::from_pin(&pin)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    BpfHashMap::try_from(aya::maps::Map::LruHashMap(m)).map_err(|e| e.to_string())
+                }) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(pin = %pin.display(), "conntrack expiry not running: {e}");
+                    return;
+                }
+            };
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..100 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                expire(&mut map, &shared);
+            }
+        })
+}
+
+/// Deletes the entries idle for longer than their protocol's timeout (10 s once closing).
+fn expire(map: &mut BpfHashMap<MapData, CtKey, CtEntry>, shared: &Shared) {
+    let now = forward::monotonic_ns();
+    let mut total = 0u64;
+    let doomed: Vec<CtKey> = map
+        .iter()
+        .flatten()
+        .inspect(|_| total += 1)
+        .filter(|(k, e)| {
+            let t = if e.flags & ct::CLOSING != 0 {
+                Duration::from_secs(ct::CLOSING_TIMEOUT_S)
+            } else {
+                timeout(k.proto)
+            };
+            now.saturating_sub(e.last_seen_ns) > t.as_nanos() as u64
+        })
+        .map(|(k, _)| k)
+        .collect();
+    let gone = doomed.iter().filter(|k| map.remove(k).is_ok()).count() as u64;
+    shared
+        .conntrack
+        .store(total.saturating_sub(gone), Ordering::Relaxed);
+    if gone > 0 {
+        tracing::debug!(expired = gone, "conntrack entries expired");
+    }
+    // An LRU hash evicts a little before it is completely full (per-CPU free lists).
+    if total >= ct::MAX_ENTRIES as u64 * 95 / 100 {
+        shared.conntrack_full.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            entries = total,
+            capacity = ct::MAX_ENTRIES,
+            "conntrack table full: the least recently used connections are evicted"
+        );
     }
 }

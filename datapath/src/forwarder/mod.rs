@@ -84,8 +84,8 @@ pub struct Forwarder {
     encap_buf: Vec<u8>,
     /// Frames the pipeline writes (routed copies, ARP and ICMP answers).
     txbuf: Vec<u8>,
-    /// Housekeeping rounds (one a second).
-    ticks: u64,
+    /// Tells the conntrack expiry thread to end.
+    ct_expiry_stop: Arc<AtomicBool>,
     /// Frames waiting for their remote chassis' next hop.
     pending: pending::Pending,
     /// Per-source budget of generated answers.
@@ -195,7 +195,7 @@ impl Forwarder {
             // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays whole);
             // 5000/s in all.
             pending: pending::Pending::new(STRIDE),
-            ticks: 0,
+            ct_expiry_stop: Arc::new(AtomicBool::new(false)),
             answers: RateLimiter::new(100.0, 50.0, 5000.0),
             // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
             drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),
@@ -212,6 +212,11 @@ impl Forwarder {
             Some(link),
             xsk,
         );
+        if let Err(e) =
+            conntrack::spawn_expiry(f.bpf.ct_pin(), f.shared.clone(), f.ct_expiry_stop.clone())
+        {
+            warn!("conntrack expiry thread: {e}");
+        }
         Ok(f)
     }
 
@@ -381,6 +386,7 @@ impl Forwarder {
     /// removed; otherwise the fast path keeps forwarding on the pinned program and maps until
     /// the next `geneflowd` adopts them.
     pub fn shutdown(mut self, cleanup: bool) {
+        self.ct_expiry_stop.store(true, Ordering::Relaxed);
         if cleanup {
             for p in std::mem::take(&mut self.ports) {
                 if let Some(link) = p.link {
@@ -392,13 +398,6 @@ impl Forwarder {
     }
 
     fn tick(&mut self) {
-        self.ticks += 1;
-        if self.ticks.is_multiple_of(10) {
-            let n = self.ct_expire();
-            if n > 0 {
-                tracing::debug!(expired = n, "conntrack entries expired");
-            }
-        }
         if self.reconcile() && self.ready {
             let changed = self.regenerate();
             if !changed.is_empty() {

@@ -75,18 +75,12 @@ fn doc() -> NbDocument {
             },
         );
     }
-    let prefix: Ipv4Net = "10.9.0.0/16".parse().unwrap();
-    let id = Route::id("r", &prefix);
-    d.routes.insert(
-        id.clone(),
-        Route {
-            name: id,
-            router: "r".into(),
-            prefix,
-            nexthop: "10.2.0.7".parse().unwrap(),
-            version: 0,
-        },
+    let r = Route::new(
+        "r",
+        "10.9.0.0/16".parse().unwrap(),
+        "10.2.0.7".parse().unwrap(),
     );
+    d.routes.insert(r.name.clone(), r);
     d
 }
 

@@ -260,8 +260,7 @@ pub struct CtEntry {
 pub struct SlowMeta {
     pub magic: u16,
     pub ct_state: u8,
-    pub pad: u8,
-    pub ct_zone: u32,
+    pub pad: [u8; 5],
 }
 
 impl SlowMeta {

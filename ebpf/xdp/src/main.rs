@@ -329,8 +329,7 @@ mod prog {
         let meta = SlowMeta {
             magic: SlowMeta::MAGIC,
             ct_state,
-            pad: 0,
-            ct_zone: 0,
+            pad: [0; 5],
         };
         // SAFETY: [m, m+8) is inside the packet.
         unsafe { core::ptr::write_unaligned(m as *mut SlowMeta, meta) };

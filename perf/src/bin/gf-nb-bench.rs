@@ -250,21 +250,12 @@ impl NbWrite {
                     addr: std::net::Ipv4Addr::new(10, 99, (i % 2) as u8, 0),
                     len: 24,
                 };
-                let name = Route::id(router, &prefix);
-                if !add {
-                    d.routes.remove(&name);
-                    return;
+                let r = Route::new(router, prefix, *nexthop);
+                if add {
+                    d.routes.insert(r.name.clone(), r);
+                } else {
+                    d.routes.remove(&r.name);
                 }
-                d.routes.insert(
-                    name.clone(),
-                    Route {
-                        name,
-                        router: router.clone(),
-                        prefix,
-                        nexthop: *nexthop,
-                        version: 0,
-                    },
-                );
             }
         }
     }
