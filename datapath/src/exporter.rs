@@ -187,6 +187,11 @@ pub fn gather(
     ));
     out.push(full);
     out.push(g(
+        "geneflow_underlay_peers",
+        "Underlay addresses (the other chassis' encap IPs) Geneve is accepted from; the rest is dropped as drop_unknown_source.",
+        snap["underlay_peers"].as_f64().unwrap_or(0.0),
+    ));
+    out.push(g(
         "geneflow_megaflow_masks",
         "Masks in use by the XDP tuple-space search.",
         snap["masks"].as_f64().unwrap_or(0.0),

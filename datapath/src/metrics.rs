@@ -30,6 +30,8 @@ pub struct Shared {
     /// Expiry rounds that found the conntrack table full (its LRU evicting to make room).
     pub conntrack_full: AtomicU64,
     pub nb_version: AtomicU64,
+    /// Underlay addresses Geneve is accepted from (the chassis of the NB but this one).
+    pub underlay_peers: AtomicU64,
     /// Pipelines applied to the fast path (generation bumps done): an NB change is "in the
     /// fast path" once this moves.
     pub pipelines_applied: AtomicU64,
@@ -84,6 +86,7 @@ impl Shared {
             conntrack: AtomicU64::new(0),
             conntrack_full: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
+            underlay_peers: AtomicU64::new(0),
             pipelines_applied: AtomicU64::new(0),
             last_flow_setup_ns: AtomicU64::new(0),
             nb: Arc::new(Mutex::new(NbStatus::default())),
@@ -129,6 +132,7 @@ impl Shared {
             "conntrack_entries": self.conntrack.load(Ordering::Relaxed),
             "conntrack_capacity": geneflow_abi::ct::MAX_ENTRIES,
             "conntrack_full": self.conntrack_full.load(Ordering::Relaxed),
+            "underlay_peers": self.underlay_peers.load(Ordering::Relaxed),
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),

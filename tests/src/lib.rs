@@ -168,6 +168,34 @@ pub fn within(
     }
 }
 
+/// Pipelines `chassis` has applied so far (stats `pipelines_applied`).
+pub fn pipelines_applied(tb: &Testbed, chassis: &str) -> Result<u64> {
+    tb.stats(chassis)?["pipelines_applied"]
+        .as_u64()
+        .context("no pipelines_applied in stats")
+}
+
+/// Waits until `chassis` has applied a pipeline after `before` (a `pipelines_applied` read
+/// before the NB write) and then none for 200 ms: the write and any it was batched with are in
+/// its fast path. Fails after 10 s. A fixed sleep here was too short on a loaded CI machine.
+pub fn wait_applied(tb: &Testbed, chassis: &str, before: u64) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = pipelines_applied(tb, chassis)?;
+    let mut since = std::time::Instant::now();
+    while n == before || since.elapsed() < std::time::Duration::from_millis(200) {
+        if std::time::Instant::now() > deadline {
+            bail!("{chassis} applied no pipeline within 10 s of an NB write");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let m = pipelines_applied(tb, chassis)?;
+        if m != n {
+            n = m;
+            since = std::time::Instant::now();
+        }
+    }
+    Ok(())
+}
+
 /// Whether one ping from `from` to `ip` gets an answer within 300 ms.
 pub fn reachable(tb: &Testbed, from: &str, ip: &str) -> bool {
     let Ok(vm) = tb.vm(from) else { return false };

@@ -203,9 +203,18 @@ fn forged_geneve_reaches_no_vm() -> Result<()> {
     inject_from(&tb, "198.18.0.250", "good", LS1_KEY, vm1.key, 10, 7201)?;
     assert_eq!(Testbed::udp_result(rx)?, 10);
     // A chassis removed from the NB is no longer accepted, whatever the CPUs remember of it.
+    let peers0 = tb.stats("ch1")?["underlay_peers"].as_u64().unwrap_or(0);
     tb.nbctl(&["lsp-del", "vmx"])?;
     tb.nbctl(&["chassis-del", "peer"])?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until ch1 has applied the removal (a fixed sleep was too short on a loaded CI).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tb.stats("ch1")?["underlay_peers"].as_u64().unwrap_or(0) >= peers0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ch1 still accepts {peers0} underlay peers 10 s after chassis-del"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let before = tb.counter("ch1", "ul", "drop_unknown_source")?;
     let rx = tb.udp_receiver("vm1", 7202, 1, 2.0)?;
     inject_from(&tb, "198.18.0.250", "good", LS1_KEY, vm1.key, 10, 7202)?;

@@ -136,8 +136,9 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     }
     // The rule goes: its connections end (the zone's entries are flushed) and new ones are
     // refused at once.
+    let before = pipelines_applied(&tb, "ch2")?;
     tb.nbctl(&["sg-rule-del", "web", "http"])?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_applied(&tb, "ch2", before)?;
     assert!(
         ct("ch2")?.iter().all(|e| e["dst"] != format!("{ip3}:8080")),
         "connections of the removed rule are still tracked"
@@ -216,8 +217,9 @@ fn a_full_conntrack_table_evicts_the_oldest_and_says_so() -> Result<()> {
         "--allowed-pair",
         "10.0.0.0/16",
     ])?;
+    let before = pipelines_applied(&tb, "ch1")?;
     tb.nbctl(&["lsp-set-sg", "vm1", "web"])?;
-    std::thread::sleep(Duration::from_millis(500));
+    wait_applied(&tb, "ch1", before)?;
     // 65,535 source ports, then 60,000 source addresses (vm1's pair): more connections than
     // the table's 65,536 entries, each committed by XDP.
     for (vary, flows) in [("sport", "65535"), ("ip", "60000")] {

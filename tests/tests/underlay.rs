@@ -132,12 +132,6 @@ fn last_apply_us(log: &str) -> Option<u64> {
         .ok()
 }
 
-fn pipelines_applied(tb: &Testbed, chassis: &str) -> Result<u64> {
-    tb.stats(chassis)?["pipelines_applied"]
-        .as_u64()
-        .context("no pipelines_applied")
-}
-
 /// Waits until `chassis` has applied no new pipeline for `quiet`.
 fn settle(tb: &Testbed, chassis: &str, quiet: Duration) -> Result<u64> {
     let mut n = pipelines_applied(tb, chassis)?;

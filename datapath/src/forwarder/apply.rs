@@ -111,8 +111,12 @@ impl Forwarder {
         }
         self.reconcile();
         self.sync_conntrack();
-        if let Err(e) = self.bpf.set_peers(&self.pipeline.peer_ips) {
-            warn!("cannot update the accepted underlay sources: {e}");
+        match self.bpf.set_peers(&self.pipeline.peer_ips) {
+            Ok(()) => self
+                .shared
+                .underlay_peers
+                .store(self.pipeline.peer_ips.len() as u64, Ordering::Relaxed),
+            Err(e) => warn!("cannot update the accepted underlay sources: {e}"),
         }
         let changed = self.regenerate();
         self.ct_flush_changed(&old_acls);
