@@ -12,8 +12,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
-    ct, ctr, Config, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf, PortCounters,
-    MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
+    ct, ctr, Config, CtCacheBlock, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf,
+    PortCounters, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet};
 use std::mem::size_of;
@@ -63,7 +63,7 @@ const MMAPABLE: u32 = 1 << 10;
 
 /// Every pinned map: name, key size, value size, capacity, whether it is memory-mappable. A
 /// pinned map that differs in any of these is not adopted.
-const MAPS: [(&str, usize, usize, u32, bool); 12] = [
+const MAPS: [(&str, usize, usize, u32, bool); 13] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
@@ -81,6 +81,13 @@ const MAPS: [(&str, usize, usize, u32, bool); 12] = [
     ("CONFIG", 4, size_of::<Config>(), 1, false),
     ("MASK_HITS", 4, 8, MAX_MASKS * MASK_LISTS, false),
     ("PEER_CACHE", 4, 8, 1, false),
+    (
+        "CT_CACHE",
+        4,
+        size_of::<CtCacheBlock>(),
+        ct::CACHE_BLOCKS,
+        false,
+    ),
     (
         "CT",
         size_of::<CtKey>(),
@@ -182,6 +189,8 @@ pub struct Bpf {
     last_mask_hits: [u64; (MAX_MASKS * MASK_LISTS) as usize],
     /// Generation of the PEERS contents (`Config::peers_gen`).
     peers_gen: u32,
+    /// Validity epoch of the XDP connection cache (`Config::ct_epoch`).
+    ct_epoch: u32,
     /// Conntrack of uplink frames (`Config::ct_uplink`).
     ct_uplink: bool,
     ct: HashMap<MapData, CtKey, CtEntry>,
@@ -286,6 +295,7 @@ impl Bpf {
             order: Default::default(),
             last_mask_hits: [0; (MAX_MASKS * MASK_LISTS) as usize],
             peers_gen: 0,
+            ct_epoch: 0,
             ct_uplink: false,
             ct,
             ports,
@@ -306,6 +316,9 @@ impl Bpf {
     fn restore(&mut self) -> Adopted {
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         self.peers_gen = cfg.peers_gen.wrapping_add(1);
+        // Continue the adopted epoch: slots cached by the previous process stay invalid.
+        self.ct_epoch = cfg.ct_epoch;
+        self.next_ct_epoch();
         self.ct_uplink = cfg.ct_uplink != 0;
         for (l, n) in cfg.n_masks.iter().enumerate() {
             let base = l as u32 * MAX_MASKS;
@@ -594,6 +607,7 @@ impl Bpf {
                     order: self.order,
                     peers_gen: self.peers_gen,
                     ct_uplink: self.ct_uplink as u32,
+                    ct_epoch: self.ct_epoch,
                 },
                 0,
             )
@@ -674,7 +688,25 @@ impl Bpf {
             .filter(|(k, e)| doomed(k, e))
             .map(|(k, _)| k)
             .collect();
-        keys.iter().filter(|k| self.ct.remove(k).is_ok()).count()
+        let n = keys.iter().filter(|k| self.ct.remove(k).is_ok()).count();
+        if n > 0 {
+            // No CPU may keep a deleted connection in its cache.
+            if let Err(e) = self.bump_ct_epoch() {
+                tracing::warn!("conntrack cache not invalidated: {e}");
+            }
+        }
+        n
+    }
+
+    fn next_ct_epoch(&mut self) {
+        self.ct_epoch = self.ct_epoch.wrapping_add(1).max(1);
+    }
+
+    /// Starts a new epoch of the XDP connection cache: every CPU looks its tuples up in CT
+    /// again (refreshing their timestamps). Called about once a second and after deletions.
+    pub fn bump_ct_epoch(&mut self) -> Result<(), LoaderError> {
+        self.next_ct_epoch();
+        self.write_config()
     }
 
     /// Makes `ips` the chassis Geneve is accepted from (the XDP program drops the rest).

@@ -420,6 +420,9 @@ impl Forwarder {
             self.shared.count(p.slot, ctr::DROP_XSK_RING_FULL, full);
             self.shared.count(p.slot, ctr::DROP_XSK_RX, other);
         }
+        if let Err(e) = self.bpf.bump_ct_epoch() {
+            warn!("conntrack cache epoch: {e}");
+        }
         match self.bpf.reorder_masks() {
             Ok(true) => tracing::debug!("mask order follows the hits"),
             Ok(false) => {}

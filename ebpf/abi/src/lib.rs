@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -225,7 +225,35 @@ pub mod ct {
     pub const CLOSING: u32 = 1;
     /// How long a closing TCP connection stays (like Cilium's close timeout).
     pub const CLOSING_TIMEOUT_S: u64 = 10;
+    /// The per-CPU connection cache (`CT_CACHE`): blocks of `CACHE_BLOCK_SLOTS` slots, each
+    /// block one value of a per-CPU array (a per-CPU value may not exceed 32 KB), slots in
+    /// pairs (2-way set associative). 4096 slots, 128 KB per CPU.
+    pub const CACHE_BLOCKS: u32 = 4;
+    pub const CACHE_BLOCK_SLOTS: usize = 1024;
 }
+
+/// One slot of the per-CPU connection cache in front of `CT`, in the manner of OVS's exact
+/// match cache: the last established tuple seen at this slot, its state, and the epoch
+/// (`Config::ct_epoch`) it was looked up in. A hit skips the LRU-hash lookup (measured at
+/// ~50 ns per packet on the reference VM, against ~10 ns for this slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtCacheSlot {
+    pub key: CtKey,
+    pub epoch: u32,
+    pub state: u8,
+    pub pad: [u8; 7],
+}
+// Half a cache line: a cache hit touches one line.
+const _: () = assert!(core::mem::size_of::<CtCacheSlot>() == 32);
+
+/// One value of `CT_CACHE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtCacheBlock {
+    pub slots: [CtCacheSlot; ct::CACHE_BLOCK_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<CtCacheBlock>() == 32 * 1024);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -497,6 +525,10 @@ pub struct Config {
     pub peers_gen: u32,
     /// Nonzero: frames from the uplink are looked up in conntrack, in the zone of their VNI.
     pub ct_uplink: u32,
+    /// Validity epoch of the per-CPU connection cache (`CT_CACHE`): a slot counts only if it
+    /// was written in this epoch. Userspace bumps it about once a second and after deleting
+    /// any conntrack entry; never 0 (an unwritten slot).
+    pub ct_epoch: u32,
 }
 
 /// The live generation of one logical datapath, and a fingerprint of everything its megaflows
@@ -514,6 +546,8 @@ mod pod {
     // SAFETY: all these types are repr(C), Copy, contain only integers and have no implicit
     // padding, so any bit pattern is valid and they can be copied to and from BPF maps.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtCacheBlock {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowAction {}
     // SAFETY: as above.

@@ -17,10 +17,10 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, arp, ct, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port, Config, CtEntry,
-        CtKey, DpGen, FlowAction, FlowKey, PortConf, PortCounters, SlowMeta, ENCAP_OVERHEAD,
-        FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS,
-        MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
+        act, arp, ct, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port, Config,
+        CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf,
+        PortCounters, SlowMeta, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS,
+        MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
 
     #[map]
@@ -47,6 +47,10 @@ mod prog {
     /// lookup (measured: decap 183-189 -> 220-226 ns/pkt with a lookup per frame).
     #[map]
     static PEER_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+    /// Per CPU, 2-way set associative: established tuples recently found in CT (see
+    /// `geneflow_abi::CtCacheSlot`), valid for the epoch they were found in.
+    #[map]
+    static CT_CACHE: PerCpuArray<CtCacheBlock> = PerCpuArray::with_max_entries(ct::CACHE_BLOCKS, 0);
     #[map]
     static COUNTERS: PerCpuArray<PortCounters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
     #[map]
@@ -240,13 +244,47 @@ mod prog {
         })
     }
 
+    /// The connection cache set of a tuple (multiplicative hashing): its block, and the
+    /// index of the set's first slot in it.
+    #[inline(always)]
+    fn ct_set(k: &CtKey) -> (u32, usize) {
+        let ports = (k.sport as u32) << 16 | k.dport as u32;
+        let h = (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32)
+            .wrapping_add(k.zone)
+            .wrapping_mul(0x9e37_79b1);
+        let sets = ct::CACHE_BLOCK_SLOTS as u32 / 2;
+        let block = h >> (32 - ct::CACHE_BLOCKS.trailing_zeros());
+        let set =
+            (h >> (32 - ct::CACHE_BLOCKS.trailing_zeros() - sets.trailing_zeros())) & (sets - 1);
+        (block, set as usize * 2)
+    }
+
     /// Sets `key.ct_state`: established (the connection's own direction, or its reply), or
-    /// new. Refreshes the entry it finds.
+    /// new. Asks the per-CPU cache first (a tuple found established in this epoch); in CT,
+    /// refreshes the entry it finds and caches it.
     #[inline(always)]
     fn ct_lookup(key: &mut FlowKey, zone: u32) {
         let Some(k) = ct_key(key, zone) else {
             return;
         };
+        // FIN and RST must reach the entry (closing); they skip the cache.
+        let closing = k.proto == IPPROTO_TCP && key.pad & (TCP_FIN | TCP_RST) != 0;
+        let epoch = CONFIG.get(0).map(|c| c.ct_epoch).unwrap_or(0);
+        let (block, first) = ct_set(&k);
+        // SAFETY: this CPU's block; nothing else writes it while this program runs.
+        let set = CT_CACHE
+            .get_ptr_mut(block)
+            .and_then(|b| unsafe { (*b).slots.get_mut(first..first + 2) });
+        if let Some(set) = set.as_deref() {
+            if !closing && epoch != 0 {
+                for c in set {
+                    if c.epoch == epoch && c.key == k {
+                        key.ct_state = c.state;
+                        return;
+                    }
+                }
+            }
+        }
         let r = CtKey {
             src: k.dst,
             dst: k.src,
@@ -265,9 +303,28 @@ mod prog {
             },
         };
         key.ct_state = state;
+        if let Some(set) = set {
+            // A free way (stale epoch) if there is one, else the second way: its tenant moves
+            // to the first, so the set keeps the two latest tuples.
+            let way = if set[0].epoch != epoch || set[0].key == k {
+                0
+            } else {
+                if set[1].epoch == epoch {
+                    set[0] = set[1];
+                }
+                1
+            };
+            set[way] = CtCacheSlot {
+                key: k,
+                epoch,
+                state,
+                pad: [0; 7],
+            };
+        }
         // The entry is written only when its timestamp is a second old (or the connection
         // starts closing), with the coarse clock: a write and a fine clock read per packet
-        // cost 0.84x -> see perf/README.md. Expiry works in seconds anyway.
+        // cost 0.84x -> see perf/README.md. Expiry works in seconds anyway. A cached tuple
+        // comes here once per epoch (about a second), which keeps the timestamp fresh.
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         // SAFETY: a live entry of the map; racy updates only lose a timestamp.
@@ -275,10 +332,7 @@ mod prog {
             if now.wrapping_sub((*e).last_seen_ns) > 1_000_000_000 {
                 (*e).last_seen_ns = now;
             }
-            if k.proto == IPPROTO_TCP
-                && key.pad & (TCP_FIN | TCP_RST) != 0
-                && (*e).flags & ct::CLOSING == 0
-            {
+            if closing && (*e).flags & ct::CLOSING == 0 {
                 // Closing: expires after ct::CLOSING_TIMEOUT_S (the GC's business).
                 (*e).flags |= ct::CLOSING;
             }
