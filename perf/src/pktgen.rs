@@ -28,6 +28,12 @@ pub struct GenConf {
     pub redirect_ifindex: u32,
     /// 8-byte words of the template's head the program writes back before every stamp.
     pub head_words: u32,
+    pub csum_off_b: u32,
+    pub field2_off: u32,
+    pub base2: u32,
+    pub csum2_off: u32,
+    pub csum2_off_b: u32,
+    pub pad: u32,
 }
 
 /// The template head the generator restores on every run (see `HEAD` in perf/xdp).
@@ -36,14 +42,34 @@ const HEAD_WORDS: usize = 8;
 // SAFETY: repr(C), integers only, no padding.
 unsafe impl aya::Pod for GenConf {}
 
-/// A frame to replay and the 16-bit field that varies per flow.
+/// A 16-bit field of a template the generator stamps, and the checksums covering it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Field {
+    pub off: u32,
+    /// The template's value: frames carry base, base + 1, ...
+    pub base: u16,
+    /// Offsets of up to two checksums covering the field (0 = none to fix).
+    pub csums: [u32; 2],
+}
+
+impl Field {
+    fn shifted(self, by: u32) -> Field {
+        Field {
+            off: self.off + by,
+            base: self.base,
+            csums: self.csums.map(|c| if c != 0 { c + by } else { 0 }),
+        }
+    }
+}
+
+/// A frame to replay, the 16-bit field that varies per flow and, optionally, a second one
+/// that moves on after each round of the first (so the pair goes through flows x 65,536
+/// combinations: more connections than a conntrack table holds).
 #[derive(Debug, Clone)]
 pub struct Template {
     pub frame: Vec<u8>,
-    pub field_off: u32,
-    pub base: u16,
-    /// Offset of a checksum covering the field (0 = none to fix).
-    pub csum_off: u32,
+    pub field: Field,
+    pub field2: Option<Field>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +82,8 @@ pub enum Vary {
     DstMac,
     /// Last two bytes of the source IPv4 address (IPv4 checksum fixed incrementally).
     SrcIp,
+    /// Last two bytes of the destination IPv4 address (likewise).
+    DstIp,
 }
 
 pub struct UdpSpec {
@@ -80,24 +108,55 @@ pub fn udp_template(s: &UdpSpec, vary: Vary) -> Result<Template> {
     b.write(&mut frame, &payload)?;
     frame[40] = 0;
     frame[41] = 0;
-    let (field_off, base, csum_off) = match vary {
-        Vary::SrcPort => (34, s.sport, 0),
-        Vary::SrcMac => (10, u16::from_be_bytes([s.src_mac[4], s.src_mac[5]]), 0),
-        Vary::DstMac => (4, u16::from_be_bytes([s.dst_mac[4], s.dst_mac[5]]), 0),
-        Vary::SrcIp => {
-            let o = s.src_ip.octets();
-            (28, u16::from_be_bytes([o[2], o[3]]), 24)
-        }
-    };
     Ok(Template {
+        field: field(s, vary, 0),
         frame,
-        field_off,
-        base,
-        csum_off,
+        field2: None,
     })
 }
 
-/// `inner` encapsulated in Geneve with the OVN option; the varied field moves with it.
+/// Offsets in an Ethernet/IPv4 frame (no options).
+const IP_CSUM: u32 = 24;
+const TCP_CSUM: u32 = 50;
+
+fn field(s: &UdpSpec, vary: Vary, l4_csum: u32) -> Field {
+    let (off, base, csums) = match vary {
+        Vary::SrcPort => (34, s.sport, [l4_csum, 0]),
+        Vary::SrcMac => (10, u16::from_be_bytes([s.src_mac[4], s.src_mac[5]]), [0, 0]),
+        Vary::DstMac => (4, u16::from_be_bytes([s.dst_mac[4], s.dst_mac[5]]), [0, 0]),
+        Vary::SrcIp => {
+            let o = s.src_ip.octets();
+            (28, u16::from_be_bytes([o[2], o[3]]), [IP_CSUM, l4_csum])
+        }
+        Vary::DstIp => {
+            let o = s.dst_ip.octets();
+            (32, u16::from_be_bytes([o[2], o[3]]), [IP_CSUM, l4_csum])
+        }
+    };
+    Field { off, base, csums }
+}
+
+/// A TCP SYN (a connection attempt, no data) in a frame of `s.size` bytes at least 60, every
+/// checksum right;
+/// `vary` and `vary2` (the second field) are kept right by the generator's incremental
+/// updates.
+pub fn tcp_syn_template(s: &UdpSpec, vary: Vary, vary2: Option<Vary>) -> Result<Template> {
+    let b = PacketBuilder::ethernet2(s.src_mac, s.dst_mac)
+        .ipv4(s.src_ip.octets(), s.dst_ip.octets(), 64)
+        .tcp(s.sport, s.dport, 1, 64240)
+        .syn();
+    let mut frame = Vec::with_capacity(s.size.max(60));
+    b.write(&mut frame, &[])?;
+    // No data: Ethernet padding up to the frame size.
+    frame.resize(s.size.max(60), 0);
+    Ok(Template {
+        field: field(s, vary, TCP_CSUM),
+        field2: vary2.map(|v| field(s, v, TCP_CSUM)),
+        frame,
+    })
+}
+
+/// `inner` encapsulated in Geneve with the OVN option; the varied fields move with it.
 pub fn geneve_template(inner: &Template, outer: &EncapParams) -> Result<Template> {
     let mut buf = vec![0u8; inner.frame.len() + 64];
     let mut p = *outer;
@@ -107,13 +166,8 @@ pub fn geneve_template(inner: &Template, outer: &EncapParams) -> Result<Template
     let shift = (n - inner.frame.len()) as u32;
     Ok(Template {
         frame: buf,
-        field_off: inner.field_off + shift,
-        base: inner.base,
-        csum_off: if inner.csum_off != 0 {
-            inner.csum_off + shift
-        } else {
-            0
-        },
+        field: inner.field.shifted(shift),
+        field2: inner.field2.map(|f| f.shifted(shift)),
     })
 }
 
@@ -180,11 +234,17 @@ impl Generator {
             0,
             GenConf {
                 flows: flows.max(1),
-                field_off: t.field_off,
-                base: t.base as u32,
-                csum_off: t.csum_off,
+                field_off: t.field.off,
+                base: t.field.base as u32,
+                csum_off: t.field.csums[0],
                 redirect_ifindex: 0,
                 head_words: (t.frame.len() / 8).min(HEAD_WORDS) as u32,
+                csum_off_b: t.field.csums[1],
+                field2_off: t.field2.map_or(0, |f| f.off),
+                base2: t.field2.map_or(0, |f| f.base as u32),
+                csum2_off: t.field2.map_or(0, |f| f.csums[0]),
+                csum2_off_b: t.field2.map_or(0, |f| f.csums[1]),
+                pad: 0,
             },
             0,
         )?;
@@ -352,5 +412,59 @@ impl Redirect {
             _ebpf: ebpf,
             _link: link,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{PacketHeaders, TransportHeader};
+
+    fn spec() -> UdpSpec {
+        UdpSpec {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: Ipv4Addr::new(10, 0, 0, 1),
+            dst_ip: Ipv4Addr::new(10, 1, 2, 3),
+            sport: 1024,
+            dport: 80,
+            size: 64,
+        }
+    }
+
+    /// Rewrites `f` in `frame` to `v` the way gf_pktgen does (RFC 1624 on each checksum).
+    fn stamp(frame: &mut [u8], f: Field, v: u16) {
+        let o = f.off as usize;
+        let old = u16::from_be_bytes([frame[o], frame[o + 1]]);
+        frame[o..o + 2].copy_from_slice(&v.to_be_bytes());
+        for c in f.csums.into_iter().filter(|&c| c != 0) {
+            let c = c as usize;
+            let hc = u16::from_be_bytes([frame[c], frame[c + 1]]);
+            let mut s = (!hc as u32) + (!old as u32) + v as u32;
+            s = (s & 0xffff) + (s >> 16);
+            s = (s & 0xffff) + (s >> 16);
+            frame[c..c + 2].copy_from_slice(&(!(s as u16)).to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn syn_template_stays_valid_when_both_fields_are_stamped() {
+        let t = tcp_syn_template(&spec(), Vary::SrcPort, Some(Vary::DstIp)).unwrap();
+        let mut frame = t.frame.clone();
+        stamp(&mut frame, t.field, 40000);
+        stamp(&mut frame, t.field2.unwrap(), 0x0909);
+        let h = PacketHeaders::from_ethernet_slice(&frame).unwrap();
+        let Some(etherparse::NetHeaders::Ipv4(ip, _)) = h.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(ip.destination, [10, 1, 9, 9]);
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        let Some(TransportHeader::Tcp(tcp)) = h.transport else {
+            panic!("not TCP")
+        };
+        assert!(tcp.syn && !tcp.ack);
+        assert_eq!((tcp.source_port, tcp.destination_port), (40000, 80));
+        let want = tcp.calc_checksum_ipv4(&ip, h.payload.slice()).unwrap();
+        assert_eq!(tcp.checksum, want);
     }
 }

@@ -1,7 +1,7 @@
 //! geneflow-pktgen: XDP live-frames packet generator (IPv4 UDP or Geneve-encapsulated), a
 //! counting sink and a plain redirect, with a live progress line.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use geneflow_control::model::Mac;
 use geneflow_datapath::pipeline::EncapParams;
@@ -28,6 +28,26 @@ enum VaryArg {
     Mac,
     DstMac,
     Ip,
+    DstIp,
+}
+
+impl VaryArg {
+    fn vary(self) -> Vary {
+        match self {
+            VaryArg::Sport => Vary::SrcPort,
+            VaryArg::Mac => Vary::SrcMac,
+            VaryArg::DstMac => Vary::DstMac,
+            VaryArg::Ip => Vary::SrcIp,
+            VaryArg::DstIp => Vary::DstIp,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    Udp,
+    /// TCP SYNs: with a varied field, every frame a new connection attempt.
+    TcpSyn,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +75,12 @@ enum Cmd {
         flows: u32,
         #[arg(long, value_enum, default_value = "sport")]
         vary: VaryArg,
+        /// A second field, moved on after each round of --flows values of the first: the
+        /// pair goes through flows x 65,536 combinations.
+        #[arg(long, value_enum)]
+        vary2: Option<VaryArg>,
+        #[arg(long, value_enum, default_value = "udp")]
+        proto: Proto,
         /// Packets per second; 0 = as fast as possible.
         #[arg(long, default_value_t = 0)]
         rate: u64,
@@ -133,6 +159,8 @@ fn run(cli: Cli) -> Result<()> {
             size,
             flows,
             vary,
+            vary2,
+            proto,
             rate,
             count,
             duration,
@@ -145,12 +173,6 @@ fn run(cli: Cli) -> Result<()> {
             outer_dst_ip,
             quiet,
         } => {
-            let vary = match vary {
-                VaryArg::Sport => Vary::SrcPort,
-                VaryArg::Mac => Vary::SrcMac,
-                VaryArg::DstMac => Vary::DstMac,
-                VaryArg::Ip => Vary::SrcIp,
-            };
             let spec = UdpSpec {
                 src_mac: src_mac.0,
                 dst_mac: dst_mac.0,
@@ -160,7 +182,13 @@ fn run(cli: Cli) -> Result<()> {
                 dport,
                 size,
             };
-            let mut t = pktgen::udp_template(&spec, vary)?;
+            let mut t = match proto {
+                Proto::Udp if vary2.is_some() => bail!("--vary2 needs --proto tcp-syn"),
+                Proto::Udp => pktgen::udp_template(&spec, vary.vary())?,
+                Proto::TcpSyn => {
+                    pktgen::tcp_syn_template(&spec, vary.vary(), vary2.map(VaryArg::vary))?
+                }
+            };
             if let Some(vni) = geneve_vni {
                 let need = |o: Option<Mac>, n: &str| {
                     o.map(|m| m.0)

@@ -14,7 +14,9 @@ mod prog {
     };
 
     /// Generator config (slot 0): flows, offset of the 16-bit field varied per flow, its base
-    /// value, and the offset of a 16-bit checksum covering it (0 = none).
+    /// value, and the offsets of up to two 16-bit checksums covering it (0 = none). Frame n
+    /// carries base + n % flows there; with a second field (`field2_off` != 0) that one
+    /// carries base2 + n / flows, so the two together go through flows x 65,536 values.
     #[repr(C)]
     #[derive(Clone, Copy)]
     pub struct GenConf {
@@ -25,6 +27,12 @@ mod prog {
         pub redirect_ifindex: u32,
         /// 8-byte words of the template's head (`HEAD`) written back before every stamp.
         pub head_words: u32,
+        pub csum_off_b: u32,
+        pub field2_off: u32,
+        pub base2: u32,
+        pub csum2_off: u32,
+        pub csum2_off_b: u32,
+        pub pad: u32,
     }
 
     /// Words of the template frame's head, up to 64 bytes.
@@ -50,6 +58,37 @@ mod prog {
         s = (s & 0xffff) + (s >> 16);
         s = (s & 0xffff) + (s >> 16);
         s as u16
+    }
+
+    /// Writes `v` at `off` and updates the checksums at `csums` (0 = none) for it; false if
+    /// the field is outside the frame.
+    #[inline(always)]
+    fn stamp(ctx: &XdpContext, off: u32, v: u16, csums: [u32; 2]) -> bool {
+        let p = ctx.data() + (off & 0x1ff) as usize;
+        if p + 2 > ctx.data_end() {
+            return false;
+        }
+        // SAFETY: [p, p+2) is inside the frame.
+        let old = unsafe { core::ptr::read_unaligned(p as *const u16) };
+        let new = v.to_be();
+        // SAFETY: as above.
+        unsafe { core::ptr::write_unaligned(p as *mut u16, new) };
+        for c in csums {
+            if c == 0 {
+                continue;
+            }
+            let q = ctx.data() + (c & 0x1ff) as usize;
+            if q + 2 <= ctx.data_end() {
+                // RFC 1624 incremental update: HC' = ~(~HC + ~m + m').
+                // SAFETY: [q, q+2) is inside the frame.
+                unsafe {
+                    let hc = core::ptr::read_unaligned(q as *const u16);
+                    let s = (!hc as u32) + (!old as u32) + new as u32;
+                    core::ptr::write_unaligned(q as *mut u16, !fold(s));
+                }
+            }
+        }
+        true
     }
 
     #[xdp]
@@ -79,26 +118,13 @@ mod prog {
             }
         }
         let v = ((c.base as u64 + n % flows as u64) & 0xffff) as u16;
-        let off = (c.field_off & 0x1ff) as usize;
-        let p = ctx.data() + off;
-        if p + 2 > ctx.data_end() {
+        if !stamp(&ctx, c.field_off, v, [c.csum_off, c.csum_off_b]) {
             return xdp_action::XDP_ABORTED;
         }
-        // SAFETY: [p, p+2) is inside the frame.
-        let old = unsafe { core::ptr::read_unaligned(p as *const u16) };
-        let new = v.to_be();
-        // SAFETY: as above.
-        unsafe { core::ptr::write_unaligned(p as *mut u16, new) };
-        if c.csum_off != 0 {
-            let q = ctx.data() + (c.csum_off & 0x1ff) as usize;
-            if q + 2 <= ctx.data_end() {
-                // RFC 1624 incremental update: HC' = ~(~HC + ~m + m').
-                // SAFETY: [q, q+2) is inside the frame.
-                unsafe {
-                    let hc = core::ptr::read_unaligned(q as *const u16);
-                    let s = (!hc as u32) + (!old as u32) + new as u32;
-                    core::ptr::write_unaligned(q as *mut u16, !fold(s));
-                }
+        if c.field2_off != 0 {
+            let v = ((c.base2 as u64 + n / flows as u64) & 0xffff) as u16;
+            if !stamp(&ctx, c.field2_off, v, [c.csum2_off, c.csum2_off_b]) {
+                return xdp_action::XDP_ABORTED;
             }
         }
         if c.redirect_ifindex != 0 {

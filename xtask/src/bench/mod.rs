@@ -293,10 +293,7 @@ pub fn bench(o: &Opts) -> Result<()> {
         }));
     }
     if want("sg") {
-        sc.push(sg::sg(&ctx).unwrap_or_else(|e| {
-            eprintln!("    security group: {e:#}");
-            Scenario::failed(sg::NAME, e)
-        }));
+        sc.extend(sg::all(&ctx));
     }
     if want("e2e") {
         sc.extend(scenarios::end_to_end(&ctx, o)?);
