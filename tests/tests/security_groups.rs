@@ -205,6 +205,57 @@ fn remote_group_rules_follow_membership() -> Result<()> {
     Ok(())
 }
 
+/// ICMP errors about a tracked connection get in (RELATED, found by XDP from the quoted
+/// header) although the group allows no ICMP in; an error quoting no connection does not.
+#[test]
+fn icmp_errors_about_a_connection_get_in_forged_ones_do_not() -> Result<()> {
+    let tb = two_chassis("sk")?;
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    tb.nbctl(&["sg-add", "web"])?;
+    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
+    tb.nbctl(&[
+        "sg-rule-add",
+        "web",
+        "http",
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--ports",
+        "8080",
+    ])?;
+    let before = pipelines_applied(&tb, "ch2")?;
+    tb.nbctl(&["lsp-set-sg", "vm3", "web"])?;
+    wait_applied(&tb, "ch2", before)?;
+    // vm3 sends UDP to a closed port of vm1: vm1's kernel answers "port unreachable", which
+    // vm3's socket reports as "connection refused" only if the error got in.
+    let code = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.connect(('{}',9999))\ns.settimeout(2)\ntry:\n    s.send(b'x')\n    s.recv(10)\nexcept ConnectionRefusedError:\n    sys.exit(0)\nexcept Exception as e:\n    print(e)\nsys.exit(1)\n",
+        vm1.ip
+    );
+    let refused = Command::new("ip")
+        .args(["netns", "exec", &vm3.ns, "/usr/bin/python3", "-c", &code])
+        .status()?
+        .success();
+    assert!(refused, "vm3 never learnt that vm1:9999 is closed");
+    // The same error quoting a datagram vm3 never sent: a new ICMP flow, refused.
+    let d0 = tb.counter("ch2", "ul", "drop_acl")?;
+    let forged = format!(
+        "from scapy.all import *\nsendp(Ether(src='{m1}',dst='{m3}')/IP(src='{i1}',dst='{i3}')/ICMP(type=3,code=3)/IP(src='{i3}',dst='{i1}')/UDP(sport=1111,dport=2222),iface='eth0',count=3,verbose=0)\n",
+        m1 = vm1.mac,
+        m3 = vm3.mac,
+        i1 = vm1.ip,
+        i3 = vm3.ip
+    );
+    run(Command::new("ip").args(["netns", "exec", &vm1.ns, "/usr/bin/python3", "-c", &forged]))?;
+    let t = Instant::now();
+    while tb.counter("ch2", "ul", "drop_acl")? < d0 + 3 && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(tb.counter("ch2", "ul", "drop_acl")? - d0, 3);
+    Ok(())
+}
+
 /// A rule removal ends the flows it let in at once, fast path included: their conntrack
 /// entries go, and so do the tuples every CPU cached as established (the cache's epoch moves
 /// on with the flush; otherwise it would let them through for up to a second).

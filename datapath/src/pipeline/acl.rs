@@ -53,9 +53,11 @@ fn check(
     }
     r.mask.ct_state = u8::MAX;
     let state = r.key.ct_state;
-    if state & ct::EST != 0 {
+    if state & (ct::EST | ct::RELATED) != 0 {
         r.note(stage, || {
-            if state & ct::REPLY != 0 {
+            if state & ct::RELATED != 0 {
+                "ICMP error about a tracked connection (related): allowed".into()
+            } else if state & ct::REPLY != 0 {
                 "reply of an established connection: allowed".into()
             } else {
                 "established connection: allowed".into()

@@ -114,7 +114,9 @@ pub fn describe_match(k: &FlowKey, mask: &FlowKey) -> String {
     }
     if mask.ct_state != 0 {
         let s = k.ct_state;
-        let name = if s & geneflow_abi::ct::EST == 0 {
+        let name = if s & geneflow_abi::ct::RELATED != 0 {
+            "rel"
+        } else if s & geneflow_abi::ct::EST == 0 {
             if s & geneflow_abi::ct::NEW != 0 {
                 "new"
             } else {

@@ -195,3 +195,29 @@ fn ingress_rules_on_the_receiving_chassis_and_replies() {
     )
     .is_ok());
 }
+
+#[test]
+fn icmp_errors_related_to_a_connection_pass_the_others_are_new() {
+    let t = tables();
+    // p2 -> p1 port unreachable (an ICMP error; p1's ingress rules allow no ICMP).
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(P2, P1)
+        .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(
+            &mut err,
+            &tcp(P1, P2, [10, 0, 0, 1], [10, 0, 0, 2], 22)[14..42],
+        )
+        .unwrap();
+    // XDP found the quoted connection: related, allowed without the rules, nothing committed.
+    let d = verdict(&t, &err, 11, ct::RELATED).unwrap();
+    assert_eq!(d.ct_commit, [0, 0]);
+    let m = d.megaflow.unwrap();
+    assert_eq!((m.key.ct_state, m.mask.ct_state), (ct::RELATED, u8::MAX));
+    assert!(crate::pipeline::describe_match(&m.key, &m.mask).contains("ct_state=rel"));
+    // It did not: a new ICMP flow, refused by p1's rules.
+    let e = verdict(&t, &err, 11, ct::NEW).unwrap_err();
+    assert_eq!(e.reason, DropReason::Acl);
+}

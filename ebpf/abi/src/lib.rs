@@ -220,6 +220,9 @@ pub mod ct {
     pub const NEW: u8 = 1;
     pub const EST: u8 = 2;
     pub const REPLY: u8 = 4;
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) about a
+    /// packet of a tracked connection, either way: it passes like the connection's replies.
+    pub const RELATED: u8 = 8;
     pub const MAX_ENTRIES: u32 = 65536;
     /// `CtEntry::flags`: the TCP connection is closing (FIN or RST seen).
     pub const CLOSING: u32 = 1;

@@ -217,6 +217,12 @@ mod prog {
         };
         if zone != 0 {
             ct_lookup(&mut key, zone);
+            if key.ct_state == ct::NEW
+                && key.ip_proto == IPPROTO_ICMP
+                && icmp_error_related(&ctx, inner, zone)
+            {
+                key.ct_state = ct::RELATED;
+            }
         }
         let action = match lookup(&key, list) {
             Some(a) => a,
@@ -337,6 +343,73 @@ mod prog {
                 (*e).flags |= ct::CLOSING;
             }
         }
+    }
+
+    /// Whether the IPv4 frame at `off` is an ICMP error (destination unreachable, time
+    /// exceeded, parameter problem) quoting a packet of a connection tracked in `zone`, in
+    /// either direction: an error from the far end or from a router on the way.
+    #[inline(always)]
+    fn icmp_error_related(ctx: &XdpContext, off: usize, zone: u32) -> bool {
+        let off = core::hint::black_box(off);
+        if off > 400 {
+            return false;
+        }
+        let Some(ip) = bound(ctx, off + ETH_LEN, 20) else {
+            return false;
+        };
+        // SAFETY: [ip, ip+20) is inside the packet.
+        let (vihl, frag) = unsafe { (rd8(ip), rd16(ip + 6)) };
+        if u16::from_be(frag) & 0x1fff != 0 {
+            return false;
+        }
+        let icmp_off = off + ETH_LEN + ((vihl & 0x0f) as usize * 4 & 0x3c);
+        // The ICMP header and the quoted IPv4 header.
+        let Some(q) = bound(ctx, icmp_off, 8 + 20) else {
+            return false;
+        };
+        // SAFETY: [q, q+28) is inside the packet.
+        let (ty, evihl, eproto, esrc, edst) = unsafe {
+            (
+                rd8(q),
+                rd8(q + 8),
+                rd8(q + 8 + 9),
+                rd32(q + 8 + 12),
+                rd32(q + 8 + 16),
+            )
+        };
+        let eihl = (evihl & 0x0f) as usize * 4 & 0x3c;
+        if !matches!(ty, 3 | 11 | 12) || evihl >> 4 != 4 || eihl < 20 {
+            return false;
+        }
+        let (sport, dport) = match eproto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                let Some(l4) = bound(ctx, icmp_off + 8 + eihl, 4) else {
+                    return false;
+                };
+                // SAFETY: [l4, l4+4) is inside the packet.
+                unsafe { (rd16(l4), rd16(l4 + 2)) }
+            }
+            IPPROTO_ICMP => (0, 0),
+            _ => return false,
+        };
+        let k = CtKey {
+            zone,
+            src: esrc,
+            dst: edst,
+            sport,
+            dport,
+            proto: eproto,
+            pad: [0; 3],
+        };
+        let r = CtKey {
+            src: edst,
+            dst: esrc,
+            sport: dport,
+            dport: sport,
+            ..k
+        };
+        // SAFETY: read-only lookups; the values are not used.
+        unsafe { CT.get(&k).is_some() || CT.get(&r).is_some() }
     }
 
     /// Commits the key's connection in the action's zones (`flag::CT_COMMIT`).
