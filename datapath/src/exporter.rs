@@ -186,6 +186,16 @@ pub fn gather(
         snap["conntrack_full"].as_f64().unwrap_or(0.0),
     ));
     out.push(full);
+    let mut evicted = family(
+        "geneflow_conntrack_evictions_total",
+        "Conntrack entries the full table evicted to make room (least recently used first), counted every 10 s from the commits, flushes and entry count.",
+        MetricType::COUNTER,
+    );
+    evicted.mut_metric().push(counter(
+        vec![],
+        snap["conntrack_evicted"].as_f64().unwrap_or(0.0),
+    ));
+    out.push(evicted);
     out.push(g(
         "geneflow_underlay_peers",
         "Underlay addresses (the other chassis' encap IPs) Geneve is accepted from; the rest is dropped as drop_unknown_source.",

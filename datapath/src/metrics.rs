@@ -29,6 +29,10 @@ pub struct Shared {
     pub conntrack: AtomicU64,
     /// Expiry rounds that found the conntrack table full (its LRU evicting to make room).
     pub conntrack_full: AtomicU64,
+    /// Conntrack entries deleted by flushes (`ct-flush`, a zone's groups changed).
+    pub conntrack_flushed: AtomicU64,
+    /// Conntrack entries the full table evicted, as counted by the expiry rounds.
+    pub conntrack_evicted: AtomicU64,
     pub nb_version: AtomicU64,
     /// Underlay addresses Geneve is accepted from (the chassis of the NB but this one).
     pub underlay_peers: AtomicU64,
@@ -85,6 +89,8 @@ impl Shared {
             masks: AtomicU64::new(0),
             conntrack: AtomicU64::new(0),
             conntrack_full: AtomicU64::new(0),
+            conntrack_flushed: AtomicU64::new(0),
+            conntrack_evicted: AtomicU64::new(0),
             nb_version: AtomicU64::new(0),
             underlay_peers: AtomicU64::new(0),
             pipelines_applied: AtomicU64::new(0),
@@ -98,6 +104,14 @@ impl Shared {
         if let Some(c) = self.user.get((slot * ctr::COUNT + idx) as usize) {
             c.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// The slow path's count of `idx` over every port.
+    pub fn user_total(&self, idx: u32) -> u64 {
+        (0..self.user.len() as u32 / ctr::COUNT)
+            .filter_map(|slot| self.user.get((slot * ctr::COUNT + idx) as usize))
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// JSON snapshot of every counter, XDP and userspace summed per name.
@@ -132,6 +146,7 @@ impl Shared {
             "conntrack_entries": self.conntrack.load(Ordering::Relaxed),
             "conntrack_capacity": geneflow_abi::ct::MAX_ENTRIES,
             "conntrack_full": self.conntrack_full.load(Ordering::Relaxed),
+            "conntrack_evicted": self.conntrack_evicted.load(Ordering::Relaxed),
             "underlay_peers": self.underlay_peers.load(Ordering::Relaxed),
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,

@@ -348,8 +348,11 @@ fn a_full_conntrack_table_evicts_the_oldest_and_says_so() -> Result<()> {
             ]))?;
     }
     let stats = |tb: &Testbed| -> Result<serde_json::Value> { tb.stats("ch1") };
+    // The next expiry round (every 10 s) after the traffic reports the table full and has
+    // counted every eviction.
+    let full0 = stats(&tb)?["conntrack_full"].as_u64().unwrap_or(0);
     let t = Instant::now();
-    while stats(&tb)?["conntrack_full"].as_u64().unwrap_or(0) == 0 {
+    while stats(&tb)?["conntrack_full"].as_u64().unwrap_or(0) == full0 {
         assert!(
             t.elapsed() < Duration::from_secs(15),
             "the full table was never reported"
@@ -362,6 +365,16 @@ fn a_full_conntrack_table_evicts_the_oldest_and_says_so() -> Result<()> {
         s["conntrack_capacity"].as_u64().unwrap_or(0),
     );
     assert!(n <= cap && n > cap / 2, "{n} entries, capacity {cap}");
+    // More commits than the table holds: every one past what it keeps was an eviction
+    // (nothing expired or was flushed meanwhile), and is counted as one.
+    let commits = tb.counter("ch1", "vp-vm1", "ct_committed")?;
+    let evicted = s["conntrack_evicted"].as_u64().unwrap_or(0);
+    assert!(commits > cap, "{commits} commits counted");
+    let want = commits - n;
+    assert!(
+        evicted.abs_diff(want) <= commits / 20,
+        "{evicted} evictions counted, {want} expected ({commits} commits, {n} entries)"
+    );
     assert!(tb.agent_log("ch1").contains("conntrack table full"));
     // New connections are still committed and answered.
     assert!(pings(&tb, "vm1", &vm3.ip)?);

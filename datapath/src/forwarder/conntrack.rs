@@ -4,8 +4,8 @@
 //! checked again as new), and `geneflowctl ct` lists and flushes.
 
 use super::*;
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use geneflow_abi::{ct, CtEntry, CtKey};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use geneflow_abi::{ct, CtEntry, CtKey, PortCounters};
 use geneflow_control::acl::PortAcl;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +50,9 @@ impl Forwarder {
             return 0;
         }
         let n = self.bpf.ct_delete(|k, _| zones.contains(&k.zone));
+        self.shared
+            .conntrack_flushed
+            .fetch_add(n as u64, Ordering::Relaxed);
         if n > 0 {
             info!(
                 ?zones,
@@ -106,6 +109,18 @@ pub(super) fn spawn_expiry(
                     return;
                 }
             };
+            // XDP's commit counts (the pinned per-port counters, beside CT).
+            let counters: Option<PerCpuArray<MapData, PortCounters>> =
+                MapData::from_pin(pin.with_file_name("COUNTERS"))
+                    .ok()
+                    .and_then(|m| PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m)).ok());
+            if counters.is_none() {
+                warn!("conntrack evictions not counted: no pinned COUNTERS map");
+            }
+            let mut last = Tally::read(counters.as_ref(), &shared).map(|t| Tally {
+                entries: map.iter().flatten().count() as u64,
+                ..t
+            });
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..100 {
                     if stop.load(Ordering::Relaxed) {
@@ -113,13 +128,53 @@ pub(super) fn spawn_expiry(
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                expire(&mut map, &shared);
+                let before = Tally::read(counters.as_ref(), &shared);
+                let left = expire(&mut map, &shared, last.as_ref().zip(before.as_ref()));
+                last = before.map(|t| Tally { entries: left, ..t });
             }
         })
 }
 
-/// Deletes the entries idle for longer than their protocol's timeout (10 s once closing).
-fn expire(map: &mut BpfHashMap<MapData, CtKey, CtEntry>, shared: &Shared) {
+/// What an expiry round leaves for the next one to count evictions: the entries it left,
+/// and the commits and flushed entries so far.
+#[derive(Clone, Copy)]
+struct Tally {
+    entries: u64,
+    committed: u64,
+    flushed: u64,
+}
+
+impl Tally {
+    /// Commits (XDP's, summed over ports and CPUs, and the slow path's) and flushes so far.
+    fn read(xdp: Option<&PerCpuArray<MapData, PortCounters>>, shared: &Shared) -> Option<Tally> {
+        let xdp = xdp?;
+        let committed: u64 = (0..geneflow_abi::MAX_PORTS)
+            .filter_map(|slot| xdp.get(&slot, 0).ok())
+            .flat_map(|v| {
+                v.iter()
+                    .map(|c| c.c[ctr::CT_COMMITTED as usize])
+                    .collect::<Vec<_>>()
+            })
+            .sum::<u64>()
+            + shared.user_total(ctr::CT_COMMITTED);
+        Some(Tally {
+            entries: 0,
+            committed,
+            flushed: shared.conntrack_flushed.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Deletes the entries idle for longer than their protocol's timeout (10 s once closing);
+/// returns how many are left. With the tallies of the last round and of this one (read
+/// before the walk), counts what the table evicted in between: what there was, plus what was
+/// committed, less what was flushed, less what the walk finds. Commits during the walk make
+/// it count low, never high.
+fn expire(
+    map: &mut BpfHashMap<MapData, CtKey, CtEntry>,
+    shared: &Shared,
+    tallies: Option<(&Tally, &Tally)>,
+) -> u64 {
     let now = forward::monotonic_ns();
     let mut total = 0u64;
     let doomed: Vec<CtKey> = map
@@ -136,6 +191,14 @@ fn expire(map: &mut BpfHashMap<MapData, CtKey, CtEntry>, shared: &Shared) {
         })
         .map(|(k, _)| k)
         .collect();
+    if let Some((last, now)) = tallies {
+        let evicted = (last.entries + now.committed.saturating_sub(last.committed))
+            .saturating_sub(now.flushed.saturating_sub(last.flushed))
+            .saturating_sub(total);
+        shared
+            .conntrack_evicted
+            .fetch_add(evicted, Ordering::Relaxed);
+    }
     let gone = doomed.iter().filter(|k| map.remove(k).is_ok()).count() as u64;
     shared
         .conntrack
@@ -152,4 +215,5 @@ fn expire(map: &mut BpfHashMap<MapData, CtKey, CtEntry>, shared: &Shared) {
             "conntrack table full: the least recently used connections are evicted"
         );
     }
+    total.saturating_sub(gone)
 }

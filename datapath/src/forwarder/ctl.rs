@@ -20,6 +20,9 @@ impl Forwarder {
             "ct-flush" => {
                 let zone = arg["zone"].as_u64().map(|z| z as u32);
                 let n = self.bpf.ct_delete(|k, _| zone.is_none_or(|z| z == k.zone));
+                self.shared
+                    .conntrack_flushed
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 json!({ "flushed": n })
             }
             "ports" => {

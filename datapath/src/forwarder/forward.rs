@@ -78,8 +78,9 @@ impl Forwarder {
                 proto: d.key.ip_proto,
                 pad: [0; 3],
             };
-            if let Err(e) = bpf.ct_commit(&key, monotonic_ns()) {
-                tracing::debug!("conntrack commit failed: {e}");
+            match bpf.ct_commit(&key, monotonic_ns()) {
+                Ok(()) => shared.count(in_slot, ctr::CT_COMMITTED, 1),
+                Err(e) => tracing::debug!("conntrack commit failed: {e}"),
             }
         }
         if let Some(a) = d.answer {

@@ -436,10 +436,13 @@ pub mod ctr {
     pub const DROP_UNKNOWN_GROUP: u32 = 48;
     /// Security groups: a new connection no rule allows.
     pub const DROP_ACL: u32 = 49;
+    /// Connections committed to conntrack (by XDP or the slow path): with the entry count and
+    /// the deletions, what tells how many a full table evicted.
+    pub const CT_COMMITTED: u32 = 50;
     pub const COUNT: u32 = 64;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 50] = [
+    pub const NAMES: [(u32, &str); 51] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -493,6 +496,7 @@ pub mod ctr {
         (DROP_BAD_LENGTH, "drop_bad_length"),
         (DROP_UNKNOWN_GROUP, "drop_unknown_group"),
         (DROP_ACL, "drop_acl"),
+        (CT_COMMITTED, "ct_committed"),
     ];
 }
 

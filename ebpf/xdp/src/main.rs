@@ -412,9 +412,10 @@ mod prog {
         unsafe { CT.get(&k).is_some() || CT.get(&r).is_some() }
     }
 
-    /// Commits the key's connection in the action's zones (`flag::CT_COMMIT`).
+    /// Commits the key's connection in the action's zones (`flag::CT_COMMIT`); returns how
+    /// many entries it wrote.
     #[inline(always)]
-    fn ct_commit(key: &FlowKey, a: &FlowAction) {
+    fn ct_commit(key: &FlowKey, a: &FlowAction) -> u64 {
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         let e = CtEntry {
@@ -424,14 +425,18 @@ mod prog {
             flags: 0,
             pad: 0,
         };
+        let mut n = 0;
         for z in a.ct_zones {
             if z == 0 {
                 continue;
             }
             if let Some(k) = ct_key(key, z) {
-                let _ = CT.insert(&k, &e, 0);
+                if CT.insert(&k, &e, 0).is_ok() {
+                    n += 1;
+                }
             }
         }
+        n
     }
 
     enum Verdict {
@@ -861,7 +866,7 @@ mod prog {
             }
         }
         if a.flags & flag::CT_COMMIT != 0 {
-            ct_commit(key, a);
+            count(slot, ctr::CT_COMMITTED, ct_commit(key, a));
         }
         match a.kind {
             act::ARP_REPLY => arp_reply(ctx, slot, a),
