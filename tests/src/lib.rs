@@ -177,14 +177,14 @@ pub fn pipelines_applied(tb: &Testbed, chassis: &str) -> Result<u64> {
 
 /// Waits until `chassis` has applied a pipeline after `before` (a `pipelines_applied` read
 /// before the NB write) and then none for 200 ms: the write and any it was batched with are in
-/// its fast path. Fails after 10 s. A fixed sleep here was too short on a loaded CI machine.
+/// its fast path. Fails after 5 s. A fixed sleep here was too short on a loaded CI machine.
 pub fn wait_applied(tb: &Testbed, chassis: &str, before: u64) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut n = pipelines_applied(tb, chassis)?;
     let mut since = std::time::Instant::now();
     while n == before || since.elapsed() < std::time::Duration::from_millis(200) {
         if std::time::Instant::now() > deadline {
-            bail!("{chassis} applied no pipeline within 10 s of an NB write");
+            bail!("{chassis} applied no pipeline within 5 s of an NB write");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         let m = pipelines_applied(tb, chassis)?;

@@ -46,37 +46,45 @@ fn pings(tb: &Testbed, from: &str, ip: &str) -> Result<bool> {
         .success())
 }
 
+/// Puts `vm` (bound to `chassis`) in a new group "web": anything out, and in what the rule
+/// `ingress` (`sg-rule-add web` arguments) allows, if given; returns once `chassis` has
+/// applied it.
+fn in_group_web(tb: &Testbed, vm: &str, chassis: &str, ingress: &[&str]) -> Result<()> {
+    tb.nbctl(&["sg-add", "web"])?;
+    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
+    if !ingress.is_empty() {
+        let mut args = vec!["sg-rule-add", "web"];
+        args.extend_from_slice(ingress);
+        tb.nbctl(&args)?;
+    }
+    let before = pipelines_applied(tb, chassis)?;
+    tb.nbctl(&["lsp-set-sg", vm, "web"])?;
+    wait_applied(tb, chassis, before)
+}
+
 #[test]
 fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     let tb = two_chassis("sg")?;
     let (ip1, ip3) = (tb.vm("vm1")?.ip.clone(), tb.vm("vm3")?.ip.clone());
     // Before any group: everything passes.
     assert!(pings(&tb, "vm2", &ip3)?);
-    tb.nbctl(&["sg-add", "web"])?;
-    tb.nbctl(&[
-        "sg-rule-add",
-        "web",
-        "http",
-        "--direction",
-        "ingress",
-        "--protocol",
-        "tcp",
-        "--ports",
-        "8080",
-        "--remote-prefix",
-        &format!("{ip1}/32"),
-    ])?;
-    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
-    let applied = tb.stats("ch2")?["pipelines_applied"].as_u64().unwrap_or(0);
-    tb.nbctl(&["lsp-set-sg", "vm3", "web"])?;
-    let t = Instant::now();
-    while tb.stats("ch2")?["pipelines_applied"].as_u64().unwrap_or(0) == applied {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "ch2 never applied the group"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let from_ip1 = format!("{ip1}/32");
+    in_group_web(
+        &tb,
+        "vm3",
+        "ch2",
+        &[
+            "http",
+            "--direction",
+            "ingress",
+            "--protocol",
+            "tcp",
+            "--ports",
+            "8080",
+            "--remote-prefix",
+            &from_ip1,
+        ],
+    )?;
     let mut srv = server(&tb, "vm3", 8080)?;
     let d0 = tb.counter("ch2", "ul", "drop_acl")?;
     // Allowed: TCP 8080 from vm1, twice (the second connection is set up in XDP: the
@@ -211,22 +219,20 @@ fn remote_group_rules_follow_membership() -> Result<()> {
 fn icmp_errors_about_a_connection_get_in_forged_ones_do_not() -> Result<()> {
     let tb = two_chassis("sk")?;
     let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
-    tb.nbctl(&["sg-add", "web"])?;
-    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
-    tb.nbctl(&[
-        "sg-rule-add",
-        "web",
-        "http",
-        "--direction",
-        "ingress",
-        "--protocol",
-        "tcp",
-        "--ports",
-        "8080",
-    ])?;
-    let before = pipelines_applied(&tb, "ch2")?;
-    tb.nbctl(&["lsp-set-sg", "vm3", "web"])?;
-    wait_applied(&tb, "ch2", before)?;
+    in_group_web(
+        &tb,
+        "vm3",
+        "ch2",
+        &[
+            "http",
+            "--direction",
+            "ingress",
+            "--protocol",
+            "tcp",
+            "--ports",
+            "8080",
+        ],
+    )?;
     // vm3 sends UDP to a closed port of vm1: vm1's kernel answers "port unreachable", which
     // vm3's socket reports as "connection refused" only if the error got in.
     let code = format!(
@@ -263,22 +269,20 @@ fn icmp_errors_about_a_connection_get_in_forged_ones_do_not() -> Result<()> {
 fn removing_a_rule_cuts_its_established_flows_at_once() -> Result<()> {
     let tb = two_chassis("sj")?;
     let vm3 = tb.vm("vm3")?.clone();
-    tb.nbctl(&["sg-add", "web"])?;
-    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
-    tb.nbctl(&[
-        "sg-rule-add",
-        "web",
-        "stream",
-        "--direction",
-        "ingress",
-        "--protocol",
-        "udp",
-        "--ports",
-        "7700",
-    ])?;
-    let before = pipelines_applied(&tb, "ch2")?;
-    tb.nbctl(&["lsp-set-sg", "vm3", "web"])?;
-    wait_applied(&tb, "ch2", before)?;
+    in_group_web(
+        &tb,
+        "vm3",
+        "ch2",
+        &[
+            "stream",
+            "--direction",
+            "ingress",
+            "--protocol",
+            "udp",
+            "--ports",
+            "7700",
+        ],
+    )?;
     // 10,000 datagrams/s for 4 s; established in XDP (and in the CPUs' caches) after 1 s.
     let mut tx = tb.udp_sender("vm1", &vm3.ip, 7700, 40_000, 10_000)?;
     std::thread::sleep(Duration::from_millis(1000));
@@ -288,7 +292,12 @@ fn removing_a_rule_cuts_its_established_flows_at_once() -> Result<()> {
     let hits = tb.counter("ch2", "ul", "fastpath_hit")?;
     let applied = pipelines_applied(&tb, "ch2")?;
     tb.nbctl(&["sg-rule-del", "web", "stream"])?;
+    let t = Instant::now();
     while pipelines_applied(&tb, "ch2")? == applied {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "ch2 never applied the rule removal"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let r0 = rx_packets(&vm3.ns, "eth0")?;
@@ -315,17 +324,13 @@ fn removing_a_rule_cuts_its_established_flows_at_once() -> Result<()> {
 fn a_full_conntrack_table_evicts_the_oldest_and_says_so() -> Result<()> {
     let tb = two_chassis("si")?;
     let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
-    tb.nbctl(&["sg-add", "web"])?;
-    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
     tb.nbctl(&[
         "lsp-set-port-security",
         "vm1",
         "--allowed-pair",
         "10.0.0.0/16",
     ])?;
-    let before = pipelines_applied(&tb, "ch1")?;
-    tb.nbctl(&["lsp-set-sg", "vm1", "web"])?;
-    wait_applied(&tb, "ch1", before)?;
+    in_group_web(&tb, "vm1", "ch1", &[])?;
     // 65,535 source ports, then 60,000 source addresses (vm1's pair): more connections than
     // the table's 65,536 entries, each committed by XDP.
     for (vary, flows) in [("sport", "65535"), ("ip", "60000")] {

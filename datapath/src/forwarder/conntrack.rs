@@ -150,10 +150,10 @@ impl Tally {
         let xdp = xdp?;
         let committed: u64 = (0..geneflow_abi::MAX_PORTS)
             .filter_map(|slot| xdp.get(&slot, 0).ok())
-            .flat_map(|v| {
+            .map(|v| {
                 v.iter()
                     .map(|c| c.c[ctr::CT_COMMITTED as usize])
-                    .collect::<Vec<_>>()
+                    .sum::<u64>()
             })
             .sum::<u64>()
             + shared.user_total(ctr::CT_COMMITTED);

@@ -48,6 +48,27 @@ pub(crate) struct Scenario {
 }
 
 impl Scenario {
+    /// A packet rate measured through XDP (Mpps against the baseline, with the programs' ns
+    /// per packet), compared with the scenario `vs` if given.
+    fn xdp_rate(
+        name: impl Into<String>,
+        what: impl Into<String>,
+        samples: Vec<f64>,
+        xdp_ns: Vec<f64>,
+        vs: Option<&'static str>,
+    ) -> Self {
+        Scenario {
+            name: name.into(),
+            what: what.into(),
+            unit: "Mpps",
+            samples,
+            vs_baseline: true,
+            vs,
+            error: None,
+            xdp_ns,
+        }
+    }
+
     /// A packet-rate scenario that could not be measured, and why.
     fn failed(name: &str, e: anyhow::Error) -> Self {
         Scenario {

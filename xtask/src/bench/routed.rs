@@ -69,17 +69,14 @@ pub(super) fn routed(ctx: &Ctx) -> Result<Scenario> {
         "routed traffic left XDP: {hits} fast-path hits, {misses} to the slow path"
     );
     eprintln!("    ({hits} routed frames in XDP, {misses} to the slow path)");
-    Ok(Scenario {
-        name: NAME.into(),
-        what: format!(
+    Ok(Scenario::xdp_rate(
+NAME,
+format!(
             "VM ls1 -> XDP: router r1 (MACs, TTL-1) + Geneve -> uplink; {misses} of {} frames via the slow path",
             hits + misses
         ),
-        unit: "Mpps",
-        samples,
-        vs_baseline: true,
-        vs: Some("encap 1000 flows"),
-        error: None,
-        xdp_ns,
-    })
+samples,
+xdp_ns,
+Some("encap 1000 flows"),
+))
 }

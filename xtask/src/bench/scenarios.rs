@@ -61,16 +61,13 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
             error: None,
             xdp_ns: vec![],
         },
-        Scenario {
-            name: "baseline".into(),
-            what: "plain XDP_REDIRECT veth -> veth (the limit)".into(),
-            unit: "Mpps",
+        Scenario::xdp_rate(
+            "baseline",
+            "plain XDP_REDIRECT veth -> veth (the limit)",
             samples,
-            vs_baseline: true,
-            vs: None,
-            error: None,
             xdp_ns,
-        },
+            None,
+        ),
     ])
 }
 
@@ -95,16 +92,13 @@ pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario
             &gen,
             &[prog_on(&ch.ns, "vp-vm1")?],
         )?;
-        sc.push(Scenario {
-            name: format!("encap {flows} flow{}", if flows > 1 { "s" } else { "" }),
-            what: "VM port -> XDP megaflow -> Geneve on the uplink".into(),
-            unit: "Mpps",
-            samples: s,
-            vs_baseline: true,
-            vs: None,
-            error: None,
+        sc.push(Scenario::xdp_rate(
+            format!("encap {flows} flow{}", if flows > 1 { "s" } else { "" }),
+            "VM port -> XDP megaflow -> Geneve on the uplink",
+            s,
             xdp_ns,
-        });
+            None,
+        ));
     }
     for &flows in flow_counts {
         let gen = args(&[
@@ -141,16 +135,13 @@ pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario
             &gen,
             &[prog_on(&ch.ns, "ul")?],
         )?;
-        sc.push(Scenario {
-            name: format!("decap {flows} flow{}", if flows > 1 { "s" } else { "" }),
-            what: "Geneve on the uplink -> XDP decap -> VM port".into(),
-            unit: "Mpps",
-            samples: s,
-            vs_baseline: true,
-            vs: None,
-            error: None,
+        sc.push(Scenario::xdp_rate(
+            format!("decap {flows} flow{}", if flows > 1 { "s" } else { "" }),
+            "Geneve on the uplink -> XDP decap -> VM port",
+            s,
             xdp_ns,
-        });
+            None,
+        ));
     }
     let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
     eprintln!("    (fast-path hits on vp-vm1: {hits})");
@@ -175,16 +166,13 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         prog_on(&tb.chassis[1].ns, "ul")?,
     ];
     let (s, xdp_ns) = ctx.repeat_xdp((&vm3.ns, "eth0"), &vm1.ns, &gen, &progs)?;
-    sc.push(Scenario {
-        name: "end to end UDP 64B".into(),
-        what: "VM ch1 -> encap (XDP) -> underlay veth -> decap (XDP) -> VM ch2".into(),
-        unit: "Mpps",
-        samples: s,
-        vs_baseline: true,
-        vs: Some("OVS afxdp end to end UDP 64B"),
-        error: None,
+    sc.push(Scenario::xdp_rate(
+        "end to end UDP 64B",
+        "VM ch1 -> encap (XDP) -> underlay veth -> decap (XDP) -> VM ch2",
+        s,
         xdp_ns,
-    });
+        Some("OVS afxdp end to end UDP 64B"),
+    ));
     // TCP with iperf3.
     let secs = if o.quick { 2 } else { 10 };
     let tcp = (0..ctx.reps)

@@ -81,19 +81,16 @@ fn established(ctx: &Ctx) -> Result<Scenario> {
     // The first flow's new and established packets, and what arrives meanwhile.
     ensure!(misses < 5_000, "{misses} frames went to the slow path");
     eprintln!("    ({misses} frames via the slow path)");
-    Ok(Scenario {
-        name: NAME.into(),
-        what: format!(
+    Ok(Scenario::xdp_rate(
+NAME,
+format!(
             "as encap 1000 flows, the VM's port in a group: conntrack in XDP, 1000 connections committed by XDP; {misses} frames via the slow path; CT table {entries} entries, {:.1} MB locked",
             memlock as f64 / 1e6
         ),
-        unit: "Mpps",
-        samples,
-        vs_baseline: true,
-        vs: Some("encap 1000 flows"),
-        error: None,
-        xdp_ns,
-    })
+samples,
+xdp_ns,
+Some("encap 1000 flows"),
+))
 }
 
 fn new_connections(ctx: &Ctx, group: bool) -> Result<Scenario> {
@@ -136,16 +133,13 @@ fn new_connections(ctx: &Ctx, group: bool) -> Result<Scenario> {
     } else {
         format!("the same SYNs from a VM without groups: L2 encap, no conntrack; {misses} via the slow path")
     };
-    Ok(Scenario {
-        name: name.into(),
+    Ok(Scenario::xdp_rate(
+        name,
         what,
-        unit: "Mpps",
         samples,
-        vs_baseline: true,
-        vs: group.then_some(SYN_PLAIN),
-        error: None,
         xdp_ns,
-    })
+        group.then_some(SYN_PLAIN),
+    ))
 }
 
 /// The CT map's capacity and the memory the kernel charges for it (bpftool), in the one
