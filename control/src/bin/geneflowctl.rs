@@ -17,6 +17,35 @@ use std::time::Duration;
 
 const DEFAULT_DB: &str = "file:///var/lib/geneflow/nb.json";
 
+/// How to reach a running agent, and how to print what it answers.
+#[derive(clap::Args)]
+struct Agent {
+    /// Agent control socket.
+    #[arg(
+        long,
+        env = "GENEFLOW_CTL",
+        default_value = "/run/geneflow/geneflowd.sock"
+    )]
+    socket: String,
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
+}
+
+impl Agent {
+    fn request(&self, req: &str) -> Result<serde_json::Value> {
+        ctl_request(&self.socket, req)
+    }
+
+    /// Prints `v` as JSON if that is the format asked for; false if the caller prints text.
+    fn printed_json(&self, v: &serde_json::Value) -> Result<bool> {
+        if self.format != "json" {
+            return Ok(false);
+        }
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(true)
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "geneflowctl",
@@ -40,35 +69,19 @@ enum Cmd {
     },
     /// Interfaces the agent has attached, with their logical ports.
     Ports {
-        #[arg(
-            long,
-            env = "GENEFLOW_CTL",
-            default_value = "/run/geneflow/geneflowd.sock"
-        )]
-        socket: String,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
+        #[command(flatten)]
+        agent: Agent,
     },
     /// Megaflows in XDP: match (masked), action, hits, age.
     Flows {
-        #[arg(
-            long,
-            env = "GENEFLOW_CTL",
-            default_value = "/run/geneflow/geneflowd.sock"
-        )]
-        socket: String,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
+        #[command(flatten)]
+        agent: Agent,
     },
     /// Runs a described packet through the agent's logical pipeline and prints each stage and
     /// the final actions, without sending anything (like ovn-trace).
     Trace {
-        #[arg(
-            long,
-            env = "GENEFLOW_CTL",
-            default_value = "/run/geneflow/geneflowd.sock"
-        )]
-        socket: String,
+        #[command(flatten)]
+        agent: Agent,
         /// Logical port name (or local interface) the packet enters on, or "uplink".
         #[arg(long)]
         in_port: String,
@@ -90,36 +103,21 @@ enum Cmd {
         /// IPv4 TTL (default 64).
         #[arg(long)]
         ttl: Option<u8>,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
     },
-    /// Per-interface counters of a running agent.
     /// Conntrack entries of a running agent (zone = logical datapath), or `--flush` them (all,
     /// or one `--zone`).
     Ct {
-        #[arg(
-            long,
-            env = "GENEFLOW_CTL",
-            default_value = "/run/geneflow/geneflowd.sock"
-        )]
-        socket: String,
+        #[command(flatten)]
+        agent: Agent,
         #[arg(long)]
         flush: bool,
         #[arg(long)]
         zone: Option<u32>,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
     },
+    /// Per-interface counters of a running agent.
     Stats {
-        /// Agent control socket.
-        #[arg(
-            long,
-            env = "GENEFLOW_CTL",
-            default_value = "/run/geneflow/geneflowd.sock"
-        )]
-        socket: String,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
+        #[command(flatten)]
+        agent: Agent,
     },
 }
 
@@ -309,22 +307,16 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Nb { db, cmd } => nb(&db, cmd),
-        Cmd::Stats { socket, format } => stats(&socket, &format),
-        Cmd::Ct {
-            socket,
-            flush,
-            zone,
-            format,
-        } => {
+        Cmd::Stats { agent } => stats(&agent),
+        Cmd::Ct { agent, flush, zone } => {
             if flush {
                 let arg = serde_json::json!({ "zone": zone });
-                let v = ctl_request(&socket, &format!("ct-flush {arg}"))?;
+                let v = agent.request(&format!("ct-flush {arg}"))?;
                 println!("flushed {} entries", v["flushed"]);
                 return Ok(());
             }
-            let v = ctl_request(&socket, "ct")?;
-            if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+            let v = agent.request("ct")?;
+            if agent.printed_json(&v)? {
                 return Ok(());
             }
             for e in v["entries"].as_array().cloned().unwrap_or_default() {
@@ -344,10 +336,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Ports { socket, format } => {
-            let v = ctl_request(&socket, "ports")?;
-            if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+        Cmd::Ports { agent } => {
+            let v = agent.request("ports")?;
+            if agent.printed_json(&v)? {
                 return Ok(());
             }
             for p in v["ports"].as_array().cloned().unwrap_or_default() {
@@ -370,10 +361,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Flows { socket, format } => {
-            let v = ctl_request(&socket, "flows")?;
-            if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+        Cmd::Flows { agent } => {
+            let v = agent.request("flows")?;
+            if agent.printed_json(&v)? {
                 return Ok(());
             }
             println!("{} masks", v["masks"]);
@@ -395,7 +385,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Trace {
-            socket,
+            agent,
             in_port,
             eth_src,
             eth_dst,
@@ -405,16 +395,14 @@ fn run(cli: Cli) -> Result<()> {
             sport,
             dport,
             ttl,
-            format,
         } => {
             let req = serde_json::json!({
                 "in_port": in_port, "eth_src": eth_src, "eth_dst": eth_dst,
                 "ip_src": ip_src.map(|i| i.to_string()), "ip_dst": ip_dst.map(|i| i.to_string()),
                 "proto": proto, "sport": sport, "dport": dport, "ttl": ttl,
             });
-            let v = ctl_request(&socket, &format!("trace {req}"))?;
-            if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+            let v = agent.request(&format!("trace {req}"))?;
+            if agent.printed_json(&v)? {
                 return Ok(());
             }
             for (i, st) in v["stages"]
@@ -984,10 +972,9 @@ pub fn ctl_request(socket: &str, req: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-fn stats(socket: &str, format: &str) -> Result<()> {
-    let v = ctl_request(socket, "stats")?;
-    if format == "json" {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+fn stats(agent: &Agent) -> Result<()> {
+    let v = agent.request("stats")?;
+    if agent.printed_json(&v)? {
         return Ok(());
     }
     println!(
