@@ -3,6 +3,7 @@
 //! which the slow path calls per encapsulated frame and which reads a lock-free snapshot.
 
 mod neighbour;
+mod rtnl;
 mod veth;
 pub use neighbour::Neighbours;
 

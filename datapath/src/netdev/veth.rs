@@ -4,7 +4,7 @@
 //! `ETHTOOL_SGRO` turns GRO on from a short-lived thread that entered the namespace
 //! (`setns` changes the namespace of the calling thread only).
 
-use super::neighbour::{request, request_socket};
+use super::rtnl::{request, request_socket};
 use netlink_packet_core::NLM_F_REQUEST;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
