@@ -1,0 +1,193 @@
+//! The megaflow table: datapath generations, installs, the mask lists and their order,
+//! sweeps and inspection.
+
+use super::*;
+
+impl Bpf {
+    pub(super) fn set_gen(&mut self, dp: u32, fingerprint: u64) -> Result<(), LoaderError> {
+        let g = DpGen {
+            generation: self.next_gen,
+            pad: 0,
+            fingerprint,
+        };
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.gens.insert(dp, g, 0).map_err(map_err("GENS"))?;
+        self.live_gens.insert(dp, g);
+        Ok(())
+    }
+
+    /// Brings the generations in line with the datapaths' fingerprints (`fingerprints` holds
+    /// every live datapath): a datapath whose fingerprint changed, or that is new, gets a new
+    /// generation, which makes all its entries stale in O(1); removed datapaths are forgotten.
+    /// Datapaths whose fingerprint is unchanged keep their entries, across restarts too.
+    /// Returns the datapaths that changed.
+    pub fn set_generations(
+        &mut self,
+        fingerprints: &BTreeMap<u32, u64>,
+    ) -> Result<Vec<u32>, LoaderError> {
+        let mut changed = Vec::new();
+        for (&dp, &fp) in fingerprints {
+            if self.live_gens.get(&dp).map(|g| g.fingerprint) != Some(fp) {
+                self.set_gen(dp, fp)?;
+                changed.push(dp);
+            }
+        }
+        let gone: Vec<u32> = self
+            .live_gens
+            .keys()
+            .copied()
+            .filter(|dp| !fingerprints.contains_key(dp))
+            .collect();
+        for dp in gone {
+            self.live_gens.remove(&dp);
+            let _ = self.gens.remove(&dp);
+            changed.push(dp);
+        }
+        Ok(changed)
+    }
+
+    /// Orders each mask list by the packets its masks matched since the last call, most
+    /// first (ties keep install order): the tuple-space search then finds most packets'
+    /// entries with its first probe. CONFIG is written only when the order changes; a packet
+    /// that reads it mid-write at worst misses once (the slow path answers the same).
+    pub fn reorder_masks(&mut self) -> Result<bool, LoaderError> {
+        let mut hits = [0u64; (MAX_MASKS * MASK_LISTS) as usize];
+        for (i, h) in hits.iter_mut().enumerate() {
+            *h = self
+                .mask_hits
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+        }
+        let mut changed = false;
+        for l in 0..MASK_LISTS as usize {
+            let base = l * MAX_MASKS as usize;
+            let n = self.mask_lists[l].len();
+            let delta = |s: u8| {
+                hits[base + s as usize].saturating_sub(self.last_mask_hits[base + s as usize])
+            };
+            let mut order: Vec<u8> = (0..n as u8).collect();
+            order.sort_by_key(|&s| std::cmp::Reverse(delta(s)));
+            if order[..] != self.order[l][..n] {
+                self.order[l][..n].copy_from_slice(&order);
+                changed = true;
+            }
+        }
+        self.last_mask_hits = hits;
+        if changed {
+            self.write_config()?;
+        }
+        Ok(changed)
+    }
+
+    /// Makes every entry of every datapath stale (e.g. a next hop changed).
+    pub fn invalidate_all(&mut self) -> Result<(), LoaderError> {
+        let all: Vec<(u32, u64)> = self
+            .live_gens
+            .iter()
+            .map(|(dp, g)| (*dp, g.fingerprint))
+            .collect();
+        for (dp, fp) in all {
+            self.set_gen(dp, fp)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the entries whose action `keep` rejects. Returns how many went.
+    pub fn retain(&mut self, keep: impl Fn(&FlowAction) -> bool) -> usize {
+        let doomed: Vec<FlowKey> = self
+            .installed
+            .iter()
+            .filter(|(_, (a, _))| !keep(a))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &doomed {
+            let _ = self.flows.remove(k);
+            self.installed.remove(k);
+        }
+        doomed.len()
+    }
+
+    /// Installs a megaflow for frames arriving on a port of mask list `list` (`mask_list::*`).
+    pub fn install(&mut self, m: &Megaflow, list: u32) -> Result<Install, LoaderError> {
+        let Some(generation) = self.live_gens.get(&m.action.dp_key).map(|g| g.generation) else {
+            return Ok(Install::Refused);
+        };
+        let l = (list as usize).min(MASK_LISTS as usize - 1);
+        let base = l as u32 * MAX_MASKS;
+        let id = match self.mask_lists[l].iter().position(|k| *k == m.mask) {
+            Some(i) => base + i as u32,
+            None => {
+                if self.mask_lists[l].len() >= MAX_MASKS as usize {
+                    return Ok(Install::Refused);
+                }
+                let id = base + self.mask_lists[l].len() as u32;
+                self.masks.set(id, m.mask, 0).map_err(map_err("MASKS"))?;
+                self.mask_lists[l].push(m.mask);
+                // A new mask goes last in the order until its hits move it up.
+                let n = self.mask_lists[l].len();
+                self.order[l][n - 1] = (n - 1) as u8;
+                self.write_config()?;
+                id
+            }
+        };
+        let mut key = m.key.masked(&m.mask);
+        key.mask_id = id as u8;
+        let mut action = m.action;
+        action.generation = generation;
+        if self.installed.get(&key).map(|(a, _)| a) == Some(&action) {
+            return Ok(Install::AlreadyPresent);
+        }
+        if self.installed.len() >= MAX_FLOWS as usize {
+            self.sweep();
+            if self.installed.len() >= MAX_FLOWS as usize {
+                return Ok(Install::Refused);
+            }
+        }
+        self.flows
+            .insert(key, action, 0)
+            .map_err(map_err("FLOWS"))?;
+        self.installed
+            .insert(key, (action, std::time::Instant::now()));
+        Ok(Install::Installed)
+    }
+
+    /// Deletes entries whose datapath generation moved on. Returns how many were removed.
+    pub fn sweep(&mut self) -> usize {
+        let gens = std::mem::take(&mut self.live_gens);
+        let n = self.retain(|a| gens.get(&a.dp_key).map(|g| g.generation) == Some(a.generation));
+        self.live_gens = gens;
+        n
+    }
+
+    /// Every installed megaflow with its mask, XDP hit count and age.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let mut out: Vec<FlowInfo> = self
+            .installed
+            .iter()
+            .map(|(k, (a, t))| FlowInfo {
+                key: *k,
+                mask: self
+                    .mask_lists
+                    .get(k.mask_id as usize / MAX_MASKS as usize)
+                    .and_then(|l| l.get(k.mask_id as usize % MAX_MASKS as usize))
+                    .copied()
+                    .unwrap_or_default(),
+                action: *a,
+                hits: self.flows.get(k, 0).map(|v| v.hits).unwrap_or(0),
+                age: t.elapsed(),
+                stale: self.live_gens.get(&a.dp_key).map(|g| g.generation) != Some(a.generation),
+            })
+            .collect();
+        out.sort_by_key(|f| std::cmp::Reverse(f.hits));
+        out
+    }
+
+    pub fn megaflow_count(&self) -> usize {
+        self.installed.len()
+    }
+
+    pub fn mask_count(&self) -> usize {
+        self.mask_lists.iter().map(Vec::len).sum()
+    }
+}
