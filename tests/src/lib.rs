@@ -196,6 +196,59 @@ pub fn wait_applied(tb: &Testbed, chassis: &str, before: u64) -> Result<()> {
     Ok(())
 }
 
+/// Tenant `t` gets switches `<t>-ls1` (10.1.0.0/24) and `<t>-ls2` (10.2.0.0/24) joined by
+/// router `<t>-r` (port `<t>-r-ls<i>`, MAC `tenant_router_mac(base, i)`, the subnet's first
+/// address); `base` offsets the tunnel keys.
+pub fn add_routed_tenant(tb: &Testbed, t: &str, base: u32) -> Result<()> {
+    for (i, sw) in ["ls1", "ls2"].iter().enumerate() {
+        let name = format!("{t}-{sw}");
+        tb.nbctl(&[
+            "ls-add",
+            &name,
+            "--key",
+            &(base + i as u32).to_string(),
+            "--tenant",
+            t,
+        ])?;
+        tb.nbctl(&[
+            "subnet-add",
+            &name,
+            &format!("{t}-s{}", i + 1),
+            &format!("10.{}.0.0/24", i + 1),
+            "--gateway",
+            &format!("10.{}.0.1", i + 1),
+        ])?;
+    }
+    let r = format!("{t}-r");
+    tb.nbctl(&[
+        "lr-add",
+        &r,
+        "--key",
+        &(base + 10).to_string(),
+        "--tenant",
+        t,
+    ])?;
+    for i in 1..=2 {
+        tb.nbctl(&[
+            "lrp-add",
+            &r,
+            &format!("{r}-ls{i}"),
+            &tenant_router_mac(base, i),
+            &format!("10.{i}.0.1/24"),
+            "--key",
+            "100",
+            "--switch",
+            &format!("{t}-ls{i}"),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The MAC of router port `i` (1 or 2) of the tenant added with `base`.
+pub fn tenant_router_mac(base: u32, i: u32) -> String {
+    format!("0a:00:00:00:ff:{:02x}", base as u8 + i as u8)
+}
+
 /// Whether one ping from `from` to `ip` gets an answer within 300 ms.
 pub fn reachable(tb: &Testbed, from: &str, ip: &str) -> bool {
     let Ok(vm) = tb.vm(from) else { return false };

@@ -8,53 +8,6 @@ use geneflow_tests::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Tenant `t` gets switches `<t>-ls1` (10.1.0.0/24) and `<t>-ls2` (10.2.0.0/24) joined by
-/// router `<t>-r`; `base` offsets the tunnel keys.
-fn add_tenant(tb: &Testbed, t: &str, base: u32) -> Result<()> {
-    for (i, sw) in ["ls1", "ls2"].iter().enumerate() {
-        let name = format!("{t}-{sw}");
-        tb.nbctl(&[
-            "ls-add",
-            &name,
-            "--key",
-            &(base + i as u32).to_string(),
-            "--tenant",
-            t,
-        ])?;
-        tb.nbctl(&[
-            "subnet-add",
-            &name,
-            &format!("{t}-s{}", i + 1),
-            &format!("10.{}.0.0/24", i + 1),
-            "--gateway",
-            &format!("10.{}.0.1", i + 1),
-        ])?;
-    }
-    let r = format!("{t}-r");
-    tb.nbctl(&[
-        "lr-add",
-        &r,
-        "--key",
-        &(base + 10).to_string(),
-        "--tenant",
-        t,
-    ])?;
-    for i in 1..=2 {
-        tb.nbctl(&[
-            "lrp-add",
-            &r,
-            &format!("{r}-ls{i}"),
-            &format!("0a:00:00:00:ff:{:02x}", base as u8 + i as u8),
-            &format!("10.{i}.0.1/24"),
-            "--key",
-            "100",
-            "--switch",
-            &format!("{t}-ls{i}"),
-        ])?;
-    }
-    Ok(())
-}
-
 /// ch1: vm1 (ls1 10.1.0.11), vm3 (ls2 10.2.0.13); ch2: vm2 (ls2 10.2.0.12), vm4 (ls1
 /// 10.1.0.14); tenant b, same addresses: vm5 (ls1 10.1.0.11) on ch2, vm6 (ls2 10.2.0.12) on ch1.
 fn routed(tag: &str, mtu: u32) -> Result<Testbed> {
@@ -62,8 +15,8 @@ fn routed(tag: &str, mtu: u32) -> Result<Testbed> {
     let mut tb = Testbed::new(tag)?;
     tb.add_chassis("ch1")?;
     tb.add_chassis("ch2")?;
-    add_tenant(&tb, "ta", 1000)?;
-    add_tenant(&tb, "tb", 2000)?;
+    add_routed_tenant(&tb, "ta", 1000)?;
+    add_routed_tenant(&tb, "tb", 2000)?;
     for (vm, ch, t, sw, key, ip) in [
         ("vm1", "ch1", "ta", 1, 1, "10.1.0.11"),
         ("vm2", "ch2", "ta", 2, 2, "10.2.0.12"),

@@ -310,39 +310,9 @@ fn no_frame_a_vm_can_craft_reaches_another_tenant() -> Result<()> {
     let mut tb = Testbed::new("sf")?;
     tb.add_chassis("ch1")?;
     tb.add_chassis("ch2")?;
-    // Two tenants with the same subnet and addresses, each with its router.
-    for (t, key) in [("ta", 1000u32), ("tb", 2000)] {
-        let ls = format!("{t}-ls");
-        tb.nbctl(&["ls-add", &ls, "--key", &key.to_string(), "--tenant", t])?;
-        tb.nbctl(&[
-            "subnet-add",
-            &ls,
-            &format!("{t}-s"),
-            "10.1.0.0/24",
-            "--gateway",
-            "10.1.0.1",
-        ])?;
-        let r = format!("{t}-r");
-        tb.nbctl(&[
-            "lr-add",
-            &r,
-            "--key",
-            &(key + 10).to_string(),
-            "--tenant",
-            t,
-        ])?;
-        tb.nbctl(&[
-            "lrp-add",
-            &r,
-            &format!("{r}-p"),
-            &format!("0a:00:00:00:ff:{:02x}", key / 1000),
-            "10.1.0.1/24",
-            "--key",
-            "100",
-            "--switch",
-            &ls,
-        ])?;
-    }
+    // Two tenants with the same subnets and addresses, each with its router.
+    add_routed_tenant(&tb, "ta", 1000)?;
+    add_routed_tenant(&tb, "tb", 2000)?;
     for (vm, ch, t, key, ip) in [
         ("vm1", "ch1", "ta", 1, "10.1.0.11"),
         ("vm2", "ch2", "ta", 2, "10.1.0.12"),
@@ -352,7 +322,7 @@ fn no_frame_a_vm_can_craft_reaches_another_tenant() -> Result<()> {
         tb.add_routed_vm(
             vm,
             ch,
-            &format!("{t}-ls"),
+            &format!("{t}-ls1"),
             key,
             &format!("{ip}/24"),
             "10.1.0.1",
@@ -373,9 +343,11 @@ fn no_frame_a_vm_can_craft_reaches_another_tenant() -> Result<()> {
     let vm1 = tb.vm("vm1")?.clone();
     // Tenant b's VMs and router, and tenant a's own router (its routing must not leak).
     let victims_mac = format!(
-        "{},{},0a:00:00:00:ff:02,0a:00:00:00:ff:01",
+        "{},{},{},{}",
         tb.vm("vm5")?.mac,
-        tb.vm("vm6")?.mac
+        tb.vm("vm6")?.mac,
+        tenant_router_mac(2000, 1),
+        tenant_router_mac(1000, 1)
     );
     let underlay = tb
         .chassis
