@@ -73,7 +73,9 @@ struct Agent {
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<NbStatus>>,
     compiler: Compiler,
-    sent_once: bool,
+    /// The accepted underlay peers of the last pipeline sent; `None` before the first. A
+    /// chassis added or removed changes no datapath, yet the forwarder must hear of it.
+    sent_peers: Option<BTreeSet<std::net::Ipv4Addr>>,
     logged_rejections: BTreeSet<String>,
     last_data_error: Option<String>,
     /// Ports accepted by the last validation: they keep their keys against newcomers.
@@ -95,7 +97,7 @@ fn run(
         wake,
         stop,
         status,
-        sent_once: false,
+        sent_peers: None,
         logged_rejections: BTreeSet::new(),
         last_data_error: None,
         incumbents: BTreeSet::new(),
@@ -305,7 +307,7 @@ impl Agent {
             s.last_compile_us = compile_time.as_micros() as u64;
             s.rejected_records = rejected;
         });
-        if changed.is_empty() && self.sent_once {
+        if changed.is_empty() && self.sent_peers.as_ref() == Some(&p.peer_ips) {
             return;
         }
         info!(
@@ -315,7 +317,7 @@ impl Agent {
             compile_us = compile_time.as_micros() as u64,
             "pipeline compiled"
         );
-        self.sent_once = true;
+        self.sent_peers = Some(p.peer_ips.clone());
         let upd = PipelineUpdate {
             pipeline: Arc::new(p.clone()),
             noticed,
