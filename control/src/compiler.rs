@@ -5,6 +5,7 @@
 //! is compiled: the chassis never holds state for tenants it does not serve.
 
 use crate::acl::PortAcl;
+use crate::dhcp::DhcpLease;
 use crate::model::{Mac, NbDocument};
 use crate::port_security::PortSecurity;
 pub use crate::router::{CompiledRoute, CompiledRouterPort, Router};
@@ -33,6 +34,9 @@ pub struct CompiledPort {
     pub security: Option<PortSecurity>,
     /// Its security groups' rules, for a port bound here; `None` without groups (no ACL).
     pub acl: Option<PortAcl>,
+    /// What the local DHCP responder gives it, for a port bound here with a fixed IP in a
+    /// subnet with DHCP on.
+    pub dhcp: Option<Arc<DhcpLease>>,
 }
 
 /// Who owns an IPv4 address on a switch (a logical port's fixed IP or a router port's
@@ -327,6 +331,7 @@ fn compile_datapath(
             );
         }
     }
+    let mut servers = Vec::new();
     for lp in ports {
         let location = match (&lp.chassis, &lp.iface) {
             (Some(c), Some(i)) if c == chassis => PortLocation::Local { iface: i.clone() },
@@ -349,6 +354,13 @@ fn compile_datapath(
                 key: lp.port_key,
             });
         }
+        let local = matches!(location, PortLocation::Local { .. });
+        let dhcp = local
+            .then(|| crate::dhcp::lease_for(doc, lp, sw.tunnel_key, sw.mtu))
+            .flatten();
+        if let Some(l) = &dhcp {
+            servers.push((l.server_id, l.server_mac));
+        }
         dp.ports.insert(
             lp.port_key,
             CompiledPort {
@@ -356,13 +368,16 @@ fn compile_datapath(
                 mac: lp.mac,
                 key: lp.port_key,
                 security: PortSecurity::of(lp),
-                acl: match location {
-                    PortLocation::Local { .. } => PortAcl::of(lp, doc),
-                    _ => None,
-                },
+                acl: if local { PortAcl::of(lp, doc) } else { None },
+                dhcp: dhcp.map(Arc::new),
                 location,
             },
         );
+    }
+    // DHCP renewals go unicast to the server identifier: the ARP responder answers for it
+    // (a router port's address is in the table already; a port's own address wins).
+    for (ip, mac) in servers {
+        dp.ips.entry(ip).or_insert(IpOwner { mac, key: 0 });
     }
     dp
 }

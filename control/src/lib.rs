@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod agent;
 pub mod compiler;
+pub mod dhcp;
 pub mod kv;
 pub mod model;
 pub mod nb;

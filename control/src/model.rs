@@ -217,8 +217,19 @@ pub struct Subnet {
     pub dhcp_options: BTreeMap<String, String>,
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// Routes DHCP hands out (option 121), like Neutron's subnet host routes.
+    #[serde(default)]
+    pub host_routes: Vec<HostRoute>,
     #[serde(default)]
     pub version: u64,
+}
+
+/// A route a subnet's DHCP gives its VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostRoute {
+    pub prefix: Ipv4Net,
+    pub nexthop: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -648,7 +659,8 @@ impl NbDocument {
                         )));
                     }
                 }
-                Ok(())
+                crate::dhcp::check_options(s)?;
+                crate::dhcp::check_host_routes(s)
             });
             keep!(subnets, "subnet", k, s, res);
         }
@@ -955,6 +967,7 @@ mod tests {
                 dhcp: false,
                 dhcp_options: BTreeMap::new(),
                 dns: vec![],
+                host_routes: vec![],
                 version: 0,
             },
         );

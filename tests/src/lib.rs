@@ -169,6 +169,18 @@ pub fn within(
 }
 
 /// Pipelines `chassis` has applied so far (stats `pipelines_applied`).
+/// Polls a counter until it reaches `want` (up to 5 s); returns its last value.
+pub fn counter_reaches(tb: &Testbed, chassis: &str, iface: &str, name: &str, want: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let v = tb.counter(chassis, iface, name).unwrap_or(0);
+        if v >= want || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub fn pipelines_applied(tb: &Testbed, chassis: &str) -> Result<u64> {
     tb.stats(chassis)?["pipelines_applied"]
         .as_u64()

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use geneflow_tests::*;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Sends `count` frames of `kind` (see tests/scripts/spoof.py) from VM `from` to VM `to`, UDP
 /// ones to port `dport` with sequence numbers 0.. (as gf-udp counts them).
@@ -24,18 +24,6 @@ fn spoof(tb: &Testbed, from: &str, kind: &str, to: &str, count: u32, dport: u16)
         bail!("spoof.py failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
-}
-
-/// Waits up to 2 s for counter `name` of `iface` on `chassis` to reach `want`; returns it.
-fn counter_reaches(tb: &Testbed, chassis: &str, iface: &str, name: &str, want: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let v = tb.counter(chassis, iface, name).unwrap_or(0);
-        if v >= want || Instant::now() > deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

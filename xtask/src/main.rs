@@ -72,6 +72,8 @@ const APT: &[&str] = &[
     "python3-scapy",
     "bpftool",
     "protobuf-compiler",
+    "udhcpc",
+    "isc-dhcp-client",
     "etcd-server",
     "etcd-client",
     "redis-server",

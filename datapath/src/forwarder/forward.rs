@@ -38,6 +38,7 @@ impl Forwarder {
             encap_buf,
             txbuf,
             answers,
+            dhcp_answers,
             drop_installs,
             uplink_ifindex,
             uplink_mac,
@@ -87,16 +88,22 @@ impl Forwarder {
             if a.kind == AnswerKind::IcmpTimeExceeded {
                 shared.count(in_slot, ctr::TTL_EXPIRED, 1);
             }
-            if !answers.allow(a.source, arrived) {
+            // DHCP clients have no address yet: their budget is per port.
+            let allowed = if a.kind == AnswerKind::Dhcp {
+                dhcp_answers.allow_key(in_ifindex, arrived)
+            } else {
+                answers.allow(a.source, arrived)
+            };
+            if !allowed {
                 shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
                 return;
             }
             shared.count(
                 in_slot,
-                if a.kind == AnswerKind::ArpReply {
-                    ctr::ARP_REPLY
-                } else {
-                    ctr::ICMP_SENT
+                match a.kind {
+                    AnswerKind::ArpReply => ctr::ARP_REPLY,
+                    AnswerKind::Dhcp => ctr::DHCP_REPLY,
+                    _ => ctr::ICMP_SENT,
                 },
                 1,
             );

@@ -90,6 +90,8 @@ pub struct Forwarder {
     pending: pending::Pending,
     /// Per-source budget of generated answers.
     answers: RateLimiter,
+    /// Per-port budget of DHCP answers (clients have no address to key on).
+    dhcp_answers: RateLimiter,
     /// Per-port budget of drop megaflows: a VM forging a new source on every frame would
     /// otherwise fill the megaflow table with drop entries (65,536 in well under a second)
     /// and push everyone's flows to the slow path. Past it, drops stay in the slow path,
@@ -197,6 +199,9 @@ impl Forwarder {
             pending: pending::Pending::new(STRIDE),
             ct_expiry_stop: Arc::new(AtomicBool::new(false)),
             answers: RateLimiter::new(100.0, 50.0, 5000.0),
+            // Per port: 20 DHCP answers/s, bursts of 20 (a client needs 2 per lease, a few
+            // more when it retries); 5000/s in all, bursts of 1250 (a host's boot storm).
+            dhcp_answers: RateLimiter::new(20.0, 20.0, 5000.0),
             // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
             drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),
             pollfds: Vec::new(),

@@ -48,7 +48,9 @@ pub(super) fn error(
                 next_hop_mtu: mtu,
             })
         }
-        AnswerKind::ArpReply | AnswerKind::IcmpEchoReply => return Err(DropReason::Malformed),
+        AnswerKind::ArpReply | AnswerKind::IcmpEchoReply | AnswerKind::Dhcp => {
+            return Err(DropReason::Malformed)
+        }
     };
     let hdr = ip.slice();
     let body = &r.frame[14 + hdr.len()..];

@@ -8,8 +8,9 @@
 //! mask every field it consulted (as OVS accumulates wildcards), so the entry installed for one
 //! packet is right for every packet it matches.
 //!
-//! - from a VM port (logical switch ingress): `port_security` -> `acl` -> `arp_responder` ->
-//!   `dhcp` -> `l2_lookup` -> `output`, or through a router:
+//! - from a VM port (logical switch ingress): `port_security` -> `dhcp` (answered locally,
+//!   before the ACL: DHCP to the local server is always allowed) -> `acl` -> `arp_responder`
+//!   -> `l2_lookup` -> `output`, or through a router:
 //! - logical router (`router/`): `admission` -> `ip_input` -> `dnat` -> `routing` ->
 //!   `next_hop` -> `snat` -> `output` into the destination switch;
 //! - from the uplink: `tunnel_rx` (outer headers, Geneve, datapath and port keys) ->
@@ -36,6 +37,8 @@ mod test_nb;
 mod tests;
 #[cfg(test)]
 mod tests_acl;
+#[cfg(test)]
+mod tests_dhcp;
 #[cfg(test)]
 mod tests_router;
 #[cfg(test)]
@@ -83,6 +86,8 @@ pub enum DropReason {
     UnknownSource,
     BadLength,
     Acl,
+    DhcpMalformed,
+    DhcpServer,
 }
 
 impl DropReason {
@@ -135,6 +140,8 @@ impl DropReason {
             DropReason::UnknownSource => ctr::DROP_UNKNOWN_SOURCE,
             DropReason::BadLength => ctr::DROP_BAD_LENGTH,
             DropReason::Acl => ctr::DROP_ACL,
+            DropReason::DhcpMalformed => ctr::DROP_DHCP_MALFORMED,
+            DropReason::DhcpServer => ctr::DROP_DHCP_SERVER,
         }
     }
 }
@@ -182,6 +189,8 @@ pub enum AnswerKind {
     IcmpNetUnreachable,
     IcmpHostUnreachable,
     IcmpFragNeeded,
+    /// A DHCP answer (rate limited per port, not per source).
+    Dhcp,
 }
 
 /// A generated frame: its kind, and the address that asked for it (the rate-limit key).
@@ -274,10 +283,6 @@ impl<'a> Run<'a> {
             ct_commit: [0; 2],
             trace,
         }
-    }
-
-    pub fn tracing(&self) -> bool {
-        self.trace.is_some()
     }
 
     /// Records what `stage` decided (only when tracing: the closure is not run otherwise).
@@ -474,11 +479,13 @@ impl Tables {
             )
         });
         port_security::ingress(r, dp, inp.port_key)?;
+        if let Some(d) = dhcp::run(r, dp, inp.port_key, out, buf)? {
+            return Ok(d);
+        }
         acl::from_lport(r, dp, inp.port_key)?;
         if let Some(d) = arp_responder::run(r, dp, inp.port_key, out, buf)? {
             return Ok(d);
         }
-        dhcp::run(r, dp, inp.port_key)?;
         match l2_lookup::run(r, dp, inp.port_key, out)? {
             l2_lookup::L2::Flooded => Ok(r.decision(0)),
             l2_lookup::L2::Port(port) => output::to_port(r, dp, inp.port_key, port, out, None),

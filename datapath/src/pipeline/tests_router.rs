@@ -35,6 +35,7 @@ fn doc() -> NbDocument {
                 dhcp: false,
                 dhcp_options: Default::default(),
                 dns: vec![],
+                host_routes: vec![],
                 version: 0,
             },
         );

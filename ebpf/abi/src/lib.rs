@@ -439,10 +439,17 @@ pub mod ctr {
     /// Connections committed to conntrack (by XDP or the slow path): with the entry count and
     /// the deletions, what tells how many a full table evicted.
     pub const CT_COMMITTED: u32 = 50;
+    /// DHCP answers the local responder sent (OFFER, ACK, NAK).
+    pub const DHCP_REPLY: u32 = 51;
+    /// DHCP requests that do not parse (truncated, bad hlen or magic, option overflow, a
+    /// server message sent to the server port).
+    pub const DROP_DHCP_MALFORMED: u32 = 52;
+    /// A DHCP server answer (UDP 67 -> 68) from a VM port with port security on.
+    pub const DROP_DHCP_SERVER: u32 = 53;
     pub const COUNT: u32 = 64;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 51] = [
+    pub const NAMES: [(u32, &str); 54] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -497,6 +504,9 @@ pub mod ctr {
         (DROP_UNKNOWN_GROUP, "drop_unknown_group"),
         (DROP_ACL, "drop_acl"),
         (CT_COMMITTED, "ct_committed"),
+        (DHCP_REPLY, "dhcp_reply"),
+        (DROP_DHCP_MALFORMED, "drop_dhcp_malformed"),
+        (DROP_DHCP_SERVER, "drop_dhcp_server"),
     ];
 }
 

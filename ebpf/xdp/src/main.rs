@@ -210,6 +210,14 @@ mod prog {
         let list = if port.kind == port_kind::UPLINK {
             mask_list::UPLINK
         } else {
+            // DHCP from a VM (to a server, or posing as one) is the slow path's to answer or
+            // refuse, before any megaflow: so no megaflow of other traffic needs the UDP ports.
+            if key.eth_type == ETH_P_IPV4.to_be()
+                && key.ip_proto == IPPROTO_UDP
+                && (key.l4_dst == 67u16.to_be() || key.l4_dst == 68u16.to_be())
+            {
+                return to_slow_path(&ctx, slot, 0);
+            }
             mask_list::VM
         };
         let zone = if port.kind == port_kind::UPLINK {

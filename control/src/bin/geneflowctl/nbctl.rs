@@ -3,9 +3,9 @@
 use anyhow::Result;
 use clap::Subcommand;
 use geneflow_control::model::{
-    AddressPair, Chassis, Direction, EtherType, FloatingIp, Ipv4Net, LogicalPort, LogicalRouter,
-    LogicalSwitch, Mac, ModelError, Route, RouterPort, SecurityGroup, SgRule, Subnet,
-    DEFAULT_TENANT,
+    AddressPair, Chassis, Direction, EtherType, FloatingIp, HostRoute, Ipv4Net, LogicalPort,
+    LogicalRouter, LogicalSwitch, Mac, ModelError, Route, RouterPort, SecurityGroup, SgRule,
+    Subnet, DEFAULT_TENANT,
 };
 use geneflow_control::nb;
 use std::collections::BTreeMap;
@@ -51,6 +51,9 @@ pub(crate) enum NbCmd {
         dhcp_options: Vec<String>,
         #[arg(long)]
         dns: Vec<Ipv4Addr>,
+        /// A route DHCP gives the VMs (option 121), as PREFIX,NEXTHOP (repeatable).
+        #[arg(long = "host-route")]
+        host_routes: Vec<String>,
     },
     SubnetDel {
         name: String,
@@ -300,6 +303,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
             dhcp,
             dhcp_options,
             dns,
+            host_routes,
         } => {
             if d.subnets.contains_key(&name) {
                 return Err(dup("subnet", &name));
@@ -314,6 +318,15 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
                     .ok_or_else(|| format!("DHCP option {o:?}: want key=value"))?;
                 opts.insert(k.to_string(), v.to_string());
             }
+            let mut routes = Vec::new();
+            for r in host_routes {
+                let bad = || format!("host route {r:?}: want PREFIX,NEXTHOP");
+                let (p, nh) = r.split_once(',').ok_or_else(bad)?;
+                routes.push(HostRoute {
+                    prefix: net(p.trim())?,
+                    nexthop: nh.trim().parse().map_err(|_| bad())?,
+                });
+            }
             d.subnets.insert(
                 name.clone(),
                 Subnet {
@@ -324,6 +337,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
                     dhcp,
                     dhcp_options: opts,
                     dns,
+                    host_routes: routes,
                     version: 0,
                 },
             );
