@@ -71,6 +71,9 @@ pub struct Datapath {
     pub ips: BTreeMap<Ipv4Addr, IpOwner>,
     /// Router ports on this switch by MAC (only routers this chassis compiled).
     pub router_ports: BTreeMap<Mac, RouterAttach>,
+    /// A provider network's physnet name: the switch is bridged to a local interface and
+    /// never tunnelled.
+    pub provider: Option<String>,
 }
 
 impl Datapath {
@@ -276,7 +279,8 @@ impl Compiler {
                 .filter(|k| compiled.contains(k))
         };
         for name in &routers {
-            if let Some(r) = crate::router::compile_router(doc, name, &switch_key, &mut p.problems)
+            if let Some(r) =
+                crate::router::compile_router(doc, name, &chassis, &switch_key, &mut p.problems)
             {
                 let r = match old.routers.get(&r.tunnel_key) {
                     Some(o) if **o == r => o.clone(),
@@ -306,6 +310,7 @@ fn compile_datapath(
         remote_chassis: BTreeSet::new(),
         ips: BTreeMap::new(),
         router_ports: BTreeMap::new(),
+        provider: sw.provider.clone(),
     };
     for rp in doc.router_ports.values() {
         if rp.switch.as_deref() != Some(sw.name.as_str()) {
@@ -407,6 +412,7 @@ mod tests {
                     tunnel_key: k,
                     mtu: DEFAULT_MTU,
                     tenant: format!("t-{n}"),
+                    provider: None,
                     version: 0,
                 },
             );

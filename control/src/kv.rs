@@ -319,6 +319,7 @@ mod tests {
                 tunnel_key: 5,
                 mtu: DEFAULT_MTU,
                 tenant: "blue".into(),
+                provider: None,
                 version: 1,
             },
         );

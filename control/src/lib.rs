@@ -7,6 +7,7 @@ pub mod compiler;
 pub mod dhcp;
 pub mod kv;
 pub mod model;
+pub mod nat;
 pub mod nb;
 pub mod port_security;
 pub mod router;

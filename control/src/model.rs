@@ -199,6 +199,11 @@ pub struct LogicalSwitch {
     /// Tenant (distribution topic): agents hold only the tenants they serve.
     #[serde(default = "default_tenant")]
     pub tenant: String,
+    /// A provider (physical) network instead of an overlay: the physnet name each chassis maps
+    /// to a local interface (`geneflowd --provider NAME=IFACE`). Its traffic is never
+    /// tunnelled.
+    #[serde(default)]
+    pub provider: Option<String>,
     #[serde(default)]
     pub version: u64,
 }
@@ -504,6 +509,9 @@ impl LogicalSwitch {
     pub fn validate(&self) -> Result<(), ModelError> {
         check_name(&self.name)?;
         check_name(&self.tenant)?;
+        if let Some(p) = &self.provider {
+            check_name(p)?;
+        }
         if self.tunnel_key == 0 || self.tunnel_key > MAX_TUNNEL_KEY {
             return Err(ModelError::TunnelKeyRange(self.tunnel_key));
         }
@@ -792,8 +800,38 @@ impl NbDocument {
                     if !doc.routers.contains_key(&f.router) {
                         return Err(unknown("router", &f.router));
                     }
-                    if !doc.ports.contains_key(&f.port) {
+                    let Some(port) = doc.ports.get(&f.port) else {
                         return Err(unknown("port", &f.port));
+                    };
+                    // The router needs a gateway port: one on a provider network whose subnet
+                    // holds the external address; and a port on the fixed port's switch.
+                    let on = |rp: &&RouterPort, sw: &str| {
+                        rp.router == f.router && rp.switch.as_deref() == Some(sw)
+                    };
+                    let gateway = doc.router_ports.values().any(|rp| {
+                        rp.switch.as_deref().is_some_and(|sw| {
+                            doc.switches.get(sw).is_some_and(|s| s.provider.is_some())
+                                && on(&rp, sw)
+                                && rp.network.contains(f.external_ip)
+                        })
+                    });
+                    if !gateway {
+                        return Err(ModelError::Invalid(format!(
+                            "router {:?} has no port on a provider network holding {}",
+                            f.router, f.external_ip
+                        )));
+                    }
+                    if !doc.router_ports.values().any(|rp| on(&rp, &port.switch)) {
+                        return Err(ModelError::Invalid(format!(
+                            "router {:?} has no port on switch {:?} of port {:?}",
+                            f.router, port.switch, f.port
+                        )));
+                    }
+                    if port.ips.is_empty() {
+                        return Err(ModelError::Invalid(format!(
+                            "port {:?} has no fixed IP to map {} to",
+                            f.port, f.external_ip
+                        )));
                     }
                     if let Some(o) = ext.get(&f.external_ip) {
                         return Err(ModelError::Invalid(format!(
@@ -876,6 +914,7 @@ mod tests {
                 tunnel_key: 7,
                 mtu: DEFAULT_MTU,
                 tenant: "t1".into(),
+                provider: None,
                 version: 0,
             },
         );

@@ -5,6 +5,7 @@
 //! Dragonflow's `l3_proactive`).
 
 use crate::model::{Ipv4Net, Mac, NbDocument};
+pub use crate::nat::CompiledFip;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -46,6 +47,10 @@ pub struct Router {
     pub ports: Vec<CompiledRouterPort>,
     /// Longest prefix first; among equal prefixes connected routes first. The first match wins.
     pub routes: Vec<CompiledRoute>,
+    /// Index into `ports` of the gateway port: the one on a provider network, if any.
+    pub gateway: Option<usize>,
+    /// Floating IPs whose port's switch this chassis compiled.
+    pub fips: Vec<CompiledFip>,
 }
 
 impl Router {
@@ -57,6 +62,23 @@ impl Router {
     /// The router port that owns address `ip`, if any (packets to it are for the router).
     pub fn port_owning(&self, ip: Ipv4Addr) -> Option<&CompiledRouterPort> {
         self.ports.iter().find(|p| p.ip() == ip)
+    }
+
+    /// The floating IP bound here with external address `ip`.
+    pub fn local_fip_external(&self, ip: Ipv4Addr) -> Option<&CompiledFip> {
+        self.fips.iter().find(|f| f.local && f.external_ip == ip)
+    }
+
+    /// The floating IP of fixed address `ip` on switch `switch`, bound here.
+    pub fn local_fip_of(&self, switch: u32, ip: Ipv4Addr) -> Option<&CompiledFip> {
+        self.fips
+            .iter()
+            .find(|f| f.local && f.switch == switch && f.logical_ip == ip)
+    }
+
+    /// The floating IP with external address `ip`, wherever its port is.
+    pub fn fip_external(&self, ip: Ipv4Addr) -> Option<&CompiledFip> {
+        self.fips.iter().find(|f| f.external_ip == ip)
     }
 
     /// The port attached to switch `switch`.
@@ -71,6 +93,7 @@ impl Router {
 pub fn compile_router(
     doc: &NbDocument,
     name: &str,
+    chassis: &str,
     switch_key: &dyn Fn(&str) -> Option<u32>,
     problems: &mut Vec<String>,
 ) -> Option<Router> {
@@ -122,11 +145,25 @@ pub fn compile_router(
     }
     // Stable: connected routes (pushed first) stay ahead of static ones of the same length.
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len));
+    let gateway = ports.iter().position(|p| {
+        doc.router_ports.get(&p.name).is_some_and(|rp| {
+            rp.switch
+                .as_deref()
+                .and_then(|s| doc.switches.get(s))
+                .is_some_and(|s| s.provider.is_some())
+        })
+    });
+    let fips = match gateway {
+        Some(_) => crate::nat::compile_fips(doc, &lr.name, chassis, switch_key),
+        None => Vec::new(),
+    };
     Some(Router {
         name: lr.name.clone(),
         tunnel_key: lr.tunnel_key,
         ports,
         routes,
+        gateway,
+        fips,
     })
 }
 
@@ -182,7 +219,7 @@ mod tests {
     #[test]
     fn longest_prefix_wins_over_connected_and_static() {
         let mut problems = Vec::new();
-        let r = compile_router(&doc(), "r", &key, &mut problems).unwrap();
+        let r = compile_router(&doc(), "r", "c", &key, &mut problems).unwrap();
         assert!(problems.is_empty());
         let via = |ip: &str| {
             r.lookup(ip.parse().unwrap())
@@ -214,7 +251,7 @@ mod tests {
         );
         d.routes.insert(r.name.clone(), r);
         let mut problems = Vec::new();
-        let r = compile_router(&d, "r", &key, &mut problems).unwrap();
+        let r = compile_router(&d, "r", "c", &key, &mut problems).unwrap();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(r.lookup("8.8.8.8".parse().unwrap()).is_none());
     }

@@ -18,6 +18,7 @@ pub const KEYS: &[&str] = &[
     "ctl_socket",
     "udp_csum",
     "pin_dir",
+    "provider",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -42,6 +43,18 @@ pub struct FileConfig {
     pub ctl_socket: Option<PathBuf>,
     pub udp_csum: Option<bool>,
     pub pin_dir: Option<PathBuf>,
+    /// Provider networks: (physnet, interface).
+    pub provider: Option<Vec<(String, String)>>,
+}
+
+/// Parses a `PHYSNET=IFACE` mapping (flag or config entry).
+pub fn parse_provider(s: &str) -> Result<(String, String), String> {
+    let (net, iface) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: want PHYSNET=IFACE"))?;
+    geneflow_control::model::check_name(net).map_err(|e| format!("{s:?}: physnet: {e}"))?;
+    geneflow_control::model::check_ifname(iface).map_err(|e| format!("{s:?}: interface: {e}"))?;
+    Ok((net.to_string(), iface.to_string()))
 }
 
 fn bad(path: &str, msg: String) -> ConfigError {
@@ -161,6 +174,21 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
             }
             "udp_csum" => {
                 c.udp_csum = Some(v.as_bool().ok_or_else(|| want("true or false"))?);
+            }
+            "provider" => {
+                let a = v
+                    .as_array()
+                    .ok_or_else(|| want("an array of \"PHYSNET=IFACE\" strings"))?;
+                let mut maps = Vec::new();
+                for x in a {
+                    let s = x
+                        .as_str()
+                        .ok_or_else(|| want("an array of \"PHYSNET=IFACE\" strings"))?;
+                    maps.push(
+                        parse_provider(s).map_err(|e| bad(path, format!("key `provider`: {e}")))?,
+                    );
+                }
+                c.provider = Some(maps);
             }
             other => {
                 return Err(bad(

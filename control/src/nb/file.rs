@@ -267,6 +267,7 @@ mod tests {
                         tunnel_key: 1,
                         mtu: DEFAULT_MTU,
                         tenant: "t".into(),
+                        provider: None,
                         version: 0,
                     },
                 );
@@ -296,6 +297,7 @@ mod tests {
                         tunnel_key: 0,
                         mtu: DEFAULT_MTU,
                         tenant: "t".into(),
+                        provider: None,
                         version: 0,
                     },
                 );

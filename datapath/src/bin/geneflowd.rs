@@ -43,6 +43,9 @@ struct Args {
     /// Underlay interface carrying Geneve.
     #[arg(long)]
     uplink: Option<String>,
+    /// A provider network: physnet name = local interface (repeatable).
+    #[arg(long = "provider", value_parser = geneflow_datapath::config::parse_provider)]
+    providers: Vec<(String, String)>,
     /// Local control socket.
     #[arg(long)]
     ctl_socket: Option<PathBuf>,
@@ -156,6 +159,11 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| "copy".into());
     let cores = args.forwarder_cores.or(file.forwarder_cores);
     let encap_ip = args.encap_ip.or(file.encap_ip);
+    let providers = if args.providers.is_empty() {
+        file.provider.unwrap_or_default()
+    } else {
+        args.providers
+    };
     // Validate the URL up front: a bad one is a one-line error, not a retry loop.
     drop(geneflow_control::nb::open(&nb).with_context(|| format!("nb {nb}"))?);
 
@@ -195,6 +203,7 @@ fn run(args: Args) -> Result<()> {
             BindMode::Copy
         },
         encap_ip,
+        providers,
     };
     let mut fwd = Forwarder::new(cfg, bpf, adopted, shared.clone())
         .with_context(|| format!("uplink {uplink}"))?;

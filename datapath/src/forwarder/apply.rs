@@ -57,15 +57,62 @@ impl Forwarder {
             .iter()
             .map(|p| (p.iface.clone(), p.ifindex))
             .collect();
+        let learned = self.tables.ext_neigh().clone();
         self.tables = Tables::new(
             self.pipeline.clone(),
             self.uplink_ifindex,
             self.uplink_mtu,
             self.cfg.udp_csum,
             |n| attached.get(n).copied(),
-        );
+        )
+        .with_providers(&self.physnets)
+        .with_ext_neigh(learned);
         self.rebuild_index();
         self.ports.iter().map(|p| p.ifindex).ne(before)
+    }
+
+    /// Sends a gratuitous ARP out of the provider network for each floating IP that is bound
+    /// here now and was not before (its port arrived or it was just created), so that the
+    /// physical network learns where its MAC went.
+    pub(super) fn announce_fips(&mut self) {
+        let mut now: Vec<(std::net::Ipv4Addr, [u8; 6], u32)> = Vec::new();
+        for rt in self.pipeline.routers.values() {
+            let Some(gw) = rt.gateway.map(|g| &rt.ports[g]) else {
+                continue;
+            };
+            let Some(ix) = self.tables.provider_ifindex(gw.switch) else {
+                continue;
+            };
+            for f in rt.fips.iter().filter(|f| f.local) {
+                now.push((f.external_ip, f.mac.0, ix));
+            }
+        }
+        let mut frame = Vec::with_capacity(64);
+        for &(ip, mac, ix) in &now {
+            if self.announced.contains(&(ip, mac, ix)) {
+                continue;
+            }
+            crate::pipeline::rewrite::arp_frame(
+                &mut frame,
+                geneflow_control::model::Mac(mac),
+                ip,
+                ip,
+                true,
+            );
+            let Some(&j) = self.by_ifindex.get(&ix) else {
+                continue;
+            };
+            let p = &mut self.ports[j];
+            if p.xsk.send(&frame) {
+                self.shared.count(p.slot, ctr::GARP_SENT, 1);
+                self.shared.count(p.slot, ctr::TX_PACKETS, 1);
+                self.shared.count(p.slot, ctr::TX_BYTES, frame.len() as u64);
+                info!(floating_ip = %ip, "gratuitous ARP sent");
+            } else {
+                self.shared.count(p.slot, ctr::DROP_TX_FULL, 1);
+            }
+        }
+        self.announced = now;
     }
 
     /// New generations for the datapaths whose fingerprint moved (see `Tables::fingerprints`).
@@ -120,6 +167,7 @@ impl Forwarder {
         }
         let changed = self.regenerate();
         self.ct_flush_changed(&old_acls);
+        self.announce_fips();
         // Follow the underlay next hops of the pipeline's remote chassis: resolution runs in
         // the background (netdev::Neighbours, over netlink).
         let remotes: Vec<std::net::Ipv4Addr> = self

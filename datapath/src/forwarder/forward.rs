@@ -23,7 +23,7 @@ impl Forwarder {
         in_ifindex: u32,
         in_slot: u32,
         arrived: std::time::Instant,
-    ) {
+    ) -> bool {
         let Forwarder {
             tables,
             ports,
@@ -52,7 +52,7 @@ impl Forwarder {
         shared.count(in_slot, ctr::SLOW_RX, 1);
         let Some(ct_state) = rxct[k] else {
             shared.count(in_slot, ctr::DROP_MALFORMED, 1);
-            return;
+            return false;
         };
         let d = match tables.process_dropping(frame, in_ifindex, ct_state, outputs, txbuf) {
             Ok(d) => d,
@@ -64,9 +64,13 @@ impl Forwarder {
                         Self::install(bpf, shared, &m, in_ifindex, *uplink_ifindex, in_slot, None);
                     }
                 }
-                return;
+                return false;
             }
         };
+        // ARP seen on a provider network: its sender is a neighbour there.
+        let learned = d
+            .learn
+            .is_some_and(|(dp, ip, mac)| tables.learn(dp, ip, mac));
         // A new connection an ACL allowed: commit it here for this first packet (the
         // megaflow's action commits the next connections that match it).
         for zone in d.ct_commit.into_iter().filter(|z| *z != 0) {
@@ -88,6 +92,10 @@ impl Forwarder {
             if a.kind == AnswerKind::IcmpTimeExceeded {
                 shared.count(in_slot, ctr::TTL_EXPIRED, 1);
             }
+            if a.kind == AnswerKind::ArpRequest {
+                // The packet that needed the next hop is dropped.
+                shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
+            }
             // DHCP clients have no address yet: their budget is per port.
             let allowed = if a.kind == AnswerKind::Dhcp {
                 dhcp_answers.allow_key(in_ifindex, arrived)
@@ -96,17 +104,17 @@ impl Forwarder {
             };
             if !allowed {
                 shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
-                return;
+                return learned;
             }
-            shared.count(
-                in_slot,
-                match a.kind {
-                    AnswerKind::ArpReply => ctr::ARP_REPLY,
-                    AnswerKind::Dhcp => ctr::DHCP_REPLY,
-                    _ => ctr::ICMP_SENT,
-                },
-                1,
-            );
+            let counter = match a.kind {
+                AnswerKind::ArpReply => Some(ctr::ARP_REPLY),
+                AnswerKind::Dhcp => Some(ctr::DHCP_REPLY),
+                AnswerKind::ArpRequest => None,
+                _ => Some(ctr::ICMP_SENT),
+            };
+            if let Some(c) = counter {
+                shared.count(in_slot, c, 1);
+            }
         }
         let payload = if d.rewritten {
             &txbuf[..]
@@ -189,6 +197,7 @@ impl Forwarder {
                 Some(arrived),
             );
         }
+        learned
     }
 
     /// Sends the parked frames whose next hop is now known (see `pending`).

@@ -49,6 +49,8 @@ pub struct ForwarderConfig {
     pub bind_mode: BindMode,
     /// Local Geneve endpoint, overriding the NB chassis record when set.
     pub encap_ip: Option<std::net::Ipv4Addr>,
+    /// Provider networks: (physnet, interface), bridged untunnelled.
+    pub providers: Vec<(String, String)>,
 }
 
 struct Port {
@@ -75,6 +77,11 @@ pub struct Forwarder {
     uplink_ifindex: u32,
     uplink_mac: [u8; 6],
     uplink_mtu: u32,
+    /// Provider networks attached here: physnet -> ifindex.
+    physnets: HashMap<String, u32>,
+    /// Floating IPs announced here (external address, MAC, provider ifindex), so that one that
+    /// arrives (its port moved here) is announced with a gratuitous ARP.
+    announced: Vec<(std::net::Ipv4Addr, [u8; 6], u32)>,
     outputs: Vec<Output>,
     rxbuf: Vec<u8>,
     rxlen: [usize; BATCH],
@@ -188,6 +195,8 @@ impl Forwarder {
             uplink_ifindex,
             uplink_mac,
             uplink_mtu,
+            physnets: HashMap::new(),
+            announced: Vec::new(),
             outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
             rxbuf: vec![0u8; STRIDE * BATCH],
             rxlen: [0; BATCH],
@@ -217,6 +226,12 @@ impl Forwarder {
             Some(link),
             xsk,
         );
+        for (net, iface) in f.cfg.providers.clone() {
+            f.attach_port(&iface, port_kind::PROVIDER)?;
+            let ix = f.ports.last().map(|p| p.ifindex).unwrap_or(0);
+            info!(physnet = %net, %iface, ifindex = ix, "provider network attached");
+            f.physnets.insert(net, ix);
+        }
         if let Err(e) =
             conntrack::spawn_expiry(f.bpf.ct_pin(), f.shared.clone(), f.ct_expiry_stop.clone())
         {
@@ -280,10 +295,10 @@ impl Forwarder {
                 iface: p.iface.clone(),
                 ifindex: p.ifindex,
                 slot: p.slot,
-                kind: if p.kind == port_kind::UPLINK {
-                    "uplink"
-                } else {
-                    "vm"
+                kind: match p.kind {
+                    port_kind::UPLINK => "uplink",
+                    port_kind::PROVIDER => "provider",
+                    _ => "vm",
                 },
                 port: self.pipeline.bindings.get(&p.iface).map(|b| b.port.clone()),
             })
@@ -308,6 +323,12 @@ impl Forwarder {
     }
 
     fn attach_vm(&mut self, iface: &str) -> Result<(), ForwarderError> {
+        self.attach_port(iface, port_kind::VM)
+    }
+
+    /// Attaches a VM port or a provider network's interface (`kind`): a counter slot, a
+    /// slow-path socket, the XDP program.
+    fn attach_port(&mut self, iface: &str, kind: u32) -> Result<(), ForwarderError> {
         let ifindex =
             netdev::ifindex(iface).ok_or_else(|| ForwarderError::NoInterface(iface.into()))?;
         // Keep the slot a previous process gave the interface: its counters continue.
@@ -327,9 +348,13 @@ impl Forwarder {
         };
         let conf = PortConf {
             slot,
-            kind: port_kind::VM,
+            kind,
             local_ip: 0,
-            ct_zone: self.ct_zone_of(iface),
+            ct_zone: if kind == port_kind::VM {
+                self.ct_zone_of(iface)
+            } else {
+                0
+            },
         };
         // Before the first pipeline a previous process's program keeps serving (see
         // `adopt_finish`); after it, ours goes in at once.
@@ -365,15 +390,8 @@ impl Forwarder {
         };
         netdev::prepare_redirect_target(iface);
         netdev::silence_host_stack(iface);
-        info!(iface, ifindex, slot, adopted, "port attached");
-        self.add_port(
-            iface.to_string(),
-            ifindex,
-            slot,
-            port_kind::VM,
-            Some(link),
-            xsk,
-        );
+        info!(iface, ifindex, slot, adopted, kind, "port attached");
+        self.add_port(iface.to_string(), ifindex, slot, kind, Some(link), xsk);
         Ok(())
     }
 
@@ -527,8 +545,17 @@ impl Forwarder {
         });
         let (in_ifindex, in_slot) = (self.ports[i].ifindex, self.ports[i].slot);
         let arrived = std::time::Instant::now();
+        let mut learned = false;
         for k in 0..n {
-            self.forward(k, in_ifindex, in_slot, arrived);
+            learned |= self.forward(k, in_ifindex, in_slot, arrived);
+        }
+        if learned && self.ready {
+            // Routed entries to a provider network carry their next hop's MAC.
+            let changed = self.regenerate();
+            info!(
+                ?changed,
+                "a provider neighbour changed; datapaths regenerated"
+            );
         }
         n
     }

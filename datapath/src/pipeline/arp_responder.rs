@@ -9,6 +9,7 @@ use super::{Answer, AnswerKind, Decision, DropReason, Output, Run};
 use etherparse::{EtherType, Ethernet2Header};
 use geneflow_abi::{act, arp, FlowAction};
 use geneflow_control::compiler::Datapath;
+use geneflow_control::model::Mac;
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress};
 
 pub(super) fn run(
@@ -54,6 +55,24 @@ pub(super) fn run(
         });
         return Ok(None);
     }
+    r.note("arp responder", || {
+        format!(
+            "{tpa} is at {} (port key {}): answered",
+            owner.mac, owner.key
+        )
+    });
+    reply(r, owner.mac, dp.tunnel_key, out, buf).map(Some)
+}
+
+/// Answers the ARP request in `r.frame` with "target is at `mac`", back out of the port it came
+/// in on, and the megaflow that makes XDP answer the next ones (`act::ARP_REPLY`).
+pub(super) fn reply(
+    r: &mut Run,
+    mac: Mac,
+    dp_key: u32,
+    out: &mut Vec<Output>,
+    buf: &mut Vec<u8>,
+) -> Result<Decision, DropReason> {
     // The reply, as the fast path writes it: back to the requester's Ethernet source.
     let (eth, payload) =
         Ethernet2Header::from_slice(r.frame).map_err(|_| DropReason::MalformedArp)?;
@@ -64,15 +83,16 @@ pub(super) fn run(
     let ArpRepr::EthernetIpv4 {
         source_hardware_addr,
         source_protocol_addr,
+        target_protocol_addr,
         ..
     } = req
     else {
         return Err(DropReason::MalformedArp);
     };
-    let reply = ArpRepr::EthernetIpv4 {
+    let answer = ArpRepr::EthernetIpv4 {
         operation: ArpOperation::Reply,
-        source_hardware_addr: EthernetAddress(owner.mac.0),
-        source_protocol_addr: tpa,
+        source_hardware_addr: EthernetAddress(mac.0),
+        source_protocol_addr: target_protocol_addr,
         target_hardware_addr: source_hardware_addr,
         target_protocol_addr: source_protocol_addr,
     };
@@ -80,21 +100,15 @@ pub(super) fn run(
     buf.extend_from_slice(
         &Ethernet2Header {
             destination: eth.source,
-            source: owner.mac.0,
+            source: mac.0,
             ether_type: EtherType::ARP,
         }
         .to_bytes(),
     );
-    buf.resize(14 + reply.buffer_len(), 0);
-    reply.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
+    buf.resize(14 + answer.buffer_len(), 0);
+    answer.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
     out.push(Output::Local {
         ifindex: r.in_ifindex,
-    });
-    r.note("arp responder", || {
-        format!(
-            "{tpa} is at {} (port key {}): answered",
-            owner.mac, owner.key
-        )
     });
     let mut d = r.decision(0);
     d.rewritten = true;
@@ -105,9 +119,9 @@ pub(super) fn run(
     d.megaflow = Some(r.megaflow(FlowAction {
         kind: act::ARP_REPLY,
         out_ifindex: r.in_ifindex,
-        dp_key: dp.tunnel_key,
-        set_smac: owner.mac.0,
+        dp_key,
+        set_smac: mac.0,
         ..Default::default()
     }));
-    Ok(Some(d))
+    Ok(d)
 }

@@ -58,6 +58,13 @@ impl Tables {
                     uplink_mac,
                 )
                     .hash(&mut h);
+                // Routed entries to a provider network carry its interface and the learned
+                // MAC of their next hop.
+                let mut prov: Vec<(u32, u32)> =
+                    self.provider_out.iter().map(|(a, b)| (*a, *b)).collect();
+                prov.sort_unstable();
+                prov.hash(&mut h);
+                self.ext_neigh.hash(&mut h);
                 for att in dp.router_ports.values() {
                     let Some(r) = self.pipeline.routers.get(&att.router) else {
                         continue;

@@ -48,9 +48,10 @@ pub(super) fn error(
                 next_hop_mtu: mtu,
             })
         }
-        AnswerKind::ArpReply | AnswerKind::IcmpEchoReply | AnswerKind::Dhcp => {
-            return Err(DropReason::Malformed)
-        }
+        AnswerKind::ArpReply
+        | AnswerKind::ArpRequest
+        | AnswerKind::IcmpEchoReply
+        | AnswerKind::Dhcp => return Err(DropReason::Malformed),
     };
     let hdr = ip.slice();
     let body = &r.frame[14 + hdr.len()..];

@@ -31,6 +31,16 @@ pub(super) fn run<'a>(
                 out.push(Output::Local { ifindex: ix });
             }
         }
+        // A provider network is bridged to its local interface, never tunnelled.
+        if dp.provider.is_some() {
+            if let Some(ix) = r.t.provider_ifindex(dp.tunnel_key) {
+                out.push(Output::Local { ifindex: ix });
+            }
+            r.note("l2 lookup", || {
+                format!("{dst} is broadcast/multicast: flood to the switch's other local ports and the physical network")
+            });
+            return Ok(L2::Flooded);
+        }
         for (_, ip) in &dp.remote_chassis {
             out.push(Output::Tunnel {
                 remote: *ip,

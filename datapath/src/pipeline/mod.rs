@@ -26,6 +26,7 @@ pub mod key;
 mod l2_lookup;
 mod output;
 mod port_security;
+mod provider;
 pub mod rewrite;
 mod router;
 mod trace;
@@ -51,7 +52,7 @@ pub use trace::{frame_from_spec, Trace};
 use crate::wire::geneve::{self, OvnMetadata};
 use geneflow_abi::{act, ctr, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD};
 use geneflow_control::compiler::{Datapath, Pipeline};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -88,6 +89,7 @@ pub enum DropReason {
     Acl,
     DhcpMalformed,
     DhcpServer,
+    NoNat,
 }
 
 impl DropReason {
@@ -142,6 +144,7 @@ impl DropReason {
             DropReason::Acl => ctr::DROP_ACL,
             DropReason::DhcpMalformed => ctr::DROP_DHCP_MALFORMED,
             DropReason::DhcpServer => ctr::DROP_DHCP_SERVER,
+            DropReason::NoNat => ctr::DROP_NO_NAT,
         }
     }
 }
@@ -189,6 +192,8 @@ pub enum AnswerKind {
     IcmpNetUnreachable,
     IcmpHostUnreachable,
     IcmpFragNeeded,
+    /// An ARP request for a provider next hop (the packet that needed it is dropped).
+    ArpRequest,
     /// A DHCP answer (rate limited per port, not per source).
     Dhcp,
 }
@@ -226,6 +231,8 @@ pub struct Decision {
     pub ct_commit: [u32; 2],
     /// The frame's whole key (the megaflow's is masked).
     pub key: FlowKey,
+    /// A provider neighbour the frame taught (ARP seen on a provider network).
+    pub learn: Option<(u32, Ipv4Addr, [u8; 6])>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -243,6 +250,12 @@ pub struct Tables {
     pub udp_csum: bool,
     ports: HashMap<u32, InPort>,
     ifindex_by_iface: HashMap<String, u32>,
+    /// Provider interfaces: ifindex -> the provider switch (tunnel key) it carries.
+    providers: HashMap<u32, u32>,
+    /// Provider switch (tunnel key) -> its local interface.
+    provider_out: HashMap<u32, u32>,
+    /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
+    ext_neigh: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
 }
 
 /// One run of the pipeline over one frame: the key of the frame, the fields consulted so far
@@ -261,6 +274,9 @@ pub(crate) struct Run<'a> {
     pub ct_state: u8,
     /// Zones the frame's new connection is committed in (an ACL allowed it).
     pub ct_commit: [u32; 2],
+    /// Floating-IP translation a router decided: new source / destination.
+    pub nat_src: Option<Ipv4Addr>,
+    pub nat_dst: Option<Ipv4Addr>,
     trace: Option<&'a mut Vec<String>>,
 }
 
@@ -281,6 +297,8 @@ impl<'a> Run<'a> {
             dp_key: None,
             ct_state,
             ct_commit: [0; 2],
+            nat_src: None,
+            nat_dst: None,
             trace,
         }
     }
@@ -301,6 +319,7 @@ impl<'a> Run<'a> {
             answer: None,
             ct_commit: self.ct_commit,
             key: self.key,
+            learn: None,
         }
     }
 
@@ -364,7 +383,45 @@ impl Tables {
             udp_csum,
             ports,
             ifindex_by_iface,
+            providers: HashMap::new(),
+            provider_out: HashMap::new(),
+            ext_neigh: BTreeMap::new(),
         }
+    }
+
+    /// Binds the pipeline's provider switches to this chassis' provider interfaces
+    /// (`physnet` -> ifindex). A physnet with no switch here, or a switch whose physnet has
+    /// no interface here, is left out (its traffic has nowhere to go).
+    pub fn with_providers(mut self, physnets: &HashMap<String, u32>) -> Tables {
+        for dp in self.pipeline.datapaths.values() {
+            let Some(ix) = dp.provider.as_ref().and_then(|p| physnets.get(p)) else {
+                continue;
+            };
+            self.providers.insert(*ix, dp.tunnel_key);
+            self.provider_out.insert(dp.tunnel_key, *ix);
+        }
+        self
+    }
+
+    /// Keeps the provider neighbours learned so far (a new pipeline does not forget them).
+    pub fn with_ext_neigh(mut self, n: BTreeMap<(u32, Ipv4Addr), [u8; 6]>) -> Tables {
+        self.ext_neigh = n;
+        self
+    }
+
+    pub fn ext_neigh(&self) -> &BTreeMap<(u32, Ipv4Addr), [u8; 6]> {
+        &self.ext_neigh
+    }
+
+    /// Records that `ip` is at `mac` on provider switch `dp`; whether that changed anything
+    /// (then the megaflows routed to it must be regenerated).
+    pub fn learn(&mut self, dp: u32, ip: Ipv4Addr, mac: [u8; 6]) -> bool {
+        self.ext_neigh.insert((dp, ip), mac) != Some(mac)
+    }
+
+    /// The local interface of provider switch `dp`.
+    pub fn provider_ifindex(&self, dp: u32) -> Option<u32> {
+        self.provider_out.get(&dp).copied()
     }
 
     pub fn ifindex(&self, iface: &str) -> Option<u32> {
@@ -443,6 +500,8 @@ impl Tables {
     ) -> Result<Decision, DropReason> {
         if r.in_ifindex == self.uplink_ifindex {
             tunnel_rx::run(r, out)
+        } else if let Some(dp) = self.providers.get(&r.in_ifindex) {
+            provider::ingress(r, *dp, out, buf)
         } else {
             self.ingress_local(r, out, buf)
         }

@@ -46,6 +46,21 @@ pub(super) fn to_port(
             action.out_ifindex = ix;
             r.note("output", || format!("to local interface {iface}"));
         }
+        PortLocation::Remote { chassis, .. } if dp.provider.is_some() => {
+            // On a provider network the other chassis' ports are reached through it.
+            let ix =
+                r.t.provider_ifindex(dp.tunnel_key)
+                    .ok_or(DropReason::NoDestination)?;
+            out.push(Output::Local { ifindex: ix });
+            action.kind = act::OUTPUT;
+            action.out_ifindex = ix;
+            r.note("output", || {
+                format!(
+                    "to the physical network (port {} is on chassis {chassis})",
+                    port.name
+                )
+            });
+        }
         PortLocation::Remote { encap_ip, chassis } => {
             let local = r.t.pipeline.encap_ip.ok_or(DropReason::NoDestination)?;
             let (len, max) = (r.frame.len(), r.t.max_inner_len());

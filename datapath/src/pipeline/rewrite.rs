@@ -1,6 +1,7 @@
 //! The header rewrites a router makes, byte for byte as the XDP program makes them
 //! (`flag::ROUTE`), and the address classes a router refuses.
 
+use geneflow_control::model::Mac;
 use std::net::Ipv4Addr;
 
 /// An address no router forwards from or to: this network, loopback, link-local, multicast,
@@ -26,6 +27,56 @@ pub fn dec_ttl(ip: &mut [u8]) {
     let c = u32::from(u16::from_be_bytes([ip[10], ip[11]])) + 0x0100;
     let c = c + u32::from(c >= 0xffff);
     ip[10..12].copy_from_slice(&(c as u16).to_be_bytes());
+}
+
+/// One-to-one NAT of the IPv4 packet in `frame` (20-byte header, checked by the router): the
+/// same rewrite as the XDP program's `flag::SNAT`/`flag::DNAT`, checksums updated
+/// incrementally with the same function.
+pub fn nat(frame: &mut [u8], src: Option<Ipv4Addr>, dst: Option<Ipv4Addr>) {
+    let rd = |f: &[u8], o: usize| u32::from_ne_bytes([f[o], f[o + 1], f[o + 2], f[o + 3]]);
+    let rd16 = |f: &[u8], o: usize| u16::from_ne_bytes([f[o], f[o + 1]]);
+    let proto = frame[23];
+    let first = u16::from_be_bytes([frame[20], frame[21]]) & 0x1fff == 0;
+    let l4 = match proto {
+        6 if first => Some(34 + 16),
+        17 if first => Some(34 + 6),
+        _ => None,
+    }
+    .filter(|o| o + 2 <= frame.len());
+    let udp_none = proto == 17 && l4.is_some_and(|o| rd16(frame, o) == 0);
+    for (at, new) in [(26usize, src), (30usize, dst)] {
+        let Some(new) = new else { continue };
+        let (old, new) = (rd(frame, at), u32::from_ne_bytes(new.octets()));
+        frame[at..at + 4].copy_from_slice(&new.to_ne_bytes());
+        let c = geneflow_abi::csum_replace4(rd16(frame, 24), old, new);
+        frame[24..26].copy_from_slice(&c.to_ne_bytes());
+        if let (Some(o), false) = (l4, udp_none) {
+            let mut c = geneflow_abi::csum_replace4(rd16(frame, o), old, new);
+            if proto == 17 && c == 0 {
+                c = 0xffff;
+            }
+            frame[o..o + 2].copy_from_slice(&c.to_ne_bytes());
+        }
+    }
+}
+
+/// An Ethernet/IPv4 ARP frame into `buf`: a request from `sha`/`spa` for `tpa`, broadcast, or,
+/// with `gratuitous`, the announcement that `spa` is at `sha` (a request for itself).
+pub fn arp_frame(buf: &mut Vec<u8>, sha: Mac, spa: Ipv4Addr, tpa: Ipv4Addr, gratuitous: bool) {
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress};
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(sha.0),
+        source_protocol_addr: spa,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: if gratuitous { spa } else { tpa },
+    };
+    buf.clear();
+    buf.extend_from_slice(&[0xff; 6]);
+    buf.extend_from_slice(&sha.0);
+    buf.extend_from_slice(&[0x08, 0x06]);
+    buf.resize(14 + repr.buffer_len(), 0);
+    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
 }
 
 #[cfg(test)]
@@ -58,6 +109,72 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Incremental NAT checksums equal full recomputations (etherparse) for TCP, UDP, UDP
+    /// without checksum, ICMP and a non-first fragment.
+    #[test]
+    fn incremental_nat_matches_full_checksums() {
+        use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+        let (s, d) = ([10, 0, 0, 5], [172, 24, 4, 100]);
+        let payload = [0xa5u8; 37];
+        let build = |kind: u8| {
+            let b = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(s, d, 64);
+            let mut f = Vec::new();
+            match kind {
+                0 => b.tcp(40000, 80, 7, 1000).write(&mut f, &payload).unwrap(),
+                1 | 2 => b.udp(40000, 53).write(&mut f, &payload).unwrap(),
+                _ => b.icmpv4_echo_request(9, 1).write(&mut f, &payload).unwrap(),
+            }
+            if kind == 2 {
+                f[40] = 0;
+                f[41] = 0;
+            }
+            f
+        };
+        let fip: Ipv4Addr = "172.24.4.51".parse().unwrap();
+        let fixed: Ipv4Addr = "10.0.0.77".parse().unwrap();
+        for kind in 0..4u8 {
+            let mut f = build(kind);
+            nat(&mut f, Some(fip), Some(fixed));
+            let p = SlicedPacket::from_ethernet(&f).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.source, fip.octets());
+            assert_eq!(h.destination, fixed.octets());
+            assert_eq!(h.header_checksum, h.calc_header_checksum(), "kind {kind}");
+            match p.transport.unwrap() {
+                TransportSlice::Tcp(t) => assert_eq!(
+                    t.checksum(),
+                    t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap()
+                ),
+                TransportSlice::Udp(u) if kind == 2 => assert_eq!(u.checksum(), 0),
+                TransportSlice::Udp(u) => assert_eq!(
+                    u.checksum(),
+                    u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap()
+                ),
+                TransportSlice::Icmpv4(i) => {
+                    let mut c = i.header();
+                    c.update_checksum(i.payload());
+                    assert_eq!(i.checksum(), c.checksum)
+                }
+                _ => panic!(),
+            }
+        }
+        // A non-first fragment: no L4 header to touch, only IPv4's checksum.
+        let mut f = build(1);
+        f[20] = 0x00;
+        f[21] = 0x10;
+        let mut h = Ipv4Header::from_slice(&f[14..]).unwrap().0;
+        h.header_checksum = h.calc_header_checksum();
+        f[24..26].copy_from_slice(&h.header_checksum.to_be_bytes());
+        let udp_before = f[34..42].to_vec();
+        nat(&mut f, Some(fip), None);
+        assert_eq!(&f[34..42], &udp_before[..]);
+        let h = Ipv4Header::from_slice(&f[14..]).unwrap().0;
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(super) fn switch(d: &mut NbDocument, name: &str, key: u32) {
             tunnel_key: key,
             mtu: DEFAULT_MTU,
             tenant: "t".into(),
+            provider: None,
             version: 0,
         },
     );

@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -210,6 +210,24 @@ pub mod flag {
     /// A new connection that the security groups allow: commit it to conntrack
     /// (`ct_zones`), so its later packets and replies are established.
     pub const CT_COMMIT: u32 = 8;
+    /// With `ROUTE`: IPv4 source := `nat_src`, destination := `nat_dst`, the IPv4 checksum and
+    /// (first fragments) the TCP/UDP checksum updated incrementally (`csum_replace4`).
+    pub const SNAT: u32 = 16;
+    pub const DNAT: u32 = 32;
+}
+
+/// RFC 1624 incremental update of the one's complement checksum `csum` for a 32-bit field
+/// changing from `old` to `new`. All three are taken as they lie in memory (read with native
+/// loads of network-order bytes): the one's complement sum does not depend on the byte order
+/// as long as every term is read the same way. Shared by XDP and the slow path.
+#[inline(always)]
+pub fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let mut s: u32 = (!csum) as u32;
+    s += (!old & 0xffff) + (!old >> 16);
+    s += (new & 0xffff) + (new >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
 }
 
 /// Connection tracking (`CT`, an LRU hash). Entries are keyed by zone (a logical datapath's
@@ -331,6 +349,10 @@ pub struct FlowAction {
     pub set_dmac: [u8; 6],
     /// `flag::CT_COMMIT`: the zones the frame's connection is committed in (0 = none).
     pub ct_zones: [u32; 2],
+    /// `flag::SNAT` / `flag::DNAT`: the IPv4 source / destination to write (network byte
+    /// order), floating IPs' one-to-one translation.
+    pub nat_src: u32,
+    pub nat_dst: u32,
     /// Packets that used this entry, counted by XDP (approximate under concurrent CPUs:
     /// incremented without an atomic to keep the hot path cheap). Userspace writes 0.
     pub hits: u64,
@@ -353,6 +375,9 @@ pub struct PortConf {
 pub mod port_kind {
     pub const VM: u32 = 1;
     pub const UPLINK: u32 = 2;
+    /// A provider (physical, untunnelled) network's interface: plain Ethernet frames, looked
+    /// up in the VM mask list.
+    pub const PROVIDER: u32 = 3;
 }
 
 /// Counter indices within a port's slot. The XDP program and the userspace forwarder both
@@ -446,10 +471,15 @@ pub mod ctr {
     pub const DROP_DHCP_MALFORMED: u32 = 52;
     /// A DHCP server answer (UDP 67 -> 68) from a VM port with port security on.
     pub const DROP_DHCP_SERVER: u32 = 53;
+    /// Traffic routed to a provider network from a port with no floating IP and no SNAT
+    /// address.
+    pub const DROP_NO_NAT: u32 = 54;
+    /// Gratuitous ARPs sent for floating IPs that came to this chassis.
+    pub const GARP_SENT: u32 = 55;
     pub const COUNT: u32 = 64;
 
     /// Stable names, used by stats output and (later) Prometheus labels.
-    pub const NAMES: [(u32, &str); 54] = [
+    pub const NAMES: [(u32, &str); 56] = [
         (RX_PACKETS, "rx_packets"),
         (RX_BYTES, "rx_bytes"),
         (FAST_HIT, "fastpath_hit"),
@@ -507,6 +537,8 @@ pub mod ctr {
         (DHCP_REPLY, "dhcp_reply"),
         (DROP_DHCP_MALFORMED, "drop_dhcp_malformed"),
         (DROP_DHCP_SERVER, "drop_dhcp_server"),
+        (DROP_NO_NAT, "drop_no_nat"),
+        (GARP_SENT, "garp_sent"),
     ];
 }
 

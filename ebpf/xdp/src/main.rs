@@ -17,8 +17,8 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, arp, ct, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port, Config,
-        CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf,
+        act, arp, csum_replace4, ct, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port,
+        Config, CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf,
         PortCounters, SlowMeta, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS,
         MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
@@ -212,7 +212,8 @@ mod prog {
         } else {
             // DHCP from a VM (to a server, or posing as one) is the slow path's to answer or
             // refuse, before any megaflow: so no megaflow of other traffic needs the UDP ports.
-            if key.eth_type == ETH_P_IPV4.to_be()
+            if port.kind == port_kind::VM
+                && key.eth_type == ETH_P_IPV4.to_be()
                 && key.ip_proto == IPPROTO_UDP
                 && (key.l4_dst == 67u16.to_be() || key.l4_dst == 68u16.to_be())
             {
@@ -404,6 +405,62 @@ mod prog {
         Ok(())
     }
 
+    /// One-to-one address translation after `route` (which checked a 20-byte IPv4 header):
+    /// source and/or destination rewritten, checksums updated incrementally. TCP and UDP
+    /// checksums cover the addresses (pseudo header), ICMP's do not; a non-first fragment
+    /// has no L4 header; a zero UDP checksum means none and stays so.
+    #[inline(always)]
+    fn nat(ctx: &XdpContext, key: &FlowKey, a: &FlowAction) -> Option<()> {
+        let p = bound(ctx, 0, ETH_LEN + 20)?;
+        let b = p as *mut u8;
+        // SAFETY: [p, p+34) is inside the packet (route checked it; re-checked above).
+        let (frag, mut ipc) = unsafe { (rd16(p + 20), rd16(p + 24)) };
+        let first = u16::from_be(frag) & 0x1fff == 0;
+        let l4 = ETH_LEN + 20;
+        let l4_csum_at = match key.ip_proto {
+            IPPROTO_TCP if first => Some(l4 + 16),
+            IPPROTO_UDP if first => Some(l4 + 6),
+            _ => None,
+        };
+        let l4p = match l4_csum_at {
+            Some(off) => Some(bound(ctx, off, 2)?),
+            None => None,
+        };
+        // SAFETY: 2 bytes at l4p were checked by `bound`.
+        let mut l4c = l4p.map(|q| unsafe { rd16(q) });
+        let udp_none = key.ip_proto == IPPROTO_UDP && l4c == Some(0);
+        for (on, off, new) in [
+            (a.flags & flag::SNAT != 0, 26usize, a.nat_src),
+            (a.flags & flag::DNAT != 0, 30usize, a.nat_dst),
+        ] {
+            if !on {
+                continue;
+            }
+            // SAFETY: the address lies inside [p, p+34).
+            let old = unsafe { rd32(p + off) };
+            // SAFETY: as above; unaligned write.
+            unsafe { core::ptr::write_unaligned(b.add(off) as *mut u32, new) };
+            ipc = csum_replace4(ipc, old, new);
+            if let Some(c) = l4c {
+                l4c = Some(csum_replace4(c, old, new));
+            }
+        }
+        // SAFETY: inside [p, p+34).
+        unsafe { core::ptr::write_unaligned(b.add(24) as *mut u16, ipc) };
+        if let (Some(q), Some(c)) = (l4p, l4c) {
+            if !udp_none {
+                let c = if key.ip_proto == IPPROTO_UDP && c == 0 {
+                    0xffff
+                } else {
+                    c
+                };
+                // SAFETY: 2 bytes at q were checked by `bound`.
+                unsafe { core::ptr::write_unaligned(q as *mut u16, c) };
+            }
+        }
+        Some(())
+    }
+
     /// Turns the ARP request in the frame into the reply of `a.set_smac` and sends it back out of
     /// the port it came in on (`a.out_ifindex`).
     #[inline(always)]
@@ -440,6 +497,9 @@ mod prog {
         if a.flags & flag::ROUTE != 0 {
             if let Err(v) = route(ctx, slot, key, a) {
                 return v;
+            }
+            if a.flags & (flag::SNAT | flag::DNAT) != 0 && nat(ctx, key, a).is_none() {
+                return drop_with(slot, ctr::DROP_MALFORMED);
             }
         }
         if a.flags & flag::CT_COMMIT != 0 {

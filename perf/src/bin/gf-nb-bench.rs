@@ -119,6 +119,7 @@ fn topo(ports: usize, switches: usize) -> NbDocument {
                 tunnel_key: s as u32 + 1,
                 mtu: DEFAULT_MTU,
                 tenant: format!("t{}", s % 10),
+                provider: None,
                 version: 1,
             },
         );

@@ -32,6 +32,10 @@ pub(crate) enum NbCmd {
         /// Tenant (distribution topic).
         #[arg(long, default_value = DEFAULT_TENANT)]
         tenant: String,
+        /// A provider (physical, untunnelled) network: the physnet name chassis map to an
+        /// interface with `geneflowd --provider NAME=IFACE`.
+        #[arg(long)]
+        provider: Option<String>,
     },
     /// Remove a logical switch (it must have no port).
     LsDel {
@@ -272,6 +276,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
             key,
             mtu,
             tenant,
+            provider,
         } => {
             if d.switches.contains_key(&name) {
                 return Err(dup("switch", &name));
@@ -281,6 +286,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
                 tunnel_key: key,
                 mtu,
                 tenant,
+                provider,
                 version: 0,
             };
             s.validate().map_err(|e| e.to_string())?;

@@ -1,15 +1,13 @@
 //! Routing: longest-prefix match over the router's connected subnets and static routes.
 
 use super::super::Run;
-use etherparse::Ipv4HeaderSlice;
 use geneflow_control::compiler::{CompiledRoute, Router};
 
 pub(in super::super) fn run<'a>(
     r: &mut Run,
     router: &'a Router,
-    ip: &Ipv4HeaderSlice,
+    dst: std::net::Ipv4Addr,
 ) -> Option<&'a CompiledRoute> {
-    let dst = ip.destination_addr();
     let route = router.lookup(dst);
     r.note("routing", || match route {
         Some(rt) => format!(

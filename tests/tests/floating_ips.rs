@@ -1,0 +1,254 @@
+//! End-to-end: a provider network and distributed floating IPs. An outside host on the
+//! provider network (a plain Linux namespace, not managed by geneflow) reaches VMs by their
+//! floating IPs and sees nothing but floating IPs; the VMs' own connections leave with their
+//! floating IP; a floating IP follows its port to another chassis, announced by a gratuitous
+//! ARP; VMs reach each other's floating IPs (hairpin). Captures are decoded by tshark.
+
+use anyhow::{bail, Result};
+use geneflow_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use xtask::testbed_provider::{OUTSIDE_IP, UPSTREAM_IP};
+
+const FIP1: &str = "172.24.4.51";
+const FIP2: &str = "172.24.4.52";
+const ROUTER_IP: &str = "10.0.255.254";
+
+/// ch1 hosts vm1 (floating IP .51) and vm3 (none), ch2 hosts vm2 (.52), all on ls1
+/// (10.0.0.0/16) behind router r1, whose gateway port is on the provider switch `ext`
+/// (physnet1, 172.24.4.0/24) with a default route to the outside host's 172.24.4.1.
+fn fip_bed(tag: &str) -> Result<(Testbed, String)> {
+    require_root();
+    let mut tb = Testbed::new(tag)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    let out = tb.add_provider_network()?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    tb.nbctl(&["ls-add", "ext", "--key", "900", "--provider", "physnet1"])?;
+    tb.nbctl(&["subnet-add", "ls1", "sn1", "10.0.0.0/16"])?;
+    tb.nbctl(&["subnet-add", "ext", "ext-sn", "172.24.4.0/24"])?;
+    tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
+    tb.nbctl(&[
+        "lrp-add",
+        "r1",
+        "r1-ls1",
+        "0a:00:00:00:ff:01",
+        &format!("{ROUTER_IP}/16"),
+        "--key",
+        "100",
+        "--switch",
+        "ls1",
+    ])?;
+    tb.nbctl(&[
+        "lrp-add",
+        "r1",
+        "r1-gw",
+        "0a:00:00:00:ff:02",
+        "172.24.4.10/24",
+        "--key",
+        "101",
+        "--switch",
+        "ext",
+    ])?;
+    tb.nbctl(&["lr-route-add", "r1", "0.0.0.0/0", UPSTREAM_IP])?;
+    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch2", 2), ("vm3", "ch1", 3)] {
+        tb.add_vm(vm, ch, "ls1", key)?;
+        default_route(&tb, vm)?;
+    }
+    tb.nbctl(&["fip-add", "fip1", FIP1, "vm1", "r1"])?;
+    tb.nbctl(&["fip-add", "fip2", FIP2, "vm2", "r1"])?;
+    tb.start_agents()?;
+    Ok((tb, out))
+}
+
+fn default_route(tb: &Testbed, vm: &str) -> Result<()> {
+    run(tb
+        .ns_cmd(&tb.vm(vm)?.ns, "ip")
+        .args(["route", "add", "default", "via", ROUTER_IP]))?;
+    Ok(())
+}
+
+fn ping_from(tb: &Testbed, ns: &str, to: &str, count: u32) -> Result<()> {
+    let out = tb
+        .ns_cmd(ns, "ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", to])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ping {to} from {ns}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+fn capture(tb: &Testbed, ns: &str, name: &str, filter: &str) -> Result<(Child, PathBuf)> {
+    let cap = tb.dir.join(format!("{name}.pcap"));
+    let child = tb
+        .ns_cmd(ns, "tcpdump")
+        .args(["-n", "-U", "--immediate-mode", "-i", "eth0", "-w"])
+        .arg(&cap)
+        .arg(filter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(800));
+    Ok((child, cap))
+}
+
+fn stop(mut c: Child) {
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    let _ = c.wait();
+}
+
+/// tshark's fields of the frames of `cap` that match `filter`, one line per frame.
+fn fields(cap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<String>> {
+    let mut c = Command::new("tshark");
+    c.args(["-n", "-r"])
+        .arg(cap)
+        .args(["-Y", filter, "-T", "fields"]);
+    for p in [
+        "ip.check_checksum:TRUE",
+        "tcp.check_checksum:TRUE",
+        "udp.check_checksum:TRUE",
+    ] {
+        c.args(["-o", p]);
+    }
+    c.args(["-E", "separator=,"]);
+    for f in fields {
+        c.args(["-e", f]);
+    }
+    Ok(run(&mut c)?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn the_outside_reaches_vms_by_floating_ip_and_sees_only_floating_ips() -> Result<()> {
+    let (tb, out) = fip_bed("fa")?;
+    let (outcap_child, outcap) = capture(&tb, &out, "outside", "ip or arp")?;
+    let (vmcap_child, vmcap) = capture(&tb, &tb.vm("vm1")?.ns.clone(), "vm1", "icmp or tcp")?;
+    // In: ping and TCP (iperf3) to the floating IP.
+    ping_from(&tb, &out, FIP1, 5)?;
+    let vm1 = tb.vm("vm1")?.clone();
+    let mut server = tb
+        .ns_cmd(&vm1.ns, "iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let client = tb
+        .ns_cmd(&out, "iperf3")
+        .args(["-c", FIP1, "-p", "5201", "-t", "2", "-J"])
+        .output()?;
+    let _ = server.wait();
+    let report: serde_json::Value = serde_json::from_slice(&client.stdout)?;
+    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 1_000_000, "iperf3 to the floating IP: {report}");
+    // Out: the VM's own connection to the outside host leaves with its floating IP.
+    tb.ping("vm1", OUTSIDE_IP, 3)?;
+    // A VM without a floating IP cannot leave (no default SNAT here): dropped, counted.
+    let before = tb.counter("ch1", "vp-vm3", "drop_no_nat")?;
+    assert!(tb.ping("vm3", OUTSIDE_IP, 1).is_err());
+    assert!(tb.counter("ch1", "vp-vm3", "drop_no_nat")? > before);
+    stop(vmcap_child);
+    stop(outcap_child);
+    // vm1 saw the outside host's echo requests at its fixed IP (DNAT).
+    let seen = fields(&vmcap, "icmp.type == 8", &["ip.src", "ip.dst"])?;
+    assert!(
+        seen.iter()
+            .any(|l| l == &format!("{OUTSIDE_IP},{}", vm1.ip)),
+        "{seen:?}"
+    );
+    // The outside host saw no address but its own network's: no overlay, tenant or underlay
+    // address leaked, and the VM's own pings came from its floating IP.
+    let addrs = fields(&outcap, "ip", &["ip.src", "ip.dst"])?;
+    assert!(!addrs.is_empty());
+    for l in &addrs {
+        for a in l.split(',') {
+            assert!(a.starts_with("172.24.4."), "leaked {a} in {l}");
+        }
+    }
+    let from_vm = fields(&outcap, "icmp.type == 8", &["ip.src"])?;
+    assert!(from_vm.iter().any(|a| a == FIP1), "{from_vm:?}");
+    // TCP and ICMP checksums were right after translation, as tshark checks them.
+    let good = fields(
+        &outcap,
+        "ip.src == 172.24.4.51 && tcp.checksum.status == \"Good\" && ip.checksum.status == \"Good\"",
+        &["frame.number"],
+    )?;
+    assert!(
+        good.len() > 100,
+        "{} translated TCP segments verified",
+        good.len()
+    );
+    let bad = fields(
+        &outcap,
+        "tcp.checksum.status == \"Bad\" || icmp.checksum.status == \"Bad\" || ip.checksum.status == \"Bad\"",
+        &["frame.number"],
+    )?;
+    assert!(bad.is_empty(), "bad checksums in frames {bad:?}");
+    // Established traffic ran in XDP on the provider interface.
+    assert!(tb.counter("ch1", "phy", "fastpath_hit")? > 100);
+    Ok(())
+}
+
+#[test]
+fn a_floating_ip_follows_its_port_and_is_announced() -> Result<()> {
+    let (mut tb, out) = fip_bed("fb")?;
+    ping_from(&tb, &out, FIP1, 2)?;
+    let answered0 = tb.counter("ch1", "phy", "arp_reply")?;
+    // vm1 moves to ch2: same MAC and address, a new interface there.
+    let (garp_child, garp) = capture(&tb, &out, "garp", "arp")?;
+    tb.add_vm_unbound("vm1b", "ch2", 1)?;
+    default_route(&tb, "vm1b")?;
+    let applied = pipelines_applied(&tb, "ch2")?;
+    // ch2 announced vm2's floating IP when it started.
+    let garps0 = tb.counter("ch2", "phy", "garp_sent")?;
+    tb.nbctl(&["lsp-bind", "vm1", "ch2", "vp-vm1b"])?;
+    wait_applied(&tb, "ch2", applied)?;
+    assert_eq!(
+        counter_reaches(&tb, "ch2", "phy", "garp_sent", garps0 + 1),
+        garps0 + 1,
+        "ch2 announced the floating IP"
+    );
+    stop(garp_child);
+    let garps = fields(
+        &garp,
+        &format!("arp.isgratuitous == 1 && arp.src.proto_ipv4 == {FIP1}"),
+        &["arp.src.hw_mac"],
+    )?;
+    assert_eq!(garps, vec!["0a:fe:ac:18:04:33".to_string()], "{garps:?}");
+    // The outside host forgets what it knew and asks again: only ch2 answers now.
+    run(tb
+        .ns_cmd(&out, "ip")
+        .args(["neigh", "flush", "dev", "eth0"]))?;
+    ping_from(&tb, &out, FIP1, 3)?;
+    assert_eq!(tb.counter("ch1", "phy", "arp_reply")?, answered0);
+    assert!(tb.counter("ch2", "phy", "arp_reply")? >= 1);
+    assert!(tb.counter("ch2", "vp-vm1b", "tx_packets")? >= 3);
+    Ok(())
+}
+
+#[test]
+fn vms_reach_each_others_floating_ips() -> Result<()> {
+    let (tb, _out) = fip_bed("fc")?;
+    let vm2 = tb.vm("vm2")?.clone();
+    let (child, cap) = capture(&tb, &vm2.ns, "hairpin", "icmp")?;
+    // vm1 (ch1) -> vm2's floating IP (vm2 is on ch2): translated on ch1, across the overlay.
+    tb.ping("vm1", FIP2, 3)?;
+    stop(child);
+    // vm2 saw vm1 by its floating IP, at its own fixed IP.
+    let seen = fields(&cap, "icmp.type == 8", &["ip.src", "ip.dst"])?;
+    assert!(
+        seen.iter().any(|l| l == &format!("{FIP1},{}", vm2.ip)),
+        "{seen:?}"
+    );
+    Ok(())
+}
