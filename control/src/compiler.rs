@@ -102,6 +102,8 @@ pub struct Pipeline {
     pub nb_version: u64,
     /// This chassis's encap IP, from its NB record.
     pub encap_ip: Option<Ipv4Addr>,
+    /// This chassis's external address for default SNAT (its NB record), if any.
+    pub external_ip: Option<Ipv4Addr>,
     /// Encap IPs of the other chassis in the NB: the only underlay sources this chassis
     /// accepts Geneve from.
     pub peer_ips: BTreeSet<Ipv4Addr>,
@@ -153,8 +155,9 @@ impl Pipeline {
         out.retain(|k| new.datapaths.contains_key(k) || self.datapaths.contains_key(k));
         out.sort_unstable();
         out.dedup();
-        // The encap IP is part of every tunnel action.
-        if self.encap_ip != new.encap_ip {
+        // The encap IP is part of every tunnel action, the external one of every default-SNAT
+        // entry.
+        if self.encap_ip != new.encap_ip || self.external_ip != new.external_ip {
             out.extend(new.datapaths.keys().copied());
             out.sort_unstable();
             out.dedup();
@@ -199,6 +202,7 @@ impl Compiler {
             chassis: chassis.clone(),
             nb_version: doc.version,
             encap_ip: doc.chassis.get(&chassis).map(|c| c.encap_ip),
+            external_ip: doc.chassis.get(&chassis).and_then(|c| c.external_ip),
             peer_ips: doc
                 .chassis
                 .values()
@@ -400,6 +404,7 @@ mod tests {
                 Chassis {
                     name: n.into(),
                     encap_ip: ip.parse().unwrap(),
+                    external_ip: None,
                     version: 0,
                 },
             );

@@ -309,6 +309,7 @@ mod tests {
             Chassis {
                 name: "a".into(),
                 encap_ip: "198.18.0.1".parse().unwrap(),
+                external_ip: None,
                 version: 1,
             },
         );

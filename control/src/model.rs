@@ -185,6 +185,10 @@ fn default_true() -> bool {
 pub struct Chassis {
     pub name: String,
     pub encap_ip: Ipv4Addr,
+    /// The chassis' address on the provider networks for default SNAT: VMs without a
+    /// floating IP reach the outside through it (Dragonflow-style distributed SNAT).
+    #[serde(default)]
+    pub external_ip: Option<Ipv4Addr>,
     #[serde(default)]
     pub version: u64,
 }
@@ -501,7 +505,11 @@ fn check_host_ip(ip: &Ipv4Addr) -> Result<(), ModelError> {
 impl Chassis {
     pub fn validate(&self) -> Result<(), ModelError> {
         check_name(&self.name)?;
-        check_host_ip(&self.encap_ip)
+        check_host_ip(&self.encap_ip)?;
+        if let Some(ip) = &self.external_ip {
+            check_host_ip(ip)?;
+        }
+        Ok(())
     }
 }
 
@@ -904,6 +912,7 @@ mod tests {
             Chassis {
                 name: "ch1".into(),
                 encap_ip: "198.18.0.1".parse().unwrap(),
+                external_ip: None,
                 version: 0,
             },
         );

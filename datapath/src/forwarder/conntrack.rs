@@ -117,6 +117,11 @@ pub(super) fn spawn_expiry(
             if counters.is_none() {
                 warn!("conntrack evictions not counted: no pinned COUNTERS map");
             }
+            // Default-SNAT translations expire alongside (the NAT map is pinned beside CT).
+            let mut nat: Option<BpfHashMap<MapData, CtKey, geneflow_abi::NatEntry>> =
+                MapData::from_pin(pin.with_file_name("NAT"))
+                    .ok()
+                    .and_then(|m| BpfHashMap::try_from(aya::maps::Map::LruHashMap(m)).ok());
             let mut last = Tally::read(counters.as_ref(), &shared).map(|t| Tally {
                 entries: map.iter().flatten().count() as u64,
                 ..t
@@ -130,6 +135,9 @@ pub(super) fn spawn_expiry(
                 }
                 let before = Tally::read(counters.as_ref(), &shared);
                 let left = expire(&mut map, &shared, last.as_ref().zip(before.as_ref()));
+                if let Some(n) = nat.as_mut() {
+                    expire_nat(n);
+                }
                 last = before.map(|t| Tally { entries: left, ..t });
             }
         })
@@ -216,4 +224,34 @@ fn expire(
         );
     }
     total.saturating_sub(gone)
+}
+
+/// Deletes default-SNAT translations idle (both directions) for longer than their protocol's
+/// timeout; an inbound entry whose outbound one went is deleted when idle itself.
+fn expire_nat(map: &mut BpfHashMap<MapData, CtKey, geneflow_abi::NatEntry>) {
+    let now = forward::monotonic_ns();
+    let all: HashMap<CtKey, geneflow_abi::NatEntry> = map.iter().flatten().collect();
+    let idle = |k: &CtKey, last: u64| now.saturating_sub(last) > timeout(k.proto).as_nanos() as u64;
+    let mut doomed = Vec::new();
+    for (k, e) in &all {
+        if k.zone == geneflow_abi::nat::DIR_OUT {
+            let rk = super::napt::reply_key(k, e.addr, e.port);
+            let last = all
+                .get(&rk)
+                .map(|r| r.last_seen_ns.max(e.last_seen_ns))
+                .unwrap_or(e.last_seen_ns);
+            if idle(k, last) {
+                doomed.push(*k);
+                doomed.push(rk);
+            }
+        } else if idle(k, e.last_seen_ns) {
+            doomed.push(*k);
+        }
+    }
+    doomed.sort_unstable_by_key(|k| (k.zone, k.src, k.dst, k.sport, k.dport, k.proto));
+    doomed.dedup();
+    let gone = doomed.iter().filter(|k| map.remove(k).is_ok()).count();
+    if gone > 0 {
+        tracing::debug!(expired = gone, "default-SNAT translations expired");
+    }
 }

@@ -3,6 +3,7 @@
 //! verdict in XDP.
 
 use super::*;
+use crate::pipeline::Napt;
 use geneflow_abi::CtKey;
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of the XDP program's `bpf_ktime_get_coarse_ns`.
@@ -71,6 +72,33 @@ impl Forwarder {
         let learned = d
             .learn
             .is_some_and(|(dp, ip, mac)| tables.learn(dp, ip, mac));
+        let mut d = d;
+        match d.napt {
+            Some(Napt::Out {
+                external,
+                ifindex,
+                smac,
+                dmac,
+            }) => {
+                let slot = by_ifindex
+                    .get(&ifindex)
+                    .map(|&j| ports[j].slot)
+                    .unwrap_or(0);
+                let back = (ifindex, slot, smac, dmac);
+                if !super::napt::out(bpf, frame, txbuf, external, back, monotonic_ns()) {
+                    shared.count(in_slot, ctr::DROP_NO_NAT, 1);
+                    return learned;
+                }
+            }
+            Some(Napt::In) => match super::napt::back(bpf, frame, txbuf) {
+                Some(ix) => {
+                    outputs.push(Output::Local { ifindex: ix });
+                    d.rewritten = true;
+                }
+                None => shared.count(in_slot, ctr::DROP_NO_NAT, 1),
+            },
+            None => {}
+        }
         // A new connection an ACL allowed: commit it here for this first packet (the
         // megaflow's action commits the next connections that match it).
         for zone in d.ct_commit.into_iter().filter(|z| *z != 0) {

@@ -25,6 +25,7 @@ mod apply;
 mod conntrack;
 mod ctl;
 mod forward;
+mod napt;
 mod pending;
 
 const STRIDE: usize = 4096;

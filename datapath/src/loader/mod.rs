@@ -12,8 +12,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
-    ct, ctr, Config, CtCacheBlock, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf,
-    PortCounters, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
+    ct, ctr, nat, Config, CtCacheBlock, CtEntry, CtKey, DpGen, FlowAction, FlowKey, NatEntry,
+    PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet};
 use std::mem::size_of;
@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 mod conntrack;
 mod megaflows;
+mod nat_table;
 
 const PROG: &str = "geneflow";
 
@@ -66,7 +67,7 @@ const MMAPABLE: u32 = 1 << 10;
 
 /// Every pinned map: name, key size, value size, capacity, whether it is memory-mappable. A
 /// pinned map that differs in any of these is not adopted.
-const MAPS: [(&str, usize, usize, u32, bool); 13] = [
+const MAPS: [(&str, usize, usize, u32, bool); 14] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
@@ -96,6 +97,13 @@ const MAPS: [(&str, usize, usize, u32, bool); 13] = [
         size_of::<CtKey>(),
         size_of::<CtEntry>(),
         ct::MAX_ENTRIES,
+        false,
+    ),
+    (
+        "NAT",
+        size_of::<CtKey>(),
+        size_of::<NatEntry>(),
+        nat::MAX_ENTRIES,
         false,
     ),
     ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS, false),
@@ -197,6 +205,7 @@ pub struct Bpf {
     /// Conntrack of uplink frames (`Config::ct_uplink`).
     ct_uplink: bool,
     ct: HashMap<MapData, CtKey, CtEntry>,
+    nat: HashMap<MapData, CtKey, NatEntry>,
     ports: HashMap<MapData, u32, PortConf>,
     gens: HashMap<MapData, u32, DpGen>,
     peers: HashMap<MapData, u32, u32>,
@@ -281,6 +290,7 @@ impl Bpf {
         let gens = HashMap::try_from(take("GENS")?).map_err(map_err("GENS"))?;
         let peers = HashMap::try_from(take("PEERS")?).map_err(map_err("PEERS"))?;
         let ct = HashMap::try_from(take("CT")?).map_err(map_err("CT"))?;
+        let nat = HashMap::try_from(take("NAT")?).map_err(map_err("NAT"))?;
         let xsks = XskMap::try_from(take("XSKS")?).map_err(map_err("XSKS"))?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let mut bpf = Bpf {
@@ -301,6 +311,7 @@ impl Bpf {
             ct_epoch: 0,
             ct_uplink: false,
             ct,
+            nat,
             ports,
             gens,
             peers,

@@ -233,6 +233,24 @@ pub struct Decision {
     pub key: FlowKey,
     /// A provider neighbour the frame taught (ARP seen on a provider network).
     pub learn: Option<(u32, Ipv4Addr, [u8; 6])>,
+    /// Default SNAT for the forwarder to carry out on this first packet (it owns the table).
+    pub napt: Option<Napt>,
+}
+
+/// Default SNAT the pipeline decided (`flag::NAPT`, `act::UNNAPT`); the forwarder allocates
+/// or looks up the translation and rewrites the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Napt {
+    /// Out through `external`; replies go back to VM port `ifindex`, from MAC `smac` (its
+    /// router port) to `dmac` (the VM).
+    Out {
+        external: Ipv4Addr,
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// A reply to the external address: back to whoever the table says.
+    In,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -277,6 +295,8 @@ pub(crate) struct Run<'a> {
     /// Floating-IP translation a router decided: new source / destination.
     pub nat_src: Option<Ipv4Addr>,
     pub nat_dst: Option<Ipv4Addr>,
+    /// Default SNAT through this external address (no floating IP).
+    pub napt: Option<Ipv4Addr>,
     trace: Option<&'a mut Vec<String>>,
 }
 
@@ -299,6 +319,7 @@ impl<'a> Run<'a> {
             ct_commit: [0; 2],
             nat_src: None,
             nat_dst: None,
+            napt: None,
             trace,
         }
     }
@@ -320,6 +341,7 @@ impl<'a> Run<'a> {
             ct_commit: self.ct_commit,
             key: self.key,
             learn: None,
+            napt: None,
         }
     }
 

@@ -14,7 +14,7 @@
 use super::key::key_ip;
 use super::{Decision, DropReason, Output, Run};
 use etherparse::EtherType;
-use geneflow_abi::arp;
+use geneflow_abi::{act, arp, FlowAction};
 use geneflow_control::compiler::{PortLocation, RouterAttach};
 use geneflow_control::model::Mac;
 
@@ -63,6 +63,29 @@ pub(super) fn ingress(
     if let Some(att) = fip_router {
         r.note(STAGE, || format!("{dst} is a floating IP bound here"));
         return super::router::run(r, dp, att, out, buf);
+    }
+    // This chassis' external address (default SNAT): replies go back by the NAT table.
+    if let Some(ext) = t.pipeline.external_ip {
+        if dst == geneflow_control::nat::fip_mac(ext) {
+            r.mask.ip_dst = u32::MAX;
+            if r.key.eth_type != EtherType::IPV4.0.to_be() || key_ip(r.key.ip_dst) != ext {
+                r.note(STAGE, || {
+                    format!("to this chassis' SNAT MAC but not to {ext}: dropped")
+                });
+                return Err(DropReason::NoNat);
+            }
+            r.note(STAGE, || {
+                format!("to this chassis' SNAT address {ext}: back by the NAT table")
+            });
+            let mut d = r.decision(0);
+            d.napt = Some(super::Napt::In);
+            d.megaflow = Some(r.megaflow(FlowAction {
+                kind: act::UNNAPT,
+                dp_key,
+                ..Default::default()
+            }));
+            return Ok(d);
+        }
     }
     if dst.is_multicast() {
         for (_, iface) in dp.local_ports() {
@@ -113,6 +136,15 @@ fn arp_in(
             .flatten()
     });
     if op == arp::OP_REQUEST {
+        if let Some(ext) = t.pipeline.external_ip.filter(|e| *e == tpa) {
+            let mac = geneflow_control::nat::fip_mac(ext);
+            let mut d = super::arp_responder::reply(r, mac, dp_key, out, buf)?;
+            r.note(STAGE, || {
+                format!("ARP for this chassis' SNAT address {tpa}: answered")
+            });
+            d.learn = learn;
+            return Ok(d);
+        }
         if let Some(f) = fip {
             let mut d = super::arp_responder::reply(r, f.mac, dp_key, out, buf)?;
             r.note(STAGE, || {

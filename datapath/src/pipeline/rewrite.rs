@@ -60,6 +60,69 @@ pub fn nat(frame: &mut [u8], src: Option<Ipv4Addr>, dst: Option<Ipv4Addr>) {
     }
 }
 
+/// The default-SNAT tuple of the IPv4 packet in `frame` (20-byte header): protocol, and the
+/// ports, or for ICMP the echo id on the VM's side (`(id, 0)` for an echo request, `(0, id)`
+/// for an echo reply), as `geneflow_abi::nat` keys them; `None` for anything else.
+pub fn napt_ports(frame: &[u8], out: bool) -> Option<(u8, u16, u16)> {
+    let proto = *frame.get(23)?;
+    let first = u16::from_be_bytes([*frame.get(20)?, *frame.get(21)?]) & 0x1fff == 0;
+    let rd = |o: usize| -> Option<u16> {
+        Some(u16::from_ne_bytes([*frame.get(o)?, *frame.get(o + 1)?]))
+    };
+    match proto {
+        6 | 17 if first => Some((proto, rd(34)?, rd(36)?)),
+        1 if first => match (out, *frame.get(34)?) {
+            (true, 8) => Some((1, rd(38)?, 0)),
+            (false, 0) => Some((1, 0, rd(38)?)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Default SNAT rewrite, as the XDP program's: the source (`out`) or destination address and
+/// port (ICMP: the echo id) := `addr`/`port` (network order), IPv4 and L4 checksums updated
+/// incrementally (a zero UDP checksum stays zero).
+pub fn napt(frame: &mut [u8], out: bool, addr: u32, port: u16) {
+    let rd16 = |f: &[u8], o: usize| u16::from_ne_bytes([f[o], f[o + 1]]);
+    let proto = frame[23];
+    let (addr_at, port_at, csum_at) = match (proto, out) {
+        (1, _) => (if out { 26 } else { 30 }, 38, 36),
+        (6, true) => (26, 34, 50),
+        (6, false) => (30, 36, 50),
+        (_, true) => (26, 34, 40),
+        (_, false) => (30, 36, 40),
+    };
+    if frame.len() < (port_at + 2).max(csum_at + 2) {
+        return;
+    }
+    let old_addr = u32::from_ne_bytes([
+        frame[addr_at],
+        frame[addr_at + 1],
+        frame[addr_at + 2],
+        frame[addr_at + 3],
+    ]);
+    let old_port = rd16(frame, port_at);
+    let ipc = geneflow_abi::csum_replace4(rd16(frame, 24), old_addr, addr);
+    frame[24..26].copy_from_slice(&ipc.to_ne_bytes());
+    frame[addr_at..addr_at + 4].copy_from_slice(&addr.to_ne_bytes());
+    frame[port_at..port_at + 2].copy_from_slice(&port.to_ne_bytes());
+    let c = rd16(frame, csum_at);
+    if proto == 17 && c == 0 {
+        return;
+    }
+    let mut c = if proto == 1 {
+        c
+    } else {
+        geneflow_abi::csum_replace4(c, old_addr, addr)
+    };
+    c = geneflow_abi::csum_replace2(c, old_port, port);
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    frame[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
+}
+
 /// An Ethernet/IPv4 ARP frame into `buf`: a request from `sha`/`spa` for `tpa`, broadcast, or,
 /// with `gratuitous`, the announcement that `spa` is at `sha` (a request for itself).
 pub fn arp_frame(buf: &mut Vec<u8>, sha: Mac, spa: Ipv4Addr, tpa: Ipv4Addr, gratuitous: bool) {
@@ -175,6 +238,87 @@ mod tests {
         assert_eq!(&f[34..42], &udp_before[..]);
         let h = Ipv4Header::from_slice(&f[14..]).unwrap().0;
         assert_eq!(h.header_checksum, h.calc_header_checksum());
+    }
+
+    /// Default SNAT rewrites (address and port, or ICMP echo id) keep every checksum right,
+    /// both ways, and `napt_ports` keys them as `geneflow_abi::nat` says.
+    #[test]
+    fn napt_rewrites_match_full_checksums() {
+        use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+        let payload = [0x5au8; 21];
+        for (kind, out) in [
+            (0u8, true),
+            (0, false),
+            (1, true),
+            (1, false),
+            (2, true),
+            (3, false),
+        ] {
+            let (s, d) = if out {
+                ([10, 0, 0, 3], [172, 24, 4, 100])
+            } else {
+                ([172, 24, 4, 100], [172, 24, 4, 61])
+            };
+            let b = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(s, d, 64);
+            let mut f = Vec::new();
+            match kind {
+                0 => b.tcp(40000, 5201, 1, 100).write(&mut f, &payload).unwrap(),
+                1 => b.udp(40000, 53).write(&mut f, &payload).unwrap(),
+                2 => b
+                    .icmpv4_echo_request(0x1234, 1)
+                    .write(&mut f, &payload)
+                    .unwrap(),
+                _ => b
+                    .icmpv4_echo_reply(0x4321, 1)
+                    .write(&mut f, &payload)
+                    .unwrap(),
+            }
+            let (proto, sp, dp) = napt_ports(&f, out).unwrap();
+            match kind {
+                2 => assert_eq!((proto, sp, dp), (1, 0x1234u16.to_be(), 0)),
+                3 => assert_eq!((proto, sp, dp), (1, 0, 0x4321u16.to_be())),
+                _ => assert_eq!(sp, 40000u16.to_be()),
+            }
+            let new_addr = u32::from_ne_bytes([192, 0, 2, 9]);
+            let new_port = 61000u16.to_be();
+            napt(&mut f, out, new_addr, new_port);
+            let p = SlicedPacket::from_ethernet(&f).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum());
+            assert_eq!(if out { h.source } else { h.destination }, [192, 0, 2, 9]);
+            match p.transport.unwrap() {
+                TransportSlice::Tcp(t) => {
+                    let port = if out {
+                        t.source_port()
+                    } else {
+                        t.destination_port()
+                    };
+                    assert_eq!(port, 61000);
+                    let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                    assert_eq!(t.checksum(), want);
+                }
+                TransportSlice::Udp(u) => {
+                    let port = if out {
+                        u.source_port()
+                    } else {
+                        u.destination_port()
+                    };
+                    assert_eq!(port, 61000);
+                    let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                    assert_eq!(u.checksum(), want);
+                }
+                TransportSlice::Icmpv4(i) => {
+                    assert_eq!(u16::from_be_bytes([f[38], f[39]]), 61000);
+                    let mut c = i.header();
+                    c.update_checksum(i.payload());
+                    assert_eq!(i.checksum(), c.checksum);
+                }
+                _ => panic!(),
+            }
+        }
     }
 
     #[test]

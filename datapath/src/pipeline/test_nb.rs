@@ -11,6 +11,7 @@ pub(super) fn chassis_ab(d: &mut NbDocument) {
             Chassis {
                 name: n.into(),
                 encap_ip: ip.parse().unwrap(),
+                external_ip: None,
                 version: 0,
             },
         );

@@ -178,6 +178,11 @@ pub mod act {
     /// Turn an ARP request into the reply of `set_smac` (the owner of the target address) and
     /// send it back out of the port it came in on (ARP responder).
     pub const ARP_REPLY: u32 = 6;
+    /// From a provider network to the chassis' external address: the NAT table's
+    /// `nat::DIR_IN` entry of the frame's tuple gives the VM, its address and port; routed
+    /// there (`flag::ROUTE` checks, MACs, TTL) with the destination rewritten. No entry:
+    /// dropped (`drop_no_nat`): nothing inbound is let in that no VM started.
+    pub const UNNAPT: u32 = 7;
 }
 
 /// How ARP frames are keyed: like OVS, the sender and target protocol addresses go into
@@ -214,6 +219,55 @@ pub mod flag {
     /// (first fragments) the TCP/UDP checksum updated incrementally (`csum_replace4`).
     pub const SNAT: u32 = 16;
     pub const DNAT: u32 = 32;
+    /// Default SNAT through the chassis' external address: before anything else, the NAT
+    /// table's `nat::DIR_OUT` entry of the packet's tuple (TCP/UDP ports, ICMP echo id) gives
+    /// the source address and port to write (after the `ROUTE` rewrite); no entry: slow path,
+    /// which allocates one.
+    pub const NAPT: u32 = 64;
+}
+
+/// Default SNAT (`flag::NAPT`, `act::UNNAPT`): a table of translations keyed like conntrack
+/// (`CtKey`, `zone` = direction), one entry per direction of each connection, written by the
+/// slow path at the first packet, read by XDP, expired when idle by the agent.
+pub mod nat {
+    /// `CtKey::zone` of the outbound entry: the VM's tuple -> the external address and port.
+    pub const DIR_OUT: u32 = 1;
+    /// `CtKey::zone` of the inbound entry: the reply's tuple (remote -> external address and
+    /// port) -> the VM's address and port and how to reach it.
+    pub const DIR_IN: u32 = 2;
+    pub const MAX_ENTRIES: u32 = 131_072;
+    /// External ports handed out: 1024..=65535 per (protocol, remote address and port).
+    pub const PORT_MIN: u16 = 1024;
+}
+
+/// One direction of a default-SNAT translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// DIR_OUT: the new source; DIR_IN: the new destination (network byte order).
+    pub addr: u32,
+    /// The new source (DIR_OUT) or destination (DIR_IN) port, or ICMP echo id (network order).
+    pub port: u16,
+    pub pad: u16,
+    /// DIR_IN: the VM port the reply goes to, its counter slot, and the MACs it is rewritten
+    /// with (the router port's, the VM's).
+    pub out_ifindex: u32,
+    pub out_slot: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub pad2: u32,
+    /// CLOCK_MONOTONIC_COARSE of the last packet this way, for expiry.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 40);
+
+/// `csum_replace4` for a 16-bit field (a port or an ICMP echo id), taken as it lies in memory.
+#[inline(always)]
+pub fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
+    let mut s: u32 = (!csum) as u32 + (!old) as u32 + new as u32;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
 }
 
 /// RFC 1624 incremental update of the one's complement checksum `csum` for a 32-bit field
@@ -611,4 +665,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: repr(C), plain integers and byte arrays, explicit padding: any bit pattern valid.
+    unsafe impl aya::Pod for super::NatEntry {}
 }

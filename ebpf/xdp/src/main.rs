@@ -17,15 +17,18 @@ mod prog {
         programs::XdpContext,
     };
     use geneflow_abi::{
-        act, arp, csum_replace4, ct, ctr, flag, flow_hash, mask_list, port_kind, udp_source_port,
-        Config, CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen, FlowAction, FlowKey, PortConf,
-        PortCounters, SlowMeta, ENCAP_OVERHEAD, FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS,
-        MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
+        act, arp, csum_replace2, csum_replace4, ct, ctr, flag, flow_hash, mask_list, nat,
+        port_kind, udp_source_port, Config, CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen,
+        FlowAction, FlowKey, NatEntry, PortConf, PortCounters, SlowMeta, ENCAP_OVERHEAD,
+        FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS,
+        MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
 
     mod conntrack;
+    mod napt;
     mod parse;
     use conntrack::*;
+    use napt::*;
     use parse::*;
 
     #[map]
@@ -47,6 +50,9 @@ mod prog {
     /// Connection tracking (see `geneflow_abi::ct`): the least recently used entry makes room.
     #[map]
     static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(ct::MAX_ENTRIES, 0);
+    /// Default SNAT translations (see `geneflow_abi::nat`).
+    #[map]
+    static NAT: LruHashMap<CtKey, NatEntry> = LruHashMap::with_max_entries(nat::MAX_ENTRIES, 0);
     /// Per CPU: the last outer source found in PEERS, tagged with `Config::peers_gen`
     /// (gen << 32 | address). Frames come in bursts from few chassis: this saves the hash
     /// lookup (measured: decap 183-189 -> 220-226 ns/pkt with a lookup per frame).
@@ -494,9 +500,27 @@ mod prog {
 
     #[inline(always)]
     fn run_action(ctx: &XdpContext, slot: Ctr, inner: usize, key: &FlowKey, a: &FlowAction) -> u32 {
+        if a.kind == act::UNNAPT {
+            return unnapt(ctx, slot, key);
+        }
+        // Before any rewrite: a connection without a translation yet goes to the slow path
+        // as it came.
+        let napt = if a.flags & flag::NAPT != 0 {
+            match napt_out_lookup(ctx, key) {
+                Some(e) => Some(e),
+                None => return to_slow_path(ctx, slot, key.ct_state),
+            }
+        } else {
+            None
+        };
         if a.flags & flag::ROUTE != 0 {
             if let Err(v) = route(ctx, slot, key, a) {
                 return v;
+            }
+            if let Some(e) = napt {
+                if napt_out_apply(ctx, key, &e).is_none() {
+                    return drop_with(slot, ctr::DROP_MALFORMED);
+                }
             }
             if a.flags & (flag::SNAT | flag::DNAT) != 0 && nat(ctx, key, a).is_none() {
                 return drop_with(slot, ctr::DROP_MALFORMED);

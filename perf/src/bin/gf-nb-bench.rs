@@ -106,6 +106,7 @@ fn topo(ports: usize, switches: usize) -> NbDocument {
             Chassis {
                 name,
                 encap_ip: format!("198.18.0.{}", c + 1).parse().expect("ip"),
+                external_ip: None,
                 version: 1,
             },
         );

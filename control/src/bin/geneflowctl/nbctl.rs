@@ -17,6 +17,14 @@ pub(crate) enum NbCmd {
     ChassisAdd {
         name: String,
         encap_ip: Ipv4Addr,
+        /// Address on the provider networks for default SNAT of VMs without a floating IP.
+        #[arg(long)]
+        external_ip: Option<Ipv4Addr>,
+    },
+    /// Set (or with no value clear) a chassis' external address for default SNAT.
+    ChassisSetExternalIp {
+        name: String,
+        external_ip: Option<Ipv4Addr>,
     },
     /// Remove a chassis (it must host no port).
     ChassisDel {
@@ -247,13 +255,26 @@ pub(crate) fn nb(db: &str, cmd: NbCmd) -> Result<()> {
 fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), String> {
     match cmd {
         NbCmd::Show { .. } => Ok(()),
-        NbCmd::ChassisAdd { name, encap_ip } => {
+        NbCmd::ChassisSetExternalIp { name, external_ip } => {
+            let c = d
+                .chassis
+                .get_mut(&name)
+                .ok_or_else(|| unknown("chassis", &name))?;
+            c.external_ip = external_ip;
+            c.validate().map_err(|e| e.to_string())
+        }
+        NbCmd::ChassisAdd {
+            name,
+            encap_ip,
+            external_ip,
+        } => {
             if d.chassis.contains_key(&name) {
                 return Err(dup("chassis", &name));
             }
             let c = Chassis {
                 name: name.clone(),
                 encap_ip,
+                external_ip,
                 version: 0,
             };
             c.validate().map_err(|e| e.to_string())?;

@@ -60,7 +60,7 @@ pub(super) fn run<'a>(
         Hop::Port { dp, port, out: p } => (dp, p.mac, port.mac, Some(port)),
         Hop::External { dp, mac, out: p } => (dp, fip_mac.unwrap_or(p.mac), mac, None),
         Hop::Unresolved { dp, nh, out: p } => {
-            let (sha, spa) = match (fip_mac, r.nat_src) {
+            let (sha, spa) = match (fip_mac, r.nat_src.or(r.napt)) {
                 (Some(m), Some(a)) => (m, a),
                 _ => (p.mac, p.ip()),
             };
@@ -139,6 +139,17 @@ pub(super) fn run<'a>(
             m.action.flags |= flag::DNAT;
             m.action.nat_dst = u32::from_ne_bytes(a.octets());
         }
+        if r.napt.is_some() {
+            m.action.flags |= flag::NAPT;
+        }
+    }
+    if let Some(external) = r.napt {
+        d.napt = Some(super::Napt::Out {
+            external,
+            ifindex: r.in_ifindex,
+            smac: in_port.mac.0,
+            dmac: r.key.eth_src,
+        });
     }
     Ok(d)
 }

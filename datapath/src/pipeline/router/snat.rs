@@ -1,8 +1,9 @@
 //! Router SNAT: a packet leaving by the gateway port (to the physical network), or reaching
 //! another VM's floating IP (hairpin), takes the floating IP of its source port as source and,
 //! out of the gateway port, its MAC, so the physical network sees only floating IPs. A source
-//! without a floating IP cannot leave (default SNAT through a chassis address comes later;
-//! counted `drop_no_nat`). Packets from the physical network keep their source.
+//! without a floating IP leaving by the gateway port takes this chassis' external address and
+//! a port of it (default SNAT, `flag::NAPT`); without one it cannot leave (`drop_no_nat`), nor
+//! can it reach a floating IP (hairpin). Packets from the physical network keep their source.
 
 use super::super::{DropReason, Run};
 use geneflow_control::compiler::{CompiledRouterPort, Router};
@@ -32,11 +33,21 @@ pub(in super::super) fn run(
             });
             Ok(Some(f.mac))
         }
-        None => {
-            r.note("snat", || {
-                format!("{src} has no floating IP to leave by (no default SNAT yet): dropped")
-            });
-            Err(DropReason::NoNat)
-        }
+        None => match r.t.pipeline.external_ip {
+            Some(ext) if to_outside => {
+                r.napt = Some(ext);
+                let mac = geneflow_control::nat::fip_mac(ext);
+                r.note("snat", || {
+                    format!("{src} has no floating IP: default SNAT to this chassis' {ext} ({mac})")
+                });
+                Ok(Some(mac))
+            }
+            _ => {
+                r.note("snat", || {
+                    format!("{src} has no floating IP, and no SNAT address applies: dropped")
+                });
+                Err(DropReason::NoNat)
+            }
+        },
     }
 }

@@ -1,0 +1,129 @@
+//! Default SNAT in the slow path: the first packet of a connection out through the chassis'
+//! external address gets a port (the VM's own when free, like Linux; otherwise the next free
+//! one for that remote address and port), both directions go into the NAT table for XDP, and
+//! the packet is rewritten; a reply XDP could not translate (its megaflow was not installed
+//! yet) is translated here from the table. Limits: 64,512 ports per protocol and remote
+//! address and port, 131,072 translations in all (least recently used go first); idle ones
+//! expire like conntrack's (TCP 6 h, UDP 60 s, ICMP 30 s).
+
+use crate::loader::Bpf;
+use crate::pipeline::rewrite::{dec_ttl, napt, napt_ports, set_eth};
+use geneflow_abi::{nat, CtKey, NatEntry};
+use std::net::Ipv4Addr;
+
+fn addr(frame: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]])
+}
+
+/// The NAT key of `frame` in direction `dir`.
+fn key(frame: &[u8], dir: u32) -> Option<CtKey> {
+    let (proto, sport, dport) = napt_ports(frame, dir == nat::DIR_OUT)?;
+    Some(CtKey {
+        zone: dir,
+        src: addr(frame, 26),
+        dst: addr(frame, 30),
+        sport,
+        dport,
+        proto,
+        pad: [0; 3],
+    })
+}
+
+/// Allocates (or finds) the translation of the outbound packet `orig` and applies it to
+/// `routed` (its routed copy). `back` is how replies reach the VM: its port's ifindex and
+/// counter slot, the router port's MAC and the VM's. `false`: not translatable, or no port.
+pub(super) fn out(
+    bpf: &mut Bpf,
+    orig: &[u8],
+    routed: &mut [u8],
+    external: Ipv4Addr,
+    back: (u32, u32, [u8; 6], [u8; 6]),
+    now_ns: u64,
+) -> bool {
+    let Some(k) = key(orig, nat::DIR_OUT) else {
+        return false;
+    };
+    let ext = u32::from_ne_bytes(external.octets());
+    let port = match bpf.nat_get(&k) {
+        Some(e) => e.port,
+        None => {
+            let Some(port) = free_port(bpf, &k, ext) else {
+                return false;
+            };
+            let o = NatEntry {
+                addr: ext,
+                port,
+                last_seen_ns: now_ns,
+                ..Default::default()
+            };
+            let rk = reply_key(&k, ext, port);
+            let i = NatEntry {
+                addr: k.src,
+                port: k.sport,
+                out_ifindex: back.0,
+                out_slot: back.1,
+                smac: back.2,
+                dmac: back.3,
+                last_seen_ns: now_ns,
+                ..Default::default()
+            };
+            if bpf.nat_insert((&k, &o), (&rk, &i)).is_err() {
+                return false;
+            }
+            port
+        }
+    };
+    napt(routed, true, ext, port);
+    true
+}
+
+/// The key the reply of `k` (translated to `ext`:`port`) carries.
+pub(super) fn reply_key(k: &CtKey, ext: u32, port: u16) -> CtKey {
+    CtKey {
+        zone: nat::DIR_IN,
+        src: k.dst,
+        dst: ext,
+        sport: if k.proto == 1 { 0 } else { k.dport },
+        dport: port,
+        proto: k.proto,
+        pad: [0; 3],
+    }
+}
+
+/// A port of `ext` no other connection to the same remote address and port uses: the VM's
+/// own first, then from a hash of the tuple onwards.
+fn free_port(bpf: &Bpf, k: &CtKey, ext: u32) -> Option<u16> {
+    let span = u32::from(u16::MAX - nat::PORT_MIN) + 1;
+    let own = u16::from_be(k.sport);
+    let start = (k.src ^ k.sport as u32 ^ (k.dst.rotate_left(7))).wrapping_mul(0x9e37_79b1) % span;
+    let own_first = (own >= nat::PORT_MIN).then_some(own);
+    let candidates = own_first
+        .into_iter()
+        .chain((0..span).map(|i| nat::PORT_MIN + ((start + i) % span) as u16))
+        .take(4096);
+    for p in candidates {
+        let port = p.to_be();
+        let taken = bpf.nat_get(&reply_key(k, ext, port));
+        // Free, or the remains of this very connection (its outbound entry expired first).
+        if taken.is_none_or(|e| e.addr == k.src && e.port == k.sport) {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Translates the reply `frame` back from the table into `buf`: the VM's port to send it on,
+/// or `None` (no translation: dropped).
+pub(super) fn back(bpf: &Bpf, frame: &[u8], buf: &mut Vec<u8>) -> Option<u32> {
+    let k = key(frame, nat::DIR_IN)?;
+    let e = bpf.nat_get(&k)?;
+    if frame[22] <= 1 {
+        return None;
+    }
+    buf.clear();
+    buf.extend_from_slice(frame);
+    set_eth(buf, e.smac, e.dmac);
+    dec_ttl(&mut buf[14..34]);
+    napt(buf, false, e.addr, e.port);
+    Some(e.out_ifindex)
+}
