@@ -318,3 +318,124 @@ fn vms_without_a_floating_ip_leave_by_their_chassis_snat_address() -> Result<()>
     assert!(tb.counter("ch1", "vp-vm3", "fastpath_hit")? > 100);
     Ok(())
 }
+
+#[test]
+fn security_groups_apply_to_the_fixed_ip_behind_a_floating_ip() -> Result<()> {
+    let (tb, out) = fip_bed("fe")?;
+    // vm1 takes ICMP and TCP 5201 in and may open nothing; vm2 may open anything and takes
+    // nothing in. Replies of what each allowed must pass both ways through the translation.
+    for (sg, rules) in [
+        (
+            "inbound",
+            vec![
+                vec!["in-icmp", "--direction", "ingress", "--protocol", "icmp"],
+                vec![
+                    "in-5201",
+                    "--direction",
+                    "ingress",
+                    "--protocol",
+                    "tcp",
+                    "--ports",
+                    "5201",
+                ],
+            ],
+        ),
+        ("outbound", vec![vec!["out-any", "--direction", "egress"]]),
+    ] {
+        tb.nbctl(&["sg-add", sg])?;
+        for r in rules {
+            let mut args = vec!["sg-rule-add", sg];
+            args.extend(r);
+            tb.nbctl(&args)?;
+        }
+    }
+    let applied = pipelines_applied(&tb, "ch1")?;
+    tb.nbctl(&["lsp-set-sg", "vm1", "inbound"])?;
+    tb.nbctl(&["lsp-set-sg", "vm2", "outbound"])?;
+    wait_applied(&tb, "ch1", applied)?;
+    // In to vm1 by its floating IP, and the replies out.
+    ping_from(&tb, &out, FIP1, 3)?;
+    let vm1 = tb.vm("vm1")?.clone();
+    let mut server = tb
+        .ns_cmd(&vm1.ns, "iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let client = tb
+        .ns_cmd(&out, "iperf3")
+        .args(["-c", FIP1, "-p", "5201", "-n", "5M", "-J"])
+        .output()?;
+    let _ = server.wait();
+    let report: serde_json::Value = serde_json::from_slice(&client.stdout)?;
+    assert!(
+        report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 1_000_000,
+        "iperf3 in through the group: {report}"
+    );
+    // What the group does not allow stays out, and vm1 opens nothing.
+    let acl0 = tb.counter("ch1", "phy", "drop_acl")?;
+    let refused = tb
+        .ns_cmd(&out, "iperf3")
+        .args([
+            "-c",
+            FIP1,
+            "-p",
+            "5999",
+            "-n",
+            "1K",
+            "--connect-timeout",
+            "1500",
+        ])
+        .output()?;
+    assert!(!refused.status.success(), "TCP 5999 got in");
+    assert!(tb.counter("ch1", "phy", "drop_acl")? > acl0);
+    // (Not a ping: ICMP is tracked per address pair, and the outside host's pings made
+    // that pair established.)
+    let mut server = tb
+        .ns_cmd(&out, "iperf3")
+        .args(["-s", "-1", "-p", "5203"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let opened = tb
+        .ns_cmd(&vm1.ns, "iperf3")
+        .args([
+            "-c",
+            OUTSIDE_IP,
+            "-p",
+            "5203",
+            "-n",
+            "1K",
+            "--connect-timeout",
+            "1500",
+        ])
+        .output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!opened.status.success(), "vm1 opened a connection");
+    // vm2 (on ch2) opens a connection out; its replies come back though nothing is allowed
+    // in: they are found in conntrack as vm2 sees them.
+    tb.ping("vm2", OUTSIDE_IP, 3)?;
+    let acl0 = tb.counter("ch2", "phy", "drop_acl")?;
+    let refused = tb
+        .ns_cmd(&out, "iperf3")
+        .args([
+            "-c",
+            FIP2,
+            "-p",
+            "5201",
+            "-n",
+            "1K",
+            "--connect-timeout",
+            "1500",
+        ])
+        .output()?;
+    assert!(!refused.status.success());
+    assert!(
+        tb.counter("ch2", "phy", "drop_acl")? > acl0,
+        "a new connection got in to vm2"
+    );
+    Ok(())
+}

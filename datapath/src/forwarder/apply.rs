@@ -71,9 +71,10 @@ impl Forwarder {
         self.ports.iter().map(|p| p.ifindex).ne(before)
     }
 
-    /// Sends a gratuitous ARP out of the provider network for each floating IP that is bound
-    /// here now and was not before (its port arrived or it was just created), so that the
-    /// physical network learns where its MAC went.
+    /// Floating IPs bound here: their tracked ports go into `FIP_CT` (XDP looks frames to
+    /// them up in conntrack as the VM sees them), and each that is bound here now and was not
+    /// before (its port arrived, or it was just created) is announced with a gratuitous ARP
+    /// out of its provider network, so that the physical network learns where its MAC went.
     pub(super) fn announce_fips(&mut self) {
         let mut now: Vec<(std::net::Ipv4Addr, [u8; 6], u32)> = Vec::new();
         for rt in self.pipeline.routers.values() {
@@ -86,6 +87,32 @@ impl Forwarder {
             for f in rt.fips.iter().filter(|f| f.local) {
                 now.push((f.external_ip, f.mac.0, ix));
             }
+        }
+        // Tracked ports behind floating IPs: XDP looks their frames from the provider
+        // network up in conntrack as the VM sees them.
+        let mut fip_ct = std::collections::BTreeMap::new();
+        for rt in self.pipeline.routers.values() {
+            for f in rt.fips.iter().filter(|f| f.local) {
+                let iface = self
+                    .pipeline
+                    .bindings
+                    .values()
+                    .find(|b| b.port == f.port)
+                    .map(|b| b.iface.clone());
+                let zone = iface.map(|i| self.ct_zone_of(&i)).unwrap_or(0);
+                if zone != 0 {
+                    fip_ct.insert(
+                        u32::from_ne_bytes(f.external_ip.octets()),
+                        geneflow_abi::FipCt {
+                            fixed: u32::from_ne_bytes(f.logical_ip.octets()),
+                            zone,
+                        },
+                    );
+                }
+            }
+        }
+        if let Err(e) = self.bpf.set_fip_ct(&fip_ct) {
+            warn!("cannot set the tracked floating IPs: {e}");
         }
         let mut frame = Vec::with_capacity(64);
         for &(ip, mac, ix) in &now {

@@ -12,8 +12,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
-    ct, ctr, nat, Config, CtCacheBlock, CtEntry, CtKey, DpGen, FlowAction, FlowKey, NatEntry,
-    PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS, MAX_PORTS,
+    ct, ctr, nat, Config, CtCacheBlock, CtEntry, CtKey, DpGen, FipCt, FlowAction, FlowKey,
+    NatEntry, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS, MAX_FIPS, MAX_FLOWS, MAX_MASKS,
+    MAX_PEERS, MAX_PORTS,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet};
 use std::mem::size_of;
@@ -67,7 +68,7 @@ const MMAPABLE: u32 = 1 << 10;
 
 /// Every pinned map: name, key size, value size, capacity, whether it is memory-mappable. A
 /// pinned map that differs in any of these is not adopted.
-const MAPS: [(&str, usize, usize, u32, bool); 14] = [
+const MAPS: [(&str, usize, usize, u32, bool); 15] = [
     (
         "FLOWS",
         size_of::<FlowKey>(),
@@ -106,6 +107,7 @@ const MAPS: [(&str, usize, usize, u32, bool); 14] = [
         nat::MAX_ENTRIES,
         false,
     ),
+    ("FIP_CT", 4, size_of::<FipCt>(), MAX_FIPS, false),
     ("PORTS", 4, size_of::<PortConf>(), MAX_PORTS, false),
     ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS, false),
     ("PEERS", 4, 4, MAX_PEERS, false),
@@ -206,6 +208,7 @@ pub struct Bpf {
     ct_uplink: bool,
     ct: HashMap<MapData, CtKey, CtEntry>,
     nat: HashMap<MapData, CtKey, NatEntry>,
+    fip_ct: HashMap<MapData, u32, FipCt>,
     ports: HashMap<MapData, u32, PortConf>,
     gens: HashMap<MapData, u32, DpGen>,
     peers: HashMap<MapData, u32, u32>,
@@ -291,6 +294,7 @@ impl Bpf {
         let peers = HashMap::try_from(take("PEERS")?).map_err(map_err("PEERS"))?;
         let ct = HashMap::try_from(take("CT")?).map_err(map_err("CT"))?;
         let nat = HashMap::try_from(take("NAT")?).map_err(map_err("NAT"))?;
+        let fip_ct = HashMap::try_from(take("FIP_CT")?).map_err(map_err("FIP_CT"))?;
         let xsks = XskMap::try_from(take("XSKS")?).map_err(map_err("XSKS"))?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let mut bpf = Bpf {
@@ -312,6 +316,7 @@ impl Bpf {
             ct_uplink: false,
             ct,
             nat,
+            fip_ct,
             ports,
             gens,
             peers,

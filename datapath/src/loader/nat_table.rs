@@ -28,3 +28,22 @@ impl Bpf {
         self.nat.iter().flatten().collect()
     }
 }
+
+impl Bpf {
+    /// Makes `want` (external address -> fixed IP and zone, network byte order) the floating
+    /// IPs XDP looks up in conntrack as their VMs see them.
+    pub fn set_fip_ct(&mut self, want: &BTreeMap<u32, FipCt>) -> Result<(), LoaderError> {
+        let have: Vec<(u32, FipCt)> = self.fip_ct.iter().flatten().collect();
+        for (k, v) in &have {
+            if want.get(k) != Some(v) {
+                let _ = self.fip_ct.remove(k);
+            }
+        }
+        for (k, v) in want {
+            if !have.contains(&(*k, *v)) {
+                self.fip_ct.insert(k, v, 0).map_err(map_err("FIP_CT"))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -35,7 +35,16 @@ pub(super) fn to_lport(r: &mut Run, dp: &Datapath, port: u16) -> Result<(), Drop
             r.note(STAGE, || "no security groups: allowed".into());
             Ok(())
         }
-        Some(acl) => check(r, acl, Direction::Ingress, dp.tunnel_key, STAGE),
+        Some(acl) => {
+            // After a floating IP's translation the VM sees the translated packet: that is
+            // what is committed (XDP looks such frames up translated too, see `FIP_CT`).
+            let zone = if r.nat_src.is_some() || r.nat_dst.is_some() {
+                dp.tunnel_key | ct::POST_NAT
+            } else {
+                dp.tunnel_key
+            };
+            check(r, acl, Direction::Ingress, zone, STAGE)
+        }
     }
 }
 

@@ -235,6 +235,9 @@ pub struct Decision {
     pub learn: Option<(u32, Ipv4Addr, [u8; 6])>,
     /// Default SNAT for the forwarder to carry out on this first packet (it owns the table).
     pub napt: Option<Napt>,
+    /// A floating IP's translation of the frame (new source, new destination): what a
+    /// `ct::POST_NAT` commit records.
+    pub nat: (Option<Ipv4Addr>, Option<Ipv4Addr>),
 }
 
 /// Default SNAT the pipeline decided (`flag::NAPT`, `act::UNNAPT`); the forwarder allocates
@@ -342,6 +345,7 @@ impl<'a> Run<'a> {
             key: self.key,
             learn: None,
             napt: None,
+            nat: (self.nat_src, self.nat_dst),
         }
     }
 

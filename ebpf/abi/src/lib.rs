@@ -240,6 +240,18 @@ pub mod nat {
     pub const PORT_MIN: u16 = 1024;
 }
 
+/// A floating IP bound here whose port is tracked (`FIP_CT`, keyed by the external address):
+/// frames from a provider network to it are looked up in conntrack as the VM will see them,
+/// in its zone, before the megaflow lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FipCt {
+    pub fixed: u32,
+    pub zone: u32,
+}
+
+pub const MAX_FIPS: u32 = 4096;
+
 /// One direction of a default-SNAT translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -296,6 +308,10 @@ pub mod ct {
     /// packet of a tracked connection, either way: it passes like the connection's replies.
     pub const RELATED: u8 = 8;
     pub const MAX_ENTRIES: u32 = 65536;
+    /// In `FlowAction::ct_zones`: commit the connection as the translated packet carries it
+    /// (`nat_src`/`nat_dst` of `flag::SNAT`/`flag::DNAT`), as the destination VM sees it
+    /// (to-lport ACL after a floating IP's DNAT), not as it arrived.
+    pub const POST_NAT: u32 = 1 << 31;
     /// `CtEntry::flags`: the TCP connection is closing (FIN or RST seen).
     pub const CLOSING: u32 = 1;
     /// How long a closing TCP connection stays (like Cilium's close timeout).
@@ -667,4 +683,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     // SAFETY: repr(C), plain integers and byte arrays, explicit padding: any bit pattern valid.
     unsafe impl aya::Pod for super::NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FipCt {}
 }

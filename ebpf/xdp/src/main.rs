@@ -19,9 +19,9 @@ mod prog {
     use geneflow_abi::{
         act, arp, csum_replace2, csum_replace4, ct, ctr, flag, flow_hash, mask_list, nat,
         port_kind, udp_source_port, Config, CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen,
-        FlowAction, FlowKey, NatEntry, PortConf, PortCounters, SlowMeta, ENCAP_OVERHEAD,
-        FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS, MAX_DATAPATHS, MAX_FLOWS, MAX_MASKS, MAX_PEERS,
-        MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
+        FipCt, FlowAction, FlowKey, NatEntry, PortConf, PortCounters, SlowMeta, ENCAP_OVERHEAD,
+        FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS, MAX_DATAPATHS, MAX_FIPS, MAX_FLOWS, MAX_MASKS,
+        MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
     };
 
     mod conntrack;
@@ -53,6 +53,9 @@ mod prog {
     /// Default SNAT translations (see `geneflow_abi::nat`).
     #[map]
     static NAT: LruHashMap<CtKey, NatEntry> = LruHashMap::with_max_entries(nat::MAX_ENTRIES, 0);
+    /// Floating IPs bound here whose port is tracked (see `geneflow_abi::FipCt`).
+    #[map]
+    static FIP_CT: HashMap<u32, FipCt> = HashMap::with_max_entries(MAX_FIPS, 0);
     /// Per CPU: the last outer source found in PEERS, tagged with `Config::peers_gen`
     /// (gen << 32 | address). Frames come in bursts from few chassis: this saves the hash
     /// lookup (measured: decap 183-189 -> 220-226 ns/pkt with a lookup per frame).
@@ -235,6 +238,9 @@ mod prog {
         } else {
             port.ct_zone
         };
+        if port.kind == port_kind::PROVIDER {
+            ct_lookup_fip(&mut key);
+        }
         if zone != 0 {
             ct_lookup(&mut key, zone);
             if key.ct_state == ct::NEW

@@ -183,6 +183,23 @@ pub(super) fn icmp_error_related(ctx: &XdpContext, off: usize, zone: u32) -> boo
     unsafe { CT.get(&k).is_some() || CT.get(&r).is_some() }
 }
 
+/// From a provider network to a floating IP bound here (`FIP_CT`): the conntrack state of
+/// the frame as the VM will see it (destination = its fixed IP), in the VM's zone.
+#[inline(always)]
+pub(super) fn ct_lookup_fip(key: &mut FlowKey) {
+    if key.eth_type != ETH_P_IPV4.to_be() {
+        return;
+    }
+    // SAFETY: values are written whole by userspace.
+    let Some(f) = (unsafe { FIP_CT.get(&key.ip_dst) }).copied() else {
+        return;
+    };
+    let mut k = *key;
+    k.ip_dst = f.fixed;
+    ct_lookup(&mut k, f.zone);
+    key.ct_state = k.ct_state;
+}
+
 /// Commits the key's connection in the action's zones (`flag::CT_COMMIT`); returns how
 /// many entries it wrote.
 #[inline(always)]
@@ -201,7 +218,16 @@ pub(super) fn ct_commit(key: &FlowKey, a: &FlowAction) -> u64 {
         if z == 0 {
             continue;
         }
-        if let Some(k) = ct_key(key, z) {
+        let mut t = *key;
+        if z & ct::POST_NAT != 0 {
+            if a.flags & flag::SNAT != 0 {
+                t.ip_src = a.nat_src;
+            }
+            if a.flags & flag::DNAT != 0 {
+                t.ip_dst = a.nat_dst;
+            }
+        }
+        if let Some(k) = ct_key(&t, z & !ct::POST_NAT) {
             if CT.insert(&k, &e, 0).is_ok() {
                 n += 1;
             }
