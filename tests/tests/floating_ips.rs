@@ -439,3 +439,111 @@ fn security_groups_apply_to_the_fixed_ip_behind_a_floating_ip() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn forged_claims_and_unassigned_floating_ips_are_dropped_and_counted() -> Result<()> {
+    let (tb, out) = fip_bed("ff")?;
+    let (cap_child, cap) = capture(&tb, &out, "claims", "arp")?;
+    // vm3 claims vm1's floating IP with ARP replies to everyone: port security drops them.
+    let vm3 = tb.vm("vm3")?.clone();
+    let spoofed0 = tb.counter("ch1", "vp-vm3", "drop_spoofed_arp")?;
+    run(tb
+        .ns_cmd(&vm3.ns, "/usr/bin/python3")
+        .arg(repo_root().join("tests/scripts/spoof.py"))
+        .args(["--iface", "eth0", "--mac", &vm3.mac, "--ip", &vm3.ip])
+        .args(["--victim-mac", "ff:ff:ff:ff:ff:ff", "--victim-ip", FIP1])
+        .args(["--kind", "arp-spa", "--count", "5"]))?;
+    assert_eq!(
+        counter_reaches(&tb, "ch1", "vp-vm3", "drop_spoofed_arp", spoofed0 + 5),
+        spoofed0 + 5
+    );
+    stop(cap_child);
+    let claims = fields(
+        &cap,
+        &format!(
+            "arp.src.proto_ipv4 == {FIP1} && arp.src.hw_mac == {}",
+            vm3.mac
+        ),
+        &["frame.number"],
+    )?;
+    assert!(claims.is_empty(), "the claim reached the provider network");
+    // Frames from the outside to an unassigned floating IP (no ARP answers for it, so a
+    // forged frame to the MAC it would have), and to a floating IP bound elsewhere: no
+    // chassis lets them in.
+    let unassigned = "172.24.4.59";
+    let mac = "0a:fe:ac:18:04:3b";
+    let before: u64 = ["ch1", "ch2"]
+        .iter()
+        .map(|c| tb.counter(c, "phy", "drop_no_destination").unwrap_or(0))
+        .sum();
+    assert!(ping_from(&tb, &out, unassigned, 1).is_err());
+    let script = format!(
+        "from scapy.all import *\nsendp([Ether(dst='{mac}')/IP(src='{OUTSIDE_IP}',dst='{unassigned}')/ICMP()]*5, iface='eth0', verbose=False)\n"
+    );
+    run(tb.ns_cmd(&out, "/usr/bin/python3").args(["-c", &script]))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut after = 0;
+    while std::time::Instant::now() < deadline {
+        after = ["ch1", "ch2"]
+            .iter()
+            .map(|c| tb.counter(c, "phy", "drop_no_destination").unwrap_or(0))
+            .sum::<u64>();
+        if after >= before + 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(after >= before + 5, "{} of 5 counted", after - before);
+    // To vm1's floating IP MAC but vm2's floating IP: not translated by ch1.
+    let nonat0 = tb.counter("ch1", "phy", "drop_no_nat")?;
+    let script = format!(
+        "from scapy.all import *\nsendp([Ether(dst='0a:fe:ac:18:04:33')/IP(src='{OUTSIDE_IP}',dst='{FIP2}')/ICMP()]*3, iface='eth0', verbose=False)\n"
+    );
+    run(tb.ns_cmd(&out, "/usr/bin/python3").args(["-c", &script]))?;
+    assert!(counter_reaches(&tb, "ch1", "phy", "drop_no_nat", nonat0 + 3) >= nonat0 + 3);
+    Ok(())
+}
+
+#[test]
+fn vms_on_a_provider_network_talk_to_it_untunnelled() -> Result<()> {
+    require_root();
+    let mut tb = Testbed::new("fg")?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    let out = tb.add_provider_network()?;
+    tb.nbctl(&["ls-add", "ext", "--key", "900", "--provider", "physnet1"])?;
+    tb.nbctl(&["subnet-add", "ext", "ext-sn", "172.24.4.0/24"])?;
+    for (vm, ch, key, ip) in [
+        ("pv1", "ch1", 71, "172.24.4.71"),
+        ("pv2", "ch2", 72, "172.24.4.72"),
+    ] {
+        tb.add_vm_unbound(vm, ch, key)?;
+        let ns = tb.vm(vm)?.ns.clone();
+        run(tb.ns_cmd(&ns, "ip").args(["addr", "flush", "dev", "eth0"]))?;
+        run(tb
+            .ns_cmd(&ns, "ip")
+            .args(["addr", "add", &format!("{ip}/24"), "dev", "eth0"]))?;
+        let mac = tb.vm(vm)?.mac.clone();
+        tb.nbctl(&["lsp-add", "ext", vm, &mac, ip, "--key", &key.to_string()])?;
+        tb.nbctl(&["lsp-bind", vm, ch, &format!("vp-{vm}")])?;
+    }
+    tb.start_agents()?;
+    let (cap_child, cap) = capture(&tb, &out, "provider", "icmp")?;
+    tb.ping("pv1", OUTSIDE_IP, 3)?;
+    ping_from(&tb, &out, "172.24.4.72", 3)?;
+    // Between chassis, through the physical network: no Geneve on the underlay for it.
+    let geneve0 = tb.counter("ch1", "ul", "tx_packets")?;
+    let phy0 = tb.counter("ch1", "phy", "tx_packets")?;
+    tb.ping("pv1", "172.24.4.72", 3)?;
+    assert_eq!(tb.counter("ch1", "ul", "tx_packets")?, geneve0);
+    assert!(tb.counter("ch1", "phy", "tx_packets")? >= phy0 + 3);
+    stop(cap_child);
+    let seen = fields(&cap, "icmp.type == 8", &["ip.src", "ip.dst"])?;
+    assert!(seen
+        .iter()
+        .any(|l| l == &format!("172.24.4.71,{OUTSIDE_IP}")));
+    assert!(seen
+        .iter()
+        .any(|l| l == &format!("{OUTSIDE_IP},172.24.4.72")));
+    Ok(())
+}

@@ -12,6 +12,8 @@ pub(super) enum L2<'a> {
     Flooded,
     Port(&'a CompiledPort),
     Router(RouterAttach),
+    /// A provider network's own host: out of its interface.
+    Physical(u32),
 }
 
 pub(super) fn run<'a>(
@@ -66,6 +68,21 @@ pub(super) fn run<'a>(
         return Ok(L2::Router(*att));
     }
     let Some(port) = dp.macs.get(&dst).and_then(|k| dp.ports.get(k)) else {
+        // On a provider network an unknown MAC is the physical network's (its hosts and
+        // routers are in no NB).
+        if let Some(ix) = dp
+            .provider
+            .as_ref()
+            .and_then(|_| r.t.provider_ifindex(dp.tunnel_key))
+        {
+            r.note("l2 lookup", || {
+                format!(
+                    "{dst} is not a port of {}: to the physical network",
+                    dp.name
+                )
+            });
+            return Ok(L2::Physical(ix));
+        }
         r.note("l2 lookup", || {
             format!("{dst} is not on logical switch {}: dropped", dp.name)
         });

@@ -575,6 +575,17 @@ impl Tables {
             l2_lookup::L2::Flooded => Ok(r.decision(0)),
             l2_lookup::L2::Port(port) => output::to_port(r, dp, inp.port_key, port, out, None),
             l2_lookup::L2::Router(att) => router::run(r, dp, att, out, buf),
+            l2_lookup::L2::Physical(ix) => {
+                out.push(Output::Local { ifindex: ix });
+                let mut d = r.decision(0);
+                d.megaflow = Some(r.megaflow(r.with_commit(FlowAction {
+                    kind: act::OUTPUT,
+                    out_ifindex: ix,
+                    dp_key: dp.tunnel_key,
+                    ..Default::default()
+                })));
+                Ok(d)
+            }
         }
     }
 }

@@ -87,6 +87,20 @@ pub(super) fn ingress(
             return Ok(d);
         }
     }
+    deliver(r, dp_key, out)
+}
+
+/// By destination MAC to the switch's ports bound here: broadcast to all of them, unicast to
+/// its owner; anything else is dropped.
+fn deliver(r: &mut Run, dp_key: u32, out: &mut Vec<Output>) -> Result<Decision, DropReason> {
+    let t = r.t;
+    let dp = t
+        .pipeline
+        .datapaths
+        .get(&dp_key)
+        .ok_or(DropReason::UnknownDatapath)?;
+    r.mask.eth_dst = [0xff; 6];
+    let dst = Mac(r.key.eth_dst);
     if dst.is_multicast() {
         for (_, iface) in dp.local_ports() {
             if let Some(ix) = t.ifindex(iface) {
@@ -154,34 +168,25 @@ fn arp_in(
             return Ok(d);
         }
     }
-    // Replies, gratuitous ARP and requests for others teach; requests for others also go
-    // to the switch's local ports.
-    if op == arp::OP_REQUEST {
-        for (_, iface) in t
-            .pipeline
-            .datapaths
-            .get(&dp_key)
-            .into_iter()
-            .flat_map(|d| d.local_ports())
-        {
-            if let Some(ix) = t.ifindex(iface) {
-                out.push(Output::Local { ifindex: ix });
-            }
-        }
-    }
+    // Anything else teaches, and goes on by its destination MAC like any frame (a request
+    // to the switch's local ports, a reply to the VM that asked).
     r.note(STAGE, || {
         format!(
-            "ARP {} from {spa} ({}): learned, to {} local ports",
+            "ARP {} from {spa} ({}): learned",
             if op & !arp::GRATUITOUS == arp::OP_REQUEST {
                 "request"
             } else {
                 "reply"
             },
-            Mac(sha),
-            out.len()
+            Mac(sha)
         )
     });
-    let mut d = r.decision(0);
+    // A reply to this chassis' own request (for a next hop) is for no port: taken.
+    let mut d = match deliver(r, dp_key, out) {
+        Ok(d) => d,
+        Err(DropReason::NoDestination) => r.decision(0),
+        Err(e) => return Err(e),
+    };
     d.learn = learn;
     Ok(d)
 }
