@@ -41,6 +41,8 @@ mod tests_acl;
 #[cfg(test)]
 mod tests_dhcp;
 #[cfg(test)]
+mod tests_nat;
+#[cfg(test)]
 mod tests_router;
 #[cfg(test)]
 mod tests_security;

@@ -1,0 +1,302 @@
+//! Unit tests of provider networks, floating IPs and default SNAT.
+//!
+//! Chassis "a" hosts p1 (10.0.0.5, ifindex 10, floating IP 172.24.4.51) and p3 (10.0.0.7,
+//! ifindex 12, none) on ls (VNI 100); chassis "b" hosts p2 (10.0.0.6, floating IP .52).
+//! Router r joins ls (10.0.0.1/24) and the provider switch ext (VNI 900, physnet1 on
+//! ifindex 20 here; gateway port 172.24.4.10/24), default route via 172.24.4.1, which chassis
+//! a has learned at `UPSTREAM_MAC`.
+
+use super::*;
+use etherparse::{PacketBuilder, SlicedPacket};
+use geneflow_abi::{act, flag};
+use geneflow_control::compiler::compile;
+use geneflow_control::model::*;
+use geneflow_control::nat::fip_mac;
+
+const PHY: u32 = 20;
+const GW_IN: [u8; 6] = [0x0a, 0xff, 0, 0, 0, 1];
+const GW_OUT: [u8; 6] = [0x0a, 0xff, 0, 0, 0, 2];
+const P1: [u8; 6] = [0x0a, 0, 0, 0, 0, 1];
+const P3: [u8; 6] = [0x0a, 0, 0, 0, 0, 3];
+const UPSTREAM_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0x99];
+const OUTSIDE: [u8; 4] = [172, 24, 4, 100];
+
+fn doc(external_ip: Option<&str>) -> NbDocument {
+    let mut d = NbDocument::default();
+    test_nb::chassis_ab(&mut d);
+    d.chassis.get_mut("a").unwrap().external_ip = external_ip.map(|a| a.parse().unwrap());
+    test_nb::switch(&mut d, "ls", 100);
+    test_nb::switch(&mut d, "ext", 900);
+    d.switches.get_mut("ext").unwrap().provider = Some("physnet1".into());
+    for (n, k, mac, ip, c) in [
+        ("p1", 1, P1, "10.0.0.5", "a"),
+        ("p2", 2, [0x0a, 0, 0, 0, 0, 2], "10.0.0.6", "b"),
+        ("p3", 3, P3, "10.0.0.7", "a"),
+    ] {
+        d.ports
+            .insert(n.into(), test_nb::port(n, "ls", k, mac, &[ip], c));
+    }
+    d.routers.insert(
+        "r".into(),
+        LogicalRouter {
+            name: "r".into(),
+            tunnel_key: 500,
+            tenant: "t".into(),
+            version: 0,
+        },
+    );
+    for (n, mac, net, sw, k) in [
+        ("r-ls", GW_IN, "10.0.0.1/24", "ls", 100),
+        ("r-gw", GW_OUT, "172.24.4.10/24", "ext", 101),
+    ] {
+        d.router_ports.insert(
+            n.into(),
+            RouterPort {
+                name: n.into(),
+                router: "r".into(),
+                mac: Mac(mac),
+                network: net.parse().unwrap(),
+                switch: Some(sw.into()),
+                peer_tenant: None,
+                port_key: k,
+                version: 0,
+            },
+        );
+    }
+    let r = Route::new(
+        "r",
+        "0.0.0.0/0".parse().unwrap(),
+        "172.24.4.1".parse().unwrap(),
+    );
+    d.routes.insert(r.name.clone(), r);
+    for (n, ip, port) in [("f1", "172.24.4.51", "p1"), ("f2", "172.24.4.52", "p2")] {
+        d.floating_ips.insert(
+            n.into(),
+            FloatingIp {
+                name: n.into(),
+                external_ip: ip.parse().unwrap(),
+                port: port.into(),
+                router: "r".into(),
+                version: 0,
+            },
+        );
+    }
+    assert!(d.check().is_ok(), "{:?}", d.check());
+    d
+}
+
+fn tables(d: &NbDocument, learned: bool) -> Tables {
+    let mut t = Tables::new(Arc::new(compile(d, "a")), 2, 1500, true, |n| match n {
+        "vp-p1" => Some(10),
+        "vp-p3" => Some(12),
+        _ => None,
+    })
+    .with_providers(&HashMap::from([("physnet1".to_string(), PHY)]));
+    if learned {
+        t.learn(900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC);
+    }
+    t
+}
+
+fn icmp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut f, &[1, 2, 3, 4])
+        .unwrap();
+    f
+}
+
+fn ips(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, bool) {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4")
+    };
+    let h = ip.header().to_header();
+    (
+        ip.header().source_addr(),
+        ip.header().destination_addr(),
+        h.header_checksum == h.calc_header_checksum(),
+    )
+}
+
+#[test]
+fn the_outside_reaches_a_floating_ip_bound_here_only() {
+    let t = tables(&doc(None), true);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    let f = icmp(
+        UPSTREAM_MAC,
+        fip_mac("172.24.4.51".parse().unwrap()).0,
+        OUTSIDE,
+        [172, 24, 4, 51],
+    );
+    let d = t.process(&f, PHY, &mut out, &mut buf).unwrap();
+    assert_eq!(out, vec![Output::Local { ifindex: 10 }]);
+    let a = d.megaflow.unwrap().action;
+    assert_eq!(
+        a.flags & (flag::ROUTE | flag::DNAT),
+        flag::ROUTE | flag::DNAT
+    );
+    assert_eq!(a.nat_dst, u32::from_ne_bytes([10, 0, 0, 5]));
+    assert_eq!((a.set_smac, a.set_dmac, a.out_ifindex), (GW_IN, P1, 10));
+    assert_eq!(
+        ips(&buf),
+        (Ipv4Addr::from(OUTSIDE), "10.0.0.5".parse().unwrap(), true)
+    );
+    // p2's floating IP is bound on chassis b: not let in here, whatever the MAC says.
+    let f = icmp(
+        UPSTREAM_MAC,
+        fip_mac("172.24.4.52".parse().unwrap()).0,
+        OUTSIDE,
+        [172, 24, 4, 52],
+    );
+    assert_eq!(
+        t.process(&f, PHY, &mut out, &mut buf).err(),
+        Some(DropReason::NoDestination)
+    );
+    // vm1's MAC with p2's address: the router refuses to translate it.
+    let f = icmp(
+        UPSTREAM_MAC,
+        fip_mac("172.24.4.51".parse().unwrap()).0,
+        OUTSIDE,
+        [172, 24, 4, 52],
+    );
+    assert_eq!(
+        t.process(&f, PHY, &mut out, &mut buf).err(),
+        Some(DropReason::NoNat)
+    );
+}
+
+#[test]
+fn a_vm_leaves_with_its_floating_ip_or_the_chassis_address() {
+    let d0 = doc(None);
+    let t = tables(&d0, true);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    let f = icmp(P1, GW_IN, [10, 0, 0, 5], [8, 8, 8, 8]);
+    let d = t.process(&f, 10, &mut out, &mut buf).unwrap();
+    assert_eq!(out, vec![Output::Local { ifindex: PHY }]);
+    let a = d.megaflow.unwrap().action;
+    assert_eq!(
+        a.flags & (flag::ROUTE | flag::SNAT),
+        flag::ROUTE | flag::SNAT
+    );
+    assert_eq!(a.nat_src, u32::from_ne_bytes([172, 24, 4, 51]));
+    assert_eq!(a.set_smac, fip_mac("172.24.4.51".parse().unwrap()).0);
+    assert_eq!(a.set_dmac, UPSTREAM_MAC);
+    assert_eq!(
+        ips(&buf),
+        (
+            "172.24.4.51".parse().unwrap(),
+            "8.8.8.8".parse().unwrap(),
+            true
+        )
+    );
+    // p3 has no floating IP: without a chassis address it cannot leave...
+    let f = icmp(P3, GW_IN, [10, 0, 0, 7], [8, 8, 8, 8]);
+    assert_eq!(
+        t.process(&f, 12, &mut out, &mut buf).err(),
+        Some(DropReason::NoNat)
+    );
+    // ... with one it leaves by default SNAT, which the forwarder carries out.
+    let t = tables(&doc(Some("172.24.4.61")), true);
+    let d = t.process(&f, 12, &mut out, &mut buf).unwrap();
+    let m = d.megaflow.unwrap().action;
+    assert_ne!(m.flags & flag::NAPT, 0);
+    assert_eq!(m.set_smac, fip_mac("172.24.4.61".parse().unwrap()).0);
+    assert_eq!(
+        d.napt,
+        Some(Napt::Out {
+            external: "172.24.4.61".parse().unwrap(),
+            ifindex: 12,
+            smac: GW_IN,
+            dmac: P3,
+        })
+    );
+    // Replies to the chassis address go back by the NAT table (in XDP after the first).
+    let f = icmp(
+        UPSTREAM_MAC,
+        fip_mac("172.24.4.61".parse().unwrap()).0,
+        [8, 8, 8, 8],
+        [172, 24, 4, 61],
+    );
+    let d = t.process(&f, PHY, &mut out, &mut buf).unwrap();
+    assert_eq!(d.napt, Some(Napt::In));
+    assert_eq!(d.megaflow.unwrap().action.kind, act::UNNAPT);
+}
+
+#[test]
+fn an_unknown_next_hop_is_asked_for_from_the_floating_ip() {
+    let t = tables(&doc(None), false);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    let f = icmp(P1, GW_IN, [10, 0, 0, 5], [8, 8, 8, 8]);
+    let d = t.process(&f, 10, &mut out, &mut buf).unwrap();
+    assert_eq!(out, vec![Output::Local { ifindex: PHY }]);
+    assert_eq!(d.answer.map(|a| a.kind), Some(AnswerKind::ArpRequest));
+    assert!(d.megaflow.is_none());
+    let fip = fip_mac("172.24.4.51".parse().unwrap());
+    assert_eq!(&buf[0..6], &[0xff; 6]);
+    assert_eq!(&buf[6..12], &fip.0);
+    assert_eq!(&buf[28..32], &[172, 24, 4, 51], "sender: the floating IP");
+    assert_eq!(&buf[38..42], &[172, 24, 4, 1], "target: the next hop");
+}
+
+#[test]
+fn arp_on_the_provider_network_is_answered_for_local_floating_ips_and_teaches() {
+    let t = tables(&doc(None), false);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    let arp = |tpa: [u8; 4]| {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&UPSTREAM_MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&UPSTREAM_MAC);
+        f.extend_from_slice(&[172, 24, 4, 1]);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&tpa);
+        f
+    };
+    let d = t
+        .process(&arp([172, 24, 4, 51]), PHY, &mut out, &mut buf)
+        .unwrap();
+    assert_eq!(d.answer.map(|a| a.kind), Some(AnswerKind::ArpReply));
+    assert_eq!(d.megaflow.unwrap().action.kind, act::ARP_REPLY);
+    assert_eq!(&buf[6..12], &fip_mac("172.24.4.51".parse().unwrap()).0);
+    assert_eq!(
+        d.learn,
+        Some((900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC))
+    );
+    // p2's floating IP is chassis b's to answer.
+    let d = t
+        .process(&arp([172, 24, 4, 52]), PHY, &mut out, &mut buf)
+        .unwrap();
+    assert!(d.answer.is_none());
+    assert!(d.learn.is_some());
+}
+
+#[test]
+fn hairpin_translates_both_addresses() {
+    let t = tables(&doc(None), true);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    let f = icmp(P1, GW_IN, [10, 0, 0, 5], [172, 24, 4, 52]);
+    let d = t.process(&f, 10, &mut out, &mut buf).unwrap();
+    assert!(
+        matches!(out[..], [Output::Tunnel { vni: 100, .. }]),
+        "{out:?}"
+    );
+    let a = d.megaflow.unwrap().action;
+    assert_eq!(a.flags & (flag::SNAT | flag::DNAT), flag::SNAT | flag::DNAT);
+    assert_eq!(
+        ips(&buf),
+        (
+            "172.24.4.51".parse().unwrap(),
+            "10.0.0.6".parse().unwrap(),
+            true
+        )
+    );
+    // Without a floating IP of its own a VM cannot reach one (its peer could not answer).
+    let f = icmp(P3, GW_IN, [10, 0, 0, 7], [172, 24, 4, 52]);
+    assert_eq!(
+        t.process(&f, 12, &mut out, &mut buf).err(),
+        Some(DropReason::NoNat)
+    );
+}
