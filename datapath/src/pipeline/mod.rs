@@ -277,6 +277,8 @@ pub struct Tables {
     providers: HashMap<u32, u32>,
     /// Provider switch (tunnel key) -> its local interface.
     provider_out: HashMap<u32, u32>,
+    /// Every provider interface, whether or not a switch of this chassis uses its physnet.
+    provider_ports: Vec<u32>,
     /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
     ext_neigh: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
 }
@@ -413,6 +415,7 @@ impl Tables {
             ifindex_by_iface,
             providers: HashMap::new(),
             provider_out: HashMap::new(),
+            provider_ports: Vec::new(),
             ext_neigh: BTreeMap::new(),
         }
     }
@@ -421,6 +424,7 @@ impl Tables {
     /// (`physnet` -> ifindex). A physnet with no switch here, or a switch whose physnet has
     /// no interface here, is left out (its traffic has nowhere to go).
     pub fn with_providers(mut self, physnets: &HashMap<String, u32>) -> Tables {
+        self.provider_ports = physnets.values().copied().collect();
         for dp in self.pipeline.datapaths.values() {
             let Some(ix) = dp.provider.as_ref().and_then(|p| physnets.get(p)) else {
                 continue;
@@ -530,6 +534,11 @@ impl Tables {
             tunnel_rx::run(r, out)
         } else if let Some(dp) = self.providers.get(&r.in_ifindex) {
             provider::ingress(r, *dp, out, buf)
+        } else if self.provider_ports.contains(&r.in_ifindex) {
+            r.note("provider in", || {
+                "no switch of this chassis is on this physical network: dropped".into()
+            });
+            Err(DropReason::UnknownDatapath)
         } else {
             self.ingress_local(r, out, buf)
         }
