@@ -19,6 +19,7 @@ pub const KEYS: &[&str] = &[
     "udp_csum",
     "pin_dir",
     "provider",
+    "dhcp_rate",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub struct FileConfig {
     pub pin_dir: Option<PathBuf>,
     /// Provider networks: (physnet, interface).
     pub provider: Option<Vec<(String, String)>>,
+    /// DHCP answers per second per port (bursts as large).
+    pub dhcp_rate: Option<u32>,
 }
 
 /// Parses a `PHYSNET=IFACE` mapping (flag or config entry).
@@ -175,6 +178,13 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
             "udp_csum" => {
                 c.udp_csum = Some(v.as_bool().ok_or_else(|| want("true or false"))?);
             }
+            "dhcp_rate" => {
+                let n = v
+                    .as_integer()
+                    .filter(|n| (1..=10_000_000).contains(n))
+                    .ok_or_else(|| want("answers per second, 1 to 10000000"))?;
+                c.dhcp_rate = Some(n as u32);
+            }
             "provider" => {
                 let a = v
                     .as_array()
@@ -221,10 +231,20 @@ metrics_address = "127.0.0.1:9469"
 ctl_socket = "/run/geneflow/geneflowd.sock"
 udp_csum = true
 pin_dir = "/sys/fs/bpf/geneflow/ch1"
+provider = ["physnet1=eth2", "physnet2=eth3"]
+dhcp_rate = 50
 "#,
         )
         .unwrap();
         assert_eq!(c.chassis.as_deref(), Some("ch1"));
+        assert_eq!(
+            c.provider,
+            Some(vec![
+                ("physnet1".into(), "eth2".into()),
+                ("physnet2".into(), "eth3".into())
+            ])
+        );
+        assert_eq!(c.dhcp_rate, Some(50));
         assert_eq!(c.forwarder_cores, Some(vec![0]));
         assert_eq!(c.metrics_address.unwrap().port(), 9469);
     }
@@ -242,6 +262,10 @@ pin_dir = "/sys/fs/bpf/geneflow/ch1"
             ("pin_dir = \"bpf\"", "key `pin_dir`"),
             ("nb = \"ftp://x\"", "key `nb`"),
             ("uplink = \"a/b\"", "key `uplink`"),
+            ("provider = \"physnet1=eth2\"", "key `provider`"),
+            ("provider = [\"physnet1\"]", "key `provider`"),
+            ("provider = [\"p/1=eth2\"]", "key `provider`"),
+            ("dhcp_rate = 0", "key `dhcp_rate`"),
             ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),
         ];
         for (text, want) in cases {

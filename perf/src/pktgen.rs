@@ -115,6 +115,38 @@ pub fn udp_template(s: &UdpSpec, vary: Vary) -> Result<Template> {
     })
 }
 
+/// A DHCP DISCOVER from `s.src_mac` (UDP 68 -> 67, from 0.0.0.0 to broadcast whatever `s`
+/// says of addresses and ports), padded to BOOTP's 300 bytes: the load of the DHCP benchmark.
+/// Built by hand: the generator needs one fixed frame, and the product's own DHCP code
+/// (smoltcp) must not be what builds the frames that test it.
+pub fn dhcp_discover_template(s: &UdpSpec) -> Result<Template> {
+    let mut bootp = vec![0u8; 300];
+    bootp[0] = 1; // BOOTREQUEST
+    bootp[1] = 1; // Ethernet
+    bootp[2] = 6;
+    bootp[4..8].copy_from_slice(&0x4246_4c57u32.to_be_bytes()); // xid
+    bootp[10] = 0x80; // broadcast flag
+    bootp[28..34].copy_from_slice(&s.src_mac);
+    bootp[236..240].copy_from_slice(&[0x63, 0x82, 0x53, 0x63]);
+    bootp[240..244].copy_from_slice(&[53, 1, 1, 255]); // DISCOVER, end
+    let b = PacketBuilder::ethernet2(s.src_mac, [0xff; 6])
+        .ipv4([0, 0, 0, 0], [255, 255, 255, 255], 64)
+        .udp(68, 67);
+    let mut frame = Vec::with_capacity(b.size(bootp.len()));
+    b.write(&mut frame, &bootp)?;
+    Ok(Template {
+        // The "varied" field is the xid's first half, rewritten with its own value (one flow):
+        // the UDP checksum stays right.
+        field: Field {
+            off: 42 + 4,
+            base: 0x4246,
+            csums: [0, 0],
+        },
+        frame,
+        field2: None,
+    })
+}
+
 /// Offsets in an Ethernet/IPv4 frame (no options).
 const IP_CSUM: u32 = 24;
 const TCP_CSUM: u32 = 50;

@@ -43,6 +43,9 @@ struct Args {
     /// Underlay interface carrying Geneve.
     #[arg(long)]
     uplink: Option<String>,
+    /// DHCP answers per second per port (bursts as large; default 20).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    dhcp_rate: Option<u32>,
     /// A provider network: physnet name = local interface (repeatable).
     #[arg(long = "provider", value_parser = geneflow_datapath::config::parse_provider)]
     providers: Vec<(String, String)>,
@@ -159,6 +162,7 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| "copy".into());
     let cores = args.forwarder_cores.or(file.forwarder_cores);
     let encap_ip = args.encap_ip.or(file.encap_ip);
+    let dhcp_rate = args.dhcp_rate.or(file.dhcp_rate).unwrap_or(20);
     let providers = if args.providers.is_empty() {
         file.provider.unwrap_or_default()
     } else {
@@ -204,6 +208,7 @@ fn run(args: Args) -> Result<()> {
         },
         encap_ip,
         providers,
+        dhcp_rate,
     };
     let mut fwd = Forwarder::new(cfg, bpf, adopted, shared.clone())
         .with_context(|| format!("uplink {uplink}"))?;

@@ -52,6 +52,8 @@ pub struct ForwarderConfig {
     pub encap_ip: Option<std::net::Ipv4Addr>,
     /// Provider networks: (physnet, interface), bridged untunnelled.
     pub providers: Vec<(String, String)>,
+    /// DHCP answers per second per port (bursts as large).
+    pub dhcp_rate: u32,
 }
 
 struct Port {
@@ -183,6 +185,7 @@ impl Forwarder {
         }
         // SAFETY: efd is a fresh descriptor nobody else owns.
         let wake_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+        let dhcp_rate = cfg.dhcp_rate as f32;
         let mut f = Forwarder {
             neigh: Neighbours::new(&cfg.uplink),
             cfg,
@@ -209,9 +212,10 @@ impl Forwarder {
             pending: pending::Pending::new(STRIDE),
             ct_expiry_stop: Arc::new(AtomicBool::new(false)),
             answers: RateLimiter::new(100.0, 50.0, 5000.0),
-            // Per port: 20 DHCP answers/s, bursts of 20 (a client needs 2 per lease, a few
-            // more when it retries); 5000/s in all, bursts of 1250 (a host's boot storm).
-            dhcp_answers: RateLimiter::new(20.0, 20.0, 5000.0),
+            // Per port: 20 DHCP answers/s by default, bursts as large (a client needs 2 per
+            // lease, a few more when it retries); 5000/s in all, bursts of 1250 (a host's
+            // boot storm), or 250 times the per-port rate when that is more.
+            dhcp_answers: RateLimiter::new(dhcp_rate, dhcp_rate, (dhcp_rate * 250.0).max(5000.0)),
             // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
             drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),
             pollfds: Vec::new(),

@@ -48,6 +48,9 @@ enum Proto {
     Udp,
     /// TCP SYNs: with a varied field, every frame a new connection attempt.
     TcpSyn,
+    /// DHCP DISCOVERs from --src-mac (the DHCP responder's load; addresses and ports are
+    /// DHCP's own, --flows must be 1).
+    DhcpDiscover,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +191,8 @@ fn run(cli: Cli) -> Result<()> {
                 Proto::TcpSyn => {
                     pktgen::tcp_syn_template(&spec, vary.vary(), vary2.map(VaryArg::vary))?
                 }
+                Proto::DhcpDiscover if flows != 1 => bail!("--proto dhcp-discover needs --flows 1"),
+                Proto::DhcpDiscover => pktgen::dhcp_discover_template(&spec)?,
             };
             if let Some(vni) = geneve_vni {
                 let need = |o: Option<Mac>, n: &str| {
