@@ -48,7 +48,7 @@ enum Cmd {
         /// Only these groups of scenarios (the generator ceiling and the baseline always run):
         /// encap (encap and decap), routed, sg (security group), e2e (end to end, slow path,
         /// flow setup), ovs.
-        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "sg", "e2e", "ovs"])]
+        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "sg", "fip", "dhcp", "e2e", "ovs"])]
         only: Vec<String>,
         /// Where the report goes.
         #[arg(long)]

@@ -3,6 +3,8 @@
 //! compared with a plain XDP redirect between two veths measured in the same run (the limit of
 //! this machine). Writes a Markdown table, the raw samples as JSON and an SVG bar chart.
 
+mod dhcp;
+mod fip;
 mod ovs;
 mod report;
 mod routed;
@@ -315,6 +317,15 @@ pub fn bench(o: &Opts) -> Result<()> {
     }
     if want("sg") {
         sc.extend(sg::all(&ctx));
+    }
+    if want("fip") {
+        sc.push(fip::floating_ip(&ctx).unwrap_or_else(|e| {
+            eprintln!("    floating IP: {e:#}");
+            Scenario::failed(fip::NAME, e)
+        }));
+    }
+    if want("dhcp") {
+        sc.extend(dhcp::all(&ctx));
     }
     if want("e2e") {
         sc.extend(scenarios::end_to_end(&ctx, o)?);
