@@ -74,6 +74,8 @@ pub struct Datapath {
     /// A provider network's physnet name: the switch is bridged to a local interface and
     /// never tunnelled.
     pub provider: Option<String>,
+    /// Its VLAN id, if tagged.
+    pub vlan: Option<u16>,
 }
 
 impl Datapath {
@@ -315,6 +317,7 @@ fn compile_datapath(
         ips: BTreeMap::new(),
         router_ports: BTreeMap::new(),
         provider: sw.provider.clone(),
+        vlan: sw.vlan,
     };
     for rp in doc.router_ports.values() {
         if rp.switch.as_deref() != Some(sw.name.as_str()) {
@@ -418,6 +421,7 @@ mod tests {
                     mtu: DEFAULT_MTU,
                     tenant: format!("t-{n}"),
                     provider: None,
+                    vlan: None,
                     version: 0,
                 },
             );

@@ -321,6 +321,7 @@ mod tests {
                 mtu: DEFAULT_MTU,
                 tenant: "blue".into(),
                 provider: None,
+                vlan: None,
                 version: 1,
             },
         );

@@ -208,6 +208,9 @@ pub struct LogicalSwitch {
     /// tunnelled.
     #[serde(default)]
     pub provider: Option<String>,
+    /// On a provider network: the 802.1Q VLAN id its frames carry (none: untagged, flat).
+    #[serde(default)]
+    pub vlan: Option<u16>,
     #[serde(default)]
     pub version: u64,
 }
@@ -519,6 +522,19 @@ impl LogicalSwitch {
         check_name(&self.tenant)?;
         if let Some(p) = &self.provider {
             check_name(p)?;
+        }
+        match (self.vlan, &self.provider) {
+            (Some(v), _) if !(1..=4094).contains(&v) => {
+                return Err(ModelError::Invalid(format!(
+                    "VLAN id {v} is outside 1-4094"
+                )))
+            }
+            (Some(_), None) => {
+                return Err(ModelError::Invalid(
+                    "a VLAN id needs a provider network (--provider)".into(),
+                ))
+            }
+            _ => {}
         }
         if self.tunnel_key == 0 || self.tunnel_key > MAX_TUNNEL_KEY {
             return Err(ModelError::TunnelKeyRange(self.tunnel_key));
@@ -924,6 +940,7 @@ mod tests {
                 mtu: DEFAULT_MTU,
                 tenant: "t1".into(),
                 provider: None,
+                vlan: None,
                 version: 0,
             },
         );

@@ -47,6 +47,21 @@ pub fn enable_forwarding(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A provider interface: 802.1Q tags must reach XDP in the frame, not in the receive
+/// descriptor (rx VLAN offload off). A driver that cannot turn it off is logged: VLAN
+/// networks on it would not be told apart.
+pub fn keep_vlan_tags(name: &str) {
+    let Some(ix) = ifindex(name) else { return };
+    match veth::rx_vlan_offload_off(ix) {
+        Ok(true) => debug!(iface = name, "rx VLAN offload turned off"),
+        Ok(false) => {}
+        Err(e) => warn!(
+            iface = name,
+            "cannot turn rx VLAN offload off (VLAN provider networks need it): {e}"
+        ),
+    }
+}
+
 /// A VM port belongs to the overlay: the chassis's own stack must not talk on it (IPv6 router
 /// solicitations and MLD reports from the host would reach the VM).
 pub fn silence_host_stack(name: &str) {

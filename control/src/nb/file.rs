@@ -268,6 +268,7 @@ mod tests {
                         mtu: DEFAULT_MTU,
                         tenant: "t".into(),
                         provider: None,
+                        vlan: None,
                         version: 0,
                     },
                 );
@@ -298,6 +299,7 @@ mod tests {
                         mtu: DEFAULT_MTU,
                         tenant: "t".into(),
                         provider: None,
+                        vlan: None,
                         version: 0,
                     },
                 );

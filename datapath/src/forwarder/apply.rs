@@ -76,16 +76,18 @@ impl Forwarder {
     /// before (its port arrived, or it was just created) is announced with a gratuitous ARP
     /// out of its provider network, so that the physical network learns where its MAC went.
     pub(super) fn announce_fips(&mut self) {
-        let mut now: Vec<(std::net::Ipv4Addr, [u8; 6], u32)> = Vec::new();
+        let mut now: Vec<(std::net::Ipv4Addr, [u8; 6], u32, u16)> = Vec::new();
         for rt in self.pipeline.routers.values() {
             let Some(gw) = rt.gateway.map(|g| &rt.ports[g]) else {
                 continue;
             };
-            let Some(ix) = self.tables.provider_ifindex(gw.switch) else {
+            let Some(crate::pipeline::Output::Provider { ifindex: ix, vlan }) =
+                self.tables.provider_output(gw.switch)
+            else {
                 continue;
             };
             for f in rt.fips.iter().filter(|f| f.local) {
-                now.push((f.external_ip, f.mac.0, ix));
+                now.push((f.external_ip, f.mac.0, ix, vlan));
             }
         }
         // Tracked ports behind floating IPs: XDP looks their frames from the provider
@@ -115,8 +117,9 @@ impl Forwarder {
             warn!("cannot set the tracked floating IPs: {e}");
         }
         let mut frame = Vec::with_capacity(64);
-        for &(ip, mac, ix) in &now {
-            if self.announced.contains(&(ip, mac, ix)) {
+        let mut tagged = [0u8; 64];
+        for &(ip, mac, ix, vlan) in &now {
+            if self.announced.contains(&(ip, mac, ix, vlan)) {
                 continue;
             }
             crate::pipeline::rewrite::arp_frame(
@@ -126,6 +129,13 @@ impl Forwarder {
                 ip,
                 true,
             );
+            if vlan != 0 {
+                let Some(n) = super::forward::push_vlan(&mut tagged, &frame, vlan) else {
+                    continue;
+                };
+                frame.clear();
+                frame.extend_from_slice(&tagged[..n]);
+            }
             let Some(&j) = self.by_ifindex.get(&ix) else {
                 continue;
             };

@@ -6,6 +6,20 @@ use super::*;
 use crate::pipeline::Napt;
 use geneflow_abi::CtKey;
 
+/// `frame` with the 802.1Q tag of `vlan` (`VLAN_PRESENT | vid`) after its MACs, into `buf`;
+/// its length, or `None` if it does not fit.
+pub(super) fn push_vlan(buf: &mut [u8], frame: &[u8], vlan: u16) -> Option<usize> {
+    let len = frame.len() + 4;
+    if frame.len() < 12 || len > buf.len() {
+        return None;
+    }
+    buf[..12].copy_from_slice(&frame[..12]);
+    buf[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+    buf[14..16].copy_from_slice(&(vlan & 0x0fff).to_be_bytes());
+    buf[16..len].copy_from_slice(&frame[12..]);
+    Some(len)
+}
+
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of the XDP program's `bpf_ktime_get_coarse_ns`.
 pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -51,11 +65,11 @@ impl Forwarder {
         } = self;
         let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
         shared.count(in_slot, ctr::SLOW_RX, 1);
-        let Some(ct_state) = rxct[k] else {
+        let Some(meta) = rxct[k] else {
             shared.count(in_slot, ctr::DROP_MALFORMED, 1);
             return false;
         };
-        let d = match tables.process_dropping(frame, in_ifindex, ct_state, outputs, txbuf) {
+        let d = match tables.process_dropping(frame, in_ifindex, meta, outputs, txbuf) {
             Ok(d) => d,
             Err(dropped) => {
                 shared.count(in_slot, dropped.reason.counter(), 1);
@@ -157,6 +171,14 @@ impl Forwarder {
         for o in outputs.iter() {
             let (target, bytes): (u32, &[u8]) = match *o {
                 Output::Local { ifindex } => (ifindex, payload),
+                Output::Provider { ifindex, vlan: 0 } => (ifindex, payload),
+                Output::Provider { ifindex, vlan } => match push_vlan(encap_buf, payload, vlan) {
+                    Some(len) => (ifindex, &encap_buf[..len]),
+                    None => {
+                        shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
+                        continue;
+                    }
+                },
                 Output::Tunnel { remote, vni, meta } => {
                     let Some(src_ip) = pipeline.encap_ip else {
                         shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);

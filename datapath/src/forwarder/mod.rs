@@ -84,13 +84,14 @@ pub struct Forwarder {
     physnets: HashMap<String, u32>,
     /// Floating IPs announced here (external address, MAC, provider ifindex), so that one that
     /// arrives (its port moved here) is announced with a gratuitous ARP.
-    announced: Vec<(std::net::Ipv4Addr, [u8; 6], u32)>,
+    announced: Vec<(std::net::Ipv4Addr, [u8; 6], u32, u16)>,
     outputs: Vec<Output>,
     rxbuf: Vec<u8>,
     rxlen: [usize; BATCH],
     /// The conntrack state XDP sent with each received frame (its `SlowMeta`); `None` for a
     /// frame that came without one (not from our program: dropped).
-    rxct: [Option<u8>; BATCH],
+    /// Each received frame's SlowMeta: (conntrack state, provider VLAN); `None` without one.
+    rxct: [Option<(u8, u16)>; BATCH],
     encap_buf: Vec<u8>,
     /// Frames the pipeline writes (routed copies, ARP and ICMP answers).
     txbuf: Vec<u8>,
@@ -232,6 +233,7 @@ impl Forwarder {
             xsk,
         );
         for (net, iface) in f.cfg.providers.clone() {
+            netdev::keep_vlan_tags(&iface);
             f.attach_port(&iface, port_kind::PROVIDER)?;
             let ix = f.ports.last().map(|p| p.ifindex).unwrap_or(0);
             info!(physnet = %net, %iface, ifindex = ix, "provider network attached");
@@ -536,7 +538,7 @@ impl Forwarder {
             // Every frame from our XDP program starts with its SlowMeta.
             let meta = (frame.len() >= SlowMeta::LEN
                 && u16::from_ne_bytes([frame[0], frame[1]]) == SlowMeta::MAGIC)
-                .then(|| frame[2]);
+                .then(|| (frame[2], u16::from_ne_bytes([frame[4], frame[5]])));
             let frame = if meta.is_some() {
                 &frame[SlowMeta::LEN..]
             } else {

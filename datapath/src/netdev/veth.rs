@@ -99,19 +99,24 @@ pub(crate) fn named_netns(nsid: i32) -> Option<(String, std::fs::File)> {
     None
 }
 
-/// Turns GRO on for interface `ifindex` of the calling thread's namespace; returns its name.
-pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
-    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes (NUL included) into `name`.
-    if unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null() {
-        return Err(std::io::Error::last_os_error());
-    }
-    /// `struct ethtool_value` of linux/ethtool.h.
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
+/// `struct ethtool_value` of linux/ethtool.h.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+const ETHTOOL_GFLAGS: u32 = 0x25;
+const ETHTOOL_SFLAGS: u32 = 0x26;
+const ETHTOOL_SGRO: u32 = 0x2c;
+/// `ETH_FLAG_RXVLAN`: the NIC takes 802.1Q tags off into the descriptor.
+const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+
+/// One legacy ethtool ioctl (`SIOCETHTOOL` with an `ethtool_value`) on interface `name`.
+fn ethtool(
+    name: [libc::c_char; libc::IF_NAMESIZE],
+    value: &mut EthtoolValue,
+) -> std::io::Result<()> {
     /// `struct ifreq` with the `ifr_data` member of its union (40 bytes on 64-bit).
     #[repr(C)]
     struct IfreqData {
@@ -120,14 +125,9 @@ pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
         _pad: [u8; 16],
     }
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_SGRO,
-        data: 1,
-    };
     let mut req = IfreqData {
         name,
-        data: &mut value as *mut EthtoolValue as *mut libc::c_void,
+        data: value as *mut EthtoolValue as *mut libc::c_void,
         _pad: [0; 16],
     };
     // SAFETY: plain socket(2); the descriptor is closed below.
@@ -135,8 +135,8 @@ pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: SIOCETHTOOL with an ifreq whose data points to a live ethtool_value, both on
-    // this stack frame for the duration of the call; fd is the socket opened above.
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points to a live ethtool_value, both live
+    // for the duration of the call; fd is the socket opened above.
     let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req as *mut IfreqData) };
     let err = std::io::Error::last_os_error();
     // SAFETY: closes the descriptor opened above, once.
@@ -144,10 +144,55 @@ pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
     if rc < 0 {
         return Err(err);
     }
+    Ok(())
+}
+
+/// The name of interface `ifindex` as `struct ifreq` wants it.
+fn ifname(ifindex: u32) -> std::io::Result<[libc::c_char; libc::IF_NAMESIZE]> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes (NUL included) into `name`.
+    if unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(name)
+}
+
+/// Turns GRO on for interface `ifindex` of the calling thread's namespace; returns its name.
+pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
+    let name = ifname(ifindex)?;
+    ethtool(
+        name,
+        &mut EthtoolValue {
+            cmd: ETHTOOL_SGRO,
+            data: 1,
+        },
+    )?;
     // SAFETY: if_indextoname NUL-terminated `name`.
-    Ok(unsafe { CStr::from_ptr(req.name.as_ptr()) }
+    Ok(unsafe { CStr::from_ptr(name.as_ptr()) }
         .to_string_lossy()
         .into_owned())
+}
+
+/// Turns off receive VLAN offload on interface `ifindex` (ethtool's `rxvlan`), so that 802.1Q
+/// tags stay in the frame where XDP reads them. `Ok(false)` if it was off already.
+pub(crate) fn rx_vlan_offload_off(ifindex: u32) -> std::io::Result<bool> {
+    let name = ifname(ifindex)?;
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_GFLAGS,
+        data: 0,
+    };
+    ethtool(name, &mut v)?;
+    if v.data & ETH_FLAG_RXVLAN == 0 {
+        return Ok(false);
+    }
+    ethtool(
+        name,
+        &mut EthtoolValue {
+            cmd: ETHTOOL_SFLAGS,
+            data: v.data & !ETH_FLAG_RXVLAN,
+        },
+    )?;
+    Ok(true)
 }
 
 /// `gro_on` inside the namespace of `ns` (an open /run/netns file), from a thread of its own.

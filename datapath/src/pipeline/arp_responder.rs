@@ -107,9 +107,19 @@ pub(super) fn reply(
     );
     buf.resize(14 + answer.buffer_len(), 0);
     answer.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
-    out.push(Output::Local {
-        ifindex: r.in_ifindex,
-    });
+    // Back where it came from: on a provider network, on the VLAN it came on.
+    let vlan = if r.t.provider_ports.contains(&r.in_ifindex) {
+        out.push(Output::Provider {
+            ifindex: r.in_ifindex,
+            vlan: r.vlan,
+        });
+        r.vlan
+    } else {
+        out.push(Output::Local {
+            ifindex: r.in_ifindex,
+        });
+        0
+    };
     let mut d = r.decision(0);
     d.rewritten = true;
     d.answer = Some(Answer {
@@ -121,6 +131,7 @@ pub(super) fn reply(
         out_ifindex: r.in_ifindex,
         dp_key,
         set_smac: mac.0,
+        vlan,
         ..Default::default()
     }));
     Ok(d)

@@ -60,7 +60,7 @@ impl Tables {
                     .hash(&mut h);
                 // Routed entries to a provider network carry its interface and the learned
                 // MAC of their next hop.
-                let mut prov: Vec<(u32, u32)> =
+                let mut prov: Vec<(u32, (u32, u16))> =
                     self.provider_out.iter().map(|(a, b)| (*a, *b)).collect();
                 prov.sort_unstable();
                 prov.hash(&mut h);

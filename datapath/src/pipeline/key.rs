@@ -159,16 +159,32 @@ pub fn describe_action(a: &FlowAction, ifname: &dyn Fn(u32) -> String, installed
         act::DROP => format!("drop(reason {})", a.drop_reason),
         act::PASS => "pass".to_string(),
         act::ARP_REPLY => format!("arp_reply({}),tx", Mac(a.set_smac)),
+        act::UNNAPT => "unsnat(nat table),route,output(by the table)".to_string(),
         k => format!("kind {k}"),
     };
+    let kind = if a.vlan != 0 {
+        format!("push_vlan({}),{kind}", a.vlan & 0x0fff)
+    } else {
+        kind
+    };
+    let mut nat = String::new();
+    if a.flags & flag::SNAT != 0 {
+        nat.push_str(&format!("ip_src:={},", key_ip(a.nat_src)));
+    }
+    if a.flags & flag::DNAT != 0 {
+        nat.push_str(&format!("ip_dst:={},", key_ip(a.nat_dst)));
+    }
+    if a.flags & flag::NAPT != 0 {
+        nat.push_str("snat(chassis address, nat table),");
+    }
     if a.flags & flag::ROUTE != 0 {
         format!(
-            "route(eth_src={},eth_dst={},dec_ttl),{kind}",
+            "route(eth_src={},eth_dst={},dec_ttl),{nat}{kind}",
             Mac(a.set_smac),
             Mac(a.set_dmac)
         )
     } else {
-        kind
+        format!("{nat}{kind}")
     }
 }
 

@@ -12,8 +12,8 @@ pub(super) enum L2<'a> {
     Flooded,
     Port(&'a CompiledPort),
     Router(RouterAttach),
-    /// A provider network's own host: out of its interface.
-    Physical(u32),
+    /// A provider network's own host: out of its interface (an `Output::Provider`).
+    Physical(Output),
 }
 
 pub(super) fn run<'a>(
@@ -35,8 +35,8 @@ pub(super) fn run<'a>(
         }
         // A provider network is bridged to its local interface, never tunnelled.
         if dp.provider.is_some() {
-            if let Some(ix) = r.t.provider_ifindex(dp.tunnel_key) {
-                out.push(Output::Local { ifindex: ix });
+            if let Some(o) = r.t.provider_output(dp.tunnel_key) {
+                out.push(o);
             }
             r.note("l2 lookup", || {
                 format!("{dst} is broadcast/multicast: flood to the switch's other local ports and the physical network")
@@ -70,10 +70,10 @@ pub(super) fn run<'a>(
     let Some(port) = dp.macs.get(&dst).and_then(|k| dp.ports.get(k)) else {
         // On a provider network an unknown MAC is the physical network's (its hosts and
         // routers are in no NB).
-        if let Some(ix) = dp
+        if let Some(o) = dp
             .provider
             .as_ref()
-            .and_then(|_| r.t.provider_ifindex(dp.tunnel_key))
+            .and_then(|_| r.t.provider_output(dp.tunnel_key))
         {
             r.note("l2 lookup", || {
                 format!(
@@ -81,7 +81,7 @@ pub(super) fn run<'a>(
                     dp.name
                 )
             });
-            return Ok(L2::Physical(ix));
+            return Ok(L2::Physical(o));
         }
         r.note("l2 lookup", || {
             format!("{dst} is not on logical switch {}: dropped", dp.name)

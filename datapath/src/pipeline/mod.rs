@@ -52,7 +52,7 @@ pub use key::{describe_action, describe_match, extract_key};
 pub use trace::{frame_from_spec, Trace};
 
 use crate::wire::geneve::{self, OvnMetadata};
-use geneflow_abi::{act, ctr, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD};
+use geneflow_abi::{act, ctr, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD, VLAN_PRESENT};
 use geneflow_control::compiler::{Datapath, Pipeline};
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -169,6 +169,9 @@ impl From<geneve::Error> for DropReason {
 pub enum Output {
     /// Transmit the payload on a local interface.
     Local { ifindex: u32 },
+    /// Transmit on a provider network's interface, tagged with `vlan` (`VLAN_PRESENT | vid`)
+    /// when it is not 0.
+    Provider { ifindex: u32, vlan: u16 },
     /// Encapsulate the payload in Geneve to a remote chassis.
     Tunnel {
         remote: Ipv4Addr,
@@ -273,10 +276,11 @@ pub struct Tables {
     pub udp_csum: bool,
     ports: HashMap<u32, InPort>,
     ifindex_by_iface: HashMap<String, u32>,
-    /// Provider interfaces: ifindex -> the provider switch (tunnel key) it carries.
-    providers: HashMap<u32, u32>,
-    /// Provider switch (tunnel key) -> its local interface.
-    provider_out: HashMap<u32, u32>,
+    /// Provider interfaces and VLANs (`VLAN_PRESENT | vid`, 0 untagged) -> the provider
+    /// switch (tunnel key) they carry.
+    providers: HashMap<(u32, u16), u32>,
+    /// Provider switch (tunnel key) -> its local interface and VLAN.
+    provider_out: HashMap<u32, (u32, u16)>,
     /// Every provider interface, whether or not a switch of this chassis uses its physnet.
     provider_ports: Vec<u32>,
     /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
@@ -304,6 +308,8 @@ pub(crate) struct Run<'a> {
     pub nat_dst: Option<Ipv4Addr>,
     /// Default SNAT through this external address (no floating IP).
     pub napt: Option<Ipv4Addr>,
+    /// The VLAN tag XDP took off a provider frame (`VLAN_PRESENT | vid`), or 0.
+    pub vlan: u16,
     trace: Option<&'a mut Vec<String>>,
 }
 
@@ -327,6 +333,7 @@ impl<'a> Run<'a> {
             nat_src: None,
             nat_dst: None,
             napt: None,
+            vlan: 0,
             trace,
         }
     }
@@ -429,8 +436,13 @@ impl Tables {
             let Some(ix) = dp.provider.as_ref().and_then(|p| physnets.get(p)) else {
                 continue;
             };
-            self.providers.insert(*ix, dp.tunnel_key);
-            self.provider_out.insert(dp.tunnel_key, *ix);
+            let vlan = dp.vlan.map(|v| VLAN_PRESENT | v).unwrap_or(0);
+            // Two switches on one physnet and VLAN: the first (by key) keeps it.
+            if self.providers.contains_key(&(*ix, vlan)) {
+                continue;
+            }
+            self.providers.insert((*ix, vlan), dp.tunnel_key);
+            self.provider_out.insert(dp.tunnel_key, (*ix, vlan));
         }
         self
     }
@@ -451,9 +463,11 @@ impl Tables {
         self.ext_neigh.insert((dp, ip), mac) != Some(mac)
     }
 
-    /// The local interface of provider switch `dp`.
-    pub fn provider_ifindex(&self, dp: u32) -> Option<u32> {
-        self.provider_out.get(&dp).copied()
+    /// The output to provider switch `dp`: its local interface and VLAN.
+    pub fn provider_output(&self, dp: u32) -> Option<Output> {
+        self.provider_out
+            .get(&dp)
+            .map(|&(ifindex, vlan)| Output::Provider { ifindex, vlan })
     }
 
     pub fn ifindex(&self, iface: &str) -> Option<u32> {
@@ -478,7 +492,7 @@ impl Tables {
         out: &mut Vec<Output>,
         buf: &mut Vec<u8>,
     ) -> Result<Decision, DropReason> {
-        self.process_dropping(frame, in_ifindex, 0, out, buf)
+        self.process_dropping(frame, in_ifindex, (0, 0), out, buf)
             .map_err(|d| d.reason)
     }
 
@@ -490,12 +504,13 @@ impl Tables {
         &self,
         frame: &[u8],
         in_ifindex: u32,
-        ct_state: u8,
+        (ct_state, vlan): (u8, u16),
         out: &mut Vec<Output>,
         buf: &mut Vec<u8>,
     ) -> Result<Decision, Dropped> {
         out.clear();
         let mut r = Run::new(self, frame, in_ifindex, ct_state, None);
+        r.vlan = vlan;
         self.stages(&mut r, out, buf).map_err(|reason| {
             out.clear();
             let megaflow = match r.dp_key {
@@ -532,7 +547,7 @@ impl Tables {
     ) -> Result<Decision, DropReason> {
         if r.in_ifindex == self.uplink_ifindex {
             tunnel_rx::run(r, out)
-        } else if let Some(dp) = self.providers.get(&r.in_ifindex) {
+        } else if let Some(dp) = self.providers.get(&(r.in_ifindex, r.vlan)) {
             provider::ingress(r, *dp, out, buf)
         } else if self.provider_ports.contains(&r.in_ifindex) {
             r.note("provider in", || {
@@ -586,13 +601,17 @@ impl Tables {
             l2_lookup::L2::Flooded => Ok(r.decision(0)),
             l2_lookup::L2::Port(port) => output::to_port(r, dp, inp.port_key, port, out, None),
             l2_lookup::L2::Router(att) => router::run(r, dp, att, out, buf),
-            l2_lookup::L2::Physical(ix) => {
-                out.push(Output::Local { ifindex: ix });
+            l2_lookup::L2::Physical(o) => {
+                let Output::Provider { ifindex, vlan } = o else {
+                    return Err(DropReason::NoDestination);
+                };
+                out.push(o);
                 let mut d = r.decision(0);
                 d.megaflow = Some(r.megaflow(r.with_commit(FlowAction {
                     kind: act::OUTPUT,
-                    out_ifindex: ix,
+                    out_ifindex: ifindex,
                     dp_key: dp.tunnel_key,
+                    vlan,
                     ..Default::default()
                 })));
                 Ok(d)

@@ -48,12 +48,15 @@ pub(super) fn to_port(
         }
         PortLocation::Remote { chassis, .. } if dp.provider.is_some() => {
             // On a provider network the other chassis' ports are reached through it.
-            let ix =
-                r.t.provider_ifindex(dp.tunnel_key)
+            let o =
+                r.t.provider_output(dp.tunnel_key)
                     .ok_or(DropReason::NoDestination)?;
-            out.push(Output::Local { ifindex: ix });
+            if let Output::Provider { ifindex, vlan } = o {
+                action.out_ifindex = ifindex;
+                action.vlan = vlan;
+            }
+            out.push(o);
             action.kind = act::OUTPUT;
-            action.out_ifindex = ix;
             r.note("output", || {
                 format!(
                     "to the physical network (port {} is on chassis {chassis})",

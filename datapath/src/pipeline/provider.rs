@@ -29,7 +29,10 @@ pub(super) fn ingress(
     let t = r.t;
     r.key = super::extract_key(r.frame, r.in_ifindex).ok_or(DropReason::Malformed)?;
     r.key.ct_state = r.ct_state;
+    // The VLAN the frame came on (XDP took the tag off), as XDP keys it.
+    r.key.tun_out_port = r.vlan;
     r.mask.in_ifindex = u32::MAX;
+    r.mask.tun_out_port = u16::MAX;
     let dp = t
         .pipeline
         .datapaths

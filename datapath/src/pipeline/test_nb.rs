@@ -28,6 +28,7 @@ pub(super) fn switch(d: &mut NbDocument, name: &str, key: u32) {
             mtu: DEFAULT_MTU,
             tenant: "t".into(),
             provider: None,
+            vlan: None,
             version: 0,
         },
     );

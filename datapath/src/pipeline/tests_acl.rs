@@ -82,7 +82,7 @@ fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], dport: u1
 #[allow(clippy::result_large_err)]
 fn verdict(t: &Tables, frame: &[u8], ifindex: u32, ct_state: u8) -> Result<Decision, Dropped> {
     let (mut out, mut buf) = (Vec::new(), Vec::new());
-    t.process_dropping(frame, ifindex, ct_state, &mut out, &mut buf)
+    t.process_dropping(frame, ifindex, (ct_state, 0), &mut out, &mut buf)
 }
 
 #[test]

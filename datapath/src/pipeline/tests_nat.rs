@@ -175,7 +175,13 @@ fn a_vm_leaves_with_its_floating_ip_or_the_chassis_address() {
     let (mut out, mut buf) = (Vec::new(), Vec::new());
     let f = icmp(P1, GW_IN, [10, 0, 0, 5], [8, 8, 8, 8]);
     let d = t.process(&f, 10, &mut out, &mut buf).unwrap();
-    assert_eq!(out, vec![Output::Local { ifindex: PHY }]);
+    assert_eq!(
+        out,
+        vec![Output::Provider {
+            ifindex: PHY,
+            vlan: 0
+        }]
+    );
     let a = d.megaflow.unwrap().action;
     assert_eq!(
         a.flags & (flag::ROUTE | flag::SNAT),
@@ -231,7 +237,13 @@ fn an_unknown_next_hop_is_asked_for_from_the_floating_ip() {
     let (mut out, mut buf) = (Vec::new(), Vec::new());
     let f = icmp(P1, GW_IN, [10, 0, 0, 5], [8, 8, 8, 8]);
     let d = t.process(&f, 10, &mut out, &mut buf).unwrap();
-    assert_eq!(out, vec![Output::Local { ifindex: PHY }]);
+    assert_eq!(
+        out,
+        vec![Output::Provider {
+            ifindex: PHY,
+            vlan: 0
+        }]
+    );
     assert_eq!(d.answer.map(|a| a.kind), Some(AnswerKind::ArpRequest));
     assert!(d.megaflow.is_none());
     let fip = fip_mac("172.24.4.51".parse().unwrap());
@@ -299,4 +311,56 @@ fn hairpin_translates_both_addresses() {
         t.process(&f, 12, &mut out, &mut buf).err(),
         Some(DropReason::NoNat)
     );
+}
+
+#[test]
+fn a_vlan_provider_network_is_entered_and_left_tagged() {
+    let mut d = doc(None);
+    d.switches.get_mut("ext").unwrap().vlan = Some(100);
+    assert!(d.check().is_ok());
+    let t = tables(&d, true);
+    let tag = geneflow_abi::VLAN_PRESENT | 100;
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    let fip = fip_mac("172.24.4.51".parse().unwrap()).0;
+    let f = icmp(UPSTREAM_MAC, fip, OUTSIDE, [172, 24, 4, 51]);
+    // Tagged 100 (XDP took the tag off and says so): in.
+    let d1 = t
+        .process_dropping(&f, PHY, (0, tag), &mut out, &mut buf)
+        .unwrap();
+    assert_eq!(out, vec![Output::Local { ifindex: 10 }]);
+    let m = d1.megaflow.unwrap();
+    assert_eq!((m.key.tun_out_port, m.mask.tun_out_port), (tag, u16::MAX));
+    // Untagged, or on another VLAN: no switch of this chassis is there.
+    for other in [0, geneflow_abi::VLAN_PRESENT | 200] {
+        let e = t.process_dropping(&f, PHY, (0, other), &mut out, &mut buf);
+        assert_eq!(e.err().map(|d| d.reason), Some(DropReason::UnknownDatapath));
+    }
+    // Out: tagged, in the slow path's output and the megaflow.
+    let f = icmp(P1, GW_IN, [10, 0, 0, 5], [8, 8, 8, 8]);
+    let d2 = t.process(&f, 10, &mut out, &mut buf).unwrap();
+    assert_eq!(
+        out,
+        vec![Output::Provider {
+            ifindex: PHY,
+            vlan: tag
+        }]
+    );
+    assert_eq!(d2.megaflow.unwrap().action.vlan, tag);
+    // And an ARP answer goes back on the VLAN it came on.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&UPSTREAM_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&UPSTREAM_MAC);
+    arp.extend_from_slice(&[172, 24, 4, 1, 0, 0, 0, 0, 0, 0, 172, 24, 4, 51]);
+    let d3 = t
+        .process_dropping(&arp, PHY, (0, tag), &mut out, &mut buf)
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![Output::Provider {
+            ifindex: PHY,
+            vlan: tag
+        }]
+    );
+    assert_eq!(d3.megaflow.unwrap().action.vlan, tag);
 }

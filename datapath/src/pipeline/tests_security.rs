@@ -82,7 +82,7 @@ fn arp(eth_src: [u8; 6], sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 #[allow(clippy::result_large_err)]
 fn verdict(t: &Tables, frame: &[u8], ifindex: u32) -> Result<Decision, Dropped> {
     let (mut out, mut buf) = (Vec::new(), Vec::new());
-    t.process_dropping(frame, ifindex, 0, &mut out, &mut buf)
+    t.process_dropping(frame, ifindex, (0, 0), &mut out, &mut buf)
 }
 
 /// Asserts a drop for `reason` that XDP repeats: a drop megaflow of datapath `dp_key`

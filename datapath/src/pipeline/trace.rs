@@ -97,6 +97,11 @@ impl Tables {
         for o in &outputs {
             match o {
                 Output::Local { ifindex } => st.push(format!("transmit: on local interface {}", ifname(*ifindex))),
+                Output::Provider { ifindex, vlan } => st.push(format!(
+                    "transmit: on provider interface {}{}",
+                    ifname(*ifindex),
+                    if *vlan == 0 { String::new() } else { format!(", VLAN {}", vlan & 0x0fff) }
+                )),
                 Output::Tunnel { remote, vni, meta } => st.push(format!(
                     "transmit: Geneve encapsulation to {remote}: outer {} -> {remote} UDP dst port {GENEVE_PORT}, VNI {vni}, OVN option class 0x0102 type 0x80 ingress key {} egress key {}, out of uplink {}",
                     self.pipeline.encap_ip.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),

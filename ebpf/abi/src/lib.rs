@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -379,8 +379,16 @@ pub struct CtEntry {
 pub struct SlowMeta {
     pub magic: u16,
     pub ct_state: u8,
-    pub pad: [u8; 5],
+    pub pad0: u8,
+    /// From a provider interface: the 802.1Q tag XDP took off (`VLAN_PRESENT | vid`), or 0.
+    pub vlan: u16,
+    pub pad: [u8; 2],
 }
+
+/// A frame from a provider interface carries its 802.1Q VLAN id in `FlowKey::tun_vni` (and
+/// `SlowMeta::vlan`) with this bit set; an untagged one has 0. XDP takes the tag off on the
+/// way in and puts it on on the way out (`FlowAction::vlan`).
+pub const VLAN_PRESENT: u16 = 0x1000;
 
 impl SlowMeta {
     pub const MAGIC: u16 = 0x6766;
@@ -423,6 +431,10 @@ pub struct FlowAction {
     /// order), floating IPs' one-to-one translation.
     pub nat_src: u32,
     pub nat_dst: u32,
+    /// Out to a provider network on a VLAN: the tag to put on (`VLAN_PRESENT | vid`), or 0.
+    pub vlan: u16,
+    pub pad_vlan: u16,
+    pub pad_vlan2: u32,
     /// Packets that used this entry, counted by XDP (approximate under concurrent CPUs:
     /// incremented without an atomic to keep the hot path cheap). Userspace writes 0.
     pub hits: u64,

@@ -21,7 +21,7 @@ mod prog {
         port_kind, udp_source_port, Config, CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen,
         FipCt, FlowAction, FlowKey, NatEntry, PortConf, PortCounters, SlowMeta, ENCAP_OVERHEAD,
         FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS, MAX_DATAPATHS, MAX_FIPS, MAX_FLOWS, MAX_MASKS,
-        MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE,
+        MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE, VLAN_PRESENT,
     };
 
     mod conntrack;
@@ -207,11 +207,15 @@ mod prog {
                     count(slot, reason, 1);
                     return xdp_action::XDP_DROP;
                 }
-                Err(Verdict::Slow) => return to_slow_path(&ctx, slot, 0),
+                Err(Verdict::Slow) => return to_slow_path(&ctx, slot, 0, 0),
             }
         } else {
             0
         };
+        if port.kind == port_kind::PROVIDER && vlan_pop(&ctx, &mut key).is_none() {
+            count(slot, ctr::DROP_MALFORMED, 1);
+            return xdp_action::XDP_DROP;
+        }
         if parse_inner(&ctx, inner, &mut key).is_none() {
             count(slot, ctr::DROP_MALFORMED, 1);
             return xdp_action::XDP_DROP;
@@ -226,7 +230,7 @@ mod prog {
                 && key.ip_proto == IPPROTO_UDP
                 && (key.l4_dst == 67u16.to_be() || key.l4_dst == 68u16.to_be())
             {
-                return to_slow_path(&ctx, slot, 0);
+                return to_slow_path(&ctx, slot, 0, 0);
             }
             mask_list::VM
         };
@@ -252,7 +256,7 @@ mod prog {
         }
         let action = match lookup(&key, list) {
             Some(a) => a,
-            None => return to_slow_path(&ctx, slot, key.ct_state),
+            None => return to_slow_path(&ctx, slot, key.ct_state, key.tun_out_port),
         };
         run_action(&ctx, slot, inner, &key, &action)
     }
@@ -266,7 +270,7 @@ mod prog {
     /// Hands the frame to the slow path, prefixed with a `SlowMeta` (the connection state
     /// XDP found); dropped and counted if that does not fit.
     #[inline(always)]
-    fn to_slow_path(ctx: &XdpContext, slot: Ctr, ct_state: u8) -> u32 {
+    fn to_slow_path(ctx: &XdpContext, slot: Ctr, ct_state: u8, vlan: u16) -> u32 {
         // SAFETY: helper call on the live context; the headroom check is the helper's.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(SlowMeta::LEN as i32)) } != 0 {
             count(slot, ctr::DROP_XSK, 1);
@@ -276,10 +280,14 @@ mod prog {
             count(slot, ctr::DROP_XSK, 1);
             return xdp_action::XDP_DROP;
         };
+        // `vlan` is the key's tun_out_port: a provider frame's tag (the slow path reads it
+        // for provider interfaces only).
         let meta = SlowMeta {
             magic: SlowMeta::MAGIC,
             ct_state,
-            pad: [0; 5],
+            pad0: 0,
+            vlan,
+            pad: [0; 2],
         };
         // SAFETY: [m, m+8) is inside the packet.
         unsafe { core::ptr::write_unaligned(m as *mut SlowMeta, meta) };
@@ -392,12 +400,12 @@ mod prog {
         }
         if ttl <= 1 {
             // ICMP time exceeded comes from the slow path.
-            return Err(to_slow_path(ctx, slot, key.ct_state));
+            return Err(to_slow_path(ctx, slot, key.ct_state, key.tun_out_port));
         }
         if a.kind == act::ENCAP && (ctx.data_end() - ctx.data()) as u32 > a.max_inner_len {
             if u16::from_be(frag) & 0x4000 != 0 {
                 // DF: the slow path answers with ICMP fragmentation needed (PMTUD).
-                return Err(to_slow_path(ctx, slot, key.ct_state));
+                return Err(to_slow_path(ctx, slot, key.ct_state, key.tun_out_port));
             }
             return Err(drop_with(slot, ctr::DROP_TOO_BIG));
         }
@@ -415,6 +423,58 @@ mod prog {
             core::ptr::write_unaligned(b.add(24) as *mut u16, c as u16);
         }
         Ok(())
+    }
+
+    /// A frame from a provider interface with an 802.1Q tag: the tag comes off (the MACs move
+    /// up 4 bytes) and its VLAN id goes into the key (`tun_out_port`, `VLAN_PRESENT | vid`),
+    /// which the megaflows of VLAN networks match on. `None`: the frame could not be moved.
+    #[inline(always)]
+    fn vlan_pop(ctx: &XdpContext, key: &mut FlowKey) -> Option<()> {
+        let Some(p) = bound(ctx, 0, ETH_LEN + 4) else {
+            return Some(());
+        };
+        // SAFETY: [p, p+18) is inside the packet.
+        let (tpid, tci, macs) = unsafe {
+            (
+                rd16(p + 12),
+                u16::from_be(rd16(p + 14)),
+                core::ptr::read_unaligned(p as *const [u8; 12]),
+            )
+        };
+        if tpid != 0x8100u16.to_be() {
+            return Some(());
+        }
+        // SAFETY: helper call on the live context; the kernel checks the new head.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, 4) } != 0 {
+            return None;
+        }
+        let q = bound(ctx, 0, 12)?;
+        // SAFETY: [q, q+12) is inside the packet.
+        unsafe { core::ptr::write_unaligned(q as *mut [u8; 12], macs) };
+        key.tun_out_port = VLAN_PRESENT | (tci & 0x0fff);
+        Some(())
+    }
+
+    /// Puts the 802.1Q tag of `vlan` (`VLAN_PRESENT | vid`) on the frame, before output to a
+    /// provider interface.
+    #[inline(always)]
+    fn vlan_push(ctx: &XdpContext, vlan: u16) -> Option<()> {
+        let p = bound(ctx, 0, 12)?;
+        // SAFETY: [p, p+12) is inside the packet.
+        let macs = unsafe { core::ptr::read_unaligned(p as *const [u8; 12]) };
+        // SAFETY: helper call on the live context; the headroom check is the helper's.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
+            return None;
+        }
+        let q = bound(ctx, 0, 16)?;
+        let b = q as *mut u8;
+        // SAFETY: [q, q+16) is inside the packet; unaligned writes.
+        unsafe {
+            core::ptr::write_unaligned(b as *mut [u8; 12], macs);
+            core::ptr::write_unaligned(b.add(12) as *mut u16, 0x8100u16.to_be());
+            core::ptr::write_unaligned(b.add(14) as *mut u16, (vlan & 0x0fff).to_be());
+        }
+        Some(())
     }
 
     /// One-to-one address translation after `route` (which checked a 20-byte IPv4 header):
@@ -496,6 +556,9 @@ mod prog {
             core::ptr::write_unaligned(b.add(32) as *mut [u8; 6], sha);
             core::ptr::write_unaligned(b.add(38) as *mut u32, spa);
         }
+        if a.vlan != 0 && vlan_push(ctx, a.vlan).is_none() {
+            return drop_with(slot, ctr::DROP_MALFORMED);
+        }
         count(slot, ctr::FAST_HIT, 1);
         count(slot, ctr::ARP_REPLY, 1);
         // A redirect to the port it came in on rather than XDP_TX: on a veth, XDP_TX of a
@@ -514,7 +577,7 @@ mod prog {
         let napt = if a.flags & flag::NAPT != 0 {
             match napt_out_lookup(ctx, key) {
                 Some(e) => Some(e),
-                None => return to_slow_path(ctx, slot, key.ct_state),
+                None => return to_slow_path(ctx, slot, key.ct_state, key.tun_out_port),
             }
         } else {
             None
@@ -538,6 +601,9 @@ mod prog {
         match a.kind {
             act::ARP_REPLY => arp_reply(ctx, slot, a),
             act::OUTPUT => {
+                if a.vlan != 0 && vlan_push(ctx, a.vlan).is_none() {
+                    return drop_with(slot, ctr::DROP_MALFORMED);
+                }
                 count(slot, ctr::FAST_HIT, 1);
                 redirect(ctx, slot, a.out_ifindex, a.out_slot)
             }
@@ -631,7 +697,7 @@ mod prog {
                 // No neighbour yet (or no route): the slow path transmits and lets the kernel
                 // resolve the next hop.
                 count(slot, ctr::FIB_MISS, 1);
-                return to_slow_path(ctx, slot, key.ct_state);
+                return to_slow_path(ctx, slot, key.ct_state, key.tun_out_port);
             }
             (fib.dmac, fib.smac, fib.ifindex)
         };

@@ -121,6 +121,7 @@ fn topo(ports: usize, switches: usize) -> NbDocument {
                 mtu: DEFAULT_MTU,
                 tenant: format!("t{}", s % 10),
                 provider: None,
+                vlan: None,
                 version: 1,
             },
         );

@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let in_ifindex = IFINDEXES[*sel as usize % IFINDEXES.len()];
     let (mut out, mut buf) = (Vec::new(), Vec::new());
-    match tables().process_dropping(frame, in_ifindex, *ct_state, &mut out, &mut buf) {
+    match tables().process_dropping(frame, in_ifindex, (*ct_state, 0), &mut out, &mut buf) {
         Ok(d) => {
             assert!(d.payload_offset <= frame.len());
             if let Some(m) = d.megaflow {

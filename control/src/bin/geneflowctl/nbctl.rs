@@ -44,6 +44,9 @@ pub(crate) enum NbCmd {
         /// interface with `geneflowd --provider NAME=IFACE`.
         #[arg(long)]
         provider: Option<String>,
+        /// With --provider: the 802.1Q VLAN id of the network (none: untagged).
+        #[arg(long)]
+        vlan: Option<u16>,
     },
     /// Remove a logical switch (it must have no port).
     LsDel {
@@ -298,6 +301,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
             mtu,
             tenant,
             provider,
+            vlan,
         } => {
             if d.switches.contains_key(&name) {
                 return Err(dup("switch", &name));
@@ -308,6 +312,7 @@ fn edit(d: &mut geneflow_control::model::NbDocument, cmd: NbCmd) -> Result<(), S
                 mtu,
                 tenant,
                 provider,
+                vlan,
                 version: 0,
             };
             s.validate().map_err(|e| e.to_string())?;

@@ -104,10 +104,13 @@ pub(super) fn run<'a>(
     let mut d = match port {
         Some(port) => output::to_port(r, dp, out_port.key, port, out, Some(routed))?,
         None => {
-            let ix =
-                r.t.provider_ifindex(dp.tunnel_key)
+            let o =
+                r.t.provider_output(dp.tunnel_key)
                     .ok_or(DropReason::NoDestination)?;
-            out.push(Output::Local { ifindex: ix });
+            let Output::Provider { ifindex: ix, vlan } = o else {
+                return Err(DropReason::NoDestination);
+            };
+            out.push(o);
             r.note("output", || {
                 format!("to the physical network of switch {}", dp.name)
             });
@@ -118,6 +121,7 @@ pub(super) fn run<'a>(
                 flags: flag::ROUTE,
                 set_smac: smac.0,
                 set_dmac: dmac.0,
+                vlan,
                 ..Default::default()
             };
             a = r.with_commit(a);
@@ -164,11 +168,11 @@ fn arp_request(
     out: &mut Vec<Output>,
     buf: &mut Vec<u8>,
 ) -> Result<Decision, DropReason> {
-    let ix =
-        r.t.provider_ifindex(dp_key)
+    let o =
+        r.t.provider_output(dp_key)
             .ok_or(DropReason::NoDestination)?;
     arp_frame(buf, sender.0, sender.1, nh, false);
-    out.push(Output::Local { ifindex: ix });
+    out.push(o);
     let mut d = r.decision(0);
     d.rewritten = true;
     d.answer = Some(super::Answer {
