@@ -626,5 +626,31 @@ fn a_provider_network_on_a_vlan_carries_floating_ips_and_snat_tagged() -> Result
     );
     // The untagged frames belong to no network of ch1.
     assert!(tb.counter("ch1", "phy", "drop_unknown_datapath")? >= 2);
+    // trace follows a frame in from the physical network, on its VLAN.
+    let trace = |vlan: &[&str]| {
+        run(Command::new(tb.bin("geneflowctl"))
+            .args(["trace", "--socket"])
+            .arg(&tb.chassis[0].socket)
+            .args(["--in-port", "physnet1"])
+            .args(vlan)
+            .args([
+                "--eth-src",
+                &mac,
+                "--eth-dst",
+                fip_mac,
+                "--ip-src",
+                OUTSIDE_IP,
+            ])
+            .args(["--ip-dst", FIP1, "--proto", "icmp"]))
+    };
+    let t = trace(&["--vlan", "100"])?;
+    assert!(t.contains("provider interface phy, VLAN 100"), "{t}");
+    assert!(
+        t.contains("dnat: floating IP 172.24.4.51 -> fixed IP 10.0.0.1"),
+        "{t}"
+    );
+    assert!(t.contains("verdict: forward"), "{t}");
+    let t = trace(&[])?;
+    assert!(t.contains("no switch of this chassis"), "{t}");
     Ok(())
 }

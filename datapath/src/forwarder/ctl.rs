@@ -70,8 +70,17 @@ impl Forwarder {
             "trace" => match crate::pipeline::frame_from_spec(arg) {
                 Err(e) => json!({ "error": e }),
                 Ok((in_port, frame)) => {
+                    // The uplink, a provider network (by physnet or interface), or a VM port.
                     let ix = if in_port == "uplink" {
                         Some(self.uplink_ifindex)
+                    } else if let Some(ix) = self.physnets.get(&in_port).copied().or_else(|| {
+                        self.cfg
+                            .providers
+                            .iter()
+                            .find(|(_, i)| *i == in_port)
+                            .and_then(|(n, _)| self.physnets.get(n).copied())
+                    }) {
+                        Some(ix)
                     } else {
                         self.pipeline
                             .bindings
@@ -79,12 +88,17 @@ impl Forwarder {
                             .find(|b| b.port == in_port || b.iface == in_port)
                             .and_then(|b| self.tables.ifindex(&b.iface))
                     };
+                    let vlan = arg["vlan"]
+                        .as_u64()
+                        .filter(|v| (1..=4094).contains(v))
+                        .map(|v| geneflow_abi::VLAN_PRESENT | v as u16)
+                        .unwrap_or(0);
                     match ix {
                         None => {
                             json!({ "error": format!("{in_port:?} is not a port bound on this chassis") })
                         }
                         Some(ix) => {
-                            let t = self.tables.trace(&frame, ix, &|i| self.ifname(i));
+                            let t = self.tables.trace(&frame, (ix, vlan), &|i| self.ifname(i));
                             json!({
                                 "stages": t.stages,
                                 "outputs": t.outputs.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),

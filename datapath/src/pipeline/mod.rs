@@ -529,14 +529,20 @@ impl Tables {
     fn run(
         &self,
         frame: &[u8],
-        in_ifindex: u32,
+        (in_ifindex, vlan): (u32, u16),
         out: &mut Vec<Output>,
         buf: &mut Vec<u8>,
         trace: Option<&mut Vec<String>>,
     ) -> Result<Decision, DropReason> {
         out.clear();
         let mut r = Run::new(self, frame, in_ifindex, 0, trace);
+        r.vlan = vlan;
         self.stages(&mut r, out, buf)
+    }
+
+    /// Whether `ifindex` is one of this chassis' provider interfaces.
+    pub fn is_provider(&self, ifindex: u32) -> bool {
+        self.provider_ports.contains(&ifindex)
     }
 
     fn stages(

@@ -394,7 +394,7 @@ fn arp_responder_answers_for_known_addresses_on_the_switch() {
 fn trace_walks_the_router_stages() {
     let t = tables();
     let f = udp(R1, [10, 1, 0, 5], [10, 2, 0, 6], 64, 18);
-    let tr = t.trace(&f, 10, &|i| format!("if{i}"));
+    let tr = t.trace(&f, (10, 0), &|i| format!("if{i}"));
     let text = tr.stages.join("\n");
     for stage in [
         "port security (in)",

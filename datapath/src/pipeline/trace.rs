@@ -78,7 +78,14 @@ pub fn frame_from_spec(v: &serde_json::Value) -> Result<(String, Vec<u8>), Strin
 impl Tables {
     /// Runs the pipeline on `frame` like `process` and says, stage by stage, what it did
     /// (like ovn-trace / ofproto/trace). Sends nothing. `ifname` names an ifindex.
-    pub fn trace(&self, frame: &[u8], in_ifindex: u32, ifname: &dyn Fn(u32) -> String) -> Trace {
+    /// `vlan`: for a provider interface, the VLAN the frame comes on (`VLAN_PRESENT | vid`),
+    /// or 0.
+    pub fn trace(
+        &self,
+        frame: &[u8],
+        (in_ifindex, vlan): (u32, u16),
+        ifname: &dyn Fn(u32) -> String,
+    ) -> Trace {
         let mut st = Vec::new();
         let mut outputs = Vec::new();
         let mut buf = Vec::new();
@@ -87,13 +94,29 @@ impl Tables {
                 "ingress: uplink {} (Geneve from the underlay)",
                 ifname(in_ifindex)
             ));
+        } else if self.is_provider(in_ifindex) {
+            st.push(format!(
+                "ingress: provider interface {}{}",
+                ifname(in_ifindex),
+                if vlan == 0 {
+                    String::new()
+                } else {
+                    format!(", VLAN {}", vlan & 0x0fff)
+                }
+            ));
         } else if !self.ports.contains_key(&in_ifindex) {
             st.push(format!(
                 "ingress: interface {} is not a bound port",
                 ifname(in_ifindex)
             ));
         }
-        let verdict = self.run(frame, in_ifindex, &mut outputs, &mut buf, Some(&mut st));
+        let verdict = self.run(
+            frame,
+            (in_ifindex, vlan),
+            &mut outputs,
+            &mut buf,
+            Some(&mut st),
+        );
         for o in &outputs {
             match o {
                 Output::Local { ifindex } => st.push(format!("transmit: on local interface {}", ifname(*ifindex))),

@@ -79,9 +79,13 @@ enum Cmd {
     Trace {
         #[command(flatten)]
         agent: Agent,
-        /// Logical port name (or local interface) the packet enters on, or "uplink".
+        /// Logical port name (or local interface) the packet enters on, "uplink", or a
+        /// provider network (its physnet or interface).
         #[arg(long)]
         in_port: String,
+        /// From a provider network: the VLAN the frame carries.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4094))]
+        vlan: Option<u16>,
         #[arg(long)]
         eth_src: String,
         #[arg(long)]
@@ -209,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Trace {
             agent,
             in_port,
+            vlan,
             eth_src,
             eth_dst,
             ip_src,
@@ -219,7 +224,7 @@ fn run(cli: Cli) -> Result<()> {
             ttl,
         } => {
             let req = serde_json::json!({
-                "in_port": in_port, "eth_src": eth_src, "eth_dst": eth_dst,
+                "in_port": in_port, "vlan": vlan, "eth_src": eth_src, "eth_dst": eth_dst,
                 "ip_src": ip_src.map(|i| i.to_string()), "ip_dst": ip_dst.map(|i| i.to_string()),
                 "proto": proto, "sport": sport, "dport": dport, "ttl": ttl,
             });
