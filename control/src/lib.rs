@@ -11,3 +11,7 @@ pub mod nat;
 pub mod nb;
 pub mod port_security;
 pub mod router;
+pub mod validate;
+
+#[cfg(test)]
+mod tests_model;

@@ -1,0 +1,136 @@
+//! Geneve encapsulation: the outer Ethernet/IPv4/UDP/Geneve headers with the OVN option, the
+//! underlay next hop (cached in the action, or `bpf_fib_lookup`), the outer UDP checksum.
+
+use super::*;
+
+#[inline(always)]
+pub(super) fn encap(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) -> u32 {
+    let inner_len = (ctx.data_end() - ctx.data()) as u32;
+    if inner_len > a.max_inner_len {
+        count(slot, ctr::DROP_TOO_BIG, 1);
+        return xdp_action::XDP_DROP;
+    }
+    let ip_len = inner_len + ENCAP_OVERHEAD - ETH_LEN as u32;
+    let (dmac, smac, out_ifindex) = if a.flags & flag::NH_CACHED != 0 {
+        (a.nh_dmac, a.nh_smac, a.out_ifindex)
+    } else {
+        // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is its initial state.
+        let mut fib: FibParams = unsafe { core::mem::zeroed() };
+        fib.family = AF_INET;
+        fib.l4_protocol = IPPROTO_UDP;
+        fib.ifindex = a.out_ifindex;
+        fib.__bindgen_anon_1.tot_len = ip_len as u16;
+        fib.__bindgen_anon_3.ipv4_src = a.encap_src;
+        fib.__bindgen_anon_4.ipv4_dst = a.encap_dst;
+        // SAFETY: helper call with a stack struct of the size we pass.
+        let rc = unsafe {
+            bpf_fib_lookup(
+                ctx.ctx as *mut _,
+                &mut fib as *mut FibParams,
+                core::mem::size_of::<FibParams>() as i32,
+                0,
+            )
+        };
+        if rc != FIB_SUCCESS {
+            // No neighbour yet (or no route): the slow path transmits and lets the kernel
+            // resolve the next hop.
+            count(slot, ctr::FIB_MISS, 1);
+            return to_slow_path(ctx, slot, key.ct_state, key.tun_out_port);
+        }
+        (fib.dmac, fib.smac, fib.ifindex)
+    };
+    // SAFETY: helper call on the live context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ENCAP_OVERHEAD as i32)) } != 0 {
+        count(slot, ctr::DROP_MALFORMED, 1);
+        return xdp_action::XDP_DROP;
+    }
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + ENCAP_OVERHEAD as usize > end {
+        count(slot, ctr::DROP_MALFORMED, 1);
+        return xdp_action::XDP_DROP;
+    }
+    let sport: u16 = udp_source_port(flow_hash(key));
+    let udp_len = (ip_len - 20) as u16;
+    let ip_id: u16 = 0;
+    // IPv4 header checksum from the values we write (network byte order words).
+    let w0 = 0x4500u16.to_be();
+    let w1 = (ip_len as u16).to_be();
+    let w3 = 0x4000u16.to_be();
+    let w4 = 0x4011u16.to_be();
+    let mut s: u64 = w0 as u64 + w1 as u64 + ip_id as u64 + w3 as u64 + w4 as u64;
+    s += (a.encap_src & 0xffff) as u64 + (a.encap_src >> 16) as u64;
+    s += (a.encap_dst & 0xffff) as u64 + (a.encap_dst >> 16) as u64;
+    let ip_csum = !fold(s);
+    let b = start as *mut u8;
+    // SAFETY: [start, start+58) is inside the packet (checked above); writes are unaligned.
+    unsafe {
+        core::ptr::write_unaligned(b as *mut [u8; 6], dmac);
+        core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], smac);
+        core::ptr::write_unaligned(b.add(12) as *mut u16, ETH_P_IPV4.to_be());
+        core::ptr::write_unaligned(b.add(14) as *mut u16, w0);
+        core::ptr::write_unaligned(b.add(16) as *mut u16, w1);
+        core::ptr::write_unaligned(b.add(18) as *mut u16, ip_id);
+        core::ptr::write_unaligned(b.add(20) as *mut u16, w3);
+        core::ptr::write_unaligned(b.add(22) as *mut u16, w4);
+        core::ptr::write_unaligned(b.add(24) as *mut u16, ip_csum);
+        core::ptr::write_unaligned(b.add(26) as *mut u32, a.encap_src);
+        core::ptr::write_unaligned(b.add(30) as *mut u32, a.encap_dst);
+        core::ptr::write_unaligned(b.add(34) as *mut u16, sport.to_be());
+        core::ptr::write_unaligned(b.add(36) as *mut u16, GENEVE_PORT.to_be());
+        core::ptr::write_unaligned(b.add(38) as *mut u16, udp_len.to_be());
+        core::ptr::write_unaligned(b.add(40) as *mut u16, 0);
+        // Geneve: ver 0, opt len 2 words; C bit set (the OVN option is critical).
+        core::ptr::write_unaligned(b.add(42) as *mut u16, 0x0240u16.to_be());
+        core::ptr::write_unaligned(b.add(44) as *mut u16, ETH_P_TEB.to_be());
+        core::ptr::write_unaligned(b.add(46) as *mut u32, (a.vni << 8).to_be());
+        core::ptr::write_unaligned(b.add(50) as *mut u16, OVN_OPT_CLASS.to_be());
+        core::ptr::write_unaligned(
+            b.add(52) as *mut u16,
+            ((OVN_OPT_TYPE as u16) << 8 | 1).to_be(),
+        );
+        core::ptr::write_unaligned(b.add(54) as *mut u32, a.ovn_opt.to_be());
+    }
+    if a.flags & flag::UDP_CSUM != 0 {
+        // Pseudo header + UDP header + Geneve header/option from the values we wrote,
+        // then the inner frame word by word.
+        let mut s: u64 = (a.encap_src & 0xffff) as u64 + (a.encap_src >> 16) as u64;
+        s += (a.encap_dst & 0xffff) as u64 + (a.encap_dst >> 16) as u64;
+        s += (IPPROTO_UDP as u16).to_be() as u64 + udp_len.to_be() as u64 * 2;
+        s += sport.to_be() as u64 + GENEVE_PORT.to_be() as u64;
+        s += 0x0240u16.to_be() as u64 + ETH_P_TEB.to_be() as u64;
+        let v = (a.vni << 8).to_be();
+        s += (v & 0xffff) as u64 + (v >> 16) as u64;
+        s += OVN_OPT_CLASS.to_be() as u64 + ((OVN_OPT_TYPE as u16) << 8 | 1).to_be() as u64;
+        let o = a.ovn_opt.to_be();
+        s += (o & 0xffff) as u64 + (o >> 16) as u64;
+        let mut p = start + ENCAP_OVERHEAD as usize;
+        for _ in 0..CSUM_WORDS {
+            if p + 4 > end {
+                break;
+            }
+            // SAFETY: 4 bytes at p are inside the packet (checked just above).
+            s += unsafe { core::ptr::read_unaligned(p as *const u32) } as u64;
+            p += 4;
+        }
+        if p + 2 <= end {
+            // SAFETY: bounds checked.
+            s += unsafe { core::ptr::read_unaligned(p as *const u16) } as u64;
+            p += 2;
+        }
+        if p < end {
+            // SAFETY: bounds checked; a trailing odd byte is padded with zero.
+            s += unsafe { *(p as *const u8) } as u64;
+        }
+        let mut c = !fold(s);
+        if c == 0 {
+            c = 0xffff;
+        }
+        if start + 42 <= end {
+            // SAFETY: checked above.
+            unsafe { core::ptr::write_unaligned((start + 40) as *mut u16, c) };
+        }
+    }
+    count(slot, ctr::FAST_HIT, 1);
+    redirect(ctx, slot, out_ifindex, a.out_slot)
+}
