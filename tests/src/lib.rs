@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 pub use xtask::testbed::{run, NbKind, Testbed};
 
+pub mod provider;
+
 pub const LS1_KEY: u32 = 1000;
 
 pub fn require_root() {

@@ -8,9 +8,10 @@
 //! host's.
 
 use anyhow::{bail, Context, Result};
+use geneflow_tests::provider::{self, stop};
 use geneflow_tests::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const GATEWAY: &str = "10.0.0.254";
@@ -122,23 +123,8 @@ fn routes_of(tb: &Testbed, vm: &str) -> Result<String> {
 
 /// A capture of DHCP on `vm`'s interface into `<dir>/<name>.pcap`.
 fn capture(tb: &Testbed, vm: &str, name: &str) -> Result<(Child, PathBuf)> {
-    let cap = tb.dir.join(format!("{name}.pcap"));
-    let child = tb
-        .ns_cmd(&tb.vm(vm)?.ns, "tcpdump")
-        .args(["-n", "-U", "--immediate-mode", "-i", "eth0", "-w"])
-        .arg(&cap)
-        .arg("udp port 67 or udp port 68")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(800));
-    Ok((child, cap))
-}
-
-fn stop(mut c: Child) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-    let _ = c.wait();
+    let ns = tb.vm(vm)?.ns.clone();
+    provider::capture(tb, &ns, name, "udp port 67 or udp port 68")
 }
 
 /// DHCP message types in a capture, in order, as tshark decodes them.

@@ -1,0 +1,147 @@
+//! The provider-network testbed of the floating-IP and provider tests, and capture helpers
+//! (tcpdump in a namespace, tshark to read it).
+
+use crate::{require_root, Testbed, LS1_KEY};
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use xtask::testbed::run;
+use xtask::testbed_provider::UPSTREAM_IP;
+
+pub const FIP1: &str = "172.24.4.51";
+pub const FIP2: &str = "172.24.4.52";
+pub const ROUTER_IP: &str = "10.0.255.254";
+
+/// ch1 hosts vm1 (floating IP .51) and vm3 (none), ch2 hosts vm2 (.52), all on ls1
+/// (10.0.0.0/16) behind router r1, whose gateway port is on the provider switch `ext`
+/// (physnet1, 172.24.4.0/24) with a default route to the outside host's 172.24.4.1.
+pub fn fip_bed(tag: &str) -> Result<(Testbed, String)> {
+    fip_bed_vlan(tag, None)
+}
+
+/// `fip_bed` with the provider network on VLAN `vlan`.
+pub fn fip_bed_vlan(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
+    require_root();
+    let mut tb = Testbed::new(tag)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    let out = tb.add_provider_network()?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    let mut ext = vec!["ls-add", "ext", "--key", "900", "--provider", "physnet1"];
+    let id = vlan.map(|v| v.to_string()).unwrap_or_default();
+    if vlan.is_some() {
+        ext.extend(["--vlan", &id]);
+    }
+    tb.nbctl(&ext)?;
+    tb.nbctl(&["subnet-add", "ls1", "sn1", "10.0.0.0/16"])?;
+    tb.nbctl(&["subnet-add", "ext", "ext-sn", "172.24.4.0/24"])?;
+    tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
+    tb.nbctl(&[
+        "lrp-add",
+        "r1",
+        "r1-ls1",
+        "0a:00:00:00:ff:01",
+        &format!("{ROUTER_IP}/16"),
+        "--key",
+        "100",
+        "--switch",
+        "ls1",
+    ])?;
+    tb.nbctl(&[
+        "lrp-add",
+        "r1",
+        "r1-gw",
+        "0a:00:00:00:ff:02",
+        "172.24.4.10/24",
+        "--key",
+        "101",
+        "--switch",
+        "ext",
+    ])?;
+    tb.nbctl(&["lr-route-add", "r1", "0.0.0.0/0", UPSTREAM_IP])?;
+    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch2", 2), ("vm3", "ch1", 3)] {
+        tb.add_vm(vm, ch, "ls1", key)?;
+        default_route(&tb, vm)?;
+    }
+    tb.nbctl(&["fip-add", "fip1", FIP1, "vm1", "r1"])?;
+    tb.nbctl(&["fip-add", "fip2", FIP2, "vm2", "r1"])?;
+    tb.start_agents()?;
+    Ok((tb, out))
+}
+
+pub fn default_route(tb: &Testbed, vm: &str) -> Result<()> {
+    run(tb
+        .ns_cmd(&tb.vm(vm)?.ns, "ip")
+        .args(["route", "add", "default", "via", ROUTER_IP]))?;
+    Ok(())
+}
+
+pub fn ping_from(tb: &Testbed, ns: &str, to: &str, count: u32) -> Result<()> {
+    let out = tb
+        .ns_cmd(ns, "ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", to])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ping {to} from {ns}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+pub fn capture(tb: &Testbed, ns: &str, name: &str, filter: &str) -> Result<(Child, PathBuf)> {
+    capture_on(tb, ns, "eth0", name, filter)
+}
+
+pub fn capture_on(
+    tb: &Testbed,
+    ns: &str,
+    iface: &str,
+    name: &str,
+    filter: &str,
+) -> Result<(Child, PathBuf)> {
+    let cap = tb.dir.join(format!("{name}.pcap"));
+    let child = tb
+        .ns_cmd(ns, "tcpdump")
+        .args(["-n", "-U", "--immediate-mode", "-i", iface, "-w"])
+        .arg(&cap)
+        .arg(filter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(800));
+    Ok((child, cap))
+}
+
+pub fn stop(mut c: Child) {
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    let _ = c.wait();
+}
+
+/// tshark's fields of the frames of `cap` that match `filter`, one line per frame.
+pub fn fields(cap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<String>> {
+    let mut c = Command::new("tshark");
+    c.args(["-n", "-r"])
+        .arg(cap)
+        .args(["-Y", filter, "-T", "fields"]);
+    for p in [
+        "ip.check_checksum:TRUE",
+        "tcp.check_checksum:TRUE",
+        "udp.check_checksum:TRUE",
+    ] {
+        c.args(["-o", p]);
+    }
+    c.args(["-E", "separator=,"]);
+    for f in fields {
+        c.args(["-e", f]);
+    }
+    Ok(run(&mut c)?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
