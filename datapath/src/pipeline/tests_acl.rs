@@ -145,7 +145,7 @@ fn ingress_rules_on_the_receiving_chassis_and_replies() {
     .unwrap_err();
     assert_eq!(refused.reason, DropReason::Acl);
     let m = refused.megaflow.unwrap();
-    assert_eq!(m.action.drop_reason, ctr::DROP_ACL);
+    assert_eq!(m.action.drop_reason, geneflow_abi::ctr::DROP_ACL);
     // The verdict read the state, the protocol, the port and the remote address.
     assert_eq!(
         (
