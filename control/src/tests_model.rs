@@ -167,3 +167,48 @@ fn security_group_rules_are_checked() {
     // An agent that does not hold the group still keeps the port.
     assert!(d.validated().doc.ports.contains_key("p1"));
 }
+
+#[test]
+fn provider_vlans_and_nat_addresses_are_checked() {
+    let mut d = doc();
+    // A VLAN needs a provider network, and an id in 1-4094.
+    d.switches.get_mut("ls1").unwrap().vlan = Some(100);
+    assert!(d.check().unwrap_err().contains("needs a provider network"));
+    d.switches.get_mut("ls1").unwrap().provider = Some("physnet1".into());
+    d.switches.get_mut("ls1").unwrap().vlan = Some(4095);
+    assert!(d.check().unwrap_err().contains("outside 1-4094"));
+    d.switches.get_mut("ls1").unwrap().vlan = Some(100);
+    assert!(d.check().is_ok(), "{:?}", d.check());
+    // Two chassis may not share an external (SNAT) address.
+    let mut c2 = d.chassis["ch1"].clone();
+    c2.name = "ch2".into();
+    c2.encap_ip = "198.18.0.2".parse().unwrap();
+    c2.external_ip = Some("172.24.4.61".parse().unwrap());
+    d.chassis.get_mut("ch1").unwrap().external_ip = c2.external_ip;
+    d.chassis.insert("ch2".into(), c2);
+    assert!(d.check().unwrap_err().contains("already used by chassis"));
+    d.chassis.get_mut("ch2").unwrap().external_ip = None;
+    // A floating IP may not be a chassis' SNAT address.
+    d.routers.insert(
+        "r".into(),
+        LogicalRouter {
+            name: "r".into(),
+            tunnel_key: 500,
+            tenant: "t1".into(),
+            version: 0,
+        },
+    );
+    d.ports.get_mut("p1").unwrap().ips = vec!["10.0.0.5".parse().unwrap()];
+    d.floating_ips.insert(
+        "f".into(),
+        FloatingIp {
+            name: "f".into(),
+            external_ip: "172.24.4.61".parse().unwrap(),
+            port: "p1".into(),
+            router: "r".into(),
+            version: 0,
+        },
+    );
+    let e = d.check().unwrap_err();
+    assert!(e.contains("SNAT address"), "{e}");
+}

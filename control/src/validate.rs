@@ -50,8 +50,23 @@ impl NbDocument {
                 }
             };
         }
+        // A chassis' external (default SNAT) address is its own: two chassis sharing one would
+        // take each other's replies.
+        let mut snat: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         for (k, c) in &self.chassis {
-            keep!(chassis, "chassis", k, c, c.validate());
+            let res = c.validate().and_then(|_| match c.external_ip {
+                Some(ip) => match snat.get(&ip) {
+                    Some(o) => Err(ModelError::Invalid(format!(
+                        "external IP {ip} already used by chassis {o:?}"
+                    ))),
+                    None => {
+                        snat.insert(ip, c.name.clone());
+                        Ok(())
+                    }
+                },
+                None => Ok(()),
+            });
+            keep!(chassis, "chassis", k, c, res);
         }
         let mut tkeys: BTreeMap<u32, String> = BTreeMap::new();
         for (k, s) in &self.switches {
@@ -260,6 +275,24 @@ impl NbDocument {
                 .and_then(|_| {
                     if !doc.routers.contains_key(&f.router) {
                         return Err(unknown("router", &f.router));
+                    }
+                    // Not a chassis' SNAT address (it would take every reply to it), not a
+                    // router port's address.
+                    if let Some(c) = snat.get(&f.external_ip) {
+                        return Err(ModelError::Invalid(format!(
+                            "external IP {} is chassis {c:?}'s SNAT address",
+                            f.external_ip
+                        )));
+                    }
+                    if let Some(rp) = doc
+                        .router_ports
+                        .values()
+                        .find(|rp| rp.network.addr == f.external_ip)
+                    {
+                        return Err(ModelError::Invalid(format!(
+                            "external IP {} is router port {:?}'s address",
+                            f.external_ip, rp.name
+                        )));
                     }
                     let Some(port) = doc.ports.get(&f.port) else {
                         return Err(unknown("port", &f.port));

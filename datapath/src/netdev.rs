@@ -48,17 +48,25 @@ pub fn enable_forwarding(name: &str) -> std::io::Result<()> {
 }
 
 /// A provider interface: 802.1Q tags must reach XDP in the frame, not in the receive
-/// descriptor (rx VLAN offload off). A driver that cannot turn it off is logged: VLAN
-/// networks on it would not be told apart.
-pub fn keep_vlan_tags(name: &str) {
-    let Some(ix) = ifindex(name) else { return };
+/// descriptor (rx VLAN offload off). `false` when the driver cannot say or cannot turn it
+/// off: VLAN networks on it could not be told apart, and are refused.
+pub fn keep_vlan_tags(name: &str) -> bool {
+    let Some(ix) = ifindex(name) else {
+        return false;
+    };
     match veth::rx_vlan_offload_off(ix) {
-        Ok(true) => debug!(iface = name, "rx VLAN offload turned off"),
-        Ok(false) => {}
-        Err(e) => warn!(
-            iface = name,
-            "cannot turn rx VLAN offload off (VLAN provider networks need it): {e}"
-        ),
+        Ok(true) => {
+            debug!(iface = name, "rx VLAN offload turned off");
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            warn!(
+                iface = name,
+                "cannot turn rx VLAN offload off: VLAN provider networks on it are refused: {e}"
+            );
+            false
+        }
     }
 }
 

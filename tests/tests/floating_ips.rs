@@ -9,7 +9,7 @@ use geneflow_tests::provider::*;
 use geneflow_tests::*;
 use std::process::Stdio;
 use std::time::Duration;
-use xtask::testbed_provider::OUTSIDE_IP;
+use xtask::testbed_provider::{OUTSIDE_IP, UPSTREAM_IP};
 
 #[test]
 fn the_outside_reaches_vms_by_floating_ip_and_sees_only_floating_ips() -> Result<()> {
@@ -384,5 +384,79 @@ fn forged_claims_and_unassigned_floating_ips_are_dropped_and_counted() -> Result
     );
     run(tb.ns_cmd(&out, "/usr/bin/python3").args(["-c", &script]))?;
     assert!(counter_reaches(&tb, "ch1", "phy", "drop_no_nat", nonat0 + 3) >= nonat0 + 3);
+    Ok(())
+}
+
+#[test]
+fn tenants_with_the_same_address_share_a_snat_address_apart() -> Result<()> {
+    let (mut tb, out) = fip_bed("fi")?;
+    // Tenant b on ch1: the same subnet, a VM with vm3's very address and MAC.
+    for args in [
+        vec!["ls-add", "lsb", "--key", "2000", "--tenant", "b"],
+        vec!["subnet-add", "lsb", "snb", "10.0.0.0/16"],
+        vec!["lr-add", "rb", "--key", "5001", "--tenant", "b"],
+        vec![
+            "lrp-add",
+            "rb",
+            "rb-ls",
+            "0a:00:00:00:fe:01",
+            "10.0.255.254/16",
+            "--key",
+            "100",
+            "--switch",
+            "lsb",
+        ],
+        vec![
+            "lrp-add",
+            "rb",
+            "rb-gw",
+            "0a:00:00:00:fe:02",
+            "172.24.4.11/24",
+            "--key",
+            "102",
+            "--switch",
+            "ext",
+        ],
+        vec!["lr-route-add", "rb", "0.0.0.0/0", UPSTREAM_IP],
+        vec!["chassis-set-external-ip", "ch1", "172.24.4.61"],
+    ] {
+        tb.nbctl(&args)?;
+    }
+    let applied = pipelines_applied(&tb, "ch1")?;
+    tb.add_vm("wb", "ch1", "lsb", 3)?;
+    default_route(&tb, "wb")?;
+    wait_applied(&tb, "ch1", applied)?;
+    assert_eq!(tb.vm("wb")?.ip, tb.vm("vm3")?.ip);
+    // The outside host's ARP for the SNAT address teaches ch1 where it is (its ping is
+    // unsolicited and dropped), so the single datagrams below find their next hop.
+    let _ = ping_from(&tb, &out, "172.24.4.61", 1);
+    // The outside host echoes two datagrams, saying where each came from.
+    let echo = tb
+        .ns_cmd(&out, "/usr/bin/python3")
+        .args(["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',7000))\ns.settimeout(10)\nfor i in range(2):\n d,a=s.recvfrom(100)\n print(a[0],a[1],d.decode(),flush=True)\n s.sendto(d,a)\n"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    // Both send from the same address and port to the same place; each must get its own
+    // answer back.
+    let client = |vm: &str| -> Result<String> {
+        run(tb.ns_cmd(&tb.vm(vm)?.ns, "/usr/bin/python3").args([
+            "-c",
+            &format!("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',40000))\ns.settimeout(5)\ns.sendto(b'{vm}',('{OUTSIDE_IP}',7000))\nprint(s.recvfrom(100)[0].decode())\n"),
+        ]))
+    };
+    assert_eq!(client("vm3")?.trim(), "vm3");
+    assert_eq!(client("wb")?.trim(), "wb");
+    let seen = echo.wait_with_output()?;
+    let lines: Vec<String> = String::from_utf8_lossy(&seen.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // Seen from outside: one SNAT address, two different ports.
+    let (a, b): (Vec<&str>, Vec<&str>) =
+        (lines[0].split(' ').collect(), lines[1].split(' ').collect());
+    assert_eq!((a[0], b[0]), ("172.24.4.61", "172.24.4.61"), "{lines:?}");
+    assert_ne!(a[1], b[1], "{lines:?}");
     Ok(())
 }

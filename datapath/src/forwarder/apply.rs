@@ -65,7 +65,7 @@ impl Forwarder {
             self.cfg.udp_csum,
             |n| attached.get(n).copied(),
         )
-        .with_providers(&self.physnets)
+        .with_providers(&self.physnets, &self.untagged_only)
         .with_ext_neigh(learned);
         self.rebuild_index();
         self.ports.iter().map(|p| p.ifindex).ne(before)
@@ -166,6 +166,7 @@ impl Forwarder {
 
     pub(super) fn apply(&mut self, upd: PipelineUpdate) {
         let old_ip = self.pipeline.encap_ip;
+        let old_external = self.pipeline.external_ip;
         let old_acls = super::conntrack::acls_by_zone(&self.pipeline);
         self.pipeline = match self.cfg.encap_ip {
             Some(ip) if upd.pipeline.encap_ip != Some(ip) => {
@@ -195,6 +196,15 @@ impl Forwarder {
         }
         self.reconcile();
         self.sync_conntrack();
+        if self.pipeline.external_ip != old_external && old_external.is_some() {
+            // The translations of the old address would take replies meant for whoever has
+            // it now.
+            let n = self.bpf.nat_flush();
+            info!(
+                flushed = n,
+                "external address changed; default-SNAT translations flushed"
+            );
+        }
         match self.bpf.set_peers(&self.pipeline.peer_ips) {
             Ok(()) => self
                 .shared

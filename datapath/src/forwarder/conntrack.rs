@@ -121,7 +121,7 @@ pub(super) fn spawn_expiry(
             let mut nat: Option<BpfHashMap<MapData, CtKey, geneflow_abi::NatEntry>> =
                 MapData::from_pin(pin.with_file_name("NAT"))
                     .ok()
-                    .and_then(|m| BpfHashMap::try_from(aya::maps::Map::LruHashMap(m)).ok());
+                    .and_then(|m| BpfHashMap::try_from(aya::maps::Map::HashMap(m)).ok());
             let mut last = Tally::read(counters.as_ref(), &shared).map(|t| Tally {
                 entries: map.iter().flatten().count() as u64,
                 ..t
@@ -234,18 +234,19 @@ fn expire_nat(map: &mut BpfHashMap<MapData, CtKey, geneflow_abi::NatEntry>) {
     let idle = |k: &CtKey, last: u64| now.saturating_sub(last) > timeout(k.proto).as_nanos() as u64;
     let mut doomed = Vec::new();
     for (k, e) in &all {
-        if k.zone == geneflow_abi::nat::DIR_OUT {
-            let rk = super::napt::reply_key(k, e.addr, e.port);
-            let last = all
-                .get(&rk)
-                .map(|r| r.last_seen_ns.max(e.last_seen_ns))
-                .unwrap_or(e.last_seen_ns);
-            if idle(k, last) {
-                doomed.push(*k);
-                doomed.push(rk);
-            }
-        } else if idle(k, e.last_seen_ns) {
+        // Each connection's two halves go together, when both have been idle long enough.
+        let partner = if k.zone & geneflow_abi::nat::DIR_MASK == geneflow_abi::nat::DIR_OUT {
+            super::napt::reply_key(k, e.addr, e.port)
+        } else {
+            super::napt::out_key(k, e)
+        };
+        let last = all
+            .get(&partner)
+            .map(|p| p.last_seen_ns.max(e.last_seen_ns))
+            .unwrap_or(e.last_seen_ns);
+        if idle(k, last) {
             doomed.push(*k);
+            doomed.push(partner);
         }
     }
     doomed.sort_unstable_by_key(|k| (k.zone, k.src, k.dst, k.sport, k.dport, k.proto));

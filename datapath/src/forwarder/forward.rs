@@ -54,6 +54,7 @@ impl Forwarder {
             txbuf,
             answers,
             dhcp_answers,
+            nat_allocs,
             drop_installs,
             uplink_ifindex,
             uplink_mac,
@@ -94,6 +95,10 @@ impl Forwarder {
                 smac,
                 dmac,
             }) => {
+                if !nat_allocs.allow_key(ifindex, arrived) {
+                    shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
+                    return learned;
+                }
                 let slot = by_ifindex
                     .get(&ifindex)
                     .map(|&j| ports[j].slot)

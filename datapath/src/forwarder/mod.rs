@@ -82,6 +82,9 @@ pub struct Forwarder {
     uplink_mtu: u32,
     /// Provider networks attached here: physnet -> ifindex.
     physnets: HashMap<String, u32>,
+    /// Provider interfaces whose driver keeps VLAN tags out of XDP's sight: no VLAN network
+    /// is served on them.
+    untagged_only: Vec<u32>,
     /// Floating IPs announced here (external address, MAC, provider ifindex), so that one that
     /// arrives (its port moved here) is announced with a gratuitous ARP.
     announced: Vec<(std::net::Ipv4Addr, [u8; 6], u32, u16)>,
@@ -103,6 +106,8 @@ pub struct Forwarder {
     answers: RateLimiter,
     /// Per-port budget of DHCP answers (clients have no address to key on).
     dhcp_answers: RateLimiter,
+    /// Per-port budget of new default-SNAT translations.
+    nat_allocs: RateLimiter,
     /// Per-port budget of drop megaflows: a VM forging a new source on every frame would
     /// otherwise fill the megaflow table with drop entries (65,536 in well under a second)
     /// and push everyone's flows to the slow path. Past it, drops stay in the slow path,
@@ -201,6 +206,7 @@ impl Forwarder {
             uplink_mac,
             uplink_mtu,
             physnets: HashMap::new(),
+            untagged_only: Vec::new(),
             announced: Vec::new(),
             outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
             rxbuf: vec![0u8; STRIDE * BATCH],
@@ -217,6 +223,11 @@ impl Forwarder {
             // lease, a few more when it retries); 5000/s in all, bursts of 1250 (a host's
             // boot storm), or 250 times the per-port rate when that is more.
             dhcp_answers: RateLimiter::new(dhcp_rate, dhcp_rate, (dhcp_rate * 250.0).max(5000.0)),
+            nat_allocs: RateLimiter::new(
+                napt::ALLOC_RATE,
+                napt::ALLOC_RATE * 2.0,
+                napt::ALLOC_RATE * 20.0,
+            ),
             // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
             drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),
             pollfds: Vec::new(),
@@ -233,9 +244,12 @@ impl Forwarder {
             xsk,
         );
         for (net, iface) in f.cfg.providers.clone() {
-            netdev::keep_vlan_tags(&iface);
+            let tags = netdev::keep_vlan_tags(&iface);
             f.attach_port(&iface, port_kind::PROVIDER)?;
             let ix = f.ports.last().map(|p| p.ifindex).unwrap_or(0);
+            if !tags {
+                f.untagged_only.push(ix);
+            }
             info!(physnet = %net, %iface, ifindex = ix, "provider network attached");
             f.physnets.insert(net, ix);
         }

@@ -23,6 +23,12 @@ impl Bpf {
         self.nat.insert(out.0, out.1, 0).map_err(map_err("NAT"))
     }
 
+    /// Deletes every translation; returns how many entries went.
+    pub fn nat_flush(&mut self) -> usize {
+        let keys: Vec<CtKey> = self.nat.keys().flatten().collect();
+        keys.iter().filter(|k| self.nat.remove(k).is_ok()).count()
+    }
+
     /// Every translation (both directions).
     pub fn nat_entries(&self) -> Vec<(CtKey, NatEntry)> {
         self.nat.iter().flatten().collect()

@@ -76,10 +76,12 @@ fn check(
     }
     r.mask.ip_proto = u8::MAX;
     let (proto, dport) = (r.key.ip_proto, u16::from_be(r.key.l4_dst));
-    let remote = key_ip(match dir {
-        Direction::Ingress => r.key.ip_src,
-        Direction::Egress => r.key.ip_dst,
-    });
+    // The remote end as the VM sees it: after a floating IP's translation, the translated
+    // source (the rules match what the VM sees; the source is in the mask either way).
+    let remote = match dir {
+        Direction::Ingress => r.nat_src.unwrap_or(key_ip(r.key.ip_src)),
+        Direction::Egress => key_ip(r.key.ip_dst),
+    };
     for rule in acl.rules(dir) {
         if rule.reads_port() {
             r.mask.l4_dst = u16::MAX;

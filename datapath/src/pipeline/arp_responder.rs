@@ -108,7 +108,7 @@ pub(super) fn reply(
     buf.resize(14 + answer.buffer_len(), 0);
     answer.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
     // Back where it came from: on a provider network, on the VLAN it came on.
-    let vlan = if r.t.provider_ports.contains(&r.in_ifindex) {
+    let vlan = if r.t.is_provider(r.in_ifindex) {
         out.push(Output::Provider {
             ifindex: r.in_ifindex,
             vlan: r.vlan,

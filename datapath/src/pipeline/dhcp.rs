@@ -94,6 +94,13 @@ fn answer(
     let packet = DhcpPacket::new_checked(udp.payload()).map_err(|_| malformed(r, "short"))?;
     let req = DhcpRepr::parse(&packet).map_err(|_| malformed(r, "header or options"))?;
     let client = key_ip(r.key.ip_src);
+    if !req.relay_agent_ip.is_unspecified() {
+        // A relay's message (giaddr set) on a VM port: this server answers its own ports only.
+        r.note(STAGE, || {
+            "relayed request (giaddr set): not answered".into()
+        });
+        return Ok(taken(r));
+    }
     let ours = lease.server_id;
     let yours = lease.ip;
     let (kind, your_ip, with_lease) = match req.message_type {
@@ -201,7 +208,7 @@ fn answer(
     // port is point to point).
     let to = if !req.client_ip.is_unspecified() && !nak {
         req.client_ip
-    } else if req.broadcast || nak {
+    } else if req.broadcast || nak || your_ip.is_unspecified() {
         Ipv4Address::BROADCAST
     } else {
         your_ip

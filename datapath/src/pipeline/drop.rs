@@ -38,6 +38,7 @@ pub enum DropReason {
     DhcpMalformed,
     DhcpServer,
     NoNat,
+    VlanTagged,
 }
 
 impl DropReason {
@@ -57,6 +58,7 @@ impl DropReason {
                 | DropReason::UnknownPort
                 | DropReason::UnknownGroup
                 | DropReason::Acl
+                | DropReason::VlanTagged
         )
     }
 
@@ -93,6 +95,7 @@ impl DropReason {
             DropReason::DhcpMalformed => ctr::DROP_DHCP_MALFORMED,
             DropReason::DhcpServer => ctr::DROP_DHCP_SERVER,
             DropReason::NoNat => ctr::DROP_NO_NAT,
+            DropReason::VlanTagged => ctr::DROP_VLAN_TAGGED,
         }
     }
 }

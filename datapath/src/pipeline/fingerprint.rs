@@ -64,12 +64,24 @@ impl Tables {
                     self.provider_out.iter().map(|(a, b)| (*a, *b)).collect();
                 prov.sort_unstable();
                 prov.hash(&mut h);
-                self.ext_neigh.hash(&mut h);
+                self.pipeline.external_ip.hash(&mut h);
                 for att in dp.router_ports.values() {
                     let Some(r) = self.pipeline.routers.get(&att.router) else {
                         continue;
                     };
                     r.hash(&mut h);
+                    // Only the neighbours of the network this router's gateway is on.
+                    if let Some(gw) = r.gateway.map(|g| r.ports[g].switch) {
+                        for e in self
+                            .ext_neigh
+                            .range((gw, std::net::Ipv4Addr::UNSPECIFIED)..)
+                        {
+                            if e.0 .0 != gw {
+                                break;
+                            }
+                            e.hash(&mut h);
+                        }
+                    }
                     for p in &r.ports {
                         if let Some(other) = self.pipeline.datapaths.get(&p.switch) {
                             self.hash_datapath(other, &mut h);

@@ -12,8 +12,16 @@ fn is_error(t: u8) -> bool {
 }
 
 fn sent(r: &Run, kind: AnswerKind, to: std::net::Ipv4Addr, out: &mut Vec<Output>) -> Decision {
-    out.push(Output::Local {
-        ifindex: r.in_ifindex,
+    // Back where the packet came from: on a provider network, on its VLAN.
+    out.push(if r.t.is_provider(r.in_ifindex) {
+        Output::Provider {
+            ifindex: r.in_ifindex,
+            vlan: r.vlan,
+        }
+    } else {
+        Output::Local {
+            ifindex: r.in_ifindex,
+        }
     });
     let mut d = r.decision(0);
     d.rewritten = true;

@@ -61,6 +61,9 @@ use std::sync::Arc;
 
 pub use drop::DropReason;
 
+/// Provider neighbours kept at most (a new one past this is not learned).
+pub const MAX_EXT_NEIGH: usize = 4096;
+
 /// Where one copy of the frame goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
@@ -327,13 +330,21 @@ impl Tables {
     /// Binds the pipeline's provider switches to this chassis' provider interfaces
     /// (`physnet` -> ifindex). A physnet with no switch here, or a switch whose physnet has
     /// no interface here, is left out (its traffic has nowhere to go).
-    pub fn with_providers(mut self, physnets: &HashMap<String, u32>) -> Tables {
+    /// Interfaces in `untagged_only` serve no VLAN network (their driver hides the tags).
+    pub fn with_providers(
+        mut self,
+        physnets: &HashMap<String, u32>,
+        untagged_only: &[u32],
+    ) -> Tables {
         self.provider_ports = physnets.values().copied().collect();
         for dp in self.pipeline.datapaths.values() {
             let Some(ix) = dp.provider.as_ref().and_then(|p| physnets.get(p)) else {
                 continue;
             };
             let vlan = dp.vlan.map(|v| VLAN_PRESENT | v).unwrap_or(0);
+            if vlan != 0 && untagged_only.contains(ix) {
+                continue;
+            }
             // Two switches on one physnet and VLAN: the first (by key) keeps it.
             if self.providers.contains_key(&(*ix, vlan)) {
                 continue;
@@ -357,6 +368,9 @@ impl Tables {
     /// Records that `ip` is at `mac` on provider switch `dp`; whether that changed anything
     /// (then the megaflows routed to it must be regenerated).
     pub fn learn(&mut self, dp: u32, ip: Ipv4Addr, mac: [u8; 6]) -> bool {
+        if self.ext_neigh.len() >= MAX_EXT_NEIGH && !self.ext_neigh.contains_key(&(dp, ip)) {
+            return false;
+        }
         self.ext_neigh.insert((dp, ip), mac) != Some(mac)
     }
 

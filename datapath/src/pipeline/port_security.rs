@@ -19,8 +19,18 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
 const STAGE: &str = "port security (in)";
 
-/// Logical switch ingress: checks the source of a frame from a VM port.
+/// 802.1Q (0x8100), 802.1ad (0x88a8) and the old QinQ ethertype (0x9100).
+const VLAN_TPIDS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+
+/// Logical switch ingress: checks the source of a frame from a VM port. A VLAN-tagged frame
+/// is refused whatever the port's settings, as an access port does: on a provider network it
+/// would reach the VLAN the VM chose.
 pub(super) fn ingress(r: &mut Run, dp: &Datapath, port: u16) -> Result<(), DropReason> {
+    r.mask.eth_type = u16::MAX;
+    if VLAN_TPIDS.contains(&u16::from_be(r.key.eth_type)) {
+        r.note(STAGE, || "VLAN-tagged frame from a VM: dropped".into());
+        return Err(DropReason::VlanTagged);
+    }
     let Some(sec) = dp.ports.get(&port).and_then(|p| p.security.as_ref()) else {
         r.note(STAGE, || "off on this port: any source".into());
         return Ok(());

@@ -145,7 +145,27 @@ fn arp_in(
     }
     let (spa, tpa) = (key_ip(r.key.ip_src), key_ip(r.key.ip_dst));
     let sha = r.key.eth_src;
-    let learn = (!spa.is_unspecified()).then_some((dp_key, spa, sha));
+    // What is learned: the sender of an ARP to one of this chassis' addresses on the network
+    // (a reply to its own request, or a host about to talk to a floating IP), from a subnet
+    // of a router's gateway port there; and fresh news of a neighbour already known. Nothing
+    // else: a host spraying ARP cannot grow the table or churn the megaflows.
+    let ours = t.pipeline.external_ip == Some(tpa)
+        || t.pipeline.routers.values().any(|rt| {
+            rt.gateway.is_some_and(|g| {
+                let gw = &rt.ports[g];
+                gw.switch == dp_key
+                    && (gw.ip() == tpa || rt.fips.iter().any(|f| f.local && f.external_ip == tpa))
+            })
+        });
+    let on_subnet = t.pipeline.routers.values().any(|rt| {
+        rt.gateway.is_some_and(|g| {
+            let gw = &rt.ports[g];
+            gw.switch == dp_key && gw.network.contains(spa)
+        })
+    });
+    let known = t.ext_neigh().contains_key(&(dp_key, spa));
+    let learn =
+        (!spa.is_unspecified() && on_subnet && (ours || known)).then_some((dp_key, spa, sha));
     let fip = t.pipeline.routers.values().find_map(|rt| {
         let gw = &rt.ports[rt.gateway?];
         (gw.switch == dp_key)

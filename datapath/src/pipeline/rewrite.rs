@@ -66,14 +66,20 @@ pub fn nat(frame: &mut [u8], src: Option<Ipv4Addr>, dst: Option<Ipv4Addr>) {
 pub fn napt_ports(frame: &[u8], out: bool) -> Option<(u8, u16, u16)> {
     let proto = *frame.get(23)?;
     let first = u16::from_be_bytes([*frame.get(20)?, *frame.get(21)?]) & 0x1fff == 0;
-    let rd = |o: usize| -> Option<u16> {
-        Some(u16::from_ne_bytes([*frame.get(o)?, *frame.get(o + 1)?]))
+    // The whole L4 header `napt` rewrites must be there (TCP: up to its checksum).
+    let need = match proto {
+        6 => 34 + 20,
+        _ => 34 + 8,
     };
+    if frame.len() < need || !first {
+        return None;
+    }
+    let rd = |o: usize| u16::from_ne_bytes([frame[o], frame[o + 1]]);
     match proto {
-        6 | 17 if first => Some((proto, rd(34)?, rd(36)?)),
-        1 if first => match (out, *frame.get(34)?) {
-            (true, 8) => Some((1, rd(38)?, 0)),
-            (false, 0) => Some((1, 0, rd(38)?)),
+        6 | 17 => Some((proto, rd(34), rd(36))),
+        1 => match (out, frame[34]) {
+            (true, 8) => Some((1, rd(38), 0)),
+            (false, 0) => Some((1, 0, rd(38))),
             _ => None,
         },
         _ => None,
@@ -83,7 +89,7 @@ pub fn napt_ports(frame: &[u8], out: bool) -> Option<(u8, u16, u16)> {
 /// Default SNAT rewrite, as the XDP program's: the source (`out`) or destination address and
 /// port (ICMP: the echo id) := `addr`/`port` (network order), IPv4 and L4 checksums updated
 /// incrementally (a zero UDP checksum stays zero).
-pub fn napt(frame: &mut [u8], out: bool, addr: u32, port: u16) {
+pub fn napt(frame: &mut [u8], out: bool, addr: u32, port: u16) -> Option<()> {
     let rd16 = |f: &[u8], o: usize| u16::from_ne_bytes([f[o], f[o + 1]]);
     let proto = frame[23];
     let (addr_at, port_at, csum_at) = match (proto, out) {
@@ -94,7 +100,7 @@ pub fn napt(frame: &mut [u8], out: bool, addr: u32, port: u16) {
         (_, false) => (30, 36, 40),
     };
     if frame.len() < (port_at + 2).max(csum_at + 2) {
-        return;
+        return None;
     }
     let old_addr = u32::from_ne_bytes([
         frame[addr_at],
@@ -109,7 +115,7 @@ pub fn napt(frame: &mut [u8], out: bool, addr: u32, port: u16) {
     frame[port_at..port_at + 2].copy_from_slice(&port.to_ne_bytes());
     let c = rd16(frame, csum_at);
     if proto == 17 && c == 0 {
-        return;
+        return Some(());
     }
     let mut c = if proto == 1 {
         c
@@ -121,6 +127,7 @@ pub fn napt(frame: &mut [u8], out: bool, addr: u32, port: u16) {
         c = 0xffff;
     }
     frame[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
+    Some(())
 }
 
 /// An Ethernet/IPv4 ARP frame into `buf`: a request from `sha`/`spa` for `tpa`, broadcast, or,
@@ -281,7 +288,7 @@ mod tests {
             }
             let new_addr = u32::from_ne_bytes([192, 0, 2, 9]);
             let new_port = 61000u16.to_be();
-            napt(&mut f, out, new_addr, new_port);
+            napt(&mut f, out, new_addr, new_port).unwrap();
             let p = SlicedPacket::from_ethernet(&f).unwrap();
             let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
                 panic!()

@@ -91,7 +91,7 @@ fn tables(d: &NbDocument, learned: bool) -> Tables {
         "vp-p3" => Some(12),
         _ => None,
     })
-    .with_providers(&HashMap::from([("physnet1".to_string(), PHY)]));
+    .with_providers(&HashMap::from([("physnet1".to_string(), PHY)]), &[]);
     if learned {
         t.learn(900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC);
     }
@@ -277,12 +277,18 @@ fn arp_on_the_provider_network_is_answered_for_local_floating_ips_and_teaches() 
         d.learn,
         Some((900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC))
     );
-    // p2's floating IP is chassis b's to answer.
+    // p2's floating IP is chassis b's to answer, and its asker none of this chassis'
+    // business: nothing answered, nothing learned (a host spraying ARP cannot grow the table).
     let d = t
         .process(&arp([172, 24, 4, 52]), PHY, &mut out, &mut buf)
         .unwrap();
     assert!(d.answer.is_none());
-    assert!(d.learn.is_some());
+    assert!(d.learn.is_none());
+    // A sender outside the gateway's subnet is not learned either, even asking for ours.
+    let mut f = arp([172, 24, 4, 51]);
+    f[28..32].copy_from_slice(&[192, 0, 2, 1]);
+    let d = t.process(&f, PHY, &mut out, &mut buf).unwrap();
+    assert!(d.learn.is_none());
 }
 
 #[test]
@@ -363,4 +369,54 @@ fn a_vlan_provider_network_is_entered_and_left_tagged() {
         }]
     );
     assert_eq!(d3.megaflow.unwrap().action.vlan, tag);
+}
+
+#[test]
+fn a_vm_cannot_pick_a_vlan_and_short_frames_are_not_translated() {
+    let t = tables(&doc(None), true);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    // An 802.1Q frame from a VM (it would land on VLAN 20 of the physical network).
+    let mut f = icmp(P1, GW_IN, [10, 0, 0, 5], [8, 8, 8, 8]);
+    f.splice(12..12, [0x81, 0x00, 0x00, 20]);
+    let e = t
+        .process_dropping(&f, 10, (0, 0), &mut out, &mut buf)
+        .unwrap_err();
+    assert_eq!(e.reason, DropReason::VlanTagged);
+    assert!(e.megaflow.is_some(), "dropped in XDP after the first");
+    // A UDP frame cut after its ports has no checksum to fix: not translatable.
+    let mut u = Vec::new();
+    PacketBuilder::ethernet2(P3, GW_IN)
+        .ipv4([10, 0, 0, 7], [8, 8, 8, 8], 64)
+        .udp(40000, 53)
+        .write(&mut u, &[])
+        .unwrap();
+    assert!(super::rewrite::napt_ports(&u[..38], true).is_none());
+    assert!(super::rewrite::napt_ports(&u, true).is_some());
+}
+
+#[test]
+fn icmp_errors_go_back_on_the_vlan_they_came_from() {
+    let mut d = doc(None);
+    d.switches.get_mut("ext").unwrap().vlan = Some(100);
+    let t = tables(&d, true);
+    let tag = geneflow_abi::VLAN_PRESENT | 100;
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    // A traceroute probe (TTL 1) from the outside to a floating IP: time exceeded, tagged.
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(UPSTREAM_MAC, fip_mac("172.24.4.51".parse().unwrap()).0)
+        .ipv4(OUTSIDE, [172, 24, 4, 51], 1)
+        .udp(40000, 33434)
+        .write(&mut f, &[0; 8])
+        .unwrap();
+    let d = t
+        .process_dropping(&f, PHY, (0, tag), &mut out, &mut buf)
+        .unwrap();
+    assert_eq!(d.answer.map(|a| a.kind), Some(AnswerKind::IcmpTimeExceeded));
+    assert_eq!(
+        out,
+        vec![Output::Provider {
+            ifindex: PHY,
+            vlan: tag
+        }]
+    );
 }

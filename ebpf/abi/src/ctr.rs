@@ -94,10 +94,13 @@ pub const DROP_DHCP_SERVER: u32 = 53;
 pub const DROP_NO_NAT: u32 = 54;
 /// Gratuitous ARPs sent for floating IPs that came to this chassis.
 pub const GARP_SENT: u32 = 55;
+/// An 802.1Q/802.1ad tagged frame from a VM port: a VM may not pick its VLAN (it would hop
+/// onto a provider network's VLAN of another tenant).
+pub const DROP_VLAN_TAGGED: u32 = 56;
 pub const COUNT: u32 = 64;
 
 /// Stable names, used by stats output and (later) Prometheus labels.
-pub const NAMES: [(u32, &str); 56] = [
+pub const NAMES: [(u32, &str); 57] = [
     (RX_PACKETS, "rx_packets"),
     (RX_BYTES, "rx_bytes"),
     (FAST_HIT, "fastpath_hit"),
@@ -157,4 +160,5 @@ pub const NAMES: [(u32, &str); 56] = [
     (DROP_DHCP_SERVER, "drop_dhcp_server"),
     (DROP_NO_NAT, "drop_no_nat"),
     (GARP_SENT, "garp_sent"),
+    (DROP_VLAN_TAGGED, "drop_vlan_tagged"),
 ];

@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -227,8 +227,10 @@ pub mod flag {
 }
 
 /// Default SNAT (`flag::NAPT`, `act::UNNAPT`): a table of translations keyed like conntrack
-/// (`CtKey`, `zone` = direction), one entry per direction of each connection, written by the
-/// slow path at the first packet, read by XDP, expired when idle by the agent.
+/// (`CtKey`, `zone` = direction, and the VM port for outbound entries), one entry per
+/// direction of each connection, written by the slow path at the first packet, read by XDP,
+/// expired when idle by the agent, both directions together. A plain hash, not an LRU: a full
+/// table refuses new connections rather than split a live one.
 pub mod nat {
     /// `CtKey::zone` of the outbound entry: the VM's tuple -> the external address and port.
     pub const DIR_OUT: u32 = 1;
@@ -238,6 +240,15 @@ pub mod nat {
     pub const MAX_ENTRIES: u32 = 131_072;
     /// External ports handed out: 1024..=65535 per (protocol, remote address and port).
     pub const PORT_MIN: u16 = 1024;
+    /// The direction bits of `CtKey::zone`.
+    pub const DIR_MASK: u32 = 0xff;
+
+    /// `CtKey::zone` of an outbound entry: the direction, and the VM port the connection
+    /// comes from, so that VMs of different tenants with the same address never share one.
+    #[inline(always)]
+    pub const fn out_zone(ifindex: u32) -> u32 {
+        DIR_OUT | ifindex << 8
+    }
 }
 
 /// A floating IP bound here whose port is tracked (`FIP_CT`, keyed by the external address):

@@ -56,7 +56,7 @@ mod prog {
     static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(ct::MAX_ENTRIES, 0);
     /// Default SNAT translations (see `geneflow_abi::nat`).
     #[map]
-    static NAT: LruHashMap<CtKey, NatEntry> = LruHashMap::with_max_entries(nat::MAX_ENTRIES, 0);
+    static NAT: HashMap<CtKey, NatEntry> = HashMap::with_max_entries(nat::MAX_ENTRIES, 0);
     /// Floating IPs bound here whose port is tracked (see `geneflow_abi::FipCt`).
     #[map]
     static FIP_CT: HashMap<u32, FipCt> = HashMap::with_max_entries(MAX_FIPS, 0);

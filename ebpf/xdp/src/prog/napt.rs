@@ -27,7 +27,11 @@ fn nat_key(ctx: &XdpContext, key: &FlowKey, dir: u32) -> Option<CtKey> {
         _ => return None,
     };
     Some(CtKey {
-        zone: dir,
+        zone: if dir == nat::DIR_OUT {
+            nat::out_zone(key.in_ifindex)
+        } else {
+            dir
+        },
         src: key.ip_src,
         dst: key.ip_dst,
         sport,
