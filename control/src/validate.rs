@@ -52,21 +52,25 @@ impl NbDocument {
         }
         // A chassis' external (default SNAT) address is its own: two chassis sharing one would
         // take each other's replies.
+        // The later chassis (by name) loses only its external address, not its ports.
         let mut snat: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         for (k, c) in &self.chassis {
-            let res = c.validate().and_then(|_| match c.external_ip {
-                Some(ip) => match snat.get(&ip) {
-                    Some(o) => Err(ModelError::Invalid(format!(
-                        "external IP {ip} already used by chassis {o:?}"
-                    ))),
+            let mut c = c.clone();
+            if let Some(ip) = c.external_ip {
+                match snat.get(&ip) {
+                    Some(o) => {
+                        rejected.push(format!(
+                            "chassis {k:?}: external IP {ip} already used by chassis {o:?}; not used"
+                        ));
+                        c.external_ip = None;
+                    }
                     None => {
                         snat.insert(ip, c.name.clone());
-                        Ok(())
                     }
-                },
-                None => Ok(()),
-            });
-            keep!(chassis, "chassis", k, c, res);
+                }
+            }
+            let res = c.validate();
+            keep!(chassis, "chassis", k, &c, res);
         }
         let mut tkeys: BTreeMap<u32, String> = BTreeMap::new();
         for (k, s) in &self.switches {

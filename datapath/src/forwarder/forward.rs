@@ -20,6 +20,9 @@ pub(super) fn push_vlan(buf: &mut [u8], frame: &[u8], vlan: u16) -> Option<usize
     Some(len)
 }
 
+/// How long an ARP request of this chassis makes the reply welcome.
+const ARP_ASK_VALID: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of the XDP program's `bpf_ktime_get_coarse_ns`.
 pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -55,6 +58,7 @@ impl Forwarder {
             answers,
             dhcp_answers,
             nat_allocs,
+            arp_asked,
             drop_installs,
             uplink_ifindex,
             uplink_mac,
@@ -84,9 +88,14 @@ impl Forwarder {
             }
         };
         // ARP seen on a provider network: its sender is a neighbour there.
-        let learned = d
-            .learn
-            .is_some_and(|(dp, ip, mac)| tables.learn(dp, ip, mac));
+        // A reply is kept only if this chassis asked that host (within 5 s).
+        let learned = d.learn.is_some_and(|l| {
+            let asked = l.solicited
+                && arp_asked
+                    .remove(&l.ip)
+                    .is_some_and(|t| arrived.saturating_duration_since(t) < ARP_ASK_VALID);
+            (asked || !l.solicited) && tables.learn(l.dp, l.ip, l.mac, asked)
+        });
         let mut d = d;
         match d.napt {
             Some(Napt::Out {
@@ -147,6 +156,12 @@ impl Forwarder {
             if a.kind == AnswerKind::ArpRequest {
                 // The packet that needed the next hop is dropped.
                 shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
+                if arp_asked.len() >= 1024 {
+                    arp_asked.retain(|_, t| arrived.saturating_duration_since(*t) < ARP_ASK_VALID);
+                }
+                if arp_asked.len() < 1024 {
+                    arp_asked.insert(a.source, arrived);
+                }
             }
             // DHCP clients have no address yet: their budget is per port.
             let allowed = if a.kind == AnswerKind::Dhcp {

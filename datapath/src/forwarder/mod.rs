@@ -108,6 +108,9 @@ pub struct Forwarder {
     dhcp_answers: RateLimiter,
     /// Per-port budget of new default-SNAT translations.
     nat_allocs: RateLimiter,
+    /// Provider next hops this chassis sent an ARP request for, and when: only their replies
+    /// are learned.
+    arp_asked: HashMap<std::net::Ipv4Addr, Instant>,
     /// Per-port budget of drop megaflows: a VM forging a new source on every frame would
     /// otherwise fill the megaflow table with drop entries (65,536 in well under a second)
     /// and push everyone's flows to the slow path. Past it, drops stay in the slow path,
@@ -223,6 +226,7 @@ impl Forwarder {
             // lease, a few more when it retries); 5000/s in all, bursts of 1250 (a host's
             // boot storm), or 250 times the per-port rate when that is more.
             dhcp_answers: RateLimiter::new(dhcp_rate, dhcp_rate, (dhcp_rate * 250.0).max(5000.0)),
+            arp_asked: HashMap::new(),
             nat_allocs: RateLimiter::new(
                 napt::ALLOC_RATE,
                 napt::ALLOC_RATE * 2.0,

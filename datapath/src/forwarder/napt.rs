@@ -56,8 +56,14 @@ pub(super) fn out(
         return false;
     };
     let ext = u32::from_ne_bytes(external.octets());
-    let port = match bpf.nat_get(&k) {
-        Some(e) => e.port,
+    // An outbound half whose inbound half now belongs to someone else (it expired and the
+    // port was given away in between) is stale: the connection gets a port afresh.
+    let owned = |port: u16| {
+        bpf.nat_get(&reply_key(&k, ext, port))
+            .is_none_or(|i| i.addr == k.src && i.port == k.sport && i.out_ifindex == back.0)
+    };
+    let port = match bpf.nat_get(&k).map(|e| e.port).filter(|p| owned(*p)) {
+        Some(p) => p,
         None => match free_port(bpf, &k, ext, back.0) {
             Some(p) => p,
             None => return false,

@@ -61,8 +61,19 @@ use std::sync::Arc;
 
 pub use drop::DropReason;
 
-/// Provider neighbours kept at most (a new one past this is not learned).
+/// Provider neighbours kept at most: past this, only the answers to this chassis' own
+/// requests are learned (each taking the place of another).
 pub const MAX_EXT_NEIGH: usize = 4096;
+
+/// A provider neighbour an ARP frame taught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Learn {
+    pub dp: u32,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// A reply: to be kept only if this chassis asked for `ip` (the forwarder knows).
+    pub solicited: bool,
+}
 
 /// Where one copy of the frame goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +148,7 @@ pub struct Decision {
     /// The frame's whole key (the megaflow's is masked).
     pub key: FlowKey,
     /// A provider neighbour the frame taught (ARP seen on a provider network).
-    pub learn: Option<(u32, Ipv4Addr, [u8; 6])>,
+    pub learn: Option<Learn>,
     /// Default SNAT for the forwarder to carry out on this first packet (it owns the table).
     pub napt: Option<Napt>,
     /// A floating IP's translation of the frame (new source, new destination): what a
@@ -367,9 +378,16 @@ impl Tables {
 
     /// Records that `ip` is at `mac` on provider switch `dp`; whether that changed anything
     /// (then the megaflows routed to it must be regenerated).
-    pub fn learn(&mut self, dp: u32, ip: Ipv4Addr, mac: [u8; 6]) -> bool {
+    /// `asked`: an answer to this chassis' own request, which may take another's place in a
+    /// full table.
+    pub fn learn(&mut self, dp: u32, ip: Ipv4Addr, mac: [u8; 6], asked: bool) -> bool {
         if self.ext_neigh.len() >= MAX_EXT_NEIGH && !self.ext_neigh.contains_key(&(dp, ip)) {
-            return false;
+            if !asked {
+                return false;
+            }
+            if let Some(k) = self.ext_neigh.keys().next().copied() {
+                self.ext_neigh.remove(&k);
+            }
         }
         self.ext_neigh.insert((dp, ip), mac) != Some(mac)
     }

@@ -23,13 +23,22 @@ const STAGE: &str = "port security (in)";
 const VLAN_TPIDS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 
 /// Logical switch ingress: checks the source of a frame from a VM port. A VLAN-tagged frame
-/// is refused whatever the port's settings, as an access port does: on a provider network it
-/// would reach the VLAN the VM chose.
+/// is refused on a provider network whatever the port's settings, as an access port does (it
+/// would reach the VLAN the VM chose), and where port security checks addresses (its
+/// addresses could not be checked); on an overlay switch without address checks a VM may
+/// trunk VLANs to its peers.
 pub(super) fn ingress(r: &mut Run, dp: &Datapath, port: u16) -> Result<(), DropReason> {
     r.mask.eth_type = u16::MAX;
     if VLAN_TPIDS.contains(&u16::from_be(r.key.eth_type)) {
-        r.note(STAGE, || "VLAN-tagged frame from a VM: dropped".into());
-        return Err(DropReason::VlanTagged);
+        let checks_ip = dp
+            .ports
+            .get(&port)
+            .and_then(|p| p.security.as_ref())
+            .is_some_and(|s| s.checks_ip());
+        if dp.provider.is_some() || checks_ip {
+            r.note(STAGE, || "VLAN-tagged frame from a VM: dropped".into());
+            return Err(DropReason::VlanTagged);
+        }
     }
     let Some(sec) = dp.ports.get(&port).and_then(|p| p.security.as_ref()) else {
         r.note(STAGE, || "off on this port: any source".into());

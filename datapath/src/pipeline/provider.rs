@@ -12,7 +12,7 @@
 //!   MAC alone, and never floods the physical network's unknown unicast to its VMs.
 
 use super::key::key_ip;
-use super::{Decision, DropReason, Output, Run};
+use super::{Decision, DropReason, Learn, Output, Run};
 use etherparse::EtherType;
 use geneflow_abi::{act, arp, FlowAction};
 use geneflow_control::compiler::{PortLocation, RouterAttach};
@@ -145,18 +145,24 @@ fn arp_in(
     }
     let (spa, tpa) = (key_ip(r.key.ip_src), key_ip(r.key.ip_dst));
     let sha = r.key.eth_src;
-    // What is learned: the sender of an ARP to one of this chassis' addresses on the network
-    // (a reply to its own request, or a host about to talk to a floating IP), from a subnet
-    // of a router's gateway port there; and fresh news of a neighbour already known. Nothing
-    // else: a host spraying ARP cannot grow the table or churn the megaflows.
-    let ours = t.pipeline.external_ip == Some(tpa)
+    // What is learned, from a subnet of a router's gateway port there: the sender of a
+    // request this chassis answers (a host about to talk to a floating IP or the SNAT
+    // address), a reply to one of its addresses (which the forwarder keeps only if it asked
+    // that sender), and fresh news of a neighbour already known. Nothing else: a host
+    // spraying ARP cannot grow the table or churn the megaflows.
+    let answered = t.pipeline.external_ip == Some(tpa)
         || t.pipeline.routers.values().any(|rt| {
             rt.gateway.is_some_and(|g| {
-                let gw = &rt.ports[g];
-                gw.switch == dp_key
-                    && (gw.ip() == tpa || rt.fips.iter().any(|f| f.local && f.external_ip == tpa))
+                rt.ports[g].switch == dp_key
+                    && rt.fips.iter().any(|f| f.local && f.external_ip == tpa)
             })
         });
+    let to_us = answered
+        || t.pipeline.routers.values().any(|rt| {
+            rt.gateway
+                .is_some_and(|g| rt.ports[g].switch == dp_key && rt.ports[g].ip() == tpa)
+        });
+    let reply = op & !arp::GRATUITOUS == arp::OP_REPLY;
     let on_subnet = t.pipeline.routers.values().any(|rt| {
         rt.gateway.is_some_and(|g| {
             let gw = &rt.ports[g];
@@ -164,8 +170,15 @@ fn arp_in(
         })
     });
     let known = t.ext_neigh().contains_key(&(dp_key, spa));
-    let learn =
-        (!spa.is_unspecified() && on_subnet && (ours || known)).then_some((dp_key, spa, sha));
+    let learn = (!spa.is_unspecified()
+        && on_subnet
+        && ((answered && op == arp::OP_REQUEST) || (reply && to_us) || known))
+        .then_some(Learn {
+            dp: dp_key,
+            ip: spa,
+            mac: sha,
+            solicited: reply && to_us && !known,
+        });
     let fip = t.pipeline.routers.values().find_map(|rt| {
         let gw = &rt.ports[rt.gateway?];
         (gw.switch == dp_key)

@@ -93,7 +93,7 @@ fn tables(d: &NbDocument, learned: bool) -> Tables {
     })
     .with_providers(&HashMap::from([("physnet1".to_string(), PHY)]), &[]);
     if learned {
-        t.learn(900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC);
+        t.learn(900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC, true);
     }
     t
 }
@@ -275,7 +275,27 @@ fn arp_on_the_provider_network_is_answered_for_local_floating_ips_and_teaches() 
     assert_eq!(&buf[6..12], &fip_mac("172.24.4.51".parse().unwrap()).0);
     assert_eq!(
         d.learn,
-        Some((900, "172.24.4.1".parse().unwrap(), UPSTREAM_MAC))
+        Some(Learn {
+            dp: 900,
+            ip: "172.24.4.1".parse().unwrap(),
+            mac: UPSTREAM_MAC,
+            solicited: false,
+        })
+    );
+    // A request for the gateway port's address is not answered here: it teaches nothing (a
+    // host could spray them from every address of the subnet).
+    let d = t
+        .process(&arp([172, 24, 4, 10]), PHY, &mut out, &mut buf)
+        .unwrap();
+    assert!(d.learn.is_none());
+    // A reply to one of this chassis' addresses is a candidate, kept only if it was asked.
+    let mut rep = arp([172, 24, 4, 51]);
+    rep[21] = 2;
+    rep[28..32].copy_from_slice(&[172, 24, 4, 77]);
+    let d = t.process(&rep, PHY, &mut out, &mut buf).unwrap();
+    assert_eq!(
+        d.learn.map(|l| (l.ip, l.solicited)),
+        Some(("172.24.4.77".parse().unwrap(), true))
     );
     // p2's floating IP is chassis b's to answer, and its asker none of this chassis'
     // business: nothing answered, nothing learned (a host spraying ARP cannot grow the table).

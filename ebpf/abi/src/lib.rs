@@ -242,6 +242,10 @@ pub mod nat {
     pub const PORT_MIN: u16 = 1024;
     /// The direction bits of `CtKey::zone`.
     pub const DIR_MASK: u32 = 0xff;
+    /// `NatEntry::flags`: a reply used the inbound half.
+    pub const REPLIED: u32 = 1;
+    /// `NatEntry::flags`: a TCP FIN or RST went through.
+    pub const CLOSING: u32 = 2;
 
     /// `CtKey::zone` of an outbound entry: the direction, and the VM port the connection
     /// comes from, so that VMs of different tenants with the same address never share one.
@@ -278,7 +282,9 @@ pub struct NatEntry {
     pub out_slot: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub pad2: u32,
+    /// `nat::REPLIED` (DIR_IN: a reply came back), `nat::CLOSING` (a TCP FIN or RST went
+    /// through this way): what the expiry's shorter timeouts go by.
+    pub flags: u32,
     /// CLOCK_MONOTONIC_COARSE of the last packet this way, for expiry.
     pub last_seen_ns: u64,
 }

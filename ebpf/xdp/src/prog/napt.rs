@@ -41,14 +41,24 @@ fn nat_key(ctx: &XdpContext, key: &FlowKey, dir: u32) -> Option<CtKey> {
     })
 }
 
+/// A TCP FIN or RST: the connection is ending (the expiry gives it seconds, not hours).
+#[inline(always)]
+fn closing(key: &FlowKey) -> bool {
+    key.ip_proto == IPPROTO_TCP && key.pad & (TCP_FIN | TCP_RST) != 0
+}
+
 /// The outbound translation of the packet, refreshed; `None`: the slow path allocates one.
 #[inline(always)]
 pub(super) fn napt_out_lookup(ctx: &XdpContext, key: &FlowKey) -> Option<NatEntry> {
     let k = nat_key(ctx, key, nat::DIR_OUT)?;
     let p = NAT.get_ptr_mut(&k)?;
-    // SAFETY: the kernel returned a pointer to the live value; a racy store of a timestamp.
+    // SAFETY: the kernel returned a pointer to the live value; racy stores of a timestamp and
+    // a flag only lose an update.
     unsafe {
         (*p).last_seen_ns = bpf_ktime_get_coarse_ns();
+        if closing(key) {
+            (*p).flags |= nat::CLOSING;
+        }
         Some(*p)
     }
 }
@@ -123,9 +133,11 @@ pub(super) fn unnapt(ctx: &XdpContext, slot: Ctr, key: &FlowKey) -> u32 {
     let Some(p) = NAT.get_ptr_mut(&k) else {
         return drop_with(slot, ctr::DROP_NO_NAT);
     };
-    // SAFETY: the kernel returned a pointer to the live value; a racy store of a timestamp.
+    // SAFETY: the kernel returned a pointer to the live value; racy stores of a timestamp and
+    // flags only lose an update.
     let e = unsafe {
         (*p).last_seen_ns = bpf_ktime_get_coarse_ns();
+        (*p).flags |= nat::REPLIED | if closing(key) { nat::CLOSING } else { 0 };
         *p
     };
     let a = FlowAction {
