@@ -20,6 +20,10 @@ fn machine() -> Value {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": kernel.trim(),
         "cpu": cpu,
+        // What the testbeds are made of (xtask/src/testbed.rs): the same in every scenario.
+        "nic_driver": "veth",
+        "xdp_mode": "native (driver)",
+        "af_xdp": "copy mode",
     })
 }
 
@@ -42,8 +46,10 @@ pub(super) fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
     let m = machine();
     let mut md = String::new();
     md.push_str(&format!(
-        "# geneflow datapath benchmark\n\nMachine: {} cores, {}, kernel {}. {} run(s) per scenario, median shown. Took {:.0} s.\n\n",
+        "# geneflow datapath benchmark\n\nMachine: {} cores, {}, kernel {}; interfaces: {} pairs in network namespaces, XDP {}, AF_XDP {}. {} run(s) per scenario, median shown. Took {:.0} s.\n\n",
         m["cores"], m["cpu"].as_str().unwrap_or(""), m["kernel"].as_str().unwrap_or(""),
+        m["nic_driver"].as_str().unwrap_or(""), m["xdp_mode"].as_str().unwrap_or(""),
+        m["af_xdp"].as_str().unwrap_or(""),
         if o.quick { 1 } else { 3 }, took.as_secs_f64()
     ));
     md.push_str(&format!(
@@ -139,6 +145,20 @@ fn svg(sc: &[Scenario]) -> String {
             205.0 + bw,
             y + 13.0,
             s.median()
+        ));
+    }
+    // The generator's ceiling as a line across the chart: a bar that reaches it measured the
+    // generator.
+    if let Some(g) = rows
+        .iter()
+        .find(|s| s.name == GENERATOR && s.error.is_none())
+    {
+        let x = 200.0 + (w - 330.0) * g.median() / max;
+        out.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"28\" x2=\"{x:.1}\" y2=\"{:.0}\" stroke=\"#d53a3a\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{:.0}\" fill=\"#d53a3a\">generator ceiling</text>\n",
+            h - 4.0,
+            x + 4.0,
+            h - 6.0
         ));
     }
     out.push_str("</svg>\n");
