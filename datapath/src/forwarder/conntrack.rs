@@ -277,7 +277,7 @@ fn expire_nat(map: &mut BpfHashMap<MapData, CtKey, geneflow_abi::NatEntry>) {
             if now.saturating_sub(last) > timeout_of(k, o.flags | i.flags) {
                 doomed.push((ok, Some(ik)));
             }
-        } else if now.saturating_sub(e.last_seen_ns) > timeout_of(k, e.flags | nat::REPLIED) {
+        } else if now.saturating_sub(e.last_seen_ns) > timeout_of(k, e.flags) {
             doomed.push((*k, None));
         }
     }

@@ -118,7 +118,7 @@ impl Forwarder {
                     return learned;
                 }
             }
-            Some(Napt::In) => match super::napt::back(bpf, frame, txbuf) {
+            Some(Napt::In) => match super::napt::back(bpf, frame, txbuf, monotonic_ns()) {
                 Some(ix) => {
                     outputs.push(Output::Local { ifindex: ix });
                     d.rewritten = true;
@@ -156,12 +156,6 @@ impl Forwarder {
             if a.kind == AnswerKind::ArpRequest {
                 // The packet that needed the next hop is dropped.
                 shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
-                if arp_asked.len() >= 1024 {
-                    arp_asked.retain(|_, t| arrived.saturating_duration_since(*t) < ARP_ASK_VALID);
-                }
-                if arp_asked.len() < 1024 {
-                    arp_asked.insert(a.source, arrived);
-                }
             }
             // DHCP clients have no address yet: their budget is per port.
             let allowed = if a.kind == AnswerKind::Dhcp {
@@ -172,6 +166,18 @@ impl Forwarder {
             if !allowed {
                 shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
                 return learned;
+            }
+            if a.kind == AnswerKind::ArpRequest {
+                // The request goes out: its answer will be welcome (the oldest asks make room).
+                if arp_asked.len() >= 1024 {
+                    arp_asked.retain(|_, t| arrived.saturating_duration_since(*t) < ARP_ASK_VALID);
+                }
+                if arp_asked.len() >= 1024 {
+                    if let Some(k) = arp_asked.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) {
+                        arp_asked.remove(&k);
+                    }
+                }
+                arp_asked.insert(a.source, arrived);
             }
             let counter = match a.kind {
                 AnswerKind::ArpReply => Some(ctr::ARP_REPLY),

@@ -62,18 +62,27 @@ pub(super) fn out(
         bpf.nat_get(&reply_key(&k, ext, port))
             .is_none_or(|i| i.addr == k.src && i.port == k.sport && i.out_ifindex == back.0)
     };
-    let port = match bpf.nat_get(&k).map(|e| e.port).filter(|p| owned(*p)) {
-        Some(p) => p,
+    let kept = bpf.nat_get(&k).filter(|e| owned(e.port));
+    let port = match kept {
+        Some(e) => e.port,
         None => match free_port(bpf, &k, ext, back.0) {
             Some(p) => p,
             None => return false,
         },
     };
+    // A connection the slow path sees again (its megaflow was regenerated) keeps what XDP
+    // noted of it: that it was answered, that it is closing.
+    let before = bpf.nat_get(&reply_key(&k, ext, port));
+    let (out_flags, in_flags) = (
+        kept.map(|e| e.flags).unwrap_or(0),
+        before.map(|e| e.flags).unwrap_or(0),
+    );
     // Both halves, every time the slow path sees the connection: an inbound half that went
     // (expired or deleted) comes back before the port could be given to anyone else.
     let o = NatEntry {
         addr: ext,
         port,
+        flags: out_flags,
         last_seen_ns: now_ns,
         ..Default::default()
     };
@@ -84,11 +93,12 @@ pub(super) fn out(
         out_slot: back.1,
         smac: back.2,
         dmac: back.3,
-        last_seen_ns: now_ns,
+        flags: in_flags,
+        last_seen_ns: before.map(|e| e.last_seen_ns).unwrap_or(now_ns),
         ..Default::default()
     };
     if bpf
-        .nat_insert((&k, &o), (&reply_key(&k, ext, port), &i))
+        .nat_insert((&k, &o), (&reply_key(&k, ext, port), &i), before.is_none())
         .is_err()
     {
         return false;
@@ -149,7 +159,7 @@ fn free_port(bpf: &Bpf, k: &CtKey, ext: u32, ifindex: u32) -> Option<u16> {
 /// Translates the reply `frame` back from the table into `buf`: the VM's port to send it on,
 /// or `None` (dropped): no translation, or a frame XDP's router checks refuse (IPv4 options,
 /// lengths, header checksum, martian source, TTL).
-pub(super) fn back(bpf: &Bpf, frame: &[u8], buf: &mut Vec<u8>) -> Option<u32> {
+pub(super) fn back(bpf: &mut Bpf, frame: &[u8], buf: &mut Vec<u8>, now_ns: u64) -> Option<u32> {
     let ip = etherparse::Ipv4HeaderSlice::from_slice(frame.get(14..)?).ok()?;
     let total = usize::from(ip.total_len());
     let ok = ip.ihl() == 5
@@ -162,7 +172,11 @@ pub(super) fn back(bpf: &Bpf, frame: &[u8], buf: &mut Vec<u8>) -> Option<u32> {
         return None;
     }
     let k = key(frame, nat::DIR_IN, 0)?;
-    let e = bpf.nat_get(&k)?;
+    let mut e = bpf.nat_get(&k)?;
+    // A reply, as XDP would note it.
+    e.flags |= nat::REPLIED;
+    e.last_seen_ns = now_ns;
+    let _ = bpf.nat_update(&k, &e);
     buf.clear();
     buf.extend_from_slice(frame);
     set_eth(buf, e.smac, e.dmac);

@@ -13,14 +13,26 @@ impl Bpf {
         self.nat.get(k, 0).ok()
     }
 
-    /// Writes both directions of a translation.
+    /// Writes both directions of a translation, the inbound half first (a port is taken as
+    /// long as its inbound half exists). If the outbound half cannot be written (a full table)
+    /// an inbound half written just now (`back_new`) is taken back.
     pub fn nat_insert(
         &mut self,
         out: (&CtKey, &NatEntry),
         back: (&CtKey, &NatEntry),
+        back_new: bool,
     ) -> Result<(), LoaderError> {
         self.nat.insert(back.0, back.1, 0).map_err(map_err("NAT"))?;
-        self.nat.insert(out.0, out.1, 0).map_err(map_err("NAT"))
+        let r = self.nat.insert(out.0, out.1, 0).map_err(map_err("NAT"));
+        if r.is_err() && back_new {
+            let _ = self.nat.remove(back.0);
+        }
+        r
+    }
+
+    /// Rewrites one entry in place.
+    pub fn nat_update(&mut self, k: &CtKey, e: &NatEntry) -> Result<(), LoaderError> {
+        self.nat.insert(k, e, 0).map_err(map_err("NAT"))
     }
 
     /// Deletes every translation; returns how many entries went.

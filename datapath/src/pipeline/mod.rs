@@ -195,7 +195,7 @@ pub struct Tables {
     /// Every provider interface, whether or not a switch of this chassis uses its physnet.
     provider_ports: Vec<u32>,
     /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
-    ext_neigh: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
+    ext_neigh: BTreeMap<(u32, Ipv4Addr), ([u8; 6], bool)>,
 }
 
 /// One run of the pipeline over one frame: the key of the frame, the fields consulted so far
@@ -367,29 +367,53 @@ impl Tables {
     }
 
     /// Keeps the provider neighbours learned so far (a new pipeline does not forget them).
-    pub fn with_ext_neigh(mut self, n: BTreeMap<(u32, Ipv4Addr), [u8; 6]>) -> Tables {
+    pub fn with_ext_neigh(mut self, n: BTreeMap<(u32, Ipv4Addr), ([u8; 6], bool)>) -> Tables {
         self.ext_neigh = n;
         self
     }
 
-    pub fn ext_neigh(&self) -> &BTreeMap<(u32, Ipv4Addr), [u8; 6]> {
+    /// (switch, address) -> (MAC, whether it came as the answer to this chassis' request).
+    pub fn ext_neigh(&self) -> &BTreeMap<(u32, Ipv4Addr), ([u8; 6], bool)> {
         &self.ext_neigh
     }
 
     /// Records that `ip` is at `mac` on provider switch `dp`; whether that changed anything
     /// (then the megaflows routed to it must be regenerated).
-    /// `asked`: an answer to this chassis' own request, which may take another's place in a
-    /// full table.
+    /// `asked`: an answer to this chassis' own request. Only such an answer changes a known
+    /// neighbour's MAC (a host on the network cannot redirect a next hop by announcing
+    /// itself, as Linux's ARP lock time keeps it from doing), and entries learned otherwise
+    /// (from requests this chassis answered) fill at most three quarters of the table, so
+    /// asked-for next hops always find room, taking an unasked entry's place if need be.
     pub fn learn(&mut self, dp: u32, ip: Ipv4Addr, mac: [u8; 6], asked: bool) -> bool {
-        if self.ext_neigh.len() >= MAX_EXT_NEIGH && !self.ext_neigh.contains_key(&(dp, ip)) {
-            if !asked {
-                return false;
+        match self.ext_neigh.get(&(dp, ip)).copied() {
+            Some((m, was_asked)) => {
+                if m == mac || !asked {
+                    if asked && !was_asked {
+                        self.ext_neigh.insert((dp, ip), (mac, true));
+                    }
+                    return false;
+                }
+                self.ext_neigh.insert((dp, ip), (mac, true));
+                true
             }
-            if let Some(k) = self.ext_neigh.keys().next().copied() {
-                self.ext_neigh.remove(&k);
+            None => {
+                if !asked {
+                    let unasked = self.ext_neigh.values().filter(|v| !v.1).count();
+                    if unasked >= MAX_EXT_NEIGH * 3 / 4 {
+                        return false;
+                    }
+                } else if self.ext_neigh.len() >= MAX_EXT_NEIGH {
+                    match self.ext_neigh.iter().find(|(_, v)| !v.1).map(|(k, _)| *k) {
+                        Some(k) => {
+                            self.ext_neigh.remove(&k);
+                        }
+                        None => return false,
+                    }
+                }
+                self.ext_neigh.insert((dp, ip), (mac, asked));
+                true
             }
         }
-        self.ext_neigh.insert((dp, ip), mac) != Some(mac)
     }
 
     /// The output to provider switch `dp`: its local interface and VLAN.

@@ -440,3 +440,31 @@ fn icmp_errors_go_back_on_the_vlan_they_came_from() {
         }]
     );
 }
+
+#[test]
+fn only_an_asked_answer_moves_a_neighbour_and_asked_ones_always_find_room() {
+    let mut t = tables(&doc(None), false);
+    let gw: Ipv4Addr = "172.24.4.1".parse().unwrap();
+    // Learned from a request this chassis answered.
+    assert!(t.learn(900, gw, UPSTREAM_MAC, false));
+    // Someone announcing another MAC for it is not believed; an answer to our request is.
+    assert!(!t.learn(900, gw, [0x0e, 0, 0, 0, 0, 0x66], false));
+    assert_eq!(t.ext_neigh()[&(900, gw)].0, UPSTREAM_MAC);
+    assert!(t.learn(900, gw, [0x0e, 0, 0, 0, 0, 0x77], true));
+    // Unasked entries fill three quarters of the table at most; asked ones take their place.
+    let n = super::MAX_EXT_NEIGH;
+    for i in 0..n as u32 {
+        t.learn(900, Ipv4Addr::from(0x0a00_0000 + i), UPSTREAM_MAC, false);
+    }
+    let unasked = t.ext_neigh().values().filter(|v| !v.1).count();
+    assert_eq!(unasked, n * 3 / 4);
+    for i in 0..n as u32 {
+        t.learn(900, Ipv4Addr::from(0x0b00_0000 + i), UPSTREAM_MAC, true);
+    }
+    assert_eq!(t.ext_neigh().len(), n);
+    assert!(
+        t.ext_neigh().contains_key(&(900, gw)),
+        "an asked next hop was evicted"
+    );
+    assert!(t.ext_neigh().values().all(|v| v.1));
+}

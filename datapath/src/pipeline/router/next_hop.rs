@@ -48,7 +48,7 @@ pub(in super::super) fn run<'a>(
     let Some(owner) = dp.ips.get(&nh) else {
         if dp.provider.is_some() {
             return Ok(Some(
-                match r.t.ext_neigh().get(&(dp.tunnel_key, nh)).copied() {
+                match r.t.ext_neigh().get(&(dp.tunnel_key, nh)).map(|n| n.0) {
                     Some(mac) => {
                         r.note("next hop", || {
                             format!(

@@ -137,7 +137,9 @@ pub(super) fn unnapt(ctx: &XdpContext, slot: Ctr, key: &FlowKey) -> u32 {
     // flags only lose an update.
     let e = unsafe {
         (*p).last_seen_ns = bpf_ktime_get_coarse_ns();
-        (*p).flags |= nat::REPLIED | if closing(key) { nat::CLOSING } else { 0 };
+        // CLOSING is taken from the VM's side only: a spoofed FIN or RST from outside must
+        // not shorten a live translation.
+        (*p).flags |= nat::REPLIED;
         *p
     };
     let a = FlowAction {
