@@ -5,7 +5,7 @@
 //! the owner itself (its own duplicate-address probe). Malformed ARP is dropped, counted.
 
 use super::key::key_ip;
-use super::{Answer, AnswerKind, Decision, DropReason, Output, Run};
+use super::{AnswerKind, Decision, DropReason, Output, Run};
 use etherparse::{EtherType, Ethernet2Header};
 use geneflow_abi::{act, arp, FlowAction};
 use geneflow_control::compiler::Datapath;
@@ -107,25 +107,13 @@ pub(super) fn reply(
     );
     buf.resize(14 + answer.buffer_len(), 0);
     answer.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
-    // Back where it came from: on a provider network, on the VLAN it came on.
-    let vlan = if r.t.is_provider(r.in_ifindex) {
-        out.push(Output::Provider {
-            ifindex: r.in_ifindex,
-            vlan: r.vlan,
-        });
-        r.vlan
-    } else {
-        out.push(Output::Local {
-            ifindex: r.in_ifindex,
-        });
-        0
+    let back = r.back_out();
+    let vlan = match back {
+        Output::Provider { vlan, .. } => vlan,
+        _ => 0,
     };
-    let mut d = r.decision(0);
-    d.rewritten = true;
-    d.answer = Some(Answer {
-        kind: AnswerKind::ArpReply,
-        source: source_protocol_addr,
-    });
+    out.push(back);
+    let mut d = r.answered(AnswerKind::ArpReply, source_protocol_addr);
     d.megaflow = Some(r.megaflow(FlowAction {
         kind: act::ARP_REPLY,
         out_ifindex: r.in_ifindex,

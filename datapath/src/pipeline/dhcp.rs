@@ -14,7 +14,7 @@
 //! answer from a port with port security on is dropped: a VM may not pose as a server.
 
 use super::key::key_ip;
-use super::{Answer, AnswerKind, Decision, DropReason, Output, Run};
+use super::{AnswerKind, Decision, DropReason, Output, Run};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4HeaderSlice, UdpHeader};
 use geneflow_control::compiler::Datapath;
 use geneflow_control::dhcp::{opt, DhcpLease};
@@ -99,7 +99,7 @@ fn answer(
         r.note(STAGE, || {
             "relayed request (giaddr set): not answered".into()
         });
-        return Ok(taken(r));
+        return Ok(r.decision(0)); // taken, not answered
     }
     let ours = lease.server_id;
     let yours = lease.ip;
@@ -110,7 +110,7 @@ fn answer(
                 r.note(STAGE, || {
                     "REQUEST for another server's offer: not answered".into()
                 });
-                return Ok(taken(r));
+                return Ok(r.decision(0)); // taken, not answered
             }
             // Selecting / init-reboot name the address in option 50; renewing and rebinding
             // clients hold it in ciaddr.
@@ -132,7 +132,7 @@ fn answer(
                     req.message_type
                 )
             });
-            return Ok(taken(r));
+            return Ok(r.decision(0)); // taken, not answered
         }
         _ => return Err(malformed(r, "not a client message")),
     };
@@ -242,16 +242,5 @@ fn answer(
             EthernetAddress(eth.source)
         )
     });
-    let mut d = r.decision(0);
-    d.rewritten = true;
-    d.answer = Some(Answer {
-        kind: AnswerKind::Dhcp,
-        source: lease.ip,
-    });
-    Ok(d)
-}
-
-/// A request taken without an answer.
-fn taken(r: &Run) -> Decision {
-    r.decision(0)
+    Ok(r.answered(AnswerKind::Dhcp, lease.ip))
 }

@@ -2,7 +2,7 @@
 //! replies for its own addresses and the errors a router owes (time exceeded, network/host
 //! unreachable, fragmentation needed with the overlay's MTU for path MTU discovery).
 
-use super::{Answer, AnswerKind, Decision, DropReason, Output, Run};
+use super::{AnswerKind, Decision, DropReason, Output, Run};
 use etherparse::{icmpv4, IcmpEchoHeader, Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice, PacketBuilder};
 use geneflow_control::compiler::CompiledRouterPort;
 
@@ -12,21 +12,8 @@ fn is_error(t: u8) -> bool {
 }
 
 fn sent(r: &Run, kind: AnswerKind, to: std::net::Ipv4Addr, out: &mut Vec<Output>) -> Decision {
-    // Back where the packet came from: on a provider network, on its VLAN.
-    out.push(if r.t.is_provider(r.in_ifindex) {
-        Output::Provider {
-            ifindex: r.in_ifindex,
-            vlan: r.vlan,
-        }
-    } else {
-        Output::Local {
-            ifindex: r.in_ifindex,
-        }
-    });
-    let mut d = r.decision(0);
-    d.rewritten = true;
-    d.answer = Some(Answer { kind, source: to });
-    d
+    out.push(r.back_out());
+    r.answered(kind, to)
 }
 
 /// An ICMP error about the IPv4 packet `ip` (header at `r.frame[14..]`), from router port

@@ -271,6 +271,30 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// The decision for an answer the pipeline wrote into the caller's buffer: sent only if
+    /// `source` is within its rate.
+    pub fn answered(&self, kind: AnswerKind, source: Ipv4Addr) -> Decision {
+        let mut d = self.decision(0);
+        d.rewritten = true;
+        d.answer = Some(Answer { kind, source });
+        d
+    }
+
+    /// Where an answer to the frame goes: back out of the port it came in on, and on a
+    /// provider network on the VLAN it came on.
+    pub fn back_out(&self) -> Output {
+        if self.t.is_provider(self.in_ifindex) {
+            Output::Provider {
+                ifindex: self.in_ifindex,
+                vlan: self.vlan,
+            }
+        } else {
+            Output::Local {
+                ifindex: self.in_ifindex,
+            }
+        }
+    }
+
     /// Commits the frame's connection in `zone` too.
     pub fn commit(&mut self, zone: u32) {
         if self.ct_commit.contains(&zone) {

@@ -173,11 +173,5 @@ fn arp_request(
             .ok_or(DropReason::NoDestination)?;
     arp_frame(buf, sender.0, sender.1, nh, false);
     out.push(o);
-    let mut d = r.decision(0);
-    d.rewritten = true;
-    d.answer = Some(super::Answer {
-        kind: AnswerKind::ArpRequest,
-        source: nh,
-    });
-    Ok(d)
+    Ok(r.answered(AnswerKind::ArpRequest, nh))
 }
