@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use xtask::testbed::run;
-use xtask::testbed_provider::UPSTREAM_IP;
 
 pub const FIP1: &str = "172.24.4.51";
 pub const FIP2: &str = "172.24.4.52";
@@ -28,14 +27,7 @@ pub fn fip_bed_vlan(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
     tb.add_chassis("ch2")?;
     let out = tb.add_provider_network()?;
     tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
-    let mut ext = vec!["ls-add", "ext", "--key", "900", "--provider", "physnet1"];
-    let id = vlan.map(|v| v.to_string()).unwrap_or_default();
-    if vlan.is_some() {
-        ext.extend(["--vlan", &id]);
-    }
-    tb.nbctl(&ext)?;
     tb.nbctl(&["subnet-add", "ls1", "sn1", "10.0.0.0/16"])?;
-    tb.nbctl(&["subnet-add", "ext", "ext-sn", "172.24.4.0/24"])?;
     tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
     tb.nbctl(&[
         "lrp-add",
@@ -48,18 +40,7 @@ pub fn fip_bed_vlan(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
         "--switch",
         "ls1",
     ])?;
-    tb.nbctl(&[
-        "lrp-add",
-        "r1",
-        "r1-gw",
-        "0a:00:00:00:ff:02",
-        "172.24.4.10/24",
-        "--key",
-        "101",
-        "--switch",
-        "ext",
-    ])?;
-    tb.nbctl(&["lr-route-add", "r1", "0.0.0.0/0", UPSTREAM_IP])?;
+    tb.add_provider_gateway("r1", "0a:00:00:00:ff:02", vlan)?;
     for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch2", 2), ("vm3", "ch1", 3)] {
         tb.add_vm(vm, ch, "ls1", key)?;
         default_route(&tb, vm)?;
@@ -144,4 +125,44 @@ pub fn fields(cap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<String>> 
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect())
+}
+
+/// What one iperf3 run said: whether the client succeeded, the bytes the server received,
+/// and the client's JSON report.
+pub struct Iperf {
+    pub ok: bool,
+    pub bytes: u64,
+    pub report: String,
+}
+
+/// An iperf3 server on `port` in `server_ns` (for one test), a client in `client_ns` sending
+/// `amount` (e.g. "20M") to `dst`, giving up connecting after 1.5 s.
+pub fn iperf3(
+    tb: &Testbed,
+    (server_ns, client_ns): (&str, &str),
+    dst: &str,
+    port: u16,
+    amount: &str,
+) -> Result<Iperf> {
+    let port = port.to_string();
+    let mut server = tb
+        .ns_cmd(server_ns, "iperf3")
+        .args(["-s", "-1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let client = tb
+        .ns_cmd(client_ns, "iperf3")
+        .args(["-c", dst, "-p", &port, "-n", amount, "-J"])
+        .args(["--connect-timeout", "1500"])
+        .output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let report: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap_or_default();
+    Ok(Iperf {
+        ok: client.status.success(),
+        bytes: report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0),
+        report: report.to_string(),
+    })
 }

@@ -19,21 +19,12 @@ fn the_outside_reaches_vms_by_floating_ip_and_sees_only_floating_ips() -> Result
     // In: ping and TCP (iperf3) to the floating IP.
     ping_from(&tb, &out, FIP1, 5)?;
     let vm1 = tb.vm("vm1")?.clone();
-    let mut server = tb
-        .ns_cmd(&vm1.ns, "iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
-    let client = tb
-        .ns_cmd(&out, "iperf3")
-        .args(["-c", FIP1, "-p", "5201", "-n", "20M", "-J"])
-        .output()?;
-    let _ = server.wait();
-    let report: serde_json::Value = serde_json::from_slice(&client.stdout)?;
-    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(bytes > 1_000_000, "iperf3 to the floating IP: {report}");
+    let r = iperf3(&tb, (&vm1.ns, &out), FIP1, 5201, "20M")?;
+    assert!(
+        r.bytes > 1_000_000,
+        "iperf3 to the floating IP: {}",
+        r.report
+    );
     // Out: the VM's own connection to the outside host leaves with its floating IP.
     tb.ping("vm1", OUTSIDE_IP, 3)?;
     // A VM without a floating IP cannot leave (no default SNAT here): dropped, counted.
@@ -151,21 +142,13 @@ fn vms_without_a_floating_ip_leave_by_their_chassis_snat_address() -> Result<()>
     let (cap_child, cap) = capture(&tb, &out, "snat", "ip")?;
     // ICMP echo, TCP (iperf3 to a server on the outside host) and, unsolicited, nothing in.
     tb.ping("vm3", OUTSIDE_IP, 3)?;
-    let mut server = tb
-        .ns_cmd(&out, "iperf3")
-        .args(["-s", "-1", "-p", "5202"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
-    let client = tb
-        .ns_cmd(&tb.vm("vm3")?.ns, "iperf3")
-        .args(["-c", OUTSIDE_IP, "-p", "5202", "-n", "20M", "-J"])
-        .output()?;
-    let _ = server.wait();
-    let report: serde_json::Value = serde_json::from_slice(&client.stdout)?;
-    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(bytes > 1_000_000, "iperf3 through default SNAT: {report}");
+    let vm3 = tb.vm("vm3")?.ns.clone();
+    let r = iperf3(&tb, (&out, &vm3), OUTSIDE_IP, 5202, "20M")?;
+    assert!(
+        r.bytes > 1_000_000,
+        "iperf3 through default SNAT: {}",
+        r.report
+    );
     let dropped = tb.counter("ch1", "phy", "drop_no_nat")?;
     assert!(
         ping_from(&tb, &out, SNAT1, 2).is_err(),
@@ -239,83 +222,28 @@ fn security_groups_apply_to_the_fixed_ip_behind_a_floating_ip() -> Result<()> {
     // In to vm1 by its floating IP, and the replies out.
     ping_from(&tb, &out, FIP1, 3)?;
     let vm1 = tb.vm("vm1")?.clone();
-    let mut server = tb
-        .ns_cmd(&vm1.ns, "iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
-    let client = tb
-        .ns_cmd(&out, "iperf3")
-        .args(["-c", FIP1, "-p", "5201", "-n", "5M", "-J"])
-        .output()?;
-    let _ = server.wait();
-    let report: serde_json::Value = serde_json::from_slice(&client.stdout)?;
+    let r = iperf3(&tb, (&vm1.ns, &out), FIP1, 5201, "5M")?;
     assert!(
-        report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 1_000_000,
-        "iperf3 in through the group: {report}"
+        r.bytes > 1_000_000,
+        "iperf3 in through the group: {}",
+        r.report
     );
     // What the group does not allow stays out, and vm1 opens nothing.
     let acl0 = tb.counter("ch1", "phy", "drop_acl")?;
-    let refused = tb
-        .ns_cmd(&out, "iperf3")
-        .args([
-            "-c",
-            FIP1,
-            "-p",
-            "5999",
-            "-n",
-            "1K",
-            "--connect-timeout",
-            "1500",
-        ])
-        .output()?;
-    assert!(!refused.status.success(), "TCP 5999 got in");
+    let refused = iperf3(&tb, (&vm1.ns, &out), FIP1, 5999, "1K")?;
+    assert!(!refused.ok, "TCP 5999 got in");
     assert!(tb.counter("ch1", "phy", "drop_acl")? > acl0);
     // (Not a ping: ICMP is tracked per address pair, and the outside host's pings made
     // that pair established.)
-    let mut server = tb
-        .ns_cmd(&out, "iperf3")
-        .args(["-s", "-1", "-p", "5203"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let opened = tb
-        .ns_cmd(&vm1.ns, "iperf3")
-        .args([
-            "-c",
-            OUTSIDE_IP,
-            "-p",
-            "5203",
-            "-n",
-            "1K",
-            "--connect-timeout",
-            "1500",
-        ])
-        .output()?;
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(!opened.status.success(), "vm1 opened a connection");
+    let opened = iperf3(&tb, (&out, &vm1.ns), OUTSIDE_IP, 5203, "1K")?;
+    assert!(!opened.ok, "vm1 opened a connection");
     // vm2 (on ch2) opens a connection out; its replies come back though nothing is allowed
     // in: they are found in conntrack as vm2 sees them.
     tb.ping("vm2", OUTSIDE_IP, 3)?;
     let acl0 = tb.counter("ch2", "phy", "drop_acl")?;
-    let refused = tb
-        .ns_cmd(&out, "iperf3")
-        .args([
-            "-c",
-            FIP2,
-            "-p",
-            "5201",
-            "-n",
-            "1K",
-            "--connect-timeout",
-            "1500",
-        ])
-        .output()?;
-    assert!(!refused.status.success());
+    let vm2 = tb.vm("vm2")?.ns.clone();
+    let refused = iperf3(&tb, (&vm2, &out), FIP2, 5201, "1K")?;
+    assert!(!refused.ok);
     assert!(
         tb.counter("ch2", "phy", "drop_acl")? > acl0,
         "a new connection got in to vm2"

@@ -187,19 +187,7 @@ pub(crate) fn demo() -> Result<()> {
 /// gateway; vm1 gets floating IP 172.24.4.51, and the outside host reaches it.
 fn floating_ip(tb: &Testbed, outside: &str) -> Result<()> {
     step("floating IP: provider network ext (physnet1, 172.24.4.0/24) as r1's gateway; vm1 gets 172.24.4.51");
-    tb.nbctl(&["ls-add", "ext", "--key", "900", "--provider", "physnet1"])?;
-    tb.nbctl(&[
-        "lrp-add",
-        "r1",
-        "r1-gw",
-        "0a:00:00:00:ff:03",
-        "172.24.4.10/24",
-        "--key",
-        "101",
-        "--switch",
-        "ext",
-    ])?;
-    tb.nbctl(&["lr-route-add", "r1", "0.0.0.0/0", "172.24.4.1"])?;
+    tb.add_provider_gateway("r1", "0a:00:00:00:ff:03", None)?;
     tb.nbctl(&["fip-add", "fip1", "172.24.4.51", "vm1", "r1"])?;
     let t0 = Instant::now();
     while run(tb

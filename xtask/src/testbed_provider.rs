@@ -10,7 +10,38 @@ pub const PHYSNET: &str = "physnet1";
 pub const OUTSIDE_IP: &str = "172.24.4.100";
 pub const UPSTREAM_IP: &str = "172.24.4.1";
 
+/// The provider switch's name and its physnet.
+pub const EXT_SWITCH: &str = "ext";
+pub const PHYSNET_SUBNET: &str = "172.24.4.0/24";
+
 impl Testbed {
+    /// The provider switch `ext` (physnet1, 172.24.4.0/24, on VLAN `vlan` if given) as the
+    /// way out of `router`: its gateway port `<router>-gw` (MAC `mac`, 172.24.4.10/24, key 101)
+    /// and a default route to the outside host's 172.24.4.1.
+    pub fn add_provider_gateway(&self, router: &str, mac: &str, vlan: Option<u16>) -> Result<()> {
+        let id = vlan.map(|v| v.to_string()).unwrap_or_default();
+        let mut ext = vec!["ls-add", EXT_SWITCH, "--key", "900", "--provider", PHYSNET];
+        if vlan.is_some() {
+            ext.extend(["--vlan", &id]);
+        }
+        self.nbctl(&ext)?;
+        self.nbctl(&["subnet-add", EXT_SWITCH, "ext-sn", PHYSNET_SUBNET])?;
+        let gw = format!("{router}-gw");
+        self.nbctl(&[
+            "lrp-add",
+            router,
+            &gw,
+            mac,
+            "172.24.4.10/24",
+            "--key",
+            "101",
+            "--switch",
+            EXT_SWITCH,
+        ])?;
+        self.nbctl(&["lr-route-add", router, "0.0.0.0/0", UPSTREAM_IP])?;
+        Ok(())
+    }
+
     /// Builds the provider network and plugs every chassis added so far into it (call before
     /// `start_agents`). Returns the outside host's namespace.
     pub fn add_provider_network(&mut self) -> Result<String> {

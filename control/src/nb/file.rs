@@ -286,6 +286,19 @@ mod tests {
     use super::*;
     use crate::model::{LogicalSwitch, DEFAULT_MTU};
 
+    /// Switch "a" with tunnel key `key` (0 is invalid), tenant "t".
+    fn switch_a(key: u32) -> LogicalSwitch {
+        LogicalSwitch {
+            name: "a".into(),
+            tunnel_key: key,
+            mtu: DEFAULT_MTU,
+            tenant: "t".into(),
+            provider: None,
+            vlan: None,
+            version: 0,
+        }
+    }
+
     /// A scratch directory for one test's NB file, removed when the test ends.
     struct Tmp(PathBuf);
 
@@ -316,18 +329,7 @@ mod tests {
         assert_eq!(s.load().unwrap().version, 0);
         let v = s
             .update(|d| {
-                d.switches.insert(
-                    "a".into(),
-                    LogicalSwitch {
-                        name: "a".into(),
-                        tunnel_key: 1,
-                        mtu: DEFAULT_MTU,
-                        tenant: "t".into(),
-                        provider: None,
-                        vlan: None,
-                        version: 0,
-                    },
-                );
+                d.switches.insert("a".into(), switch_a(1));
                 Ok(())
             })
             .unwrap();
@@ -347,18 +349,7 @@ mod tests {
         s.update(|_| Ok(())).unwrap();
         let e = s
             .update(|d| {
-                d.switches.insert(
-                    "a".into(),
-                    LogicalSwitch {
-                        name: "a".into(),
-                        tunnel_key: 0,
-                        mtu: DEFAULT_MTU,
-                        tenant: "t".into(),
-                        provider: None,
-                        vlan: None,
-                        version: 0,
-                    },
-                );
+                d.switches.insert("a".into(), switch_a(0));
                 Ok(())
             })
             .unwrap_err();
@@ -414,18 +405,7 @@ mod tests {
             let at = Instant::now();
             writer
                 .update(|d| {
-                    d.switches.insert(
-                        "a".into(),
-                        LogicalSwitch {
-                            name: "a".into(),
-                            tunnel_key: 1,
-                            mtu: DEFAULT_MTU,
-                            tenant: "t".into(),
-                            provider: None,
-                            vlan: None,
-                            version: 0,
-                        },
-                    );
+                    d.switches.insert("a".into(), switch_a(1));
                     Ok(())
                 })
                 .unwrap();

@@ -1,7 +1,9 @@
 //! NB records for the pipeline's unit tests: the two chassis every test uses, switches and
 //! ports with the defaults that do not matter to a test.
 
-use geneflow_control::model::{Chassis, LogicalPort, LogicalSwitch, Mac, NbDocument, DEFAULT_MTU};
+use geneflow_control::model::{
+    Chassis, LogicalPort, LogicalRouter, LogicalSwitch, Mac, NbDocument, RouterPort, DEFAULT_MTU,
+};
 
 /// Chassis "a" (198.18.0.1, the one under test) and "b" (198.18.0.2).
 pub(super) fn chassis_ab(d: &mut NbDocument) {
@@ -57,4 +59,41 @@ pub(super) fn port(
         allowed_address_pairs: vec![],
         version: 0,
     }
+}
+
+/// Router "r" with tunnel key `key`, tenant "t".
+pub(super) fn router(d: &mut NbDocument, key: u32) {
+    d.routers.insert(
+        "r".into(),
+        LogicalRouter {
+            name: "r".into(),
+            tunnel_key: key,
+            tenant: "t".into(),
+            version: 0,
+        },
+    );
+}
+
+/// Port `name` of router "r" on `switch`: MAC, address/prefix, port key.
+pub(super) fn router_port(
+    d: &mut NbDocument,
+    name: &str,
+    mac: [u8; 6],
+    network: &str,
+    switch: &str,
+    key: u16,
+) {
+    d.router_ports.insert(
+        name.into(),
+        RouterPort {
+            name: name.into(),
+            router: "r".into(),
+            mac: Mac(mac),
+            network: network.parse().unwrap(),
+            switch: Some(switch.into()),
+            peer_tenant: None,
+            port_key: key,
+            version: 0,
+        },
+    );
 }

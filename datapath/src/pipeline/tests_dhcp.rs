@@ -62,28 +62,8 @@ fn doc() -> NbDocument {
             version: 0,
         },
     );
-    d.routers.insert(
-        "r".into(),
-        LogicalRouter {
-            name: "r".into(),
-            tunnel_key: 500,
-            tenant: "t".into(),
-            version: 0,
-        },
-    );
-    d.router_ports.insert(
-        "r-ls".into(),
-        RouterPort {
-            name: "r-ls".into(),
-            router: "r".into(),
-            mac: Mac(GW_MAC),
-            network: "10.0.0.1/24".parse().unwrap(),
-            switch: Some("ls".into()),
-            peer_tenant: None,
-            port_key: 100,
-            version: 0,
-        },
-    );
+    test_nb::router(&mut d, 500);
+    test_nb::router_port(&mut d, "r-ls", GW_MAC, "10.0.0.1/24", "ls", 100);
     assert!(d.check().is_ok(), "{:?}", d.check());
     d
 }

@@ -36,32 +36,12 @@ fn doc(external_ip: Option<&str>) -> NbDocument {
         d.ports
             .insert(n.into(), test_nb::port(n, "ls", k, mac, &[ip], c));
     }
-    d.routers.insert(
-        "r".into(),
-        LogicalRouter {
-            name: "r".into(),
-            tunnel_key: 500,
-            tenant: "t".into(),
-            version: 0,
-        },
-    );
+    test_nb::router(&mut d, 500);
     for (n, mac, net, sw, k) in [
         ("r-ls", GW_IN, "10.0.0.1/24", "ls", 100),
         ("r-gw", GW_OUT, "172.24.4.10/24", "ext", 101),
     ] {
-        d.router_ports.insert(
-            n.into(),
-            RouterPort {
-                name: n.into(),
-                router: "r".into(),
-                mac: Mac(mac),
-                network: net.parse().unwrap(),
-                switch: Some(sw.into()),
-                peer_tenant: None,
-                port_key: k,
-                version: 0,
-            },
-        );
+        test_nb::router_port(&mut d, n, mac, net, sw, k);
     }
     let r = Route::new(
         "r",
@@ -105,6 +85,18 @@ fn icmp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u
         .icmpv4_echo_request(7, 1)
         .write(&mut f, &[1, 2, 3, 4])
         .unwrap();
+    f
+}
+
+/// An ARP request from the upstream router (172.24.4.1) for `tpa`, broadcast.
+fn arp(tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&UPSTREAM_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&UPSTREAM_MAC);
+    f.extend_from_slice(&[172, 24, 4, 1]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa);
     f
 }
 
@@ -257,16 +249,6 @@ fn an_unknown_next_hop_is_asked_for_from_the_floating_ip() {
 fn arp_on_the_provider_network_is_answered_for_local_floating_ips_and_teaches() {
     let t = tables(&doc(None), false);
     let (mut out, mut buf) = (Vec::new(), Vec::new());
-    let arp = |tpa: [u8; 4]| {
-        let mut f = vec![0xff; 6];
-        f.extend_from_slice(&UPSTREAM_MAC);
-        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-        f.extend_from_slice(&UPSTREAM_MAC);
-        f.extend_from_slice(&[172, 24, 4, 1]);
-        f.extend_from_slice(&[0; 6]);
-        f.extend_from_slice(&tpa);
-        f
-    };
     let d = t
         .process(&arp([172, 24, 4, 51]), PHY, &mut out, &mut buf)
         .unwrap();
@@ -373,11 +355,7 @@ fn a_vlan_provider_network_is_entered_and_left_tagged() {
     );
     assert_eq!(d2.megaflow.unwrap().action.vlan, tag);
     // And an ARP answer goes back on the VLAN it came on.
-    let mut arp = vec![0xff; 6];
-    arp.extend_from_slice(&UPSTREAM_MAC);
-    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    arp.extend_from_slice(&UPSTREAM_MAC);
-    arp.extend_from_slice(&[172, 24, 4, 1, 0, 0, 0, 0, 0, 0, 172, 24, 4, 51]);
+    let arp = arp([172, 24, 4, 51]);
     let d3 = t
         .process_dropping(&arp, PHY, (0, tag), &mut out, &mut buf)
         .unwrap();

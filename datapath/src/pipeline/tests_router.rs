@@ -49,32 +49,12 @@ fn doc() -> NbDocument {
         d.ports
             .insert(n.into(), test_nb::port(n, sw, k, mac, &[ip], c));
     }
-    d.routers.insert(
-        "r".into(),
-        LogicalRouter {
-            name: "r".into(),
-            tunnel_key: 5,
-            tenant: "t".into(),
-            version: 0,
-        },
-    );
+    test_nb::router(&mut d, 5);
     for (n, mac, net, sw) in [
         ("r-ls1", R1, "10.1.0.1/24", "ls1"),
         ("r-ls2", R2, "10.2.0.1/24", "ls2"),
     ] {
-        d.router_ports.insert(
-            n.into(),
-            RouterPort {
-                name: n.into(),
-                router: "r".into(),
-                mac: Mac(mac),
-                network: net.parse().unwrap(),
-                switch: Some(sw.into()),
-                peer_tenant: None,
-                port_key: 100,
-                version: 0,
-            },
-        );
+        test_nb::router_port(&mut d, n, mac, net, sw, 100);
     }
     let r = Route::new(
         "r",
