@@ -10,7 +10,7 @@ use xtask::testbed::run;
 
 pub const FIP1: &str = "172.24.4.51";
 pub const FIP2: &str = "172.24.4.52";
-pub const ROUTER_IP: &str = "10.0.255.254";
+pub use xtask::testbed_l3::LS1_GATEWAY as ROUTER_IP;
 
 /// ch1 hosts vm1 (floating IP .51) and vm3 (none), ch2 hosts vm2 (.52), all on ls1
 /// (10.0.0.0/16) behind router r1, whose gateway port is on the provider switch `ext`
@@ -28,18 +28,7 @@ pub fn fip_bed_vlan(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
     let out = tb.add_provider_network()?;
     tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
     tb.nbctl(&["subnet-add", "ls1", "sn1", "10.0.0.0/16"])?;
-    tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
-    tb.nbctl(&[
-        "lrp-add",
-        "r1",
-        "r1-ls1",
-        "0a:00:00:00:ff:01",
-        &format!("{ROUTER_IP}/16"),
-        "--key",
-        "100",
-        "--switch",
-        "ls1",
-    ])?;
+    tb.add_ls1_router("r1", 5000)?;
     tb.add_provider_gateway("r1", "0a:00:00:00:ff:02", vlan)?;
     for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch2", 2), ("vm3", "ch1", 3)] {
         tb.add_vm(vm, ch, "ls1", key)?;
@@ -165,4 +154,17 @@ pub fn iperf3(
         bytes: report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0),
         report: report.to_string(),
     })
+}
+
+/// Fails unless no frame of `cap` that matches `filter` (a tshark display filter naming bad
+/// checksums) is there.
+pub fn assert_no_bad_checksums(cap: &Path, filter: &str) -> Result<()> {
+    let bad = fields(cap, filter, &["frame.number"])?;
+    assert!(
+        bad.is_empty(),
+        "{} frames with bad checksums, first {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    Ok(())
 }

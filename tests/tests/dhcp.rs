@@ -230,21 +230,25 @@ fn dhclient_gets_its_routes_and_a_nak_for_a_stale_address() -> Result<()> {
          rebind 4 2037/01/01 00:00:00;\n  expire 4 2037/01/01 00:00:00;\n}\n",
     )?;
     let pid = tb.dir.join("vm3.pid");
-    let (cap_child, cap) = capture(&tb, "vm3", "vm3")?;
-    let (mut cmd, etc) = in_vm_with_own_etc(
-        &tb,
-        "vm3",
-        &[
-            "dhclient",
-            "-1",
-            "-v",
+    // dhclient with its lease and pid files in the test's directory, and `mode`'s flags.
+    let dhclient = |mode: &[&str]| {
+        let files = [
             "-lf",
-            leases.to_str().unwrap(),
+            leases.to_str().unwrap_or(""),
             "-pf",
-            pid.to_str().unwrap(),
+            pid.to_str().unwrap_or(""),
             "eth0",
-        ],
-    )?;
+        ];
+        let args: Vec<&str> = ["dhclient"]
+            .iter()
+            .chain(mode)
+            .chain(&files)
+            .copied()
+            .collect();
+        in_vm_with_own_etc(&tb, "vm3", &args)
+    };
+    let (cap_child, cap) = capture(&tb, "vm3", "vm3")?;
+    let (mut cmd, etc) = dhclient(&["-1", "-v"])?;
     let out = cmd.output()?;
     let result = (|| -> Result<()> {
         if !out.status.success() {
@@ -266,19 +270,7 @@ fn dhclient_gets_its_routes_and_a_nak_for_a_stale_address() -> Result<()> {
     })();
     // Release: sent to the server, taken without an answer.
     let replies = tb.counter("ch1", "vp-vm3", "dhcp_reply")?;
-    let (mut rel, _) = in_vm_with_own_etc(
-        &tb,
-        "vm3",
-        &[
-            "dhclient",
-            "-r",
-            "-lf",
-            leases.to_str().unwrap(),
-            "-pf",
-            pid.to_str().unwrap(),
-            "eth0",
-        ],
-    )?;
+    let (mut rel, _) = dhclient(&["-r"])?;
     let _ = rel.output();
     std::thread::sleep(Duration::from_millis(500));
     stop(cap_child);

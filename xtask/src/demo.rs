@@ -76,18 +76,7 @@ pub(crate) fn demo() -> Result<()> {
     step("routing: router r1 joins ls1 (gateway 10.0.255.254/16) and ls2 (10.1.0.0/24, VNI 1001); vm5 on ls2 behind ch2");
     {
         tb.nbctl(&["ls-add", "ls2", "--key", "1001"])?;
-        tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
-        tb.nbctl(&[
-            "lrp-add",
-            "r1",
-            "r1-ls1",
-            "0a:00:00:00:ff:01",
-            "10.0.255.254/16",
-            "--key",
-            "100",
-            "--switch",
-            "ls1",
-        ])?;
+        tb.add_ls1_router("r1", 5000)?;
         tb.nbctl(&[
             "lrp-add",
             "r1",

@@ -302,18 +302,7 @@ fn bench_nb(quick: bool) -> Result<()> {
         tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
         tb.add_vm("vm1", "ch1", "ls1", 1)?;
         // A router on ls1, so that route changes concern this chassis.
-        tb.nbctl(&["lr-add", "r1", "--key", "1010"])?;
-        tb.nbctl(&[
-            "lrp-add",
-            "r1",
-            "r1-ls1",
-            "0a:00:00:00:ff:01",
-            "10.0.255.254/16",
-            "--key",
-            "100",
-            "--switch",
-            "ls1",
-        ])?;
+        tb.add_ls1_router("r1", 1010)?;
         tb.start_agents()?;
         let ctl = tb.chassis[0].socket.display().to_string();
         let samples = if quick { "10" } else { "60" };

@@ -19,18 +19,7 @@ pub(super) fn floating_ip(ctx: &Ctx) -> Result<Scenario> {
     tb.add_chassis("ch1")?;
     let _outside = tb.add_provider_network()?;
     tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
-    tb.nbctl(&["lr-add", "r1", "--key", "5000"])?;
-    tb.nbctl(&[
-        "lrp-add",
-        "r1",
-        "r1-ls1",
-        "0a:00:00:00:ff:01",
-        "10.0.255.254/16",
-        "--key",
-        "100",
-        "--switch",
-        "ls1",
-    ])?;
+    tb.add_ls1_router("r1", 5000)?;
     tb.add_provider_gateway("r1", "0a:00:00:00:ff:02", None)?;
     tb.add_vm("vm1", "ch1", "ls1", 1)?;
     tb.nbctl(&["fip-add", "fip1", FIP, "vm1", "r1"])?;
