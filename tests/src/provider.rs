@@ -116,7 +116,7 @@ pub fn fields(cap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<String>> 
         .collect())
 }
 
-/// What one iperf3 run said: whether the client succeeded, the bytes the server received,
+/// What one iperf3 run said: whether the client connected and finished, the bytes the server received,
 /// and the client's JSON report.
 pub struct Iperf {
     pub ok: bool,
@@ -149,8 +149,13 @@ pub fn iperf3(
     let _ = server.kill();
     let _ = server.wait();
     let report: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap_or_default();
+    // iperf3 -J exits 0 when it cannot connect (3.12 does): the report's "error" and its
+    // list of connections say whether it did.
+    let connected = report["start"]["connected"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty());
     Ok(Iperf {
-        ok: client.status.success(),
+        ok: client.status.success() && connected && report["error"].is_null(),
         bytes: report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0),
         report: report.to_string(),
     })
