@@ -13,6 +13,13 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 pub const BATCH: usize = 64;
 const FRAMES: u32 = 4096;
 const RING: u32 = 2048;
+/// The largest frame the slow path takes or sends: a 9216-byte jumbo frame with room to
+/// spare. A frame longer than one UMEM frame (4096 bytes) spans several descriptors
+/// (AF_XDP multi-buffer, `XDP_USE_SG`): received ones are gathered into one buffer, sent
+/// ones split.
+pub const MAX_FRAME: usize = 16384;
+/// `XDP_PKT_CONTD` (linux/if_xdp.h): more descriptors of this packet follow.
+const PKT_CONTD: u32 = 1;
 
 #[derive(Debug, Error)]
 pub enum XskError {
@@ -30,6 +37,17 @@ pub struct Xsk {
     comp_descs: Vec<FrameDesc>,
     free_tx: Vec<FrameDesc>,
     tx_pending: bool,
+    /// Bound with `XDP_USE_SG`: frames may span descriptors.
+    sg: bool,
+    /// A multi-descriptor frame being gathered (capacity `MAX_FRAME`, never grown).
+    gather: Vec<u8>,
+    /// The frame being gathered is longer than `MAX_FRAME`: dropped when it ends.
+    overflow: bool,
+    /// Frames dropped for that, since the socket was bound.
+    oversized: u64,
+    tx_descs: Vec<FrameDesc>,
+    /// Bytes one UMEM frame holds (its size less the kernel's XDP headroom).
+    chunk: usize,
 }
 
 /// Zero-copy needs driver support (i40e, ice, mlx5); veth only does copy mode.
@@ -51,26 +69,41 @@ impl Xsk {
             .comp_queue_size(q(RING)?)
             .build()
             .map_err(|e| err(format!("{e}")))?;
+        let chunk = umem_cfg.mtu() as usize;
         let (umem, frames) = Umem::new(umem_cfg, NonZeroU32::new(FRAMES).expect("non-zero"), false)
             .map_err(|e| err(format!("{e}")))?;
         let bind = match mode {
             BindMode::Copy => BindFlags::XDP_COPY,
             BindMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
         } | BindFlags::XDP_USE_NEED_WAKEUP;
-        let cfg = SocketConfig::builder()
-            .rx_queue_size(q(RING)?)
-            .tx_queue_size(q(RING)?)
-            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(bind)
-            .build();
+        let cfg = |flags: BindFlags| -> Result<SocketConfig, XskError> {
+            Ok(SocketConfig::builder()
+                .rx_queue_size(q(RING)?)
+                .tx_queue_size(q(RING)?)
+                .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+                .bind_flags(flags)
+                .build())
+        };
         let name: Interface = iface.parse().map_err(|e| err(format!("{e:?}")))?;
-        // Rebinding right after a previous owner exits can give EBUSY for a moment.
+        // Rebinding right after a previous owner exits can give EBUSY for a moment. A kernel
+        // or driver without AF_XDP multi-buffer (before 6.6, or a zero-copy driver without
+        // it) refuses XDP_USE_SG: bind without it, frames then end at one UMEM frame.
         let mut delay = Duration::from_millis(10);
+        let mut sg = true;
         let (tx, rx, fqcq) = loop {
+            let flags = if sg {
+                bind | BindFlags::XDP_USE_SG
+            } else {
+                bind
+            };
             // SAFETY: the UMEM is not shared with another socket, so no libxdp program-load
             // interaction applies; the rings returned are owned by this Xsk.
-            match unsafe { Socket::new(cfg, &umem, &name, 0) } {
+            match unsafe { Socket::new(cfg(flags)?, &umem, &name, 0) } {
                 Ok(s) => break s,
+                Err(e) if sg && os_error(&e) == Some(libc::EOPNOTSUPP) => {
+                    tracing::warn!(iface, "AF_XDP multi-buffer not supported here ({e}): the slow path takes frames of at most one UMEM frame");
+                    sg = false;
+                }
                 Err(e) if delay < Duration::from_secs(2) => {
                     tracing::debug!(iface, "AF_XDP bind failed ({e}), retrying");
                     std::thread::sleep(delay);
@@ -97,6 +130,12 @@ impl Xsk {
             comp_descs: vec![proto; BATCH],
             free_tx: free_tx.to_vec(),
             tx_pending: false,
+            sg,
+            gather: Vec::with_capacity(MAX_FRAME),
+            overflow: false,
+            oversized: 0,
+            tx_descs: Vec::with_capacity(MAX_FRAME / 2048 + 1),
+            chunk,
         })
     }
 
@@ -108,8 +147,8 @@ impl Xsk {
     /// other rx drops). One getsockopt; called once per second, not per packet.
     pub fn rx_drops(&self) -> (u64, u64) {
         match self.rx.fd().xdp_statistics() {
-            Ok(s) => (s.rx_ring_full(), s.rx_dropped()),
-            Err(_) => (0, 0),
+            Ok(s) => (s.rx_ring_full(), s.rx_dropped() + self.oversized),
+            Err(_) => (0, self.oversized),
         }
     }
 
@@ -120,8 +159,9 @@ impl Xsk {
         self.free_tx.extend_from_slice(&self.comp_descs[..n]);
     }
 
-    /// Receives up to BATCH frames and calls `f` on each; frames go back to the fill ring
-    /// afterwards. Returns how many were received.
+    /// Receives up to BATCH descriptors and calls `f` on each whole frame (a frame spanning
+    /// several descriptors is gathered first, and may complete in a later call); descriptors
+    /// go back to the fill ring afterwards. Returns how many descriptors were received.
     pub fn recv(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         // SAFETY: rx descriptors come from this UMEM; they are read and then returned to the
         // fill ring below, never used after that.
@@ -129,7 +169,26 @@ impl Xsk {
         for d in &self.rx_descs[..n] {
             // SAFETY: `d` was just received on this socket's UMEM and is not in any ring.
             let data = unsafe { self.umem.data(d) };
-            f(data.contents());
+            let bytes = data.contents();
+            let more = d.options() & PKT_CONTD != 0;
+            if !more && self.gather.is_empty() && !self.overflow {
+                f(bytes);
+                continue;
+            }
+            if self.gather.len() + bytes.len() > MAX_FRAME {
+                self.overflow = true;
+            } else if !self.overflow {
+                self.gather.extend_from_slice(bytes);
+            }
+            if !more {
+                if self.overflow {
+                    self.oversized += 1;
+                } else {
+                    f(&self.gather);
+                }
+                self.gather.clear();
+                self.overflow = false;
+            }
         }
         if n > 0 {
             // SAFETY: returning the frames we just consumed.
@@ -149,6 +208,9 @@ impl Xsk {
 
     /// Queues one frame for transmit; `false` if no frame or ring slot was free.
     pub fn send(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() > self.chunk {
+            return self.send_multi(bytes);
+        }
         let Some(mut d) = self.free_tx.pop() else {
             self.reap();
             return false;
@@ -160,11 +222,56 @@ impl Xsk {
             c.set_pos(0);
             c.write_all(bytes).is_ok()
         };
+        d.set_options(0);
         // SAFETY: `d` belongs to this UMEM and is in no ring.
         if !ok || unsafe { self.tx.produce_one(&d) } == 0 {
             self.free_tx.push(d);
             return false;
         }
+        self.tx_pending = true;
+        true
+    }
+
+    /// A frame longer than one UMEM frame, in several descriptors (all but the last marked
+    /// `XDP_PKT_CONTD`), produced together or not at all.
+    fn send_multi(&mut self, bytes: &[u8]) -> bool {
+        let parts = bytes.len().div_ceil(self.chunk);
+        if !self.sg || bytes.len() > MAX_FRAME {
+            return false;
+        }
+        if self.free_tx.len() < parts {
+            self.reap();
+            if self.free_tx.len() < parts {
+                return false;
+            }
+        }
+        self.tx_descs.clear();
+        for (i, chunk) in bytes.chunks(self.chunk).enumerate() {
+            let mut d = self.free_tx.pop().expect("counted above");
+            // SAFETY: `d` is a free frame of this UMEM, owned by us until produced.
+            let ok = unsafe {
+                let mut data = self.umem.data_mut(&mut d);
+                let mut c = data.cursor();
+                c.set_pos(0);
+                c.write_all(chunk).is_ok()
+            };
+            d.set_options(if i + 1 < parts { PKT_CONTD } else { 0 });
+            self.tx_descs.push(d);
+            if !ok {
+                self.free_tx.append(&mut self.tx_descs);
+                return false;
+            }
+        }
+        // SAFETY: every descriptor belongs to this UMEM and is in no ring; the ring takes all
+        // of them or none (libxdp reserves all-or-nothing).
+        if unsafe { self.tx.produce(&self.tx_descs) } != parts {
+            for d in &mut self.tx_descs {
+                d.set_options(0);
+            }
+            self.free_tx.append(&mut self.tx_descs);
+            return false;
+        }
+        self.tx_descs.clear();
         self.tx_pending = true;
         true
     }
@@ -178,4 +285,9 @@ impl Xsk {
             }
         }
     }
+}
+
+/// The errno under an xsk-rs socket error, if it carries one.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    e.source()?.downcast_ref::<std::io::Error>()?.raw_os_error()
 }

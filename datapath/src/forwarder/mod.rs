@@ -28,7 +28,9 @@ mod forward;
 mod napt;
 mod pending;
 
-const STRIDE: usize = 4096;
+/// Bytes per frame in the receive batch and the frame buffers: the largest frame the slow path
+/// takes (a jumbo frame, see `xsk::MAX_FRAME`).
+const STRIDE: usize = crate::xsk::MAX_FRAME;
 const UPLINK_SLOT: u32 = 0;
 
 #[derive(Debug, Error)]

@@ -11,6 +11,7 @@ mod prog {
         bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
         helpers::generated::{
             bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
+            bpf_xdp_get_buff_len,
         },
         macros::{map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
@@ -94,7 +95,8 @@ mod prog {
     const FIB_SUCCESS: i64 = 0;
     /// Geneve options the fast path walks before leaving the frame to the slow path.
     const MAX_OPTS: usize = 8;
-    /// 4-byte words summed for the outer UDP checksum: a full 1500-byte inner frame.
+    /// 4-byte words the outer UDP checksum sums over the inner frame when it cannot be
+    /// derived from the inner checksums (see `encap::inner_sum`): a full 1500-byte frame.
     const CSUM_WORDS: usize = 384;
 
     /// The counters of one interface on this CPU, looked up once per packet.
@@ -128,6 +130,15 @@ mod prog {
                 *c += n;
             }
         }
+    }
+
+    /// The whole frame's length. The program is frags-aware (XDP multi-buffer, so it can
+    /// attach to interfaces with a jumbo MTU): `data..data_end` is only the first buffer,
+    /// which holds every header the program reads or writes; the rest may be in fragments.
+    #[inline(always)]
+    fn frame_len(ctx: &XdpContext) -> usize {
+        // SAFETY: helper call on the live context.
+        unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
     }
 
     #[inline(always)]
@@ -187,7 +198,7 @@ mod prog {
         ptr_at::<u32>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
     }
 
-    #[xdp]
+    #[xdp(frags)]
     pub fn geneflow(ctx: XdpContext) -> u32 {
         let ifindex = ctx.ingress_ifindex() as u32;
         // SAFETY: PORTS is only updated by userspace with whole-value writes.
@@ -197,7 +208,7 @@ mod prog {
         };
         let slot = Ctr::new(port.slot);
         count(slot, ctr::RX_PACKETS, 1);
-        count(slot, ctr::RX_BYTES, (ctx.data_end() - ctx.data()) as u64);
+        count(slot, ctr::RX_BYTES, frame_len(&ctx) as u64);
         let mut key = FlowKey::zeroed();
         key.in_ifindex = ifindex;
         let inner = if port.kind == port_kind::UPLINK {
@@ -447,7 +458,7 @@ mod prog {
         } else {
             let out = Ctr::new(out_slot);
             count(out, ctr::TX_PACKETS, 1);
-            count(out, ctr::TX_BYTES, (ctx.data_end() - ctx.data()) as u64);
+            count(out, ctr::TX_BYTES, frame_len(ctx) as u64);
         }
         r
     }
