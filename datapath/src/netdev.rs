@@ -17,6 +17,19 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (ix != 0).then_some(ix)
 }
 
+/// The MTU of the interface with index `ifindex`.
+pub fn mtu_of_index(ifindex: u32) -> Option<u32> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: FFI call with a buffer of IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    mtu(name.to_str().ok()?)
+}
+
 fn sysfs(name: &str, attr: &str) -> Option<String> {
     std::fs::read_to_string(format!("/sys/class/net/{name}/{attr}"))
         .ok()

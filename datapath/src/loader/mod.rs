@@ -30,6 +30,13 @@ mod megaflows;
 mod nat_table;
 
 const PROG: &str = "geneflow";
+/// The same program, frags-aware (XDP multi-buffer), for interfaces whose MTU is larger than
+/// `PLAIN_MTU`: a frame there may span several buffers.
+const PROG_MB: &str = "geneflow_mb";
+/// The largest MTU the plain program serves. Drivers refuse a plain program where a frame
+/// may not fit one page (veth at about 3500 bytes, some NIC drivers lower); above a standard
+/// Ethernet MTU the multi-buffer one is used, whatever the driver's own limit.
+const PLAIN_MTU: u32 = 1500;
 
 #[derive(Debug, Error)]
 pub enum LoaderError {
@@ -271,18 +278,23 @@ impl Bpf {
             loader.map_pin_path(name, pins.map_path(name));
         }
         let mut ebpf = loader.load(object)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG)
-            .ok_or(LoaderError::MissingMap("program geneflow"))?
-            .try_into()?;
-        prog.load()?;
-        // The pinned program is for operators (bpftool); links keep the running one alive.
-        let prog_path = pins.prog_path();
-        let _ = std::fs::remove_file(&prog_path);
-        prog.pin(&prog_path).map_err(|source| LoaderError::Pin {
-            path: prog_path.clone(),
-            source,
-        })?;
+        for (name, suffix) in [(PROG, ""), (PROG_MB, "_mb")] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::MissingMap(name))?
+                .try_into()?;
+            prog.load()?;
+            // The pinned programs are for operators (bpftool); links keep the running one
+            // alive.
+            let mut prog_path = pins.prog_path().into_os_string();
+            prog_path.push(suffix);
+            let prog_path = PathBuf::from(prog_path);
+            let _ = std::fs::remove_file(&prog_path);
+            prog.pin(&prog_path).map_err(|source| LoaderError::Pin {
+                path: prog_path.clone(),
+                source,
+            })?;
+        }
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(LoaderError::MissingMap(name));
         let flows = HashMap::try_from(take("FLOWS")?).map_err(map_err("FLOWS"))?;
@@ -420,11 +432,16 @@ impl Bpf {
         self.counters.take()
     }
 
-    fn prog(&mut self) -> Result<&mut Xdp, LoaderError> {
+    /// The program for interface `ifindex`: the multi-buffer one above `PLAIN_MTU`.
+    fn prog(&mut self, ifindex: u32) -> Result<&mut Xdp, LoaderError> {
+        let name = match crate::netdev::mtu_of_index(ifindex) {
+            Some(m) if m > PLAIN_MTU => PROG_MB,
+            _ => PROG,
+        };
         Ok(self
             .ebpf
-            .program_mut(PROG)
-            .ok_or(LoaderError::MissingMap("program geneflow"))?
+            .program_mut(name)
+            .ok_or(LoaderError::MissingMap(name))?
             .try_into()?)
     }
 
@@ -475,7 +492,7 @@ impl Bpf {
 
     fn attach_new(&mut self, ifindex: u32, path: PathBuf) -> Result<PortLink, LoaderError> {
         let mode = self.mode;
-        let prog = self.prog()?;
+        let prog = self.prog(ifindex)?;
         let id = prog
             .attach_to_if_index(ifindex, mode)
             .map_err(|source| LoaderError::Attach { ifindex, source })?;
@@ -503,7 +520,7 @@ impl Bpf {
         let swapped = XdpLink::try_from(link)
             .map_err(|_| LoaderError::NotALink(ifindex))
             .and_then(|xdp| {
-                let prog = self.prog()?;
+                let prog = self.prog(ifindex)?;
                 let id = prog
                     .attach_to_link(xdp)
                     .map_err(|source| LoaderError::Attach { ifindex, source })?;

@@ -18,7 +18,7 @@ use super::*;
 
 #[inline(always)]
 pub(super) fn encap(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) -> u32 {
-    let inner_len = frame_len(ctx) as u32;
+    let inner_len = frame_len(ctx, slot) as u32;
     if inner_len > a.max_inner_len {
         count(slot, ctr::DROP_TOO_BIG, 1);
         return xdp_action::XDP_DROP;

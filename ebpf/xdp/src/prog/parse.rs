@@ -8,6 +8,7 @@ use super::*;
 #[inline(always)]
 pub(super) fn parse_tunnel(
     ctx: &XdpContext,
+    slot: Ctr,
     port: &PortConf,
     key: &mut FlowKey,
 ) -> Result<usize, Verdict> {
@@ -42,7 +43,7 @@ pub(super) fn parse_tunnel(
     }
     // The outer lengths must describe this frame exactly.
     let tot = u16::from_be(rd_u16(ctx, ETH_LEN + 2).ok_or(Verdict::Pass)?) as usize;
-    if tot + ETH_LEN != frame_len(ctx) || u16::from_be(ulen) as usize + ihl != tot {
+    if tot + ETH_LEN != slot.len as usize || u16::from_be(ulen) as usize + ihl != tot {
         return Err(Verdict::Drop(ctr::DROP_BAD_LENGTH));
     }
     // Only chassis of the NB may inject into the overlay.

@@ -46,7 +46,7 @@ pub(super) fn route(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) 
         // ICMP time exceeded comes from the slow path.
         return Err(to_slow_path(ctx, slot, key.ct_state, key.tun_out_port));
     }
-    if a.kind == act::ENCAP && frame_len(ctx) as u32 > a.max_inner_len {
+    if a.kind == act::ENCAP && frame_len(ctx, slot) as u32 > a.max_inner_len {
         if u16::from_be(frag) & 0x4000 != 0 {
             // DF: the slow path answers with ICMP fragmentation needed (PMTUD).
             return Err(to_slow_path(ctx, slot, key.ct_state, key.tun_out_port));
