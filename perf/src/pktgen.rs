@@ -301,6 +301,23 @@ impl Generator {
         })
     }
 
+    /// The minimal live-frames generator: `gf_pktgen_min` transmits the template as it is.
+    pub fn minimal(t: &Template, iface: &str) -> Result<Generator> {
+        let mut ebpf = load()?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("gf_pktgen_min")
+            .context("gf_pktgen_min")?
+            .try_into()?;
+        prog.load()?;
+        let prog_fd = prog.fd()?.as_fd().as_raw_fd();
+        Ok(Generator {
+            _ebpf: ebpf,
+            prog_fd,
+            frame: t.frame.clone(),
+            ifindex: ifindex(iface)?,
+        })
+    }
+
     /// Sends `n` frames (one BPF_PROG_RUN).
     pub fn burst(&self, n: u32) -> Result<()> {
         let md = XdpMd {

@@ -145,6 +145,10 @@ mod prog {
     #[inline(always)]
     fn frame_len(ctx: &XdpContext, slot: Ctr) -> usize {
         let lin = ctx.data_end() - ctx.data();
+        if slot.frags == 0 {
+            // Always so in the plain program (a constant there).
+            return lin;
+        }
         // A volatile read of the difference, so that LLVM cannot reassociate the sum into
         // (data_end + frags) - data, which the verifier refuses (arithmetic on a packet
         // pointer with a scalar).

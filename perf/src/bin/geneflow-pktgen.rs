@@ -111,6 +111,11 @@ enum Cmd {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
+        /// The minimal live-frames generator instead: the template as it is, every frame
+        /// (one flow; no per-frame rewrite). It shows what the live-frames path itself allows
+        /// on this machine, the reference for the generator's own ceiling.
+        #[arg(long)]
+        minimal: bool,
     },
     /// Count (and drop) what arrives on an interface; print packets/s over a window.
     Sink {
@@ -175,6 +180,7 @@ fn run(cli: Cli) -> Result<()> {
             outer_src_ip,
             outer_dst_ip,
             quiet,
+            minimal,
         } => {
             let spec = UdpSpec {
                 src_mac: src_mac.0,
@@ -211,7 +217,11 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 t = pktgen::geneve_template(&t, &p)?;
             }
-            let g = Generator::new(&t, flows, &iface)?;
+            let g = if minimal {
+                Generator::minimal(&t, &iface)?
+            } else {
+                Generator::new(&t, flows, &iface)?
+            };
             let start = Instant::now();
             let sent = g.run(count, Duration::from_secs_f64(duration), rate, |n, el| {
                 if !quiet {

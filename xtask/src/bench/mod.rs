@@ -15,6 +15,9 @@ pub use report::{check_complete, results_dir, REQUIRED};
 
 /// The scenario that measures the generator alone.
 pub(crate) const GENERATOR: &str = "generator ceiling";
+/// The minimal live-frames generator (no per-frame work) into the same sink: what the
+/// live-frames path itself allows here, the reference of the generator's ceiling.
+pub(crate) const MINIMAL: &str = "minimal live-frames generator";
 /// A packet rate at or above this share of the generator's ceiling says more about the
 /// generator than about what it measures: such figures are marked generator-bound.
 pub(crate) const GENERATOR_BOUND: f64 = 0.8;

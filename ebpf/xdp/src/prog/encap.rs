@@ -11,7 +11,8 @@
 //! outer one is wrong by the same amount, and the receiver drops a frame that its VM would
 //! have dropped anyway. Frames this cannot cover (not IPv4 TCP/UDP/ICMP, UDP without a
 //! checksum, IP fragments, Ethernet padding) are summed word by word when they sit in one
-//! buffer and are at most `CSUM_WORDS` words long; otherwise the outer checksum is 0, which
+//! buffer and are at most `CSUM_WORDS` words long, and so are small frames (`SMALL_WORDS`),
+//! for which that is cheaper; otherwise the outer checksum is 0, which
 //! for IPv4 means "none" (RFC 768, RFC 8926 section 3.3), never a wrong one.
 
 use super::*;
@@ -118,10 +119,17 @@ pub(super) fn encap(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) 
         let o = a.ovn_opt.to_be();
         s += (o & 0xffff) as u64 + (o >> 16) as u64;
         let inner = start + ENCAP_OVERHEAD as usize;
-        let sum = match derived_sum(inner, end, inner_len as usize) {
-            Some(v) => Some(v),
-            None if inner_len as usize == end - inner => summed(inner, end),
-            None => None,
+        // (Not `inner_len == end - inner`: LLVM then turns the loop's bounds checks against
+        // `end` into ones against `inner_len`, which the verifier cannot follow.)
+        let linear = slot.frags == 0;
+        let sum = if linear && inner_len as usize <= SMALL_WORDS * 4 {
+            summed::<SMALL_WORDS>(inner, end)
+        } else {
+            match derived_sum(inner, end, inner_len as usize) {
+                Some(v) => Some(v),
+                None if linear => summed::<CSUM_WORDS>(inner, end),
+                None => None,
+            }
         };
         let c = match sum {
             Some(v) => {
@@ -207,13 +215,17 @@ fn derived_sum(inner: usize, end: usize, len: usize) -> Option<u64> {
     Some(s)
 }
 
-/// The inner frame summed word by word, when it lies in the first buffer and is at most
-/// `CSUM_WORDS` words long.
+/// Inner frames of at most this many words are summed word by word: cheaper than deriving
+/// the sum (encap of 64-byte frames: 243-244 ns/packet summed, 253-258 derived).
+const SMALL_WORDS: usize = 32;
+
+/// The inner frame summed word by word, when it lies in the first buffer and is at most `N`
+/// words long.
 #[inline(always)]
-fn summed(inner: usize, end: usize) -> Option<u64> {
+fn summed<const N: usize>(inner: usize, end: usize) -> Option<u64> {
     let mut s: u64 = 0;
     let mut p = inner;
-    for _ in 0..CSUM_WORDS {
+    for _ in 0..N {
         if p + 4 > end {
             break;
         }
