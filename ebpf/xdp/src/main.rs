@@ -8,7 +8,7 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
+        bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
         helpers::generated::{
             bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
             bpf_xdp_get_buff_len,
@@ -37,7 +37,8 @@ mod prog {
     use rewrite::*;
 
     #[map]
-    static FLOWS: HashMap<FlowKey, FlowAction> = HashMap::with_max_entries(MAX_FLOWS, 0);
+    static FLOWS: HashMap<FlowKey, FlowAction> =
+        HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC as u32);
     #[map]
     static MASKS: Array<FlowKey> = Array::with_max_entries(MAX_MASKS * MASK_LISTS, 0);
     #[map]
