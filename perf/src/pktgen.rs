@@ -361,6 +361,7 @@ impl Generator {
         rate: u64,
         mut progress: impl FnMut(u64, Duration),
     ) -> Result<u64> {
+        pin_to_current_cpu();
         let start = Instant::now();
         let mut sent = 0u64;
         let mut last = Instant::now();
@@ -403,6 +404,23 @@ impl Generator {
             }
         }
         Ok(sent)
+    }
+}
+
+/// Keeps the calling thread on the CPU it runs on. The program's position among the flows is
+/// per CPU (no atomic per frame): a generator that moved between CPUs would send the first
+/// values of its range from each and never the last ones (10 generators of 10,000 flows each
+/// covered 5,600 on this 2-core machine).
+fn pin_to_current_cpu() {
+    // SAFETY: plain libc calls on a cpu_set_t we own.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        if cpu < 0 {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

@@ -335,6 +335,8 @@ fn bench_nb(quick: bool) -> Result<()> {
             latency.push(serde_json::from_str::<serde_json::Value>(out.trim())?);
         }
     }
+    step("memory: agent RSS and BPF maps, empty, 10k ports, 100k megaflows");
+    let memory = xtask::bench::memory::memory()?;
     println!("\n| measurement | value |\n|---|---|");
     println!(
         "| validate 10k ports / 100 switches, p50 | {:.2} ms |",
@@ -362,12 +364,26 @@ fn bench_nb(quick: bool) -> Result<()> {
             l["to_fastpath_ms_p99"].as_f64().unwrap_or(0.0)
         );
     }
+    println!("\n| chassis state | megaflows | agent RSS | of which AF_XDP UMEMs | BPF maps | of which megaflows |\n|---|---|---|---|---|---|");
+    for p in memory.as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} MB |",
+            p["what"].as_str().unwrap_or("?"),
+            p["megaflows"],
+            p["agent_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            p["umem_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            p["bpf_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            p["flows_bytes"].as_f64().unwrap_or(0.0) / 1e6
+        );
+    }
     let dir = root().join("results");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("nb-bench.json");
     std::fs::write(
         &path,
-        serde_json::to_vec_pretty(&serde_json::json!({ "compile": compile, "latency": latency }))?,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({ "compile": compile, "latency": latency, "memory": memory }),
+        )?,
     )?;
     step(&format!("raw results in {}", path.display()));
     Ok(())

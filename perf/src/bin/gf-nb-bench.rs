@@ -56,6 +56,18 @@ enum Cmd {
         #[arg(long, default_value = "10.0.0.50")]
         nexthop: std::net::Ipv4Addr,
     },
+    /// Adds `--ports` ports to `--switch` in one NB write, bound to `--remote`: port i has
+    /// MAC 0a:ee:00:00 followed by i in 16 bits and key 100 + i (the memory benchmark's).
+    Populate {
+        #[arg(long)]
+        nb: String,
+        #[arg(long)]
+        switch: String,
+        #[arg(long)]
+        remote: String,
+        #[arg(long, default_value_t = 10_000)]
+        ports: u16,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -93,6 +105,40 @@ fn run(cli: Cli) -> Result<()> {
                 Change::Route => NbWrite::Route { router, nexthop },
             };
             latency(&nb, &ctl, &change, samples)
+        }
+        Cmd::Populate {
+            nb: url,
+            switch,
+            remote,
+            ports,
+        } => {
+            if ports > 30_000 {
+                bail!("--ports {ports}: at most 30,000 (port keys are 15 bits)");
+            }
+            let mut b = nb::open(&url)?;
+            nb::update(&mut *b, |d| {
+                for i in 0..ports {
+                    let name = format!("m{i}");
+                    d.ports.insert(
+                        name.clone(),
+                        LogicalPort {
+                            name,
+                            switch: switch.clone(),
+                            mac: Mac([0x0a, 0xee, 0, 0, (i >> 8) as u8, i as u8]),
+                            ips: vec![],
+                            port_key: 100 + i,
+                            chassis: Some(remote.clone()),
+                            iface: None,
+                            security_groups: vec![],
+                            port_security: true,
+                            allowed_address_pairs: vec![],
+                            version: 0,
+                        },
+                    );
+                }
+                Ok(())
+            })?;
+            Ok(())
         }
     }
 }

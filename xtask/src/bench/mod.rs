@@ -5,6 +5,7 @@
 
 mod dhcp;
 mod fip;
+pub mod memory;
 mod ovs;
 mod report;
 mod routed;
