@@ -209,6 +209,8 @@ pub struct Bpf {
     last_mask_hits: [u64; (MAX_MASKS * MASK_LISTS) as usize],
     /// Generation of the PEERS contents (`Config::peers_gen`).
     peers_gen: u32,
+    /// Generation of the PORTS contents (`Config::ports_gen`).
+    ports_gen: u32,
     /// Validity epoch of the XDP connection cache (`Config::ct_epoch`).
     ct_epoch: u32,
     /// Conntrack of uplink frames (`Config::ct_uplink`).
@@ -324,6 +326,7 @@ impl Bpf {
             order: Default::default(),
             last_mask_hits: [0; (MAX_MASKS * MASK_LISTS) as usize],
             peers_gen: 0,
+            ports_gen: 0,
             ct_epoch: 0,
             ct_uplink: false,
             ct,
@@ -347,6 +350,7 @@ impl Bpf {
     fn restore(&mut self) -> Adopted {
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         self.peers_gen = cfg.peers_gen.wrapping_add(1);
+        self.ports_gen = cfg.ports_gen.wrapping_add(1);
         // Continue the adopted epoch: slots cached by the previous process stay invalid.
         self.ct_epoch = cfg.ct_epoch;
         self.next_ct_epoch();
@@ -458,6 +462,7 @@ impl Bpf {
         self.ports
             .insert(ifindex, conf, 0)
             .map_err(map_err("PORTS"))?;
+        self.ports_changed()?;
         let path = self.pins.link_path(ifindex);
         if path.exists() {
             match PinnedLink::from_pin(&path) {
@@ -540,7 +545,14 @@ impl Bpf {
     pub fn update_port(&mut self, ifindex: u32, conf: PortConf) -> Result<(), LoaderError> {
         self.ports
             .insert(ifindex, conf, 0)
-            .map_err(map_err("PORTS"))
+            .map_err(map_err("PORTS"))?;
+        self.ports_changed()
+    }
+
+    /// After any change of PORTS: no CPU may keep serving from its cached configuration.
+    fn ports_changed(&mut self) -> Result<(), LoaderError> {
+        self.ports_gen = self.ports_gen.wrapping_add(1);
+        self.write_config()
     }
 
     /// Detaches the program from the interface (removing its pin) and forgets the port.
@@ -548,6 +560,9 @@ impl Bpf {
         let _ = std::fs::remove_file(&link.path);
         drop(link.link);
         let _ = self.ports.remove(&ifindex);
+        if let Err(e) = self.ports_changed() {
+            warn!(ifindex, "detached port may stay cached on a CPU: {e}");
+        }
         let _ = self.xsks.unset(slot);
     }
 
@@ -571,6 +586,11 @@ impl Bpf {
             let _ = self.ports.remove(&ix);
             if !gone.contains(&ix) {
                 gone.push(ix);
+            }
+        }
+        if !gone.is_empty() {
+            if let Err(e) = self.ports_changed() {
+                warn!("forgotten ports may stay cached on a CPU: {e}");
             }
         }
         gone
@@ -602,6 +622,7 @@ impl Bpf {
                     peers_gen: self.peers_gen,
                     ct_uplink: self.ct_uplink as u32,
                     ct_epoch: self.ct_epoch,
+                    ports_gen: self.ports_gen,
                 },
                 0,
             )

@@ -520,6 +520,9 @@ pub struct Config {
     /// was written in this epoch. Userspace bumps it about once a second and after deleting
     /// any conntrack entry; never 0 (an unwritten slot).
     pub ct_epoch: u32,
+    /// Bumped whenever `PORTS` changes: invalidates the per-CPU cache of the last
+    /// interface's configuration.
+    pub ports_gen: u32,
 }
 
 /// The live generation of one logical datapath, and a fingerprint of everything its megaflows

@@ -48,6 +48,11 @@ mod prog {
     static MASK_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_MASKS * MASK_LISTS, 0);
     #[map]
     static PORTS: HashMap<u32, PortConf> = HashMap::with_max_entries(MAX_PORTS, 0);
+    /// Per CPU: the configuration of the last interface a frame came in on, tagged
+    /// `Config::ports_gen << 32 | ifindex`. Frames arrive in bursts per interface (a NAPI
+    /// poll): this saves a hash lookup per frame.
+    #[map]
+    static PORT_CACHE: PerCpuArray<PortCacheSlot> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     static GENS: HashMap<u32, DpGen> = HashMap::with_max_entries(MAX_DATAPATHS, 0);
     /// Encap IPv4 addresses (network byte order) of the chassis Geneve is accepted from.
@@ -102,6 +107,35 @@ mod prog {
 
     /// The counters of one interface on this CPU, looked up once per packet; the frame's
     /// length as it arrived and its bytes beyond the first buffer (see `frame_len`).
+    #[derive(Clone, Copy)]
+    #[repr(C)]
+    pub struct PortCacheSlot {
+        tag: u64,
+        conf: PortConf,
+    }
+
+    /// The configuration of interface `ifindex`, from this CPU's cache or PORTS.
+    #[inline(always)]
+    fn port_conf(ifindex: u32) -> Option<PortConf> {
+        let gen = CONFIG.get(0).map(|c| c.ports_gen).unwrap_or(0);
+        let tag = (gen as u64) << 32 | ifindex as u64;
+        let cache = PORT_CACHE.get_ptr_mut(0);
+        if let Some(c) = cache {
+            // SAFETY: per-CPU slot, this CPU only.
+            if unsafe { (*c).tag } == tag {
+                // SAFETY: as above.
+                return Some(unsafe { (*c).conf });
+            }
+        }
+        // SAFETY: PORTS is only updated by userspace with whole-value writes.
+        let p = *unsafe { PORTS.get(&ifindex) }?;
+        if let Some(c) = cache {
+            // SAFETY: per-CPU slot, this CPU only.
+            unsafe { *c = PortCacheSlot { tag, conf: p } };
+        }
+        Some(p)
+    }
+
     #[derive(Clone, Copy)]
     struct Ctr {
         slot: u32,
@@ -233,10 +267,8 @@ mod prog {
     #[inline(always)]
     fn run<const MB: bool>(ctx: XdpContext) -> u32 {
         let ifindex = ctx.ingress_ifindex() as u32;
-        // SAFETY: PORTS is only updated by userspace with whole-value writes.
-        let port = match unsafe { PORTS.get(&ifindex) } {
-            Some(p) => *p,
-            None => return xdp_action::XDP_PASS,
+        let Some(port) = port_conf(ifindex) else {
+            return xdp_action::XDP_PASS;
         };
         let mut slot = Ctr::new(port.slot);
         let len = if MB {
