@@ -287,26 +287,19 @@ impl Generator {
         let mut hm: Array<_, [u64; HEAD_WORDS]> =
             Array::try_from(ebpf.map_mut("HEAD").context("HEAD map")?)?;
         hm.set(0, head, 0)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("gf_pktgen")
-            .context("gf_pktgen")?
-            .try_into()?;
-        prog.load()?;
-        let prog_fd = prog.fd()?.as_fd().as_raw_fd();
-        Ok(Generator {
-            _ebpf: ebpf,
-            prog_fd,
-            frame: t.frame.clone(),
-            ifindex: ifindex(iface)?,
-        })
+        Self::with_program(ebpf, "gf_pktgen", t, iface)
     }
 
     /// The minimal live-frames generator: `gf_pktgen_min` transmits the template as it is.
     pub fn minimal(t: &Template, iface: &str) -> Result<Generator> {
-        let mut ebpf = load()?;
+        Self::with_program(load()?, "gf_pktgen_min", t, iface)
+    }
+
+    /// Loads program `name` of `ebpf` (its maps set up) as the generator of `t` on `iface`.
+    fn with_program(mut ebpf: Ebpf, name: &str, t: &Template, iface: &str) -> Result<Generator> {
         let prog: &mut Xdp = ebpf
-            .program_mut("gf_pktgen_min")
-            .context("gf_pktgen_min")?
+            .program_mut(name)
+            .context(name.to_string())?
             .try_into()?;
         prog.load()?;
         let prog_fd = prog.fd()?.as_fd().as_raw_fd();

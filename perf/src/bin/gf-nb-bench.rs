@@ -118,23 +118,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut b = nb::open(&url)?;
             nb::update(&mut *b, |d| {
                 for i in 0..ports {
-                    let name = format!("m{i}");
-                    d.ports.insert(
-                        name.clone(),
-                        LogicalPort {
-                            name,
-                            switch: switch.clone(),
-                            mac: Mac([0x0a, 0xee, 0, 0, (i >> 8) as u8, i as u8]),
-                            ips: vec![],
-                            port_key: 100 + i,
-                            chassis: Some(remote.clone()),
-                            iface: None,
-                            security_groups: vec![],
-                            port_security: true,
-                            allowed_address_pairs: vec![],
-                            version: 0,
-                        },
-                    );
+                    let mac = Mac([0x0a, 0xee, 0, 0, (i >> 8) as u8, i as u8]);
+                    add_port(d, &format!("m{i}"), &switch, mac, 100 + i, &remote, None, 0);
                 }
                 Ok(())
             })?;
@@ -176,31 +161,58 @@ fn topo(ports: usize, switches: usize) -> NbDocument {
         let name = format!("p{p}");
         let sw = p % switches;
         let key = (p / switches + 1) as u16;
-        d.ports.insert(
-            name.clone(),
-            LogicalPort {
-                name: name.clone(),
-                switch: format!("ls{sw}"),
-                mac: Mac([
-                    0x0a,
-                    (p >> 24) as u8,
-                    (p >> 16) as u8,
-                    (p >> 8) as u8,
-                    p as u8,
-                    1,
-                ]),
-                ips: vec![],
-                port_key: key,
-                chassis: Some(format!("ch{}", (p / switches) % 4)),
-                iface: Some(format!("tap{p}")),
-                security_groups: vec![],
-                port_security: true,
-                allowed_address_pairs: vec![],
-                version: 1,
-            },
+        let mac = Mac([
+            0x0a,
+            (p >> 24) as u8,
+            (p >> 16) as u8,
+            (p >> 8) as u8,
+            p as u8,
+            1,
+        ]);
+        let chassis = format!("ch{}", (p / switches) % 4);
+        let iface = Some(format!("tap{p}"));
+        add_port(
+            &mut d,
+            &name,
+            &format!("ls{sw}"),
+            mac,
+            key,
+            &chassis,
+            iface,
+            1,
         );
     }
     d
+}
+
+/// Adds a port with port security and no addresses, bound to `chassis`.
+#[allow(clippy::too_many_arguments)]
+fn add_port(
+    d: &mut NbDocument,
+    name: &str,
+    switch: &str,
+    mac: Mac,
+    port_key: u16,
+    chassis: &str,
+    iface: Option<String>,
+    version: u64,
+) {
+    d.ports.insert(
+        name.to_string(),
+        LogicalPort {
+            name: name.to_string(),
+            switch: switch.to_string(),
+            mac,
+            ips: vec![],
+            port_key,
+            chassis: Some(chassis.to_string()),
+            iface,
+            security_groups: vec![],
+            port_security: true,
+            allowed_address_pairs: vec![],
+            version,
+        },
+    );
 }
 
 fn compile(ports: usize, switches: usize, runs: usize) -> Result<()> {
@@ -277,21 +289,16 @@ impl NbWrite {
                     d.ports.remove(&name);
                     return;
                 }
-                d.ports.insert(
-                    name.clone(),
-                    LogicalPort {
-                        name,
-                        switch: switch.clone(),
-                        mac: Mac([0x0a, 0xbe, 0, 0, 0, (i % 2) as u8 + 1]),
-                        ips: vec![],
-                        port_key: 30000 + (i % 2) as u16,
-                        chassis: Some(remote.clone()),
-                        iface: None,
-                        security_groups: vec![],
-                        port_security: true,
-                        allowed_address_pairs: vec![],
-                        version: 0,
-                    },
+                let mac = Mac([0x0a, 0xbe, 0, 0, 0, (i % 2) as u8 + 1]);
+                add_port(
+                    d,
+                    &name,
+                    switch,
+                    mac,
+                    30000 + (i % 2) as u16,
+                    remote,
+                    None,
+                    0,
                 );
             }
             NbWrite::Route { router, nexthop } => {
