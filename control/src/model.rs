@@ -517,6 +517,19 @@ impl Chassis {
 }
 
 impl LogicalSwitch {
+    /// An overlay switch (no provider network) with the default MTU, version 0.
+    pub fn overlay(name: &str, tunnel_key: u32, tenant: &str) -> LogicalSwitch {
+        LogicalSwitch {
+            name: name.into(),
+            tunnel_key,
+            mtu: DEFAULT_MTU,
+            tenant: tenant.into(),
+            provider: None,
+            vlan: None,
+            version: 0,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         check_name(&self.name)?;
         check_name(&self.tenant)?;

@@ -17,17 +17,27 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (ix != 0).then_some(ix)
 }
 
+/// The name of interface `ifindex` as `struct ifreq` wants it (NUL-terminated).
+pub(crate) fn ifname_raw(ifindex: u32) -> std::io::Result<[libc::c_char; libc::IF_NAMESIZE]> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes (NUL included) into `name`.
+    if unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(name)
+}
+
+/// A name from `ifname_raw`.
+fn c_name(name: &[libc::c_char; libc::IF_NAMESIZE]) -> String {
+    // SAFETY: if_indextoname NUL-terminated `name` (ifname_raw succeeded).
+    unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The MTU of the interface with index `ifindex`.
 pub fn mtu_of_index(ifindex: u32) -> Option<u32> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: FFI call with a buffer of IF_NAMESIZE bytes, as if_indextoname requires.
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    mtu(name.to_str().ok()?)
+    mtu(&c_name(&ifname_raw(ifindex).ok()?))
 }
 
 fn sysfs(name: &str, attr: &str) -> Option<String> {

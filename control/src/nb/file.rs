@@ -284,19 +284,11 @@ fn p_is_empty(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{LogicalSwitch, DEFAULT_MTU};
+    use crate::model::LogicalSwitch;
 
     /// Switch "a" with tunnel key `key` (0 is invalid), tenant "t".
     fn switch_a(key: u32) -> LogicalSwitch {
-        LogicalSwitch {
-            name: "a".into(),
-            tunnel_key: key,
-            mtu: DEFAULT_MTU,
-            tenant: "t".into(),
-            provider: None,
-            vlan: None,
-            version: 0,
-        }
+        LogicalSwitch::overlay("a", key, "t")
     }
 
     /// A scratch directory for one test's NB file, removed when the test ends.

@@ -9,7 +9,6 @@ use netlink_packet_core::NLM_F_REQUEST;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
 use netlink_packet_route::RouteNetlinkMessage;
-use std::ffi::CStr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -147,19 +146,9 @@ fn ethtool(
     Ok(())
 }
 
-/// The name of interface `ifindex` as `struct ifreq` wants it.
-fn ifname(ifindex: u32) -> std::io::Result<[libc::c_char; libc::IF_NAMESIZE]> {
-    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes (NUL included) into `name`.
-    if unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null() {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(name)
-}
-
 /// Turns GRO on for interface `ifindex` of the calling thread's namespace; returns its name.
 pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
-    let name = ifname(ifindex)?;
+    let name = super::ifname_raw(ifindex)?;
     ethtool(
         name,
         &mut EthtoolValue {
@@ -167,16 +156,13 @@ pub(crate) fn gro_on(ifindex: u32) -> std::io::Result<String> {
             data: 1,
         },
     )?;
-    // SAFETY: if_indextoname NUL-terminated `name`.
-    Ok(unsafe { CStr::from_ptr(name.as_ptr()) }
-        .to_string_lossy()
-        .into_owned())
+    Ok(super::c_name(&name))
 }
 
 /// Turns off receive VLAN offload on interface `ifindex` (ethtool's `rxvlan`), so that 802.1Q
 /// tags stay in the frame where XDP reads them. `Ok(false)` if it was off already.
 pub(crate) fn rx_vlan_offload_off(ifindex: u32) -> std::io::Result<bool> {
-    let name = ifname(ifindex)?;
+    let name = super::ifname_raw(ifindex)?;
     let mut v = EthtoolValue {
         cmd: ETHTOOL_GFLAGS,
         data: 0,

@@ -2,7 +2,7 @@
 //! ports with the defaults that do not matter to a test.
 
 use geneflow_control::model::{
-    Chassis, LogicalPort, LogicalRouter, LogicalSwitch, Mac, NbDocument, RouterPort, DEFAULT_MTU,
+    Chassis, LogicalPort, LogicalRouter, LogicalSwitch, Mac, NbDocument, RouterPort,
 };
 
 /// Chassis "a" (198.18.0.1, the one under test) and "b" (198.18.0.2).
@@ -22,18 +22,8 @@ pub(super) fn chassis_ab(d: &mut NbDocument) {
 
 /// Switch `name` with tunnel key `key`, tenant "t".
 pub(super) fn switch(d: &mut NbDocument, name: &str, key: u32) {
-    d.switches.insert(
-        name.into(),
-        LogicalSwitch {
-            name: name.into(),
-            tunnel_key: key,
-            mtu: DEFAULT_MTU,
-            tenant: "t".into(),
-            provider: None,
-            vlan: None,
-            version: 0,
-        },
-    );
+    d.switches
+        .insert(name.into(), LogicalSwitch::overlay(name, key, "t"));
 }
 
 /// Port `name` of `switch` (key, MAC, addresses) bound to `chassis` as interface vp-<name>,

@@ -144,18 +144,8 @@ fn topo(ports: usize, switches: usize) -> NbDocument {
     }
     for s in 0..switches {
         let name = format!("ls{s}");
-        d.switches.insert(
-            name.clone(),
-            LogicalSwitch {
-                name,
-                tunnel_key: s as u32 + 1,
-                mtu: DEFAULT_MTU,
-                tenant: format!("t{}", s % 10),
-                provider: None,
-                vlan: None,
-                version: 1,
-            },
-        );
+        let sw = LogicalSwitch::overlay(&name, s as u32 + 1, &format!("t{}", s % 10));
+        d.switches.insert(name, LogicalSwitch { version: 1, ..sw });
     }
     for p in 0..ports {
         let name = format!("p{p}");
