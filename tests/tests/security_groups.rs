@@ -385,3 +385,27 @@ fn a_full_conntrack_table_evicts_the_oldest_and_says_so() -> Result<()> {
     assert!(pings(&tb, "vm1", &vm3.ip)?);
     Ok(())
 }
+
+#[test]
+fn a_port_that_joins_a_group_mid_stream_stays_in_xdp() -> Result<()> {
+    let tb = two_chassis("sj")?;
+    // Before: vm1 (no group) streams to vm3 in XDP.
+    let stream = |label: &str| -> Result<()> {
+        let hits0 = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
+        let got = tb.udp_stream("vm1", "vm3", 6101, 10_000, 50_000)?;
+        assert_eq!(got, 10_000, "{label}: lost {} datagrams", 10_000 - got);
+        let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")? - hits0;
+        assert!(
+            hits >= 9_900,
+            "{label}: only {hits} of 10000 datagrams took the XDP fast path"
+        );
+        Ok(())
+    };
+    stream("before the group")?;
+    // vm1 joins a group that lets anything out: its established stream is tracked and
+    // stays in XDP.
+    in_group_web(&tb, "vm1", "ch1", &[])?;
+    stream("after joining")?;
+    assert_no_drops(&tb, &["ch1", "ch2"])?;
+    Ok(())
+}

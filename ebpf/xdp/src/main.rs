@@ -392,7 +392,7 @@ mod prog {
     }
 
     /// Tuple-space search over the active masks of the port kind's list, hottest first
-    /// (`Config::order`); stale entries (generation moved on) miss.
+    /// (`Config::order`); stale entries (generation moved on) are skipped.
     #[inline(always)]
     fn lookup(key: &FlowKey, list: u32) -> Option<FlowAction> {
         let c = CONFIG.get(0)?;
@@ -428,7 +428,11 @@ mod prog {
                 // SAFETY: as above.
                 let live = unsafe { GENS.get(&a.dp_key) }.map(|g| g.generation);
                 if live != Some(a.generation) {
-                    return None;
+                    // Stale: invalid, not a verdict. A megaflow of the new generation may sit
+                    // under another mask (the datapath's rules now look at fields the stale
+                    // one did not, e.g. ct_state once a port joins a security group) and
+                    // must not stay shadowed until the collector removes this one.
+                    continue;
                 }
                 // SAFETY: as above; a racy increment only loses counts, never corrupts.
                 unsafe { (*p).hits += 1 };
