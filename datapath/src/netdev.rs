@@ -56,6 +56,18 @@ pub fn mtu(name: &str) -> Option<u32> {
     sysfs(name, "mtu")?.parse().ok()
 }
 
+/// The interface's receive queues in use (its `queues/rx-N` entries; 1 if unreadable).
+pub fn rx_queues(name: &str) -> u32 {
+    std::fs::read_dir(format!("/sys/class/net/{name}/queues"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count() as u32
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// `bpf_fib_lookup` refuses to resolve a next hop through an interface with IPv4 forwarding
 /// off (BPF_FIB_LKUP_RET_FWD_DISABLED), so the uplink needs it on.
 pub fn enable_forwarding(name: &str) -> std::io::Result<()> {

@@ -1,7 +1,8 @@
-//! One AF_XDP socket (xsk-rs) bound to queue 0 of an interface, with its own UMEM: half the
+//! One AF_XDP socket (xsk-rs) bound to one receive queue of an interface, with its own UMEM: half the
 //! frames feed the fill ring (slow-path receive), half are a free list for transmit. This is the
 //! ring boundary, so the `unsafe` of the datapath lives here.
 
+use geneflow_abi::MAX_QUEUES;
 use std::io::Write;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
@@ -58,9 +59,25 @@ pub enum BindMode {
 }
 
 impl Xsk {
-    pub fn open(iface: &str, mode: BindMode) -> Result<Xsk, XskError> {
+    /// One socket per receive queue of `iface` (index = queue), at most `MAX_QUEUES`: XDP
+    /// hands a frame that misses to the socket of the queue it arrived on.
+    pub fn open_all(iface: &str, mode: BindMode) -> Result<Vec<Xsk>, XskError> {
+        let queues = crate::netdev::rx_queues(iface);
+        if queues > MAX_QUEUES {
+            tracing::warn!(
+                iface,
+                queues,
+                "slow-path sockets on the first {MAX_QUEUES} receive queues only: misses on the others count drop_xsk (ethtool -L {iface} combined {MAX_QUEUES})"
+            );
+        }
+        (0..queues.min(MAX_QUEUES))
+            .map(|q| Xsk::open(iface, q, mode))
+            .collect()
+    }
+
+    pub fn open(iface: &str, queue: u32, mode: BindMode) -> Result<Xsk, XskError> {
         let err = |msg: String| XskError::Setup {
-            iface: iface.to_string(),
+            iface: format!("{iface} queue {queue}"),
             msg,
         };
         let q = |n| QueueSize::new(n).map_err(|e| err(format!("{e}")));
@@ -98,7 +115,7 @@ impl Xsk {
             };
             // SAFETY: the UMEM is not shared with another socket, so no libxdp program-load
             // interaction applies; the rings returned are owned by this Xsk.
-            match unsafe { Socket::new(cfg(flags)?, &umem, &name, 0) } {
+            match unsafe { Socket::new(cfg(flags)?, &umem, &name, queue) } {
                 Ok(s) => break s,
                 Err(e) if sg && os_error(&e) == Some(libc::EOPNOTSUPP) => {
                     tracing::warn!(iface, "AF_XDP multi-buffer not supported here ({e}): the slow path takes frames of at most one UMEM frame");

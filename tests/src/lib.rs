@@ -27,8 +27,14 @@ pub fn two_chassis(tag: &str) -> Result<Testbed> {
 
 /// `two_chassis` with the NB in `kind`.
 pub fn two_chassis_on(tag: &str, kind: NbKind) -> Result<Testbed> {
+    two_chassis_queues(tag, kind, 1)
+}
+
+/// `two_chassis_on` with `queues` receive and transmit queues on every veth.
+pub fn two_chassis_queues(tag: &str, kind: NbKind, queues: u32) -> Result<Testbed> {
     require_root();
     let mut tb = Testbed::with_nb(tag, kind)?;
+    tb.queues = queues;
     tb.add_chassis("ch1")?;
     tb.add_chassis("ch2")?;
     tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
@@ -52,8 +58,14 @@ pub const PEER_VM_IP: &str = "10.0.0.9";
 /// injector namespace (198.18.0.250), hosting port vmx (key 9): what geneflow sends to vmx can be
 /// captured there, and frames built by scapy there look like they come from a real chassis.
 pub fn with_peer(tag: &str) -> Result<Testbed> {
+    with_peer_queues(tag, 1)
+}
+
+/// `with_peer` with `queues` receive and transmit queues on every veth.
+pub fn with_peer_queues(tag: &str, queues: u32) -> Result<Testbed> {
     require_root();
     let mut tb = Testbed::new(tag)?;
+    tb.queues = queues;
     tb.add_chassis("ch1")?;
     tb.add_injector()?;
     tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;

@@ -243,6 +243,8 @@ pub struct Testbed {
     pub db_ns: Option<String>,
     pub servers: Vec<Server>,
     pub ovs: Vec<OvsInfo>,
+    /// Queues of every veth made from now on (VM ports, uplinks, raw pairs): 1 by default.
+    pub queues: u32,
     pub(crate) namespaces: Vec<String>,
     pub(crate) slot: usize,
 }
@@ -270,6 +272,7 @@ impl Testbed {
             db_ns: None,
             servers: Vec::new(),
             ovs: Vec::new(),
+            queues: 1,
             namespaces: Vec::new(),
             slot: LIVE
                 .lock()
@@ -322,20 +325,7 @@ impl Testbed {
     /// Plugs a new veth into the underlay bridge; returns the bridge-side name.
     pub(crate) fn underlay_port(&mut self, ns: &str, host_if: &str, addr: &str) -> Result<String> {
         let br_if = format!("u{}", self.namespaces.len());
-        ip(&[
-            "link",
-            "add",
-            host_if,
-            "netns",
-            ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &br_if,
-            "netns",
-            &self.underlay_ns,
-        ])?;
+        self.veth(ns, host_if, &self.underlay_ns, &br_if)?;
         ip(&[
             "-n",
             &self.underlay_ns,
@@ -353,6 +343,18 @@ impl Testbed {
         Ok(br_if)
     }
 
+    /// A veth pair `if_a` in `ns_a`, `if_b` in `ns_b`, both with `self.queues` queues.
+    fn veth(&self, ns_a: &str, if_a: &str, ns_b: &str, if_b: &str) -> Result<()> {
+        let q = self.queues.to_string();
+        let queues = ["numtxqueues", &q, "numrxqueues", &q];
+        let mut a = vec!["link", "add", if_a, "netns", ns_a];
+        a.extend(queues);
+        a.extend(["type", "veth", "peer", "name", if_b, "netns", ns_b]);
+        a.extend(queues);
+        ip(&a)?;
+        Ok(())
+    }
+
     /// A bare namespace owned by this testbed (removed with it).
     pub fn add_raw_ns(&mut self, name: &str) -> Result<String> {
         let ns = format!("{}-{name}", self.prefix);
@@ -362,9 +364,7 @@ impl Testbed {
 
     /// A veth pair between two namespaces, both ends up.
     pub fn raw_veth(&self, ns_a: &str, if_a: &str, ns_b: &str, if_b: &str) -> Result<()> {
-        ip(&[
-            "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b,
-        ])?;
+        self.veth(ns_a, if_a, ns_b, if_b)?;
         ip(&["-n", ns_a, "link", "set", if_a, "up"])?;
         ip(&["-n", ns_b, "link", "set", if_b, "up"])?;
         Ok(())
@@ -480,10 +480,7 @@ impl Testbed {
         let iface = format!("vp-{name}");
         let mac = format!("0a:00:00:00:{:02x}:{:02x}", key >> 8, key & 0xff);
         let ipaddr = format!("10.0.{}.{}", key >> 8, key & 0xff);
-        ip(&[
-            "link", "add", &iface, "netns", &ch_ns, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
-        ])?;
+        self.veth(&ch_ns, &iface, &ns, "eth0")?;
         ip(&[
             "-n", &ns, "link", "set", "eth0", "address", &mac, "mtu", "1442", "up",
         ])?;

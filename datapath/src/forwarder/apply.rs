@@ -140,7 +140,7 @@ impl Forwarder {
                 continue;
             };
             let p = &mut self.ports[j];
-            if p.xsk.send(&frame) {
+            if p.tx().send(&frame) {
                 self.shared.count(p.slot, ctr::GARP_SENT, 1);
                 self.shared.count(p.slot, ctr::TX_PACKETS, 1);
                 self.shared.count(p.slot, ctr::TX_BYTES, frame.len() as u64);

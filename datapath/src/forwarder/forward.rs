@@ -247,7 +247,7 @@ impl Forwarder {
                 continue;
             };
             let out = &mut ports[j];
-            if out.xsk.send(bytes) {
+            if out.tx().send(bytes) {
                 shared.count(out.slot, ctr::SLOW_TX, 1);
                 shared.count(out.slot, ctr::TX_PACKETS, 1);
                 shared.count(out.slot, ctr::TX_BYTES, bytes.len() as u64);
@@ -299,7 +299,7 @@ impl Forwarder {
             Instant::now(),
             |ip| neigh.get(ip),
             |bytes, _| {
-                let ok = up.xsk.send(bytes);
+                let ok = up.tx().send(bytes);
                 if ok {
                     shared.count(slot, ctr::SLOW_TX, 1);
                     shared.count(slot, ctr::TX_PACKETS, 1);

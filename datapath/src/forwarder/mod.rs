@@ -64,9 +64,17 @@ struct Port {
     slot: u32,
     kind: u32,
     link: Option<PortLink>,
-    xsk: Xsk,
-    /// The socket's drop statistics already added to the counters.
+    /// The slow-path sockets, one per receive queue (index = queue); the first also sends.
+    xsks: Vec<Xsk>,
+    /// The sockets' drop statistics already added to the counters.
     xsk_drops: (u64, u64),
+}
+
+impl Port {
+    /// The socket this port's frames are sent on.
+    fn tx(&mut self) -> &mut Xsk {
+        &mut self.xsks[0]
+    }
 }
 
 pub struct Forwarder {
@@ -175,8 +183,10 @@ impl Forwarder {
                 ct_zone: 0,
             },
         )?;
-        let xsk = Xsk::open(&cfg.uplink, cfg.bind_mode)?;
-        bpf.set_xsk(UPLINK_SLOT, &xsk.fd())?;
+        let xsks = Xsk::open_all(&cfg.uplink, cfg.bind_mode)?;
+        for (q, x) in xsks.iter().enumerate() {
+            bpf.set_xsk(UPLINK_SLOT, q as u32, &x.fd())?;
+        }
         // Encapsulated frames are redirected to the uplink too; if it is a veth (testbeds,
         // containers), its peer must accept XDP frames.
         netdev::prepare_redirect_target(&cfg.uplink);
@@ -247,7 +257,7 @@ impl Forwarder {
             UPLINK_SLOT,
             port_kind::UPLINK,
             Some(link),
-            xsk,
+            xsks,
         );
         for (net, iface) in f.cfg.providers.clone() {
             let tags = netdev::keep_vlan_tags(&iface);
@@ -274,7 +284,7 @@ impl Forwarder {
         slot: u32,
         kind: u32,
         link: Option<PortLink>,
-        xsk: Xsk,
+        xsks: Vec<Xsk>,
     ) {
         self.by_ifindex.insert(ifindex, self.ports.len());
         self.ports.push(Port {
@@ -283,7 +293,7 @@ impl Forwarder {
             slot,
             kind,
             link,
-            xsk,
+            xsks,
             xsk_drops: (0, 0),
         });
         self.rebuild_index();
@@ -304,8 +314,9 @@ impl Forwarder {
         self.pollfds = self
             .ports
             .iter()
-            .map(|p| libc::pollfd {
-                fd: p.xsk.fd(),
+            .flat_map(|p| &p.xsks)
+            .map(|x| libc::pollfd {
+                fd: x.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             })
@@ -388,16 +399,18 @@ impl Forwarder {
         let ready = self.ready;
         // The slow-path socket is in place before the program sees the port's first frame
         // (its misses would count drop_xsk otherwise).
-        let xsk = match Xsk::open(iface, self.cfg.bind_mode) {
+        let xsks = match Xsk::open_all(iface, self.cfg.bind_mode) {
             Ok(x) => x,
             Err(e) => {
                 self.free_slots.push(slot);
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.bpf.set_xsk(slot, &xsk.fd()) {
-            self.free_slots.push(slot);
-            return Err(e.into());
+        for (q, x) in xsks.iter().enumerate() {
+            if let Err(e) = self.bpf.set_xsk(slot, q as u32, &x.fd()) {
+                self.free_slots.push(slot);
+                return Err(e.into());
+            }
         }
         let attached = self.bpf.attach(ifindex, conf).and_then(|l| {
             let adopted = l.pending();
@@ -417,8 +430,9 @@ impl Forwarder {
         };
         netdev::prepare_redirect_target(iface);
         netdev::silence_host_stack(iface);
-        info!(iface, ifindex, slot, adopted, kind, "port attached");
-        self.add_port(iface.to_string(), ifindex, slot, kind, Some(link), xsk);
+        let queues = xsks.len();
+        info!(iface, ifindex, slot, queues, adopted, kind, "port attached");
+        self.add_port(iface.to_string(), ifindex, slot, kind, Some(link), xsks);
         Ok(())
     }
 
@@ -463,7 +477,11 @@ impl Forwarder {
         }
         // Frames the kernel could not hand to the slow path are drops too: count them.
         for p in self.ports.iter_mut() {
-            let now = p.xsk.rx_drops();
+            let now = p
+                .xsks
+                .iter()
+                .map(|x| x.rx_drops())
+                .fold((0, 0), |a, d| (a.0 + d.0, a.1 + d.1));
             let full = now.0.saturating_sub(p.xsk_drops.0);
             let other = now.1.saturating_sub(p.xsk_drops.1);
             p.xsk_drops = now;
@@ -517,7 +535,7 @@ impl Forwarder {
                 self.flush_pending();
             }
             for p in self.ports.iter_mut() {
-                p.xsk.flush();
+                p.tx().flush();
             }
             if work == 0 {
                 // Frames waiting for a next hop are checked every millisecond.
@@ -543,8 +561,18 @@ impl Forwarder {
         }
     }
 
-    /// Receives and forwards one batch from port `i`.
+    /// Receives and forwards one batch from each receive queue of port `i`.
     fn service(&mut self, i: usize) -> usize {
+        self.ports[i].tx().reap();
+        let mut work = 0;
+        for q in 0..self.ports[i].xsks.len() {
+            work += self.service_queue(i, q);
+        }
+        work
+    }
+
+    /// Receives and forwards one batch from receive queue `q` of port `i`.
+    fn service_queue(&mut self, i: usize, q: usize) -> usize {
         let Forwarder {
             ports,
             rxbuf,
@@ -552,9 +580,8 @@ impl Forwarder {
             rxct,
             ..
         } = self;
-        ports[i].xsk.reap();
         let mut n = 0;
-        ports[i].xsk.recv(|frame| {
+        ports[i].xsks[q].recv(|frame| {
             // Every frame from our XDP program starts with its SlowMeta.
             let meta = (frame.len() >= SlowMeta::LEN
                 && u16::from_ne_bytes([frame[0], frame[1]]) == SlowMeta::MAGIC)

@@ -14,7 +14,7 @@ use aya::{Ebpf, EbpfLoader};
 use geneflow_abi::{
     ct, ctr, nat, Config, CtCacheBlock, CtEntry, CtKey, DpGen, FipCt, FlowAction, FlowKey,
     NatEntry, PortConf, PortCounters, MASK_LISTS, MAX_DATAPATHS, MAX_FIPS, MAX_FLOWS, MAX_MASKS,
-    MAX_PEERS, MAX_PORTS,
+    MAX_PEERS, MAX_PORTS, MAX_QUEUES,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet};
 use std::mem::size_of;
@@ -119,7 +119,7 @@ const MAPS: [(&str, usize, usize, u32, bool); 15] = [
     ("GENS", 4, size_of::<DpGen>(), MAX_DATAPATHS, false),
     ("PEERS", 4, 4, MAX_PEERS, false),
     ("COUNTERS", 4, size_of::<PortCounters>(), MAX_PORTS, false),
-    ("XSKS", 4, 4, MAX_PORTS, false),
+    ("XSKS", 4, 4, MAX_PORTS * MAX_QUEUES, false),
     ("SLOW_COUNTERS", 4, 8, MAX_PORTS * ctr::COUNT, true),
 ];
 
@@ -563,7 +563,9 @@ impl Bpf {
         if let Err(e) = self.ports_changed() {
             warn!(ifindex, "detached port may stay cached on a CPU: {e}");
         }
-        let _ = self.xsks.unset(slot);
+        for q in 0..MAX_QUEUES {
+            let _ = self.xsks.unset(slot * MAX_QUEUES + q);
+        }
     }
 
     /// Removes links and port entries a previous process left for interfaces that are not in
@@ -602,9 +604,10 @@ impl Bpf {
         self.pins.remove_all();
     }
 
-    pub fn set_xsk(&mut self, slot: u32, fd: &impl AsRawFd) -> Result<(), LoaderError> {
+    /// The slow-path socket of receive queue `queue` of the interface in `slot`.
+    pub fn set_xsk(&mut self, slot: u32, queue: u32, fd: &impl AsRawFd) -> Result<(), LoaderError> {
         self.xsks
-            .set(slot, fd.as_raw_fd(), 0)
+            .set(slot * MAX_QUEUES + queue, fd.as_raw_fd(), 0)
             .map_err(map_err("XSKS"))
     }
 

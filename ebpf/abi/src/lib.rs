@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -24,6 +24,10 @@ pub mod mask_list {
 pub const MAX_FLOWS: u32 = 262_144;
 /// Interfaces the datapath can be attached to at once (counter slots, XSKMAP entries).
 pub const MAX_PORTS: u32 = 64;
+/// Receive queues per interface that get a slow-path socket: XSKMAP entry `slot * MAX_QUEUES +
+/// queue` (an AF_XDP socket only takes frames of the queue it is bound to). A frame missing on
+/// a higher queue counts drop_xsk; `ethtool -L` brings a NIC's queue count within it.
+pub const MAX_QUEUES: u32 = 16;
 /// Logical datapaths tracked by the generation map.
 pub const MAX_DATAPATHS: u32 = 16384;
 /// Chassis this one accepts Geneve from (`PEERS`: encap IPv4, network byte order -> 1).

@@ -22,7 +22,7 @@ mod prog {
         port_kind, udp_source_port, Config, CtCacheBlock, CtCacheSlot, CtEntry, CtKey, DpGen,
         FipCt, FlowAction, FlowKey, NatEntry, PortConf, PortCounters, SlowMeta, ENCAP_OVERHEAD,
         FLOW_KEY_WORDS, GENEVE_PORT, MASK_LISTS, MAX_DATAPATHS, MAX_FIPS, MAX_FLOWS, MAX_MASKS,
-        MAX_PEERS, MAX_PORTS, OVN_OPT_CLASS, OVN_OPT_TYPE, VLAN_PRESENT,
+        MAX_PEERS, MAX_PORTS, MAX_QUEUES, OVN_OPT_CLASS, OVN_OPT_TYPE, VLAN_PRESENT,
     };
 
     mod conntrack;
@@ -79,7 +79,7 @@ mod prog {
     #[map]
     static COUNTERS: PerCpuArray<PortCounters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
     #[map]
-    static XSKS: XskMap = XskMap::with_max_entries(MAX_PORTS, 0);
+    static XSKS: XskMap = XskMap::with_max_entries(MAX_PORTS * MAX_QUEUES, 0);
     /// The slow path's counters (slot x reason, like COUNTERS), never touched here: userspace
     /// maps it into memory (BPF_F_MMAPABLE) and counts with plain atomics, and being a pinned
     /// map it outlives the process like the XDP counters do, so every total stays monotonic
@@ -379,7 +379,13 @@ mod prog {
         };
         // SAFETY: [m, m+8) is inside the packet.
         unsafe { core::ptr::write_unaligned(m as *mut SlowMeta, meta) };
-        match XSKS.redirect(slot.slot, 0) {
+        // SAFETY: reads a field of the live context.
+        let queue = unsafe { (*ctx.ctx).rx_queue_index };
+        if queue >= MAX_QUEUES {
+            count(slot, ctr::DROP_XSK, 1);
+            return xdp_action::XDP_DROP;
+        }
+        match XSKS.redirect(slot.slot * MAX_QUEUES + queue, 0) {
             Ok(a) => {
                 count(slot, ctr::MISS, 1);
                 a
