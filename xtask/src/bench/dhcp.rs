@@ -89,6 +89,7 @@ fn answers(ctx: &Ctx) -> Result<Scenario> {
         vs: None,
         error: None,
         xdp_ns: vec![],
+        cores: 1,
     })
 }
 
@@ -151,5 +152,6 @@ fn boot_storm(ctx: &Ctx) -> Result<Scenario> {
         vs: None,
         error: None,
         xdp_ns: vec![],
+        cores: 1,
     })
 }

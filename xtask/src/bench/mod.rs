@@ -22,6 +22,8 @@ pub(crate) const MINIMAL: &str = "minimal live-frames generator";
 /// A packet rate at or above this share of the generator's ceiling says more about the
 /// generator than about what it measures: such figures are marked generator-bound.
 pub(crate) const GENERATOR_BOUND: f64 = 0.8;
+/// The multi-core scenarios' generators (and veth queues): this machine kind has 2 cores.
+pub(crate) const SCALING_CORES: u32 = 2;
 
 use crate::bpfstats::{ProgStats, StatsOn};
 use crate::testbed::{run, Testbed};
@@ -51,6 +53,10 @@ pub(crate) struct Scenario {
     error: Option<String>,
     /// The XDP programs' run time per packet (bpf_stats), where measured.
     xdp_ns: Vec<f64>,
+    /// Generators (one per core, each on its own queue of 2-queue veths) that measured it:
+    /// a scenario on more than one core is set against the generator ceiling and the
+    /// baseline of as many cores, and compared with its own 1-core figure.
+    cores: u32,
 }
 
 impl Scenario {
@@ -72,7 +78,24 @@ impl Scenario {
             vs,
             error: None,
             xdp_ns,
+            cores: 1,
         }
+    }
+
+    /// The name of the scenario measured with `cores` generators.
+    fn on_cores(name: &str, cores: u32) -> String {
+        if cores == 1 {
+            name.to_string()
+        } else {
+            format!("{name}, {cores} cores")
+        }
+    }
+
+    /// The 1-core scenario's name.
+    fn one_core_name(&self) -> &str {
+        self.name
+            .strip_suffix(&format!(", {} cores", self.cores))
+            .unwrap_or(&self.name)
     }
 
     /// A packet-rate scenario that could not be measured, and why.
@@ -86,6 +109,7 @@ impl Scenario {
             vs: None,
             error: Some(format!("{e:#}")),
             xdp_ns: vec![],
+            cores: 1,
         }
     }
     fn median(&self) -> f64 {
@@ -114,6 +138,7 @@ pub(crate) struct Ctx {
     bins: String,
     reps: usize,
     window: f64,
+    quick: bool,
 }
 
 impl Ctx {
@@ -165,16 +190,82 @@ impl Ctx {
         gen_ns: &str,
         gen_args: &[String],
     ) -> Result<f64> {
+        self.measure_on(1, (sink_ns, sink_if), gen_ns, gen_args)
+    }
+
+    /// [`Ctx::measure`] with `cores` generators, generator i on CPU i: a veth hands what a
+    /// CPU sends to its peer's queue of that number, whose XDP runs on that CPU, so each core
+    /// carries its own share end to end (the veths need `cores` queues). One generator runs
+    /// where the scheduler puts it.
+    fn measure_on(
+        &self,
+        cores: u32,
+        (sink_ns, sink_if): (&str, &str),
+        gen_ns: &str,
+        gen_args: &[String],
+    ) -> Result<f64> {
         let sink = self.sink(sink_ns, sink_if)?;
         // The generator outlasts the sink's window (which starts at the first frame): by
         // 1 s in full runs, by a quarter second in quick ones (which keeps them near a minute).
         let dur = self.window + (self.window * 0.5).min(1.0);
-        let out = run(Command::new("ip")
-            .args(["netns", "exec", gen_ns, &self.pktgen(), "send", "--quiet"])
-            .args(gen_args)
-            .args(["--duration", &dur.to_string()]))?;
-        let _ = out;
+        let gen = |cpu: Option<u32>| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", gen_ns]);
+            if let Some(cpu) = cpu {
+                c.args(["taskset", "-c", &cpu.to_string()]);
+            }
+            c.args([&self.pktgen(), "send", "--quiet"])
+                .args(gen_args)
+                .args(["--duration", &dur.to_string()])
+                .stdout(Stdio::null());
+            c
+        };
+        if cores == 1 {
+            run(&mut gen(None))?;
+        } else {
+            let children = (0..cores)
+                .map(|cpu| gen(Some(cpu)).spawn())
+                .collect::<std::io::Result<Vec<_>>>()?;
+            for mut c in children {
+                if !c.wait()?.success() {
+                    bail!("a generator failed");
+                }
+            }
+        }
         Self::sink_result(sink)
+    }
+
+    /// The scenario `name` measured again with `SCALING_CORES` generators (rates only: the
+    /// per-packet cost is the 1-core figure's).
+    fn scaled(
+        &self,
+        name: &str,
+        what: &str,
+        sink: (&str, &str),
+        gen_ns: &str,
+        gen_args: &[String],
+    ) -> Scenario {
+        let full = Scenario::on_cores(name, SCALING_CORES);
+        match self.repeat(|| self.measure_on(SCALING_CORES, sink, gen_ns, gen_args)) {
+            Ok(samples) => Scenario {
+                vs_baseline: name != GENERATOR,
+                name: full,
+                what: format!("{what}; one generator per core, 2-queue veths"),
+                unit: "Mpps",
+                samples,
+                vs: None,
+                error: None,
+                xdp_ns: vec![],
+                cores: SCALING_CORES,
+            },
+            Err(e) => {
+                eprintln!("    {full}: {e:#}");
+                Scenario {
+                    cores: SCALING_CORES,
+                    ..Scenario::failed(&full, e)
+                }
+            }
+        }
     }
 
     fn repeat(&self, f: impl Fn() -> Result<f64>) -> Result<Vec<f64>> {
@@ -186,7 +277,7 @@ impl Ctx {
     /// programs, i.e. over the hops of the path). The statistics stay off while the rates are
     /// measured: their accounting (two clock reads per program run, the generator's and the
     /// sink's included) halves the generator's ceiling on this machine kind (4.55 -> 2.31 Mpps).
-    /// Returns the packet rates and the ns/packet figure, if any.
+    /// Returns the packet rates and the ns/packet figure, if any (none without `progs`).
     fn repeat_xdp(
         &self,
         sink: (&str, &str),
@@ -195,6 +286,9 @@ impl Ctx {
         progs: &[u32],
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         let rates = self.repeat(|| self.measure(sink.0, sink.1, gen_ns, gen_args))?;
+        if progs.is_empty() {
+            return Ok((rates, vec![]));
+        }
         let stats = match StatsOn::enable() {
             Ok(s) => s,
             Err(e) => {
@@ -224,6 +318,7 @@ impl Ctx {
 /// on ch1's bridge port.
 fn with_peer_chassis(tag: &str) -> Result<Testbed> {
     let mut tb = Testbed::new(tag)?;
+    tb.queues = SCALING_CORES;
     tb.add_chassis("ch1")?;
     tb.add_injector()?;
     tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
@@ -303,6 +398,7 @@ pub fn bench(o: &Opts) -> Result<()> {
         bins: crate::testbed::bin_dir().display().to_string(),
         reps: if o.quick { 1 } else { 3 },
         window: if o.quick { 0.5 } else { 2.0 },
+        quick: o.quick,
     };
     let flow_counts: &[u32] = if o.quick {
         &[1, 1000]
@@ -362,6 +458,7 @@ pub fn bench(o: &Opts) -> Result<()> {
             vs: None,
             error: udp.1,
             xdp_ns: vec![],
+            cores: 1,
         });
         sc.push(Scenario {
             name: format!("OVS {kind} end to end TCP (iperf3)"),
@@ -372,6 +469,7 @@ pub fn bench(o: &Opts) -> Result<()> {
             vs: None,
             error: tcp.1,
             xdp_ns: vec![],
+            cores: 1,
         });
     }
     report::report(&sc, o, started.elapsed())

@@ -1,6 +1,6 @@
 //! The report: Markdown table, raw JSON, SVG chart, and the completeness check.
 
-use super::{Opts, Scenario, GENERATOR, GENERATOR_BOUND, MINIMAL};
+use super::{Opts, Scenario, GENERATOR, GENERATOR_BOUND, MINIMAL, SCALING_CORES};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -28,24 +28,40 @@ fn machine() -> Value {
 }
 
 pub(super) fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
-    let base = sc
-        .iter()
-        .find(|s| s.name == "baseline")
-        .map(|s| s.median())
-        .unwrap_or(0.0);
+    // The median of the scenario measured with as many cores as `s` whose 1-core name is
+    // `name` (0 if none).
+    let of_cores = |name: &str, s: &Scenario| -> f64 {
+        sc.iter()
+            .find(|x| x.cores == s.cores && x.one_core_name() == name && x.error.is_none())
+            .map(|x| x.median())
+            .unwrap_or(0.0)
+    };
+    let base_of = |s: &Scenario| of_cores("baseline", s);
+    let ceiling_of = |s: &Scenario| of_cores(GENERATOR, s);
     let ceiling = sc
         .iter()
         .find(|s| s.name == GENERATOR)
         .map(|s| s.median())
         .unwrap_or(0.0);
-    // The share of the generator's ceiling a packet-rate scenario reached, if it has one.
+    // The share of the generator's ceiling (of as many cores) a packet-rate scenario
+    // reached, if it has one.
     let share = |s: &Scenario| -> Option<f64> {
+        let c = ceiling_of(s);
         (s.unit == "Mpps"
-            && s.name != GENERATOR
+            && s.one_core_name() != GENERATOR
             && s.name != MINIMAL
-            && ceiling > 0.0
+            && c > 0.0
             && s.error.is_none())
-        .then(|| s.median() / ceiling)
+        .then(|| s.median() / c)
+    };
+    // The scenario `s` is compared with: its 1-core figure if it ran on more cores.
+    let compared = |s: &Scenario| -> Option<&Scenario> {
+        if s.cores > 1 {
+            let n = s.one_core_name();
+            sc.iter().find(|x| x.name == n)
+        } else {
+            s.vs.and_then(|n| sc.iter().find(|x| x.name == n))
+        }
     };
     let minimal = sc
         .iter()
@@ -65,6 +81,9 @@ pub(super) fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
         "A packet rate at {GENERATOR_BOUND}x or more of the generator's own ceiling ({ceiling:.3} Mpps, measured in this run) is marked generator-bound: it shows the generator's limit, not the datapath's. That ceiling is {:.2}x of what the minimal live-frames generator (no per-frame work) reaches into the same sink ({minimal:.3} Mpps). XDP ns/pkt is the geneflow program's run time per packet from bpf_stats, read over extra windows after the rates (the statistics would slow the generator); the sum over both chassis end to end; the accounting's own clock reads are included.\n\n",
         if minimal > 0.0 { ceiling / minimal } else { 0.0 }
     ));
+    md.push_str(&format!(
+        "Scenarios marked \", {SCALING_CORES} cores\" run {SCALING_CORES} generators, one pinned to each core, on the same 2-queue veths: a veth hands what a CPU sends to the peer queue of that number, whose XDP runs on that CPU, so each core carries its own share of the path. They are set against the generator ceiling and the baseline measured the same way and compared with their 1-core figure; their XDP ns/pkt is the 1-core one.\n\n"
+    ));
     md.push_str("| scenario | median | min-max | of generator ceiling | ratio to baseline | compared with | XDP ns/pkt | what |\n|---|---|---|---|---|---|---|---|\n");
     for s in sc {
         if let Some(e) = &s.error {
@@ -76,12 +95,12 @@ pub(super) fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
             ));
             continue;
         }
-        let ratio = if s.vs_baseline && base > 0.0 {
-            format!("{:.2}", s.median() / base)
+        let ratio = if s.vs_baseline && base_of(s) > 0.0 {
+            format!("{:.2}", s.median() / base_of(s))
         } else {
             "-".into()
         };
-        let ovs = match s.vs.and_then(|n| sc.iter().find(|x| x.name == n)) {
+        let ovs = match compared(s) {
             Some(x) if x.median() > 0.0 => format!("{:.2}x {}", s.median() / x.median(), x.name),
             Some(x) => format!("{} not measured", x.name),
             None => "-".into(),
@@ -116,7 +135,8 @@ pub(super) fn report(sc: &[Scenario], o: &Opts, took: Duration) -> Result<()> {
         "quick": o.quick,
         "scenarios": sc.iter().map(|s| json!({
             "name": s.name, "unit": s.unit, "samples": s.samples, "median": s.median(),
-            "ratio_to_baseline": if s.vs_baseline && base > 0.0 { json!(s.median() / base) } else { Value::Null },
+            "cores": s.cores,
+            "ratio_to_baseline": if s.vs_baseline && base_of(s) > 0.0 { json!(s.median() / base_of(s)) } else { Value::Null },
             "xdp_ns_per_packet": s.xdp_ns, "xdp_ns_per_packet_median": s.xdp_ns_median(),
             "of_generator_ceiling": share(s),
             "generator_bound": share(s).map(|x| x >= GENERATOR_BOUND),
@@ -157,18 +177,20 @@ fn svg(sc: &[Scenario]) -> String {
             s.median()
         ));
     }
-    // The generator's ceiling as a line across the chart: a bar that reaches it measured the
-    // generator.
-    if let Some(g) = rows
+    // The generator's ceilings (1 core, and as many as the scaling scenarios use) as lines
+    // across the chart: a bar of as many cores that reaches its line measured the generator.
+    for (k, g) in rows
         .iter()
-        .find(|s| s.name == GENERATOR && s.error.is_none())
+        .filter(|s| s.one_core_name() == GENERATOR && s.error.is_none())
+        .enumerate()
     {
         let x = 200.0 + (w - 330.0) * g.median() / max;
         out.push_str(&format!(
-            "<line x1=\"{x:.1}\" y1=\"28\" x2=\"{x:.1}\" y2=\"{:.0}\" stroke=\"#d53a3a\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{:.0}\" fill=\"#d53a3a\">generator ceiling</text>\n",
+            "<line x1=\"{x:.1}\" y1=\"28\" x2=\"{x:.1}\" y2=\"{:.0}\" stroke=\"#d53a3a\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{:.0}\" fill=\"#d53a3a\">{}</text>\n",
             h - 4.0,
             x + 4.0,
-            h - 6.0
+            h - 6.0 - 14.0 * k as f64,
+            g.name
         ));
     }
     out.push_str("</svg>\n");
@@ -196,6 +218,11 @@ pub const REQUIRED: &[&str] = &[
     super::dhcp::ANSWERS,
     super::dhcp::STORM,
     "end to end UDP 64B",
+    "generator ceiling, 2 cores",
+    "baseline, 2 cores",
+    "encap 1000 flows, 2 cores",
+    "decap 1000 flows, 2 cores",
+    "end to end UDP 64B, 2 cores",
     "end to end TCP (iperf3)",
     "slow path (AF_XDP)",
     "flow setup",

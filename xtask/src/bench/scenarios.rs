@@ -1,7 +1,7 @@
 //! The single-hop and two-chassis scenarios: the baseline redirect, encap and decap on one
 //! chassis, end to end across two chassis (UDP and TCP), the slow path and flow setup.
 
-use super::{args, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR, MINIMAL};
+use super::{args, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR, MINIMAL, SCALING_CORES};
 use crate::bpfstats::prog_on;
 use crate::testbed::{run, Testbed};
 use anyhow::{bail, Context, Result};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
     eprintln!("==> generator ceiling, and the baseline: XDP_REDIRECT between two veths");
     let mut tb = Testbed::new("bb")?;
+    tb.queues = SCALING_CORES;
     let g = tb.add_raw_ns("g")?;
     let r = tb.add_raw_ns("r")?;
     let s = tb.add_raw_ns("s")?;
@@ -37,6 +38,13 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
         ceiling.push(ctx.measure(&r, "a0", &g, &gen)?);
         minimal.push(ctx.measure(&r, "a0", &g, &gen_min)?);
     }
+    let ceiling2 = ctx.scaled(
+        GENERATOR,
+        "generator -> veth -> XDP_DROP sink",
+        (&r, "a0"),
+        &g,
+        &gen,
+    );
     let mut red = Command::new("ip")
         .args([
             "netns",
@@ -54,6 +62,13 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
     let mut l = String::new();
     BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
     let measured = prog_on(&r, "a0").and_then(|p| ctx.repeat_xdp((&s, "eth0"), &g, &gen, &[p]));
+    let base2 = ctx.scaled(
+        "baseline",
+        "plain XDP_REDIRECT veth -> veth",
+        (&s, "eth0"),
+        &g,
+        &gen,
+    );
     // SAFETY: plain kill(2) on our child.
     unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
     let _ = red.wait();
@@ -68,6 +83,7 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
             vs: Some(MINIMAL),
             error: None,
             xdp_ns: vec![],
+            cores: 1,
         },
         Scenario {
             name: MINIMAL.into(),
@@ -78,6 +94,7 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
             vs: None,
             error: None,
             xdp_ns: vec![],
+            cores: 1,
         },
         Scenario::xdp_rate(
             "baseline",
@@ -86,6 +103,8 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
             xdp_ns,
             None,
         ),
+        ceiling2,
+        base2,
     ])
 }
 
@@ -102,21 +121,34 @@ pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario
     super::pin_peer_neighbour(&tb, &ch.ns)?;
     let vm1 = tb.vm("vm1")?;
     let ul_mac = mac_of(&ch.ns, "ul")?;
+    // Quick runs read the programs' cost at 1000 flows only (it keeps them under a minute).
+    let progs = |flows: u32, ns: &str, iface: &str| -> Result<Vec<u32>> {
+        Ok(if ctx.quick && flows != 1000 {
+            vec![]
+        } else {
+            vec![prog_on(ns, iface)?]
+        })
+    };
     for &flows in flow_counts {
         let gen = udp_gen(&vm1.mac, "0a:00:00:00:00:09", &vm1.ip, "10.0.0.9", flows);
         let (s, xdp_ns) = ctx.repeat_xdp(
             (&tb.underlay_ns, &ch.bridge_port),
             &vm1.ns,
             &gen,
-            &[prog_on(&ch.ns, "vp-vm1")?],
+            &progs(flows, &ch.ns, "vp-vm1")?,
         )?;
-        sc.push(Scenario::xdp_rate(
-            format!("encap {flows} flow{}", if flows > 1 { "s" } else { "" }),
-            "VM port -> XDP megaflow -> Geneve on the uplink",
-            s,
-            xdp_ns,
-            None,
-        ));
+        let name = format!("encap {flows} flow{}", if flows > 1 { "s" } else { "" });
+        let what = "VM port -> XDP megaflow -> Geneve on the uplink";
+        sc.push(Scenario::xdp_rate(&name, what, s, xdp_ns, None));
+        if flows == 1000 {
+            sc.push(ctx.scaled(
+                &name,
+                what,
+                (&tb.underlay_ns, &ch.bridge_port),
+                &vm1.ns,
+                &gen,
+            ));
+        }
     }
     for &flows in flow_counts {
         let gen = args(&[
@@ -151,15 +183,14 @@ pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario
             (&vm1.ns, "eth0"),
             &tb.underlay_ns,
             &gen,
-            &[prog_on(&ch.ns, "ul")?],
+            &progs(flows, &ch.ns, "ul")?,
         )?;
-        sc.push(Scenario::xdp_rate(
-            format!("decap {flows} flow{}", if flows > 1 { "s" } else { "" }),
-            "Geneve on the uplink -> XDP decap -> VM port",
-            s,
-            xdp_ns,
-            None,
-        ));
+        let name = format!("decap {flows} flow{}", if flows > 1 { "s" } else { "" });
+        let what = "Geneve on the uplink -> XDP decap -> VM port";
+        sc.push(Scenario::xdp_rate(&name, what, s, xdp_ns, None));
+        if flows == 1000 {
+            sc.push(ctx.scaled(&name, what, (&vm1.ns, "eth0"), &tb.underlay_ns, &gen));
+        }
     }
     let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
     eprintln!("    (fast-path hits on vp-vm1: {hits})");
@@ -171,6 +202,7 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     let mut sc = Vec::new();
     eprintln!("==> end to end: VM on ch1 -> VM on ch2 (uplinks on one veth pair)");
     let mut tb = Testbed::new("bx")?;
+    tb.queues = SCALING_CORES;
     tb.add_chassis_pair_direct("ch1", "ch2")?;
     tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
     tb.add_vm("vm1", "ch1", "ls1", 1)?;
@@ -191,8 +223,15 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         xdp_ns,
         Some("OVS afxdp end to end UDP 64B"),
     ));
+    sc.push(ctx.scaled(
+        "end to end UDP 64B",
+        "VM ch1 -> encap (XDP) -> underlay veth -> decap (XDP) -> VM ch2",
+        (&vm3.ns, "eth0"),
+        &vm1.ns,
+        &gen,
+    ));
     // TCP with iperf3.
-    let secs = if o.quick { 2 } else { 10 };
+    let secs = if o.quick { 1 } else { 10 };
     let tcp = (0..ctx.reps)
         .map(|_| super::ovs::iperf(&tb, "vm1", "vm3", secs))
         .collect::<Result<Vec<_>>>()?;
@@ -205,6 +244,7 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         vs: Some("OVS afxdp end to end TCP (iperf3)"),
         error: None,
         xdp_ns: vec![],
+        cores: 1,
     });
     eprintln!("==> slow path: every frame to a new destination");
     let gen = args(&[
@@ -251,6 +291,7 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         vs: None,
         error: None,
         xdp_ns: vec![],
+        cores: 1,
     });
     // Flow setup: invalidate ls1 (an NB change), send one frame, time until the megaflow
     // for it is installed in XDP.
@@ -314,6 +355,7 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         vs: None,
         error: None,
         xdp_ns: vec![],
+        cores: 1,
     });
     Ok(sc)
 }
