@@ -4,16 +4,52 @@
 use super::*;
 
 impl Bpf {
+    /// A new generation for datapath `dp`, in its slot of GENS (a free one if it has none).
     pub(super) fn set_gen(&mut self, dp: u32, fingerprint: u64) -> Result<(), LoaderError> {
+        let slot = match self.gen_slots.get(&dp) {
+            Some(&s) => s,
+            None => self
+                .free_gen_slots
+                .pop()
+                .ok_or(LoaderError::Full("GENS", MAX_DATAPATHS))?,
+        };
+        self.gen_slots.insert(dp, slot);
         let g = DpGen {
             generation: self.next_gen,
-            pad: 0,
+            dp_key: dp,
             fingerprint,
         };
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        self.gens.insert(dp, g, 0).map_err(map_err("GENS"))?;
+        self.gens.set(slot, g, 0).map_err(map_err("GENS"))?;
         self.live_gens.insert(dp, g);
         Ok(())
+    }
+
+    /// Frees the slot of a datapath that is gone: its entries are stale from now on (a free
+    /// slot's generation is 0), and a datapath that takes the slot later gets a newer
+    /// generation than any they carry.
+    fn drop_gen(&mut self, dp: u32) {
+        self.live_gens.remove(&dp);
+        if let Some(slot) = self.gen_slots.remove(&dp) {
+            let _ = self.gens.set(slot, DpGen::default(), 0);
+            self.free_gen_slots.push(slot);
+        }
+    }
+
+    /// The live generations of a pinned GENS (a previous process's), with their slots.
+    pub(super) fn adopt_gens(&mut self) {
+        self.live_gens.clear();
+        self.gen_slots.clear();
+        self.free_gen_slots.clear();
+        for slot in (0..MAX_DATAPATHS).rev() {
+            match self.gens.get(&slot, 0) {
+                Ok(g) if g.generation != 0 && !self.live_gens.contains_key(&g.dp_key) => {
+                    self.live_gens.insert(g.dp_key, g);
+                    self.gen_slots.insert(g.dp_key, slot);
+                }
+                _ => self.free_gen_slots.push(slot),
+            }
+        }
     }
 
     /// Brings the generations in line with the datapaths' fingerprints (`fingerprints` holds
@@ -39,8 +75,7 @@ impl Bpf {
             .filter(|dp| !fingerprints.contains_key(dp))
             .collect();
         for dp in gone {
-            self.live_gens.remove(&dp);
-            let _ = self.gens.remove(&dp);
+            self.drop_gen(dp);
             changed.push(dp);
         }
         Ok(changed)
@@ -135,6 +170,7 @@ impl Bpf {
         key.mask_id = id as u8;
         let mut action = m.action;
         action.generation = generation;
+        action.gen_slot = self.gen_slots.get(&m.action.dp_key).copied().unwrap_or(0);
         if self.installed.get(&key).map(|(a, _)| a) == Some(&action) {
             return Ok(Install::AlreadyPresent);
         }

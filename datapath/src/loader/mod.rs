@@ -50,6 +50,8 @@ pub enum LoaderError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("BPF map {0} is full ({1} entries)")]
+    Full(&'static str, u32),
     #[error("BPF map {0} missing from the object")]
     MissingMap(&'static str),
     #[error("attaching XDP to ifindex {ifindex}: {source}")]
@@ -219,7 +221,7 @@ pub struct Bpf {
     nat: HashMap<MapData, CtKey, NatEntry>,
     fip_ct: HashMap<MapData, u32, FipCt>,
     ports: HashMap<MapData, u32, PortConf>,
-    gens: HashMap<MapData, u32, DpGen>,
+    gens: Array<MapData, DpGen>,
     peers: HashMap<MapData, u32, u32>,
     xsks: XskMap<MapData>,
     counters: Option<PerCpuArray<MapData, geneflow_abi::PortCounters>>,
@@ -228,6 +230,9 @@ pub struct Bpf {
     /// knows what to delete.
     mask_lists: [Vec<FlowKey>; MASK_LISTS as usize],
     live_gens: StdHashMap<u32, DpGen>,
+    /// Each live datapath's slot in GENS, and the free slots (lowest last).
+    gen_slots: StdHashMap<u32, u32>,
+    free_gen_slots: Vec<u32>,
     /// Generations are global and only grow, so a datapath removed and added back can never
     /// revive its old entries.
     next_gen: u32,
@@ -304,7 +309,7 @@ impl Bpf {
         let config = Array::try_from(take("CONFIG")?).map_err(map_err("CONFIG"))?;
         let mask_hits = PerCpuArray::try_from(take("MASK_HITS")?).map_err(map_err("MASK_HITS"))?;
         let ports = HashMap::try_from(take("PORTS")?).map_err(map_err("PORTS"))?;
-        let gens = HashMap::try_from(take("GENS")?).map_err(map_err("GENS"))?;
+        let gens = Array::try_from(take("GENS")?).map_err(map_err("GENS"))?;
         let peers = HashMap::try_from(take("PEERS")?).map_err(map_err("PEERS"))?;
         let ct = HashMap::try_from(take("CT")?).map_err(map_err("CT"))?;
         let nat = HashMap::try_from(take("NAT")?).map_err(map_err("NAT"))?;
@@ -339,6 +344,8 @@ impl Bpf {
             counters: Some(counters),
             mask_lists: Default::default(),
             live_gens: StdHashMap::new(),
+            gen_slots: StdHashMap::new(),
+            free_gen_slots: (0..MAX_DATAPATHS).rev().collect(),
             next_gen: 1,
             installed: StdHashMap::with_capacity(MAX_FLOWS as usize),
         };
@@ -371,7 +378,7 @@ impl Bpf {
             };
         }
         let _ = self.write_config();
-        self.live_gens = self.gens.iter().flatten().collect();
+        self.adopt_gens();
         let now = std::time::Instant::now();
         let mut top = self
             .live_gens

@@ -7,7 +7,7 @@
 /// Version of the layout of every map below. Bump it on any change to a map's key or value type
 /// or capacity: a restarted agent adopts pinned maps only of its own ABI version (an upgrade
 /// across versions swaps in fresh maps and the slow path refills them).
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Upper bound of each ordered mask list the XDP program walks (tuple-space search).
 pub const MAX_MASKS: u32 = 16;
@@ -28,7 +28,7 @@ pub const MAX_PORTS: u32 = 64;
 /// queue` (an AF_XDP socket only takes frames of the queue it is bound to). A frame missing on
 /// a higher queue counts drop_xsk; `ethtool -L` brings a NIC's queue count within it.
 pub const MAX_QUEUES: u32 = 16;
-/// Logical datapaths tracked by the generation map.
+/// Logical datapaths tracked by the generation map (`GENS`, an array of slots).
 pub const MAX_DATAPATHS: u32 = 16384;
 /// Chassis this one accepts Geneve from (`PEERS`: encap IPv4, network byte order -> 1).
 pub const MAX_PEERS: u32 = 16384;
@@ -425,7 +425,8 @@ pub struct FlowAction {
     pub kind: u32,
     pub out_ifindex: u32,
     /// Logical datapath this entry was derived from and its generation at install time; an
-    /// entry whose generation differs from the live one is stale and treated as a miss.
+    /// entry whose generation differs from the live one (`GENS[gen_slot]`) is stale and
+    /// skipped.
     pub dp_key: u32,
     pub generation: u32,
     pub drop_reason: u32,
@@ -457,7 +458,9 @@ pub struct FlowAction {
     /// Out to a provider network on a VLAN: the tag to put on (`VLAN_PRESENT | vid`), or 0.
     pub vlan: u16,
     pub pad_vlan: u16,
-    pub pad_vlan2: u32,
+    /// The datapath's slot in `GENS` (set by userspace at install): an array index, so the
+    /// generation check costs no hash lookup.
+    pub gen_slot: u32,
     /// Packets that used this entry, counted by XDP (approximate under concurrent CPUs:
     /// incremented without an atomic to keep the hot path cheap). Userspace writes 0.
     pub hits: u64,
@@ -534,8 +537,11 @@ pub struct Config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DpGen {
+    /// 0: a free slot (no entry's generation is 0).
     pub generation: u32,
-    pub pad: u32,
+    /// The datapath in this slot (`FlowAction::dp_key`), so that a restarted agent finds
+    /// each datapath's slot again.
+    pub dp_key: u32,
     pub fingerprint: u64,
 }
 

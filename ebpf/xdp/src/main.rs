@@ -54,7 +54,7 @@ mod prog {
     #[map]
     static PORT_CACHE: PerCpuArray<PortCacheSlot> = PerCpuArray::with_max_entries(1, 0);
     #[map]
-    static GENS: HashMap<u32, DpGen> = HashMap::with_max_entries(MAX_DATAPATHS, 0);
+    static GENS: Array<DpGen> = Array::with_max_entries(MAX_DATAPATHS, 0);
     /// Encap IPv4 addresses (network byte order) of the chassis Geneve is accepted from.
     #[map]
     static PEERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
@@ -431,8 +431,7 @@ mod prog {
             if let Some(p) = FLOWS.get_ptr_mut(&k) {
                 // SAFETY: the kernel returned a pointer to the live value.
                 let a = unsafe { *p };
-                // SAFETY: as above.
-                let live = unsafe { GENS.get(&a.dp_key) }.map(|g| g.generation);
+                let live = GENS.get(a.gen_slot).map(|g| g.generation);
                 if live != Some(a.generation) {
                     // Stale: invalid, not a verdict. A megaflow of the new generation may sit
                     // under another mask (the datapath's rules now look at fields the stale
