@@ -7,6 +7,11 @@
 //! Headless operation: when the NB is unreachable the forwarder keeps the last pipeline; this
 //! thread retries with backoff, logs once per state change, and resyncs on reconnect. Bad data
 //! (a malformed file, a record that does not parse or validate) is logged once and skipped.
+//!
+//! Periodic reconciliation (Dragonflow's periodic sync): every so often the agent asks the
+//! store for a cheap revision token of its topics and, when it moved since the last check
+//! (or after a resync), reads them and compares with what it holds. What differs (a lost
+//! notification, a write behind the notifier's back) is logged and applied like a change.
 
 use crate::compiler::{Compiler, Pipeline};
 use crate::kv::{self, Kv};
@@ -46,6 +51,9 @@ pub struct NbStatus {
     /// Records held per table.
     pub records: BTreeMap<String, usize>,
     pub resyncs: u64,
+    /// Periodic reconciliations run, and records they found diverged and repaired.
+    pub reconcile_checks: u64,
+    pub reconcile_repairs: u64,
     pub last_compile_us: u64,
     pub rejected_records: usize,
 }
@@ -53,9 +61,17 @@ pub struct NbStatus {
 /// Called after each pipeline is sent, so a sleeping forwarder picks it up at once.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// Where the agent's NB is and how it follows it.
+#[derive(Debug, Clone)]
+pub struct NbConfig {
+    pub url: String,
+    pub chassis: String,
+    /// How often to reconcile with the store (`None`: never).
+    pub reconcile: Option<Duration>,
+}
+
 pub fn spawn(
-    url: String,
-    chassis: String,
+    cfg: NbConfig,
     tx: Sender<PipelineUpdate>,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<NbStatus>>,
@@ -63,7 +79,7 @@ pub fn spawn(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("gf-control".into())
-        .spawn(move || run(url, chassis, tx, stop, status, wake))
+        .spawn(move || run(cfg, tx, stop, status, wake))
 }
 
 struct Agent {
@@ -80,19 +96,29 @@ struct Agent {
     last_data_error: Option<String>,
     /// Ports accepted by the last validation: they keep their keys against newcomers.
     incumbents: BTreeSet<String>,
+    reconcile_every: Option<Duration>,
+    /// The store's revision token of the topics at the last reconciliation; `None` after a
+    /// resync (the next check compares in full).
+    last_rev: Option<u64>,
 }
 
 fn run(
-    url: String,
-    chassis: String,
+    cfg: NbConfig,
     tx: Sender<PipelineUpdate>,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<NbStatus>>,
     wake: Waker,
 ) {
+    let NbConfig {
+        url,
+        chassis,
+        reconcile,
+    } = cfg;
     let mut a = Agent {
         compiler: Compiler::new(&chassis),
         chassis,
+        reconcile_every: reconcile,
+        last_rev: None,
         tx,
         wake,
         stop,
@@ -205,11 +231,13 @@ impl Agent {
                 s.resyncs += 1;
             });
             self.publish(&doc, None, noticed);
+            self.last_rev = None;
+            let mut last_check = Instant::now();
             loop {
                 if self.stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let events = match b.poll(POLL) {
+                let mut events = match b.poll(POLL) {
                     Ok(ev) => ev,
                     Err(e) if e.is_data_error() => {
                         self.data_error(&e);
@@ -217,6 +245,25 @@ impl Agent {
                     }
                     Err(e) => return Err(e),
                 };
+                if self
+                    .reconcile_every
+                    .is_some_and(|every| last_check.elapsed() >= every)
+                {
+                    last_check = Instant::now();
+                    // Against what we hold once the notified changes are in.
+                    let mut view = data.clone();
+                    for ev in &events {
+                        match ev {
+                            Event::Put(k, v) => view.insert(k.clone(), v.clone()),
+                            Event::Delete(k) => view.remove(k),
+                        };
+                    }
+                    match self.reconcile(b, &topics, &view) {
+                        Ok(repairs) => events.extend(repairs),
+                        Err(e) if e.is_data_error() => self.data_error(&e),
+                        Err(e) => return Err(e),
+                    }
+                }
                 if events.is_empty() {
                     continue;
                 }
@@ -257,6 +304,49 @@ impl Agent {
                 self.publish(&doc, if all { None } else { Some(&dirty) }, noticed);
             }
         }
+    }
+
+    /// The changes that bring `held` in line with the store under `topics`: none without a
+    /// read when the store's revision token has not moved since the last check.
+    fn reconcile(
+        &mut self,
+        b: &mut dyn Backend,
+        topics: &[String],
+        held: &Kv,
+    ) -> Result<Vec<Event>, NbError> {
+        let rev = b.revision(topics)?;
+        self.set_status(|s| s.reconcile_checks += 1);
+        if rev.is_some() && rev == self.last_rev {
+            return Ok(Vec::new());
+        }
+        let fresh = b.snapshot(topics)?;
+        let mut events: Vec<Event> = fresh
+            .iter()
+            .filter(|(k, v)| held.get(*k) != Some(*v))
+            .map(|(k, v)| Event::Put(k.clone(), v.clone()))
+            .collect();
+        events.extend(
+            held.keys()
+                .filter(|k| !fresh.contains_key(*k))
+                .map(|k| Event::Delete(k.clone())),
+        );
+        self.last_rev = rev;
+        if !events.is_empty() {
+            let keys: Vec<&str> = events
+                .iter()
+                .map(|e| match e {
+                    Event::Put(k, _) | Event::Delete(k) => k.as_str(),
+                })
+                .collect();
+            warn!(
+                diverged = events.len(),
+                keys = ?&keys[..keys.len().min(10)],
+                "NB reconciliation: records differed from the store (a lost notification?); repaired"
+            );
+            let n = events.len() as u64;
+            self.set_status(|s| s.reconcile_repairs += n);
+        }
+        Ok(events)
     }
 
     fn wait(&self, d: Duration) {

@@ -20,6 +20,7 @@ pub const KEYS: &[&str] = &[
     "pin_dir",
     "provider",
     "dhcp_rate",
+    "nb_reconcile_secs",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -48,6 +49,8 @@ pub struct FileConfig {
     pub provider: Option<Vec<(String, String)>>,
     /// DHCP answers per second per port (bursts as large).
     pub dhcp_rate: Option<u32>,
+    /// Seconds between reconciliations with the NB (0 = never).
+    pub nb_reconcile_secs: Option<u32>,
 }
 
 /// Parses a `PHYSNET=IFACE` mapping (flag or config entry).
@@ -185,6 +188,13 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
                     .ok_or_else(|| want("answers per second, 1 to 10000000"))?;
                 c.dhcp_rate = Some(n as u32);
             }
+            "nb_reconcile_secs" => {
+                let n = v
+                    .as_integer()
+                    .filter(|n| (0..=86_400).contains(n))
+                    .ok_or_else(|| want("seconds, 0 (never) to 86400"))?;
+                c.nb_reconcile_secs = Some(n as u32);
+            }
             "provider" => {
                 let a = v
                     .as_array()
@@ -233,6 +243,7 @@ udp_csum = true
 pin_dir = "/sys/fs/bpf/geneflow/ch1"
 provider = ["physnet1=eth2", "physnet2=eth3"]
 dhcp_rate = 50
+nb_reconcile_secs = 30
 "#,
         )
         .unwrap();
@@ -245,6 +256,7 @@ dhcp_rate = 50
             ])
         );
         assert_eq!(c.dhcp_rate, Some(50));
+        assert_eq!(c.nb_reconcile_secs, Some(30));
         assert_eq!(c.forwarder_cores, Some(vec![0]));
         assert_eq!(c.metrics_address.unwrap().port(), 9469);
     }
@@ -261,6 +273,7 @@ dhcp_rate = 50
             ("udp_csum = \"yes\"", "key `udp_csum`"),
             ("pin_dir = \"bpf\"", "key `pin_dir`"),
             ("nb = \"ftp://x\"", "key `nb`"),
+            ("nb_reconcile_secs = -1", "key `nb_reconcile_secs`"),
             ("uplink = \"a/b\"", "key `uplink`"),
             ("provider = \"physnet1=eth2\"", "key `provider`"),
             ("provider = [\"physnet1\"]", "key `provider`"),

@@ -286,3 +286,90 @@ fn invalid_records_are_refused_or_skipped() -> Result<()> {
     tb.ping("vm2", &tb.vm("vm4")?.ip.clone(), 2)?;
     Ok(())
 }
+
+/// `redis-cli` against the testbed's Redis NB, from its namespace.
+fn redis_cli(tb: &Testbed, args: &[&str]) -> Result<String> {
+    let ns = tb.db_ns.clone().context("no NB namespace")?;
+    let host = tb
+        .nb
+        .trim_start_matches("redis://")
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    run(Command::new("ip")
+        .args(["netns", "exec", &ns, "redis-cli", "-h", &host])
+        .args(args))
+}
+
+#[test]
+fn periodic_reconciliation_repairs_a_lost_notification() -> Result<()> {
+    require_root();
+    let mut tb = Testbed::with_nb("rc", NbKind::Redis)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    tb.add_vm("vm1", "ch1", "ls1", 1)?;
+    tb.add_vm("vm3", "ch2", "ls1", 3)?;
+    for c in tb.chassis.iter_mut() {
+        c.agent_args = vec!["--nb-reconcile-secs".into(), "1".into()];
+    }
+    tb.start_agents()?;
+    let ip3 = tb.vm("vm3")?.ip.clone();
+    tb.ping("vm1", &ip3, 1)?;
+    // Nothing diverges while the notifications flow: checks run, none repairs.
+    let nb = |c: &str, k: &str| -> Result<u64> { Ok(tb.stats(c)?["nb"][k].as_u64().unwrap_or(0)) };
+    within(Duration::from_secs(5), || {
+        Ok(nb("ch1", "reconcile_checks")? >= 3)
+    })?
+    .context("ch1 never reconciled")?;
+    assert_eq!(nb("ch1", "reconcile_repairs")?, 0);
+    // vm3's port deleted the way a writer whose notification was lost would have: the
+    // record and its topic's change counter, no PUBLISH. The agents hear nothing; the next
+    // reconciliation finds it and takes vm3 off the overlay.
+    redis_cli(&tb, &["DEL", "/gf/t/default/ports/vm3"])?;
+    redis_cli(&tb, &["INCR", "gf-rev:/gf/t/default/"])?;
+    within(Duration::from_secs(5), || {
+        Ok(nb("ch1", "reconcile_repairs")? >= 1 && nb("ch2", "reconcile_repairs")? >= 1)
+    })?
+    .context("the lost deletion was never repaired")?;
+    assert!(!reachable(&tb, "vm1", &ip3), "vm3 still on the overlay");
+    for c in ["ch1", "ch2"] {
+        assert_eq!(tb.stats(c)?["nb"]["records"]["ports"], 1, "{c}");
+        assert!(
+            tb.agent_log(c).contains("NB reconciliation"),
+            "{c} did not log the repair"
+        );
+    }
+    Ok(())
+}
+
+/// With every notification delivered, reconciliation runs and repairs nothing, whether the
+/// store moved (a port added: the next check compares in full) or not.
+fn reconciliation_is_quiet(tag: &str, kind: NbKind) -> Result<()> {
+    require_root();
+    let mut tb = Testbed::with_nb(tag, kind)?;
+    tb.add_chassis("ch1")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    tb.add_vm("vm1", "ch1", "ls1", 1)?;
+    tb.chassis[0].agent_args = vec!["--nb-reconcile-secs".into(), "1".into()];
+    tb.start_agents()?;
+    let nb = |k: &str| -> Result<u64> { Ok(tb.stats("ch1")?["nb"][k].as_u64().unwrap_or(0)) };
+    within(Duration::from_secs(5), || Ok(nb("reconcile_checks")? >= 2))?
+        .context("never reconciled")?;
+    tb.nbctl(&["lsp-add", "ls1", "p9", "0a:00:00:00:00:99", "--key", "9"])?;
+    let c0 = nb("reconcile_checks")?;
+    within(Duration::from_secs(5), || {
+        Ok(nb("reconcile_checks")? >= c0 + 2)
+    })?
+    .context("stopped reconciling")?;
+    assert_eq!(tb.stats("ch1")?["nb"]["records"]["ports"], 2);
+    assert_eq!(nb("reconcile_repairs")?, 0, "{}", tb.agent_log("ch1"));
+    Ok(())
+}
+
+#[test]
+fn reconciliation_is_quiet_on_etcd_and_file() -> Result<()> {
+    reconciliation_is_quiet("qe", NbKind::Etcd(1))?;
+    reconciliation_is_quiet("qf", NbKind::File)
+}

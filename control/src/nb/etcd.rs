@@ -6,7 +6,8 @@
 use super::{Backend, Event, NbError};
 use crate::kv::Kv;
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, SortOrder, SortTarget, Txn,
+    TxnOp, WatchOptions,
 };
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -114,6 +115,10 @@ impl Backend for EtcdStore {
         self.subscribe_once(prefixes)
     }
 
+    fn revision(&mut self, prefixes: &[String]) -> Result<Option<u64>, NbError> {
+        self.retrying(|s| s.revision_once(prefixes)).map(Some)
+    }
+
     fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
         self.poll_once(timeout)
     }
@@ -129,6 +134,33 @@ impl Backend for EtcdStore {
 }
 
 impl EtcdStore {
+    /// Per prefix, its key count and its latest modification revision (a put anywhere under
+    /// it moves the latter, a delete the former), folded into one token: one small range
+    /// request per prefix, keys only, limit 1.
+    fn revision_once(&mut self, prefixes: &[String]) -> Result<u64, NbError> {
+        let mut c = self.client()?;
+        let r = self.rt.block_on(async {
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            for p in prefixes {
+                let opts = GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_sort(SortTarget::Mod, SortOrder::Descend)
+                    .with_limit(1);
+                let resp = c.get(p.as_str(), Some(opts)).await?;
+                let latest = resp.kvs().first().map(|kv| kv.mod_revision()).unwrap_or(0);
+                for v in [resp.count() as u64, latest as u64] {
+                    h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            Ok::<_, etcd_client::Error>(h)
+        });
+        r.map_err(|e| {
+            self.reset();
+            unreachable(e)
+        })
+    }
+
     fn snapshot_once(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
         let mut c = self.client()?;
         let r = self.rt.block_on(async {

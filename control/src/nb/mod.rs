@@ -63,6 +63,13 @@ pub trait Backend: Send {
     /// Applies puts and deletes as one transaction and notifies subscribers.
     fn commit(&mut self, puts: Vec<(String, Vec<u8>)>, deletes: Vec<String>)
         -> Result<(), NbError>;
+    /// A token that changes whenever anything under these prefixes changes (etcd: their
+    /// key counts and latest modification revisions; Redis: the per-topic change counters
+    /// writers bump; file: the document's identity), so that periodic reconciliation reads
+    /// everything only when it moved. `None`: no cheap token, compare in full.
+    fn revision(&mut self, _prefixes: &[String]) -> Result<Option<u64>, NbError> {
+        Ok(None)
+    }
     /// The file store does its read-modify-write under a lock; others use `update` below.
     fn as_file(&mut self) -> Option<&mut FileStore> {
         None

@@ -129,6 +129,12 @@ fn message_key(v: Resp) -> Option<String> {
     None
 }
 
+/// The change counter of a topic (outside the records' key space), bumped in the transaction
+/// of every write to it: what `revision` compares.
+fn rev_key(topic: &str) -> String {
+    format!("gf-rev:{topic}")
+}
+
 fn unreachable(e: impl std::fmt::Display) -> NbError {
     NbError::Unreachable(e.to_string())
 }
@@ -213,6 +219,21 @@ impl Backend for RedisStore {
         Ok(out)
     }
 
+    fn revision(&mut self, prefixes: &[String]) -> Result<Option<u64>, NbError> {
+        if prefixes.is_empty() {
+            return Ok(Some(0));
+        }
+        let keys: Vec<String> = prefixes.iter().map(|p| rev_key(p)).collect();
+        let r: redis::RedisResult<Vec<Option<u64>>> =
+            redis::cmd("MGET").arg(&keys).query(self.conn()?);
+        let counts = r.map_err(|e| self.fail(e))?;
+        Ok(Some(
+            counts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+                (h ^ c.unwrap_or(0)).wrapping_mul(0x0100_0000_01b3)
+            }),
+        ))
+    }
+
     fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {
         self.sub = Some(Subscriber::connect(&self.addr, prefixes).map_err(unreachable)?);
         Ok(())
@@ -272,6 +293,12 @@ impl Backend for RedisStore {
         for k in &deletes {
             pipe.del(k).ignore();
             notify.push(k.clone());
+        }
+        let mut topics: Vec<String> = notify.iter().filter_map(|k| topic_of(k)).collect();
+        topics.sort();
+        topics.dedup();
+        for t in &topics {
+            pipe.incr(rev_key(t), 1).ignore();
         }
         for k in &notify {
             if let Some(ch) = topic_of(k) {

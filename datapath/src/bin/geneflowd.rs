@@ -19,6 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -43,6 +44,10 @@ struct Args {
     /// Underlay interface carrying Geneve.
     #[arg(long)]
     uplink: Option<String>,
+    /// Seconds between reconciliations with the NB (a cheap revision check, a full compare
+    /// when it moved; default 60, 0 = never).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    nb_reconcile_secs: Option<u32>,
     /// DHCP answers per second per port (bursts as large; default 20).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     dhcp_rate: Option<u32>,
@@ -163,6 +168,10 @@ fn run(args: Args) -> Result<()> {
     let cores = args.forwarder_cores.or(file.forwarder_cores);
     let encap_ip = args.encap_ip.or(file.encap_ip);
     let dhcp_rate = args.dhcp_rate.or(file.dhcp_rate).unwrap_or(20);
+    let reconcile = args
+        .nb_reconcile_secs
+        .or(file.nb_reconcile_secs)
+        .unwrap_or(60);
     let providers = if args.providers.is_empty() {
         file.provider.unwrap_or_default()
     } else {
@@ -222,8 +231,11 @@ fn run(args: Args) -> Result<()> {
         .waker()
         .context("creating the forwarder's wake handle")?;
     let control = geneflow_control::agent::spawn(
-        nb.clone(),
-        chassis.clone(),
+        geneflow_control::agent::NbConfig {
+            url: nb.clone(),
+            chassis: chassis.clone(),
+            reconcile: (reconcile > 0).then(|| Duration::from_secs(reconcile.into())),
+        },
         tx,
         stop.clone(),
         nb_status,
