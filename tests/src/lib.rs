@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
-pub use xtask::testbed::{run, NbKind, Testbed};
+pub use xtask::testbed::{run, NbKind, Testbed, DB_IP};
 
 pub mod provider;
 

@@ -1,6 +1,7 @@
-//! End-to-end: the control plane on every NB backend (file, etcd, redis) with real servers
-//! started by the harness, etcd leader failover, NB outages, selective distribution and bad
-//! records.
+//! End-to-end: the control plane on every NB backend (file, etcd, redis, a Redis Cluster) with
+//! real servers started by the harness, etcd leader failover, NB outages, selective
+//! distribution, bad records and periodic reconciliation (the Redis Cluster's failover is in
+//! redis_cluster.rs).
 
 use anyhow::{Context, Result};
 use geneflow_tests::*;
@@ -64,6 +65,11 @@ fn overlay_and_port_churn_on_etcd() -> Result<()> {
 #[test]
 fn overlay_and_port_churn_on_redis() -> Result<()> {
     overlay_and_port_churn("nr", NbKind::Redis)
+}
+
+#[test]
+fn overlay_and_port_churn_on_redis_cluster() -> Result<()> {
+    overlay_and_port_churn("ncl", NbKind::RedisCluster)
 }
 
 #[test]
@@ -369,7 +375,8 @@ fn reconciliation_is_quiet(tag: &str, kind: NbKind) -> Result<()> {
 }
 
 #[test]
-fn reconciliation_is_quiet_on_etcd_and_file() -> Result<()> {
+fn reconciliation_is_quiet_on_etcd_file_and_redis_cluster() -> Result<()> {
     reconciliation_is_quiet("qe", NbKind::Etcd(1))?;
-    reconciliation_is_quiet("qf", NbKind::File)
+    reconciliation_is_quiet("qf", NbKind::File)?;
+    reconciliation_is_quiet("qc", NbKind::RedisCluster)
 }

@@ -79,6 +79,8 @@ const APT: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "redis-server",
+    // redis-cli: the Redis Cluster tests create their cluster with `--cluster create`.
+    "redis-tools",
     "iperf3",
     // The independent Geneve peer of the interop test and the OVS baselines of the bench.
     "openvswitch-switch",

@@ -210,6 +210,8 @@ pub enum NbKind {
     /// An etcd cluster of this many members.
     Etcd(usize),
     Redis,
+    /// A Redis Cluster of six nodes: three masters, one replica each.
+    RedisCluster,
 }
 
 pub const DB_IP: &str = "198.18.0.200";

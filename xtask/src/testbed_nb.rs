@@ -1,5 +1,5 @@
-//! Testbed NB servers: etcd clusters and Redis in their own namespace on the underlay,
-//! started, killed and restarted by the tests.
+//! Testbed NB servers: etcd clusters, Redis and Redis Clusters in their own namespace on the
+//! underlay, started, killed and restarted by the tests.
 
 use crate::testbed::*;
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +15,7 @@ impl Testbed {
             NbKind::File => {}
             NbKind::Etcd(n) => tb.start_etcd(n)?,
             NbKind::Redis => tb.start_redis()?,
+            NbKind::RedisCluster => tb.start_redis_cluster()?,
         }
         Ok(tb)
     }
@@ -108,6 +109,142 @@ impl Testbed {
         self.start_server(0)?;
         self.nb = format!("redis://{DB_IP}:6379");
         self.wait_db_healthy()
+    }
+
+    /// Six `redis-server --cluster-enabled yes` on ports 7000-7005, joined by `redis-cli
+    /// --cluster create --cluster-replicas 1`: three masters (7000-7002 as created), a replica
+    /// each. A node is failed after 1 s (`cluster-node-timeout`), so a replica takes over a
+    /// killed master within a few seconds.
+    pub(crate) fn start_redis_cluster(&mut self) -> Result<()> {
+        let ns = self.add_db_ns()?;
+        for i in 0..6u16 {
+            let port = 7000 + i;
+            let dir = self.dir.join(format!("redis-{port}"));
+            std::fs::create_dir_all(&dir)?;
+            let args = [
+                "redis-server",
+                "--bind",
+                DB_IP,
+                "--port",
+                &port.to_string(),
+                "--dir",
+                &dir.display().to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &dir.join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout",
+                "1000",
+                // A replica's first sync starts at once, not after the default 5 s wait for
+                // more replicas: a replica that never synced cannot take over.
+                "--repl-diskless-sync-delay",
+                "0",
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ];
+            self.servers.push(Server {
+                name: format!("redis-{port}"),
+                args: args.iter().map(|a| a.to_string()).collect(),
+                log: self.dir.join(format!("redis-{port}.log")),
+                child: None,
+                client_port: port,
+            });
+            self.start_server(i as usize)?;
+        }
+        let nodes: Vec<String> = (7000..7006).map(|p| format!("{DB_IP}:{p}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !nodes.iter().all(|n| {
+            self.redis_cli(n, &["PING"])
+                .is_ok_and(|r| r.trim() == "PONG")
+        }) {
+            if Instant::now() > deadline {
+                bail!("redis cluster nodes did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns, "redis-cli", "--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "1", "--cluster-yes"]))
+        .context("redis-cli --cluster create")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| {
+            self.redis_cli(n, &["CLUSTER", "INFO"])
+                .is_ok_and(|r| r.contains("cluster_state:ok"))
+        }) {
+            if Instant::now() > deadline {
+                bail!("redis cluster never reached cluster_state:ok");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Every replica in sync with its master, so that any master may be killed.
+        while !nodes.iter().all(|n| {
+            self.redis_cli(n, &["INFO", "replication"])
+                .is_ok_and(|r| r.contains("role:master") || r.contains("master_link_status:up"))
+        }) {
+            if Instant::now() > deadline {
+                bail!("redis cluster replicas never synced");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.nb = format!("redis+cluster://{}", nodes[..3].join(","));
+        self.wait_db_healthy()
+    }
+
+    /// `redis-cli -h host -p port ARGS` from the NB namespace, for `node` = "host:port".
+    pub fn redis_cli(&self, node: &str, args: &[&str]) -> Result<String> {
+        let ns = self
+            .db_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no db namespace"))?;
+        let (host, port) = node.split_once(':').context("node is host:port")?;
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns, "redis-cli", "-h", host, "-p", port])
+            .args(args))
+    }
+
+    /// The index (in `servers`) of the Redis Cluster master serving `key`'s slot, as a live
+    /// node's `CLUSTER NODES` says.
+    pub fn redis_master_of(&self, key: &str) -> Result<usize> {
+        let live = self
+            .servers
+            .iter()
+            .find(|s| s.child.is_some())
+            .map(|s| format!("{DB_IP}:{}", s.client_port))
+            .context("no live node")?;
+        let slot: u32 = self
+            .redis_cli(&live, &["CLUSTER", "KEYSLOT", key])?
+            .trim()
+            .parse()?;
+        let nodes = self.redis_cli(&live, &["CLUSTER", "NODES"])?;
+        for l in nodes.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let serves = f[8..].iter().any(|r| {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                matches!((a.parse::<u32>(), b.parse::<u32>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+            });
+            if !serves {
+                continue;
+            }
+            let port: u16 = f[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .context("CLUSTER NODES address")?;
+            return self
+                .servers
+                .iter()
+                .position(|s| s.client_port == port)
+                .context("master not one of ours");
+        }
+        bail!("no master serves slot {slot} ({key})")
     }
 
     /// (Re)starts server `i` with its original arguments (and data directory).

@@ -1,11 +1,13 @@
 //! NB DB backends behind one trait. Each stores the key/value projection of the model (see
 //! `kv`): `file` (one JSON document, the embedded default), `etcd` (v3 API, watch) and `redis`
-//! (keys plus pub/sub notifications, as Dragonflow's driver did). A URL chooses:
-//! `file:///path`, `etcd://h1:2379,h2:2379`, `redis://h:6379`.
+//! (keys plus pub/sub notifications, as Dragonflow's driver did) and `redis+cluster` (the same
+//! over a Redis Cluster). A URL chooses: `file:///path`, `etcd://h1:2379,h2:2379`,
+//! `redis://h:6379`, `redis+cluster://h1:7000,h2:7001,...`.
 
 mod etcd;
 mod file;
 mod redis;
+mod redis_cluster;
 
 pub use file::FileStore;
 
@@ -30,7 +32,7 @@ pub enum NbError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unsupported NB URL {0:?} (want file:///path, etcd://host:port[,host:port...] or redis://host:port)")]
+    #[error("unsupported NB URL {0:?} (want file:///path, etcd://host:port[,host:port...], redis://host:port or redis+cluster://host:port[,host:port...])")]
     BadUrl(String),
     #[error("{0}")]
     Invalid(String),
@@ -81,6 +83,8 @@ pub fn open(url: &str) -> Result<Box<dyn Backend>, NbError> {
         Ok(Box::new(etcd::EtcdStore::open(url)?))
     } else if url.starts_with("redis://") {
         Ok(Box::new(redis::RedisStore::open(url)?))
+    } else if url.starts_with("redis+cluster://") {
+        Ok(Box::new(redis_cluster::RedisClusterStore::open(url)?))
     } else {
         Ok(Box::new(FileStore::open(url)?))
     }

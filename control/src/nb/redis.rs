@@ -21,8 +21,9 @@ pub struct RedisStore {
     sub: Option<Subscriber>,
 }
 
-/// A RESP2 pub/sub reader on its own connection.
-struct Subscriber {
+/// A RESP2 pub/sub reader on its own connection (the Redis Cluster backend's too: a
+/// cluster carries a PUBLISH to every node, so one subscription on any node hears all).
+pub(super) struct Subscriber {
     r: BufReader<TcpStream>,
 }
 
@@ -34,10 +35,10 @@ enum Resp {
 }
 
 impl Subscriber {
-    fn connect(addr: &str, channels: &[String]) -> std::io::Result<Subscriber> {
-        let sock = addr
-            .parse()
-            .map_err(|_| std::io::Error::other(format!("bad address {addr}")))?;
+    pub(super) fn connect(addr: &str, channels: &[String]) -> std::io::Result<Subscriber> {
+        let sock = std::net::ToSocketAddrs::to_socket_addrs(addr)?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("bad address {addr}")))?;
         let s = TcpStream::connect_timeout(&sock, Duration::from_secs(1))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.set_nodelay(true)?;
@@ -115,6 +116,24 @@ impl Subscriber {
     }
 }
 
+impl Subscriber {
+    /// The keys notified within `timeout` (what else has arrived by then too, without
+    /// waiting further), in order, duplicates removed.
+    pub(super) fn notified_keys(&mut self, timeout: Duration) -> std::io::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut wait = timeout;
+        while self.ready(wait)? {
+            if let Some(k) = message_key(self.read()?) {
+                keys.push(k);
+            }
+            // Drain what else is already there without waiting.
+            wait = Duration::ZERO;
+        }
+        keys.dedup();
+        Ok(keys)
+    }
+}
+
 fn message_key(v: Resp) -> Option<String> {
     let Resp::Array(items) = v else { return None };
     let text = |r: &Resp| match r {
@@ -131,7 +150,7 @@ fn message_key(v: Resp) -> Option<String> {
 
 /// The change counter of a topic (outside the records' key space), bumped in the transaction
 /// of every write to it: what `revision` compares.
-fn rev_key(topic: &str) -> String {
+pub(super) fn rev_key(topic: &str) -> String {
     format!("gf-rev:{topic}")
 }
 
@@ -240,35 +259,14 @@ impl Backend for RedisStore {
     }
 
     fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, NbError> {
-        let mut keys = Vec::new();
-        {
-            let Some(sub) = self.sub.as_mut() else {
-                return Err(NbError::Unreachable("not subscribed".into()));
-            };
-            let mut wait = timeout;
-            loop {
-                match sub
-                    .ready(wait)
-                    .and_then(|r| if r { sub.read().map(Some) } else { Ok(None) })
-                {
-                    Ok(Some(v)) => {
-                        if let Some(k) = message_key(v) {
-                            keys.push(k);
-                        }
-                        // Drain what else is already there without waiting.
-                        wait = Duration::ZERO;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.cmd = None;
-                        self.sub = None;
-                        return Err(unreachable(e));
-                    }
-                }
-            }
-        }
+        let Some(sub) = self.sub.as_mut() else {
+            return Err(NbError::Unreachable("not subscribed".into()));
+        };
+        let keys = match sub.notified_keys(timeout) {
+            Ok(k) => k,
+            Err(e) => return Err(self.fail(e)),
+        };
         let mut out = Vec::new();
-        keys.dedup();
         for k in keys {
             match self.get(&k)? {
                 Some(v) => out.push(Event::Put(k, v)),
