@@ -276,6 +276,12 @@ impl Agent {
                         Event::Put(k, v) => (k, Some(v.as_slice())),
                         Event::Delete(k) => (k, None),
                     };
+                    // A notification names any key it likes (garbage, another tenant's
+                    // record): only this chassis's topics are held.
+                    if !topics.iter().any(|t| key.starts_with(t.as_str())) {
+                        warn!(key = %key.escape_debug(), "NB notification for a key outside this chassis's topics skipped");
+                        continue;
+                    }
                     touch(&doc, key, &mut dirty, &mut all);
                     match value {
                         Some(v) => {

@@ -181,10 +181,24 @@ where
     }
 }
 
+/// The largest value a record may have. A port is a few hundred bytes and a security group
+/// with a thousand rules about 150 KB; anything bigger is refused by writers and skipped by
+/// agents (as a record that does not parse), so a hostile value cannot make every agent
+/// allocate and parse it.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
 /// Applies a put (`Some`) or delete (`None`) of `key` to `doc`. A record that does not parse
-/// is removed from the view and reported, so the rest keeps working.
+/// (or is larger than `MAX_RECORD_BYTES`) is removed from the view and reported, so the rest
+/// keeps working.
 pub fn apply(doc: &mut NbDocument, key: &str, value: Option<&[u8]>) -> Result<Applied, String> {
     let kind = parse_key(key).ok_or_else(|| format!("unknown key {key:?}"))?;
+    if let Some(v) = value.filter(|v| v.len() > MAX_RECORD_BYTES) {
+        let _ = apply(doc, key, None);
+        return Err(format!(
+            "{key}: value of {} bytes, over the {MAX_RECORD_BYTES}-byte limit",
+            v.len()
+        ));
+    }
     let KeyKind::Record { table, name } = kind else {
         return Ok(Applied::Binding);
     };
@@ -262,9 +276,11 @@ pub fn bump_versions(old: &NbDocument, new: &mut NbDocument) {
                 *get(&mut o) = 0;
                 (v, serde_json::to_value(&o).ok())
             });
+            // Saturating: a record written with a version at the top of the range (by a
+            // foreign writer) stays updatable, since agents take an equal version as current.
             let v = match prev {
                 Some((v, o)) if o == serde_json::to_value(&probe).ok() => v,
-                Some((v, _)) => v + 1,
+                Some((v, _)) => v.saturating_add(1),
                 None => 1,
             };
             *get(rec) = v;
@@ -342,6 +358,36 @@ mod tests {
             },
         );
         d
+    }
+
+    #[test]
+    fn an_oversized_value_is_skipped_and_drops_the_held_record() {
+        let mut d = doc();
+        let big = vec![b' '; MAX_RECORD_BYTES + 1];
+        let e = apply(&mut d, "/gf/t/blue/ports/p", Some(&big)).unwrap_err();
+        assert!(
+            e.starts_with("/gf/t/blue/ports/p: value of 1048577 bytes"),
+            "{e}"
+        );
+        assert!(!d.ports.contains_key("p"));
+    }
+
+    #[test]
+    fn versions_saturate_at_the_top_of_the_range() {
+        let mut old = doc();
+        old.ports.get_mut("p").unwrap().version = u64::MAX;
+        let mut new = old.clone();
+        new.ports.get_mut("p").unwrap().port_security = false;
+        bump_versions(&old, &mut new);
+        assert_eq!(new.ports["p"].version, u64::MAX);
+        // An agent holding the old record takes the update (equal versions are current).
+        let mut held = old.clone();
+        let v = serde_json::to_vec(&new.ports["p"]).unwrap();
+        assert_eq!(
+            apply(&mut held, "/gf/t/blue/ports/p", Some(&v)),
+            Ok(Applied::Changed)
+        );
+        assert!(!held.ports["p"].port_security);
     }
 
     #[test]

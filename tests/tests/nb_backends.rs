@@ -380,3 +380,84 @@ fn reconciliation_is_quiet_on_etcd_file_and_redis_cluster() -> Result<()> {
     reconciliation_is_quiet("qf", NbKind::File)?;
     reconciliation_is_quiet("qc", NbKind::RedisCluster)
 }
+
+/// `redis-cli -x ARGS`: the last argument read from `stdin` (values too big for argv).
+fn redis_cli_stdin(tb: &Testbed, args: &[&str], stdin: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let ns = tb.db_ns.clone().context("no NB namespace")?;
+    let host = tb
+        .nb
+        .trim_start_matches("redis://")
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", &ns, "redis-cli", "-h", &host, "-x"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    c.stdin.take().context("stdin")?.write_all(stdin)?;
+    anyhow::ensure!(c.wait()?.success(), "redis-cli -x {args:?} failed");
+    Ok(())
+}
+
+#[test]
+fn hostile_notifications_and_values_are_skipped() -> Result<()> {
+    let tb = two_chassis_on("hv", NbKind::Redis)?;
+    let (ip3, ip4) = (tb.vm("vm3")?.ip.clone(), tb.vm("vm4")?.ip.clone());
+    tb.ping("vm1", &ip3, 1)?;
+    tb.ping("vm2", &ip4, 1)?;
+    // Garbage on a tenant's channel, and another tenant's record announced on it.
+    redis_cli(&tb, &["PUBLISH", "/gf/t/default/", "not a key"])?;
+    redis_cli(&tb, &["SET", "/gf/t/other/ports/x", "{}"])?;
+    redis_cli(&tb, &["PUBLISH", "/gf/t/default/", "/gf/t/other/ports/x"])?;
+    // vm4's port record replaced by 2 MB of (valid) JSON.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(2 << 20));
+    redis_cli_stdin(&tb, &["SET", "/gf/t/default/ports/vm4"], big.as_bytes())?;
+    redis_cli(
+        &tb,
+        &["PUBLISH", "/gf/t/default/", "/gf/t/default/ports/vm4"],
+    )?;
+    // vm3's port record at the top of the version range.
+    let rec = redis_cli(&tb, &["GET", "/gf/t/default/ports/vm3"])?;
+    let mut v: serde_json::Value = serde_json::from_str(rec.trim())?;
+    v["version"] = serde_json::json!(u64::MAX);
+    redis_cli(&tb, &["SET", "/gf/t/default/ports/vm3", &v.to_string()])?;
+    redis_cli(
+        &tb,
+        &["PUBLISH", "/gf/t/default/", "/gf/t/default/ports/vm3"],
+    )?;
+    // The oversized record is skipped (its port leaves the overlay), the rest keeps working.
+    within(Duration::from_secs(5), || Ok(!reachable(&tb, "vm2", &ip4)))?
+        .context("the oversized record was applied")?;
+    tb.ping("vm1", &ip3, 1)?;
+    for c in ["ch1", "ch2"] {
+        let nb = &tb.stats(c)?["nb"];
+        assert_eq!(nb["connected"], true, "{c}: {nb}");
+        assert_eq!(nb["records"]["ports"], 3, "{c}: {nb}");
+        let log = tb.agent_log(c);
+        assert!(
+            log.contains(
+                "/gf/t/default/ports/vm4: value of 2097162 bytes, over the 1048576-byte limit"
+            ),
+            "{c} did not name the oversized record:\n{log}"
+        );
+        assert!(
+            log.contains("outside this chassis's topics") && log.contains("/gf/t/other/ports/x"),
+            "{c} did not skip the foreign key:\n{log}"
+        );
+    }
+    // The record at the top of the version range stays updatable: vm3 joins a group that
+    // lets nothing in, and vm1's pings stop.
+    tb.nbctl(&["sg-add", "closed"])?;
+    tb.nbctl(&["sg-rule-add", "closed", "out", "--direction", "egress"])?;
+    tb.nbctl(&["lsp-set-sg", "vm3", "closed"])?;
+    let rec = redis_cli(&tb, &["GET", "/gf/t/default/ports/vm3"])?;
+    let v: serde_json::Value = serde_json::from_str(rec.trim())?;
+    assert_eq!(v["version"], serde_json::json!(u64::MAX), "{v}");
+    within(Duration::from_secs(5), || Ok(!reachable(&tb, "vm1", &ip3)))?
+        .context("the update of the record at the top of the version range was ignored")?;
+    Ok(())
+}

@@ -184,7 +184,8 @@ impl FileStore {
         f(&mut doc).map_err(NbError::Invalid)?;
         super::check_new_errors(&old, &doc)?;
         kv::bump_versions(&old, &mut doc);
-        doc.version = old.version + 1;
+        super::check_record_sizes(&kv::doc_to_kv(&doc))?;
+        doc.version = old.version.saturating_add(1);
         let tmp = self
             .path
             .with_extension(format!("tmp.{}", std::process::id()));
@@ -356,6 +357,47 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("tunnel key 0"));
+        assert_eq!(s.load().unwrap().version, 1);
+    }
+
+    #[test]
+    fn an_oversized_record_is_refused_and_nothing_written() {
+        use crate::model::{Direction, EtherType, SecurityGroup, SgRule};
+        let t = tmp("big");
+        let s = FileStore::open(t.file().to_str().unwrap()).unwrap();
+        s.update(|_| Ok(())).unwrap();
+        let rules = (0..12_000u16)
+            .map(|i| SgRule {
+                id: format!("rule-{i}"),
+                direction: Direction::Ingress,
+                ethertype: EtherType::IPv4,
+                protocol: Some("tcp".into()),
+                port_min: Some(i),
+                port_max: Some(i),
+                remote_prefix: None,
+                remote_group: None,
+            })
+            .collect();
+        let e = s
+            .update(|d| {
+                d.security_groups.insert(
+                    "big".into(),
+                    SecurityGroup {
+                        name: "big".into(),
+                        tenant: "default".into(),
+                        rules,
+                        version: 0,
+                    },
+                );
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/gf/t/default/security_groups/big would be"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("over the 1048576-byte limit"), "{e}");
         assert_eq!(s.load().unwrap().version, 1);
     }
 

@@ -115,7 +115,25 @@ where
     check_new_errors(&old, &new)?;
     kv::bump_versions(&old, &mut new);
     let (puts, dels) = kv::diff(&kv::doc_to_kv(&old), &kv::doc_to_kv(&new));
+    check_record_sizes(puts.iter().map(|(k, v)| (k, v)))?;
     b.commit(puts, dels)
+}
+
+/// Refuses a write with a record larger than agents accept (`kv::MAX_RECORD_BYTES`).
+pub(crate) fn check_record_sizes<'a>(
+    records: impl IntoIterator<Item = (&'a String, &'a Vec<u8>)>,
+) -> Result<(), NbError> {
+    match records
+        .into_iter()
+        .find(|(_, v)| v.len() > kv::MAX_RECORD_BYTES)
+    {
+        Some((k, v)) => Err(NbError::Invalid(format!(
+            "{k} would be {} bytes, over the {}-byte limit of a record",
+            v.len(),
+            kv::MAX_RECORD_BYTES
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses `new` if it has a validation error `old` did not have (so records written behind

@@ -218,7 +218,13 @@ impl RedisClusterStore {
             pipe.get(k);
         }
         let r: redis::RedisResult<Vec<Option<Vec<u8>>>> = pipe.query(self.conn()?);
-        r.map_err(|e| self.fail(e))
+        r.map_err(|e| {
+            self.fail(format!(
+                "reading {} ({} keys): {e}",
+                keys.first().map_or("", |k| k.as_str()),
+                keys.len()
+            ))
+        })
     }
 
     fn snapshot_once(&mut self, prefixes: &[String]) -> Result<Kv, NbError> {
@@ -230,14 +236,14 @@ impl RedisClusterStore {
             }
             let r: redis::RedisResult<Vec<String>> =
                 redis::cmd("SMEMBERS").arg(TOPICS).query(self.conn()?);
-            let all = r.map_err(|e| self.fail(e))?;
+            let all = r.map_err(|e| self.fail(format!("reading {TOPICS}: {e}")))?;
             topics.extend(all.into_iter().filter(|t| t.starts_with(p.as_str())));
         }
         let mut out = Kv::new();
         for p in &topics {
             let r: redis::RedisResult<Vec<String>> =
                 redis::cmd("SMEMBERS").arg(idx_key(p)).query(self.conn()?);
-            let keys = r.map_err(|e| self.fail(e))?;
+            let keys = r.map_err(|e| self.fail(format!("reading {}: {e}", idx_key(p))))?;
             if keys.is_empty() {
                 continue;
             }
@@ -259,7 +265,7 @@ impl RedisClusterStore {
             pipe.get(rev_key(p));
         }
         let r: redis::RedisResult<Vec<Option<u64>>> = pipe.query(self.conn()?);
-        let counts = r.map_err(|e| self.fail(e))?;
+        let counts = r.map_err(|e| self.fail(format!("reading the change counters: {e}")))?;
         Ok(counts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
             (h ^ c.unwrap_or(0)).wrapping_mul(0x0100_0000_01b3)
         }))
@@ -292,12 +298,18 @@ impl RedisClusterStore {
             pipe.sadd(TOPICS, t).ignore();
         }
         let r: redis::RedisResult<()> = pipe.query(self.conn()?);
-        r.map_err(|e| self.fail(e))?;
+        r.map_err(|e| {
+            self.fail(format!(
+                "writing {} ({} records): {e}",
+                notify.first().map_or("", |(_, k)| k.as_str()),
+                notify.len()
+            ))
+        })?;
         // Every record is in: now tell the agents.
         for (t, k) in &notify {
             let r: redis::RedisResult<i64> =
                 redis::cmd("PUBLISH").arg(t).arg(k).query(self.conn()?);
-            r.map_err(|e| self.fail(e))?;
+            r.map_err(|e| self.fail(format!("publishing {k} on {t}: {e}")))?;
         }
         Ok(())
     }

@@ -45,8 +45,12 @@ pub(super) fn floating_ip(ctx: &Ctx) -> Result<Scenario> {
         "1000",
     ]);
     let m0 = tb.counter("ch1", "phy", "slowpath_rx")?;
-    let (samples, xdp_ns) =
-        ctx.repeat_xdp((&vm1.ns, "eth0"), &pn, &gen, &[prog_on(&ch_ns, "phy")?])?;
+    let (samples, xdp_ns) = ctx.repeat_xdp(
+        (&vm1.ns, "eth0"),
+        &pn,
+        &gen,
+        &ctx.full_only(vec![prog_on(&ch_ns, "phy")?]),
+    )?;
     let misses = tb.counter("ch1", "phy", "slowpath_rx")? - m0;
     ensure!(misses < 5_000, "{misses} frames went to the slow path");
     eprintln!("    ({misses} frames via the slow path)");

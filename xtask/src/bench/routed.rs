@@ -58,7 +58,7 @@ pub(super) fn routed(ctx: &Ctx) -> Result<Scenario> {
         (&tb.underlay_ns, &ch.bridge_port),
         &vm1.ns,
         &gen,
-        &[prog_on(&ch.ns, "vp-vm1")?],
+        &ctx.full_only(vec![prog_on(&ch.ns, "vp-vm1")?]),
     )?;
     let (h1, m1) = counters(&tb)?;
     let (hits, misses) = (h1 - h0, m1 - m0);

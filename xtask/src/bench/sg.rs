@@ -65,7 +65,7 @@ fn measure(ctx: &Ctx, tb: &Testbed, gen: &[String]) -> Result<(Vec<f64>, Vec<f64
         (&tb.underlay_ns, &ch.bridge_port),
         &vm1.ns,
         gen,
-        &[prog_on(&ch.ns, "vp-vm1")?],
+        &ctx.full_only(vec![prog_on(&ch.ns, "vp-vm1")?]),
     )?;
     let misses = tb.counter("ch1", "vp-vm1", "slowpath_rx")? - m0;
     Ok((samples, xdp_ns, misses))
