@@ -29,6 +29,12 @@ enum Cmd {
         /// Fewer samples (for a smoke run).
         #[arg(long)]
         quick: bool,
+        /// Instead: this many simulated chassis control planes against each backend.
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Tenants the simulated chassis are spread over (with --agents).
+        #[arg(long, default_value_t = 100)]
+        tenants: usize,
     },
     /// Run each cargo-fuzz target (tests/fuzz) for a bounded time.
     Fuzz {
@@ -94,7 +100,12 @@ fn main() {
         Cmd::Setup => setup(),
         Cmd::Demo => setup().and_then(|_| build()).and_then(|_| demo()),
         Cmd::Test { args } => setup().and_then(|_| build()).and_then(|_| test(&args)),
-        Cmd::BenchNb { quick } => setup().and_then(|_| bench_nb(quick)),
+        Cmd::BenchNb {
+            quick,
+            agents: Some(n),
+            tenants,
+        } => setup().and_then(|_| bench_scale(n, tenants, if quick { 10 } else { 30 })),
+        Cmd::BenchNb { quick, .. } => setup().and_then(|_| bench_nb(quick)),
         Cmd::Fuzz { secs, grow } => setup().and_then(|_| xtask::fuzz::fuzz(&root(), secs, grow)),
         Cmd::Bench {
             quick,
@@ -283,6 +294,19 @@ fn test(args: &[String]) -> Result<()> {
     })?;
     xtask::bench::check_complete(&dir)?;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn bench_scale(agents: usize, tenants: usize, writes: usize) -> Result<()> {
+    build_release()?;
+    std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
+    let results = xtask::bench::scale::scale(agents, tenants, writes)?;
+    println!("{}", xtask::bench::scale::table(&results));
+    let dir = root().join("results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("nb-scale-{agents}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+    step(&format!("raw results in {}", path.display()));
     Ok(())
 }
 

@@ -274,6 +274,14 @@ impl Testbed {
         Ok(())
     }
 
+    /// The process ids of the NB servers running now.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.servers
+            .iter()
+            .filter_map(|s| s.child.as_ref().map(|c| c.id()))
+            .collect()
+    }
+
     /// Kills server `i` (SIGKILL: as a crash or a pulled cable would).
     pub fn kill_server(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].child.take() {

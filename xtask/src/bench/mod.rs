@@ -9,6 +9,7 @@ pub mod memory;
 mod ovs;
 mod report;
 mod routed;
+pub mod scale;
 mod scenarios;
 mod sg;
 
