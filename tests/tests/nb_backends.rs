@@ -461,3 +461,41 @@ fn hostile_notifications_and_values_are_skipped() -> Result<()> {
         .context("the update of the record at the top of the version range was ignored")?;
     Ok(())
 }
+
+#[test]
+fn a_redis_nb_without_the_topic_index_is_read_and_indexed() -> Result<()> {
+    let mut tb = two_chassis_on("ix", NbKind::Redis)?;
+    let ip3 = tb.vm("vm3")?.ip.clone();
+    tb.ping("vm1", &ip3, 1)?;
+    // The store as a version without the index wrote it.
+    for k in [
+        "gf-topics",
+        "gf-idx:/gf/global/",
+        "gf-idx:/gf/t/default/",
+        "gf-idx:/gf/bind/ch1/",
+        "gf-idx:/gf/bind/ch2/",
+    ] {
+        redis_cli(&tb, &["DEL", k])?;
+    }
+    // An agent started on it reads everything (by SCAN).
+    tb.kill_agent(0);
+    tb.start_agent(0)?;
+    tb.ping("vm1", &ip3, 2)?;
+    assert_eq!(tb.stats("ch1")?["nb"]["records"]["ports"], 4);
+    // The first write indexes the whole store, and agents read it through the index.
+    tb.nbctl(&["lsp-add", "ls1", "p9", "0a:00:00:00:00:99", "--key", "9"])?;
+    let idx = redis_cli(&tb, &["SMEMBERS", "gf-idx:/gf/t/default/"])?;
+    for p in ["vm1", "vm2", "vm3", "vm4", "p9"] {
+        assert!(
+            idx.lines()
+                .any(|l| l.trim() == format!("/gf/t/default/ports/{p}")),
+            "{p} not indexed:\n{idx}"
+        );
+    }
+    tb.kill_agent(1);
+    tb.start_agent(1)?;
+    tb.ping("vm2", &tb.vm("vm4")?.ip.clone(), 2)?;
+    tb.ping("vm1", &ip3, 2)?;
+    assert_eq!(tb.stats("ch2")?["nb"]["records"]["ports"], 5);
+    Ok(())
+}

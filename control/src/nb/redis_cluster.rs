@@ -16,7 +16,7 @@
 //! not the cluster's key count as a KEYS on every master would. A prefix wider than a topic
 //! (a writer reads the whole NB) reads the topics listed in `gf-topics`.
 
-use super::redis::{rev_key, Subscriber};
+use super::redis::{idx_key, is_topic, rev_key, Subscriber, TOPICS};
 use super::{Backend, Event, NbError};
 use crate::kv::{topic_of, Kv};
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterConnection};
@@ -33,19 +33,6 @@ pub struct RedisClusterStore {
 
 fn unreachable(e: impl std::fmt::Display) -> NbError {
     NbError::Unreachable(e.to_string())
-}
-
-/// The set of a topic's record keys.
-fn idx_key(topic: &str) -> String {
-    format!("gf-idx:{topic}")
-}
-
-/// The set of every topic that has had a record.
-const TOPICS: &str = "gf-topics";
-
-/// Whether `prefix` is one topic (as opposed to a wider prefix such as the whole NB's).
-fn is_topic(prefix: &str) -> bool {
-    topic_of(&format!("{prefix}x")).as_deref() == Some(prefix)
 }
 
 impl RedisClusterStore {
