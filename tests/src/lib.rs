@@ -275,6 +275,40 @@ pub fn tenant_router_mac(base: u32, i: u32) -> String {
     format!("0a:00:00:00:ff:{:02x}", base as u8 + i as u8)
 }
 
+/// Pings between every pair of the testbed's VMs (2 each).
+pub fn ping_all_pairs(tb: &Testbed) -> Result<()> {
+    let vms: Vec<(String, String)> = tb
+        .vms
+        .iter()
+        .map(|v| (v.name.clone(), v.ip.clone()))
+        .collect();
+    for (a, _) in &vms {
+        for (b, ip) in &vms {
+            if a != b {
+                tb.ping(a, ip, 2)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts vm5 (made unbound on ch2 with `add_vm_unbound("vm5", "ch2", 5)`) on ls1: its port
+/// (key 5) added and bound to ch2's vp-vm5.
+pub fn add_port_of_vm5(tb: &Testbed) -> Result<()> {
+    let ip5 = tb.vm("vm5")?.ip.clone();
+    tb.nbctl(&[
+        "lsp-add",
+        "ls1",
+        "vm5",
+        "0a:00:00:00:00:05",
+        &ip5,
+        "--key",
+        "5",
+    ])?;
+    tb.nbctl(&["lsp-bind", "vm5", "ch2", "vp-vm5"])?;
+    Ok(())
+}
+
 /// Whether one ping from `from` to `ip` gets an answer within 300 ms.
 pub fn reachable(tb: &Testbed, from: &str, ip: &str) -> bool {
     let Ok(vm) = tb.vm(from) else { return false };

@@ -151,18 +151,7 @@ fn the_slow_path_serves_every_receive_queue() -> Result<()> {
 #[test]
 fn the_overlay_forwards_over_two_queues() -> Result<()> {
     let tb = two_chassis_queues("mo", NbKind::File, 2)?;
-    let vms: Vec<(String, String)> = tb
-        .vms
-        .iter()
-        .map(|v| (v.name.clone(), v.ip.clone()))
-        .collect();
-    for (a, _) in &vms {
-        for (b, ip) in &vms {
-            if a != b {
-                tb.ping(a, ip, 2)?;
-            }
-        }
-    }
+    ping_all_pairs(&tb)?;
     for (to, port) in [("vm3", 6201u16), ("vm2", 6202)] {
         let got = tb.udp_stream("vm1", to, port, 10_000, 50_000)?;
         assert_eq!(got, 10_000, "vm1 -> {to}: lost {} datagrams", 10_000 - got);

@@ -24,16 +24,7 @@ fn overlay_and_port_churn(tag: &str, kind: NbKind) -> Result<()> {
         !reachable(&tb, "vm1", &ip5),
         "vm5 reachable before its port exists"
     );
-    tb.nbctl(&[
-        "lsp-add",
-        "ls1",
-        "vm5",
-        "0a:00:00:00:00:05",
-        &ip5,
-        "--key",
-        "5",
-    ])?;
-    tb.nbctl(&["lsp-bind", "vm5", "ch2", "vp-vm5"])?;
+    add_port_of_vm5(&tb)?;
     let took = within(Duration::from_secs(5), || Ok(reachable(&tb, "vm1", &ip5)))?
         .with_context(|| format!("{kind:?}: new port never carried traffic"))?;
     // Each probe waits up to 300 ms for its answer: the port was live before the probe that
@@ -293,19 +284,18 @@ fn invalid_records_are_refused_or_skipped() -> Result<()> {
     Ok(())
 }
 
-/// `redis-cli` against the testbed's Redis NB, from its namespace.
-fn redis_cli(tb: &Testbed, args: &[&str]) -> Result<String> {
+/// `redis-cli` for the testbed's Redis NB, in its namespace.
+fn redis_cmd(tb: &Testbed) -> Result<Command> {
     let ns = tb.db_ns.clone().context("no NB namespace")?;
-    let host = tb
-        .nb
-        .trim_start_matches("redis://")
-        .split(':')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    run(Command::new("ip")
-        .args(["netns", "exec", &ns, "redis-cli", "-h", &host])
-        .args(args))
+    let host = tb.nb.trim_start_matches("redis://").split(':').next();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns, "redis-cli", "-h", host.unwrap_or("")]);
+    Ok(c)
+}
+
+/// `redis-cli ARGS` against the testbed's Redis NB.
+fn redis_cli(tb: &Testbed, args: &[&str]) -> Result<String> {
+    run(redis_cmd(tb)?.args(args))
 }
 
 #[test]
@@ -384,16 +374,8 @@ fn reconciliation_is_quiet_on_etcd_file_and_redis_cluster() -> Result<()> {
 /// `redis-cli -x ARGS`: the last argument read from `stdin` (values too big for argv).
 fn redis_cli_stdin(tb: &Testbed, args: &[&str], stdin: &[u8]) -> Result<()> {
     use std::io::Write;
-    let ns = tb.db_ns.clone().context("no NB namespace")?;
-    let host = tb
-        .nb
-        .trim_start_matches("redis://")
-        .split(':')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    let mut c = Command::new("ip")
-        .args(["netns", "exec", &ns, "redis-cli", "-h", &host, "-x"])
+    let mut c = redis_cmd(tb)?
+        .arg("-x")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -9,18 +9,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn ping_every_pair_and_streams_stay_in_the_fast_path() -> Result<()> {
     let tb = two_chassis("a")?;
-    let vms: Vec<(String, String)> = tb
-        .vms
-        .iter()
-        .map(|v| (v.name.clone(), v.ip.clone()))
-        .collect();
-    for (a, _) in &vms {
-        for (b, ip) in &vms {
-            if a != b {
-                tb.ping(a, ip, 2)?;
-            }
-        }
-    }
+    ping_all_pairs(&tb)?;
     // Cross-chassis (vm1 on ch1 -> vm3 on ch2) and same-chassis (vm1 -> vm2) streams.
     for (to, port) in [("vm3", 6001u16), ("vm2", 6002)] {
         let hits0 = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;

@@ -56,16 +56,7 @@ fn a_master_killed_mid_stream_loses_no_update() -> Result<()> {
     // A port added after the failover (vm5 on ch2) carries traffic too.
     tb.add_vm_unbound("vm5", "ch2", 5)?;
     let ip5 = tb.vm("vm5")?.ip.clone();
-    tb.nbctl(&[
-        "lsp-add",
-        "ls1",
-        "vm5",
-        "0a:00:00:00:00:05",
-        &ip5,
-        "--key",
-        "5",
-    ])?;
-    tb.nbctl(&["lsp-bind", "vm5", "ch2", "vp-vm5"])?;
+    add_port_of_vm5(&tb)?;
     within(Duration::from_secs(10), || Ok(reachable(&tb, "vm1", &ip5)))?
         .context("a port added after the failover never carried traffic")?;
     // A replica took the dead master's slots.

@@ -160,7 +160,15 @@ fn forged_geneve_reaches_no_vm() -> Result<()> {
     for (src, kind, vni, egress, counter) in cases {
         let before = tb.counter("ch1", "ul", counter)?;
         let miss0 = tb.counter("ch1", "ul", "miss")?;
-        inject_from(&tb, src, kind, vni, egress, 10, 7200)?;
+        let inst0 = tb.counter("ch1", "ul", "megaflow_install")?;
+        // One frame first: where the slow path decides, its drop megaflow is in before the
+        // other nine come (a burst would race the install on a loaded machine).
+        inject_from(&tb, src, kind, vni, egress, 1, 7200)?;
+        counter_reaches(&tb, "ch1", "ul", counter, before + 1);
+        if counter != "drop_unknown_source" && counter != "drop_bad_length" {
+            counter_reaches(&tb, "ch1", "ul", "megaflow_install", inst0 + 1);
+        }
+        inject_from(&tb, src, kind, vni, egress, 9, 7200)?;
         let now = counter_reaches(&tb, "ch1", "ul", counter, before + 10);
         assert_eq!(
             now - before,
