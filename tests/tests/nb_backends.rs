@@ -481,3 +481,31 @@ fn a_redis_nb_without_the_topic_index_is_read_and_indexed() -> Result<()> {
     assert_eq!(tb.stats("ch2")?["nb"]["records"]["ports"], 5);
     Ok(())
 }
+
+#[test]
+fn an_etcd_write_too_big_for_one_transaction_names_the_limit() -> Result<()> {
+    require_root();
+    let tb = Testbed::with_nb("tx", NbKind::Etcd(1))?;
+    tb.nbctl(&["chassis-add", "chr", "198.18.0.99"])?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    // 100 bound ports: 200 records in one write.
+    let ns = tb.db_ns.clone().context("no NB namespace")?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, &tb.bin("gf-nb-bench"), "populate"])
+        .args([
+            "--nb", &tb.nb, "--switch", "ls1", "--remote", "chr", "--ports", "100",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the write went through");
+    assert!(
+        err.contains("a write of 200 records") && err.contains("--max-txn-ops"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Nothing of it was written; a write that fits goes through.
+    let show = tb.nbctl(&["show"])?;
+    assert!(!show.contains("m0"), "{show}");
+    tb.nbctl(&["lsp-add", "ls1", "p1", "0a:00:00:00:00:11", "--key", "1"])?;
+    Ok(())
+}

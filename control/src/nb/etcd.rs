@@ -92,6 +92,8 @@ impl EtcdStore {
         for _ in 0..self.endpoints.len() {
             match op(self) {
                 Ok(v) => return Ok(v),
+                // Another member would refuse it the same way.
+                Err(e) if e.is_data_error() => return Err(e),
                 Err(e) => {
                     self.reset();
                     last = Some(e);
@@ -301,9 +303,17 @@ impl EtcdStore {
         if ops.is_empty() {
             return Ok(());
         }
+        let n = ops.len();
         let r = self.rt.block_on(c.txn(Txn::new().and_then(ops)));
         match r {
             Ok(_) => Ok(()),
+            // etcd takes at most --max-txn-ops (128 by default) operations per transaction;
+            // the write is one transaction, so it must be smaller.
+            Err(e) if e.to_string().contains("too many operations in txn request") => {
+                Err(NbError::Invalid(format!(
+                    "a write of {n} records is more than etcd takes in one transaction (its --max-txn-ops, 128 by default): write fewer at once, or raise the limit"
+                )))
+            }
             Err(e) => {
                 self.reset();
                 Err(unreachable(e))
