@@ -142,7 +142,7 @@ impl EtcdStore {
     fn revision_once(&mut self, prefixes: &[String]) -> Result<u64, NbError> {
         let mut c = self.client()?;
         let r = self.rt.block_on(async {
-            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            let mut words = Vec::with_capacity(prefixes.len() * 2);
             for p in prefixes {
                 let opts = GetOptions::new()
                     .with_prefix()
@@ -151,11 +151,9 @@ impl EtcdStore {
                     .with_limit(1);
                 let resp = c.get(p.as_str(), Some(opts)).await?;
                 let latest = resp.kvs().first().map(|kv| kv.mod_revision()).unwrap_or(0);
-                for v in [resp.count() as u64, latest as u64] {
-                    h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
-                }
+                words.extend([resp.count() as u64, latest as u64]);
             }
-            Ok::<_, etcd_client::Error>(h)
+            Ok::<_, etcd_client::Error>(super::token(words))
         });
         r.map_err(|e| {
             self.reset();

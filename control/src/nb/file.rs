@@ -275,11 +275,7 @@ impl Backend for FileStore {
 
     fn revision(&mut self, _prefixes: &[String]) -> Result<Option<u64>, NbError> {
         Ok(Some(self.stamp().map_or(0, |s| {
-            [s.ino, s.size, s.mtime_ns as u64]
-                .iter()
-                .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
-                    (h ^ v).wrapping_mul(0x0100_0000_01b3)
-                })
+            super::token([s.ino, s.size, s.mtime_ns as u64])
         })))
     }
 

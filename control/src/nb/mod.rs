@@ -119,6 +119,14 @@ where
     b.commit(puts, dels)
 }
 
+/// A revision token: the values (counters, revisions, a file's identity) folded into one
+/// (FNV-1a over 64-bit words), equal only while none of them moved.
+pub(crate) fn token(values: impl IntoIterator<Item = u64>) -> u64 {
+    values.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
+        (h ^ v).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Refuses a write with a record larger than agents accept (`kv::MAX_RECORD_BYTES`).
 pub(crate) fn check_record_sizes<'a>(
     records: impl IntoIterator<Item = (&'a String, &'a Vec<u8>)>,

@@ -318,11 +318,9 @@ impl Backend for RedisStore {
         let r: redis::RedisResult<Vec<Option<u64>>> =
             redis::cmd("MGET").arg(&keys).query(self.conn()?);
         let counts = r.map_err(|e| self.fail(e))?;
-        Ok(Some(
-            counts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
-                (h ^ c.unwrap_or(0)).wrapping_mul(0x0100_0000_01b3)
-            }),
-        ))
+        Ok(Some(super::token(
+            counts.into_iter().map(|c| c.unwrap_or(0)),
+        )))
     }
 
     fn subscribe(&mut self, prefixes: &[String]) -> Result<(), NbError> {

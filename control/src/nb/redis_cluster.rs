@@ -253,9 +253,7 @@ impl RedisClusterStore {
         }
         let r: redis::RedisResult<Vec<Option<u64>>> = pipe.query(self.conn()?);
         let counts = r.map_err(|e| self.fail(format!("reading the change counters: {e}")))?;
-        Ok(counts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
-            (h ^ c.unwrap_or(0)).wrapping_mul(0x0100_0000_01b3)
-        }))
+        Ok(super::token(counts.into_iter().map(|c| c.unwrap_or(0))))
     }
 
     fn commit_once(
