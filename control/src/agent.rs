@@ -56,6 +56,8 @@ pub struct NbStatus {
     pub reconcile_repairs: u64,
     pub last_compile_us: u64,
     pub rejected_records: usize,
+    /// The notification transport's counters (ZeroMQ publishers), when it is not the store.
+    pub transport: Option<nb::TransportStats>,
 }
 
 /// Called after each pipeline is sent, so a sleeping forwarder picks it up at once.
@@ -237,11 +239,19 @@ impl Agent {
                 if self.stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let mut events = match b.poll(POLL) {
+                let polled = b.poll(POLL);
+                if let Some(t) = b.transport() {
+                    self.set_status(|s| s.transport = Some(t));
+                }
+                let mut events = match polled {
                     Ok(ev) => ev,
                     Err(e) if e.is_data_error() => {
                         self.data_error(&e);
                         continue;
+                    }
+                    Err(NbError::Missed(why)) => {
+                        warn!("NB notifications lost ({why}); reading the topics again");
+                        continue 'resync;
                     }
                     Err(e) => return Err(e),
                 };

@@ -36,6 +36,11 @@ pub fn topic_of(key: &str) -> Option<String> {
     }
 }
 
+/// Whether `prefix` is one topic (as opposed to a wider prefix such as the whole NB's).
+pub fn is_topic(prefix: &str) -> bool {
+    topic_of(&format!("{prefix}x")).as_deref() == Some(prefix)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     pub tenant: String,

@@ -32,6 +32,16 @@ pub fn two_chassis_on(tag: &str, kind: NbKind) -> Result<Testbed> {
 
 /// `two_chassis_on` with `queues` receive and transmit queues on every veth.
 pub fn two_chassis_queues(tag: &str, kind: NbKind, queues: u32) -> Result<Testbed> {
+    two_chassis_with(tag, kind, queues, |_| Ok(()))
+}
+
+/// `two_chassis_queues`, with `before_agents` run on the testbed just before the agents start.
+pub fn two_chassis_with(
+    tag: &str,
+    kind: NbKind,
+    queues: u32,
+    before_agents: impl FnOnce(&mut Testbed) -> Result<()>,
+) -> Result<Testbed> {
     require_root();
     let mut tb = Testbed::with_nb(tag, kind)?;
     tb.queues = queues;
@@ -46,6 +56,7 @@ pub fn two_chassis_queues(tag: &str, kind: NbKind, queues: u32) -> Result<Testbe
     ] {
         tb.add_vm(vm, ch, "ls1", key)?;
     }
+    before_agents(&mut tb)?;
     tb.start_agents()?;
     Ok(tb)
 }

@@ -212,9 +212,13 @@ pub enum NbKind {
     Redis,
     /// A Redis Cluster of six nodes: three masters, one replica each.
     RedisCluster,
+    /// One etcd member, its changes fanned out by this many `geneflow-publisher`s.
+    EtcdZmq(usize),
 }
 
 pub const DB_IP: &str = "198.18.0.200";
+/// The first ZeroMQ publisher's port (writers push to the next; others 10 apart).
+pub const PUBLISHER_PORT: u16 = 6620;
 
 /// A database server process the testbed started (restartable with the same arguments).
 pub struct Server {

@@ -1,11 +1,19 @@
-//! Testbed NB servers: etcd clusters, Redis and Redis Clusters in their own namespace on the
-//! underlay, started, killed and restarted by the tests.
+//! Testbed NB servers: etcd clusters, Redis and Redis Clusters, and ZeroMQ publishers in their
+//! own namespace on the underlay, started, killed and restarted by the tests.
 
 use crate::testbed::*;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+impl Server {
+    /// The command line it runs with.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+}
 
 impl Testbed {
     /// A testbed whose NB lives in `kind`'s servers (started here, stopped on drop).
@@ -16,8 +24,128 @@ impl Testbed {
             NbKind::Etcd(n) => tb.start_etcd(n)?,
             NbKind::Redis => tb.start_redis()?,
             NbKind::RedisCluster => tb.start_redis_cluster()?,
+            NbKind::EtcdZmq(n) => {
+                tb.start_etcd(1)?;
+                let ports: Vec<u16> = (0..n as u16).map(|i| PUBLISHER_PORT + 10 * i).collect();
+                tb.start_publishers(&ports)?;
+            }
         }
         Ok(tb)
+    }
+
+    /// Starts a `geneflow-publisher` on each port (agents subscribe there, writers push to
+    /// the next port) and points the NB URL at them, plus at `extra` ports that tests fill
+    /// with servers of their own (a forger), all on the DB address.
+    pub fn start_publishers(&mut self, ports: &[u16]) -> Result<()> {
+        self.start_publishers_with(ports, &[])
+    }
+
+    pub fn start_publishers_with(&mut self, ports: &[u16], extra: &[u16]) -> Result<()> {
+        for &port in ports {
+            self.servers.push(Server {
+                name: format!("publisher-{port}"),
+                args: vec![
+                    self.bin("geneflow-publisher"),
+                    "--listen".into(),
+                    DB_IP.into(),
+                    "--port".into(),
+                    port.to_string(),
+                    "--heartbeat-ms".into(),
+                    "200".into(),
+                ],
+                log: self.dir.join(format!("publisher-{port}.log")),
+                child: None,
+                client_port: port,
+            });
+            let i = self.servers.len() - 1;
+            self.start_server(i)?;
+            self.wait_server_log(i, "publisher up")?;
+        }
+        let list: Vec<String> = ports
+            .iter()
+            .chain(extra)
+            .map(|p| format!("{DB_IP}:{p}"))
+            .collect();
+        self.nb = format!("{}?publishers={}", self.nb, list.join(","));
+        Ok(())
+    }
+
+    /// Starts `gf-zmq-forge` (the tests' faulty publisher) on `port` with `script` on `topic`
+    /// and adds it to the NB URL's publishers. It plays the script once the returned file
+    /// exists, and logs `sent <script>` when done.
+    pub fn add_forger(&mut self, port: u16, script: &str, topic: &str) -> Result<PathBuf> {
+        let go = self.dir.join(format!("forge-{port}.go"));
+        self.servers.push(Server {
+            name: format!("forger-{port}"),
+            args: vec![
+                self.bin("gf-zmq-forge"),
+                "--listen".into(),
+                DB_IP.into(),
+                "--port".into(),
+                port.to_string(),
+                "--topic".into(),
+                topic.into(),
+                "--script".into(),
+                script.into(),
+                "--go".into(),
+                go.display().to_string(),
+            ],
+            log: self.dir.join(format!("forger-{port}.log")),
+            child: None,
+            // A writer forger listens nowhere (`port` is the publisher's it pushes to).
+            client_port: if script == "push-garbage" { 0 } else { port },
+        });
+        let i = self.servers.len() - 1;
+        self.start_server(i)?;
+        if script != "push-garbage" {
+            self.nb = format!("{},{DB_IP}:{port}", self.nb);
+        }
+        Ok(go)
+    }
+
+    /// The index in `servers` of the server listening on `port`.
+    pub fn server_on(&self, port: u16) -> Result<usize> {
+        self.servers
+            .iter()
+            .position(|s| s.client_port == port)
+            .ok_or_else(|| anyhow!("no server on port {port}"))
+    }
+
+    /// Waits until server `i`'s log has `what`.
+    pub fn wait_server_log(&self, i: usize, what: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.server_log(i).contains(what) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "{} never logged {what:?}:\n{}",
+            self.servers[i].name,
+            self.server_log(i)
+        )
+    }
+
+    pub fn server_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.servers[i].log).unwrap_or_default()
+    }
+
+    /// `etcdctl ARGS` against the first etcd member, from the DB namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let ns = self
+            .db_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no db namespace"))?;
+        let s = self
+            .servers
+            .iter()
+            .find(|s| s.name.starts_with("etcd"))
+            .ok_or_else(|| anyhow!("no etcd"))?;
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns, "etcdctl"])
+            .args(["--endpoints", &format!("{DB_IP}:{}", s.client_port)])
+            .args(args))
     }
 
     pub(crate) fn add_db_ns(&mut self) -> Result<String> {

@@ -2,17 +2,20 @@
 //! `kv`): `file` (one JSON document, the embedded default), `etcd` (v3 API, watch) and `redis`
 //! (keys plus pub/sub notifications, as Dragonflow's driver did) and `redis+cluster` (the same
 //! over a Redis Cluster). A URL chooses: `file:///path`, `etcd://h1:2379,h2:2379`,
-//! `redis://h:6379`, `redis+cluster://h1:7000,h2:7001,...`.
+//! `redis://h:6379`, `redis+cluster://h1:7000,h2:7001,...`. Any of them can take its change
+//! notifications from ZeroMQ publishers instead (`zmq`): `<url>?publishers=h1:6620,h2:6620`.
 
 mod etcd;
 mod file;
 mod redis;
 mod redis_cluster;
+pub mod zmq;
 
 pub use file::FileStore;
 
 use crate::kv::{self, Kv};
 use crate::model::NbDocument;
+use serde::Serialize;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use thiserror::Error;
@@ -32,12 +35,16 @@ pub enum NbError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unsupported NB URL {0:?} (want file:///path, etcd://host:port[,host:port...], redis://host:port or redis+cluster://host:port[,host:port...])")]
+    #[error("unsupported NB URL {0:?} (want file:///path, etcd://host:port[,host:port...], redis://host:port or redis+cluster://host:port[,host:port...], each optionally followed by ?publishers=host:port[,host:port...])")]
     BadUrl(String),
     #[error("{0}")]
     Invalid(String),
     #[error("NB unreachable: {0}")]
     Unreachable(String),
+    /// Notifications were lost (the transport saw it): what the agent holds of the named
+    /// topics may be stale, so it reads them again.
+    #[error("NB notifications lost: {0}")]
+    Missed(String),
 }
 
 impl NbError {
@@ -45,6 +52,21 @@ impl NbError {
     pub fn is_data_error(&self) -> bool {
         matches!(self, NbError::Parse { .. } | NbError::Invalid(_))
     }
+}
+
+/// What a notification transport reports (the ZeroMQ publishers').
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TransportStats {
+    pub publishers: usize,
+    /// Heard from within the last two seconds.
+    pub publishers_alive: usize,
+    /// Messages of changes received, and their bytes.
+    pub messages: u64,
+    pub bytes: u64,
+    /// Losses detected (each made the agent read the topics concerned again).
+    pub losses: u64,
+    /// Messages skipped as malformed or not for this agent.
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +94,10 @@ pub trait Backend: Send {
     fn revision(&mut self, _prefixes: &[String]) -> Result<Option<u64>, NbError> {
         Ok(None)
     }
+    /// The notification transport's counters, when it is not the store's own.
+    fn transport(&self) -> Option<TransportStats> {
+        None
+    }
     /// The file store does its read-modify-write under a lock; others use `update` below.
     fn as_file(&mut self) -> Option<&mut FileStore> {
         None
@@ -79,6 +105,17 @@ pub trait Backend: Send {
 }
 
 pub fn open(url: &str) -> Result<Box<dyn Backend>, NbError> {
+    match url.split_once("?publishers=") {
+        Some((store, list)) => Ok(Box::new(zmq::ZmqNotified::open(
+            open_store(store)?,
+            list,
+            url,
+        )?)),
+        None => open_store(url),
+    }
+}
+
+fn open_store(url: &str) -> Result<Box<dyn Backend>, NbError> {
     if url.starts_with("etcd://") {
         Ok(Box::new(etcd::EtcdStore::open(url)?))
     } else if url.starts_with("redis://") {

@@ -7,7 +7,7 @@
 //! read timeout into "skip the next message", which would lose notifications.
 
 use super::{Backend, Event, NbError};
-use crate::kv::{topic_of, Kv};
+use crate::kv::{is_topic, topic_of, Kv};
 use redis::{Client, Connection};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -160,11 +160,6 @@ pub(super) fn idx_key(topic: &str) -> String {
 
 /// The set of every topic that has had a record.
 pub(super) const TOPICS: &str = "gf-topics";
-
-/// Whether `prefix` is one topic (as opposed to a wider prefix such as the whole NB's).
-pub(super) fn is_topic(prefix: &str) -> bool {
-    topic_of(&format!("{prefix}x")).as_deref() == Some(prefix)
-}
 
 /// The change counter of a topic (outside the records' key space), bumped in the transaction
 /// of every write to it: what `revision` compares.

@@ -16,8 +16,9 @@
 //! not the cluster's key count as a KEYS on every master would. A prefix wider than a topic
 //! (a writer reads the whole NB) reads the topics listed in `gf-topics`.
 
-use super::redis::{idx_key, is_topic, rev_key, Subscriber, TOPICS};
+use super::redis::{idx_key, rev_key, Subscriber, TOPICS};
 use super::{Backend, Event, NbError};
+use crate::kv::is_topic;
 use crate::kv::{topic_of, Kv};
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterConnection};
 use std::time::Duration;
