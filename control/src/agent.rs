@@ -51,6 +51,10 @@ pub struct NbStatus {
     /// Records held per table.
     pub records: BTreeMap<String, usize>,
     pub resyncs: u64,
+    /// Changes received from the store's notifications (and reconciliation), with the bytes
+    /// of their keys and values.
+    pub events: u64,
+    pub event_bytes: u64,
     /// Periodic reconciliations run, and records they found diverged and repaired.
     pub reconcile_checks: u64,
     pub reconcile_repairs: u64,
@@ -70,6 +74,9 @@ pub struct NbConfig {
     pub chassis: String,
     /// How often to reconcile with the store (`None`: never).
     pub reconcile: Option<Duration>,
+    /// Selective topology distribution (always, but for measuring what it saves): when off,
+    /// the agent reads and follows every tenant of the store.
+    pub selective: bool,
 }
 
 pub fn spawn(
@@ -99,6 +106,7 @@ struct Agent {
     /// Ports accepted by the last validation: they keep their keys against newcomers.
     incumbents: BTreeSet<String>,
     reconcile_every: Option<Duration>,
+    selective: bool,
     /// The store's revision token of the topics at the last reconciliation; `None` after a
     /// resync (the next check compares in full).
     last_rev: Option<u64>,
@@ -115,11 +123,13 @@ fn run(
         url,
         chassis,
         reconcile,
+        selective,
     } = cfg;
     let mut a = Agent {
         compiler: Compiler::new(&chassis),
         chassis,
         reconcile_every: reconcile,
+        selective,
         last_rev: None,
         tx,
         wake,
@@ -181,6 +191,10 @@ impl Agent {
         let base = vec![kv::GLOBAL.to_string(), kv::bind_prefix(&self.chassis)];
         let mut data = b.snapshot(&base)?;
         let mut tenants = kv::bound_tenants(&self.chassis, &data);
+        if !self.selective {
+            let all = b.snapshot(&["/gf/t/".to_string()])?;
+            tenants.extend(tenants_of(&all));
+        }
         let mut fetched: BTreeSet<String> = BTreeSet::new();
         loop {
             let todo: Vec<String> = tenants.difference(&fetched).cloned().collect();
@@ -279,6 +293,17 @@ impl Agent {
                 }
                 self.last_data_error = None;
                 let noticed = Instant::now();
+                let bytes: usize = events
+                    .iter()
+                    .map(|e| match e {
+                        Event::Put(k, v) => k.len() + v.len(),
+                        Event::Delete(k) => k.len(),
+                    })
+                    .sum();
+                self.set_status(|s| {
+                    s.events += events.len() as u64;
+                    s.event_bytes += bytes as u64;
+                });
                 let mut dirty: BTreeSet<String> = BTreeSet::new();
                 let mut all = false;
                 for ev in &events {
@@ -309,6 +334,9 @@ impl Agent {
                 // A binding or router change can change the topics: resync onto the new set.
                 let mut tenants = kv::bound_tenants(&self.chassis, &data);
                 tenants.extend(reached_tenants(&data));
+                if !self.selective {
+                    tenants.extend(tenants_of(&data));
+                }
                 let wanted: Vec<String> = [kv::GLOBAL.to_string(), kv::bind_prefix(&self.chassis)]
                     .into_iter()
                     .chain(tenants.iter().map(|t| kv::tenant_prefix(t)))
@@ -436,6 +464,14 @@ impl Agent {
 
 /// Tenants reached by the routers held in `data` (router ports attached to other tenants'
 /// switches).
+/// Every tenant with a record in `data`.
+fn tenants_of(data: &Kv) -> BTreeSet<String> {
+    data.keys()
+        .filter_map(|k| k.strip_prefix("/gf/t/")?.split('/').next())
+        .map(str::to_string)
+        .collect()
+}
+
 fn reached_tenants(data: &Kv) -> BTreeSet<String> {
     data.iter()
         .filter(|(k, _)| k.contains("/router_ports/"))

@@ -306,7 +306,13 @@ fn bench_scale(agents: usize, tenants: usize, writes: usize) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("nb-scale-{agents}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
-    step(&format!("raw results in {}", path.display()));
+    let chart = dir.join(format!("nb-scale-{agents}.svg"));
+    std::fs::write(&chart, xtask::bench::scale::svg(&results))?;
+    step(&format!(
+        "raw results in {}, chart in {}",
+        path.display(),
+        chart.display()
+    ));
     Ok(())
 }
 

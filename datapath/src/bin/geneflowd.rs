@@ -235,6 +235,7 @@ fn run(args: Args) -> Result<()> {
             url: nb.clone(),
             chassis: chassis.clone(),
             reconcile: (reconcile > 0).then(|| Duration::from_secs(reconcile.into())),
+            selective: true,
         },
         tx,
         stop.clone(),

@@ -30,6 +30,9 @@ struct Cli {
     /// NB writes to time.
     #[arg(long, default_value_t = 30)]
     writes: usize,
+    /// Every agent follows every tenant (to measure what selective distribution saves).
+    #[arg(long)]
+    no_selective: bool,
     /// The store's server processes, for their CPU time and memory.
     #[arg(long, value_delimiter = ',')]
     store_pids: Vec<u32>,
@@ -122,7 +125,7 @@ fn port(name: &str, i: usize, tenants: usize, chassis: &str) -> LogicalPort {
     }
 }
 
-fn spawn(url: &str, agents: usize, p: &Arc<Published>) -> Result<Fleet> {
+fn spawn(url: &str, agents: usize, selective: bool, p: &Arc<Published>) -> Result<Fleet> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(agents);
     let mut status = Vec::with_capacity(agents);
@@ -139,6 +142,7 @@ fn spawn(url: &str, agents: usize, p: &Arc<Published>) -> Result<Fleet> {
             url: url.to_string(),
             chassis: format!("sim{i}"),
             reconcile: None,
+            selective,
         };
         threads.push(
             agent::spawn(cfg, tx, stop.clone(), st.clone(), wake)
@@ -218,6 +222,18 @@ fn store_usage(pids: &[u32]) -> (f64, u64) {
     (cpu, rss)
 }
 
+/// Each agent's notified changes and their bytes so far.
+fn received(f: &Fleet) -> Vec<(u64, u64)> {
+    f.status
+        .iter()
+        .map(|s| {
+            s.lock()
+                .map(|s| (s.events, s.event_bytes))
+                .unwrap_or((0, 0))
+        })
+        .collect()
+}
+
 fn counts(p: &Published) -> Vec<u64> {
     p.count.iter().map(|c| c.load(Ordering::Relaxed)).collect()
 }
@@ -241,7 +257,7 @@ fn run(cli: Cli) -> Result<()> {
     let (cpu0, _) = store_usage(&cli.store_pids);
     let p = new_published();
     let ts = Instant::now();
-    let fleet = spawn(&cli.nb, n, &p)?;
+    let fleet = spawn(&cli.nb, n, !cli.no_selective, &p)?;
     fleet.synced(&p, &vec![0; n], Duration::from_secs(300))?;
     let start_s = ts.elapsed().as_secs_f64();
     let (cpu1, rss_synced) = store_usage(&cli.store_pids);
@@ -251,10 +267,13 @@ fn run(cli: Cli) -> Result<()> {
     let mut write_ms = Vec::new();
     let mut uninterested = 0u64;
     let mut recipients = Vec::new();
+    // What the notifications delivered per change: records, bytes and agents that got any.
+    let (mut delivered, mut delivered_bytes, mut receivers) = (Vec::new(), Vec::new(), Vec::new());
     let mut b = nb::open(&cli.nb)?;
     for w in 0..cli.writes {
         let t = w % tenants;
         let before = counts(&p);
+        let got_before = received(&fleet);
         let at = p.epoch.elapsed().as_nanos() as u64;
         let tw = Instant::now();
         nb::update(&mut *b, |d| {
@@ -286,19 +305,29 @@ fn run(cli: Cli) -> Result<()> {
         }
         all_ms.push(worst);
         // Anything else that moves in the next 100 ms heard of a tenant it does not serve.
-        std::thread::sleep(Duration::from_millis(100));
+        // (A second when every agent hears everything: a thousand of them take a while.)
+        std::thread::sleep(Duration::from_millis(if cli.no_selective {
+            1000
+        } else {
+            100
+        }));
         let after = counts(&p);
         uninterested += (0..n)
             .filter(|i| i % tenants != t && after[*i] > before[*i])
             .count() as u64;
         recipients.push(interested.len() as f64);
+        let got = received(&fleet);
+        let moved = got.iter().zip(&got_before).filter(|(a, b)| a.0 > b.0);
+        receivers.push(moved.clone().count() as f64);
+        delivered.push(moved.clone().map(|(a, b)| (a.0 - b.0) as f64).sum::<f64>());
+        delivered_bytes.push(moved.map(|(a, b)| (a.1 - b.1) as f64).sum::<f64>());
     }
     let (cpu2, _) = store_usage(&cli.store_pids);
     // The resync storm: every agent restarts at the same moment.
     fleet.stop();
     let p2 = new_published();
     let ts = Instant::now();
-    let fleet = spawn(&cli.nb, n, &p2)?;
+    let fleet = spawn(&cli.nb, n, !cli.no_selective, &p2)?;
     fleet.synced(&p2, &vec![0; n], Duration::from_secs(300))?;
     let storm_s = ts.elapsed().as_secs_f64();
     let (cpu3, rss_end) = store_usage(&cli.store_pids);
@@ -322,6 +351,10 @@ fn run(cli: Cli) -> Result<()> {
             "to_all_interested_ms_max": all_ms.iter().cloned().fold(0.0, f64::max),
             "compiling_agents_per_change": pct(&recipients, 0.5),
             "uninterested_agents_that_compiled": uninterested,
+            "selective": !cli.no_selective,
+            "receiving_agents_per_change": pct(&receivers, 0.5),
+            "records_delivered_per_change": pct(&delivered, 0.5),
+            "bytes_delivered_per_change": pct(&delivered_bytes, 0.5),
             "resync_storm_s": storm_s,
             "store_cpu_s_cold_start": cpu1 - cpu0,
             "store_cpu_s_writes": cpu2 - cpu1,

@@ -26,6 +26,7 @@ use super::{Backend, Event, NbError, TransportStats};
 use crate::kv::{self, topic_of, Kv};
 use seq::{Loss, Tracker};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tracing::warn;
 use wire::{Header, Kind, WireError, HEARTBEAT_TOPIC, MAX_MESSAGE_BYTES};
@@ -46,7 +47,7 @@ pub struct ZmqNotified {
     kind: &'static str,
     /// `host:port` of each publisher (PUB on the port, PULL on the next).
     publishers: Vec<(String, u16)>,
-    ctx: ::zmq::Context,
+    ctx: Arc<::zmq::Context>,
     subs: Vec<::zmq::Socket>,
     subs_since: Option<Instant>,
     pushes: Vec<::zmq::Socket>,
@@ -61,6 +62,20 @@ pub struct ZmqNotified {
     /// full read.
     uncovered: bool,
     stats: TransportStats,
+}
+
+/// One ZeroMQ context (and I/O thread) for every connection of the process, as ZeroMQ
+/// advises: a simulation of a thousand agents in one process would otherwise run two thousand
+/// threads. It ends with its last user, which waits (linger) for a writer's last messages.
+fn shared_context() -> Arc<::zmq::Context> {
+    static SHARED: Mutex<Weak<::zmq::Context>> = Mutex::new(Weak::new());
+    let mut w = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = w.upgrade() {
+        return c;
+    }
+    let c = Arc::new(::zmq::Context::new());
+    *w = Arc::downgrade(&c);
+    c
 }
 
 fn zerr(e: ::zmq::Error) -> NbError {
@@ -97,9 +112,11 @@ impl ZmqNotified {
             "redis" => "redis+zmq",
             "redis+cluster" => "redis+cluster+zmq",
             // One host's file has its own watch; publishers serve a networked store.
-            other => return Err(NbError::BadUrl(format!(
+            other => {
+                return Err(NbError::BadUrl(format!(
                 "{url}: ZeroMQ publishers serve etcd, redis and redis+cluster stores, not {other}"
-            ))),
+            )))
+            }
         };
         Ok(ZmqNotified {
             store,
@@ -110,7 +127,7 @@ impl ZmqNotified {
                 ..Default::default()
             },
             publishers,
-            ctx: ::zmq::Context::new(),
+            ctx: shared_context(),
             subs: Vec::new(),
             subs_since: None,
             pushes: Vec::new(),
