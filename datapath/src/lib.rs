@@ -6,7 +6,10 @@
 //! to the control-plane thread.
 pub mod config;
 pub mod ctl;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod exporter;
+pub mod flowcache;
 pub mod forwarder;
 pub mod loader;
 pub mod metrics;

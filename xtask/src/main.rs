@@ -35,6 +35,9 @@ enum Cmd {
         /// Tenants the simulated chassis are spread over (with --agents).
         #[arg(long, default_value_t = 100)]
         tenants: usize,
+        /// With --agents: no run, the table and chart again from results/nb-scale-N.json.
+        #[arg(long, requires = "agents")]
+        render: bool,
     },
     /// Run each cargo-fuzz target (tests/fuzz) for a bounded time.
     Fuzz {
@@ -87,12 +90,19 @@ const APT: &[&str] = &[
     "redis-server",
     // redis-cli: the Redis Cluster tests create their cluster with `--cluster create`.
     "redis-tools",
+    // DPDK 22.11 for the poll-mode backend (feature `dpdk` of geneflow-datapath; bindgen
+    // reads its headers with the clang above).
+    "libdpdk-dev",
     "iperf3",
     // The independent Geneve peer of the interop test and the OVS baselines of the bench.
     "openvswitch-switch",
     // Keeps the OVS chassis's own stack off its system ports (netdev ingress hook).
     "nftables",
 ];
+
+/// The DPDK backend, built by the project's own commands (setup installs DPDK); a plain
+/// `cargo build` leaves it out.
+const DPDK_FEATURE: &str = "geneflow-datapath/dpdk";
 
 fn main() {
     let cli = Cli::parse();
@@ -101,9 +111,15 @@ fn main() {
         Cmd::Demo => setup().and_then(|_| build()).and_then(|_| demo()),
         Cmd::Test { args } => setup().and_then(|_| build()).and_then(|_| test(&args)),
         Cmd::BenchNb {
+            agents: Some(n),
+            render: true,
+            ..
+        } => render_scale(n),
+        Cmd::BenchNb {
             quick,
             agents: Some(n),
             tenants,
+            ..
         } => setup().and_then(|_| bench_scale(n, tenants, if quick { 10 } else { 30 })),
         Cmd::BenchNb { quick, .. } => setup().and_then(|_| bench_nb(quick)),
         Cmd::Fuzz { secs, grow } => setup().and_then(|_| xtask::fuzz::fuzz(&root(), secs, grow)),
@@ -252,10 +268,10 @@ fn setup() -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    step("cargo build --workspace --bins (the XDP program is built by datapath/build.rs)");
+    step("cargo build --workspace --bins --features geneflow-datapath/dpdk (the XDP program is built by datapath/build.rs)");
     let st = Command::new("cargo")
         .current_dir(root())
-        .args(["build", "--workspace", "--bins"])
+        .args(["build", "--workspace", "--bins", "--features", DPDK_FEATURE])
         .status()?;
     if !st.success() {
         bail!("cargo build failed");
@@ -268,6 +284,7 @@ fn test(args: &[String]) -> Result<()> {
     let st = Command::new("cargo")
         .current_dir(root())
         .args(["test", "--workspace", "--exclude", "geneflow-tests"])
+        .args(["--features", DPDK_FEATURE])
         .status()?;
     if !st.success() {
         bail!("unit tests failed");
@@ -301,13 +318,26 @@ fn bench_scale(agents: usize, tenants: usize, writes: usize) -> Result<()> {
     build_release()?;
     std::env::set_var("GENEFLOW_BIN_DIR", target_dir().join("release"));
     let results = xtask::bench::scale::scale(agents, tenants, writes)?;
-    println!("{}", xtask::bench::scale::table(&results));
     let dir = root().join("results");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("nb-scale-{agents}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+    write_scale(agents, &results)
+}
+
+fn render_scale(agents: usize) -> Result<()> {
+    let path = root().join(format!("results/nb-scale-{agents}.json"));
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let results: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    write_scale(agents, &results)
+}
+
+fn write_scale(agents: usize, results: &[serde_json::Value]) -> Result<()> {
+    println!("{}", xtask::bench::scale::table(results));
+    let dir = root().join("results");
+    let path = dir.join(format!("nb-scale-{agents}.json"));
     let chart = dir.join(format!("nb-scale-{agents}.svg"));
-    std::fs::write(&chart, xtask::bench::scale::svg(&results))?;
+    std::fs::write(&chart, xtask::bench::scale::svg(results))?;
     step(&format!(
         "raw results in {}, chart in {}",
         path.display(),

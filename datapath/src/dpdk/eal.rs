@@ -1,0 +1,70 @@
+//! The EAL: initialised once per process with the arguments given (DPDK's own syntax, passed
+//! through), cleaned up on drop.
+
+use super::{errno, strerror, DpdkError};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// The running EAL. One per process, once (DPDK cannot start twice); dropping it releases
+/// DPDK's memory and files.
+pub struct Eal {
+    // The argument strings: DPDK may keep pointers into argv.
+    _argv: Vec<CString>,
+}
+
+impl Eal {
+    /// `args` are the EAL's own (`-l 0`, `--no-huge`, `--vdev net_af_packet0,iface=eth1`,
+    /// ...), without a program name.
+    pub fn init(args: &[String]) -> Result<Eal, DpdkError> {
+        if RUNNING.swap(true, Ordering::SeqCst) {
+            return Err(DpdkError::EalTwice);
+        }
+        let r = Self::start(args);
+        if r.is_err() {
+            RUNNING.store(false, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn start(args: &[String]) -> Result<Eal, DpdkError> {
+        let mut argv: Vec<CString> = Vec::with_capacity(args.len() + 1);
+        argv.push(CString::new("geneflowd").expect("no NUL"));
+        for a in args {
+            argv.push(CString::new(a.as_str()).map_err(|_| DpdkError::Nul(a.clone()))?);
+        }
+        let mut ptrs: Vec<*mut libc::c_char> = argv
+            .iter()
+            .map(|a| a.as_ptr() as *mut libc::c_char)
+            .collect();
+        ptrs.push(std::ptr::null_mut());
+        // SAFETY: argc/argv describe NUL-terminated strings that outlive the EAL (kept in
+        // `Eal`); rte_eal_init may permute the pointer array, which is ours to lose.
+        let n = unsafe { dpdk_sys::rte_eal_init(argv.len() as i32, ptrs.as_mut_ptr()) };
+        if n < 0 {
+            return Err(DpdkError::Eal {
+                args: args.to_vec(),
+                reason: strerror(errno()),
+            });
+        }
+        Ok(Eal { _argv: argv })
+    }
+
+    /// The ports the EAL found (PCI devices bound to a DPDK driver, and vdevs).
+    pub fn port_count(&self) -> u16 {
+        // SAFETY: a read of the EAL's device table, valid once it runs.
+        unsafe { dpdk_sys::rte_eth_dev_count_avail() }
+    }
+}
+
+impl Drop for Eal {
+    fn drop(&mut self) {
+        // SAFETY: every port and pool made with this EAL borrows it, so they are gone; no
+        // other thread calls into DPDK any more. (DPDK cannot start again in this process:
+        // `RUNNING` stays set.)
+        unsafe {
+            dpdk_sys::rte_eal_cleanup();
+        }
+    }
+}

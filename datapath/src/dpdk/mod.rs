@@ -1,0 +1,71 @@
+//! The safe wrapper around DPDK (`dpdk-sys`, feature `dpdk`): the EAL, packet mempools and
+//! ethdev ports with their queues. Every `unsafe` call into DPDK is here, each with its
+//! `SAFETY:` line; what is above sees owned handles whose `Drop` undoes what they did (a port
+//! is stopped and closed, a pool freed, the EAL cleaned up), so an error at any step leaves
+//! nothing behind.
+//!
+//! This is the first layer of the DPDK backend (issue 14). With the userspace megaflow cache
+//! (`crate::flowcache`) it is what the poll threads will stand on. Still to build:
+//! - `geneflowd --datapath dpdk` with the EAL arguments passed through: one run-to-completion
+//!   thread per core, each with its own queue on every port, its own `FlowCache` and bursts;
+//! - the actions of a megaflow (output, encap, decap, the rewrites, conntrack, NAT) run in
+//!   Rust on the burst, as the XDP program runs them;
+//! - ports named in the NB mapped to ethdevs (a vdev per interface in tests, probed at
+//!   runtime);
+//! - the interop tests (a DPDK chassis beside an XDP chassis) and OVS-DPDK as a peer in the
+//!   benchmark.
+//!
+//! EAL arguments for a veth in a test: `--no-huge --no-pci --no-shconf -m 256 --vdev
+//! net_af_packet0,iface=<veth>`. `--no-huge` forces legacy memory, which `--in-memory`
+//! refuses; `--no-shconf` keeps the EAL from writing a runtime directory under
+//! /var/run/dpdk, so nothing is left behind.
+
+mod burst;
+mod eal;
+mod port;
+
+pub use burst::{Burst, BURST};
+pub use eal::Eal;
+pub use port::{EthPort, Mempool, PortStats};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DpdkError {
+    /// The EAL refused its arguments or could not start (DPDK's reason).
+    #[error("DPDK EAL refused to start with {args:?}: {reason}")]
+    Eal { args: Vec<String>, reason: String },
+    #[error("the DPDK EAL was already started in this process (it starts once)")]
+    EalTwice,
+    #[error("no DPDK port {0:?} (a PCI address or a vdev given to the EAL with --vdev)")]
+    NoPort(String),
+    #[error("DPDK port {port}: {op} failed: {reason}")]
+    Port {
+        port: String,
+        op: &'static str,
+        reason: String,
+    },
+    #[error("DPDK out of memory: {0} (give the EAL more with -m, or hugepages)")]
+    NoMemory(String),
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+}
+
+/// DPDK's message for an error number (`rte_strerror`).
+pub(crate) fn strerror(code: i32) -> String {
+    // SAFETY: rte_strerror returns a pointer to a static or thread-local NUL-terminated
+    // string, valid until the next call on this thread; we copy it at once.
+    unsafe {
+        let p = dpdk_sys::rte_strerror(code.abs());
+        if p.is_null() {
+            return format!("error {code}");
+        }
+        std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// The thread's `rte_errno`.
+pub(crate) fn errno() -> i32 {
+    // SAFETY: reads a thread-local integer.
+    unsafe { dpdk_sys::gf_errno() }
+}

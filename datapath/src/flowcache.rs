@@ -1,0 +1,354 @@
+//! The userspace megaflow cache, for the DPDK backend's poll threads (OVS-DPDK's dpcls): the
+//! same masks, entries and generation check as the XDP program's `MASKS`, `FLOWS` and `GENS`,
+//! so that one pipeline decision installs the same megaflow in either datapath.
+//!
+//! - Tuple-space search: each of the two mask lists (frames from VM ports, frames from the
+//!   uplink) holds up to `MAX_MASKS` masks; a lookup masks the key with each, hottest first,
+//!   and looks the result up (the mask's id is part of the key, as in XDP).
+//! - Generations: an entry carries its datapath's generation and slot; the slot's live
+//!   generation is an atomic shared by every thread, so the thread that applies a new
+//!   pipeline makes every thread's entries of a changed datapath stale in O(1). A stale entry
+//!   is skipped, not a verdict: a newer entry may sit under another mask.
+//! - One cache per poll thread: lookups and installs take no lock.
+//!
+//! The lookup allocates nothing; an install (a miss that went through the pipeline) may grow
+//! the table. The table is hashed with the standard library's keyed SipHash: the keys are
+//! whatever a VM puts in its headers, and a fixed hash would let it aim collisions.
+
+use geneflow_abi::{FlowAction, FlowKey, MASK_LISTS, MAX_DATAPATHS, MAX_MASKS};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CacheError {
+    #[error("mask list {0} has its {MAX_MASKS} masks already")]
+    TooManyMasks(usize),
+    #[error("the megaflow cache holds {0} live entries, its capacity")]
+    Full(usize),
+    #[error("generation slot {0} is beyond the {MAX_DATAPATHS} datapaths")]
+    BadSlot(u32),
+}
+
+/// The live generation of each datapath slot (0: a free slot, which no entry carries).
+pub struct Generations {
+    slots: Box<[AtomicU32]>,
+}
+
+impl Default for Generations {
+    fn default() -> Self {
+        Generations {
+            slots: (0..MAX_DATAPATHS).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+}
+
+impl Generations {
+    pub fn set(&self, slot: u32, generation: u32) -> Result<(), CacheError> {
+        self.slots
+            .get(slot as usize)
+            .ok_or(CacheError::BadSlot(slot))?
+            .store(generation, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn get(&self, slot: u32) -> u32 {
+        self.slots
+            .get(slot as usize)
+            .map_or(0, |g| g.load(Ordering::Acquire))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Stale entries met (and skipped) by lookups.
+    pub stale: u64,
+    pub installs: u64,
+    /// Stale entries removed by sweeps.
+    pub swept: u64,
+}
+
+struct Mask {
+    mask: FlowKey,
+    hits: u64,
+}
+
+pub struct FlowCache {
+    gens: Arc<Generations>,
+    lists: [Vec<Mask>; MASK_LISTS as usize],
+    /// Per list, mask indexes hottest first (`reorder`).
+    order: [Vec<usize>; MASK_LISTS as usize],
+    flows: HashMap<FlowKey, FlowAction>,
+    capacity: usize,
+    pub stats: CacheStats,
+}
+
+impl FlowCache {
+    pub fn new(gens: Arc<Generations>, capacity: usize) -> FlowCache {
+        FlowCache {
+            gens,
+            lists: Default::default(),
+            order: Default::default(),
+            flows: HashMap::new(),
+            capacity,
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn keyed(key: &FlowKey, mask: &FlowKey, list: usize, slot: usize) -> FlowKey {
+        let mut k = key.masked(mask);
+        k.mask_id = (list * MAX_MASKS as usize + slot) as u8;
+        k
+    }
+
+    fn live(&self, a: &FlowAction) -> bool {
+        a.generation != 0 && self.gens.get(a.gen_slot) == a.generation
+    }
+
+    /// The live entry matching `key` in mask list `list`, counted on the entry and its mask.
+    pub fn lookup(&mut self, key: &FlowKey, list: usize) -> Option<FlowAction> {
+        for i in 0..self.order[list].len() {
+            let slot = self.order[list][i];
+            let k = Self::keyed(key, &self.lists[list][slot].mask, list, slot);
+            let Some(a) = self.flows.get(&k).copied() else {
+                continue;
+            };
+            if !self.live(&a) {
+                self.stats.stale += 1;
+                continue;
+            }
+            self.lists[list][slot].hits += 1;
+            if let Some(e) = self.flows.get_mut(&k) {
+                e.hits += 1;
+            }
+            self.stats.hits += 1;
+            return Some(a);
+        }
+        self.stats.misses += 1;
+        None
+    }
+
+    /// Installs `action` for the frames whose `key` matches under `mask` in list `list`.
+    pub fn install(
+        &mut self,
+        list: usize,
+        mask: &FlowKey,
+        key: &FlowKey,
+        action: FlowAction,
+    ) -> Result<(), CacheError> {
+        let mut m = *mask;
+        m.mask_id = 0;
+        let slot = match self.lists[list].iter().position(|x| x.mask == m) {
+            Some(s) => s,
+            None if self.lists[list].len() < MAX_MASKS as usize => {
+                self.lists[list].push(Mask { mask: m, hits: 0 });
+                self.order[list].push(self.lists[list].len() - 1);
+                self.lists[list].len() - 1
+            }
+            None => return Err(CacheError::TooManyMasks(list)),
+        };
+        let k = Self::keyed(key, &m, list, slot);
+        if self.flows.len() >= self.capacity && !self.flows.contains_key(&k) {
+            self.sweep();
+            if self.flows.len() >= self.capacity {
+                return Err(CacheError::Full(self.capacity));
+            }
+        }
+        let mut a = action;
+        a.hits = 0;
+        self.flows.insert(k, a);
+        self.stats.installs += 1;
+        Ok(())
+    }
+
+    /// Removes the stale entries; returns how many.
+    pub fn sweep(&mut self) -> usize {
+        let gens = self.gens.clone();
+        let before = self.flows.len();
+        self.flows
+            .retain(|_, a| a.generation != 0 && gens.get(a.gen_slot) == a.generation);
+        let n = before - self.flows.len();
+        self.stats.swept += n as u64;
+        n
+    }
+
+    /// Orders each list's masks by the hits since the last call, hottest first.
+    pub fn reorder(&mut self) {
+        for (list, masks) in self.lists.iter_mut().enumerate() {
+            let order = &mut self.order[list];
+            order.sort_by_key(|&s| std::cmp::Reverse(masks[s].hits));
+            for m in masks.iter_mut() {
+                m.hits = 0;
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Masks in use per list.
+    pub fn masks(&self, list: usize) -> usize {
+        self.lists[list].len()
+    }
+
+    /// Every entry (stale ones included) with its masked key, for inspection.
+    pub fn entries(&self) -> impl Iterator<Item = (&FlowKey, &FlowAction)> {
+        self.flows.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geneflow_abi::{act, mask_list};
+
+    const VM: usize = mask_list::VM as usize;
+    const UPLINK: usize = mask_list::UPLINK as usize;
+
+    fn key(dst_last: u8, ct: u8) -> FlowKey {
+        let mut k = FlowKey::zeroed();
+        k.in_ifindex = 3;
+        k.eth_type = 0x0008;
+        k.eth_dst = [0x0a, 0, 0, 0, 0, dst_last];
+        k.ip_dst = 0x0100_000a;
+        k.ct_state = ct;
+        k
+    }
+
+    fn l2_mask() -> FlowKey {
+        let mut m = FlowKey::zeroed();
+        m.in_ifindex = u32::MAX;
+        m.eth_dst = [0xff; 6];
+        m
+    }
+
+    fn ct_mask() -> FlowKey {
+        let mut m = l2_mask();
+        m.ct_state = 0xff;
+        m
+    }
+
+    fn action(out: u32, slot: u32, generation: u32) -> FlowAction {
+        FlowAction {
+            kind: act::OUTPUT,
+            out_ifindex: out,
+            gen_slot: slot,
+            generation,
+            ..Default::default()
+        }
+    }
+
+    fn cache() -> (Arc<Generations>, FlowCache) {
+        let g = Arc::new(Generations::default());
+        g.set(7, 1).unwrap();
+        (g.clone(), FlowCache::new(g, 1000))
+    }
+
+    #[test]
+    fn an_entry_matches_every_key_equal_under_its_mask() {
+        let (_, mut c) = cache();
+        c.install(VM, &l2_mask(), &key(4, 0), action(9, 7, 1))
+            .unwrap();
+        // Another IP, same port and MAC: the same megaflow.
+        let mut k = key(4, 0);
+        k.ip_dst = 0x0200_000a;
+        assert_eq!(c.lookup(&k, VM).map(|a| a.out_ifindex), Some(9));
+        assert_eq!(c.lookup(&key(5, 0), VM), None);
+        // The other list does not see it.
+        assert_eq!(c.lookup(&key(4, 0), UPLINK), None);
+        assert_eq!(c.stats.hits, 1);
+        assert_eq!(c.stats.misses, 2);
+        let hits: u64 = c.entries().map(|(_, a)| a.hits).sum();
+        assert_eq!(hits, 1);
+    }
+
+    #[test]
+    fn a_new_generation_makes_entries_stale_and_a_newer_one_under_another_mask_wins() {
+        let (g, mut c) = cache();
+        c.install(VM, &l2_mask(), &key(4, 0), action(9, 7, 1))
+            .unwrap();
+        // The datapath changes (a port joins a security group): its entries go stale at
+        // once, and the new megaflow matches ct_state too.
+        g.set(7, 2).unwrap();
+        assert_eq!(c.lookup(&key(4, 1), VM), None);
+        assert_eq!(c.stats.stale, 1);
+        c.install(VM, &ct_mask(), &key(4, 1), action(10, 7, 2))
+            .unwrap();
+        // The stale entry is found first (older mask) and skipped.
+        assert_eq!(c.lookup(&key(4, 1), VM).map(|a| a.out_ifindex), Some(10));
+        assert_eq!(c.sweep(), 1);
+        assert_eq!(c.len(), 1);
+        // A freed slot (generation 0) makes its entries stale too.
+        g.set(7, 0).unwrap();
+        assert_eq!(c.lookup(&key(4, 1), VM), None);
+    }
+
+    #[test]
+    fn masks_are_bounded_per_list() {
+        let (_, mut c) = cache();
+        for i in 0..MAX_MASKS {
+            let mut m = l2_mask();
+            m.l4_dst = i as u16 + 1;
+            c.install(UPLINK, &m, &key(1, 0), action(1, 7, 1)).unwrap();
+        }
+        assert_eq!(c.masks(UPLINK), MAX_MASKS as usize);
+        let mut m = l2_mask();
+        m.l4_dst = 0xffff;
+        assert_eq!(
+            c.install(UPLINK, &m, &key(1, 0), action(1, 7, 1)),
+            Err(CacheError::TooManyMasks(UPLINK))
+        );
+        // The other list has its own.
+        c.install(VM, &m, &key(1, 0), action(1, 7, 1)).unwrap();
+    }
+
+    #[test]
+    fn a_full_cache_makes_room_from_stale_entries_only() {
+        let g = Arc::new(Generations::default());
+        g.set(1, 1).unwrap();
+        g.set(2, 1).unwrap();
+        let mut c = FlowCache::new(g.clone(), 4);
+        for i in 0..4 {
+            c.install(VM, &l2_mask(), &key(i, 0), action(1, 1 + (i as u32 % 2), 1))
+                .unwrap();
+        }
+        assert_eq!(
+            c.install(VM, &l2_mask(), &key(9, 0), action(1, 1, 1)),
+            Err(CacheError::Full(4))
+        );
+        // Replacing an entry needs no room.
+        c.install(VM, &l2_mask(), &key(0, 0), action(2, 1, 1))
+            .unwrap();
+        g.set(2, 5).unwrap();
+        c.install(VM, &l2_mask(), &key(9, 0), action(1, 1, 1))
+            .unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.stats.swept, 2);
+    }
+
+    #[test]
+    fn the_hottest_mask_is_tried_first_after_a_reorder() {
+        let (_, mut c) = cache();
+        c.install(VM, &ct_mask(), &key(1, 1), action(1, 7, 1))
+            .unwrap();
+        c.install(VM, &l2_mask(), &key(2, 0), action(2, 7, 1))
+            .unwrap();
+        for _ in 0..5 {
+            c.lookup(&key(2, 0), VM).unwrap();
+        }
+        c.reorder();
+        assert_eq!(c.order[VM], vec![1, 0]);
+        assert_eq!(
+            Generations::default().set(MAX_DATAPATHS, 1),
+            Err(CacheError::BadSlot(MAX_DATAPATHS))
+        );
+    }
+}
