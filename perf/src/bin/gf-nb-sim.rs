@@ -33,6 +33,9 @@ struct Cli {
     /// Every agent follows every tenant (to measure what selective distribution saves).
     #[arg(long)]
     no_selective: bool,
+    /// How long every agent may take to start (and to restart in the storm).
+    #[arg(long, default_value_t = 300)]
+    sync_secs: u64,
     /// The store's server processes, for their CPU time and memory.
     #[arg(long, value_delimiter = ',')]
     store_pids: Vec<u32>,
@@ -258,7 +261,7 @@ fn run(cli: Cli) -> Result<()> {
     let p = new_published();
     let ts = Instant::now();
     let fleet = spawn(&cli.nb, n, !cli.no_selective, &p)?;
-    fleet.synced(&p, &vec![0; n], Duration::from_secs(300))?;
+    fleet.synced(&p, &vec![0; n], Duration::from_secs(cli.sync_secs))?;
     let start_s = ts.elapsed().as_secs_f64();
     let (cpu1, rss_synced) = store_usage(&cli.store_pids);
     // Writes: one port added to tenant w % tenants each, bound to the ghost chassis.
@@ -328,7 +331,7 @@ fn run(cli: Cli) -> Result<()> {
     let p2 = new_published();
     let ts = Instant::now();
     let fleet = spawn(&cli.nb, n, !cli.no_selective, &p2)?;
-    fleet.synced(&p2, &vec![0; n], Duration::from_secs(300))?;
+    fleet.synced(&p2, &vec![0; n], Duration::from_secs(cli.sync_secs))?;
     let storm_s = ts.elapsed().as_secs_f64();
     let (cpu3, rss_end) = store_usage(&cli.store_pids);
     fleet.stop();

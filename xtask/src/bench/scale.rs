@@ -47,10 +47,39 @@ pub fn scale(agents: usize, tenants: usize, writes: usize) -> Result<Vec<Value>>
         if !pids.is_empty() {
             c.args(["--store-pids", &pids.join(",")]);
         }
-        let line = run(&mut c).with_context(|| format!("gf-nb-sim on {kind:?}"))?;
-        out.push(serde_json::from_str(line.trim()).context("gf-nb-sim output")?);
+        if !selective {
+            // Without selective distribution a store may never serve every agent: that is
+            // a result, reported, not a reason to lose the other runs.
+            c.args(["--sync-secs", "120"]);
+        }
+        match run(&mut c) {
+            Ok(line) => out.push(serde_json::from_str(line.trim()).context("gf-nb-sim output")?),
+            Err(e) => {
+                eprintln!("==> {kind:?}, selective {selective}: {e:#}");
+                let why = format!("{e:#}");
+                out.push(serde_json::json!({
+                    "backend": backend_name(kind),
+                    "selective": selective,
+                    "agents": agents,
+                    "tenants": tenants,
+                    // The simulator's own words, after the command line.
+                    "error": why.rsplit("gf-nb-sim: ").next().unwrap_or(&why).trim(),
+                }));
+            }
+        }
     }
     Ok(out)
+}
+
+/// The name `gf-nb-sim` reports for a backend.
+fn backend_name(kind: NbKind) -> &'static str {
+    match kind {
+        NbKind::File => "file",
+        NbKind::Etcd(_) => "etcd",
+        NbKind::Redis => "redis",
+        NbKind::RedisCluster => "redis-cluster",
+        NbKind::EtcdZmq(_) => "etcd+zmq",
+    }
 }
 
 /// A run's name: its backend, marked when it ran without selective distribution.
@@ -69,6 +98,16 @@ pub fn table(results: &[Value]) -> String {
         "| backend | agents / tenants | cold start | write p50 | to an agent p50 / p99 | to all of a tenant's agents p50 / p99 / max | agents compiling a change / others | delivered per change: agents / records / KB | resync storm | store CPU: start / writes / storm | store RSS |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
+        if let Some(e) = r["error"].as_str() {
+            md.push_str(&format!(
+                "| {} | {} / {} | failed: {} |||||||||\n",
+                name(r),
+                r["agents"],
+                r["tenants"],
+                e.replace('|', "/")
+            ));
+            continue;
+        }
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         md.push_str(&format!(
             "| {} | {} / {} | {:.2} s | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {:.0} / {} | {:.0} / {:.0} / {:.1} | {:.2} s | {:.2} / {:.2} / {:.2} s | {:.1} MB |\n",
@@ -128,6 +167,15 @@ pub fn svg(results: &[Value]) -> String {
     }
     for (i, r) in results.iter().enumerate() {
         let y = 28.0 + lh * i as f64;
+        if r["error"].is_string() {
+            out.push_str(&format!(
+                "<text x=\"10\" y=\"{:.0}\">{}</text><text x=\"{left}\" y=\"{:.0}\" fill=\"#d53a3a\">failed: agents not all served</text>\n",
+                y + 12.0,
+                name(r),
+                y + 12.0
+            ));
+            continue;
+        }
         let p50 = r["to_all_interested_ms_p50"].as_f64().unwrap_or(0.0);
         let p99 = r["to_all_interested_ms_p99"].as_f64().unwrap_or(0.0);
         out.push_str(&format!(
@@ -152,6 +200,15 @@ pub fn svg(results: &[Value]) -> String {
     ));
     for (i, r) in results.iter().enumerate() {
         let y = top + lh * i as f64;
+        if r["error"].is_string() {
+            out.push_str(&format!(
+                "<text x=\"10\" y=\"{:.0}\">{}</text><text x=\"{left}\" y=\"{:.0}\" fill=\"#d53a3a\">failed</text>\n",
+                y + 12.0,
+                name(r),
+                y + 12.0
+            ));
+            continue;
+        }
         let v = r["records_delivered_per_change"].as_f64().unwrap_or(0.0);
         let bw = width * v / max;
         out.push_str(&format!(
