@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod dpdk;
 pub mod exporter;
 pub mod flowcache;
+pub mod flowexec;
 pub mod forwarder;
 pub mod loader;
 pub mod metrics;

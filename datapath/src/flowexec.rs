@@ -1,0 +1,525 @@
+//! A megaflow's action run in userspace on a frame, as the XDP program runs it: for the DPDK
+//! backend's poll threads, whose buffers have headroom to grow into (DPDK's 128 bytes, more
+//! than the 58 of an encapsulation). Sans-IO: a `Frame` is a window on a buffer, and the
+//! verdict says where the result goes and which counter moves.
+//!
+//! Done here: output (with an 802.1Q tag for a provider VLAN), encapsulation with a cached
+//! next hop, decapsulation, drop and pass, and a router's checks and rewrites. What needs
+//! state the XDP program keeps in maps (connection tracking commits, NAT, the ARP responder's
+//! reply, a next hop the kernel must resolve) goes to the slow path, as XDP does with what it
+//! cannot finish.
+
+use crate::pipeline::rewrite::martian;
+use crate::wire::geneve::{self, OvnMetadata};
+use geneflow_abi::{
+    act, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, ENCAP_OVERHEAD, GENEVE_PORT,
+    OVN_OPT_CLASS,
+};
+use std::net::Ipv4Addr;
+
+const ETH_LEN: usize = 14;
+
+/// A frame inside a buffer with room around it: `buf[start..end]`.
+pub struct Frame<'a> {
+    pub buf: &'a mut [u8],
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Frame<'_> {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Moves the start by `delta` bytes (negative: grows into the headroom), as
+    /// `bpf_xdp_adjust_head`; false when out of the buffer or past the end.
+    fn adjust_head(&mut self, delta: isize) -> bool {
+        match self.start.checked_add_signed(delta) {
+            Some(s) if s <= self.end => {
+                self.start = s;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What to do with the frame after its action ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the frame (as it now is) on `ifindex`; counts `ctr::FAST_HIT`.
+    Output { ifindex: u32, out_slot: u32 },
+    /// Drop, counting this counter.
+    Drop(u32),
+    /// To the kernel stack (`ctr::PASS`).
+    Pass,
+    /// To the slow path, unchanged: the pipeline decides (and may answer, e.g. ICMP).
+    SlowPath,
+}
+
+/// Runs `a` on `f`. `key` is the frame's flow key (for the outer source port); `inner` is
+/// the offset of the inner frame of a Geneve frame (decapsulation).
+pub fn execute(f: &mut Frame<'_>, key: &FlowKey, inner: usize, a: &FlowAction) -> Verdict {
+    let stateful = flag::CT_COMMIT | flag::SNAT | flag::DNAT | flag::NAPT;
+    if a.flags & stateful != 0 || matches!(a.kind, act::UNNAPT | act::ARP_REPLY) {
+        return Verdict::SlowPath;
+    }
+    if a.flags & flag::ROUTE != 0 {
+        if let Err(v) = route(f, a) {
+            return v;
+        }
+    }
+    match a.kind {
+        act::OUTPUT => {
+            if a.vlan != 0 && !vlan_push(f, a.vlan) {
+                return Verdict::Drop(ctr::DROP_MALFORMED);
+            }
+            Verdict::Output {
+                ifindex: a.out_ifindex,
+                out_slot: a.out_slot,
+            }
+        }
+        act::DECAP_OUTPUT => {
+            if inner > f.len() || !f.adjust_head(inner as isize) {
+                return Verdict::Drop(ctr::DROP_MALFORMED);
+            }
+            Verdict::Output {
+                ifindex: a.out_ifindex,
+                out_slot: a.out_slot,
+            }
+        }
+        act::ENCAP => encap(f, key, a),
+        act::PASS => Verdict::Pass,
+        act::DROP => Verdict::Drop(if a.drop_reason < ctr::COUNT {
+            a.drop_reason
+        } else {
+            ctr::DROP_ACTION
+        }),
+        _ => Verdict::Drop(ctr::DROP_ACTION),
+    }
+}
+
+/// A router's admission checks and rewrites (`flag::ROUTE`): plain IPv4 with a good header
+/// checksum from a routable source, TTL above 1 (else the slow path sends time exceeded), not
+/// too big for the tunnel (with DF the slow path answers fragmentation needed); then the MACs
+/// and TTL - 1 with the checksum updated (RFC 1624).
+fn route(f: &mut Frame<'_>, a: &FlowAction) -> Result<(), Verdict> {
+    let len = f.len();
+    let p = f.start;
+    if len < ETH_LEN + 20 {
+        return Err(Verdict::Drop(ctr::DROP_MALFORMED));
+    }
+    let b = &mut f.buf[p..p + ETH_LEN + 20];
+    let vihl = b[ETH_LEN];
+    if vihl != 0x45 {
+        return Err(Verdict::Drop(if vihl >> 4 == 4 {
+            ctr::DROP_IP_OPTIONS
+        } else {
+            ctr::DROP_MALFORMED
+        }));
+    }
+    if checksum(&b[ETH_LEN..ETH_LEN + 20]) != 0 {
+        return Err(Verdict::Drop(ctr::DROP_IP_CSUM));
+    }
+    let src = Ipv4Addr::new(b[26], b[27], b[28], b[29]);
+    if martian(src) {
+        return Err(Verdict::Drop(ctr::DROP_MARTIAN));
+    }
+    let ttl = b[22];
+    if ttl <= 1 {
+        return Err(Verdict::SlowPath);
+    }
+    if a.kind == act::ENCAP && len as u32 > a.max_inner_len {
+        let df = b[20] & 0x40 != 0;
+        return Err(if df {
+            Verdict::SlowPath
+        } else {
+            Verdict::Drop(ctr::DROP_TOO_BIG)
+        });
+    }
+    b[..6].copy_from_slice(&a.set_dmac);
+    b[6..12].copy_from_slice(&a.set_smac);
+    b[22] = ttl - 1;
+    // RFC 1624: the checksum grows by 0x0100 (TTL is the high byte of its word).
+    let c = u16::from_be_bytes([b[24], b[25]]) as u32 + 0x0100;
+    let c = (c & 0xffff) + (c >> 16);
+    b[24..26].copy_from_slice(&(c as u16).to_be_bytes());
+    Ok(())
+}
+
+/// The Internet checksum of `data` (0 when a header with its checksum in place is good).
+fn checksum(data: &[u8]) -> u16 {
+    let mut s: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// Puts the 802.1Q tag of `vlan` (`VLAN_PRESENT | vid`) after the MACs.
+fn vlan_push(f: &mut Frame<'_>, vlan: u16) -> bool {
+    if f.len() < 12 || !f.adjust_head(-4) {
+        return false;
+    }
+    let s = f.start;
+    f.buf.copy_within(s + 4..s + 16, s);
+    f.buf[s + 12..s + 14].copy_from_slice(&0x8100u16.to_be_bytes());
+    f.buf[s + 14..s + 16].copy_from_slice(&(vlan & 0x0fff).to_be_bytes());
+    true
+}
+
+/// Outer Ethernet (the cached next hop), IPv4 (DF, TTL 64), UDP to 6081 from the flow's
+/// port, Geneve with the OVN option, in the headroom before the frame.
+fn encap(f: &mut Frame<'_>, key: &FlowKey, a: &FlowAction) -> Verdict {
+    let inner_len = f.len();
+    if inner_len as u32 > a.max_inner_len {
+        return Verdict::Drop(ctr::DROP_TOO_BIG);
+    }
+    if a.flags & flag::NH_CACHED == 0 {
+        // No next hop resolved yet: the slow path sends and resolves it.
+        return Verdict::SlowPath;
+    }
+    if !f.adjust_head(-(ENCAP_OVERHEAD as isize)) {
+        return Verdict::Drop(ctr::DROP_MALFORMED);
+    }
+    let total = f.len();
+    let s = f.start;
+    let b = &mut f.buf[s..s + total];
+    b[..6].copy_from_slice(&a.nh_dmac);
+    b[6..12].copy_from_slice(&a.nh_smac);
+    b[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (total - ETH_LEN) as u16;
+    let ip = &mut b[ETH_LEN..ETH_LEN + 20];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[4..6].copy_from_slice(&[0, 0]);
+    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    ip[12..16].copy_from_slice(&a.encap_src.to_ne_bytes());
+    ip[16..20].copy_from_slice(&a.encap_dst.to_ne_bytes());
+    let c = checksum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let udp_len = ip_len - 20;
+    let u = ETH_LEN + 20;
+    b[u..u + 2].copy_from_slice(&udp_source_port(flow_hash(key)).to_be_bytes());
+    b[u + 2..u + 4].copy_from_slice(&GENEVE_PORT.to_be_bytes());
+    b[u + 4..u + 6].copy_from_slice(&udp_len.to_be_bytes());
+    b[u + 6..u + 8].copy_from_slice(&[0, 0]);
+    let meta = OvnMetadata::from_value(a.ovn_opt);
+    let opt = meta.to_option_bytes();
+    let repr = geneve::Repr {
+        oam: false,
+        critical: true,
+        protocol: geneve::PROTO_ETHERNET,
+        vni: a.vni,
+        options: &opt,
+        ovn: Some(meta),
+    };
+    repr.emit(&mut geneve::Packet::new_unchecked(
+        &mut b[u + 8..ENCAP_OVERHEAD as usize],
+    ));
+    debug_assert_eq!(u16::from_be_bytes([opt[0], opt[1]]), OVN_OPT_CLASS);
+    if a.flags & flag::UDP_CSUM != 0 {
+        // Pseudo-header (addresses, protocol, length) and the UDP header and payload.
+        let mut s: u32 = 17 + udp_len as u32;
+        for w in [a.encap_src.to_ne_bytes(), a.encap_dst.to_ne_bytes()] {
+            s += u16::from_be_bytes([w[0], w[1]]) as u32 + u16::from_be_bytes([w[2], w[3]]) as u32;
+        }
+        let body = !checksum(&b[u..]) as u32;
+        s += body;
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        let c = match !(s as u16) {
+            0 => 0xffff,
+            c => c,
+        };
+        b[u + 6..u + 8].copy_from_slice(&c.to_be_bytes());
+    }
+    Verdict::Output {
+        ifindex: a.out_ifindex,
+        out_slot: a.out_slot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    const HEADROOM: usize = 128;
+
+    /// A UDP/IPv4 frame from 10.0.0.1 to 10.0.1.2 with a 32-byte payload, TTL 64.
+    fn inner() -> Vec<u8> {
+        inner_ttl(64)
+    }
+
+    fn inner_ttl(ttl: u8) -> Vec<u8> {
+        let b =
+            etherparse::PacketBuilder::ethernet2([0x0a, 0, 0, 0, 0, 1], [0x0a, 0, 0, 0, 0xff, 1])
+                .ipv4([10, 0, 0, 1], [10, 0, 1, 2], ttl)
+                .udp(4000, 5000);
+        let mut out = Vec::new();
+        b.write(&mut out, &[0x42; 32]).unwrap();
+        out
+    }
+
+    fn framed(data: &[u8], buf: &mut Vec<u8>) -> (usize, usize) {
+        buf.clear();
+        buf.resize(HEADROOM, 0);
+        buf.extend_from_slice(data);
+        buf.resize(HEADROOM + data.len() + 64, 0);
+        (HEADROOM, HEADROOM + data.len())
+    }
+
+    fn encap_action() -> FlowAction {
+        FlowAction {
+            kind: act::ENCAP,
+            out_ifindex: 2,
+            out_slot: 1,
+            flags: flag::NH_CACHED | flag::UDP_CSUM,
+            encap_src: u32::from_ne_bytes([198, 18, 0, 1]),
+            encap_dst: u32::from_ne_bytes([198, 18, 0, 2]),
+            vni: 1000,
+            ovn_opt: (3 << 16) | 4,
+            max_inner_len: 1500,
+            nh_dmac: [2, 0, 0, 0, 0, 2],
+            nh_smac: [2, 0, 0, 0, 0, 1],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn encap_writes_headers_an_independent_decoder_accepts() {
+        let frame = inner();
+        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
+        let mut buf = Vec::new();
+        let (start, end) = framed(&frame, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start,
+            end,
+        };
+        let v = execute(&mut f, &key, 0, &encap_action());
+        assert_eq!(
+            v,
+            Verdict::Output {
+                ifindex: 2,
+                out_slot: 1
+            }
+        );
+        let out = f.bytes().to_vec();
+        assert_eq!(out.len(), frame.len() + ENCAP_OVERHEAD as usize);
+        let p = SlicedPacket::from_ethernet(&out).unwrap();
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            panic!("no IPv4")
+        };
+        let h = ip.header();
+        assert_eq!(h.source(), [198, 18, 0, 1]);
+        assert_eq!(h.destination(), [198, 18, 0, 2]);
+        assert!(h.dont_fragment());
+        assert_eq!(h.to_header().calc_header_checksum(), h.header_checksum());
+        let Some(TransportSlice::Udp(udp)) = &p.transport else {
+            panic!("no UDP")
+        };
+        assert_eq!(udp.destination_port(), GENEVE_PORT);
+        assert_eq!(udp.source_port(), udp_source_port(flow_hash(&key)));
+        let want = udp
+            .to_header()
+            .calc_checksum_ipv4(&h.to_header(), udp.payload())
+            .unwrap();
+        assert_eq!(udp.checksum(), want);
+        // The same bytes as the slow path's encapsulation of the same frame.
+        let mut slow = vec![0u8; 2048];
+        let n = crate::pipeline::encap::emit_encap(
+            &mut slow,
+            &frame,
+            &crate::pipeline::encap::EncapParams {
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: [2, 0, 0, 0, 0, 2],
+                src_ip: Ipv4Addr::new(198, 18, 0, 1),
+                dst_ip: Ipv4Addr::new(198, 18, 0, 2),
+                sport: udp_source_port(flow_hash(&key)),
+                vni: 1000,
+                meta: OvnMetadata::from_value((3 << 16) | 4),
+                udp_csum: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(&slow[..n], &out[..]);
+    }
+
+    #[test]
+    fn decap_leaves_the_inner_frame() {
+        let frame = inner();
+        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
+        let mut buf = Vec::new();
+        let (start, end) = framed(&frame, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start,
+            end,
+        };
+        execute(&mut f, &key, 0, &encap_action());
+        let a = FlowAction {
+            kind: act::DECAP_OUTPUT,
+            out_ifindex: 5,
+            out_slot: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            execute(&mut f, &key, ENCAP_OVERHEAD as usize, &a),
+            Verdict::Output {
+                ifindex: 5,
+                out_slot: 3
+            }
+        );
+        assert_eq!(f.bytes(), &frame[..]);
+        // An inner offset past the frame is malformed, not a panic.
+        assert_eq!(
+            execute(&mut f, &key, 5000, &a),
+            Verdict::Drop(ctr::DROP_MALFORMED)
+        );
+    }
+
+    #[test]
+    fn a_routed_frame_gets_new_macs_and_ttl_with_a_good_checksum() {
+        let frame = inner();
+        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
+        let mut buf = Vec::new();
+        let (start, end) = framed(&frame, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start,
+            end,
+        };
+        let a = FlowAction {
+            kind: act::OUTPUT,
+            flags: flag::ROUTE,
+            out_ifindex: 4,
+            set_smac: [0x0a, 0, 0, 0, 0xff, 2],
+            set_dmac: [0x0a, 0, 0, 0, 1, 2],
+            ..Default::default()
+        };
+        assert!(matches!(
+            execute(&mut f, &key, 0, &a),
+            Verdict::Output { .. }
+        ));
+        let p = SlicedPacket::from_ethernet(f.bytes()).unwrap();
+        let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else {
+            panic!()
+        };
+        assert_eq!(eth.destination(), [0x0a, 0, 0, 0, 1, 2]);
+        assert_eq!(eth.source(), [0x0a, 0, 0, 0, 0xff, 2]);
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            panic!()
+        };
+        assert_eq!(ip.header().ttl(), 63);
+        assert_eq!(
+            ip.header().to_header().calc_header_checksum(),
+            ip.header().header_checksum()
+        );
+        // TTL 1: the slow path answers; a bad checksum, options and martians are dropped.
+        let (s, e) = framed(&inner_ttl(1), &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start: s,
+            end: e,
+        };
+        assert_eq!(execute(&mut f, &key, 0, &a), Verdict::SlowPath);
+        let mut bad = frame.clone();
+        bad[24] ^= 1;
+        let (s, e) = framed(&bad, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start: s,
+            end: e,
+        };
+        assert_eq!(
+            execute(&mut f, &key, 0, &a),
+            Verdict::Drop(ctr::DROP_IP_CSUM)
+        );
+        let mut bad = frame;
+        bad[14] = 0x46;
+        let (s, e) = framed(&bad, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start: s,
+            end: e,
+        };
+        assert_eq!(
+            execute(&mut f, &key, 0, &a),
+            Verdict::Drop(ctr::DROP_IP_OPTIONS)
+        );
+    }
+
+    #[test]
+    fn vlan_tags_too_big_frames_and_stateful_actions() {
+        let frame = inner();
+        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
+        let mut buf = Vec::new();
+        let (s, e) = framed(&frame, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start: s,
+            end: e,
+        };
+        let a = FlowAction {
+            kind: act::OUTPUT,
+            out_ifindex: 7,
+            vlan: 0x1000 | 42,
+            ..Default::default()
+        };
+        assert!(matches!(
+            execute(&mut f, &key, 0, &a),
+            Verdict::Output { .. }
+        ));
+        let out = f.bytes();
+        assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 42]);
+        assert_eq!(&out[16..], &frame[12..]);
+        assert_eq!(&out[..12], &frame[..12]);
+        let mut small = encap_action();
+        small.max_inner_len = 60;
+        let (s, e) = framed(&frame, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start: s,
+            end: e,
+        };
+        assert_eq!(
+            execute(&mut f, &key, 0, &small),
+            Verdict::Drop(ctr::DROP_TOO_BIG)
+        );
+        let mut uncached = encap_action();
+        uncached.flags = 0;
+        assert_eq!(execute(&mut f, &key, 0, &uncached), Verdict::SlowPath);
+        let mut ct = encap_action();
+        ct.flags |= flag::CT_COMMIT;
+        assert_eq!(execute(&mut f, &key, 0, &ct), Verdict::SlowPath);
+        let drop = FlowAction {
+            kind: act::DROP,
+            drop_reason: ctr::DROP_ACL,
+            ..Default::default()
+        };
+        assert_eq!(
+            execute(&mut f, &key, 0, &drop),
+            Verdict::Drop(ctr::DROP_ACL)
+        );
+        // Nothing moved for the verdicts that leave the frame alone.
+        assert_eq!(f.bytes(), &frame[..]);
+    }
+}
