@@ -15,8 +15,10 @@
 //! the table. The table is hashed with the standard library's keyed SipHash: the keys are
 //! whatever a VM puts in its headers, and a fixed hash would let it aim collisions.
 
+use crate::pipeline::Megaflow;
+use arc_swap::ArcSwap;
 use geneflow_abi::{FlowAction, FlowKey, MASK_LISTS, MAX_DATAPATHS, MAX_MASKS};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
@@ -29,17 +31,25 @@ pub enum CacheError {
     Full(usize),
     #[error("generation slot {0} is beyond the {MAX_DATAPATHS} datapaths")]
     BadSlot(u32),
+    #[error("more than {MAX_DATAPATHS} datapaths")]
+    TooManyDatapaths,
+    #[error("datapath {0} has no generation (not in the applied pipeline)")]
+    UnknownDatapath(u32),
 }
 
-/// The live generation of each datapath slot (0: a free slot, which no entry carries).
+/// The live generation of each datapath slot (0: a free slot, which no entry carries), and
+/// which slot each datapath has, shared by the poll threads (read) and the thread that
+/// applies pipelines (`GenerationTable`, the only writer).
 pub struct Generations {
     slots: Box<[AtomicU32]>,
+    by_dp: ArcSwap<HashMap<u32, u32>>,
 }
 
 impl Default for Generations {
     fn default() -> Self {
         Generations {
             slots: (0..MAX_DATAPATHS).map(|_| AtomicU32::new(0)).collect(),
+            by_dp: ArcSwap::from_pointee(HashMap::new()),
         }
     }
 }
@@ -57,6 +67,105 @@ impl Generations {
         self.slots
             .get(slot as usize)
             .map_or(0, |g| g.load(Ordering::Acquire))
+    }
+
+    /// Gives `a` its datapath's slot and current generation, as the loader does for XDP.
+    /// A generation bumped right after makes the entry stale at once: the safe side.
+    pub fn stamp(&self, a: &mut FlowAction) -> Result<(), CacheError> {
+        let slot = *self
+            .by_dp
+            .load()
+            .get(&a.dp_key)
+            .ok_or(CacheError::UnknownDatapath(a.dp_key))?;
+        a.gen_slot = slot;
+        a.generation = self.get(slot);
+        if a.generation == 0 {
+            return Err(CacheError::UnknownDatapath(a.dp_key));
+        }
+        Ok(())
+    }
+}
+
+/// The writer of `Generations`: a slot per live datapath and a new generation whenever its
+/// fingerprint changes (the loader's `set_generations`, for the userspace caches).
+pub struct GenerationTable {
+    shared: Arc<Generations>,
+    /// Per live datapath: its slot and fingerprint.
+    live: HashMap<u32, (u32, u64)>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl GenerationTable {
+    pub fn new(shared: Arc<Generations>) -> GenerationTable {
+        GenerationTable {
+            shared,
+            live: HashMap::new(),
+            free: (0..MAX_DATAPATHS).rev().collect(),
+            next: 1,
+        }
+    }
+
+    fn bump(&mut self, slot: u32) -> Result<(), CacheError> {
+        let g = self.next;
+        self.next = self.next.wrapping_add(1).max(1);
+        self.shared.set(slot, g)
+    }
+
+    /// Every live datapath's fingerprint: new or changed ones get a new generation (their
+    /// entries in every thread go stale), removed ones free their slot. Returns the
+    /// datapaths that changed.
+    pub fn set_generations(
+        &mut self,
+        fingerprints: &BTreeMap<u32, u64>,
+    ) -> Result<Vec<u32>, CacheError> {
+        let mut changed = Vec::new();
+        for (&dp, &fp) in fingerprints {
+            match self.live.get(&dp) {
+                Some(&(_, old)) if old == fp => continue,
+                Some(&(slot, _)) => {
+                    self.bump(slot)?;
+                    self.live.insert(dp, (slot, fp));
+                }
+                None => {
+                    let slot = self.free.pop().ok_or(CacheError::TooManyDatapaths)?;
+                    self.bump(slot)?;
+                    self.live.insert(dp, (slot, fp));
+                }
+            }
+            changed.push(dp);
+        }
+        let gone: Vec<u32> = self
+            .live
+            .keys()
+            .copied()
+            .filter(|dp| !fingerprints.contains_key(dp))
+            .collect();
+        for dp in gone {
+            if let Some((slot, _)) = self.live.remove(&dp) {
+                self.shared.set(slot, 0)?;
+                self.free.push(slot);
+            }
+            changed.push(dp);
+        }
+        if !changed.is_empty() {
+            let map = self
+                .live
+                .iter()
+                .map(|(&dp, &(slot, _))| (dp, slot))
+                .collect();
+            self.shared.by_dp.store(Arc::new(map));
+        }
+        Ok(changed)
+    }
+
+    /// Makes every entry of every datapath stale (a next hop changed).
+    pub fn invalidate_all(&mut self) -> Result<(), CacheError> {
+        let slots: Vec<u32> = self.live.values().map(|&(s, _)| s).collect();
+        for s in slots {
+            self.bump(s)?;
+        }
+        Ok(())
     }
 }
 
@@ -162,6 +271,13 @@ impl FlowCache {
         self.flows.insert(k, a);
         self.stats.installs += 1;
         Ok(())
+    }
+
+    /// Installs a megaflow the pipeline decided, stamped with its datapath's generation.
+    pub fn install_megaflow(&mut self, list: usize, m: &Megaflow) -> Result<(), CacheError> {
+        let mut a = m.action;
+        self.gens.stamp(&mut a)?;
+        self.install(list, &m.mask, &m.key, a)
     }
 
     /// Removes the stale entries; returns how many.
@@ -332,6 +448,46 @@ mod tests {
             .unwrap();
         assert_eq!(c.len(), 3);
         assert_eq!(c.stats.swept, 2);
+    }
+
+    #[test]
+    fn the_generation_table_stamps_installs_and_invalidates_changed_datapaths_only() {
+        let g = Arc::new(Generations::default());
+        let mut t = GenerationTable::new(g.clone());
+        let mut c = FlowCache::new(g.clone(), 100);
+        let fps: BTreeMap<u32, u64> = [(1000, 1), (2000, 1)].into();
+        assert_eq!(t.set_generations(&fps).unwrap(), vec![1000, 2000]);
+        let m = |dp: u32, last: u8| Megaflow {
+            key: key(last, 0),
+            mask: l2_mask(),
+            action: FlowAction {
+                kind: act::OUTPUT,
+                out_ifindex: last as u32,
+                dp_key: dp,
+                ..Default::default()
+            },
+        };
+        c.install_megaflow(VM, &m(1000, 1)).unwrap();
+        c.install_megaflow(VM, &m(2000, 2)).unwrap();
+        assert_eq!(
+            c.install_megaflow(VM, &m(3000, 3)),
+            Err(CacheError::UnknownDatapath(3000))
+        );
+        // Unchanged fingerprints change nothing; a changed one stales its datapath only.
+        assert!(t.set_generations(&fps).unwrap().is_empty());
+        let fps2: BTreeMap<u32, u64> = [(1000, 2), (2000, 1)].into();
+        assert_eq!(t.set_generations(&fps2).unwrap(), vec![1000]);
+        assert_eq!(c.lookup(&key(1, 0), VM), None);
+        assert!(c.lookup(&key(2, 0), VM).is_some());
+        // A removed datapath: stale, and unknown to new installs.
+        let fps3: BTreeMap<u32, u64> = [(1000, 2)].into();
+        assert_eq!(t.set_generations(&fps3).unwrap(), vec![2000]);
+        assert_eq!(c.lookup(&key(2, 0), VM), None);
+        assert!(c.install_megaflow(VM, &m(2000, 2)).is_err());
+        c.install_megaflow(VM, &m(1000, 1)).unwrap();
+        assert!(c.lookup(&key(1, 0), VM).is_some());
+        t.invalidate_all().unwrap();
+        assert_eq!(c.lookup(&key(1, 0), VM), None);
     }
 
     #[test]
