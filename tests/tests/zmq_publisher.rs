@@ -108,7 +108,7 @@ fn two_publishers_carry_changes_while_one_is_down() -> Result<()> {
 fn a_sequence_gap_makes_the_agent_read_its_topics_again() -> Result<()> {
     let mut go = None;
     let tb = two_chassis_with("zg", NbKind::EtcdZmq(1), 1, |tb| {
-        go = Some(tb.add_forger(FORGER_PORT, "gap", DEFAULT_TOPIC)?);
+        go = Some(tb.add_forger(FORGER_PORT, "gap,tail", DEFAULT_TOPIC)?);
         Ok(())
     })?;
     let ip3 = tb.vm("vm3")?.ip.clone();
@@ -133,6 +133,20 @@ fn a_sequence_gap_makes_the_agent_read_its_topics_again() -> Result<()> {
         log.contains("NB notifications lost") && log.contains("message 3 after 1, 1 lost"),
         "{log}"
     );
+    // A lost last message (a subscriber that fell behind its queue): nothing follows it, but
+    // the publisher's next Sync announces it. vm4's port deleted silently, then that Sync.
+    let ip4 = tb.vm("vm4")?.ip.clone();
+    tb.etcdctl(&["del", "/gf/t/default/ports/vm4"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(reachable(&tb, "vm2", &ip4), "the silent deletion arrived");
+    let losses = transport(&tb, "ch1", "losses")?;
+    play(&tb, go.as_ref().context("no go file")?, "tail")?;
+    within(Duration::from_secs(5), || Ok(!reachable(&tb, "vm2", &ip4)))?
+        .context("the announced lost tail did not make ch1 read its topics again")?;
+    assert!(transport(&tb, "ch1", "losses")? > losses);
+    assert!(tb
+        .agent_log("ch1")
+        .contains("at message 4, last received 3"));
     Ok(())
 }
 

@@ -3,10 +3,13 @@
 //! subscription) until the file `--go` appears, then plays its script once:
 //!
 //! - `gap`: two changes of `--topic` numbered with a hole between them;
+//! - `tail`: a `Sync` of `--topic` announcing a change that never came (what a subscriber
+//!   that fell behind its queue sees when the last messages were dropped);
 //! - `garbage`: malformed messages of every kind on `--topic`;
 //! - `push-garbage`: malformed writes pushed to a real publisher's intake (`--port`).
 //!
-//! It prints `sent <script>` when done and idles until killed.
+//! `--script` may list several, comma-separated: each waits for the file `--go`, plays, prints
+//! `sent <script>` and removes the file. Then it idles until killed.
 
 use anyhow::Result;
 use clap::Parser;
@@ -26,7 +29,8 @@ struct Cli {
     topic: String,
     #[arg(long)]
     go: PathBuf,
-    #[arg(long, value_parser = ["gap", "garbage", "push-garbage"])]
+    /// gap, tail, garbage or push-garbage; a publisher's scripts may be comma-separated.
+    #[arg(long)]
     script: String,
 }
 
@@ -117,7 +121,8 @@ fn main() -> Result<()> {
     out.set_xpub_verbose(true)?;
     out.bind(&format!("tcp://{}:{}", cli.listen, cli.port))?;
     let mut seqs: HashMap<Vec<u8>, u64> = HashMap::new();
-    let mut done = false;
+    let mut scripts: std::collections::VecDeque<String> =
+        cli.script.split(',').map(str::to_string).collect();
     let mut beat = Instant::now();
     loop {
         if beat.elapsed() >= Duration::from_millis(200) {
@@ -133,12 +138,13 @@ fn main() -> Result<()> {
                 }
             }
         }
-        if done || !cli.go.exists() {
+        if scripts.is_empty() || !cli.go.exists() {
             continue;
         }
+        let script = scripts.pop_front().unwrap_or_default();
         let t = cli.topic.as_bytes().to_vec();
         let seq = seqs.entry(t.clone()).or_insert(0);
-        let msgs = match cli.script.as_str() {
+        let msgs = match script.as_str() {
             "gap" => {
                 *seq += 3;
                 vec![
@@ -150,12 +156,17 @@ fn main() -> Result<()> {
                     vec![t, header(Kind::Changes, *seq), encode_changes(&[])],
                 ]
             }
-            _ => garbage(&cli.topic),
+            "tail" => {
+                *seq += 1;
+                vec![vec![t, header(Kind::Sync, *seq)]]
+            }
+            "garbage" => garbage(&cli.topic),
+            other => anyhow::bail!("unknown script {other:?}"),
         };
         for m in msgs {
             out.send_multipart(m, 0)?;
         }
-        println!("sent {}", cli.script);
-        done = true;
+        println!("sent {script}");
+        std::fs::remove_file(&cli.go)?;
     }
 }
