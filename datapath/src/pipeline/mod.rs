@@ -517,6 +517,28 @@ impl Tables {
         self.stages(&mut r, out, buf)
     }
 
+    /// The flow key of `frame` as the XDP program builds it for its megaflow lookup, and
+    /// where the frame to act on starts (a tunnel frame's inner frame; 0 otherwise): for the
+    /// userspace fast path (`flowcache`, `flowexec`). `Err`: a frame from the underlay that
+    /// fails the outer checks, dropped with that reason before any lookup, as in XDP.
+    /// `Ok(None)`: left to the pipeline (a provider interface, whose VLAN tag XDP takes off
+    /// first; a frame too short for a key). No connection tracking: `ct_state` is 0.
+    pub fn fast_key(
+        &self,
+        frame: &[u8],
+        in_ifindex: u32,
+    ) -> Result<Option<(FlowKey, usize)>, DropReason> {
+        if in_ifindex == self.uplink_ifindex {
+            let mut r = Run::new(self, frame, in_ifindex, 0, None);
+            let o = tunnel_rx::outer(&mut r)?;
+            return Ok(Some((r.key, o.inner_off)));
+        }
+        if self.provider_ports.contains(&in_ifindex) {
+            return Ok(None);
+        }
+        Ok(extract_key(frame, in_ifindex).map(|k| (k, 0)))
+    }
+
     /// Whether `ifindex` is one of this chassis' provider interfaces.
     pub fn is_provider(&self, ifindex: u32) -> bool {
         self.provider_ports.contains(&ifindex)

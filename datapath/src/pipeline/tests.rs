@@ -246,6 +246,34 @@ fn tunnel_to_local_decaps() {
     );
 }
 
+/// The userspace fast path's key is the pipeline's key, and the megaflow's key is it masked,
+/// for a frame from a VM port and one from the tunnel; bad outer headers fail the same way.
+#[test]
+fn the_fast_key_is_the_key_the_pipeline_decided_on() {
+    let t = tables();
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    let mut tunnel = FRAME_CSUM.to_vec();
+    readdress(&mut tunnel);
+    tunnel[56..58].copy_from_slice(&6u16.to_be_bytes());
+    for (f, in_if, inner) in [(&FRAME_CSUM[58..], 10, 0), (&tunnel[..], UPLINK, 58)] {
+        let d = t.process(f, in_if, &mut out, &mut buf).unwrap();
+        let (k, off) = t.fast_key(f, in_if).unwrap().unwrap();
+        assert_eq!(off, inner);
+        assert_eq!(k, d.key, "in {in_if}");
+        let m = d.megaflow.unwrap();
+        assert_eq!(k.masked(&m.mask), m.key.masked(&m.mask));
+    }
+    let mut v1 = tunnel.clone();
+    v1[42] |= 0x40;
+    assert_eq!(t.fast_key(&v1, UPLINK), Err(DropReason::GeneveVersion));
+    assert_eq!(
+        t.fast_key(&tunnel[..46], UPLINK),
+        Err(DropReason::BadLength)
+    );
+    assert_eq!(t.fast_key(&[0u8; 6], 10), Ok(None));
+}
+
 #[test]
 fn malformed_tunnel_frames_map_to_reasons() {
     let t = tables();

@@ -11,7 +11,85 @@ use geneflow_control::compiler::PortLocation;
 use geneflow_control::model::MC_FLOOD_KEY;
 use std::net::Ipv4Addr;
 
+/// What the outer headers of a frame from the underlay said.
+pub(super) struct Outer {
+    pub vni: u32,
+    pub meta: geneve::OvnMetadata,
+    /// Where the inner frame starts.
+    pub inner_off: usize,
+}
+
 pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision, DropReason> {
+    let Outer {
+        vni,
+        meta,
+        inner_off,
+    } = outer(r)?;
+    r.mask.in_ifindex = u32::MAX;
+    r.mask.tun_vni = u32::MAX;
+    let Some(dp) = r.t.pipeline.datapaths.get(&vni) else {
+        // Negative cache: dropped in XDP until this chassis hosts the VNI.
+        r.dp_key = Some(DP_KEY_HOSTED);
+        r.note("tunnel rx", || {
+            format!("VNI {} is no datapath of this chassis: dropped", vni)
+        });
+        return Err(DropReason::UnknownDatapath);
+    };
+    r.dp_key = Some(dp.tunnel_key);
+    r.mask.tun_out_port = u16::MAX;
+    if meta.egress > MC_FLOOD_KEY {
+        r.note("tunnel rx", || {
+            format!(
+                "egress key {} is no multicast group of {}: dropped",
+                meta.egress, dp.name
+            )
+        });
+        return Err(DropReason::UnknownGroup);
+    }
+    if meta.egress == MC_FLOOD_KEY {
+        // Multicast group: deliver to every local port of the switch. The sender already
+        // replicated to each chassis, so nothing goes back out to the tunnel.
+        for (p, iface) in dp.local_ports() {
+            if p.key == meta.ingress {
+                continue;
+            }
+            if let Some(ix) = r.t.ifindex(iface) {
+                out.push(Output::Local { ifindex: ix });
+            }
+        }
+        r.note("deliver", || {
+            format!("multicast group: to {} local ports", out.len())
+        });
+        return Ok(r.decision(inner_off));
+    }
+    let port = dp.ports.get(&meta.egress).ok_or(DropReason::UnknownPort)?;
+    let PortLocation::Local { iface } = &port.location else {
+        return Err(DropReason::UnknownPort);
+    };
+    let ix = r.t.ifindex(iface).ok_or(DropReason::UnknownPort)?;
+    acl::to_lport(r, dp, port.key)?;
+    port_security::egress(r, dp, port.key)?;
+    out.push(Output::Local { ifindex: ix });
+    r.note("deliver", || {
+        format!(
+            "decapsulate, to logical port {} on interface {iface}",
+            port.name
+        )
+    });
+    let mut d = r.decision(inner_off);
+    d.megaflow = Some(r.megaflow(r.with_commit(FlowAction {
+        kind: act::DECAP_OUTPUT,
+        out_ifindex: ix,
+        dp_key: dp.tunnel_key,
+        ..Default::default()
+    })));
+    Ok(d)
+}
+
+/// The outer checks of a frame from the underlay (IPv4/UDP to this chassis's tunnel address
+/// from a chassis of the NB, lengths that describe the frame, a valid Geneve header with the
+/// OVN option), and its key: the inner frame's, with the VNI and egress port key.
+pub(super) fn outer(r: &mut Run) -> Result<Outer, DropReason> {
     let frame = r.frame;
     let (eth, rest) = Ethernet2Header::from_slice(frame).map_err(|_| DropReason::Malformed)?;
     if eth.ether_type != EtherType::IPV4 {
@@ -74,63 +152,9 @@ pub(super) fn run(r: &mut Run, out: &mut Vec<Output>) -> Result<super::Decision,
             meta.egress
         )
     });
-    r.mask.in_ifindex = u32::MAX;
-    r.mask.tun_vni = u32::MAX;
-    let Some(dp) = r.t.pipeline.datapaths.get(&repr.vni) else {
-        // Negative cache: dropped in XDP until this chassis hosts the VNI.
-        r.dp_key = Some(DP_KEY_HOSTED);
-        r.note("tunnel rx", || {
-            format!("VNI {} is no datapath of this chassis: dropped", repr.vni)
-        });
-        return Err(DropReason::UnknownDatapath);
-    };
-    r.dp_key = Some(dp.tunnel_key);
-    r.mask.tun_out_port = u16::MAX;
-    if meta.egress > MC_FLOOD_KEY {
-        r.note("tunnel rx", || {
-            format!(
-                "egress key {} is no multicast group of {}: dropped",
-                meta.egress, dp.name
-            )
-        });
-        return Err(DropReason::UnknownGroup);
-    }
-    if meta.egress == MC_FLOOD_KEY {
-        // Multicast group: deliver to every local port of the switch. The sender already
-        // replicated to each chassis, so nothing goes back out to the tunnel.
-        for (p, iface) in dp.local_ports() {
-            if p.key == meta.ingress {
-                continue;
-            }
-            if let Some(ix) = r.t.ifindex(iface) {
-                out.push(Output::Local { ifindex: ix });
-            }
-        }
-        r.note("deliver", || {
-            format!("multicast group: to {} local ports", out.len())
-        });
-        return Ok(r.decision(inner_off));
-    }
-    let port = dp.ports.get(&meta.egress).ok_or(DropReason::UnknownPort)?;
-    let PortLocation::Local { iface } = &port.location else {
-        return Err(DropReason::UnknownPort);
-    };
-    let ix = r.t.ifindex(iface).ok_or(DropReason::UnknownPort)?;
-    acl::to_lport(r, dp, port.key)?;
-    port_security::egress(r, dp, port.key)?;
-    out.push(Output::Local { ifindex: ix });
-    r.note("deliver", || {
-        format!(
-            "decapsulate, to logical port {} on interface {iface}",
-            port.name
-        )
-    });
-    let mut d = r.decision(inner_off);
-    d.megaflow = Some(r.megaflow(r.with_commit(FlowAction {
-        kind: act::DECAP_OUTPUT,
-        out_ifindex: ix,
-        dp_key: dp.tunnel_key,
-        ..Default::default()
-    })));
-    Ok(d)
+    Ok(Outer {
+        vni: repr.vni,
+        meta,
+        inner_off,
+    })
 }
