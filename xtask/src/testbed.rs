@@ -212,7 +212,8 @@ pub enum NbKind {
     Redis,
     /// A Redis Cluster of six nodes: three masters, one replica each.
     RedisCluster,
-    /// One etcd member, its changes fanned out by this many `geneflow-publisher`s.
+    /// One etcd member, its changes fanned out by this many `geneflow-publisher`s (0: by
+    /// the forgers a test adds, `Testbed::add_forger`).
     EtcdZmq(usize),
 }
 

@@ -66,7 +66,9 @@ impl Testbed {
             .chain(extra)
             .map(|p| format!("{DB_IP}:{p}"))
             .collect();
-        self.nb = format!("{}?publishers={}", self.nb, list.join(","));
+        if !list.is_empty() {
+            self.nb = format!("{}?publishers={}", self.nb, list.join(","));
+        }
         Ok(())
     }
 
@@ -98,7 +100,12 @@ impl Testbed {
         let i = self.servers.len() - 1;
         self.start_server(i)?;
         if script != "push-garbage" {
-            self.nb = format!("{},{DB_IP}:{port}", self.nb);
+            let sep = if self.nb.contains("?publishers=") {
+                ","
+            } else {
+                "?publishers="
+            };
+            self.nb = format!("{}{sep}{DB_IP}:{port}", self.nb);
         }
         Ok(go)
     }

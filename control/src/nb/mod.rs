@@ -63,8 +63,9 @@ pub struct TransportStats {
     /// Messages of changes received, and their bytes.
     pub messages: u64,
     pub bytes: u64,
-    /// Losses detected (each made the agent read the topics concerned again).
+    /// Losses detected; those another publisher covered made no read.
     pub losses: u64,
+    pub covered: u64,
     /// Messages skipped as malformed or not for this agent.
     pub refused: u64,
 }

@@ -15,7 +15,8 @@
 //! Messages can be lost without anyone being told (a publisher restart, a slow subscriber
 //! over its queue, a reconnection), so every loss `seq` detects (a new epoch, a gap in a
 //! topic's numbering, a `Sync` ahead of what arrived) makes the agent read the topics
-//! concerned again from the store (`NbError::Missed`). A topic is read only after each live
+//! concerned again from the store (`NbError::Missed`), unless another publisher covers it
+//! (see `seq`): restarting one of several publishers costs the agents nothing. A topic is read only after each live
 //! publisher has answered its subscription with the topic's current number, so no change can
 //! fall between the read and the subscription.
 
@@ -270,12 +271,18 @@ impl ZmqNotified {
 
     fn lose(&mut self, loss: Loss) {
         self.stats.losses += 1;
-        match loss.topic() {
-            Some(t) => {
-                self.lost.insert(t.to_string());
-                self.lost_why.get_or_insert_with(|| loss.to_string());
+        let counted = self.tracker.handle(loss, &self.subscribed, Instant::now());
+        if counted.is_empty() {
+            self.stats.covered += 1;
+        }
+        for loss in counted {
+            match loss.topic() {
+                Some(t) => {
+                    self.lost.insert(t.to_string());
+                    self.lost_why.get_or_insert_with(|| loss.to_string());
+                }
+                None => self.lose_all(loss.to_string()),
             }
-            None => self.lose_all(loss.to_string()),
         }
     }
 
@@ -392,6 +399,7 @@ impl Backend for ZmqNotified {
                 Duration::ZERO
             })?;
         }
+        self.tracker.expire(Instant::now());
         if !self.lost.is_empty() {
             let why = self.lost_why.clone().unwrap_or_default();
             return Err(NbError::Missed(format!(

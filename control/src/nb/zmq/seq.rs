@@ -7,10 +7,16 @@
 //! - a `Sync` announcing another number than the last one seen: the tail of a topic was lost
 //!   (or, after a reconnection, everything published meanwhile).
 //!
-//! Every loss makes the agent read the topics concerned again from the store.
+//! A loss makes the agent read the topics concerned again from the store, unless another
+//! publisher covers it: one that is alive, has numbered every topic and lost nothing lately
+//! (writers send every change to every publisher, so it delivered what this one lost). A
+//! covered loss stays pending for a while: if any other publisher loses something meanwhile
+//! (a blip of the agent's own network loses the same messages on every connection), the
+//! pending losses count after all. So a publisher restarted while another runs costs the
+//! agents nothing, and a loss no publisher covers still makes them read.
 
 use super::wire::{Header, Kind};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -94,6 +100,10 @@ struct Publisher {
 pub struct Tracker {
     pubs: Vec<Publisher>,
     dead_after: Duration,
+    /// Per publisher: lost something, and cannot cover others, until then.
+    tainted_until: Vec<Option<Instant>>,
+    /// Covered losses, dropped at their deadline unless another loss makes them count.
+    pending: Vec<(Instant, Loss)>,
 }
 
 impl Tracker {
@@ -102,7 +112,43 @@ impl Tracker {
         Tracker {
             pubs: (0..n).map(|_| Publisher::default()).collect(),
             dead_after,
+            tainted_until: vec![None; n],
+            pending: Vec::new(),
         }
+    }
+
+    /// What to make of `loss`: nothing yet (another publisher covers it; it stays pending
+    /// for `dead_after`), or the losses that count, this one and any pending ones.
+    pub fn handle(&mut self, loss: Loss, subscribed: &BTreeSet<String>, now: Instant) -> Vec<Loss> {
+        let p = match &loss {
+            Loss::Restarted { publisher, .. }
+            | Loss::Gap { publisher, .. }
+            | Loss::Tail { publisher, .. } => *publisher,
+        };
+        self.tainted_until[p] = Some(now + self.dead_after);
+        let covered = (0..self.pubs.len()).any(|q| {
+            q != p
+                && self.alive(q, now)
+                && !self.tainted_until[q].is_some_and(|t| t > now)
+                && subscribed.iter().all(|t| self.has_baseline(q, t))
+        });
+        if covered {
+            self.pending.push((now + self.dead_after, loss));
+            return Vec::new();
+        }
+        let mut out: Vec<Loss> = self.pending.drain(..).map(|(_, l)| l).collect();
+        out.push(loss);
+        out
+    }
+
+    /// Drops the covered losses whose time passed with no other loss.
+    pub fn expire(&mut self, now: Instant) {
+        self.pending.retain(|(until, _)| *until > now);
+    }
+
+    /// Covered losses still pending.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
     }
 
     /// Checks a message of `topic` from publisher `p` against what came before.
@@ -266,6 +312,63 @@ mod tests {
         t.on_message(1, T, &h(Kind::Changes, 6, 1), now).unwrap();
         // Publisher 0 is untouched.
         assert!(!t.heard(0));
+    }
+
+    fn topics() -> BTreeSet<String> {
+        [T.to_string()].into()
+    }
+
+    /// Two publishers numbering T, heard now.
+    fn two(now: Instant) -> Tracker {
+        let mut t = Tracker::new(2, Duration::from_secs(2));
+        for p in 0..2 {
+            t.on_message(p, T, &h(Kind::Sync, 5 + p as u64, 0), now)
+                .unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn a_loss_another_publisher_covers_counts_for_nothing() {
+        let now = Instant::now();
+        let mut t = two(now);
+        let e = t
+            .on_message(0, "gf-hb", &h(Kind::Heartbeat, 9, 0), now)
+            .unwrap_err();
+        assert!(t.handle(e, &topics(), now).is_empty());
+        assert_eq!(t.pending(), 1);
+        t.expire(now + Duration::from_secs(3));
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn a_loss_on_every_publisher_counts_all_of_them() {
+        let now = Instant::now();
+        let mut t = two(now);
+        // A blip of the agent's network: both connections lose message 1 of T.
+        let e0 = t.on_message(0, T, &h(Kind::Sync, 5, 1), now).unwrap_err();
+        assert!(t.handle(e0, &topics(), now).is_empty());
+        let e1 = t.on_message(1, T, &h(Kind::Sync, 6, 1), now).unwrap_err();
+        let lost = t.handle(e1, &topics(), now + Duration::from_millis(10));
+        assert_eq!(lost.len(), 2, "{lost:?}");
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn no_cover_from_a_dead_or_unnumbered_publisher() {
+        let now = Instant::now();
+        let mut t = two(now);
+        let later = now + Duration::from_secs(5);
+        t.on_message(0, "gf-hb", &h(Kind::Heartbeat, 5, 0), later)
+            .unwrap();
+        let e = t.on_message(0, T, &h(Kind::Sync, 5, 3), later).unwrap_err();
+        // Publisher 1 was last heard 5 s ago: down.
+        assert_eq!(t.handle(e, &topics(), later).len(), 1);
+        let mut t = two(now);
+        let more: BTreeSet<String> = [T.to_string(), "/gf/global/".to_string()].into();
+        let e = t.on_message(0, T, &h(Kind::Sync, 5, 3), now).unwrap_err();
+        // Publisher 1 has not numbered /gf/global/.
+        assert_eq!(t.handle(e, &more, now).len(), 1);
     }
 
     #[test]
