@@ -3,7 +3,10 @@
 //! (`xsk`), the slow-path forwarder (`forwarder`), interface and neighbour facts (`netdev`),
 //! counters (`metrics`, `exporter`), the local control socket (`ctl`), the configuration file
 //! (`config`) and the pinned state that outlives a process (`persist`). `geneflowd` wires them
-//! to the control-plane thread.
+//! to the control-plane thread. For the DPDK backend (feature `dpdk`, being built): the DPDK
+//! wrapper (`dpdk`), the userspace megaflow cache (`flowcache`), a megaflow's action run in
+//! userspace (`flowexec`) and the underlay neighbour table of an uplink no kernel sees
+//! (`userneigh`).
 pub mod config;
 pub mod ctl;
 #[cfg(feature = "dpdk")]
@@ -18,6 +21,7 @@ pub mod netdev;
 pub mod persist;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod userneigh;
 pub mod wire;
 pub mod xsk;
 
