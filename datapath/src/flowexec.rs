@@ -278,6 +278,25 @@ mod tests {
         out
     }
 
+    /// Runs `a` on a copy of `data` with headroom: the verdict and the frame after.
+    fn run(data: &[u8], a: &FlowAction) -> (Verdict, Vec<u8>) {
+        run_at(data, 0, a)
+    }
+
+    /// `run` of a frame whose inner frame starts at `inner`.
+    fn run_at(data: &[u8], inner: usize, a: &FlowAction) -> (Verdict, Vec<u8>) {
+        let key = crate::pipeline::key::extract_key(data, 3).unwrap();
+        let mut buf = Vec::new();
+        let (start, end) = framed(data, &mut buf);
+        let mut f = Frame {
+            buf: &mut buf,
+            start,
+            end,
+        };
+        let v = execute(&mut f, &key, inner, a);
+        (v, f.bytes().to_vec())
+    }
+
     fn framed(data: &[u8], buf: &mut Vec<u8>) -> (usize, usize) {
         buf.clear();
         buf.resize(HEADROOM, 0);
@@ -307,14 +326,7 @@ mod tests {
     fn encap_writes_headers_an_independent_decoder_accepts() {
         let frame = inner();
         let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
-        let mut buf = Vec::new();
-        let (start, end) = framed(&frame, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start,
-            end,
-        };
-        let v = execute(&mut f, &key, 0, &encap_action());
+        let (v, out) = run(&frame, &encap_action());
         assert_eq!(
             v,
             Verdict::Output {
@@ -322,7 +334,6 @@ mod tests {
                 out_slot: 1
             }
         );
-        let out = f.bytes().to_vec();
         assert_eq!(out.len(), frame.len() + ENCAP_OVERHEAD as usize);
         let p = SlicedPacket::from_ethernet(&out).unwrap();
         let Some(NetSlice::Ipv4(ip)) = &p.net else {
@@ -366,32 +377,25 @@ mod tests {
     #[test]
     fn decap_leaves_the_inner_frame() {
         let frame = inner();
-        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
-        let mut buf = Vec::new();
-        let (start, end) = framed(&frame, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start,
-            end,
-        };
-        execute(&mut f, &key, 0, &encap_action());
+        let (_, encapped) = run(&frame, &encap_action());
         let a = FlowAction {
             kind: act::DECAP_OUTPUT,
             out_ifindex: 5,
             out_slot: 3,
             ..Default::default()
         };
+        let (v, out) = run_at(&encapped, ENCAP_OVERHEAD as usize, &a);
         assert_eq!(
-            execute(&mut f, &key, ENCAP_OVERHEAD as usize, &a),
+            v,
             Verdict::Output {
                 ifindex: 5,
                 out_slot: 3
             }
         );
-        assert_eq!(f.bytes(), &frame[..]);
+        assert_eq!(out, frame);
         // An inner offset past the frame is malformed, not a panic.
         assert_eq!(
-            execute(&mut f, &key, 5000, &a),
+            run_at(&encapped, 5000, &a).0,
             Verdict::Drop(ctr::DROP_MALFORMED)
         );
     }
@@ -399,14 +403,6 @@ mod tests {
     #[test]
     fn a_routed_frame_gets_new_macs_and_ttl_with_a_good_checksum() {
         let frame = inner();
-        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
-        let mut buf = Vec::new();
-        let (start, end) = framed(&frame, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start,
-            end,
-        };
         let a = FlowAction {
             kind: act::OUTPUT,
             flags: flag::ROUTE,
@@ -415,11 +411,9 @@ mod tests {
             set_dmac: [0x0a, 0, 0, 0, 1, 2],
             ..Default::default()
         };
-        assert!(matches!(
-            execute(&mut f, &key, 0, &a),
-            Verdict::Output { .. }
-        ));
-        let p = SlicedPacket::from_ethernet(f.bytes()).unwrap();
+        let (v, out) = run(&frame, &a);
+        assert!(matches!(v, Verdict::Output { .. }));
+        let p = SlicedPacket::from_ethernet(&out).unwrap();
         let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else {
             panic!()
         };
@@ -434,92 +428,56 @@ mod tests {
             ip.header().header_checksum()
         );
         // TTL 1: the slow path answers; a bad checksum, options and martians are dropped.
-        let (s, e) = framed(&inner_ttl(1), &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start: s,
-            end: e,
-        };
-        assert_eq!(execute(&mut f, &key, 0, &a), Verdict::SlowPath);
+        assert_eq!(run(&inner_ttl(1), &a).0, Verdict::SlowPath);
         let mut bad = frame.clone();
         bad[24] ^= 1;
-        let (s, e) = framed(&bad, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start: s,
-            end: e,
-        };
-        assert_eq!(
-            execute(&mut f, &key, 0, &a),
-            Verdict::Drop(ctr::DROP_IP_CSUM)
-        );
-        let mut bad = frame;
+        assert_eq!(run(&bad, &a).0, Verdict::Drop(ctr::DROP_IP_CSUM));
+        let mut bad = frame.clone();
         bad[14] = 0x46;
-        let (s, e) = framed(&bad, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start: s,
-            end: e,
-        };
-        assert_eq!(
-            execute(&mut f, &key, 0, &a),
-            Verdict::Drop(ctr::DROP_IP_OPTIONS)
-        );
+        assert_eq!(run(&bad, &a).0, Verdict::Drop(ctr::DROP_IP_OPTIONS));
+        let mut bad = frame;
+        bad[26] = 127;
+        bad[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum(&bad[14..34]);
+        bad[24..26].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(run(&bad, &a).0, Verdict::Drop(ctr::DROP_MARTIAN));
     }
 
     #[test]
     fn vlan_tags_too_big_frames_and_stateful_actions() {
         let frame = inner();
-        let key = crate::pipeline::key::extract_key(&frame, 3).unwrap();
-        let mut buf = Vec::new();
-        let (s, e) = framed(&frame, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start: s,
-            end: e,
-        };
         let a = FlowAction {
             kind: act::OUTPUT,
             out_ifindex: 7,
             vlan: 0x1000 | 42,
             ..Default::default()
         };
-        assert!(matches!(
-            execute(&mut f, &key, 0, &a),
-            Verdict::Output { .. }
-        ));
-        let out = f.bytes();
+        let (v, out) = run(&frame, &a);
+        assert!(matches!(v, Verdict::Output { .. }));
         assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 42]);
         assert_eq!(&out[16..], &frame[12..]);
         assert_eq!(&out[..12], &frame[..12]);
         let mut small = encap_action();
         small.max_inner_len = 60;
-        let (s, e) = framed(&frame, &mut buf);
-        let mut f = Frame {
-            buf: &mut buf,
-            start: s,
-            end: e,
-        };
-        assert_eq!(
-            execute(&mut f, &key, 0, &small),
-            Verdict::Drop(ctr::DROP_TOO_BIG)
-        );
         let mut uncached = encap_action();
         uncached.flags = 0;
-        assert_eq!(execute(&mut f, &key, 0, &uncached), Verdict::SlowPath);
         let mut ct = encap_action();
         ct.flags |= flag::CT_COMMIT;
-        assert_eq!(execute(&mut f, &key, 0, &ct), Verdict::SlowPath);
         let drop = FlowAction {
             kind: act::DROP,
             drop_reason: ctr::DROP_ACL,
             ..Default::default()
         };
-        assert_eq!(
-            execute(&mut f, &key, 0, &drop),
-            Verdict::Drop(ctr::DROP_ACL)
-        );
-        // Nothing moved for the verdicts that leave the frame alone.
-        assert_eq!(f.bytes(), &frame[..]);
+        for (a, want) in [
+            (small, Verdict::Drop(ctr::DROP_TOO_BIG)),
+            (uncached, Verdict::SlowPath),
+            (ct, Verdict::SlowPath),
+            (drop, Verdict::Drop(ctr::DROP_ACL)),
+        ] {
+            let (v, out) = run(&frame, &a);
+            assert_eq!(v, want);
+            // Nothing moved for the verdicts that leave the frame alone.
+            assert_eq!(out, frame);
+        }
     }
 }

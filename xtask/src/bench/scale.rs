@@ -168,12 +168,7 @@ pub fn svg(results: &[Value]) -> String {
     for (i, r) in results.iter().enumerate() {
         let y = 28.0 + lh * i as f64;
         if r["error"].is_string() {
-            out.push_str(&format!(
-                "<text x=\"10\" y=\"{:.0}\">{}</text><text x=\"{left}\" y=\"{:.0}\" fill=\"#d53a3a\">failed: agents not all served</text>\n",
-                y + 12.0,
-                name(r),
-                y + 12.0
-            ));
+            out.push_str(&failed_row(r, left, y, "failed: agents not all served"));
             continue;
         }
         let p50 = r["to_all_interested_ms_p50"].as_f64().unwrap_or(0.0);
@@ -201,12 +196,7 @@ pub fn svg(results: &[Value]) -> String {
     for (i, r) in results.iter().enumerate() {
         let y = top + lh * i as f64;
         if r["error"].is_string() {
-            out.push_str(&format!(
-                "<text x=\"10\" y=\"{:.0}\">{}</text><text x=\"{left}\" y=\"{:.0}\" fill=\"#d53a3a\">failed</text>\n",
-                y + 12.0,
-                name(r),
-                y + 12.0
-            ));
+            out.push_str(&failed_row(r, left, y, "failed"));
             continue;
         }
         let v = r["records_delivered_per_change"].as_f64().unwrap_or(0.0);
@@ -222,4 +212,14 @@ pub fn svg(results: &[Value]) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+/// A chart row for a run that failed: its name and `what`, in red.
+fn failed_row(r: &Value, left: f64, y: f64, what: &str) -> String {
+    format!(
+        "<text x=\"10\" y=\"{:.0}\">{}</text><text x=\"{left}\" y=\"{:.0}\" fill=\"#d53a3a\">{what}</text>\n",
+        y + 12.0,
+        name(r),
+        y + 12.0
+    )
 }
