@@ -5,8 +5,8 @@
 //! (`config`) and the pinned state that outlives a process (`persist`). `geneflowd` wires them
 //! to the control-plane thread. For the DPDK backend (feature `dpdk`, being built): the DPDK
 //! wrapper (`dpdk`), the userspace megaflow cache (`flowcache`), a megaflow's action run in
-//! userspace (`flowexec`) and the underlay neighbour table of an uplink no kernel sees
-//! (`userneigh`).
+//! userspace (`flowexec`), the underlay neighbour table of an uplink no kernel sees
+//! (`userneigh`) and the engine that joins them with the pipeline (`userpath`).
 pub mod config;
 pub mod ctl;
 #[cfg(feature = "dpdk")]
@@ -22,6 +22,7 @@ pub mod persist;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod userneigh;
+pub mod userpath;
 pub mod wire;
 pub mod xsk;
 

@@ -47,6 +47,8 @@ mod tests_nat;
 mod tests_router;
 #[cfg(test)]
 mod tests_security;
+#[cfg(test)]
+mod tests_userpath;
 
 pub use encap::{emit_encap, EncapParams};
 pub use key::{describe_action, describe_match, extract_key};
@@ -537,6 +539,11 @@ impl Tables {
             return Ok(None);
         }
         Ok(extract_key(frame, in_ifindex).map(|k| (k, 0)))
+    }
+
+    /// This chassis's tunnel address, if the NB gives it one.
+    pub fn encap_ip(&self) -> Option<Ipv4Addr> {
+        self.pipeline.encap_ip
     }
 
     /// Whether `ifindex` is one of this chassis' provider interfaces.

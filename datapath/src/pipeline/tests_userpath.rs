@@ -1,0 +1,154 @@
+//! The userspace datapath engine (`crate::userpath`) on the switching topology of `tests`:
+//! first frames through the pipeline, the rest through the megaflow cache and the userspace
+//! actions, with the same bytes on the wire.
+
+use super::*;
+use crate::flowcache::{FlowCache, GenerationTable, Generations};
+use crate::userneigh::UnderlayNeigh;
+use crate::userpath::{Tx, UserPath};
+use geneflow_abi::ctr;
+use geneflow_control::compiler::compile;
+use geneflow_control::model::{Mac, NbDocument};
+use std::time::Instant;
+
+const FRAME_CSUM: &[u8] = include_bytes!("../../../tests/fixtures/geneve/frame_ovn_csum.bin");
+const UPLINK: u32 = 2;
+const A_MAC: [u8; 6] = [2, 0, 0xc6, 0x12, 0, 1];
+const B_MAC: [u8; 6] = [2, 0, 0xc6, 0x12, 0, 2];
+
+/// Chassis "a" (198.18.0.1) hosts p1 (ifindex 10) and p2 (11) on ls (VNI 0xabcd); chassis
+/// "b" (198.18.0.2) hosts p7.
+fn tables() -> Tables {
+    let mut d = NbDocument::default();
+    test_nb::chassis_ab(&mut d);
+    test_nb::switch(&mut d, "ls", 0xabcd);
+    for (n, k, mac, c) in [
+        ("p1", 5, [0x0a, 0, 0, 0, 0, 1], "a"),
+        ("p2", 6, [0x0a, 0, 0, 0, 0, 3], "a"),
+        ("p7", 7, [0x0a, 0, 0, 0, 0, 2], "b"),
+    ] {
+        d.ports
+            .insert(n.into(), test_nb::port(n, "ls", k, mac, &[], c));
+    }
+    Tables::new(
+        Arc::new(compile(&d, "a")),
+        UPLINK,
+        1500,
+        true,
+        |n| match n {
+            "vp-p1" => Some(10),
+            "vp-p2" => Some(11),
+            _ => None,
+        },
+    )
+}
+
+#[derive(Default)]
+struct Wire(Vec<(u32, Vec<u8>)>);
+
+impl Tx for Wire {
+    fn send(&mut self, ifindex: u32, frame: &[u8]) -> bool {
+        self.0.push((ifindex, frame.to_vec()));
+        true
+    }
+}
+
+fn engine(t: &Tables) -> (GenerationTable, UserPath) {
+    let gens = Arc::new(Generations::default());
+    let mut table = GenerationTable::new(gens.clone());
+    table.set_generations(&t.fingerprints(A_MAC)).unwrap();
+    let mut neigh = UnderlayNeigh::new("198.18.0.1".parse().unwrap(), Mac(A_MAC));
+    neigh.set_allowed(["198.18.0.2".parse().unwrap()]);
+    let path = UserPath::new(FlowCache::new(gens, 1000), neigh, UPLINK, A_MAC, true);
+    (table, path)
+}
+
+/// b's ARP reply to a's request.
+fn reply_from_b() -> Vec<u8> {
+    let mut f = Vec::new();
+    crate::pipeline::rewrite::arp_frame(
+        &mut f,
+        Mac(B_MAC),
+        "198.18.0.2".parse().unwrap(),
+        "198.18.0.1".parse().unwrap(),
+        false,
+    );
+    f[21] = 2;
+    f
+}
+
+#[test]
+fn a_flow_to_a_remote_port_leaves_the_pipeline_for_the_cache_with_the_same_bytes() {
+    let t = tables();
+    let (mut gens, mut p) = engine(&t);
+    let now = Instant::now();
+    let frame = &FRAME_CSUM[58..];
+    // The first frame: b's MAC unknown, so the ARP request goes out and the frame is dropped.
+    let mut w = Wire::default();
+    p.receive(&t, frame, 10, now, &mut w);
+    assert_eq!(w.0.len(), 1);
+    assert_eq!((w.0[0].0, &w.0[0].1[12..14]), (UPLINK, &[0x08, 0x06][..]));
+    assert_eq!(p.counters.get(ctr::DROP_NO_NEIGH), 1);
+    // b answers; the next frame goes through the pipeline (the entry had no next hop).
+    p.receive(&t, &reply_from_b(), UPLINK, now, &mut Wire::default());
+    let mut w = Wire::default();
+    p.receive(&t, frame, 10, now, &mut w);
+    assert_eq!(p.counters.get(ctr::SLOW_RX), 2);
+    let (ix, slow) = w.0.pop().expect("encapsulated");
+    assert_eq!(ix, UPLINK);
+    assert_eq!(&slow[..6], &B_MAC);
+    // The third takes the cache: the same bytes.
+    let mut w = Wire::default();
+    p.receive(&t, frame, 10, now, &mut w);
+    assert_eq!(p.counters.get(ctr::FAST_HIT), 1);
+    assert_eq!(p.counters.get(ctr::SLOW_RX), 2);
+    assert_eq!(w.0, vec![(UPLINK, slow.clone())]);
+    // The datapath changes: its entries go stale, the pipeline decides again.
+    let mut fps = t.fingerprints(A_MAC);
+    for v in fps.values_mut() {
+        *v ^= 1;
+    }
+    gens.set_generations(&fps).unwrap();
+    let mut w = Wire::default();
+    p.receive(&t, frame, 10, now, &mut w);
+    assert_eq!(p.counters.get(ctr::SLOW_RX), 3);
+    assert_eq!(w.0, vec![(UPLINK, slow)]);
+}
+
+#[test]
+fn tunnel_frames_are_decapsulated_and_bad_ones_dropped_with_xdps_reasons() {
+    let t = tables();
+    let (_, mut p) = engine(&t);
+    let now = Instant::now();
+    let mut f = FRAME_CSUM.to_vec();
+    // From b (198.18.0.2) to a, egress port p2 (key 6).
+    f[26..30].copy_from_slice(&[198, 18, 0, 2]);
+    f[30..34].copy_from_slice(&[198, 18, 0, 1]);
+    f[56..58].copy_from_slice(&6u16.to_be_bytes());
+    for hit in [0, 1] {
+        let mut w = Wire::default();
+        p.receive(&t, &f, UPLINK, now, &mut w);
+        assert_eq!(w.0, vec![(11, f[58..].to_vec())]);
+        assert_eq!(p.counters.get(ctr::FAST_HIT), hit);
+    }
+    let mut v1 = f.clone();
+    v1[42] |= 0x40;
+    p.receive(&t, &v1, UPLINK, now, &mut Wire::default());
+    assert_eq!(p.counters.get(ctr::DROP_GENEVE_VERSION), 1);
+    p.receive(&t, &f[..46], UPLINK, now, &mut Wire::default());
+    assert_eq!(p.counters.get(ctr::DROP_BAD_LENGTH), 1);
+    // An ARP request for a's tunnel address is answered from the uplink.
+    let mut req = Vec::new();
+    crate::pipeline::rewrite::arp_frame(
+        &mut req,
+        Mac(B_MAC),
+        "198.18.0.2".parse().unwrap(),
+        "198.18.0.1".parse().unwrap(),
+        false,
+    );
+    let mut w = Wire::default();
+    p.receive(&t, &req, UPLINK, now, &mut w);
+    assert_eq!(w.0.len(), 1);
+    assert_eq!(&w.0[0].1[..6], &B_MAC);
+    assert_eq!(&w.0[0].1[6..12], &A_MAC);
+}

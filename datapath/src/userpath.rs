@@ -1,0 +1,267 @@
+//! The userspace datapath engine of the DPDK backend, sans-IO: one frame in, frames out
+//! through the caller's `Tx`. It joins the pieces the XDP backend splits between the kernel
+//! and the slow path:
+//!
+//! 1. ARP from the uplink for the tunnel address: answered, the sender learnt (`userneigh`);
+//! 2. the frame's key as XDP builds it (`Tables::fast_key`), malformed tunnel frames dropped
+//!    with XDP's reasons;
+//! 3. the megaflow cache (`flowcache`); a hit runs its action (`flowexec`) on a copy of the
+//!    frame with headroom and sends the result;
+//! 4. a miss (or an action left to the slow path) runs the pipeline (`Tables`), sends its
+//!    outputs (Geneve to a chassis whose MAC `userneigh` knows; else the ARP request goes out
+//!    and the frame is dropped, counted) and installs its megaflow, with the next hop cached
+//!    when known, so the next frames of the flow take step 3.
+//!
+//! Per poll thread: no lock; the cache's generations are shared with the thread applying
+//! pipelines. The buffers are allocated once; a miss may allocate (the pipeline's outputs).
+
+use crate::flowcache::FlowCache;
+use crate::flowexec::{execute, Frame, Verdict};
+use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
+use crate::userneigh::UnderlayNeigh;
+use geneflow_abi::{act, ctr, flag, mask_list};
+use std::time::Instant;
+
+/// Room before a frame for the headers an action pushes (Geneve's 58 bytes, a VLAN tag).
+pub const HEADROOM: usize = 128;
+/// The largest frame handled (jumbo underlays: 9000 bytes of IP plus Ethernet).
+pub const MAX_FRAME: usize = 9216;
+
+/// Where frames leave: the port with this interface index.
+pub trait Tx {
+    /// False when the port did not take the frame (queue full, unknown port).
+    fn send(&mut self, ifindex: u32, frame: &[u8]) -> bool;
+}
+
+/// Frames counted by reason, as the XDP program counts them (`ctr::*`).
+#[derive(Debug, Clone)]
+pub struct Counters(pub [u64; ctr::COUNT as usize]);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters([0; ctr::COUNT as usize])
+    }
+}
+
+impl Counters {
+    pub fn add(&mut self, c: u32, n: u64) {
+        if let Some(x) = self.0.get_mut(c as usize) {
+            *x += n;
+        }
+    }
+
+    pub fn get(&self, c: u32) -> u64 {
+        self.0.get(c as usize).copied().unwrap_or(0)
+    }
+}
+
+pub struct UserPath {
+    pub cache: FlowCache,
+    pub neigh: UnderlayNeigh,
+    pub counters: Counters,
+    uplink_ifindex: u32,
+    uplink_mac: [u8; 6],
+    udp_csum: bool,
+    scratch: Vec<u8>,
+    encap_buf: Vec<u8>,
+    txbuf: Vec<u8>,
+    outputs: Vec<Output>,
+}
+
+impl UserPath {
+    pub fn new(
+        cache: FlowCache,
+        neigh: UnderlayNeigh,
+        uplink_ifindex: u32,
+        uplink_mac: [u8; 6],
+        udp_csum: bool,
+    ) -> UserPath {
+        UserPath {
+            cache,
+            neigh,
+            counters: Counters::default(),
+            uplink_ifindex,
+            uplink_mac,
+            udp_csum,
+            scratch: vec![0; HEADROOM + MAX_FRAME],
+            encap_buf: vec![0; MAX_FRAME + HEADROOM],
+            txbuf: Vec::with_capacity(MAX_FRAME),
+            outputs: Vec::with_capacity(64),
+        }
+    }
+
+    fn send(&mut self, tx: &mut dyn Tx, ifindex: u32, frame: &[u8]) {
+        if tx.send(ifindex, frame) {
+            self.counters.add(ctr::TX_PACKETS, 1);
+        } else {
+            self.counters.add(ctr::DROP_TX_FULL, 1);
+        }
+    }
+
+    /// One frame received on `in_ifindex`.
+    pub fn receive(
+        &mut self,
+        tables: &Tables,
+        frame: &[u8],
+        in_ifindex: u32,
+        now: Instant,
+        tx: &mut dyn Tx,
+    ) {
+        if frame.len() > MAX_FRAME {
+            self.counters.add(ctr::DROP_TOO_BIG, 1);
+            return;
+        }
+        let uplink = in_ifindex == self.uplink_ifindex;
+        if uplink && frame.get(12..14) == Some(&[0x08, 0x06]) {
+            if let Some(reply) = self.neigh.on_arp(frame, now) {
+                self.send(tx, in_ifindex, &reply);
+            }
+            return;
+        }
+        let list = if uplink {
+            mask_list::UPLINK
+        } else {
+            mask_list::VM
+        } as usize;
+        let (key, inner) = match tables.fast_key(frame, in_ifindex) {
+            Err(reason) => {
+                self.counters.add(reason.counter(), 1);
+                return;
+            }
+            Ok(None) => return self.slow(tables, frame, in_ifindex, list, now, tx),
+            Ok(Some(k)) => k,
+        };
+        let Some(a) = self.cache.lookup(&key, list) else {
+            return self.slow(tables, frame, in_ifindex, list, now, tx);
+        };
+        let end = HEADROOM + frame.len();
+        self.scratch[HEADROOM..end].copy_from_slice(frame);
+        let mut f = Frame {
+            buf: &mut self.scratch,
+            start: HEADROOM,
+            end,
+        };
+        match execute(&mut f, &key, inner, &a) {
+            Verdict::Output { ifindex, .. } => {
+                let (s, e) = (f.start, f.end);
+                self.counters.add(ctr::FAST_HIT, 1);
+                if tx.send(ifindex, &self.scratch[s..e]) {
+                    self.counters.add(ctr::TX_PACKETS, 1);
+                } else {
+                    self.counters.add(ctr::DROP_TX_FULL, 1);
+                }
+            }
+            Verdict::Drop(c) => {
+                self.counters.add(ctr::FAST_HIT, 1);
+                self.counters.add(c, 1);
+            }
+            // No kernel stack behind a DPDK port: what XDP would pass is dropped, counted.
+            Verdict::Pass => self.counters.add(ctr::PASS, 1),
+            Verdict::SlowPath => self.slow(tables, frame, in_ifindex, list, now, tx),
+        }
+    }
+
+    /// The pipeline's verdict on a frame the cache could not settle: outputs sent, the
+    /// megaflow installed.
+    fn slow(
+        &mut self,
+        tables: &Tables,
+        frame: &[u8],
+        in_ifindex: u32,
+        list: usize,
+        now: Instant,
+        tx: &mut dyn Tx,
+    ) {
+        self.counters.add(ctr::SLOW_RX, 1);
+        let mut outputs = std::mem::take(&mut self.outputs);
+        let mut txbuf = std::mem::take(&mut self.txbuf);
+        match tables.process_dropping(frame, in_ifindex, (0, 0), &mut outputs, &mut txbuf) {
+            Err(dropped) => {
+                self.counters.add(dropped.reason.counter(), 1);
+                if let Some(m) = dropped.megaflow {
+                    self.install(list, m);
+                }
+            }
+            Ok(d) => {
+                let payload = if d.rewritten {
+                    &txbuf[..]
+                } else {
+                    &frame[d.payload_offset..]
+                };
+                for o in &outputs {
+                    self.output(tables, o, payload, d.flow_hash, now, tx);
+                }
+                if let Some(mut m) = d.megaflow {
+                    if m.action.kind == act::ENCAP {
+                        let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
+                        if let Some(mac) = self.neigh.resolve(dst, now).mac {
+                            m.action.nh_dmac = mac;
+                            m.action.nh_smac = self.uplink_mac;
+                            m.action.flags |= flag::NH_CACHED;
+                        }
+                    }
+                    self.install(list, m);
+                }
+            }
+        }
+        self.outputs = outputs;
+        self.txbuf = txbuf;
+    }
+
+    fn install(&mut self, list: usize, m: crate::pipeline::Megaflow) {
+        match self.cache.install_megaflow(list, &m) {
+            Ok(()) => self.counters.add(ctr::FLOW_INSTALL, 1),
+            Err(_) => self.counters.add(ctr::FLOW_INSTALL_FAIL, 1),
+        }
+    }
+
+    fn output(
+        &mut self,
+        tables: &Tables,
+        o: &Output,
+        payload: &[u8],
+        flow_hash: u32,
+        now: Instant,
+        tx: &mut dyn Tx,
+    ) {
+        match *o {
+            Output::Local { ifindex } => self.send(tx, ifindex, payload),
+            // Provider networks need their VLAN handling here first: not yet.
+            Output::Provider { .. } => self.counters.add(ctr::DROP_UNKNOWN_PORT, 1),
+            Output::Tunnel { remote, vni, meta } => {
+                let Some(src_ip) = tables.encap_ip() else {
+                    self.counters.add(ctr::DROP_NO_NEIGH, 1);
+                    return;
+                };
+                let r = self.neigh.resolve(remote, now);
+                if let Some(req) = r.request {
+                    let up = self.uplink_ifindex;
+                    self.send(tx, up, &req);
+                }
+                let Some(dst_mac) = r.mac else {
+                    self.counters.add(ctr::DROP_NO_NEIGH, 1);
+                    return;
+                };
+                let p = EncapParams {
+                    src_mac: self.uplink_mac,
+                    dst_mac,
+                    src_ip,
+                    dst_ip: remote,
+                    sport: EncapParams::sport_for(flow_hash),
+                    vni,
+                    meta,
+                    udp_csum: self.udp_csum,
+                };
+                let mut buf = std::mem::take(&mut self.encap_buf);
+                match emit_encap(&mut buf, payload, &p) {
+                    Some(len) => {
+                        let up = self.uplink_ifindex;
+                        self.send(tx, up, &buf[..len]);
+                    }
+                    None => self.counters.add(ctr::DROP_TOO_BIG, 1),
+                }
+                self.encap_buf = buf;
+            }
+        }
+    }
+}
