@@ -83,6 +83,17 @@ struct Args {
     /// Remove the pinned state a stopped geneflowd left (detaching its XDP program) and exit.
     #[arg(long, conflicts_with = "cleanup")]
     cleanup_only: bool,
+    /// The datapath: XDP with an AF_XDP slow path, or DPDK poll mode (a build with the
+    /// `dpdk` feature).
+    #[arg(long, value_parser = ["xdp", "dpdk"], default_value = "xdp")]
+    datapath: String,
+    /// With --datapath dpdk: the EAL's arguments, space separated (e.g. "-l 0 --no-huge
+    /// --no-pci --no-shconf -m 256"); an af_packet vdev is added for each interface.
+    #[arg(long, allow_hyphen_values = true)]
+    dpdk_eal: Option<String>,
+    /// With --datapath dpdk: a kernel interface of a VM port to serve (repeatable).
+    #[arg(long = "dpdk-port")]
+    dpdk_ports: Vec<String>,
 }
 
 fn main() {
@@ -115,6 +126,55 @@ fn pin_to(core: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "dpdk")]
+fn run_dpdk(
+    agent: geneflow_control::agent::NbConfig,
+    eal: String,
+    uplink: String,
+    ports: Vec<String>,
+    encap_ip: Option<Ipv4Addr>,
+    udp_csum: bool,
+) -> Result<()> {
+    use geneflow_datapath::dpdk::serve::{serve, DpdkConfig};
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("installing the signal handler")?;
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let status = Arc::new(Mutex::new(geneflow_control::agent::NbStatus::default()));
+    let chassis = agent.chassis.clone();
+    let control = geneflow_control::agent::spawn(agent, tx, stop.clone(), status, Arc::new(|| {}))
+        .context("starting the control thread")?;
+    info!(chassis = %chassis, uplink = %uplink, "geneflowd running (DPDK datapath)");
+    let cfg = DpdkConfig {
+        eal: eal.split_whitespace().map(str::to_string).collect(),
+        uplink,
+        ports,
+        encap_ip,
+        udp_csum,
+    };
+    let r = serve(cfg, rx, stop.clone());
+    stop.store(true, Ordering::Relaxed);
+    let _ = control.join();
+    r?;
+    info!("geneflowd stopped (DPDK datapath)");
+    Ok(())
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn run_dpdk(
+    _: geneflow_control::agent::NbConfig,
+    _: String,
+    _: String,
+    _: Vec<String>,
+    _: Option<Ipv4Addr>,
+    _: bool,
+) -> Result<()> {
+    bail!("--datapath dpdk: this geneflowd was built without DPDK (cargo feature `dpdk`)")
 }
 
 fn run(args: Args) -> Result<()> {
@@ -179,6 +239,22 @@ fn run(args: Args) -> Result<()> {
     };
     // Validate the URL up front: a bad one is a one-line error, not a retry loop.
     drop(geneflow_control::nb::open(&nb).with_context(|| format!("nb {nb}"))?);
+    if args.datapath == "dpdk" {
+        let agent = geneflow_control::agent::NbConfig {
+            url: nb.clone(),
+            chassis: chassis.clone(),
+            reconcile: (reconcile > 0).then(|| Duration::from_secs(reconcile.into())),
+            selective: true,
+        };
+        return run_dpdk(
+            agent,
+            args.dpdk_eal.unwrap_or_default(),
+            uplink,
+            args.dpdk_ports,
+            encap_ip,
+            udp_csum,
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -29,19 +29,27 @@ impl Eal {
     }
 
     fn start(args: &[String]) -> Result<Eal, DpdkError> {
-        let mut argv: Vec<CString> = Vec::with_capacity(args.len() + 1);
+        let mut argv: Vec<CString> = Vec::with_capacity(args.len() + 3);
         argv.push(CString::new("geneflowd").expect("no NUL"));
         for a in args {
             argv.push(CString::new(a.as_str()).map_err(|_| DpdkError::Nul(a.clone()))?);
+        }
+        // DPDK's notices are for whoever asks (`--log-level`); its errors still show.
+        if !args.iter().any(|a| a.starts_with("--log-level")) {
+            argv.push(CString::new("--log-level=error").expect("no NUL"));
         }
         let mut ptrs: Vec<*mut libc::c_char> = argv
             .iter()
             .map(|a| a.as_ptr() as *mut libc::c_char)
             .collect();
         ptrs.push(std::ptr::null_mut());
+        // A refused argument makes the EAL print its whole usage (a hundred lines) on stdout:
+        // the error below names the problem in one line instead.
+        let quiet = Quiet::stdout();
         // SAFETY: argc/argv describe NUL-terminated strings that outlive the EAL (kept in
         // `Eal`); rte_eal_init may permute the pointer array, which is ours to lose.
         let n = unsafe { dpdk_sys::rte_eal_init(argv.len() as i32, ptrs.as_mut_ptr()) };
+        drop(quiet);
         if n < 0 {
             return Err(DpdkError::Eal {
                 args: args.to_vec(),
@@ -65,6 +73,46 @@ impl Drop for Eal {
         // `RUNNING` stays set.)
         unsafe {
             dpdk_sys::rte_eal_cleanup();
+        }
+    }
+}
+
+/// Standard output sent to /dev/null until dropped.
+struct Quiet {
+    saved: i32,
+}
+
+impl Quiet {
+    fn stdout() -> Option<Quiet> {
+        // SAFETY: plain descriptor calls on descriptors we own or on 1; on any failure the
+        // original stdout stays in place.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if null < 0 {
+                return None;
+            }
+            let saved = libc::dup(1);
+            if saved < 0 || libc::dup2(null, 1) < 0 {
+                libc::close(null);
+                if saved >= 0 {
+                    libc::close(saved);
+                }
+                return None;
+            }
+            libc::close(null);
+            Some(Quiet { saved })
+        }
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        // SAFETY: flushes C's buffered stdout into /dev/null, then puts the saved descriptor
+        // back on 1 and closes the copy.
+        unsafe {
+            libc::fflush(std::ptr::null_mut());
+            libc::dup2(self.saved, 1);
+            libc::close(self.saved);
         }
     }
 }

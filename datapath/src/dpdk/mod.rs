@@ -23,6 +23,7 @@
 mod burst;
 mod eal;
 mod port;
+pub mod serve;
 
 pub use burst::{Burst, BURST};
 pub use eal::Eal;
@@ -39,6 +40,8 @@ pub enum DpdkError {
     EalTwice,
     #[error("no DPDK port {0:?} (a PCI address or a vdev given to the EAL with --vdev)")]
     NoPort(String),
+    #[error("no interface {0:?} to put a DPDK port on")]
+    NoInterface(String),
     #[error("DPDK port {port}: {op} failed: {reason}")]
     Port {
         port: String,

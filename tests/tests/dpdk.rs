@@ -1,0 +1,184 @@
+//! End-to-end: a chassis on the DPDK backend (`geneflowd --datapath dpdk`, `net_af_packet`
+//! vdevs on its veths) and a chassis on the XDP backend carry the same overlay: ping both
+//! ways, a UDP stream without loss and TCP (iperf3) across, switching between two local ports
+//! of the DPDK chassis, an NB change that invalidates its megaflows, and a clean stop (the
+//! megaflow hits counted, nothing left under /var/run/dpdk). The DPDK chassis has no address
+//! on its uplink: it answers ARP for its tunnel address itself.
+
+use anyhow::{bail, Context, Result};
+use geneflow_tests::provider::iperf3;
+use geneflow_tests::*;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The DPDK geneflowd of a chassis: stopped (SIGINT, then SIGKILL) on drop.
+struct Dpdk {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Dpdk {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&self, what: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log().contains(what) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the DPDK chassis never logged {what:?}:\n{}", self.log())
+    }
+
+    /// SIGINT and wait: true if it exited 0 within 10 s.
+    fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-INT", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for Dpdk {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn dpdk_runtime() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/var/run/dpdk")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
+    require_root();
+    let runtime_before = dpdk_runtime();
+    let mut tb = Testbed::with_nb("dk", NbKind::File)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3)] {
+        tb.add_vm(vm, ch, "ls1", key)?;
+    }
+    tb.start_agent(1)?;
+    let ns1 = tb.chassis[0].ns.clone();
+    // Bad input: an EAL argument DPDK refuses, an interface that does not exist, too little
+    // memory: a non-zero exit, the last line naming the problem, nothing left behind.
+    for (eal, port, want) in [
+        (
+            "--bogus -l 0 --no-huge --no-pci --no-shconf",
+            "vp-vm1",
+            "refused to start with [\"--bogus\"",
+        ),
+        (
+            "-l 0 --no-huge --no-pci --no-shconf",
+            "nope0",
+            "no interface \"nope0\"",
+        ),
+        (
+            "-l 0 --no-huge --no-pci --no-shconf -m 8",
+            "vp-vm1",
+            "DPDK out of memory",
+        ),
+    ] {
+        let out = tb
+            .ns_cmd(&ns1, &tb.bin("geneflowd"))
+            .args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
+            .args(["--datapath", "dpdk", "--dpdk-port", port, "--dpdk-eal", eal])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{eal}: exit 0");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("geneflowd: error: ") && last.contains(want),
+            "{eal}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{eal}: DPDK wrote on stdout");
+    }
+    // ch1 on DPDK, with no address on its uplink: its own ARP answers for 198.18.0.1.
+    run(Command::new("ip").args(["-n", &ns1, "addr", "flush", "dev", "ul"]))?;
+    let log = tb.dir.join("ch1-dpdk.log");
+    let out = std::fs::File::create(&log)?;
+    let child = tb
+        .ns_cmd(&ns1, &tb.bin("geneflowd"))
+        .args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
+        .args([
+            "--datapath",
+            "dpdk",
+            "--dpdk-port",
+            "vp-vm1",
+            "--dpdk-port",
+            "vp-vm2",
+        ])
+        .args([
+            "--dpdk-eal",
+            "-l 0 --no-huge --no-pci --no-shconf -m 512 --log-level error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(out.try_clone()?)
+        .spawn()
+        .context("starting the DPDK geneflowd")?;
+    let mut d = Dpdk {
+        child: Some(child),
+        log,
+    };
+    d.wait_log("pipeline applied")?;
+    let (ip2, ip3) = (tb.vm("vm2")?.ip.clone(), tb.vm("vm3")?.ip.clone());
+    let ip1 = tb.vm("vm1")?.ip.clone();
+    within(Duration::from_secs(10), || Ok(reachable(&tb, "vm1", &ip3)))?
+        .with_context(|| format!("vm1 (DPDK) never reached vm3 (XDP):\n{}", d.log()))?;
+    tb.ping("vm3", &ip1, 3)?;
+    tb.ping("vm1", &ip2, 3)?;
+    // A stream across, both ways of the tunnel's encap and decap, without loss.
+    let got = tb.udp_stream("vm1", "vm3", 6600, 10_000, 20_000)?;
+    assert_eq!(got, 10_000, "vm3 got {got} of 10000 from the DPDK chassis");
+    let got = tb.udp_stream("vm3", "vm1", 6601, 10_000, 20_000)?;
+    assert_eq!(got, 10_000, "vm1 (DPDK) got {got} of 10000");
+    let vm3_ns = tb.vm("vm3")?.ns.clone();
+    let vm1_ns = tb.vm("vm1")?.ns.clone();
+    let r = iperf3(&tb, (&vm3_ns, &vm1_ns), &ip3, 5201, "20M")?;
+    assert!(r.ok, "iperf3 from the DPDK chassis: {}", r.report);
+    // An NB change: vm3's port goes, and with it the DPDK chassis's megaflows to it.
+    tb.nbctl(&["lsp-del", "vm3"])?;
+    within(Duration::from_secs(5), || Ok(!reachable(&tb, "vm1", &ip3)))?
+        .context("the DPDK chassis kept forwarding to a deleted port")?;
+    tb.ping("vm1", &ip2, 1)?;
+    // A clean stop: exit 0, the cache's hits reported, nothing left behind.
+    assert!(
+        d.stop(),
+        "the DPDK geneflowd did not stop cleanly:\n{}",
+        d.log()
+    );
+    let log = d.log();
+    let hits: u64 = log
+        .split("fast_hits=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(hits >= 10_000, "megaflow hits {hits}:\n{log}");
+    assert!(log.contains("geneflowd stopped (DPDK datapath)"), "{log}");
+    let left: Vec<_> = dpdk_runtime()
+        .into_iter()
+        .filter(|p| !runtime_before.contains(p))
+        .collect();
+    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
+    Ok(())
+}
