@@ -58,7 +58,10 @@ impl Counters {
 pub struct UserPath {
     pub cache: FlowCache,
     pub neigh: UnderlayNeigh,
-    pub counters: Counters,
+    /// Per port slot (the caller's numbering), what the frames received there came to.
+    pub counters: Vec<Counters>,
+    /// The port slot of the frame being handled.
+    slot: usize,
     uplink_ifindex: u32,
     uplink_mac: [u8; 6],
     udp_csum: bool,
@@ -69,17 +72,19 @@ pub struct UserPath {
 }
 
 impl UserPath {
+    /// `ports`: how many port slots the caller numbers its ports with.
     pub fn new(
         cache: FlowCache,
         neigh: UnderlayNeigh,
-        uplink_ifindex: u32,
-        uplink_mac: [u8; 6],
+        ports: usize,
+        (uplink_ifindex, uplink_mac): (u32, [u8; 6]),
         udp_csum: bool,
     ) -> UserPath {
         UserPath {
             cache,
             neigh,
-            counters: Counters::default(),
+            counters: vec![Counters::default(); ports.max(1)],
+            slot: 0,
             uplink_ifindex,
             uplink_mac,
             udp_csum,
@@ -90,25 +95,37 @@ impl UserPath {
         }
     }
 
-    fn send(&mut self, tx: &mut dyn Tx, ifindex: u32, frame: &[u8]) {
-        if tx.send(ifindex, frame) {
-            self.counters.add(ctr::TX_PACKETS, 1);
-        } else {
-            self.counters.add(ctr::DROP_TX_FULL, 1);
+    /// Counts `c` for the port the frame came in on.
+    fn count(&mut self, c: u32) {
+        if let Some(x) = self.counters.get_mut(self.slot) {
+            x.add(c, 1);
         }
     }
 
-    /// One frame received on `in_ifindex`.
+    /// `c` over every port.
+    pub fn total(&self, c: u32) -> u64 {
+        self.counters.iter().map(|x| x.get(c)).sum()
+    }
+
+    /// Transmit counts are the `Tx`'s (per output port); a frame it refuses counts here.
+    fn send(&mut self, tx: &mut dyn Tx, ifindex: u32, frame: &[u8]) {
+        if !tx.send(ifindex, frame) {
+            self.count(ctr::DROP_TX_FULL);
+        }
+    }
+
+    /// One frame received on `in_ifindex`, the caller's port slot `in_slot`.
     pub fn receive(
         &mut self,
         tables: &Tables,
         frame: &[u8],
-        in_ifindex: u32,
+        (in_ifindex, in_slot): (u32, usize),
         now: Instant,
         tx: &mut dyn Tx,
     ) {
+        self.slot = in_slot;
         if frame.len() > MAX_FRAME {
-            self.counters.add(ctr::DROP_TOO_BIG, 1);
+            self.count(ctr::DROP_TOO_BIG);
             return;
         }
         let uplink = in_ifindex == self.uplink_ifindex;
@@ -125,7 +142,7 @@ impl UserPath {
         } as usize;
         let (key, inner) = match tables.fast_key(frame, in_ifindex) {
             Err(reason) => {
-                self.counters.add(reason.counter(), 1);
+                self.count(reason.counter());
                 return;
             }
             Ok(None) => return self.slow(tables, frame, in_ifindex, list, now, tx),
@@ -144,19 +161,17 @@ impl UserPath {
         match execute(&mut f, &key, inner, &a) {
             Verdict::Output { ifindex, .. } => {
                 let (s, e) = (f.start, f.end);
-                self.counters.add(ctr::FAST_HIT, 1);
-                if tx.send(ifindex, &self.scratch[s..e]) {
-                    self.counters.add(ctr::TX_PACKETS, 1);
-                } else {
-                    self.counters.add(ctr::DROP_TX_FULL, 1);
+                self.count(ctr::FAST_HIT);
+                if !tx.send(ifindex, &self.scratch[s..e]) {
+                    self.count(ctr::DROP_TX_FULL);
                 }
             }
             Verdict::Drop(c) => {
-                self.counters.add(ctr::FAST_HIT, 1);
-                self.counters.add(c, 1);
+                self.count(ctr::FAST_HIT);
+                self.count(c);
             }
             // No kernel stack behind a DPDK port: what XDP would pass is dropped, counted.
-            Verdict::Pass => self.counters.add(ctr::PASS, 1),
+            Verdict::Pass => self.count(ctr::PASS),
             Verdict::SlowPath => self.slow(tables, frame, in_ifindex, list, now, tx),
         }
     }
@@ -172,12 +187,12 @@ impl UserPath {
         now: Instant,
         tx: &mut dyn Tx,
     ) {
-        self.counters.add(ctr::SLOW_RX, 1);
+        self.count(ctr::SLOW_RX);
         let mut outputs = std::mem::take(&mut self.outputs);
         let mut txbuf = std::mem::take(&mut self.txbuf);
         match tables.process_dropping(frame, in_ifindex, (0, 0), &mut outputs, &mut txbuf) {
             Err(dropped) => {
-                self.counters.add(dropped.reason.counter(), 1);
+                self.count(dropped.reason.counter());
                 if let Some(m) = dropped.megaflow {
                     self.install(list, m);
                 }
@@ -210,8 +225,8 @@ impl UserPath {
 
     fn install(&mut self, list: usize, m: crate::pipeline::Megaflow) {
         match self.cache.install_megaflow(list, &m) {
-            Ok(()) => self.counters.add(ctr::FLOW_INSTALL, 1),
-            Err(_) => self.counters.add(ctr::FLOW_INSTALL_FAIL, 1),
+            Ok(()) => self.count(ctr::FLOW_INSTALL),
+            Err(_) => self.count(ctr::FLOW_INSTALL_FAIL),
         }
     }
 
@@ -227,10 +242,10 @@ impl UserPath {
         match *o {
             Output::Local { ifindex } => self.send(tx, ifindex, payload),
             // Provider networks need their VLAN handling here first: not yet.
-            Output::Provider { .. } => self.counters.add(ctr::DROP_UNKNOWN_PORT, 1),
+            Output::Provider { .. } => self.count(ctr::DROP_UNKNOWN_PORT),
             Output::Tunnel { remote, vni, meta } => {
                 let Some(src_ip) = tables.encap_ip() else {
-                    self.counters.add(ctr::DROP_NO_NEIGH, 1);
+                    self.count(ctr::DROP_NO_NEIGH);
                     return;
                 };
                 let r = self.neigh.resolve(remote, now);
@@ -239,7 +254,7 @@ impl UserPath {
                     self.send(tx, up, &req);
                 }
                 let Some(dst_mac) = r.mac else {
-                    self.counters.add(ctr::DROP_NO_NEIGH, 1);
+                    self.count(ctr::DROP_NO_NEIGH);
                     return;
                 };
                 let p = EncapParams {
@@ -258,7 +273,7 @@ impl UserPath {
                         let up = self.uplink_ifindex;
                         self.send(tx, up, &buf[..len]);
                     }
-                    None => self.counters.add(ctr::DROP_TOO_BIG, 1),
+                    None => self.count(ctr::DROP_TOO_BIG),
                 }
                 self.encap_buf = buf;
             }

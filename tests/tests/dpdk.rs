@@ -3,7 +3,9 @@
 //! ways, a UDP stream without loss and TCP (iperf3) across, switching between two local ports
 //! of the DPDK chassis, an NB change that invalidates its megaflows, and a clean stop (the
 //! megaflow hits counted, nothing left under /var/run/dpdk). The DPDK chassis has no address
-//! on its uplink: it answers ARP for its tunnel address itself.
+//! on its uplink: it answers ARP for its tunnel address itself. Its counters are on its
+//! control socket by the XDP counters' names, and malformed Geneve from the underlay is
+//! dropped with XDP's reasons.
 
 use anyhow::{bail, Context, Result};
 use geneflow_tests::provider::iperf3;
@@ -77,6 +79,20 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
     for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3)] {
         tb.add_vm(vm, ch, "ls1", key)?;
     }
+    // The injector: a chassis of the NB (198.18.0.250) hosting vmx, whose Geneve frames
+    // scapy builds.
+    tb.add_injector()?;
+    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
+    tb.nbctl(&[
+        "lsp-add",
+        "ls1",
+        "vmx",
+        PEER_MAC,
+        PEER_VM_IP,
+        "--key",
+        &PEER_PORT_KEY.to_string(),
+    ])?;
+    tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
     tb.start_agent(1)?;
     let ns1 = tb.chassis[0].ns.clone();
     // Bad input: an EAL argument DPDK refuses, an interface that does not exist, too little
@@ -119,6 +135,8 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
     let child = tb
         .ns_cmd(&ns1, &tb.bin("geneflowd"))
         .args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
+        .arg("--ctl-socket")
+        .arg(&tb.chassis[0].socket)
         .args([
             "--datapath",
             "dpdk",
@@ -140,6 +158,8 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         log,
     };
     d.wait_log("pipeline applied")?;
+    let ports = tb.stats("ch1")?["ports"].clone();
+    assert_eq!(ports.as_array().map(|a| a.len()), Some(3), "{ports}");
     let (ip2, ip3) = (tb.vm("vm2")?.ip.clone(), tb.vm("vm3")?.ip.clone());
     let ip1 = tb.vm("vm1")?.ip.clone();
     within(Duration::from_secs(10), || Ok(reachable(&tb, "vm1", &ip3)))?
@@ -155,6 +175,30 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
     let vm1_ns = tb.vm("vm1")?.ns.clone();
     let r = iperf3(&tb, (&vm3_ns, &vm1_ns), &ip3, 5201, "20M")?;
     assert!(r.ok, "iperf3 from the DPDK chassis: {}", r.report);
+    // Counted per port as XDP counts: the stream's frames left vm1's port from the cache.
+    within(Duration::from_secs(2), || {
+        Ok(tb.counter("ch1", "vp-vm1", "fastpath_hit")? >= 9_000)
+    })?
+    .context("the DPDK chassis's cache hits are not on vm1's port")?;
+    assert!(tb.counter("ch1", "ul", "tx_packets")? >= 10_000);
+    // Malformed Geneve from a chassis of the NB: dropped with XDP's reasons, and good
+    // frames from it still reach vm1.
+    for (kind, counter) in [
+        ("critical", "drop_geneve_unknown_critical_option"),
+        ("version1", "drop_geneve_version"),
+        ("optlen", "drop_geneve_opt_len"),
+        ("truncated", "drop_geneve_truncated"),
+    ] {
+        let before = tb.counter("ch1", "ul", counter)?;
+        inject(&tb, kind, 10, 7100)?;
+        within(Duration::from_secs(3), || {
+            Ok(tb.counter("ch1", "ul", counter)? >= before + 10)
+        })
+        .with_context(|| format!("{kind} not counted as {counter}"))?;
+    }
+    let rx = tb.udp_receiver("vm1", 7101, 3, 3.0)?;
+    inject(&tb, "good", 3, 7101)?;
+    assert_eq!(Testbed::udp_result(rx)?, 3);
     // An NB change: vm3's port goes, and with it the DPDK chassis's megaflows to it.
     tb.nbctl(&["lsp-del", "vm3"])?;
     within(Duration::from_secs(5), || Ok(!reachable(&tb, "vm1", &ip3)))?

@@ -128,14 +128,14 @@ fn pin_to(core: usize) -> Result<()> {
     Ok(())
 }
 
+/// The DPDK datapath's own wiring: ports by EAL arguments, the control thread, the control
+/// socket's `stats` and the Prometheus exporter over its counters.
 #[cfg(feature = "dpdk")]
 fn run_dpdk(
     agent: geneflow_control::agent::NbConfig,
-    eal: String,
-    uplink: String,
-    ports: Vec<String>,
-    encap_ip: Option<Ipv4Addr>,
-    udp_csum: bool,
+    (eal, uplink, ports): (String, String, Vec<String>),
+    (encap_ip, udp_csum): (Option<Ipv4Addr>, bool),
+    (ctl_socket, metrics_address): (PathBuf, SocketAddr),
 ) -> Result<()> {
     use geneflow_datapath::dpdk::serve::{serve, DpdkConfig};
     let stop = Arc::new(AtomicBool::new(false));
@@ -144,11 +144,21 @@ fn run_dpdk(
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the signal handler")?;
     }
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let status = Arc::new(Mutex::new(geneflow_control::agent::NbStatus::default()));
     let chassis = agent.chassis.clone();
-    let control = geneflow_control::agent::spawn(agent, tx, stop.clone(), status, Arc::new(|| {}))
-        .context("starting the control thread")?;
+    let shared = Arc::new(Shared::new(
+        &chassis,
+        geneflow_datapath::metrics::heap_counters(),
+    ));
+    let no_xdp = Arc::new(Mutex::new(None));
+    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+    let _ctl = CtlServer::start(&ctl_socket, shared.clone(), no_xdp.clone(), ctl_tx)
+        .with_context(|| format!("ctl socket {}", ctl_socket.display()))?;
+    exporter::start(metrics_address, shared.clone(), no_xdp)
+        .with_context(|| format!("metrics address {metrics_address}"))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let control =
+        geneflow_control::agent::spawn(agent, tx, stop.clone(), shared.nb.clone(), Arc::new(|| {}))
+            .context("starting the control thread")?;
     info!(chassis = %chassis, uplink = %uplink, "geneflowd running (DPDK datapath)");
     let cfg = DpdkConfig {
         eal: eal.split_whitespace().map(str::to_string).collect(),
@@ -157,7 +167,7 @@ fn run_dpdk(
         encap_ip,
         udp_csum,
     };
-    let r = serve(cfg, rx, stop.clone());
+    let r = serve(cfg, rx, ctl_rx, shared, stop.clone());
     stop.store(true, Ordering::Relaxed);
     let _ = control.join();
     r?;
@@ -168,11 +178,9 @@ fn run_dpdk(
 #[cfg(not(feature = "dpdk"))]
 fn run_dpdk(
     _: geneflow_control::agent::NbConfig,
-    _: String,
-    _: String,
-    _: Vec<String>,
-    _: Option<Ipv4Addr>,
-    _: bool,
+    _: (String, String, Vec<String>),
+    _: (Option<Ipv4Addr>, bool),
+    _: (PathBuf, SocketAddr),
 ) -> Result<()> {
     bail!("--datapath dpdk: this geneflowd was built without DPDK (cargo feature `dpdk`)")
 }
@@ -248,11 +256,9 @@ fn run(args: Args) -> Result<()> {
         };
         return run_dpdk(
             agent,
-            args.dpdk_eal.unwrap_or_default(),
-            uplink,
-            args.dpdk_ports,
-            encap_ip,
-            udp_csum,
+            (args.dpdk_eal.unwrap_or_default(), uplink, args.dpdk_ports),
+            (encap_ip, udp_csum),
+            (ctl_socket, metrics_address),
         );
     }
 

@@ -5,19 +5,22 @@
 //! cache and userspace actions, the pipeline on a miss) and sends bursts out. The control
 //! thread's pipelines arrive on a channel and are applied between bursts.
 //!
-//! Not yet: one loop per core with its own queues, counters on the control socket and
-//! Prometheus, provider networks, connection tracking and NAT. A restart costs every
+//! Counters (per port, by the XDP counters' names) reach the control socket's `stats` and
+//! Prometheus every 100 ms. Not yet: one loop per core with its own queues, the control
+//! socket's `flows` and `trace`, provider networks, connection tracking and NAT. A restart costs every
 //! megaflow (the cache lives in the process) and the frames in flight; the agent reads the
 //! NB again and the first frames of each flow go through the pipeline.
 
 use super::{Burst, DpdkError, Eal, EthPort, Mempool};
+use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
+use crate::metrics::{PortInfo, Shared};
 use crate::netdev;
 use crate::pipeline::Tables;
 use crate::userneigh::UnderlayNeigh;
-use crate::userpath::{Tx, UserPath};
+use crate::userpath::{Counters, Tx, UserPath};
 use crossbeam_channel::Receiver;
-use geneflow_abi::MAX_FLOWS;
+use geneflow_abi::{ctr, MAX_FLOWS, MAX_PORTS};
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::model::Mac;
 use std::net::Ipv4Addr;
@@ -30,6 +33,8 @@ use tracing::{info, warn};
 /// test chassis should not burn a core while nothing moves.
 const IDLE_POLLS: u32 = 1024;
 const IDLE_NAP: Duration = Duration::from_micros(200);
+/// How often the loop's counters are published.
+const PUBLISH: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct DpdkConfig {
@@ -46,6 +51,8 @@ struct Port<'p> {
     eth: EthPort<'p>,
     ifindex: u32,
     tx: Burst,
+    /// What this port received and sent (the engine counts the rest).
+    io: Counters,
 }
 
 /// The ports' transmit bursts, by interface index.
@@ -74,19 +81,60 @@ impl Tx for Sender<'_, '_> {
         if p.tx.is_full() {
             p.tx.tx(&p.eth, 0);
         }
-        p.tx.push_copy(self.pool, frame)
+        let ok = p.tx.push_copy(self.pool, frame);
+        if ok {
+            p.io.add(ctr::TX_PACKETS, 1);
+            p.io.add(ctr::TX_BYTES, frame.len() as u64);
+        }
+        ok
     }
 }
 
-/// Runs until `stop`; every DPDK resource is released on return, error or not.
+/// Adds to `shared` what moved since `published` (per port slot): the engine's counts and
+/// the ports' own.
+fn publish(shared: &Shared, ports: &Ports, path: Option<&UserPath>, published: &mut [Counters]) {
+    for (slot, p) in ports.0.iter().enumerate() {
+        for c in 0..ctr::COUNT {
+            let engine = path
+                .and_then(|x| x.counters.get(slot))
+                .map_or(0, |x| x.get(c));
+            let now = p.io.get(c) + engine;
+            let before = published[slot].get(c);
+            if now > before {
+                shared.count(slot as u32, c, now - before);
+                published[slot].add(c, now - before);
+            }
+        }
+    }
+    if let Some(p) = path {
+        shared
+            .megaflows
+            .store(p.cache.len() as u64, Ordering::Relaxed);
+        shared.masks.store(
+            (p.cache.masks(0) + p.cache.masks(1)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Runs until `stop`; every DPDK resource is released on return, error or not. Control
+/// socket requests other than `stats` (which `shared` answers) come on `ctl`.
 pub fn serve(
     cfg: DpdkConfig,
     pipelines: Receiver<PipelineUpdate>,
+    ctl: Receiver<CtlRequest>,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), DpdkError> {
     let ifaces: Vec<String> = std::iter::once(cfg.uplink.clone())
         .chain(cfg.ports.iter().cloned())
         .collect();
+    if ifaces.len() > MAX_PORTS as usize {
+        return Err(DpdkError::NoPort(format!(
+            "{}: more than {MAX_PORTS} ports",
+            ifaces[MAX_PORTS as usize]
+        )));
+    }
     let mut ifindexes = Vec::new();
     let mut eal_args = cfg.eal.clone();
     for (i, name) in ifaces.iter().enumerate() {
@@ -109,8 +157,27 @@ pub fn serve(
             eth,
             ifindex: ifindexes[i],
             tx: Burst::default(),
+            io: Counters::default(),
         });
     }
+    let port_infos = |bindings: &dyn Fn(&str) -> Option<String>| -> Vec<PortInfo> {
+        ifaces
+            .iter()
+            .enumerate()
+            .map(|(i, name)| PortInfo {
+                iface: name.clone(),
+                ifindex: ifindexes[i],
+                slot: i as u32,
+                kind: if i == 0 { "uplink" } else { "vm" },
+                port: bindings(name),
+            })
+            .collect()
+    };
+    if let Ok(mut g) = shared.ports.lock() {
+        *g = port_infos(&|_| None);
+    }
+    let mut published = vec![Counters::default(); ports.0.len()];
+    let mut last_publish = Instant::now();
     let uplink_mac = ports.0[0].eth.mac();
     let uplink_ifindex = ifindexes[0];
     let mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
@@ -141,8 +208,8 @@ pub fn serve(
                     path = Some(UserPath::new(
                         cache,
                         neigh,
-                        uplink_ifindex,
-                        uplink_mac,
+                        ifaces.len(),
+                        (uplink_ifindex, uplink_mac),
                         cfg.udp_csum,
                     ));
                 }
@@ -153,11 +220,19 @@ pub fn serve(
                 "pipeline applied"
             );
             tables = Some(t);
+            if let Ok(mut g) = shared.ports.lock() {
+                *g = port_infos(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
+            }
+            shared.pipelines_applied.fetch_add(1, Ordering::Relaxed);
         }
         let mut got = 0;
         for i in 0..ports.0.len() {
             rx.rx(&ports.0[i].eth, 0);
             got += rx.len();
+            ports.0[i].io.add(ctr::RX_PACKETS, rx.len() as u64);
+            for k in 0..rx.len() {
+                ports.0[i].io.add(ctr::RX_BYTES, rx.frame(k).len() as u64);
+            }
             if let (Some(p), Some(t)) = (path.as_mut(), tables.as_ref()) {
                 let now = Instant::now();
                 let in_ifindex = ports.0[i].ifindex;
@@ -167,15 +242,26 @@ pub fn serve(
                 };
                 for k in 0..rx.len() {
                     if rx.segments(k) != 1 {
-                        p.counters.add(geneflow_abi::ctr::DROP_TOO_BIG, 1);
+                        if let Some(c) = p.counters.get_mut(i) {
+                            c.add(ctr::DROP_TOO_BIG, 1);
+                        }
                         continue;
                     }
-                    p.receive(t, rx.frame(k), in_ifindex, now, &mut s);
+                    p.receive(t, rx.frame(k), (in_ifindex, i), now, &mut s);
                 }
             }
             rx.clear();
         }
         ports.flush();
+        if last_publish.elapsed() >= PUBLISH {
+            last_publish = Instant::now();
+            publish(&shared, &ports, path.as_ref(), &mut published);
+            for req in ctl.try_iter() {
+                let _ = req.reply.send(serde_json::json!({
+                    "error": format!("{:?} is not served by the DPDK datapath yet", req.cmd)
+                }));
+            }
+        }
         if got == 0 {
             idle += 1;
             if idle >= IDLE_POLLS {
@@ -187,8 +273,8 @@ pub fn serve(
     }
     if let Some(p) = &path {
         info!(
-            fast_hits = p.counters.get(geneflow_abi::ctr::FAST_HIT),
-            slow = p.counters.get(geneflow_abi::ctr::SLOW_RX),
+            fast_hits = p.total(ctr::FAST_HIT),
+            slow = p.total(ctr::SLOW_RX),
             megaflows = p.cache.len(),
             "DPDK datapath stopping"
         );

@@ -59,7 +59,7 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     table.set_generations(&t.fingerprints(A_MAC)).unwrap();
     let mut neigh = UnderlayNeigh::new("198.18.0.1".parse().unwrap(), Mac(A_MAC));
     neigh.set_allowed(["198.18.0.2".parse().unwrap()]);
-    let path = UserPath::new(FlowCache::new(gens, 1000), neigh, UPLINK, A_MAC, true);
+    let path = UserPath::new(FlowCache::new(gens, 1000), neigh, 1, (UPLINK, A_MAC), true);
     (table, path)
 }
 
@@ -85,23 +85,23 @@ fn a_flow_to_a_remote_port_leaves_the_pipeline_for_the_cache_with_the_same_bytes
     let frame = &FRAME_CSUM[58..];
     // The first frame: b's MAC unknown, so the ARP request goes out and the frame is dropped.
     let mut w = Wire::default();
-    p.receive(&t, frame, 10, now, &mut w);
+    p.receive(&t, frame, (10, 0), now, &mut w);
     assert_eq!(w.0.len(), 1);
     assert_eq!((w.0[0].0, &w.0[0].1[12..14]), (UPLINK, &[0x08, 0x06][..]));
-    assert_eq!(p.counters.get(ctr::DROP_NO_NEIGH), 1);
+    assert_eq!(p.total(ctr::DROP_NO_NEIGH), 1);
     // b answers; the next frame goes through the pipeline (the entry had no next hop).
-    p.receive(&t, &reply_from_b(), UPLINK, now, &mut Wire::default());
+    p.receive(&t, &reply_from_b(), (UPLINK, 0), now, &mut Wire::default());
     let mut w = Wire::default();
-    p.receive(&t, frame, 10, now, &mut w);
-    assert_eq!(p.counters.get(ctr::SLOW_RX), 2);
+    p.receive(&t, frame, (10, 0), now, &mut w);
+    assert_eq!(p.total(ctr::SLOW_RX), 2);
     let (ix, slow) = w.0.pop().expect("encapsulated");
     assert_eq!(ix, UPLINK);
     assert_eq!(&slow[..6], &B_MAC);
     // The third takes the cache: the same bytes.
     let mut w = Wire::default();
-    p.receive(&t, frame, 10, now, &mut w);
-    assert_eq!(p.counters.get(ctr::FAST_HIT), 1);
-    assert_eq!(p.counters.get(ctr::SLOW_RX), 2);
+    p.receive(&t, frame, (10, 0), now, &mut w);
+    assert_eq!(p.total(ctr::FAST_HIT), 1);
+    assert_eq!(p.total(ctr::SLOW_RX), 2);
     assert_eq!(w.0, vec![(UPLINK, slow.clone())]);
     // The datapath changes: its entries go stale, the pipeline decides again.
     let mut fps = t.fingerprints(A_MAC);
@@ -110,8 +110,8 @@ fn a_flow_to_a_remote_port_leaves_the_pipeline_for_the_cache_with_the_same_bytes
     }
     gens.set_generations(&fps).unwrap();
     let mut w = Wire::default();
-    p.receive(&t, frame, 10, now, &mut w);
-    assert_eq!(p.counters.get(ctr::SLOW_RX), 3);
+    p.receive(&t, frame, (10, 0), now, &mut w);
+    assert_eq!(p.total(ctr::SLOW_RX), 3);
     assert_eq!(w.0, vec![(UPLINK, slow)]);
 }
 
@@ -127,16 +127,16 @@ fn tunnel_frames_are_decapsulated_and_bad_ones_dropped_with_xdps_reasons() {
     f[56..58].copy_from_slice(&6u16.to_be_bytes());
     for hit in [0, 1] {
         let mut w = Wire::default();
-        p.receive(&t, &f, UPLINK, now, &mut w);
+        p.receive(&t, &f, (UPLINK, 0), now, &mut w);
         assert_eq!(w.0, vec![(11, f[58..].to_vec())]);
-        assert_eq!(p.counters.get(ctr::FAST_HIT), hit);
+        assert_eq!(p.total(ctr::FAST_HIT), hit);
     }
     let mut v1 = f.clone();
     v1[42] |= 0x40;
-    p.receive(&t, &v1, UPLINK, now, &mut Wire::default());
-    assert_eq!(p.counters.get(ctr::DROP_GENEVE_VERSION), 1);
-    p.receive(&t, &f[..46], UPLINK, now, &mut Wire::default());
-    assert_eq!(p.counters.get(ctr::DROP_BAD_LENGTH), 1);
+    p.receive(&t, &v1, (UPLINK, 0), now, &mut Wire::default());
+    assert_eq!(p.total(ctr::DROP_GENEVE_VERSION), 1);
+    p.receive(&t, &f[..46], (UPLINK, 0), now, &mut Wire::default());
+    assert_eq!(p.total(ctr::DROP_BAD_LENGTH), 1);
     // An ARP request for a's tunnel address is answered from the uplink.
     let mut req = Vec::new();
     crate::pipeline::rewrite::arp_frame(
@@ -147,7 +147,7 @@ fn tunnel_frames_are_decapsulated_and_bad_ones_dropped_with_xdps_reasons() {
         false,
     );
     let mut w = Wire::default();
-    p.receive(&t, &req, UPLINK, now, &mut w);
+    p.receive(&t, &req, (UPLINK, 0), now, &mut w);
     assert_eq!(w.0.len(), 1);
     assert_eq!(&w.0[0].1[..6], &B_MAC);
     assert_eq!(&w.0[0].1[6..12], &A_MAC);
