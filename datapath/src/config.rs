@@ -51,6 +51,11 @@ pub struct FileConfig {
     pub dhcp_rate: Option<u32>,
     /// Seconds between reconciliations with the NB (0 = never).
     pub nb_reconcile_secs: Option<u32>,
+    /// "xdp" or "dpdk".
+    pub datapath: Option<String>,
+    /// The DPDK EAL's arguments, and the VM ports' interfaces it serves.
+    pub dpdk_eal: Option<Vec<String>>,
+    pub dpdk_ports: Option<Vec<String>>,
 }
 
 /// Parses a `PHYSNET=IFACE` mapping (flag or config entry).
@@ -188,6 +193,30 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
                     .ok_or_else(|| want("answers per second, 1 to 10000000"))?;
                 c.dhcp_rate = Some(n as u32);
             }
+            "datapath" => {
+                let s = v.as_str().ok_or_else(|| want("\"xdp\" or \"dpdk\""))?;
+                if !matches!(s, "xdp" | "dpdk") {
+                    return Err(want("\"xdp\" or \"dpdk\""));
+                }
+                c.datapath = Some(s.to_string());
+            }
+            "dpdk_eal" | "dpdk_ports" => {
+                let a = v.as_array().ok_or_else(|| want("an array of strings"))?;
+                let mut out = Vec::new();
+                for x in a {
+                    let s = x.as_str().ok_or_else(|| want("an array of strings"))?;
+                    if k == "dpdk_ports" {
+                        geneflow_control::model::check_ifname(s)
+                            .map_err(|e| bad(path, format!("key `dpdk_ports`: {e}")))?;
+                    }
+                    out.push(s.to_string());
+                }
+                if k == "dpdk_eal" {
+                    c.dpdk_eal = Some(out);
+                } else {
+                    c.dpdk_ports = Some(out);
+                }
+            }
             "nb_reconcile_secs" => {
                 let n = v
                     .as_integer()
@@ -244,6 +273,9 @@ pin_dir = "/sys/fs/bpf/geneflow/ch1"
 provider = ["physnet1=eth2", "physnet2=eth3"]
 dhcp_rate = 50
 nb_reconcile_secs = 30
+datapath = "dpdk"
+dpdk_eal = ["-l", "0-1", "--no-huge"]
+dpdk_ports = ["tap0", "tap1"]
 "#,
         )
         .unwrap();
@@ -259,6 +291,9 @@ nb_reconcile_secs = 30
         assert_eq!(c.nb_reconcile_secs, Some(30));
         assert_eq!(c.forwarder_cores, Some(vec![0]));
         assert_eq!(c.metrics_address.unwrap().port(), 9469);
+        assert_eq!(c.datapath.as_deref(), Some("dpdk"));
+        assert_eq!(c.dpdk_eal.unwrap().len(), 3);
+        assert_eq!(c.dpdk_ports, Some(vec!["tap0".into(), "tap1".into()]));
     }
 
     #[test]
@@ -279,6 +314,9 @@ nb_reconcile_secs = 30
             ("provider = [\"physnet1\"]", "key `provider`"),
             ("provider = [\"p/1=eth2\"]", "key `provider`"),
             ("dhcp_rate = 0", "key `dhcp_rate`"),
+            ("datapath = \"ovs\"", "key `datapath`"),
+            ("dpdk_eal = \"-l 0\"", "key `dpdk_eal`"),
+            ("dpdk_ports = [\"a/b\"]", "key `dpdk_ports`"),
             ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),
         ];
         for (text, want) in cases {

@@ -85,8 +85,8 @@ struct Args {
     cleanup_only: bool,
     /// The datapath: XDP with an AF_XDP slow path, or DPDK poll mode (a build with the
     /// `dpdk` feature).
-    #[arg(long, value_parser = ["xdp", "dpdk"], default_value = "xdp")]
-    datapath: String,
+    #[arg(long, value_parser = ["xdp", "dpdk"])]
+    datapath: Option<String>,
     /// With --datapath dpdk: the EAL's arguments, space separated (e.g. "-l 0 --no-huge
     /// --no-pci --no-shconf -m 256"); an af_packet vdev is added for each interface.
     #[arg(long, allow_hyphen_values = true)]
@@ -133,7 +133,7 @@ fn pin_to(core: usize) -> Result<()> {
 #[cfg(feature = "dpdk")]
 fn run_dpdk(
     agent: geneflow_control::agent::NbConfig,
-    (eal, uplink, ports): (String, String, Vec<String>),
+    (eal, uplink, ports): (Vec<String>, String, Vec<String>),
     (encap_ip, udp_csum): (Option<Ipv4Addr>, bool),
     (ctl_socket, metrics_address): (PathBuf, SocketAddr),
 ) -> Result<()> {
@@ -161,7 +161,7 @@ fn run_dpdk(
             .context("starting the control thread")?;
     info!(chassis = %chassis, uplink = %uplink, "geneflowd running (DPDK datapath)");
     let cfg = DpdkConfig {
-        eal: eal.split_whitespace().map(str::to_string).collect(),
+        eal,
         uplink,
         ports,
         encap_ip,
@@ -178,7 +178,7 @@ fn run_dpdk(
 #[cfg(not(feature = "dpdk"))]
 fn run_dpdk(
     _: geneflow_control::agent::NbConfig,
-    _: (String, String, Vec<String>),
+    _: (Vec<String>, String, Vec<String>),
     _: (Option<Ipv4Addr>, bool),
     _: (PathBuf, SocketAddr),
 ) -> Result<()> {
@@ -247,7 +247,11 @@ fn run(args: Args) -> Result<()> {
     };
     // Validate the URL up front: a bad one is a one-line error, not a retry loop.
     drop(geneflow_control::nb::open(&nb).with_context(|| format!("nb {nb}"))?);
-    if args.datapath == "dpdk" {
+    let datapath = args
+        .datapath
+        .or(file.datapath)
+        .unwrap_or_else(|| "xdp".into());
+    if datapath == "dpdk" {
         let agent = geneflow_control::agent::NbConfig {
             url: nb.clone(),
             chassis: chassis.clone(),
@@ -256,7 +260,18 @@ fn run(args: Args) -> Result<()> {
         };
         return run_dpdk(
             agent,
-            (args.dpdk_eal.unwrap_or_default(), uplink, args.dpdk_ports),
+            (
+                args.dpdk_eal
+                    .map(|e| e.split_whitespace().map(str::to_string).collect())
+                    .or(file.dpdk_eal)
+                    .unwrap_or_default(),
+                uplink,
+                if args.dpdk_ports.is_empty() {
+                    file.dpdk_ports.unwrap_or_default()
+                } else {
+                    args.dpdk_ports
+                },
+            ),
             (encap_ip, udp_csum),
             (ctl_socket, metrics_address),
         );
