@@ -105,6 +105,20 @@ pub fn keep_vlan_tags(name: &str) -> bool {
     }
 }
 
+/// Pins the calling thread to `core`.
+pub fn pin_thread(core: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, filled by CPU_SET; the call
+    // only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A VM port belongs to the overlay: the chassis's own stack must not talk on it (IPv6 router
 /// solicitations and MLD reports from the host would reach the VM).
 pub fn silence_host_stack(name: &str) {

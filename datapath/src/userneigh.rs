@@ -49,6 +49,11 @@ impl UnderlayNeigh {
         }
     }
 
+    /// The tunnel address it answers for.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
     /// The chassis addresses (from the NB); entries of others are forgotten.
     pub fn set_allowed(&mut self, peers: impl IntoIterator<Item = Ipv4Addr>) {
         self.allowed = peers.into_iter().collect();

@@ -12,14 +12,17 @@
 //!    and the frame is dropped, counted) and installs its megaflow, with the next hop cached
 //!    when known, so the next frames of the flow take step 3.
 //!
-//! Per poll thread: no lock; the cache's generations are shared with the thread applying
-//! pipelines. The buffers are allocated once; a miss may allocate (the pipeline's outputs).
+//! Per poll thread: a hit takes no lock; the cache's generations are shared with the thread
+//! applying pipelines. The neighbour table is shared by the threads (an ARP reply lands on one
+//! queue), under a lock taken only for ARP frames and misses. The buffers are allocated once;
+//! a miss may allocate (the pipeline's outputs).
 
 use crate::flowcache::FlowCache;
 use crate::flowexec::{execute, Frame, Verdict};
 use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
 use crate::userneigh::UnderlayNeigh;
 use geneflow_abi::{act, ctr, flag, mask_list};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Room before a frame for the headers an action pushes (Geneve's 58 bytes, a VLAN tag).
@@ -57,7 +60,7 @@ impl Counters {
 
 pub struct UserPath {
     pub cache: FlowCache,
-    pub neigh: UnderlayNeigh,
+    pub neigh: Arc<Mutex<UnderlayNeigh>>,
     /// Per port slot (the caller's numbering), what the frames received there came to.
     pub counters: Vec<Counters>,
     /// The port slot of the frame being handled.
@@ -75,7 +78,7 @@ impl UserPath {
     /// `ports`: how many port slots the caller numbers its ports with.
     pub fn new(
         cache: FlowCache,
-        neigh: UnderlayNeigh,
+        neigh: Arc<Mutex<UnderlayNeigh>>,
         ports: usize,
         (uplink_ifindex, uplink_mac): (u32, [u8; 6]),
         udp_csum: bool,
@@ -130,7 +133,12 @@ impl UserPath {
         }
         let uplink = in_ifindex == self.uplink_ifindex;
         if uplink && frame.get(12..14) == Some(&[0x08, 0x06]) {
-            if let Some(reply) = self.neigh.on_arp(frame, now) {
+            let reply = self
+                .neigh
+                .lock()
+                .ok()
+                .and_then(|mut n| n.on_arp(frame, now));
+            if let Some(reply) = reply {
                 self.send(tx, in_ifindex, &reply);
             }
             return;
@@ -209,7 +217,12 @@ impl UserPath {
                 if let Some(mut m) = d.megaflow {
                     if m.action.kind == act::ENCAP {
                         let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
-                        if let Some(mac) = self.neigh.resolve(dst, now).mac {
+                        let mac = self
+                            .neigh
+                            .lock()
+                            .ok()
+                            .and_then(|mut n| n.resolve(dst, now).mac);
+                        if let Some(mac) = mac {
                             m.action.nh_dmac = mac;
                             m.action.nh_smac = self.uplink_mac;
                             m.action.flags |= flag::NH_CACHED;
@@ -248,7 +261,9 @@ impl UserPath {
                     self.count(ctr::DROP_NO_NEIGH);
                     return;
                 };
-                let r = self.neigh.resolve(remote, now);
+                let Some(r) = self.neigh.lock().ok().map(|mut n| n.resolve(remote, now)) else {
+                    return;
+                };
                 if let Some(req) = r.request {
                     let up = self.uplink_ifindex;
                     self.send(tx, up, &req);

@@ -137,6 +137,8 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         .args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
         .arg("--ctl-socket")
         .arg(&tb.chassis[0].socket)
+        // Two poll threads, each with its own queue on every port.
+        .args(["--forwarder-cores", "0,1"])
         .args([
             "--datapath",
             "dpdk",
@@ -158,6 +160,7 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         log,
     };
     d.wait_log("pipeline applied")?;
+    assert!(d.log().contains("threads=2"), "{}", d.log());
     let ports = tb.stats("ch1")?["ports"].clone();
     assert_eq!(ports.as_array().map(|a| a.len()), Some(3), "{ports}");
     let (ip2, ip3) = (tb.vm("vm2")?.ip.clone(), tb.vm("vm3")?.ip.clone());
@@ -211,12 +214,13 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         d.log()
     );
     let log = d.log();
+    assert_eq!(log.matches("DPDK poll thread stopping").count(), 2, "{log}");
+    // Each poll thread reports its own.
     let hits: u64 = log
         .split("fast_hits=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
     assert!(hits >= 10_000, "megaflow hits {hits}:\n{log}");
     assert!(log.contains("geneflowd stopped (DPDK datapath)"), "{log}");
     let left: Vec<_> = dpdk_runtime()

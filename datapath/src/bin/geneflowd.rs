@@ -69,7 +69,8 @@ struct Args {
     /// AF_XDP bind mode (zero-copy needs driver support; veth is copy only).
     #[arg(long, value_parser = ["copy", "zero-copy"])]
     bind_mode: Option<String>,
-    /// Cores for the forwarder thread (comma separated; the first is used).
+    /// Cores for the forwarder thread (comma separated; the first is used). With --datapath
+    /// dpdk: one poll thread per core listed, each with its own queue on every port.
     #[arg(long, value_delimiter = ',')]
     forwarder_cores: Option<Vec<usize>>,
     /// Directory on bpffs for the pinned program, maps and XDP links
@@ -114,18 +115,8 @@ fn main() {
 }
 
 fn pin_to(core: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, filled by CPU_SET.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "forwarder_cores: cannot pin to core {core}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
+    geneflow_datapath::netdev::pin_thread(core)
+        .with_context(|| format!("forwarder_cores: cannot pin to core {core}"))
 }
 
 /// The DPDK datapath's own wiring: ports by EAL arguments, the control thread, the control
@@ -134,7 +125,7 @@ fn pin_to(core: usize) -> Result<()> {
 fn run_dpdk(
     agent: geneflow_control::agent::NbConfig,
     (eal, uplink, ports): (Vec<String>, String, Vec<String>),
-    (encap_ip, udp_csum): (Option<Ipv4Addr>, bool),
+    (encap_ip, udp_csum, cores): (Option<Ipv4Addr>, bool, Vec<usize>),
     (ctl_socket, metrics_address): (PathBuf, SocketAddr),
 ) -> Result<()> {
     use geneflow_datapath::dpdk::serve::{serve, DpdkConfig};
@@ -166,6 +157,7 @@ fn run_dpdk(
         ports,
         encap_ip,
         udp_csum,
+        cores,
     };
     let r = serve(cfg, rx, ctl_rx, shared, stop.clone());
     stop.store(true, Ordering::Relaxed);
@@ -179,7 +171,7 @@ fn run_dpdk(
 fn run_dpdk(
     _: geneflow_control::agent::NbConfig,
     _: (Vec<String>, String, Vec<String>),
-    _: (Option<Ipv4Addr>, bool),
+    _: (Option<Ipv4Addr>, bool, Vec<usize>),
     _: (PathBuf, SocketAddr),
 ) -> Result<()> {
     bail!("--datapath dpdk: this geneflowd was built without DPDK (cargo feature `dpdk`)")
@@ -272,7 +264,7 @@ fn run(args: Args) -> Result<()> {
                     args.dpdk_ports
                 },
             ),
-            (encap_ip, udp_csum),
+            (encap_ip, udp_csum, cores.unwrap_or_default()),
             (ctl_socket, metrics_address),
         );
     }

@@ -1,15 +1,21 @@
-//! `geneflowd --datapath dpdk`: the whole datapath in a DPDK poll loop. The EAL starts with
+//! `geneflowd --datapath dpdk`: the whole datapath in DPDK poll loops. The EAL starts with
 //! the arguments given and an ethdev per interface (a `net_af_packet` vdev on each kernel
-//! interface named: the uplink and the VM ports); one run-to-completion loop receives bursts
-//! from every port, runs each frame through the userspace engine (`userpath`: the megaflow
-//! cache and userspace actions, the pipeline on a miss) and sends bursts out. The control
-//! thread's pipelines arrive on a channel and are applied between bursts.
+//! interface named: the uplink and the VM ports), with one receive and one transmit queue
+//! per poll thread. Each thread (one per core given, pinned) runs to completion: it receives
+//! bursts from its queue of every port, runs each frame through its own userspace engine
+//! (`userpath`: its megaflow cache and the userspace actions, the pipeline on a miss) and
+//! sends bursts on its own transmit queues. No lock on a hit; the neighbour table is shared
+//! under a lock taken for ARP and misses only.
 //!
-//! Counters (per port, by the XDP counters' names) reach the control socket's `stats` and
-//! Prometheus every 100 ms. Not yet: one loop per core with its own queues, the control
-//! socket's `flows` and `trace`, provider networks, connection tracking and NAT. A restart costs every
-//! megaflow (the cache lives in the process) and the frames in flight; the agent reads the
-//! NB again and the first frames of each flow go through the pipeline.
+//! The calling thread applies the control thread's pipelines (compiled tables published to
+//! the poll threads, new generations for the datapaths that changed), answers the control
+//! socket and publishes the gauges; each poll thread adds its counters (per port, by the XDP
+//! counters' names) to the shared ones every 100 ms, for `stats` and Prometheus.
+//!
+//! Not yet: the control socket's `flows` and `trace`, provider networks, connection tracking
+//! and NAT. A restart costs every megaflow (the caches live in the process) and the frames in
+//! flight; the agent reads the NB again and the first frames of each flow go through the
+//! pipeline.
 
 use super::{Burst, DpdkError, Eal, EthPort, Mempool};
 use crate::ctl::CtlRequest;
@@ -19,13 +25,14 @@ use crate::netdev;
 use crate::pipeline::Tables;
 use crate::userneigh::UnderlayNeigh;
 use crate::userpath::{Counters, Tx, UserPath};
+use arc_swap::ArcSwapOption;
 use crossbeam_channel::Receiver;
-use geneflow_abi::{ctr, MAX_FLOWS, MAX_PORTS};
+use geneflow_abi::{ctr, MAX_FLOWS, MAX_PORTS, MAX_QUEUES};
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::model::Mac;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -33,7 +40,7 @@ use tracing::{info, warn};
 /// test chassis should not burn a core while nothing moves.
 const IDLE_POLLS: u32 = 1024;
 const IDLE_NAP: Duration = Duration::from_micros(200);
-/// How often the loop's counters are published.
+/// How often counters and gauges are published.
 const PUBLISH: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
@@ -45,41 +52,39 @@ pub struct DpdkConfig {
     pub ports: Vec<String>,
     pub encap_ip: Option<Ipv4Addr>,
     pub udp_csum: bool,
+    /// One poll thread per core, pinned there; empty: one thread, not pinned.
+    pub cores: Vec<usize>,
 }
 
-struct Port<'p> {
-    eth: EthPort<'p>,
+/// What the poll threads work with, replaced whole when a pipeline is applied.
+struct Applied {
+    tables: Tables,
+    uplink_ifindex: u32,
+}
+
+/// One port as a poll thread sees it: the ethdev, its queue and its transmit burst.
+struct Port<'a, 'p> {
+    eth: &'a EthPort<'p>,
     ifindex: u32,
     tx: Burst,
-    /// What this port received and sent (the engine counts the rest).
+    /// What this thread received and sent on the port (the engine counts the rest).
     io: Counters,
 }
 
-/// The ports' transmit bursts, by interface index.
-struct Ports<'p>(Vec<Port<'p>>);
-
-impl Ports<'_> {
-    fn flush(&mut self) {
-        for p in &mut self.0 {
-            if !p.tx.is_empty() {
-                p.tx.tx(&p.eth, 0);
-            }
-        }
-    }
-}
-
-struct Sender<'a, 'p> {
-    ports: &'a mut Ports<'p>,
+struct Sender<'a, 'b, 'p> {
+    ports: &'a mut [Port<'b, 'p>],
     pool: &'a Mempool<'p>,
+    queue: u16,
 }
 
-impl Tx for Sender<'_, '_> {
+impl Tx for Sender<'_, '_, '_> {
     fn send(&mut self, ifindex: u32, frame: &[u8]) -> bool {
-        let Some(p) = self.ports.0.iter_mut().find(|p| p.ifindex == ifindex) else {
+        let q = self.queue;
+        let Some(p) = self.ports.iter_mut().find(|p| p.ifindex == ifindex) else {
             return false;
         };
         if p.tx.is_full() {
-            p.tx.tx(&p.eth, 0);
+            p.tx.tx(p.eth, q);
         }
         let ok = p.tx.push_copy(self.pool, frame);
         if ok {
@@ -90,14 +95,27 @@ impl Tx for Sender<'_, '_> {
     }
 }
 
-/// Adds to `shared` what moved since `published` (per port slot): the engine's counts and
-/// the ports' own.
-fn publish(shared: &Shared, ports: &Ports, path: Option<&UserPath>, published: &mut [Counters]) {
-    for (slot, p) in ports.0.iter().enumerate() {
+/// What the poll threads share.
+struct Common<'a, 'p> {
+    eths: &'a [EthPort<'p>],
+    ifindexes: &'a [u32],
+    pool: &'a Mempool<'p>,
+    applied: &'a ArcSwapOption<Applied>,
+    gens: &'a Arc<Generations>,
+    neigh: &'a Arc<Mutex<UnderlayNeigh>>,
+    uplink_mac: [u8; 6],
+    udp_csum: bool,
+    shared: &'a Shared,
+    /// Each thread's megaflow count, summed into the gauge.
+    megaflows: &'a [AtomicU64],
+    stop: &'a AtomicBool,
+}
+
+/// Adds to `shared` what moved since `published` (per port slot).
+fn publish(shared: &Shared, ports: &[Port], path: &UserPath, published: &mut [Counters]) {
+    for (slot, p) in ports.iter().enumerate() {
         for c in 0..ctr::COUNT {
-            let engine = path
-                .and_then(|x| x.counters.get(slot))
-                .map_or(0, |x| x.get(c));
+            let engine = path.counters.get(slot).map_or(0, |x| x.get(c));
             let now = p.io.get(c) + engine;
             let before = published[slot].get(c);
             if now > before {
@@ -106,15 +124,95 @@ fn publish(shared: &Shared, ports: &Ports, path: Option<&UserPath>, published: &
             }
         }
     }
-    if let Some(p) = path {
-        shared
-            .megaflows
-            .store(p.cache.len() as u64, Ordering::Relaxed);
-        shared.masks.store(
-            (p.cache.masks(0) + p.cache.masks(1)) as u64,
-            Ordering::Relaxed,
-        );
+}
+
+/// One poll thread: queue `q` of every port, until `stop`.
+fn poll(c: &Common, q: u16, core: Option<usize>) {
+    if let Some(core) = core {
+        if let Err(e) = crate::netdev::pin_thread(core) {
+            warn!(core, "poll thread not pinned: {e}");
+        }
     }
+    let mut ports: Vec<Port> = c
+        .eths
+        .iter()
+        .zip(c.ifindexes)
+        .map(|(eth, &ifindex)| Port {
+            eth,
+            ifindex,
+            tx: Burst::default(),
+            io: Counters::default(),
+        })
+        .collect();
+    let mut path = UserPath::new(
+        FlowCache::new(c.gens.clone(), MAX_FLOWS as usize),
+        c.neigh.clone(),
+        ports.len(),
+        (c.ifindexes[0], c.uplink_mac),
+        c.udp_csum,
+    );
+    let mut published = vec![Counters::default(); ports.len()];
+    let mut last_publish = Instant::now();
+    let mut rx = Burst::default();
+    let mut idle = 0u32;
+    while !c.stop.load(Ordering::Relaxed) {
+        let applied = c.applied.load_full();
+        let mut got = 0;
+        for i in 0..ports.len() {
+            rx.rx(ports[i].eth, q);
+            got += rx.len();
+            ports[i].io.add(ctr::RX_PACKETS, rx.len() as u64);
+            for k in 0..rx.len() {
+                ports[i].io.add(ctr::RX_BYTES, rx.frame(k).len() as u64);
+            }
+            if let Some(a) = applied.as_deref() {
+                let now = Instant::now();
+                let in_ifindex = ports[i].ifindex;
+                let mut s = Sender {
+                    ports: &mut ports,
+                    pool: c.pool,
+                    queue: q,
+                };
+                for k in 0..rx.len() {
+                    if rx.segments(k) != 1 {
+                        if let Some(x) = path.counters.get_mut(i) {
+                            x.add(ctr::DROP_TOO_BIG, 1);
+                        }
+                        continue;
+                    }
+                    path.receive(&a.tables, rx.frame(k), (in_ifindex, i), now, &mut s);
+                }
+                debug_assert_eq!(a.uplink_ifindex, c.ifindexes[0]);
+            }
+            rx.clear();
+        }
+        for p in &mut ports {
+            if !p.tx.is_empty() {
+                p.tx.tx(p.eth, q);
+            }
+        }
+        if last_publish.elapsed() >= PUBLISH {
+            last_publish = Instant::now();
+            publish(c.shared, &ports, &path, &mut published);
+            c.megaflows[q as usize].store(path.cache.len() as u64, Ordering::Relaxed);
+        }
+        if got == 0 {
+            idle += 1;
+            if idle >= IDLE_POLLS {
+                std::thread::sleep(IDLE_NAP);
+            }
+        } else {
+            idle = 0;
+        }
+    }
+    publish(c.shared, &ports, &path, &mut published);
+    info!(
+        queue = q,
+        fast_hits = path.total(ctr::FAST_HIT),
+        slow = path.total(ctr::SLOW_RX),
+        megaflows = path.cache.len(),
+        "DPDK poll thread stopping"
+    );
 }
 
 /// Runs until `stop`; every DPDK resource is released on return, error or not. Control
@@ -135,31 +233,39 @@ pub fn serve(
             ifaces[MAX_PORTS as usize]
         )));
     }
+    let threads = cfg.cores.len().clamp(1, MAX_QUEUES as usize);
     let mut ifindexes = Vec::new();
     let mut eal_args = cfg.eal.clone();
     for (i, name) in ifaces.iter().enumerate() {
         let ix = netdev::ifindex(name).ok_or_else(|| DpdkError::NoInterface(name.clone()))?;
         ifindexes.push(ix);
         eal_args.push("--vdev".into());
-        eal_args.push(format!("net_af_packet{i},iface={name}"));
+        eal_args.push(format!("net_af_packet{i},iface={name},qpairs={threads}"));
     }
     // The ports belong to the overlay: the host's stack must not talk on them.
     for name in &cfg.ports {
         netdev::silence_host_stack(name);
     }
     let eal = Eal::init(&eal_args)?;
-    let pool = Mempool::new(&eal, "geneflow", 8191, 2048 + 128)?;
-    let mut ports = Ports(Vec::new());
+    let pool = Mempool::new(&eal, "geneflow", 8191 * threads as u32, 2048 + 128)?;
+    let mut eths = Vec::new();
     for (i, name) in ifaces.iter().enumerate() {
-        let eth = EthPort::open(&format!("net_af_packet{i}"), 1, 1024, &pool)?;
-        info!(iface = %name, port = eth.id, "DPDK port started");
-        ports.0.push(Port {
-            eth,
-            ifindex: ifindexes[i],
-            tx: Burst::default(),
-            io: Counters::default(),
-        });
+        let eth = EthPort::open(&format!("net_af_packet{i}"), threads as u16, 1024, &pool)?;
+        info!(iface = %name, port = eth.id, queues = threads, "DPDK port started");
+        eths.push(eth);
     }
+    let uplink_mac = eths[0].mac();
+    let uplink_ifindex = ifindexes[0];
+    let mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
+    let gens = Arc::new(Generations::default());
+    let mut table = GenerationTable::new(gens.clone());
+    let applied: ArcSwapOption<Applied> = ArcSwapOption::empty();
+    // Learns nothing until the NB gives the tunnel address (and the chassis to learn).
+    let neigh = Arc::new(Mutex::new(UnderlayNeigh::new(
+        cfg.encap_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        Mac(uplink_mac),
+    )));
+    let megaflows: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
     let port_infos = |bindings: &dyn Fn(&str) -> Option<String>| -> Vec<PortInfo> {
         ifaces
             .iter()
@@ -176,110 +282,78 @@ pub fn serve(
     if let Ok(mut g) = shared.ports.lock() {
         *g = port_infos(&|_| None);
     }
-    let mut published = vec![Counters::default(); ports.0.len()];
-    let mut last_publish = Instant::now();
-    let uplink_mac = ports.0[0].eth.mac();
-    let uplink_ifindex = ifindexes[0];
-    let mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
-    let gens = Arc::new(Generations::default());
-    let mut table = GenerationTable::new(gens.clone());
-    let mut path: Option<UserPath> = None;
-    let mut tables: Option<Tables> = None;
-    let mut rx = Burst::default();
-    let mut idle = 0u32;
-    info!(ports = ifaces.len(), "DPDK datapath running");
-    while !stop.load(Ordering::Relaxed) {
-        if let Some(u) = pipelines.try_iter().last() {
+    let common = Common {
+        eths: &eths,
+        ifindexes: &ifindexes,
+        pool: &pool,
+        applied: &applied,
+        gens: &gens,
+        neigh: &neigh,
+        uplink_mac,
+        udp_csum: cfg.udp_csum,
+        shared: &shared,
+        megaflows: &megaflows,
+        stop: &stop,
+    };
+    info!(ports = ifaces.len(), threads, "DPDK datapath running");
+    std::thread::scope(|s| {
+        for q in 0..threads {
+            let core = cfg.cores.get(q).copied();
+            let common = &common;
+            let spawned = std::thread::Builder::new()
+                .name(format!("gf-poll-{q}"))
+                .spawn_scoped(s, move || poll(common, q as u16, core));
+            if let Err(e) = spawned {
+                warn!("poll thread {q} not started: {e}");
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(u) = pipelines.recv_timeout(PUBLISH) else {
+                shared.megaflows.store(
+                    megaflows.iter().map(|m| m.load(Ordering::Relaxed)).sum(),
+                    Ordering::Relaxed,
+                );
+                for req in ctl.try_iter() {
+                    let _ = req.reply.send(serde_json::json!({
+                        "error": format!("{:?} is not served by the DPDK datapath yet", req.cmd)
+                    }));
+                }
+                continue;
+            };
+            let u = pipelines.try_iter().last().unwrap_or(u);
             let known: Vec<(String, u32)> = ifaces.iter().cloned().zip(ifindexes.clone()).collect();
             let t = Tables::new(u.pipeline.clone(), uplink_ifindex, mtu, cfg.udp_csum, |n| {
                 known.iter().find(|(k, _)| k == n).map(|(_, ix)| *ix)
             });
-            if let Err(e) = table.set_generations(&t.fingerprints(uplink_mac)) {
+            let fps = t.fingerprints(uplink_mac);
+            if let Err(e) = table.set_generations(&fps) {
                 warn!("pipeline not applied: {e}");
                 continue;
             }
-            let encap_ip = cfg.encap_ip.or(u.pipeline.encap_ip);
-            match (&mut path, encap_ip) {
-                (Some(p), _) => p.neigh.set_allowed(u.pipeline.peer_ips.iter().copied()),
-                (None, Some(ip)) => {
-                    let mut neigh = UnderlayNeigh::new(ip, Mac(uplink_mac));
-                    neigh.set_allowed(u.pipeline.peer_ips.iter().copied());
-                    let cache = FlowCache::new(gens.clone(), MAX_FLOWS as usize);
-                    path = Some(UserPath::new(
-                        cache,
-                        neigh,
-                        ifaces.len(),
-                        (uplink_ifindex, uplink_mac),
-                        cfg.udp_csum,
-                    ));
+            match cfg.encap_ip.or(u.pipeline.encap_ip) {
+                Some(ip) => {
+                    if let Ok(mut n) = neigh.lock() {
+                        if n.ip() != ip {
+                            *n = UnderlayNeigh::new(ip, Mac(uplink_mac));
+                        }
+                        n.set_allowed(u.pipeline.peer_ips.iter().copied());
+                    }
                 }
-                (None, None) => warn!("no tunnel address for this chassis in the NB yet"),
+                None => warn!("no tunnel address for this chassis in the NB yet"),
             }
-            info!(
-                datapaths = t.fingerprints(uplink_mac).len(),
-                "pipeline applied"
-            );
-            tables = Some(t);
+            applied.store(Some(Arc::new(Applied {
+                tables: t,
+                uplink_ifindex,
+            })));
             if let Ok(mut g) = shared.ports.lock() {
                 *g = port_infos(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
             }
             shared.pipelines_applied.fetch_add(1, Ordering::Relaxed);
+            info!(datapaths = fps.len(), "pipeline applied");
         }
-        let mut got = 0;
-        for i in 0..ports.0.len() {
-            rx.rx(&ports.0[i].eth, 0);
-            got += rx.len();
-            ports.0[i].io.add(ctr::RX_PACKETS, rx.len() as u64);
-            for k in 0..rx.len() {
-                ports.0[i].io.add(ctr::RX_BYTES, rx.frame(k).len() as u64);
-            }
-            if let (Some(p), Some(t)) = (path.as_mut(), tables.as_ref()) {
-                let now = Instant::now();
-                let in_ifindex = ports.0[i].ifindex;
-                let mut s = Sender {
-                    ports: &mut ports,
-                    pool: &pool,
-                };
-                for k in 0..rx.len() {
-                    if rx.segments(k) != 1 {
-                        if let Some(c) = p.counters.get_mut(i) {
-                            c.add(ctr::DROP_TOO_BIG, 1);
-                        }
-                        continue;
-                    }
-                    p.receive(t, rx.frame(k), (in_ifindex, i), now, &mut s);
-                }
-            }
-            rx.clear();
-        }
-        ports.flush();
-        if last_publish.elapsed() >= PUBLISH {
-            last_publish = Instant::now();
-            publish(&shared, &ports, path.as_ref(), &mut published);
-            for req in ctl.try_iter() {
-                let _ = req.reply.send(serde_json::json!({
-                    "error": format!("{:?} is not served by the DPDK datapath yet", req.cmd)
-                }));
-            }
-        }
-        if got == 0 {
-            idle += 1;
-            if idle >= IDLE_POLLS {
-                std::thread::sleep(IDLE_NAP);
-            }
-        } else {
-            idle = 0;
-        }
-    }
-    if let Some(p) = &path {
-        info!(
-            fast_hits = p.total(ctr::FAST_HIT),
-            slow = p.total(ctr::SLOW_RX),
-            megaflows = p.cache.len(),
-            "DPDK datapath stopping"
-        );
-    }
-    drop(ports);
+    });
+    drop(eths);
     drop(pool);
     drop(eal);
     Ok(())

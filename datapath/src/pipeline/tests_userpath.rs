@@ -59,6 +59,7 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     table.set_generations(&t.fingerprints(A_MAC)).unwrap();
     let mut neigh = UnderlayNeigh::new("198.18.0.1".parse().unwrap(), Mac(A_MAC));
     neigh.set_allowed(["198.18.0.2".parse().unwrap()]);
+    let neigh = Arc::new(std::sync::Mutex::new(neigh));
     let path = UserPath::new(FlowCache::new(gens, 1000), neigh, 1, (UPLINK, A_MAC), true);
     (table, path)
 }
