@@ -42,6 +42,10 @@ pub struct Shared {
     /// Nanoseconds from a missed frame's arrival on the AF_XDP ring to its megaflow being in
     /// the BPF map, for the last install.
     pub last_flow_setup_ns: AtomicU64,
+    /// The DPDK datapath's poll threads: time spent on frames (from a burst's first frame
+    /// to its last) and frames handled, for the per-packet cost of the engine.
+    pub busy_ns: AtomicU64,
+    pub busy_frames: AtomicU64,
     /// Written by the control thread.
     pub nb: Arc<Mutex<NbStatus>>,
     /// Registry of the metrics that are observed, not read (histograms).
@@ -95,6 +99,8 @@ impl Shared {
             underlay_peers: AtomicU64::new(0),
             pipelines_applied: AtomicU64::new(0),
             last_flow_setup_ns: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            busy_frames: AtomicU64::new(0),
             nb: Arc::new(Mutex::new(NbStatus::default())),
         }
     }
@@ -150,6 +156,8 @@ impl Shared {
             "underlay_peers": self.underlay_peers.load(Ordering::Relaxed),
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,
+            "busy_ns": self.busy_ns.load(Ordering::Relaxed),
+            "busy_frames": self.busy_frames.load(Ordering::Relaxed),
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),
             "ports": out,
         })

@@ -475,6 +475,27 @@ impl Redirect {
     }
 }
 
+/// `gf_pass` on an interface (see the program), detached on drop.
+pub struct Pass {
+    _ebpf: Ebpf,
+    _link: XdpLinkId,
+}
+
+impl Pass {
+    pub fn attach(iface: &str) -> Result<Pass> {
+        let mut ebpf = load()?;
+        let prog: &mut Xdp = ebpf.program_mut("gf_pass").context("gf_pass")?.try_into()?;
+        prog.load()?;
+        let link = prog
+            .attach(iface, XdpMode::Driver)
+            .with_context(|| format!("attaching gf_pass to {iface}"))?;
+        Ok(Pass {
+            _ebpf: ebpf,
+            _link: link,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

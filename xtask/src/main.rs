@@ -57,7 +57,7 @@ enum Cmd {
         /// Only these groups of scenarios (the generator ceiling and the baseline always run):
         /// encap (encap and decap), routed, sg (security group), e2e (end to end, slow path,
         /// flow setup), ovs.
-        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "sg", "fip", "dhcp", "e2e", "ovs"])]
+        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "sg", "fip", "dhcp", "e2e", "ovs", "dpdk"])]
         only: Vec<String>,
         /// Where the report goes.
         #[arg(long)]
@@ -466,10 +466,11 @@ fn bench(quick: bool, only: Vec<String>, results: Option<PathBuf>) -> Result<()>
 }
 
 fn build_release() -> Result<()> {
-    step("cargo build --release --workspace --bins");
+    step("cargo build --release --workspace --bins --features geneflow-datapath/dpdk");
     let st = Command::new("cargo")
         .current_dir(root())
         .args(["build", "--release", "--workspace", "--bins"])
+        .args(["--features", DPDK_FEATURE])
         .status()?;
     if !st.success() {
         bail!("cargo build --release failed");

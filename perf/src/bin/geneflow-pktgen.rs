@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use geneflow_control::model::Mac;
 use geneflow_datapath::pipeline::EncapParams;
-use geneflow_perf::pktgen::{self, Generator, Redirect, Sink, UdpSpec, Vary};
+use geneflow_perf::pktgen::{self, Generator, Pass, Redirect, Sink, UdpSpec, Vary};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,6 +137,12 @@ enum Cmd {
         /// Seconds to hold (0 = until SIGINT/SIGTERM).
         #[arg(long, default_value_t = 0.0)]
         hold: f64,
+    },
+    /// XDP_PASS on an interface until interrupted: a veth read without XDP (af_packet) then
+    /// takes what the generator on its other end sends.
+    Pass {
+        #[arg(long)]
+        iface: String,
     },
 }
 
@@ -271,6 +277,15 @@ fn run(cli: Cli) -> Result<()> {
                 b1 - b0,
                 (p1 - p0) as f64 / secs / 1e6
             );
+        }
+        Cmd::Pass { iface } => {
+            let stop = stop_flag();
+            let _p = Pass::attach(&iface)?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         Cmd::Redirect { from, to, hold } => {
             let stop = stop_flag();

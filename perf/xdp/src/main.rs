@@ -139,6 +139,14 @@ mod prog {
         xdp_action::XDP_TX
     }
 
+    /// Every frame to the kernel stack: on a veth that a datapath reads without XDP (the
+    /// DPDK backend's af_packet ports), it makes the veth take the frames an XDP program on the
+    /// other end sends, which it drops otherwise.
+    #[xdp]
+    pub fn gf_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
     /// The minimal generator: every frame out as it came (the live-frames path's own limit).
     #[xdp]
     pub fn gf_pktgen_min(_ctx: XdpContext) -> u32 {

@@ -4,6 +4,7 @@
 //! this machine). Writes a Markdown table, the raw samples as JSON and an SVG bar chart.
 
 mod dhcp;
+mod dpdk;
 mod fip;
 pub mod memory;
 mod ovs;
@@ -442,6 +443,10 @@ pub fn bench(o: &Opts) -> Result<()> {
     }
     if want("e2e") {
         sc.extend(scenarios::end_to_end(&ctx, o)?);
+    }
+    // Full runs, or asked by name: quick runs stay under a minute.
+    if (want("dpdk") && !o.quick) || o.only.iter().any(|x| x == "dpdk") {
+        sc.extend(dpdk::all(&ctx));
     }
     for afxdp in [false, true].into_iter().filter(|_| want("ovs")) {
         let kind = if afxdp { "afxdp" } else { "system" };
