@@ -78,10 +78,17 @@ pub fn with_peer_queues(tag: &str, queues: u32) -> Result<Testbed> {
     let mut tb = Testbed::new(tag)?;
     tb.queues = queues;
     tb.add_chassis("ch1")?;
-    tb.add_injector()?;
-    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
     tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
     tb.add_vm("vm1", "ch1", "ls1", 1)?;
+    add_peer(&mut tb)?;
+    tb.start_agents()?;
+    Ok(tb)
+}
+
+/// The injector as chassis "peer" of the NB (198.18.0.250), hosting port vmx (key 9) on ls1.
+pub fn add_peer(tb: &mut Testbed) -> Result<()> {
+    tb.add_injector()?;
+    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
     tb.nbctl(&[
         "lsp-add",
         "ls1",
@@ -92,8 +99,7 @@ pub fn with_peer_queues(tag: &str, queues: u32) -> Result<Testbed> {
         &PEER_PORT_KEY.to_string(),
     ])?;
     tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
-    tb.start_agents()?;
-    Ok(tb)
+    Ok(())
 }
 
 pub fn repo_root() -> PathBuf {

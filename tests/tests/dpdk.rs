@@ -79,20 +79,8 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
     for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3)] {
         tb.add_vm(vm, ch, "ls1", key)?;
     }
-    // The injector: a chassis of the NB (198.18.0.250) hosting vmx, whose Geneve frames
-    // scapy builds.
-    tb.add_injector()?;
-    tb.nbctl(&["chassis-add", "peer", "198.18.0.250"])?;
-    tb.nbctl(&[
-        "lsp-add",
-        "ls1",
-        "vmx",
-        PEER_MAC,
-        PEER_VM_IP,
-        "--key",
-        &PEER_PORT_KEY.to_string(),
-    ])?;
-    tb.nbctl(&["lsp-bind", "vmx", "peer", "vmx-if"])?;
+    // The injector: a chassis of the NB hosting vmx, whose Geneve frames scapy builds.
+    add_peer(&mut tb)?;
     tb.start_agent(1)?;
     let ns1 = tb.chassis[0].ns.clone();
     // Bad input: an EAL argument DPDK refuses, an interface that does not exist, too little

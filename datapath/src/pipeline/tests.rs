@@ -38,7 +38,7 @@ fn encap_is_byte_exact_with_scapy() {
 
 /// Chassis "a" (198.18.0.1) hosts p1 (ifindex 10) and p2 (11) on ls (VNI 0xabcd);
 /// chassis "b" hosts p7.
-fn tables() -> Tables {
+pub(super) fn tables() -> Tables {
     let mut d = NbDocument::default();
     test_nb::chassis_ab(&mut d);
     test_nb::switch(&mut d, "ls", 0xabcd);

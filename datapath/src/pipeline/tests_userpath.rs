@@ -2,46 +2,19 @@
 //! first frames through the pipeline, the rest through the megaflow cache and the userspace
 //! actions, with the same bytes on the wire.
 
+use super::tests::tables;
 use super::*;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
 use crate::userneigh::UnderlayNeigh;
 use crate::userpath::{Tx, UserPath};
 use geneflow_abi::ctr;
-use geneflow_control::compiler::compile;
-use geneflow_control::model::{Mac, NbDocument};
+use geneflow_control::model::Mac;
 use std::time::Instant;
 
 const FRAME_CSUM: &[u8] = include_bytes!("../../../tests/fixtures/geneve/frame_ovn_csum.bin");
 const UPLINK: u32 = 2;
 const A_MAC: [u8; 6] = [2, 0, 0xc6, 0x12, 0, 1];
 const B_MAC: [u8; 6] = [2, 0, 0xc6, 0x12, 0, 2];
-
-/// Chassis "a" (198.18.0.1) hosts p1 (ifindex 10) and p2 (11) on ls (VNI 0xabcd); chassis
-/// "b" (198.18.0.2) hosts p7.
-fn tables() -> Tables {
-    let mut d = NbDocument::default();
-    test_nb::chassis_ab(&mut d);
-    test_nb::switch(&mut d, "ls", 0xabcd);
-    for (n, k, mac, c) in [
-        ("p1", 5, [0x0a, 0, 0, 0, 0, 1], "a"),
-        ("p2", 6, [0x0a, 0, 0, 0, 0, 3], "a"),
-        ("p7", 7, [0x0a, 0, 0, 0, 0, 2], "b"),
-    ] {
-        d.ports
-            .insert(n.into(), test_nb::port(n, "ls", k, mac, &[], c));
-    }
-    Tables::new(
-        Arc::new(compile(&d, "a")),
-        UPLINK,
-        1500,
-        true,
-        |n| match n {
-            "vp-p1" => Some(10),
-            "vp-p2" => Some(11),
-            _ => None,
-        },
-    )
-}
 
 #[derive(Default)]
 struct Wire(Vec<(u32, Vec<u8>)>);

@@ -5,7 +5,7 @@
 //! so the report also gives the engine's own cost per packet, measured in the poll loop
 //! (`busy_ns` / `busy_frames` over the window), which is what carries over to a real NIC.
 
-use super::{add_peer_port, args, mac_of, udp_gen, with_peer_chassis, Ctx, Scenario};
+use super::{add_peer_port, decap_gen, mac_of, udp_gen, with_peer_chassis, Ctx, Scenario};
 use crate::testbed::{run, Testbed};
 use anyhow::{Context, Result};
 use std::process::Command;
@@ -144,34 +144,7 @@ fn encap_decap(ctx: &Ctx) -> Result<Vec<Scenario>> {
         Some("encap 1000 flows"),
     )];
     let ul_mac = mac_of(&ch_ns, "ul")?;
-    let gen = args(&[
-        "--iface",
-        &bridge_port,
-        "--src-mac",
-        "0a:00:00:00:00:09",
-        "--dst-mac",
-        &vm1.mac,
-        "--src-ip",
-        "10.0.0.9",
-        "--dst-ip",
-        &vm1.ip,
-        "--flows",
-        "1000",
-        "--geneve-vni",
-        "1000",
-        "--ovn-ingress",
-        "9",
-        "--ovn-egress",
-        "1",
-        "--outer-src-mac",
-        "02:00:c6:12:00:fa",
-        "--outer-dst-mac",
-        &ul_mac,
-        "--outer-src-ip",
-        "198.18.0.250",
-        "--outer-dst-ip",
-        &ch_ip,
-    ]);
+    let gen = decap_gen(&bridge_port, (&vm1.mac, &vm1.ip), (&ul_mac, &ch_ip), 1000);
     let rates = ctx.repeat(|| ctx.measure(&vm1.ns, "eth0", &tb.underlay_ns, &gen))?;
     let ns = poll_ns(&tb, &["ch1"], || {
         ctx.measure(&vm1.ns, "eth0", &tb.underlay_ns, &gen)

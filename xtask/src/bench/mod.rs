@@ -391,6 +391,44 @@ fn udp_gen(src_mac: &str, dst_mac: &str, src_ip: &str, dst_ip: &str, flows: u32)
     ])
 }
 
+/// Geneve frames from the peer (198.18.0.250, port key 9) on `bridge_port` to the VM of
+/// `vm_mac`/`vm_ip` (port key 1) on the chassis at `ch_ip`/`ul_mac`, over `flows` flows.
+fn decap_gen(
+    bridge_port: &str,
+    (vm_mac, vm_ip): (&str, &str),
+    (ul_mac, ch_ip): (&str, &str),
+    flows: u32,
+) -> Vec<String> {
+    args(&[
+        "--iface",
+        bridge_port,
+        "--src-mac",
+        "0a:00:00:00:00:09",
+        "--dst-mac",
+        vm_mac,
+        "--src-ip",
+        "10.0.0.9",
+        "--dst-ip",
+        vm_ip,
+        "--flows",
+        &flows.to_string(),
+        "--geneve-vni",
+        "1000",
+        "--ovn-ingress",
+        "9",
+        "--ovn-egress",
+        "1",
+        "--outer-src-mac",
+        "02:00:c6:12:00:fa",
+        "--outer-dst-mac",
+        ul_mac,
+        "--outer-src-ip",
+        "198.18.0.250",
+        "--outer-dst-ip",
+        ch_ip,
+    ])
+}
+
 fn args(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }

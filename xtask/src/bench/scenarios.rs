@@ -1,7 +1,9 @@
 //! The single-hop and two-chassis scenarios: the baseline redirect, encap and decap on one
 //! chassis, end to end across two chassis (UDP and TCP), the slow path and flow setup.
 
-use super::{args, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR, MINIMAL, SCALING_CORES};
+use super::{
+    args, decap_gen, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR, MINIMAL, SCALING_CORES,
+};
 use crate::bpfstats::prog_on;
 use crate::testbed::{run, Testbed};
 use anyhow::{bail, Context, Result};
@@ -152,34 +154,12 @@ pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario
         }
     }
     for &flows in flow_counts {
-        let gen = args(&[
-            "--iface",
+        let gen = decap_gen(
             &ch.bridge_port,
-            "--src-mac",
-            "0a:00:00:00:00:09",
-            "--dst-mac",
-            &vm1.mac,
-            "--src-ip",
-            "10.0.0.9",
-            "--dst-ip",
-            &vm1.ip,
-            "--flows",
-            &flows.to_string(),
-            "--geneve-vni",
-            "1000",
-            "--ovn-ingress",
-            "9",
-            "--ovn-egress",
-            "1",
-            "--outer-src-mac",
-            "02:00:c6:12:00:fa",
-            "--outer-dst-mac",
-            &ul_mac,
-            "--outer-src-ip",
-            "198.18.0.250",
-            "--outer-dst-ip",
-            &ch.ip,
-        ]);
+            (&vm1.mac, &vm1.ip),
+            (&ul_mac, &ch.ip),
+            flows,
+        );
         let (s, xdp_ns) = ctx.repeat_xdp(
             (&vm1.ns, "eth0"),
             &tb.underlay_ns,
