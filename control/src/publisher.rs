@@ -279,7 +279,7 @@ impl Publisher {
             Err(e) => {
                 self.counters.dropped_malformed += 1;
                 let n = self.counters.dropped_malformed;
-                if n <= 20 || n.is_power_of_two() {
+                if wire::worth_logging(n) {
                     let t = frames.first().map(|f| f.as_slice()).unwrap_or_default();
                     warn!(
                         topic = %String::from_utf8_lossy(t).escape_debug(),
@@ -294,7 +294,7 @@ impl Publisher {
         if !self.topics.contains_key(&topic) && self.topics.len() >= self.cfg.max_topics {
             self.counters.dropped_too_many_topics += 1;
             let n = self.counters.dropped_too_many_topics;
-            if n <= 20 || n.is_power_of_two() {
+            if wire::worth_logging(n) {
                 warn!(%topic, max_topics = self.cfg.max_topics, dropped = n, "write notification dropped: too many topics");
             }
             return Ok(());

@@ -213,26 +213,21 @@ impl FlowCache {
         k
     }
 
-    fn live(&self, a: &FlowAction) -> bool {
-        a.generation != 0 && self.gens.get(a.gen_slot) == a.generation
-    }
-
     /// The live entry matching `key` in mask list `list`, counted on the entry and its mask.
     pub fn lookup(&mut self, key: &FlowKey, list: usize) -> Option<FlowAction> {
         for i in 0..self.order[list].len() {
             let slot = self.order[list][i];
             let k = Self::keyed(key, &self.lists[list][slot].mask, list, slot);
-            let Some(a) = self.flows.get(&k).copied() else {
+            let Some(e) = self.flows.get_mut(&k) else {
                 continue;
             };
-            if !self.live(&a) {
+            if e.generation == 0 || self.gens.get(e.gen_slot) != e.generation {
                 self.stats.stale += 1;
                 continue;
             }
+            e.hits += 1;
+            let a = *e;
             self.lists[list][slot].hits += 1;
-            if let Some(e) = self.flows.get_mut(&k) {
-                e.hits += 1;
-            }
             self.stats.hits += 1;
             return Some(a);
         }

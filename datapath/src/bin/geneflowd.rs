@@ -114,6 +114,15 @@ fn main() {
     }
 }
 
+/// A flag SIGINT and SIGTERM set.
+fn stop_on_signal() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+        .context("installing the signal handler")?;
+    Ok(stop)
+}
+
 fn pin_to(core: usize) -> Result<()> {
     geneflow_datapath::netdev::pin_thread(core)
         .with_context(|| format!("forwarder_cores: cannot pin to core {core}"))
@@ -129,12 +138,7 @@ fn run_dpdk(
     (ctl_socket, metrics_address): (PathBuf, SocketAddr),
 ) -> Result<()> {
     use geneflow_datapath::dpdk::serve::{serve, DpdkConfig};
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
-            .context("installing the signal handler")?;
-    }
+    let stop = stop_on_signal()?;
     let chassis = agent.chassis.clone();
     let shared = Arc::new(Shared::new(
         &chassis,
@@ -269,12 +273,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
-            .context("installing the signal handler")?;
-    }
+    let stop = stop_on_signal()?;
     let pins = PinDir::open(&pin_dir)?;
     let (mut bpf, adopted) =
         Bpf::load(XDP_OBJECT, xdp_mode == "skb", pins).context("loading the XDP program")?;

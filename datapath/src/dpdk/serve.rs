@@ -58,12 +58,6 @@ pub struct DpdkConfig {
     pub cores: Vec<usize>,
 }
 
-/// What the poll threads work with, replaced whole when a pipeline is applied.
-struct Applied {
-    tables: Tables,
-    uplink_ifindex: u32,
-}
-
 /// One port as a poll thread sees it: the ethdev, its queue and its transmit burst.
 struct Port<'a, 'p> {
     eth: &'a EthPort<'p>,
@@ -102,7 +96,8 @@ struct Common<'a, 'p> {
     eths: &'a [EthPort<'p>],
     ifindexes: &'a [u32],
     pool: &'a Mempool<'p>,
-    applied: &'a ArcSwapOption<Applied>,
+    /// The compiled tables, replaced whole when a pipeline is applied.
+    tables: &'a ArcSwapOption<Tables>,
     gens: &'a Arc<Generations>,
     neigh: &'a Arc<Mutex<UnderlayNeigh>>,
     uplink_mac: [u8; 6],
@@ -160,7 +155,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
     // Time on frames and frames, published with the counters.
     let (mut busy_ns, mut busy_frames) = (0u64, 0u64);
     while !c.stop.load(Ordering::Relaxed) {
-        let applied = c.applied.load_full();
+        let tables = c.tables.load_full();
         let mut got = 0;
         for i in 0..ports.len() {
             rx.rx(ports[i].eth, q);
@@ -169,7 +164,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
             for k in 0..rx.len() {
                 ports[i].io.add(ctr::RX_BYTES, rx.frame(k).len() as u64);
             }
-            if let (Some(a), false) = (applied.as_deref(), rx.is_empty()) {
+            if let (Some(t), false) = (tables.as_deref(), rx.is_empty()) {
                 let now = Instant::now();
                 let in_ifindex = ports[i].ifindex;
                 let mut s = Sender {
@@ -184,11 +179,10 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
                         }
                         continue;
                     }
-                    path.receive(&a.tables, rx.frame(k), (in_ifindex, i), now, &mut s);
+                    path.receive(t, rx.frame(k), (in_ifindex, i), now, &mut s);
                 }
                 busy_ns += now.elapsed().as_nanos() as u64;
                 busy_frames += rx.len() as u64;
-                debug_assert_eq!(a.uplink_ifindex, c.ifindexes[0]);
             }
             rx.clear();
         }
@@ -270,7 +264,7 @@ pub fn serve(
     let mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
     let gens = Arc::new(Generations::default());
     let mut table = GenerationTable::new(gens.clone());
-    let applied: ArcSwapOption<Applied> = ArcSwapOption::empty();
+    let tables: ArcSwapOption<Tables> = ArcSwapOption::empty();
     // Learns nothing until the NB gives the tunnel address (and the chassis to learn).
     let neigh = Arc::new(Mutex::new(UnderlayNeigh::new(
         cfg.encap_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
@@ -297,7 +291,7 @@ pub fn serve(
         eths: &eths,
         ifindexes: &ifindexes,
         pool: &pool,
-        applied: &applied,
+        tables: &tables,
         gens: &gens,
         neigh: &neigh,
         uplink_mac,
@@ -333,9 +327,8 @@ pub fn serve(
                 continue;
             };
             let u = pipelines.try_iter().last().unwrap_or(u);
-            let known: Vec<(String, u32)> = ifaces.iter().cloned().zip(ifindexes.clone()).collect();
             let t = Tables::new(u.pipeline.clone(), uplink_ifindex, mtu, cfg.udp_csum, |n| {
-                known.iter().find(|(k, _)| k == n).map(|(_, ix)| *ix)
+                ifaces.iter().position(|k| k == n).map(|i| ifindexes[i])
             });
             let fps = t.fingerprints(uplink_mac);
             if let Err(e) = table.set_generations(&fps) {
@@ -353,10 +346,7 @@ pub fn serve(
                 }
                 None => warn!("no tunnel address for this chassis in the NB yet"),
             }
-            applied.store(Some(Arc::new(Applied {
-                tables: t,
-                uplink_ifindex,
-            })));
+            tables.store(Some(Arc::new(t)));
             if let Ok(mut g) = shared.ports.lock() {
                 *g = port_infos(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
             }

@@ -206,7 +206,7 @@ impl ZmqNotified {
         if let Err(e) = self.on_message(p, frames) {
             self.stats.refused += 1;
             let n = self.stats.refused;
-            if n <= 20 || n.is_power_of_two() {
+            if wire::worth_logging(n) {
                 warn!(
                     publisher = %self.endpoint(p),
                     topic = %String::from_utf8_lossy(topic).escape_debug(),

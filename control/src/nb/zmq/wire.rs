@@ -31,6 +31,12 @@ pub const HEARTBEAT_TOPIC: &str = "gf-hb";
 /// disconnected by libzmq). Writers split a larger change into several messages.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Whether the `n`th refusal of a kind is logged: the first 20, then at powers of two, so that
+/// a flood of garbage cannot flood the log.
+pub fn worth_logging(n: u64) -> bool {
+    n <= 20 || n.is_power_of_two()
+}
+
 /// Writers start a new message of a topic beyond this many bytes of changes.
 pub const SPLIT_BYTES: usize = 4 << 20;
 
