@@ -97,6 +97,24 @@ pub struct LocalBinding {
     pub tunnel_key: u32,
 }
 
+/// Per zone (datapath tunnel key), the ACLs of its ports (port key, ACL).
+pub type AclsByZone = BTreeMap<u32, Vec<(u16, crate::acl::PortAcl)>>;
+
+/// The zones whose security groups differ between `old` and `new`: their connections must be
+/// checked again.
+pub fn changed_acl_zones(old: &AclsByZone, new: &AclsByZone) -> Vec<u32> {
+    let empty = Vec::new();
+    let mut zones: Vec<u32> = old
+        .keys()
+        .chain(new.keys())
+        .copied()
+        .filter(|z| old.get(z).unwrap_or(&empty) != new.get(z).unwrap_or(&empty))
+        .collect();
+    zones.sort_unstable();
+    zones.dedup();
+    zones
+}
+
 /// The compiled pipeline for one chassis. Immutable once built; shared by `Arc`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Pipeline {
@@ -127,6 +145,22 @@ impl Pipeline {
         self.datapaths
             .values()
             .any(|d| d.ports.values().any(|p| p.acl.is_some()))
+    }
+
+    /// The ACLs of each zone (datapath), to tell which zones' groups changed
+    /// (`changed_acl_zones`).
+    pub fn acls_by_zone(&self) -> AclsByZone {
+        self.datapaths
+            .iter()
+            .map(|(k, d)| {
+                let acls = d
+                    .ports
+                    .values()
+                    .filter_map(|p| p.acl.clone().map(|a| (p.key, a)))
+                    .collect();
+                (*k, acls)
+            })
+            .collect()
     }
 
     /// Tunnel keys of the datapaths that differ between `self` (old) and `new`, including

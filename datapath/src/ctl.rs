@@ -5,7 +5,8 @@
 use crate::metrics::Shared;
 use aya::maps::{MapData, PerCpuArray};
 use crossbeam_channel::{bounded, Sender};
-use geneflow_abi::PortCounters;
+use geneflow_abi::{CtEntry, CtKey, PortCounters};
+use geneflow_control::compiler::Pipeline;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +15,45 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::warn;
+
+/// One port as `geneflowctl ports` shows it: the interface, and what is bound to it.
+pub fn port_json(
+    pipeline: &Pipeline,
+    iface: &str,
+    (ifindex, slot): (u32, u32),
+    kind: &str,
+) -> Value {
+    let b = pipeline.bindings.get(iface);
+    let sw = b.and_then(|b| pipeline.datapaths.get(&b.tunnel_key));
+    json!({
+        "iface": iface, "ifindex": ifindex, "slot": slot, "kind": kind,
+        "logical_port": b.map(|b| b.port.clone()),
+        "port_key": b.map(|b| b.key),
+        "mac": b.map(|b| b.mac.to_string()),
+        "switch": sw.map(|d| d.name.clone()),
+        "tunnel_key": b.map(|b| b.tunnel_key),
+    })
+}
+
+/// The conntrack entries as `geneflowctl ct` shows them; `now_ns` on the entries' clock.
+pub fn ct_json(entries: Vec<(CtKey, CtEntry)>, now_ns: u64) -> Value {
+    let ip = |v: u32| std::net::Ipv4Addr::from(v.to_ne_bytes()).to_string();
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|(k, e)| {
+            json!({
+                "zone": k.zone,
+                "proto": k.proto,
+                "src": format!("{}:{}", ip(k.src), u16::from_be(k.sport)),
+                "dst": format!("{}:{}", ip(k.dst), u16::from_be(k.dport)),
+                "age_s": now_ns.saturating_sub(e.created_ns) as f64 / 1e9,
+                "idle_s": now_ns.saturating_sub(e.last_seen_ns) as f64 / 1e9,
+                "closing": e.flags & geneflow_abi::ct::CLOSING != 0,
+            })
+        })
+        .collect();
+    json!({ "entries": entries })
+}
 
 /// A question for the forwarder.
 pub struct CtlRequest {

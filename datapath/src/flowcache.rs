@@ -185,6 +185,15 @@ struct Mask {
     hits: u64,
 }
 
+/// One entry of the cache, as `FlowCache::snapshot` shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedFlow {
+    pub key: FlowKey,
+    pub mask: FlowKey,
+    pub action: FlowAction,
+    pub stale: bool,
+}
+
 pub struct FlowCache {
     gens: Arc<Generations>,
     lists: [Vec<Mask>; MASK_LISTS as usize],
@@ -313,6 +322,28 @@ impl FlowCache {
     /// Every entry (stale ones included) with its masked key, for inspection.
     pub fn entries(&self) -> impl Iterator<Item = (&FlowKey, &FlowAction)> {
         self.flows.iter()
+    }
+
+    /// Every entry for `geneflowctl flows`: its masked key, its mask, its action (with its
+    /// hits) and whether it is stale.
+    pub fn snapshot(&self) -> Vec<CachedFlow> {
+        let per = MAX_MASKS as usize;
+        self.flows
+            .iter()
+            .map(|(k, a)| {
+                let (list, slot) = (k.mask_id as usize / per, k.mask_id as usize % per);
+                CachedFlow {
+                    key: *k,
+                    mask: self
+                        .lists
+                        .get(list)
+                        .and_then(|l| l.get(slot))
+                        .map_or(FlowKey::zeroed(), |m| m.mask),
+                    action: *a,
+                    stale: a.generation == 0 || self.gens.get(a.gen_slot) != a.generation,
+                }
+            })
+            .collect()
     }
 }
 

@@ -4,10 +4,10 @@
 //! verdict says where the result goes and which counter moves.
 //!
 //! Done here: output (with an 802.1Q tag for a provider VLAN), encapsulation with a cached
-//! next hop, decapsulation, drop and pass, and a router's checks and rewrites. What needs
-//! state the XDP program keeps in maps (connection tracking commits, NAT, the ARP responder's
-//! reply, a next hop the kernel must resolve) goes to the slow path, as XDP does with what it
-//! cannot finish.
+//! next hop, decapsulation, drop and pass, a router's checks and rewrites, and the conntrack
+//! commit (through the caller's hook, at the point XDP commits: after the router's checks).
+//! What needs state the XDP program keeps in maps (NAT, the ARP responder's reply, a next hop
+//! the kernel must resolve) goes to the slow path, as XDP does with what it cannot finish.
 
 use crate::pipeline::rewrite::martian;
 use crate::wire::geneve::{self, OvnMetadata};
@@ -66,9 +66,16 @@ pub enum Verdict {
 }
 
 /// Runs `a` on `f`. `key` is the frame's flow key (for the outer source port); `inner` is
-/// the offset of the inner frame of a Geneve frame (decapsulation).
-pub fn execute(f: &mut Frame<'_>, key: &FlowKey, inner: usize, a: &FlowAction) -> Verdict {
-    let stateful = flag::CT_COMMIT | flag::SNAT | flag::DNAT | flag::NAPT;
+/// the offset of the inner frame of a Geneve frame (decapsulation). `commit` runs when the
+/// action commits the connection (`flag::CT_COMMIT`) and the frame got that far.
+pub fn execute(
+    f: &mut Frame<'_>,
+    key: &FlowKey,
+    inner: usize,
+    a: &FlowAction,
+    commit: &mut dyn FnMut(),
+) -> Verdict {
+    let stateful = flag::SNAT | flag::DNAT | flag::NAPT;
     if a.flags & stateful != 0 || matches!(a.kind, act::UNNAPT | act::ARP_REPLY) {
         return Verdict::SlowPath;
     }
@@ -76,6 +83,9 @@ pub fn execute(f: &mut Frame<'_>, key: &FlowKey, inner: usize, a: &FlowAction) -
         if let Err(v) = route(f, a) {
             return v;
         }
+    }
+    if a.flags & flag::CT_COMMIT != 0 {
+        commit();
     }
     match a.kind {
         act::OUTPUT => {
@@ -283,6 +293,11 @@ mod tests {
         run_at(data, 0, a)
     }
 
+    thread_local! {
+        /// The conntrack commits `run_at` saw.
+        static COMMITS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
     /// `run` of a frame whose inner frame starts at `inner`.
     fn run_at(data: &[u8], inner: usize, a: &FlowAction) -> (Verdict, Vec<u8>) {
         let key = crate::pipeline::key::extract_key(data, 3).unwrap();
@@ -293,7 +308,9 @@ mod tests {
             start,
             end,
         };
-        let v = execute(&mut f, &key, inner, a);
+        let v = execute(&mut f, &key, inner, a, &mut || {
+            COMMITS.with(|c| c.set(c.get() + 1))
+        });
         (v, f.bytes().to_vec())
     }
 
@@ -444,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn vlan_tags_too_big_frames_and_stateful_actions() {
+    fn vlan_tags_too_big_frames_and_commits() {
         let frame = inner();
         let a = FlowAction {
             kind: act::OUTPUT,
@@ -461,8 +478,6 @@ mod tests {
         small.max_inner_len = 60;
         let mut uncached = encap_action();
         uncached.flags = 0;
-        let mut ct = encap_action();
-        ct.flags |= flag::CT_COMMIT;
         let drop = FlowAction {
             kind: act::DROP,
             drop_reason: ctr::DROP_ACL,
@@ -471,7 +486,6 @@ mod tests {
         for (a, want) in [
             (small, Verdict::Drop(ctr::DROP_TOO_BIG)),
             (uncached, Verdict::SlowPath),
-            (ct, Verdict::SlowPath),
             (drop, Verdict::Drop(ctr::DROP_ACL)),
         ] {
             let (v, out) = run(&frame, &a);
@@ -479,5 +493,14 @@ mod tests {
             // Nothing moved for the verdicts that leave the frame alone.
             assert_eq!(out, frame);
         }
+        // A commit runs with the action, but not for a frame the router's checks stop.
+        let mut ct = encap_action();
+        ct.flags |= flag::CT_COMMIT;
+        COMMITS.with(|c| c.set(0));
+        assert!(matches!(run(&frame, &ct).0, Verdict::Output { .. }));
+        assert_eq!(COMMITS.with(|c| c.get()), 1);
+        ct.flags |= flag::ROUTE;
+        assert_eq!(run(&inner_ttl(1), &ct).0, Verdict::SlowPath);
+        assert_eq!(COMMITS.with(|c| c.get()), 1);
     }
 }

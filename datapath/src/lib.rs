@@ -21,6 +21,7 @@ pub mod netdev;
 pub mod persist;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod userct;
 pub mod userneigh;
 pub mod userpath;
 pub mod wire;

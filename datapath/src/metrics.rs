@@ -153,6 +153,7 @@ impl Shared {
             "conntrack_capacity": geneflow_abi::ct::MAX_ENTRIES,
             "conntrack_full": self.conntrack_full.load(Ordering::Relaxed),
             "conntrack_evicted": self.conntrack_evicted.load(Ordering::Relaxed),
+            "conntrack_flushed": self.conntrack_flushed.load(Ordering::Relaxed),
             "underlay_peers": self.underlay_peers.load(Ordering::Relaxed),
             "pipelines_applied": self.pipelines_applied.load(Ordering::Relaxed),
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,

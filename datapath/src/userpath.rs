@@ -4,7 +4,7 @@
 //!
 //! 1. ARP from the uplink for the tunnel address: answered, the sender learnt (`userneigh`);
 //! 2. the frame's key as XDP builds it (`Tables::fast_key`), malformed tunnel frames dropped
-//!    with XDP's reasons;
+//!    with XDP's reasons, and its connection's state (`userct`) where conntrack runs;
 //! 3. the megaflow cache (`flowcache`); a hit runs its action (`flowexec`) on a copy of the
 //!    frame with headroom and sends the result;
 //! 4. a miss (or an action left to the slow path) runs the pipeline (`Tables`), sends its
@@ -12,16 +12,18 @@
 //!    and the frame is dropped, counted) and installs its megaflow, with the next hop cached
 //!    when known, so the next frames of the flow take step 3.
 //!
-//! Per poll thread: a hit takes no lock; the cache's generations are shared with the thread
-//! applying pipelines. The neighbour table is shared by the threads (an ARP reply lands on one
+//! Per poll thread: a hit takes no lock (an established connection is answered by the
+//! thread's connection cache, within its epoch); the cache's generations are shared with the
+//! thread applying pipelines. The neighbour table is shared by the threads (an ARP reply lands on one
 //! queue), under a lock taken only for ARP frames and misses. The buffers are allocated once;
 //! a miss may allocate (the pipeline's outputs).
 
 use crate::flowcache::FlowCache;
 use crate::flowexec::{execute, Frame, Verdict};
 use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
+use crate::userct::{self, ConnTable, CtCache};
 use crate::userneigh::UnderlayNeigh;
-use geneflow_abi::{act, ctr, flag, mask_list};
+use geneflow_abi::{act, ct, ctr, flag, mask_list};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -61,6 +63,8 @@ impl Counters {
 pub struct UserPath {
     pub cache: FlowCache,
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
+    pub conntrack: Arc<ConnTable>,
+    pub ct_cache: CtCache,
     /// Per port slot (the caller's numbering), what the frames received there came to.
     pub counters: Vec<Counters>,
     /// The port slot of the frame being handled.
@@ -78,7 +82,7 @@ impl UserPath {
     /// `ports`: how many port slots the caller numbers its ports with.
     pub fn new(
         cache: FlowCache,
-        neigh: Arc<Mutex<UnderlayNeigh>>,
+        (neigh, conntrack): (Arc<Mutex<UnderlayNeigh>>, Arc<ConnTable>),
         ports: usize,
         (uplink_ifindex, uplink_mac): (u32, [u8; 6]),
         udp_csum: bool,
@@ -86,6 +90,8 @@ impl UserPath {
         UserPath {
             cache,
             neigh,
+            conntrack,
+            ct_cache: CtCache::default(),
             counters: vec![Counters::default(); ports.max(1)],
             slot: 0,
             uplink_ifindex,
@@ -148,16 +154,28 @@ impl UserPath {
         } else {
             mask_list::VM
         } as usize;
-        let (key, inner) = match tables.fast_key(frame, in_ifindex) {
+        let (mut key, inner) = match tables.fast_key(frame, in_ifindex) {
             Err(reason) => {
                 self.count(reason.counter());
                 return;
             }
-            Ok(None) => return self.slow(tables, frame, in_ifindex, list, now, tx),
+            Ok(None) => return self.slow(tables, frame, (in_ifindex, 0), list, now, tx),
             Ok(Some(k)) => k,
         };
+        let zone = tables.ct_zone(in_ifindex, &key);
+        let now_ns = self.conntrack.ns(now);
+        if zone != 0 {
+            let t = &*self.conntrack;
+            userct::lookup(t, &mut self.ct_cache, &mut key, zone, now_ns);
+            if key.ct_state == ct::NEW
+                && key.ip_proto == 1
+                && userct::icmp_error_related(t, frame, inner, zone)
+            {
+                key.ct_state = ct::RELATED;
+            }
+        }
         let Some(a) = self.cache.lookup(&key, list) else {
-            return self.slow(tables, frame, in_ifindex, list, now, tx);
+            return self.slow(tables, frame, (in_ifindex, key.ct_state), list, now, tx);
         };
         let end = HEADROOM + frame.len();
         self.scratch[HEADROOM..end].copy_from_slice(frame);
@@ -166,7 +184,17 @@ impl UserPath {
             start: HEADROOM,
             end,
         };
-        match execute(&mut f, &key, inner, &a) {
+        let mut committed = 0;
+        let t = &*self.conntrack;
+        let verdict = execute(&mut f, &key, inner, &a, &mut || {
+            committed += userct::commit(t, &key, &a, now_ns);
+        });
+        if committed > 0 {
+            if let Some(x) = self.counters.get_mut(self.slot) {
+                x.add(ctr::CT_COMMITTED, committed);
+            }
+        }
+        match verdict {
             Verdict::Output { ifindex, .. } => {
                 let (s, e) = (f.start, f.end);
                 self.count(ctr::FAST_HIT);
@@ -180,17 +208,20 @@ impl UserPath {
             }
             // No kernel stack behind a DPDK port: what XDP would pass is dropped, counted.
             Verdict::Pass => self.count(ctr::PASS),
-            Verdict::SlowPath => self.slow(tables, frame, in_ifindex, list, now, tx),
+            Verdict::SlowPath => {
+                self.slow(tables, frame, (in_ifindex, key.ct_state), list, now, tx)
+            }
         }
     }
 
     /// The pipeline's verdict on a frame the cache could not settle: outputs sent, the
     /// megaflow installed.
+    /// `ct_state`: the frame's connection state, as found before the cache.
     fn slow(
         &mut self,
         tables: &Tables,
         frame: &[u8],
-        in_ifindex: u32,
+        (in_ifindex, ct_state): (u32, u8),
         list: usize,
         now: Instant,
         tx: &mut dyn Tx,
@@ -198,7 +229,8 @@ impl UserPath {
         self.count(ctr::SLOW_RX);
         let mut outputs = std::mem::take(&mut self.outputs);
         let mut txbuf = std::mem::take(&mut self.txbuf);
-        match tables.process_dropping(frame, in_ifindex, (0, 0), &mut outputs, &mut txbuf) {
+        let meta = (ct_state, 0);
+        match tables.process_dropping(frame, in_ifindex, meta, &mut outputs, &mut txbuf) {
             Err(dropped) => {
                 self.count(dropped.reason.counter());
                 if let Some(m) = dropped.megaflow {
@@ -206,6 +238,13 @@ impl UserPath {
                 }
             }
             Ok(d) => {
+                // A new connection an ACL allowed: committed for this first packet (the
+                // megaflow's action commits the next connections that match it).
+                let now_ns = self.conntrack.ns(now);
+                for k in d.ct_commit_keys() {
+                    self.conntrack.commit(&k, now_ns);
+                    self.count(ctr::CT_COMMITTED);
+                }
                 let payload = if d.rewritten {
                     &txbuf[..]
                 } else {

@@ -8,6 +8,7 @@ use std::process::Command;
 pub use xtask::testbed::{run, NbKind, Testbed, DB_IP};
 
 pub mod provider;
+pub mod sg;
 
 pub const LS1_KEY: u32 = 1000;
 

@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use geneflow_tests::provider::iperf3;
+use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server};
 use geneflow_tests::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,6 +69,36 @@ fn dpdk_runtime() -> Vec<std::path::PathBuf> {
         .unwrap_or_default()
 }
 
+/// Starts ch1's geneflowd on the DPDK backend, with two poll threads (each with its own
+/// queue on every port) and no address on its uplink: its own ARP answers for 198.18.0.1.
+fn start_dpdk(tb: &Testbed, ports: &[&str]) -> Result<Dpdk> {
+    let ns1 = tb.chassis[0].ns.clone();
+    run(Command::new("ip").args(["-n", &ns1, "addr", "flush", "dev", "ul"]))?;
+    let log = tb.dir.join("ch1-dpdk.log");
+    let out = std::fs::File::create(&log)?;
+    let mut cmd = tb.ns_cmd(&ns1, &tb.bin("geneflowd"));
+    cmd.args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
+        .arg("--ctl-socket")
+        .arg(&tb.chassis[0].socket)
+        .args(["--forwarder-cores", "0,1", "--datapath", "dpdk"]);
+    for p in ports {
+        cmd.args(["--dpdk-port", p]);
+    }
+    let child = cmd
+        .args([
+            "--dpdk-eal",
+            "-l 0 --no-huge --no-pci --no-shconf -m 512 --log-level error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(out.try_clone()?)
+        .spawn()
+        .context("starting the DPDK geneflowd")?;
+    Ok(Dpdk {
+        child: Some(child),
+        log,
+    })
+}
+
 #[test]
 fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
     require_root();
@@ -117,36 +148,7 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         assert!(out.stdout.is_empty(), "{eal}: DPDK wrote on stdout");
     }
     // ch1 on DPDK, with no address on its uplink: its own ARP answers for 198.18.0.1.
-    run(Command::new("ip").args(["-n", &ns1, "addr", "flush", "dev", "ul"]))?;
-    let log = tb.dir.join("ch1-dpdk.log");
-    let out = std::fs::File::create(&log)?;
-    let child = tb
-        .ns_cmd(&ns1, &tb.bin("geneflowd"))
-        .args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
-        .arg("--ctl-socket")
-        .arg(&tb.chassis[0].socket)
-        // Two poll threads, each with its own queue on every port.
-        .args(["--forwarder-cores", "0,1"])
-        .args([
-            "--datapath",
-            "dpdk",
-            "--dpdk-port",
-            "vp-vm1",
-            "--dpdk-port",
-            "vp-vm2",
-        ])
-        .args([
-            "--dpdk-eal",
-            "-l 0 --no-huge --no-pci --no-shconf -m 512 --log-level error",
-        ])
-        .stdout(Stdio::null())
-        .stderr(out.try_clone()?)
-        .spawn()
-        .context("starting the DPDK geneflowd")?;
-    let mut d = Dpdk {
-        child: Some(child),
-        log,
-    };
+    let mut d = start_dpdk(&tb, &["vp-vm1", "vp-vm2"])?;
     d.wait_log("pipeline applied")?;
     assert!(d.log().contains("threads=2"), "{}", d.log());
     let ports = tb.stats("ch1")?["ports"].clone();
@@ -216,5 +218,176 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         .filter(|p| !runtime_before.contains(p))
         .collect();
     assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
+    Ok(())
+}
+
+/// Stateful security groups on the DPDK chassis (userspace conntrack, `userct`): vm1 (DPDK)
+/// in group "web", TCP 8080 from vm3's address only, anything out. New connections are
+/// checked against vm1's rules, replies and vm1's own connections pass as established, the
+/// second connection is committed by the megaflow of the first, closed connections expire,
+/// removing the rule ends its connections, and established traffic stays in the poll
+/// threads' caches. `geneflowctl flows`, `trace` and `ct` answer from the DPDK datapath.
+#[test]
+fn security_groups_on_a_dpdk_chassis() -> Result<()> {
+    require_root();
+    let mut tb = Testbed::with_nb("dg", NbKind::File)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
+    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3)] {
+        tb.add_vm(vm, ch, "ls1", key)?;
+    }
+    tb.start_agent(1)?;
+    let d = start_dpdk(&tb, &["vp-vm1", "vp-vm2"])?;
+    d.wait_log("pipeline applied")?;
+    let (ip1, ip3) = (tb.vm("vm1")?.ip.clone(), tb.vm("vm3")?.ip.clone());
+    within(Duration::from_secs(10), || Ok(reachable(&tb, "vm3", &ip1)))?
+        .with_context(|| format!("vm3 never reached vm1 (DPDK):\n{}", d.log()))?;
+    let from_ip3 = format!("{ip3}/32");
+    in_group_web(
+        &tb,
+        "vm1",
+        "ch1",
+        &[
+            "http",
+            "--direction",
+            "ingress",
+            "--protocol",
+            "tcp",
+            "--ports",
+            "8080",
+            "--remote-prefix",
+            &from_ip3,
+        ],
+    )?;
+    let mut srv = server(&tb, "vm1", 8080)?;
+    let drops0 = tb.counter("ch1", "ul", "drop_acl")? + tb.counter("ch1", "vp-vm2", "drop_acl")?;
+    let commits0 = tb.counter("ch1", "ul", "ct_committed")?;
+    let ok1 = connects(&tb, "vm3", &ip1, 8080)?;
+    let ok2 = connects(&tb, "vm3", &ip1, 8080)?;
+    // Refused: another source (vm2, on the DPDK chassis itself), another port, ICMP.
+    let other_src = connects(&tb, "vm2", &ip1, 8080)?;
+    let other_port = connects(&tb, "vm3", &ip1, 8081)?;
+    let ping_in = pings(&tb, "vm3", &ip1)?;
+    // vm1's own connections go out, and their replies come back in.
+    let ping_out = pings(&tb, "vm1", &ip3)?;
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(
+        ok1 && ok2,
+        "vm3 -> vm1:8080 refused ({ok1}, {ok2}):\n{}",
+        d.log()
+    );
+    assert!(!other_src, "vm2 -> vm1:8080 was let in");
+    assert!(!other_port, "vm3 -> vm1:8081 was let in");
+    assert!(!ping_in, "a ping to vm1 was let in");
+    assert!(ping_out, "vm1's ping out got no reply");
+    let drops = tb.counter("ch1", "ul", "drop_acl")? + tb.counter("ch1", "vp-vm2", "drop_acl")?;
+    assert!(
+        drops - drops0 >= 3,
+        "ch1 counted {} ACL drops",
+        drops - drops0
+    );
+    // Both connections committed on the uplink's frames: the first by the slow path, the
+    // second by the megaflow the first installed.
+    let commits = tb.counter("ch1", "ul", "ct_committed")? - commits0;
+    assert!(commits >= 2, "{commits} commits on the uplink");
+    let web: Vec<_> = ct_entries(&tb, "ch1")?
+        .into_iter()
+        .filter(|e| e["dst"] == format!("{ip1}:8080"))
+        .collect();
+    assert_eq!(web.len(), 2, "{web:?}");
+    assert!(
+        web.iter().all(|e| e["src"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{ip3}:"))
+            && e["zone"] == LS1_KEY
+            && e["proto"] == 6
+            && e["closing"] == true),
+        "{web:?}"
+    );
+    // Closed (FIN): they expire within 10 s of their last packet.
+    within(Duration::from_secs(15), || {
+        Ok(!ct_entries(&tb, "ch1")?
+            .iter()
+            .any(|e| e["dst"] == format!("{ip1}:8080")))
+    })?
+    .context("closed connections never expired")?;
+    // The megaflows are listed per poll thread, with the connection state they match.
+    let sock = tb.chassis[0].socket.display().to_string();
+    let ctl = |args: &[&str]| {
+        run(Command::new(tb.bin("geneflowctl"))
+            .args(args)
+            .args(["--socket", &sock]))
+    };
+    let flows = megaflows(&tb, "ch1")?;
+    assert!(
+        flows.iter().any(
+            |f| f["thread"].is_u64() && f["match"].as_str().unwrap_or("").contains("ct_state=")
+        ),
+        "{flows:?}"
+    );
+    let text = ctl(&["flows"])?;
+    assert!(text.contains("thread "), "{text}");
+    let vm1 = tb.vm("vm1")?;
+    let vm3 = tb.vm("vm3")?;
+    let trace = ctl(&[
+        "trace",
+        "--in-port",
+        "vm1",
+        "--eth-src",
+        &vm1.mac,
+        "--eth-dst",
+        &vm3.mac,
+        "--ip-src",
+        &vm1.ip,
+        "--ip-dst",
+        &vm3.ip,
+        "--proto",
+        "udp",
+        "--dport",
+        "7600",
+    ])?;
+    for want in [
+        "logical port vm1",
+        "Geneve encapsulation to 198.18.0.2",
+        "verdict: forward",
+    ] {
+        assert!(trace.contains(want), "trace lacks {want:?}:\n{trace}");
+    }
+    // Established traffic stays in the caches: vm1's UDP stream out (its egress rule)
+    // misses only for its first packet and its first established one, per poll thread.
+    let hits0 = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
+    let slow0 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
+    let rx = tb.udp_receiver("vm3", 7600, 2000, 3.0)?;
+    tb.udp_send("vm1", &ip3, 7600, 2000, 4000)?;
+    assert_eq!(Testbed::udp_result(rx)?, 2000);
+    // The poll threads publish their counters every 100 ms.
+    let hits = counter_reaches(&tb, "ch1", "vp-vm1", "fastpath_hit", hits0 + 1990) - hits0;
+    let slow = tb.counter("ch1", "vp-vm1", "slowpath_rx")? - slow0;
+    assert!(
+        hits >= 1990 && slow <= 10,
+        "{hits} cache hits, {slow} misses"
+    );
+    // The rule goes: its connections end and new ones are refused at once.
+    let mut srv = server(&tb, "vm1", 8080)?;
+    assert!(connects(&tb, "vm3", &ip1, 8080)?);
+    let before = pipelines_applied(&tb, "ch1")?;
+    tb.nbctl(&["sg-rule-del", "web", "http"])?;
+    wait_applied(&tb, "ch1", before)?;
+    let tracked = ct_entries(&tb, "ch1")?;
+    let after = connects(&tb, "vm3", &ip1, 8080)?;
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(
+        tracked.iter().all(|e| e["dst"] != format!("{ip1}:8080")),
+        "connections of the removed rule are still tracked: {tracked:?}"
+    );
+    assert!(
+        !after,
+        "vm3 -> vm1:8080 still allowed after the rule was removed"
+    );
+    assert!(tb.stats("ch1")?["conntrack_flushed"].as_u64().unwrap_or(0) >= 1);
     Ok(())
 }

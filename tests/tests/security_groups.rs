@@ -4,63 +4,10 @@
 //! and removing the rule refuses new connections at once.
 
 use anyhow::Result;
+use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server};
 use geneflow_tests::*;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A TCP server in VM `vm` on `port` that answers every connection with "ok".
-fn server(tb: &Testbed, vm: &str, port: u16) -> Result<Child> {
-    let ns = tb.vm(vm)?.ns.clone();
-    let code = format!(
-        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    c.sendall(b'ok')\n    c.close()\n"
-    );
-    let c = Command::new("ip")
-        .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", &code])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(c)
-}
-
-/// Whether VM `vm` gets "ok" from `ip`:`port` within 2 s.
-fn connects(tb: &Testbed, vm: &str, ip: &str, port: u16) -> Result<bool> {
-    let ns = tb.vm(vm)?.ns.clone();
-    let code = format!(
-        "import socket,sys\ntry:\n    c=socket.create_connection(('{ip}',{port}),timeout=2)\n    sys.exit(0 if c.recv(2)==b'ok' else 1)\nexcept Exception:\n    sys.exit(1)\n"
-    );
-    Ok(Command::new("ip")
-        .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", &code])
-        .status()?
-        .success())
-}
-
-fn pings(tb: &Testbed, from: &str, ip: &str) -> Result<bool> {
-    let ns = tb.vm(from)?.ns.clone();
-    Ok(Command::new("ip")
-        .args([
-            "netns", "exec", &ns, "ping", "-c", "2", "-W", "1", "-i", "0.2", ip,
-        ])
-        .stdout(Stdio::null())
-        .status()?
-        .success())
-}
-
-/// Puts `vm` (bound to `chassis`) in a new group "web": anything out, and in what the rule
-/// `ingress` (`sg-rule-add web` arguments) allows, if given; returns once `chassis` has
-/// applied it.
-fn in_group_web(tb: &Testbed, vm: &str, chassis: &str, ingress: &[&str]) -> Result<()> {
-    tb.nbctl(&["sg-add", "web"])?;
-    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
-    if !ingress.is_empty() {
-        let mut args = vec!["sg-rule-add", "web"];
-        args.extend_from_slice(ingress);
-        tb.nbctl(&args)?;
-    }
-    let before = pipelines_applied(tb, chassis)?;
-    tb.nbctl(&["lsp-set-sg", vm, "web"])?;
-    wait_applied(tb, chassis, before)
-}
 
 #[test]
 fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
@@ -108,17 +55,7 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     assert!(drops >= 3, "ch2 counted {drops} ACL drops");
     // The two connections are in ch2's conntrack (zone = ls1), one per source port; vm3's
     // ping too. ch1 has no port with groups: no conntrack there.
-    let ct = |c: &str| -> Result<Vec<serde_json::Value>> {
-        let sock = tb.chassis[tb.chassis_index(c)?]
-            .socket
-            .display()
-            .to_string();
-        let out =
-            run(Command::new(tb.bin("geneflowctl"))
-                .args(["ct", "--format", "json", "--socket", &sock]))?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        Ok(v["entries"].as_array().cloned().unwrap_or_default())
-    };
+    let ct = |c: &str| ct_entries(&tb, c);
     let web: Vec<_> = ct("ch2")?
         .into_iter()
         .filter(|e| e["dst"] == format!("{ip3}:8080"))

@@ -22,6 +22,7 @@
 
 mod burst;
 mod eal;
+mod inspect;
 mod port;
 pub mod serve;
 

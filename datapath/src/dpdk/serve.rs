@@ -14,22 +14,29 @@
 //! time it spent on frames (`busy_ns` / `busy_frames`: the engine's cost per packet, without
 //! the ports' receive and transmit, which on af_packet vdevs are the kernel's copies).
 //!
-//! Not yet: the control socket's `flows` and `trace`, provider networks, connection tracking
-//! and NAT. A restart costs every megaflow (the caches live in the process) and the frames in
-//! flight; the agent reads the NB again and the first frames of each flow go through the
-//! pipeline.
+//! Connection tracking (`userct`) is shared by the poll threads, each with its own
+//! connection cache; the calling thread expires idle entries every second and ends the
+//! connections of the zones whose security groups changed. The control socket's `ports`,
+//! `flows`, `trace`, `ct` and `ct flush` are answered by `inspect`.
+//!
+//! Not yet: provider networks and NAT (floating IPs, default SNAT). A restart costs every
+//! megaflow and every tracked connection (both live in the process) and the frames in
+//! flight; the agent reads the NB again, the first frames of each flow go through the
+//! pipeline, and connections a security group admits only as established must start again.
 
+use super::inspect::{FlowRequests, Inspect};
 use super::{Burst, DpdkError, Eal, EthPort, Mempool};
 use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
 use crate::metrics::{PortInfo, Shared};
 use crate::netdev;
 use crate::pipeline::Tables;
+use crate::userct::ConnTable;
 use crate::userneigh::UnderlayNeigh;
 use crate::userpath::{Counters, Tx, UserPath};
 use arc_swap::ArcSwapOption;
 use crossbeam_channel::Receiver;
-use geneflow_abi::{ctr, MAX_FLOWS, MAX_PORTS, MAX_QUEUES};
+use geneflow_abi::{ct, ctr, MAX_FLOWS, MAX_PORTS, MAX_QUEUES};
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::model::Mac;
 use std::net::Ipv4Addr;
@@ -44,6 +51,8 @@ const IDLE_POLLS: u32 = 1024;
 const IDLE_NAP: Duration = Duration::from_micros(200);
 /// How often counters and gauges are published.
 const PUBLISH: Duration = Duration::from_millis(100);
+/// How often idle connections are expired (and the connection caches' epoch ends).
+const CT_EXPIRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct DpdkConfig {
@@ -100,6 +109,8 @@ struct Common<'a, 'p> {
     tables: &'a ArcSwapOption<Tables>,
     gens: &'a Arc<Generations>,
     neigh: &'a Arc<Mutex<UnderlayNeigh>>,
+    conntrack: &'a Arc<ConnTable>,
+    flows: &'a FlowRequests,
     uplink_mac: [u8; 6],
     udp_csum: bool,
     shared: &'a Shared,
@@ -143,7 +154,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
         .collect();
     let mut path = UserPath::new(
         FlowCache::new(c.gens.clone(), MAX_FLOWS as usize),
-        c.neigh.clone(),
+        (c.neigh.clone(), c.conntrack.clone()),
         ports.len(),
         (c.ifindexes[0], c.uplink_mac),
         c.udp_csum,
@@ -195,6 +206,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
             last_publish = Instant::now();
             publish(c.shared, &ports, &path, &mut published);
             c.megaflows[q as usize].store(path.cache.len() as u64, Ordering::Relaxed);
+            c.flows.serve(q as usize, &path.cache);
             c.shared.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
             c.shared
                 .busy_frames
@@ -218,6 +230,29 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
         megaflows = path.cache.len(),
         "DPDK poll thread stopping"
     );
+}
+
+/// Ends the epoch of the poll threads' connection caches (their established tuples are
+/// refreshed in the table once per epoch) and deletes the idle connections; publishes the
+/// table's gauges.
+fn expire(conntrack: &ConnTable, shared: &Shared) {
+    conntrack.bump_epoch();
+    let (gone, left) = conntrack.expire(conntrack.ns(Instant::now()));
+    if gone > 0 {
+        tracing::debug!(expired = gone, "conntrack entries expired");
+    }
+    shared.conntrack.store(left as u64, Ordering::Relaxed);
+    shared
+        .conntrack_evicted
+        .store(conntrack.evicted.load(Ordering::Relaxed), Ordering::Relaxed);
+    if left >= conntrack.capacity() * 95 / 100 {
+        shared.conntrack_full.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            entries = left,
+            capacity = conntrack.capacity(),
+            "conntrack table full: the least recently seen connections are evicted"
+        );
+    }
 }
 
 /// Runs until `stop`; every DPDK resource is released on return, error or not. Control
@@ -271,6 +306,8 @@ pub fn serve(
         Mac(uplink_mac),
     )));
     let megaflows: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
+    let conntrack = Arc::new(ConnTable::new(ct::MAX_ENTRIES as usize));
+    let flows = FlowRequests::new(threads);
     let port_infos = |bindings: &dyn Fn(&str) -> Option<String>| -> Vec<PortInfo> {
         ifaces
             .iter()
@@ -294,6 +331,8 @@ pub fn serve(
         tables: &tables,
         gens: &gens,
         neigh: &neigh,
+        conntrack: &conntrack,
+        flows: &flows,
         uplink_mac,
         udp_csum: cfg.udp_csum,
         shared: &shared,
@@ -313,16 +352,28 @@ pub fn serve(
                 stop.store(true, Ordering::Relaxed);
             }
         }
+        let mut acls = Default::default();
+        let mut last_expiry = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let Ok(u) = pipelines.recv_timeout(PUBLISH) else {
                 shared.megaflows.store(
                     megaflows.iter().map(|m| m.load(Ordering::Relaxed)).sum(),
                     Ordering::Relaxed,
                 );
+                let inspect = Inspect {
+                    ifaces: &ifaces,
+                    ifindexes: &ifindexes,
+                    tables: tables.load_full(),
+                    conntrack: &conntrack,
+                    flows: &flows,
+                    shared: &shared,
+                };
                 for req in ctl.try_iter() {
-                    let _ = req.reply.send(serde_json::json!({
-                        "error": format!("{:?} is not served by the DPDK datapath yet", req.cmd)
-                    }));
+                    let _ = req.reply.send(inspect.answer(&req.cmd, &req.arg));
+                }
+                if last_expiry.elapsed() >= CT_EXPIRY {
+                    last_expiry = Instant::now();
+                    expire(&conntrack, &shared);
                 }
                 continue;
             };
@@ -347,6 +398,23 @@ pub fn serve(
                 None => warn!("no tunnel address for this chassis in the NB yet"),
             }
             tables.store(Some(Arc::new(t)));
+            // The connections of zones whose security groups changed are checked again.
+            let now_acls = u.pipeline.acls_by_zone();
+            let zones = geneflow_control::compiler::changed_acl_zones(&acls, &now_acls);
+            acls = now_acls;
+            if !zones.is_empty() {
+                let n = conntrack.delete(|k, _| zones.contains(&k.zone));
+                shared
+                    .conntrack_flushed
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if n > 0 {
+                    info!(
+                        ?zones,
+                        ended = n,
+                        "security groups changed: their connections are checked again"
+                    );
+                }
+            }
             if let Ok(mut g) = shared.ports.lock() {
                 *g = port_infos(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
             }

@@ -167,7 +167,7 @@ impl Forwarder {
     pub(super) fn apply(&mut self, upd: PipelineUpdate) {
         let old_ip = self.pipeline.encap_ip;
         let old_external = self.pipeline.external_ip;
-        let old_acls = super::conntrack::acls_by_zone(&self.pipeline);
+        let old_acls = self.pipeline.acls_by_zone();
         self.pipeline = match self.cfg.encap_ip {
             Some(ip) if upd.pipeline.encap_ip != Some(ip) => {
                 let mut p = (*upd.pipeline).clone();

@@ -6,46 +6,22 @@
 use super::*;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use geneflow_abi::{ct, CtEntry, CtKey, PortCounters};
-use geneflow_control::acl::PortAcl;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Idle timeout of an entry, by IP protocol.
 fn timeout(proto: u8) -> Duration {
-    match proto {
-        6 => Duration::from_secs(6 * 3600),
-        17 => Duration::from_secs(60),
-        _ => Duration::from_secs(30),
-    }
-}
-
-/// The ACLs of each zone (datapath), to tell which zones' groups changed.
-pub(super) fn acls_by_zone(p: &Pipeline) -> BTreeMap<u32, Vec<(u16, PortAcl)>> {
-    p.datapaths
-        .iter()
-        .map(|(k, d)| {
-            let acls = d
-                .ports
-                .values()
-                .filter_map(|p| p.acl.clone().map(|a| (p.key, a)))
-                .collect();
-            (*k, acls)
-        })
-        .collect()
+    Duration::from_secs(ct::idle_timeout_s(proto, 0))
 }
 
 impl Forwarder {
     /// Ends the connections of the zones whose security groups changed between `old` and the
     /// current pipeline. Returns how many entries went.
-    pub(super) fn ct_flush_changed(&mut self, old: &BTreeMap<u32, Vec<(u16, PortAcl)>>) -> usize {
-        let new = acls_by_zone(&self.pipeline);
-        let empty = Vec::new();
-        let zones: Vec<u32> = old
-            .keys()
-            .chain(new.keys())
-            .copied()
-            .filter(|z| old.get(z).unwrap_or(&empty) != new.get(z).unwrap_or(&empty))
-            .collect();
+    pub(super) fn ct_flush_changed(
+        &mut self,
+        old: &geneflow_control::compiler::AclsByZone,
+    ) -> usize {
+        let zones =
+            geneflow_control::compiler::changed_acl_zones(old, &self.pipeline.acls_by_zone());
         if zones.is_empty() {
             return 0;
         }
@@ -61,28 +37,6 @@ impl Forwarder {
             );
         }
         n
-    }
-
-    pub(super) fn ct_list(&self) -> serde_json::Value {
-        let now = forward::monotonic_ns();
-        let ip = |v: u32| std::net::Ipv4Addr::from(v.to_ne_bytes()).to_string();
-        let entries: Vec<serde_json::Value> = self
-            .bpf
-            .ct_entries()
-            .into_iter()
-            .map(|(k, e): (CtKey, CtEntry)| {
-                serde_json::json!({
-                    "zone": k.zone,
-                    "proto": k.proto,
-                    "src": format!("{}:{}", ip(k.src), u16::from_be(k.sport)),
-                    "dst": format!("{}:{}", ip(k.dst), u16::from_be(k.dport)),
-                    "age_s": now.saturating_sub(e.created_ns) as f64 / 1e9,
-                    "idle_s": now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
-                    "closing": e.flags & geneflow_abi::ct::CLOSING != 0,
-                })
-            })
-            .collect();
-        serde_json::json!({ "entries": entries })
     }
 }
 
@@ -190,12 +144,8 @@ fn expire(
         .flatten()
         .inspect(|_| total += 1)
         .filter(|(k, e)| {
-            let t = if e.flags & ct::CLOSING != 0 {
-                Duration::from_secs(ct::CLOSING_TIMEOUT_S)
-            } else {
-                timeout(k.proto)
-            };
-            now.saturating_sub(e.last_seen_ns) > t.as_nanos() as u64
+            now.saturating_sub(e.last_seen_ns)
+                > ct::idle_timeout_s(k.proto, e.flags) * 1_000_000_000
         })
         .map(|(k, _)| k)
         .collect();

@@ -4,7 +4,6 @@
 
 use super::*;
 use crate::pipeline::Napt;
-use geneflow_abi::CtKey;
 
 /// `frame` with the 802.1Q tag of `vlan` (`VLAN_PRESENT | vid`) after its MACs, into `buf`;
 /// its length, or `None` if it does not fit.
@@ -129,21 +128,7 @@ impl Forwarder {
         }
         // A new connection an ACL allowed: commit it here for this first packet (the
         // megaflow's action commits the next connections that match it).
-        for zone in d.ct_commit.into_iter().filter(|z| *z != 0) {
-            let post = zone & geneflow_abi::ct::POST_NAT != 0;
-            let ip = |a: Option<std::net::Ipv4Addr>, k: u32| match (post, a) {
-                (true, Some(a)) => u32::from_ne_bytes(a.octets()),
-                _ => k,
-            };
-            let key = CtKey {
-                zone: zone & !geneflow_abi::ct::POST_NAT,
-                src: ip(d.nat.0, d.key.ip_src),
-                dst: ip(d.nat.1, d.key.ip_dst),
-                sport: d.key.l4_src,
-                dport: d.key.l4_dst,
-                proto: d.key.ip_proto,
-                pad: [0; 3],
-            };
+        for key in d.ct_commit_keys() {
             match bpf.ct_commit(&key, monotonic_ns()) {
                 Ok(()) => shared.count(in_slot, ctr::CT_COMMITTED, 1),
                 Err(e) => tracing::debug!("conntrack commit failed: {e}"),

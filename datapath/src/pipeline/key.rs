@@ -64,12 +64,37 @@ pub fn extract_key(frame: &[u8], in_ifindex: u32) -> Option<FlowKey> {
         k.l4_src = u16::from_ne_bytes([rest[ihl], rest[ihl + 1]]);
         k.l4_dst = u16::from_ne_bytes([rest[ihl + 2], rest[ihl + 3]]);
     }
+    // TCP flags, for conntrack only (`pad` is in no mask), as XDP keys them.
+    if proto == 6 && frag & 0x1fff == 0 {
+        if let Some(&flags) = rest.get(ihl + 13) {
+            k.pad = flags;
+        }
+    }
     Some(k)
 }
 
 /// An IPv4 address stored in network byte order in a key field.
 pub fn key_ip(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// One megaflow as `geneflowctl flows` shows it: its match and action, its datapath and
+/// generation, whether it is stale, its hits and (where known) its age.
+pub fn flow_json(
+    (key, mask, a): (&FlowKey, &FlowKey, &FlowAction),
+    (stale, hits, age_s): (bool, u64, Option<f64>),
+    ifname: &dyn Fn(u32) -> String,
+) -> serde_json::Value {
+    serde_json::json!({
+        "match": describe_match(key, mask),
+        "mask_id": key.mask_id,
+        "action": describe_action(a, ifname, true),
+        "datapath": a.dp_key,
+        "generation": a.generation,
+        "stale": stale,
+        "hits": hits,
+        "age_s": age_s,
+    })
 }
 
 /// A megaflow's match, human readable: only the fields its mask consults.

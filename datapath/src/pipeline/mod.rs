@@ -51,8 +51,8 @@ mod tests_security;
 mod tests_userpath;
 
 pub use encap::{emit_encap, EncapParams};
-pub use key::{describe_action, describe_match, extract_key};
-pub use trace::{frame_from_spec, Trace};
+pub use key::{describe_action, describe_match, extract_key, flow_json};
+pub use trace::{frame_from_spec, trace_answer, Trace};
 
 use crate::wire::geneve::OvnMetadata;
 use geneflow_abi::{act, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD, VLAN_PRESENT};
@@ -158,6 +158,33 @@ pub struct Decision {
     pub nat: (Option<Ipv4Addr>, Option<Ipv4Addr>),
 }
 
+impl Decision {
+    /// The connections to commit for this first packet (`ct_commit`): per zone, the tuple as
+    /// it arrived, or as translated for a `ct::POST_NAT` zone.
+    pub fn ct_commit_keys(&self) -> impl Iterator<Item = geneflow_abi::CtKey> + '_ {
+        use geneflow_abi::ct::POST_NAT;
+        self.ct_commit
+            .into_iter()
+            .filter(|z| *z != 0)
+            .map(move |zone| {
+                let post = zone & POST_NAT != 0;
+                let ip = |a: Option<Ipv4Addr>, k: u32| match (post, a) {
+                    (true, Some(a)) => u32::from_ne_bytes(a.octets()),
+                    _ => k,
+                };
+                geneflow_abi::CtKey {
+                    zone: zone & !POST_NAT,
+                    src: ip(self.nat.0, self.key.ip_src),
+                    dst: ip(self.nat.1, self.key.ip_dst),
+                    sport: self.key.l4_src,
+                    dport: self.key.l4_dst,
+                    proto: self.key.ip_proto,
+                    pad: [0; 3],
+                }
+            })
+    }
+}
+
 /// Default SNAT the pipeline decided (`flag::NAPT`, `act::UNNAPT`); the forwarder allocates
 /// or looks up the translation and rewrites the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +223,8 @@ pub struct Tables {
     provider_out: HashMap<u32, (u32, u16)>,
     /// Every provider interface, whether or not a switch of this chassis uses its physnet.
     provider_ports: Vec<u32>,
+    /// Some port bound here has security groups (`Pipeline::has_acl`): conntrack runs.
+    has_acl: bool,
     /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
     ext_neigh: BTreeMap<(u32, Ipv4Addr), ([u8; 6], bool)>,
 }
@@ -351,6 +380,7 @@ impl Tables {
             }
         }
         Tables {
+            has_acl: pipeline.has_acl(),
             pipeline,
             uplink_ifindex,
             uplink_mtu,
@@ -539,6 +569,20 @@ impl Tables {
             return Ok(None);
         }
         Ok(extract_key(frame, in_ifindex).map(|k| (k, 0)))
+    }
+
+    /// The conntrack zone of frames arriving on `in_ifindex` with key `key`, as the XDP
+    /// program picks it (0: not tracked). Once any port here has security groups, every
+    /// frame is tracked, so that replies toward a port with groups are known whichever port
+    /// they come from: a VM port's in its switch's zone, the uplink's in its VNI's.
+    pub fn ct_zone(&self, in_ifindex: u32, key: &FlowKey) -> u32 {
+        if !self.has_acl {
+            0
+        } else if in_ifindex == self.uplink_ifindex {
+            key.tun_vni
+        } else {
+            self.ports.get(&in_ifindex).map_or(0, |p| p.dp_key)
+        }
     }
 
     /// This chassis's tunnel address, if the NB gives it one.

@@ -33,7 +33,14 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     let mut neigh = UnderlayNeigh::new("198.18.0.1".parse().unwrap(), Mac(A_MAC));
     neigh.set_allowed(["198.18.0.2".parse().unwrap()]);
     let neigh = Arc::new(std::sync::Mutex::new(neigh));
-    let path = UserPath::new(FlowCache::new(gens, 1000), neigh, 1, (UPLINK, A_MAC), true);
+    let ct = Arc::new(crate::userct::ConnTable::new(1024));
+    let path = UserPath::new(
+        FlowCache::new(gens, 1000),
+        (neigh, ct),
+        1,
+        (UPLINK, A_MAC),
+        true,
+    );
     (table, path)
 }
 

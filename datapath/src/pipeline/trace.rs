@@ -75,6 +75,52 @@ pub fn frame_from_spec(v: &serde_json::Value) -> Result<(String, Vec<u8>), Strin
     Ok((in_port, frame))
 }
 
+/// The control socket's answer to `trace` (`arg`: the packet description of
+/// `frame_from_spec`, and `vlan` for a provider network): where the frame comes in is the
+/// uplink, a port bound here (by logical port or interface), or what `other` finds (a
+/// provider network).
+pub fn trace_answer(
+    tables: &Tables,
+    arg: &serde_json::Value,
+    other: &dyn Fn(&str) -> Option<u32>,
+    ifname: &dyn Fn(u32) -> String,
+) -> serde_json::Value {
+    use serde_json::json;
+    let (in_port, frame) = match frame_from_spec(arg) {
+        Err(e) => return json!({ "error": e }),
+        Ok(x) => x,
+    };
+    let ix = if in_port == "uplink" {
+        Some(tables.uplink_ifindex)
+    } else {
+        other(&in_port).or_else(|| {
+            tables
+                .pipeline
+                .bindings
+                .values()
+                .find(|b| b.port == in_port || b.iface == in_port)
+                .and_then(|b| tables.ifindex(&b.iface))
+        })
+    };
+    let vlan = arg["vlan"]
+        .as_u64()
+        .filter(|v| (1..=4094).contains(v))
+        .map(|v| geneflow_abi::VLAN_PRESENT | v as u16)
+        .unwrap_or(0);
+    let Some(ix) = ix else {
+        return json!({ "error": format!("{in_port:?} is not a port bound on this chassis") });
+    };
+    let t = tables.trace(&frame, (ix, vlan), ifname);
+    json!({
+        "stages": t.stages,
+        "outputs": t.outputs.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),
+        "verdict": match &t.verdict {
+            Ok(_) => "forward".to_string(),
+            Err(r) => format!("drop: {r:?}"),
+        },
+    })
+}
+
 impl Tables {
     /// Runs the pipeline on `frame` like `process` and says, stage by stage, what it did
     /// (like ovn-trace / ofproto/trace). Sends nothing. `ifname` names an ifindex.

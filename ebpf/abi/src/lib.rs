@@ -344,6 +344,19 @@ pub mod ct {
     /// pairs (2-way set associative). 4096 slots, 128 KB per CPU.
     pub const CACHE_BLOCKS: u32 = 4;
     pub const CACHE_BLOCK_SLOTS: usize = 1024;
+
+    /// How long an idle entry lives, in seconds: by IP protocol (like Cilium's defaults:
+    /// TCP 6 h, UDP 60 s, others 30 s), `CLOSING_TIMEOUT_S` once `flags` has `CLOSING`.
+    pub const fn idle_timeout_s(proto: u8, flags: u32) -> u64 {
+        if flags & CLOSING != 0 {
+            return CLOSING_TIMEOUT_S;
+        }
+        match proto {
+            6 => 6 * 3600,
+            17 => 60,
+            _ => 30,
+        }
+    }
 }
 
 /// One slot of the per-CPU connection cache in front of `CT`, in the manner of OVS's exact

@@ -192,15 +192,25 @@ fn run(cli: Cli) -> Result<()> {
             if agent.printed_json(&v)? {
                 return Ok(());
             }
-            println!("{} masks", v["masks"]);
+            if let Some(m) = v["masks"].as_u64() {
+                println!("{m} masks");
+            }
             for f in v["megaflows"].as_array().cloned().unwrap_or_default() {
+                // The DPDK datapath's caches are per poll thread, and keep no age.
+                let thread = f["thread"]
+                    .as_u64()
+                    .map(|t| format!("thread {t} "))
+                    .unwrap_or_default();
+                let age = f["age_s"]
+                    .as_f64()
+                    .map(|a| format!(" age:{a:.1}s"))
+                    .unwrap_or_default();
                 println!(
-                    "mask {} {} actions:{} hits:{} age:{:.1}s{}",
+                    "{thread}mask {} {} actions:{} hits:{}{age}{}",
                     f["mask_id"],
                     f["match"].as_str().unwrap_or(""),
                     f["action"].as_str().unwrap_or(""),
                     f["hits"],
-                    f["age_s"].as_f64().unwrap_or(0.0),
                     if f["stale"].as_bool().unwrap_or(false) {
                         " (stale)"
                     } else {

@@ -1,0 +1,498 @@
+//! Connection tracking in userspace, for the DPDK backend: the XDP program's conntrack
+//! (`ebpf/xdp/src/prog/conntrack.rs`) with the same keys, states and timeouts, over memory
+//! the poll threads share instead of BPF maps.
+//!
+//! - `ConnTable`: the table every poll thread and the control thread share (a connection's
+//!   two directions may land on different threads). Sharded, one lock per shard, taken only
+//!   when a thread's own cache cannot answer; bounded (`ct::MAX_ENTRIES`): a full shard
+//!   evicts its least recently seen entry, counted, as the LRU map does.
+//! - `CtCache`: per poll thread, XDP's per-CPU connection cache: 2-way sets of the last
+//!   established tuples, valid for one epoch of the table (bumped about once a second and
+//!   after any deletion), so that an established connection costs no lock, and its entry's
+//!   timestamp is refreshed once an epoch.
+//! - `lookup`, `icmp_error_related`, `commit`: the frame-side operations, sans-IO.
+//!
+//! Expiry, zone flushes and listing are the control thread's (`expire`, `delete`,
+//! `entries`).
+
+use geneflow_abi::{ct, flag, CtCacheSlot, CtEntry, CtKey, FlowAction, FlowKey};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+const SHARDS: usize = 64;
+/// Slots of a poll thread's connection cache (XDP's per-CPU cache has as many).
+const CACHE_SLOTS: usize = ct::CACHE_BLOCKS as usize * ct::CACHE_BLOCK_SLOTS;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const NS: u64 = 1_000_000_000;
+
+/// The conntrack tuple of an IPv4 TCP, UDP or ICMP key in `zone`; `None` for the rest.
+pub fn ct_key(key: &FlowKey, zone: u32) -> Option<CtKey> {
+    if key.eth_type != 0x0800u16.to_be() || !matches!(key.ip_proto, 1 | 6 | 17) {
+        return None;
+    }
+    Some(CtKey {
+        zone,
+        src: key.ip_src,
+        dst: key.ip_dst,
+        sport: key.l4_src,
+        dport: key.l4_dst,
+        proto: key.ip_proto,
+        pad: [0; 3],
+    })
+}
+
+/// The other direction of `k`.
+fn reversed(k: &CtKey) -> CtKey {
+    CtKey {
+        src: k.dst,
+        dst: k.src,
+        sport: k.dport,
+        dport: k.sport,
+        ..*k
+    }
+}
+
+/// Multiplicative hash of a tuple, for picking a shard or a cache set. Not keyed: a VM that
+/// aims its tuples at one shard or set only costs itself lock sharing or cache misses; the
+/// shards' maps are keyed (`HashMap`'s SipHash).
+fn spread(k: &CtKey) -> u32 {
+    let ports = (k.sport as u32) << 16 | k.dport as u32;
+    (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32)
+        .wrapping_add(k.zone)
+        .wrapping_mul(0x9e37_79b1)
+}
+
+type Shard = Mutex<HashMap<CtKey, CtEntry>>;
+
+/// The shared connection table.
+pub struct ConnTable {
+    shards: Box<[Shard]>,
+    per_shard: usize,
+    /// Validity epoch of the poll threads' caches; never 0 (an unwritten slot).
+    epoch: AtomicU32,
+    base: Instant,
+    /// Entries a full shard evicted.
+    pub evicted: AtomicU64,
+}
+
+impl ConnTable {
+    /// A table of at most `capacity` entries (at least one per shard).
+    pub fn new(capacity: usize) -> ConnTable {
+        ConnTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+            epoch: AtomicU32::new(1),
+            base: Instant::now(),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// The table's clock: nanoseconds since it was made.
+    pub fn ns(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    fn shard(&self, k: &CtKey) -> std::sync::MutexGuard<'_, HashMap<CtKey, CtEntry>> {
+        let s = &self.shards[(spread(k) >> 26) as usize % SHARDS];
+        // A poisoned shard (a panicked thread) still holds consistent entries.
+        s.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Ends the current epoch: every cached tuple is looked up in the table again.
+    pub fn bump_epoch(&self) {
+        let _ = self
+            .epoch
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                Some(e.wrapping_add(1).max(1))
+            });
+    }
+
+    /// Looks `k` up, refreshing its timestamp (once it is a second old) and marking it
+    /// closing if `closing`; whether it is there.
+    fn touch(&self, k: &CtKey, now: u64, closing: bool) -> bool {
+        let mut s = self.shard(k);
+        let Some(e) = s.get_mut(k) else {
+            return false;
+        };
+        if now.saturating_sub(e.last_seen_ns) > NS {
+            e.last_seen_ns = now;
+        }
+        if closing {
+            e.flags |= ct::CLOSING;
+        }
+        true
+    }
+
+    pub fn contains(&self, k: &CtKey) -> bool {
+        self.shard(k).contains_key(k)
+    }
+
+    /// Writes `k` as a new connection (replacing any entry, as the BPF map's insert does);
+    /// a full shard first evicts its least recently seen entry.
+    pub fn commit(&self, k: &CtKey, now: u64) {
+        let mut s = self.shard(k);
+        if s.len() >= self.per_shard && !s.contains_key(k) {
+            let oldest = s
+                .iter()
+                .min_by_key(|(_, e)| e.last_seen_ns)
+                .map(|(k, _)| *k);
+            if let Some(o) = oldest {
+                s.remove(&o);
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        s.insert(
+            *k,
+            CtEntry {
+                last_seen_ns: now,
+                created_ns: now,
+                ..CtEntry::default()
+            },
+        );
+    }
+
+    /// Deletes the entries idle longer than their timeout; returns (deleted, left). A
+    /// deletion ends the epoch.
+    pub fn expire(&self, now: u64) -> (usize, usize) {
+        let gone = self.delete(|k, e| {
+            now.saturating_sub(e.last_seen_ns) > ct::idle_timeout_s(k.proto, e.flags) * NS
+        });
+        (gone, self.len())
+    }
+
+    /// Deletes the entries `doomed` picks; returns how many. A deletion ends the epoch, so
+    /// that no thread keeps passing a connection from its cache.
+    pub fn delete(&self, doomed: impl Fn(&CtKey, &CtEntry) -> bool) -> usize {
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let before = s.len();
+            s.retain(|k, e| !doomed(k, e));
+            n += before - s.len();
+        }
+        if n > 0 {
+            self.bump_epoch();
+        }
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.per_shard * SHARDS
+    }
+
+    /// Every entry, for `geneflowctl ct`.
+    pub fn entries(&self) -> Vec<(CtKey, CtEntry)> {
+        let mut v = Vec::new();
+        for s in self.shards.iter() {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            v.extend(s.iter().map(|(k, e)| (*k, *e)));
+        }
+        v
+    }
+}
+
+/// A poll thread's connection cache (see the module's comment).
+pub struct CtCache {
+    slots: Box<[CtCacheSlot]>,
+    /// Lookups the cache answered, and those that went to the table.
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl Default for CtCache {
+    fn default() -> Self {
+        CtCache {
+            slots: vec![CtCacheSlot::default(); CACHE_SLOTS].into_boxed_slice(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+}
+
+impl CtCache {
+    /// Index of the first of the two slots of `k`'s set.
+    fn set(k: &CtKey) -> usize {
+        (spread(k) as usize % (CACHE_SLOTS / 2)) * 2
+    }
+}
+
+/// Sets `key.ct_state` for a frame tracked in `zone`: established (its connection's own
+/// direction, or the reply), else new. The thread's cache first; in the table, the entry
+/// found is refreshed and cached. A TCP FIN or RST always reaches the entry (closing).
+pub fn lookup(table: &ConnTable, cache: &mut CtCache, key: &mut FlowKey, zone: u32, now: u64) {
+    let Some(k) = ct_key(key, zone) else {
+        return;
+    };
+    let closing = k.proto == 6 && key.pad & (TCP_FIN | TCP_RST) != 0;
+    let epoch = table.epoch();
+    let first = CtCache::set(&k);
+    if !closing {
+        for c in &cache.slots[first..first + 2] {
+            if c.epoch == epoch && c.key == k {
+                key.ct_state = c.state;
+                cache.hits += 1;
+                return;
+            }
+        }
+    }
+    cache.misses += 1;
+    let state = if table.touch(&k, now, closing) {
+        ct::EST
+    } else if table.touch(&reversed(&k), now, closing) {
+        ct::EST | ct::REPLY
+    } else {
+        key.ct_state = ct::NEW;
+        return;
+    };
+    key.ct_state = state;
+    // A free way (stale epoch) if there is one, else the second: its tenant moves to the
+    // first, so the set keeps the two latest tuples.
+    let set = &mut cache.slots[first..first + 2];
+    let way = if set[0].epoch != epoch || set[0].key == k {
+        0
+    } else {
+        if set[1].epoch == epoch {
+            set[0] = set[1];
+        }
+        1
+    };
+    set[way] = CtCacheSlot {
+        key: k,
+        epoch,
+        state,
+        pad: [0; 7],
+    };
+}
+
+/// Whether the IPv4 frame at `frame[off..]` (Ethernet first) is an ICMP error (destination
+/// unreachable, time exceeded, parameter problem) quoting a packet of a connection tracked
+/// in `zone`, either way: an error from the far end or from a router on the way.
+pub fn icmp_error_related(table: &ConnTable, frame: &[u8], off: usize, zone: u32) -> bool {
+    let Some(ip) = frame.get(off + 14..) else {
+        return false;
+    };
+    if ip.len() < 20 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        return false;
+    }
+    let icmp = &ip[(ip[0] & 0x0f) as usize * 4..];
+    // The ICMP header and the quoted IPv4 header.
+    if icmp.len() < 8 + 20 || !matches!(icmp[0], 3 | 11 | 12) {
+        return false;
+    }
+    let q = &icmp[8..];
+    let qihl = (q[0] & 0x0f) as usize * 4;
+    if q[0] >> 4 != 4 || qihl < 20 {
+        return false;
+    }
+    let (sport, dport) = match q[9] {
+        6 | 17 => match q.get(qihl..qihl + 4) {
+            Some(l4) => (
+                u16::from_ne_bytes([l4[0], l4[1]]),
+                u16::from_ne_bytes([l4[2], l4[3]]),
+            ),
+            None => return false,
+        },
+        1 => (0, 0),
+        _ => return false,
+    };
+    let k = CtKey {
+        zone,
+        src: u32::from_ne_bytes([q[12], q[13], q[14], q[15]]),
+        dst: u32::from_ne_bytes([q[16], q[17], q[18], q[19]]),
+        sport,
+        dport,
+        proto: q[9],
+        pad: [0; 3],
+    };
+    table.contains(&k) || table.contains(&reversed(&k))
+}
+
+/// Commits the key's connection in the action's zones (`flag::CT_COMMIT`), translated for a
+/// `ct::POST_NAT` zone; returns how many entries it wrote.
+pub fn commit(table: &ConnTable, key: &FlowKey, a: &FlowAction, now: u64) -> u64 {
+    let mut n = 0;
+    for z in a.ct_zones {
+        if z == 0 {
+            continue;
+        }
+        let mut t = *key;
+        if z & ct::POST_NAT != 0 {
+            if a.flags & flag::SNAT != 0 {
+                t.ip_src = a.nat_src;
+            }
+            if a.flags & flag::DNAT != 0 {
+                t.ip_dst = a.nat_dst;
+            }
+        }
+        if let Some(k) = ct_key(&t, z & !ct::POST_NAT) {
+            table.commit(&k, now);
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
+        let mut k = FlowKey::zeroed();
+        k.eth_type = 0x0800u16.to_be();
+        k.ip_proto = 17;
+        k.ip_src = u32::from_ne_bytes(src);
+        k.ip_dst = u32::from_ne_bytes(dst);
+        k.l4_src = sport.to_be();
+        k.l4_dst = dport.to_be();
+        k
+    }
+
+    fn committing(zone: u32) -> FlowAction {
+        let mut a = FlowAction::default();
+        a.flags |= flag::CT_COMMIT;
+        a.ct_zones = [zone, 0];
+        a
+    }
+
+    #[test]
+    fn new_then_established_both_ways_and_only_in_its_zone() {
+        let t = ConnTable::new(1024);
+        let mut c = CtCache::default();
+        let mut k = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 53);
+        lookup(&t, &mut c, &mut k, 7, 0);
+        assert_eq!(k.ct_state, ct::NEW);
+        assert_eq!(commit(&t, &k, &committing(7), 0), 1);
+        let mut k2 = k;
+        lookup(&t, &mut c, &mut k2, 7, 1);
+        assert_eq!(k2.ct_state, ct::EST);
+        let mut r = udp([10, 0, 0, 2], [10, 0, 0, 1], 53, 1000);
+        lookup(&t, &mut c, &mut r, 7, 2);
+        assert_eq!(r.ct_state, ct::EST | ct::REPLY);
+        // Another zone, another port pair: new.
+        let mut other = k;
+        lookup(&t, &mut c, &mut other, 8, 3);
+        assert_eq!(other.ct_state, ct::NEW);
+        let mut other = udp([10, 0, 0, 2], [10, 0, 0, 1], 54, 1000);
+        lookup(&t, &mut c, &mut other, 7, 3);
+        assert_eq!(other.ct_state, ct::NEW);
+        // Not IPv4 TCP/UDP/ICMP: untracked.
+        let mut arp = FlowKey::zeroed();
+        lookup(&t, &mut c, &mut arp, 7, 3);
+        assert_eq!(arp.ct_state, 0);
+    }
+
+    #[test]
+    fn the_cache_answers_within_an_epoch_and_a_deletion_ends_it() {
+        let t = ConnTable::new(1024);
+        let mut c = CtCache::default();
+        let k = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 53);
+        commit(&t, &k, &committing(7), 0);
+        for _ in 0..3 {
+            let mut x = k;
+            lookup(&t, &mut c, &mut x, 7, 0);
+            assert_eq!(x.ct_state, ct::EST);
+        }
+        assert_eq!((c.hits, c.misses), (2, 1));
+        // A flush of the zone: the cached tuple must not pass as established any more.
+        assert_eq!(t.delete(|k, _| k.zone == 7), 1);
+        let mut x = k;
+        lookup(&t, &mut c, &mut x, 7, 0);
+        assert_eq!(x.ct_state, ct::NEW);
+    }
+
+    #[test]
+    fn idle_entries_expire_by_protocol_and_closing_tcp_sooner() {
+        let t = ConnTable::new(1024);
+        let mut c = CtCache::default();
+        let u = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 53);
+        commit(&t, &u, &committing(7), 0);
+        let mut tcp = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 80);
+        tcp.ip_proto = 6;
+        commit(&t, &tcp, &committing(7), 0);
+        assert_eq!(t.expire(59 * NS), (0, 2));
+        assert_eq!(t.expire(61 * NS), (1, 1));
+        // A FIN seen: closing, gone 10 s later, although TCP idles for 6 hours.
+        let mut fin = tcp;
+        fin.pad = TCP_FIN;
+        lookup(&t, &mut c, &mut fin, 7, 62 * NS);
+        assert_eq!(fin.ct_state, ct::EST);
+        assert_eq!(t.expire(71 * NS), (0, 1));
+        assert_eq!(t.expire(73 * NS), (1, 0));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_least_recently_seen() {
+        let t = ConnTable::new(SHARDS);
+        assert_eq!(t.capacity(), SHARDS);
+        for i in 0..4000u32 {
+            let k = udp([10, 0, 0, 1], [10, 1, (i >> 8) as u8, i as u8], 1000, 53);
+            commit(&t, &k, &committing(7), i as u64);
+        }
+        assert!(t.len() <= SHARDS);
+        assert_eq!(
+            t.evicted.load(Ordering::Relaxed) as usize,
+            4000 - t.len(),
+            "every entry that went was counted"
+        );
+        // The newest one stayed.
+        let newest = udp([10, 0, 0, 1], [10, 1, 15, 159], 1000, 53);
+        assert!(t.contains(&ct_key(&newest, 7).unwrap()));
+    }
+
+    #[test]
+    fn post_nat_zones_commit_the_translated_tuple() {
+        let t = ConnTable::new(1024);
+        let k = udp([203, 0, 113, 9], [172, 24, 4, 100], 1000, 80);
+        let mut a = committing(7 | ct::POST_NAT);
+        a.flags |= flag::DNAT;
+        a.nat_dst = u32::from_ne_bytes([10, 0, 0, 5]);
+        assert_eq!(commit(&t, &k, &a, 0), 1);
+        let fixed = udp([203, 0, 113, 9], [10, 0, 0, 5], 1000, 80);
+        assert!(t.contains(&ct_key(&fixed, 7).unwrap()));
+        assert!(!t.contains(&ct_key(&k, 7).unwrap()));
+    }
+
+    #[test]
+    fn icmp_errors_about_a_tracked_connection_are_related() {
+        let t = ConnTable::new(1024);
+        let k = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 53);
+        commit(&t, &k, &committing(7), 0);
+        // Port unreachable from 10.0.0.2, quoting 10.0.0.1:1000 -> 10.0.0.2:53.
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![
+            0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+        ];
+        ip.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+        ip.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]);
+        ip.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        ip.extend_from_slice(&1000u16.to_be_bytes());
+        ip.extend_from_slice(&53u16.to_be_bytes());
+        f.extend_from_slice(&ip);
+        assert!(icmp_error_related(&t, &f, 0, 7));
+        assert!(!icmp_error_related(&t, &f, 0, 8));
+        // An echo request is not an error; a truncated quote is not related.
+        let mut echo = f.clone();
+        echo[14 + 20] = 8;
+        assert!(!icmp_error_related(&t, &echo, 0, 7));
+        assert!(!icmp_error_related(&t, &f[..f.len() - 4], 0, 7));
+    }
+}

@@ -1,0 +1,73 @@
+//! Security-group helpers for the end-to-end tests: a TCP server in a VM, connecting and
+//! pinging from one, and a group "web" to put a VM in.
+
+use crate::{pipelines_applied, wait_applied, Testbed};
+use anyhow::Result;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A TCP server in VM `vm` on `port` that answers every connection with "ok".
+pub fn server(tb: &Testbed, vm: &str, port: u16) -> Result<Child> {
+    let ns = tb.vm(vm)?.ns.clone();
+    let code = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    c.sendall(b'ok')\n    c.close()\n"
+    );
+    let c = Command::new("ip")
+        .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", &code])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(c)
+}
+
+/// Whether VM `vm` gets "ok" from `ip`:`port` within 2 s.
+pub fn connects(tb: &Testbed, vm: &str, ip: &str, port: u16) -> Result<bool> {
+    let ns = tb.vm(vm)?.ns.clone();
+    let code = format!(
+        "import socket,sys\ntry:\n    c=socket.create_connection(('{ip}',{port}),timeout=2)\n    sys.exit(0 if c.recv(2)==b'ok' else 1)\nexcept Exception:\n    sys.exit(1)\n"
+    );
+    Ok(Command::new("ip")
+        .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", &code])
+        .status()?
+        .success())
+}
+
+pub fn pings(tb: &Testbed, from: &str, ip: &str) -> Result<bool> {
+    let ns = tb.vm(from)?.ns.clone();
+    Ok(Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "ping", "-c", "2", "-W", "1", "-i", "0.2", ip,
+        ])
+        .stdout(Stdio::null())
+        .status()?
+        .success())
+}
+
+/// Puts `vm` (bound to `chassis`) in a new group "web": anything out, and in what the rule
+/// `ingress` (`sg-rule-add web` arguments) allows, if given; returns once `chassis` has
+/// applied it.
+pub fn in_group_web(tb: &Testbed, vm: &str, chassis: &str, ingress: &[&str]) -> Result<()> {
+    tb.nbctl(&["sg-add", "web"])?;
+    tb.nbctl(&["sg-rule-add", "web", "out", "--direction", "egress"])?;
+    if !ingress.is_empty() {
+        let mut args = vec!["sg-rule-add", "web"];
+        args.extend_from_slice(ingress);
+        tb.nbctl(&args)?;
+    }
+    let before = pipelines_applied(tb, chassis)?;
+    tb.nbctl(&["lsp-set-sg", vm, "web"])?;
+    wait_applied(tb, chassis, before)
+}
+
+/// The conntrack entries `geneflowctl ct` lists on `chassis`.
+pub fn ct_entries(tb: &Testbed, chassis: &str) -> Result<Vec<serde_json::Value>> {
+    let sock = tb.chassis[tb.chassis_index(chassis)?].socket.clone();
+    let out = crate::run(
+        Command::new(tb.bin("geneflowctl"))
+            .args(["ct", "--format", "json", "--socket"])
+            .arg(&sock),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["entries"].as_array().cloned().unwrap_or_default())
+}
