@@ -4,16 +4,17 @@
 //! verdict says where the result goes and which counter moves.
 //!
 //! Done here: output (with an 802.1Q tag for a provider VLAN), encapsulation with a cached
-//! next hop, decapsulation, drop and pass, a router's checks and rewrites, and the conntrack
-//! commit (through the caller's hook, at the point XDP commits: after the router's checks).
-//! What needs state the XDP program keeps in maps (NAT, the ARP responder's reply, a next hop
-//! the kernel must resolve) goes to the slow path, as XDP does with what it cannot finish.
+//! next hop, decapsulation, drop and pass, a router's checks and rewrites, a floating IP's
+//! translation, and the conntrack commit (through the caller's hook, at the point XDP
+//! commits: after the router's checks and rewrites). What needs state the XDP program keeps
+//! in maps (default SNAT's translations, the ARP responder's reply, a next hop the kernel
+//! must resolve) goes to the slow path, as XDP does with what it cannot finish.
 
 use crate::pipeline::rewrite::martian;
 use crate::wire::geneve::{self, OvnMetadata};
 use geneflow_abi::{
-    act, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, ENCAP_OVERHEAD, GENEVE_PORT,
-    OVN_OPT_CLASS,
+    act, csum_replace4, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, ENCAP_OVERHEAD,
+    GENEVE_PORT, OVN_OPT_CLASS,
 };
 use std::net::Ipv4Addr;
 
@@ -75,13 +76,15 @@ pub fn execute(
     a: &FlowAction,
     commit: &mut dyn FnMut(),
 ) -> Verdict {
-    let stateful = flag::SNAT | flag::DNAT | flag::NAPT;
-    if a.flags & stateful != 0 || matches!(a.kind, act::UNNAPT | act::ARP_REPLY) {
+    if a.flags & flag::NAPT != 0 || matches!(a.kind, act::UNNAPT | act::ARP_REPLY) {
         return Verdict::SlowPath;
     }
     if a.flags & flag::ROUTE != 0 {
         if let Err(v) = route(f, a) {
             return v;
+        }
+        if a.flags & (flag::SNAT | flag::DNAT) != 0 {
+            nat(f, key, a);
         }
     }
     if a.flags & flag::CT_COMMIT != 0 {
@@ -163,6 +166,48 @@ fn route(f: &mut Frame<'_>, a: &FlowAction) -> Result<(), Verdict> {
     let c = (c & 0xffff) + (c >> 16);
     b[24..26].copy_from_slice(&(c as u16).to_be_bytes());
     Ok(())
+}
+
+/// A floating IP's translation (`flag::SNAT`: source to `nat_src`, `flag::DNAT`:
+/// destination to `nat_dst`) of the routed IPv4 frame `route` checked (plain 20-byte header),
+/// with the IP and the TCP/UDP checksums updated (RFC 1624); a UDP checksum of 0 (none)
+/// stays 0, and a later fragment has no L4 header to update.
+fn nat(f: &mut Frame<'_>, key: &FlowKey, a: &FlowAction) {
+    let p = f.start;
+    let b = &mut f.buf[p..f.end];
+    let rd16 = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let first = u16::from_be(rd16(b, 20)) & 0x1fff == 0;
+    let l4 = ETH_LEN + 20;
+    let at = match key.ip_proto {
+        6 if first => Some(l4 + 16),
+        17 if first => Some(l4 + 6),
+        _ => None,
+    }
+    .filter(|&o| o + 2 <= b.len());
+    let mut ipc = rd16(b, 24);
+    let mut l4c = at.map(|o| rd16(b, o));
+    let udp_none = key.ip_proto == 17 && l4c == Some(0);
+    for (on, off, new) in [
+        (a.flags & flag::SNAT != 0, 26, a.nat_src),
+        (a.flags & flag::DNAT != 0, 30, a.nat_dst),
+    ] {
+        if !on {
+            continue;
+        }
+        let old = u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+        b[off..off + 4].copy_from_slice(&new.to_ne_bytes());
+        ipc = csum_replace4(ipc, old, new);
+        l4c = l4c.map(|c| csum_replace4(c, old, new));
+    }
+    b[24..26].copy_from_slice(&ipc.to_ne_bytes());
+    if let (Some(o), Some(c), false) = (at, l4c, udp_none) {
+        let c = if key.ip_proto == 17 && c == 0 {
+            0xffff
+        } else {
+            c
+        };
+        b[o..o + 2].copy_from_slice(&c.to_ne_bytes());
+    }
 }
 
 /// The Internet checksum of `data` (0 when a header with its checksum in place is good).
@@ -458,6 +503,58 @@ mod tests {
         let c = checksum(&bad[14..34]);
         bad[24..26].copy_from_slice(&c.to_be_bytes());
         assert_eq!(run(&bad, &a).0, Verdict::Drop(ctr::DROP_MARTIAN));
+    }
+
+    #[test]
+    fn a_floating_ip_is_translated_with_good_checksums() {
+        let tcp = {
+            let b = etherparse::PacketBuilder::ethernet2([0x0a, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 9])
+                .ipv4([203, 0, 113, 7], [172, 24, 4, 100], 64)
+                .tcp(40000, 80, 1, 1000);
+            let mut out = Vec::new();
+            b.write(&mut out, &[0x17; 20]).unwrap();
+            out
+        };
+        let mut nocsum = inner();
+        nocsum[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        for (frame, snat) in [(tcp, false), (inner(), true), (nocsum, true)] {
+            let a = FlowAction {
+                kind: act::OUTPUT,
+                flags: flag::ROUTE | if snat { flag::SNAT } else { flag::DNAT },
+                out_ifindex: 4,
+                nat_src: u32::from_ne_bytes([172, 24, 4, 101]),
+                nat_dst: u32::from_ne_bytes([10, 0, 0, 5]),
+                ..Default::default()
+            };
+            let (v, out) = run(&frame, &a);
+            assert!(matches!(v, Verdict::Output { .. }));
+            let p = SlicedPacket::from_ethernet(&out).unwrap();
+            let Some(NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.calc_header_checksum(), h.header_checksum);
+            if snat {
+                assert_eq!(h.source, [172, 24, 4, 101]);
+            } else {
+                assert_eq!(h.destination, [10, 0, 0, 5]);
+            }
+            match &p.transport {
+                Some(etherparse::TransportSlice::Tcp(t)) => {
+                    let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                    assert_eq!(t.checksum(), want);
+                }
+                // No checksum stays none.
+                Some(etherparse::TransportSlice::Udp(u)) if frame[40..42] == [0, 0] => {
+                    assert_eq!(u.checksum(), 0);
+                }
+                Some(etherparse::TransportSlice::Udp(u)) => {
+                    let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                    assert_eq!(u.checksum(), want);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

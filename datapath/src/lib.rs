@@ -7,6 +7,7 @@
 //! wrapper (`dpdk`), the userspace megaflow cache (`flowcache`), a megaflow's action run in
 //! userspace (`flowexec`), the underlay neighbour table of an uplink no kernel sees
 //! (`userneigh`) and the engine that joins them with the pipeline (`userpath`).
+pub mod arpasked;
 pub mod config;
 pub mod ctl;
 #[cfg(feature = "dpdk")]

@@ -3,6 +3,8 @@
 //! slot over with a fresh bucket), under a global bucket that bounds the total whatever the
 //! number of sources. Like Linux's icmp_ratelimit, but per source first.
 
+use crate::pipeline::{Answer, AnswerKind};
+use geneflow_abi::ctr;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
@@ -77,6 +79,77 @@ impl RateLimiter {
         }
         b.take(now, self.rate, self.burst)
             && self.global.take(now, self.global_rate, self.global_burst)
+    }
+}
+
+/// The budget of the answers a slow path generates (ARP, ICMP per asking address; DHCP per
+/// port, a client having no address yet) and the counters they move, for both datapaths.
+pub struct AnswerLimits {
+    answers: RateLimiter,
+    dhcp: RateLimiter,
+}
+
+impl AnswerLimits {
+    /// `dhcp_rate`: DHCP answers per second per port.
+    pub fn new(dhcp_rate: f32) -> AnswerLimits {
+        AnswerLimits {
+            // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays
+            // whole); 5000/s in all.
+            answers: RateLimiter::new(100.0, 50.0, 5000.0),
+            // Per port: 20 DHCP answers/s by default, bursts as large (a client needs 2 per
+            // lease, a few more when it retries); 5000/s in all, bursts of 1250 (a host's
+            // boot storm), or 250 times the per-port rate when that is more.
+            dhcp: RateLimiter::new(dhcp_rate, dhcp_rate, (dhcp_rate * 250.0).max(5000.0)),
+        }
+    }
+
+    /// Whether answer `a` to a frame that came in on `in_ifindex` may go out now, and the
+    /// counters that moves: `Err` with those of a refused answer (`DROP_RATE_LIMIT` last),
+    /// `Ok` with those of a sent one. The frame that needed an ARP request is dropped
+    /// (`DROP_NO_NEIGH`) either way; a time-exceeded answer counts `TTL_EXPIRED` either way.
+    pub fn admit(&mut self, a: &Answer, in_ifindex: u32, now: Instant) -> Result<Counted, Counted> {
+        let mut c = Counted::default();
+        match a.kind {
+            AnswerKind::IcmpTimeExceeded => c.push(ctr::TTL_EXPIRED),
+            AnswerKind::ArpRequest => c.push(ctr::DROP_NO_NEIGH),
+            _ => {}
+        }
+        let allowed = if a.kind == AnswerKind::Dhcp {
+            self.dhcp.allow_key(in_ifindex, now)
+        } else {
+            self.answers.allow(a.source, now)
+        };
+        if !allowed {
+            c.push(ctr::DROP_RATE_LIMIT);
+            return Err(c);
+        }
+        match a.kind {
+            AnswerKind::ArpReply => c.push(ctr::ARP_REPLY),
+            AnswerKind::Dhcp => c.push(ctr::DHCP_REPLY),
+            AnswerKind::ArpRequest => {}
+            _ => c.push(ctr::ICMP_SENT),
+        }
+        Ok(c)
+    }
+}
+
+/// Up to two counters (`ctr::*`) to bump once each.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    n: usize,
+    c: [u32; 2],
+}
+
+impl Counted {
+    fn push(&mut self, c: u32) {
+        if let Some(x) = self.c.get_mut(self.n) {
+            *x = c;
+            self.n += 1;
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.c[..self.n].iter().copied()
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 pub use xtask::testbed::{run, NbKind, Testbed, DB_IP};
 
+pub mod dpdk;
 pub mod provider;
 pub mod sg;
 

@@ -21,6 +21,13 @@ pub fn fip_bed(tag: &str) -> Result<(Testbed, String)> {
 
 /// `fip_bed` with the provider network on VLAN `vlan`.
 pub fn fip_bed_vlan(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
+    let (mut tb, out) = fip_topology(tag, vlan)?;
+    tb.start_agents()?;
+    Ok((tb, out))
+}
+
+/// `fip_bed_vlan` with no agent started.
+pub fn fip_topology(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
     require_root();
     let mut tb = Testbed::new(tag)?;
     tb.add_chassis("ch1")?;
@@ -36,7 +43,6 @@ pub fn fip_bed_vlan(tag: &str, vlan: Option<u16>) -> Result<(Testbed, String)> {
     }
     tb.nbctl(&["fip-add", "fip1", FIP1, "vm1", "r1"])?;
     tb.nbctl(&["fip-add", "fip2", FIP2, "vm2", "r1"])?;
-    tb.start_agents()?;
     Ok((tb, out))
 }
 

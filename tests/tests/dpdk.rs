@@ -7,97 +7,13 @@
 //! control socket by the XDP counters' names, and malformed Geneve from the underlay is
 //! dropped with XDP's reasons.
 
-use anyhow::{bail, Context, Result};
-use geneflow_tests::provider::iperf3;
+use anyhow::{Context, Result};
+use geneflow_tests::dpdk::{dpdk_runtime, start_dpdk};
+use geneflow_tests::provider::*;
 use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server};
 use geneflow_tests::*;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// The DPDK geneflowd of a chassis: stopped (SIGINT, then SIGKILL) on drop.
-struct Dpdk {
-    child: Option<Child>,
-    log: std::path::PathBuf,
-}
-
-impl Dpdk {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, what: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.log().contains(what) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the DPDK chassis never logged {what:?}:\n{}", self.log())
-    }
-
-    /// SIGINT and wait: true if it exited 0 within 10 s.
-    fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
-        let _ = Command::new("kill")
-            .args(["-INT", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        false
-    }
-}
-
-impl Drop for Dpdk {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn dpdk_runtime() -> Vec<std::path::PathBuf> {
-    std::fs::read_dir("/var/run/dpdk")
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
-}
-
-/// Starts ch1's geneflowd on the DPDK backend, with two poll threads (each with its own
-/// queue on every port) and no address on its uplink: its own ARP answers for 198.18.0.1.
-fn start_dpdk(tb: &Testbed, ports: &[&str]) -> Result<Dpdk> {
-    let ns1 = tb.chassis[0].ns.clone();
-    run(Command::new("ip").args(["-n", &ns1, "addr", "flush", "dev", "ul"]))?;
-    let log = tb.dir.join("ch1-dpdk.log");
-    let out = std::fs::File::create(&log)?;
-    let mut cmd = tb.ns_cmd(&ns1, &tb.bin("geneflowd"));
-    cmd.args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
-        .arg("--ctl-socket")
-        .arg(&tb.chassis[0].socket)
-        .args(["--forwarder-cores", "0,1", "--datapath", "dpdk"]);
-    for p in ports {
-        cmd.args(["--dpdk-port", p]);
-    }
-    let child = cmd
-        .args([
-            "--dpdk-eal",
-            "-l 0 --no-huge --no-pci --no-shconf -m 512 --log-level error",
-        ])
-        .stdout(Stdio::null())
-        .stderr(out.try_clone()?)
-        .spawn()
-        .context("starting the DPDK geneflowd")?;
-    Ok(Dpdk {
-        child: Some(child),
-        log,
-    })
-}
+use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
@@ -389,5 +305,101 @@ fn security_groups_on_a_dpdk_chassis() -> Result<()> {
         "vm3 -> vm1:8080 still allowed after the rule was removed"
     );
     assert!(tb.stats("ch1")?["conntrack_flushed"].as_u64().unwrap_or(0) >= 1);
+    Ok(())
+}
+
+/// A provider network and floating IPs on the DPDK chassis (ch1, its provider interface a
+/// DPDK port too): the outside host reaches vm1 by its floating IP (ARP answered, DNAT),
+/// with TCP (iperf3) checked by tshark after translation, and sees nothing but floating
+/// IPs; vm1's own pings leave with its floating IP (SNAT, the next hop learnt from ARP);
+/// vm3, without one, cannot leave (no default SNAT here: dropped, counted); established
+/// traffic stays in the poll threads' caches on the provider port.
+#[test]
+fn floating_ips_on_a_dpdk_chassis() -> Result<()> {
+    let runtime_before = dpdk_runtime();
+    let (mut tb, out) = fip_topology("df", None)?;
+    tb.start_agent(1)?;
+    let mut d = start_dpdk(&tb, &["vp-vm1", "vp-vm3"])?;
+    d.wait_log("pipeline applied")?;
+    assert!(d.log().contains("provider network attached"), "{}", d.log());
+    let (outcap_child, outcap) = capture(&tb, &out, "outside", "ip or arp")?;
+    let vm1 = tb.vm("vm1")?.clone();
+    let (vmcap_child, vmcap) = capture(&tb, &vm1.ns, "vm1", "icmp or tcp")?;
+    within(Duration::from_secs(10), || {
+        Ok(ping_from(&tb, &out, FIP1, 1).is_ok())
+    })?
+    .with_context(|| format!("the outside never reached vm1's floating IP:\n{}", d.log()))?;
+    ping_from(&tb, &out, FIP1, 5)?;
+    let r = iperf3(&tb, (&vm1.ns, &out), FIP1, 5201, "20M")?;
+    assert!(
+        r.bytes > 1_000_000,
+        "iperf3 to the floating IP: {}",
+        r.report
+    );
+    // Out: vm1's own pings leave with its floating IP.
+    tb.ping("vm1", xtask::testbed_provider::OUTSIDE_IP, 3)?;
+    // vm3 has no floating IP and ch1 no SNAT address: dropped, counted.
+    let before = tb.counter("ch1", "vp-vm3", "drop_no_nat")?;
+    assert!(tb
+        .ping("vm3", xtask::testbed_provider::OUTSIDE_IP, 1)
+        .is_err());
+    let after = counter_reaches(&tb, "ch1", "vp-vm3", "drop_no_nat", before + 1);
+    assert!(
+        after > before,
+        "vm3's packets out were not counted as drop_no_nat"
+    );
+    // vm2 on the XDP chassis reaches vm1 by its floating IP too (hairpin through r1).
+    tb.ping("vm2", FIP1, 2)?;
+    stop(vmcap_child);
+    stop(outcap_child);
+    let seen = fields(&vmcap, "icmp.type == 8", &["ip.src", "ip.dst"])?;
+    let outside = xtask::testbed_provider::OUTSIDE_IP;
+    assert!(
+        seen.iter().any(|l| l == &format!("{outside},{}", vm1.ip)),
+        "{seen:?}"
+    );
+    let addrs = fields(&outcap, "ip", &["ip.src", "ip.dst"])?;
+    assert!(!addrs.is_empty());
+    for l in &addrs {
+        for a in l.split(',') {
+            assert!(a.starts_with("172.24.4."), "leaked {a} in {l}");
+        }
+    }
+    let from_vm = fields(&outcap, "icmp.type == 8", &["ip.src"])?;
+    assert!(from_vm.iter().any(|a| a == FIP1), "{from_vm:?}");
+    let good = fields(
+        &outcap,
+        "ip.src == 172.24.4.51 && tcp.checksum.status == \"Good\" && ip.checksum.status == \"Good\"",
+        &["frame.number"],
+    )?;
+    assert!(
+        good.len() > 20,
+        "{} translated TCP segments verified",
+        good.len()
+    );
+    assert_no_bad_checksums(
+        &outcap,
+        "tcp.checksum.status == \"Bad\" || icmp.checksum.status == \"Bad\" || ip.checksum.status == \"Bad\"",
+    )?;
+    // Established traffic in the caches, on the provider port and vm1's.
+    assert!(counter_reaches(&tb, "ch1", "phy", "fastpath_hit", 101) > 100);
+    assert!(tb.counter("ch1", "vp-vm1", "fastpath_hit")? > 100);
+    let ports = tb.stats("ch1")?["ports"].clone();
+    assert!(
+        ports.as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["iface"] == "phy" && p["kind"] == "provider")),
+        "{ports}"
+    );
+    assert!(
+        d.stop(),
+        "the DPDK geneflowd did not stop cleanly:\n{}",
+        d.log()
+    );
+    let left: Vec<_> = dpdk_runtime()
+        .into_iter()
+        .filter(|p| !runtime_before.contains(p))
+        .collect();
+    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
     Ok(())
 }

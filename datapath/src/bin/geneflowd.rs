@@ -135,6 +135,7 @@ fn run_dpdk(
     agent: geneflow_control::agent::NbConfig,
     (eal, uplink, ports): (Vec<String>, String, Vec<String>),
     (encap_ip, udp_csum, cores): (Option<Ipv4Addr>, bool, Vec<usize>),
+    (providers, dhcp_rate): (Vec<(String, String)>, u32),
     (ctl_socket, metrics_address): (PathBuf, SocketAddr),
 ) -> Result<()> {
     use geneflow_datapath::dpdk::serve::{serve, DpdkConfig};
@@ -162,6 +163,8 @@ fn run_dpdk(
         encap_ip,
         udp_csum,
         cores,
+        providers,
+        dhcp_rate,
     };
     let r = serve(cfg, rx, ctl_rx, shared, stop.clone());
     stop.store(true, Ordering::Relaxed);
@@ -176,6 +179,7 @@ fn run_dpdk(
     _: geneflow_control::agent::NbConfig,
     _: (Vec<String>, String, Vec<String>),
     _: (Option<Ipv4Addr>, bool, Vec<usize>),
+    _: (Vec<(String, String)>, u32),
     _: (PathBuf, SocketAddr),
 ) -> Result<()> {
     bail!("--datapath dpdk: this geneflowd was built without DPDK (cargo feature `dpdk`)")
@@ -269,6 +273,7 @@ fn run(args: Args) -> Result<()> {
                 },
             ),
             (encap_ip, udp_csum, cores.unwrap_or_default()),
+            (providers, dhcp_rate),
             (ctl_socket, metrics_address),
         );
     }

@@ -4,6 +4,7 @@
 //! each thread checks when it publishes its counters (every 100 ms, one atomic load), and
 //! answers with a copy of its cache; nothing is locked on a thread's frame path.
 
+use super::control::PortSet;
 use crate::ctl::{ct_json, port_json};
 use crate::flowcache::{CachedFlow, FlowCache};
 use crate::metrics::Shared;
@@ -76,9 +77,7 @@ impl FlowRequests {
 
 /// What the answers read.
 pub struct Inspect<'a> {
-    /// The DPDK ports: kernel interface and ifindex, by port slot (0: the uplink).
-    pub ifaces: &'a [String],
-    pub ifindexes: &'a [u32],
+    pub ports: &'a PortSet,
     pub tables: Option<Arc<Tables>>,
     pub conntrack: &'a ConnTable,
     pub flows: &'a FlowRequests,
@@ -87,10 +86,11 @@ pub struct Inspect<'a> {
 
 impl Inspect<'_> {
     fn ifname(&self, ix: u32) -> String {
-        self.ifindexes
+        let p = self.ports;
+        p.ifindexes
             .iter()
             .position(|&i| i == ix)
-            .map(|i| self.ifaces[i].clone())
+            .map(|i| p.ifaces[i].clone())
             .unwrap_or_else(|| format!("ifindex {ix}"))
     }
 
@@ -99,14 +99,14 @@ impl Inspect<'_> {
             "ports" => {
                 let empty = Default::default();
                 let pipeline = self.tables.as_ref().map_or(&empty, |t| &*t.pipeline);
-                let ports: Vec<Value> = self
+                let p = self.ports;
+                let ports: Vec<Value> = p
                     .ifaces
                     .iter()
-                    .zip(self.ifindexes)
+                    .zip(&p.ifindexes)
                     .enumerate()
                     .map(|(slot, (iface, &ix))| {
-                        let kind = if slot == 0 { "uplink" } else { "vm" };
-                        port_json(pipeline, iface, (ix, slot as u32), kind)
+                        port_json(pipeline, iface, (ix, slot as u32), p.kind(slot))
                     })
                     .collect();
                 json!({ "ports": ports })
@@ -134,7 +134,20 @@ impl Inspect<'_> {
             },
             "trace" => match &self.tables {
                 None => json!({ "error": "no pipeline yet" }),
-                Some(t) => trace_answer(t, arg, &|_| None, &|i| self.ifname(i)),
+                // A provider network by physnet or by interface.
+                Some(t) => {
+                    let p = self.ports;
+                    let provider = |name: &str| {
+                        p.physnets.get(name).copied().or_else(|| {
+                            let i = p.ifaces.iter().position(|n| n == name)?;
+                            p.physnets
+                                .values()
+                                .find(|&&ix| ix == p.ifindexes[i])
+                                .copied()
+                        })
+                    };
+                    trace_answer(t, arg, &provider, &|i| self.ifname(i))
+                }
             },
             "ct" => ct_json(self.conntrack.entries(), self.conntrack.ns(Instant::now())),
             "ct-flush" => {

@@ -21,6 +21,7 @@
 //! /var/run/dpdk, so nothing is left behind.
 
 mod burst;
+mod control;
 mod eal;
 mod inspect;
 mod port;

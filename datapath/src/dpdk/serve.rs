@@ -19,26 +19,32 @@
 //! connections of the zones whose security groups changed. The control socket's `ports`,
 //! `flows`, `trace`, `ct` and `ct flush` are answered by `inspect`.
 //!
-//! Not yet: provider networks and NAT (floating IPs, default SNAT). A restart costs every
+//! Provider interfaces (`providers`) are DPDK ports too; what the poll threads learn there
+//! (neighbours from ARP) goes to the calling thread (`control`), which owns the tables.
+//!
+//! Not yet: default SNAT (its translations), announcing a floating IP that moved here
+//! (gratuitous ARP). A restart costs every
 //! megaflow and every tracked connection (both live in the process) and the frames in
 //! flight; the agent reads the NB again, the first frames of each flow go through the
 //! pipeline, and connections a security group admits only as established must start again.
 
+use super::control::{Control, PortSet};
 use super::inspect::{FlowRequests, Inspect};
 use super::{Burst, DpdkError, Eal, EthPort, Mempool};
 use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
-use crate::metrics::{PortInfo, Shared};
+use crate::metrics::Shared;
 use crate::netdev;
 use crate::pipeline::Tables;
 use crate::userct::ConnTable;
 use crate::userneigh::UnderlayNeigh;
-use crate::userpath::{Counters, Tx, UserPath};
+use crate::userpath::{Counters, PathConfig, PathEvent, Tx, UserPath};
 use arc_swap::ArcSwapOption;
 use crossbeam_channel::Receiver;
 use geneflow_abi::{ct, ctr, MAX_FLOWS, MAX_PORTS, MAX_QUEUES};
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::model::Mac;
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +71,10 @@ pub struct DpdkConfig {
     pub udp_csum: bool,
     /// One poll thread per core, pinned there; empty: one thread, not pinned.
     pub cores: Vec<usize>,
+    /// Provider networks: (physnet, kernel interface), bridged untunnelled.
+    pub providers: Vec<(String, String)>,
+    /// DHCP answers per second per port.
+    pub dhcp_rate: u32,
 }
 
 /// One port as a poll thread sees it: the ethdev, its queue and its transmit burst.
@@ -110,6 +120,8 @@ struct Common<'a, 'p> {
     gens: &'a Arc<Generations>,
     neigh: &'a Arc<Mutex<UnderlayNeigh>>,
     conntrack: &'a Arc<ConnTable>,
+    events: crossbeam_channel::Sender<PathEvent>,
+    dhcp_rate: u32,
     flows: &'a FlowRequests,
     uplink_mac: [u8; 6],
     udp_csum: bool,
@@ -155,9 +167,13 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
     let mut path = UserPath::new(
         FlowCache::new(c.gens.clone(), MAX_FLOWS as usize),
         (c.neigh.clone(), c.conntrack.clone()),
-        ports.len(),
-        (c.ifindexes[0], c.uplink_mac),
-        c.udp_csum,
+        PathConfig {
+            ports: ports.len(),
+            uplink: (c.ifindexes[0], c.uplink_mac),
+            udp_csum: c.udp_csum,
+            dhcp_rate: c.dhcp_rate as f32,
+            events: Some(c.events.clone()),
+        },
     );
     let mut published = vec![Counters::default(); ports.len()];
     let mut last_publish = Instant::now();
@@ -232,29 +248,6 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
     );
 }
 
-/// Ends the epoch of the poll threads' connection caches (their established tuples are
-/// refreshed in the table once per epoch) and deletes the idle connections; publishes the
-/// table's gauges.
-fn expire(conntrack: &ConnTable, shared: &Shared) {
-    conntrack.bump_epoch();
-    let (gone, left) = conntrack.expire(conntrack.ns(Instant::now()));
-    if gone > 0 {
-        tracing::debug!(expired = gone, "conntrack entries expired");
-    }
-    shared.conntrack.store(left as u64, Ordering::Relaxed);
-    shared
-        .conntrack_evicted
-        .store(conntrack.evicted.load(Ordering::Relaxed), Ordering::Relaxed);
-    if left >= conntrack.capacity() * 95 / 100 {
-        shared.conntrack_full.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            entries = left,
-            capacity = conntrack.capacity(),
-            "conntrack table full: the least recently seen connections are evicted"
-        );
-    }
-}
-
 /// Runs until `stop`; every DPDK resource is released on return, error or not. Control
 /// socket requests other than `stats` (which `shared` answers) come on `ctl`.
 pub fn serve(
@@ -266,6 +259,7 @@ pub fn serve(
 ) -> Result<(), DpdkError> {
     let ifaces: Vec<String> = std::iter::once(cfg.uplink.clone())
         .chain(cfg.ports.iter().cloned())
+        .chain(cfg.providers.iter().map(|(_, i)| i.clone()))
         .collect();
     if ifaces.len() > MAX_PORTS as usize {
         return Err(DpdkError::NoPort(format!(
@@ -283,8 +277,23 @@ pub fn serve(
         eal_args.push(format!("net_af_packet{i},iface={name},qpairs={threads}"));
     }
     // The ports belong to the overlay: the host's stack must not talk on them.
-    for name in &cfg.ports {
+    for name in ifaces.iter().skip(1) {
         netdev::silence_host_stack(name);
+    }
+    let mut ports = PortSet {
+        ifaces: ifaces.clone(),
+        ifindexes: ifindexes.clone(),
+        physnets: HashMap::new(),
+        untagged_only: Vec::new(),
+    };
+    for (k, (net, iface)) in cfg.providers.iter().enumerate() {
+        let ix = ifindexes[1 + cfg.ports.len() + k];
+        // 802.1Q tags in the frames (af_packet puts back a tag the kernel took off).
+        if !netdev::keep_vlan_tags(iface) {
+            ports.untagged_only.push(ix);
+        }
+        info!(physnet = %net, %iface, ifindex = ix, "provider network attached");
+        ports.physnets.insert(net.clone(), ix);
     }
     let eal = Eal::init(&eal_args)?;
     let pool = Mempool::new(&eal, "geneflow", 8191 * threads as u32, 2048 + 128)?;
@@ -295,10 +304,9 @@ pub fn serve(
         eths.push(eth);
     }
     let uplink_mac = eths[0].mac();
-    let uplink_ifindex = ifindexes[0];
     let mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
     let gens = Arc::new(Generations::default());
-    let mut table = GenerationTable::new(gens.clone());
+    let table = GenerationTable::new(gens.clone());
     let tables: ArcSwapOption<Tables> = ArcSwapOption::empty();
     // Learns nothing until the NB gives the tunnel address (and the chassis to learn).
     let neigh = Arc::new(Mutex::new(UnderlayNeigh::new(
@@ -308,22 +316,21 @@ pub fn serve(
     let megaflows: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
     let conntrack = Arc::new(ConnTable::new(ct::MAX_ENTRIES as usize));
     let flows = FlowRequests::new(threads);
-    let port_infos = |bindings: &dyn Fn(&str) -> Option<String>| -> Vec<PortInfo> {
-        ifaces
-            .iter()
-            .enumerate()
-            .map(|(i, name)| PortInfo {
-                iface: name.clone(),
-                ifindex: ifindexes[i],
-                slot: i as u32,
-                kind: if i == 0 { "uplink" } else { "vm" },
-                port: bindings(name),
-            })
-            .collect()
+    let (events_tx, events) = crossbeam_channel::bounded(1024);
+    let mut control = Control {
+        cfg: &cfg,
+        ports: &ports,
+        tables: &tables,
+        generations: table,
+        neigh: &neigh,
+        conntrack: &conntrack,
+        shared: &shared,
+        uplink_mac,
+        mtu,
+        acls: Default::default(),
+        arp_asked: Default::default(),
     };
-    if let Ok(mut g) = shared.ports.lock() {
-        *g = port_infos(&|_| None);
-    }
+    control.publish_ports(&|_| None);
     let common = Common {
         eths: &eths,
         ifindexes: &ifindexes,
@@ -332,6 +339,8 @@ pub fn serve(
         gens: &gens,
         neigh: &neigh,
         conntrack: &conntrack,
+        events: events_tx,
+        dhcp_rate: cfg.dhcp_rate,
         flows: &flows,
         uplink_mac,
         udp_csum: cfg.udp_csum,
@@ -352,74 +361,39 @@ pub fn serve(
                 stop.store(true, Ordering::Relaxed);
             }
         }
-        let mut acls = Default::default();
         let mut last_expiry = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            let Ok(u) = pipelines.recv_timeout(PUBLISH) else {
-                shared.megaflows.store(
-                    megaflows.iter().map(|m| m.load(Ordering::Relaxed)).sum(),
-                    Ordering::Relaxed,
-                );
-                let inspect = Inspect {
-                    ifaces: &ifaces,
-                    ifindexes: &ifindexes,
-                    tables: tables.load_full(),
-                    conntrack: &conntrack,
-                    flows: &flows,
-                    shared: &shared,
-                };
-                for req in ctl.try_iter() {
-                    let _ = req.reply.send(inspect.answer(&req.cmd, &req.arg));
-                }
-                if last_expiry.elapsed() >= CT_EXPIRY {
-                    last_expiry = Instant::now();
-                    expire(&conntrack, &shared);
-                }
-                continue;
-            };
-            let u = pipelines.try_iter().last().unwrap_or(u);
-            let t = Tables::new(u.pipeline.clone(), uplink_ifindex, mtu, cfg.udp_csum, |n| {
-                ifaces.iter().position(|k| k == n).map(|i| ifindexes[i])
-            });
-            let fps = t.fingerprints(uplink_mac);
-            if let Err(e) = table.set_generations(&fps) {
-                warn!("pipeline not applied: {e}");
-                continue;
-            }
-            match cfg.encap_ip.or(u.pipeline.encap_ip) {
-                Some(ip) => {
-                    if let Ok(mut n) = neigh.lock() {
-                        if n.ip() != ip {
-                            *n = UnderlayNeigh::new(ip, Mac(uplink_mac));
-                        }
-                        n.set_allowed(u.pipeline.peer_ips.iter().copied());
+            crossbeam_channel::select! {
+                recv(pipelines) -> u => {
+                    if let Ok(u) = u {
+                        control.apply(pipelines.try_iter().last().unwrap_or(u));
                     }
                 }
-                None => warn!("no tunnel address for this chassis in the NB yet"),
-            }
-            tables.store(Some(Arc::new(t)));
-            // The connections of zones whose security groups changed are checked again.
-            let now_acls = u.pipeline.acls_by_zone();
-            let zones = geneflow_control::compiler::changed_acl_zones(&acls, &now_acls);
-            acls = now_acls;
-            if !zones.is_empty() {
-                let n = conntrack.delete(|k, _| zones.contains(&k.zone));
-                shared
-                    .conntrack_flushed
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                if n > 0 {
-                    info!(
-                        ?zones,
-                        ended = n,
-                        "security groups changed: their connections are checked again"
-                    );
+                recv(events) -> ev => {
+                    if let Ok(ev) = ev {
+                        control.event(ev);
+                    }
                 }
+                default(PUBLISH) => {}
             }
-            if let Ok(mut g) = shared.ports.lock() {
-                *g = port_infos(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
+            shared.megaflows.store(
+                megaflows.iter().map(|m| m.load(Ordering::Relaxed)).sum(),
+                Ordering::Relaxed,
+            );
+            let inspect = Inspect {
+                ports: &ports,
+                tables: tables.load_full(),
+                conntrack: &conntrack,
+                flows: &flows,
+                shared: &shared,
+            };
+            for req in ctl.try_iter() {
+                let _ = req.reply.send(inspect.answer(&req.cmd, &req.arg));
             }
-            shared.pipelines_applied.fetch_add(1, Ordering::Relaxed);
-            info!(datapaths = fps.len(), "pipeline applied");
+            if last_expiry.elapsed() >= CT_EXPIRY {
+                last_expiry = Instant::now();
+                control.expire();
+            }
         }
     });
     drop(eths);

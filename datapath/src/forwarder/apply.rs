@@ -92,27 +92,12 @@ impl Forwarder {
         }
         // Tracked ports behind floating IPs: XDP looks their frames from the provider
         // network up in conntrack as the VM sees them.
-        let mut fip_ct = std::collections::BTreeMap::new();
-        for rt in self.pipeline.routers.values() {
-            for f in rt.fips.iter().filter(|f| f.local) {
-                let iface = self
-                    .pipeline
-                    .bindings
-                    .values()
-                    .find(|b| b.port == f.port)
-                    .map(|b| b.iface.clone());
-                let zone = iface.map(|i| self.ct_zone_of(&i)).unwrap_or(0);
-                if zone != 0 {
-                    fip_ct.insert(
-                        u32::from_ne_bytes(f.external_ip.octets()),
-                        geneflow_abi::FipCt {
-                            fixed: u32::from_ne_bytes(f.logical_ip.octets()),
-                            zone,
-                        },
-                    );
-                }
-            }
-        }
+        let fip_ct = self
+            .tables
+            .fip_ct()
+            .iter()
+            .map(|(&ext, &(fixed, zone))| (ext, geneflow_abi::FipCt { fixed, zone }))
+            .collect();
         if let Err(e) = self.bpf.set_fip_ct(&fip_ct) {
             warn!("cannot set the tracked floating IPs: {e}");
         }
@@ -130,7 +115,7 @@ impl Forwarder {
                 true,
             );
             if vlan != 0 {
-                let Some(n) = super::forward::push_vlan(&mut tagged, &frame, vlan) else {
+                let Some(n) = crate::pipeline::rewrite::push_vlan(&mut tagged, &frame, vlan) else {
                     continue;
                 };
                 frame.clear();

@@ -5,23 +5,6 @@
 use super::*;
 use crate::pipeline::Napt;
 
-/// `frame` with the 802.1Q tag of `vlan` (`VLAN_PRESENT | vid`) after its MACs, into `buf`;
-/// its length, or `None` if it does not fit.
-pub(super) fn push_vlan(buf: &mut [u8], frame: &[u8], vlan: u16) -> Option<usize> {
-    let len = frame.len() + 4;
-    if frame.len() < 12 || len > buf.len() {
-        return None;
-    }
-    buf[..12].copy_from_slice(&frame[..12]);
-    buf[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
-    buf[14..16].copy_from_slice(&(vlan & 0x0fff).to_be_bytes());
-    buf[16..len].copy_from_slice(&frame[12..]);
-    Some(len)
-}
-
-/// How long an ARP request of this chassis makes the reply welcome.
-const ARP_ASK_VALID: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of the XDP program's `bpf_ktime_get_coarse_ns`.
 pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -55,7 +38,6 @@ impl Forwarder {
             encap_buf,
             txbuf,
             answers,
-            dhcp_answers,
             nat_allocs,
             arp_asked,
             drop_installs,
@@ -89,11 +71,9 @@ impl Forwarder {
         // ARP seen on a provider network: its sender is a neighbour there.
         // A reply is kept only if this chassis asked that host (within 5 s).
         let learned = d.learn.is_some_and(|l| {
-            let asked = l.solicited
-                && arp_asked
-                    .remove(&l.ip)
-                    .is_some_and(|t| arrived.saturating_duration_since(t) < ARP_ASK_VALID);
-            (asked || !l.solicited) && tables.learn(l.dp, l.ip, l.mac, asked)
+            arp_asked
+                .admit(&l, arrived)
+                .is_some_and(|asked| tables.learn(l.dp, l.ip, l.mac, asked))
         });
         let mut d = d;
         match d.napt {
@@ -135,43 +115,17 @@ impl Forwarder {
             }
         }
         if let Some(a) = d.answer {
-            if a.kind == AnswerKind::IcmpTimeExceeded {
-                shared.count(in_slot, ctr::TTL_EXPIRED, 1);
+            let admitted = answers.admit(&a, in_ifindex, arrived);
+            let (Ok(counted) | Err(counted)) = admitted;
+            for c in counted.iter() {
+                shared.count(in_slot, c, 1);
             }
-            if a.kind == AnswerKind::ArpRequest {
-                // The packet that needed the next hop is dropped.
-                shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
-            }
-            // DHCP clients have no address yet: their budget is per port.
-            let allowed = if a.kind == AnswerKind::Dhcp {
-                dhcp_answers.allow_key(in_ifindex, arrived)
-            } else {
-                answers.allow(a.source, arrived)
-            };
-            if !allowed {
-                shared.count(in_slot, ctr::DROP_RATE_LIMIT, 1);
+            if admitted.is_err() {
                 return learned;
             }
             if a.kind == AnswerKind::ArpRequest {
-                // The request goes out: its answer will be welcome (the oldest asks make room).
-                if arp_asked.len() >= 1024 {
-                    arp_asked.retain(|_, t| arrived.saturating_duration_since(*t) < ARP_ASK_VALID);
-                }
-                if arp_asked.len() >= 1024 {
-                    if let Some(k) = arp_asked.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) {
-                        arp_asked.remove(&k);
-                    }
-                }
-                arp_asked.insert(a.source, arrived);
-            }
-            let counter = match a.kind {
-                AnswerKind::ArpReply => Some(ctr::ARP_REPLY),
-                AnswerKind::Dhcp => Some(ctr::DHCP_REPLY),
-                AnswerKind::ArpRequest => None,
-                _ => Some(ctr::ICMP_SENT),
-            };
-            if let Some(c) = counter {
-                shared.count(in_slot, c, 1);
+                // The request goes out: its answer will be welcome.
+                arp_asked.asking(a.source, arrived);
             }
         }
         let payload = if d.rewritten {
@@ -183,13 +137,15 @@ impl Forwarder {
             let (target, bytes): (u32, &[u8]) = match *o {
                 Output::Local { ifindex } => (ifindex, payload),
                 Output::Provider { ifindex, vlan: 0 } => (ifindex, payload),
-                Output::Provider { ifindex, vlan } => match push_vlan(encap_buf, payload, vlan) {
-                    Some(len) => (ifindex, &encap_buf[..len]),
-                    None => {
-                        shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
-                        continue;
+                Output::Provider { ifindex, vlan } => {
+                    match crate::pipeline::rewrite::push_vlan(encap_buf, payload, vlan) {
+                        Some(len) => (ifindex, &encap_buf[..len]),
+                        None => {
+                            shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
+                            continue;
+                        }
                     }
-                },
+                }
                 Output::Tunnel { remote, vni, meta } => {
                     let Some(src_ip) = pipeline.encap_ip else {
                         shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);

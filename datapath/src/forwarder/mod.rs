@@ -8,7 +8,7 @@ use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink};
 use crate::metrics::{PortInfo, Shared};
 use crate::netdev::{self, Neighbours};
 use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Output, Tables};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{AnswerLimits, RateLimiter};
 use crate::xsk::{BindMode, Xsk, XskError, BATCH};
 use crossbeam_channel::Receiver;
 use geneflow_abi::{ctr, port_kind, PortConf, SlowMeta, MAX_PORTS};
@@ -112,15 +112,13 @@ pub struct Forwarder {
     ct_expiry_stop: Arc<AtomicBool>,
     /// Frames waiting for their remote chassis' next hop.
     pending: pending::Pending,
-    /// Per-source budget of generated answers.
-    answers: RateLimiter,
-    /// Per-port budget of DHCP answers (clients have no address to key on).
-    dhcp_answers: RateLimiter,
+    /// The budget of generated answers (per source; DHCP per port).
+    answers: AnswerLimits,
     /// Per-port budget of new default-SNAT translations.
     nat_allocs: RateLimiter,
     /// Provider next hops this chassis sent an ARP request for, and when: only their replies
     /// are learned.
-    arp_asked: HashMap<std::net::Ipv4Addr, Instant>,
+    arp_asked: crate::arpasked::ArpAsked,
     /// Per-port budget of drop megaflows: a VM forging a new source on every frame would
     /// otherwise fill the megaflow table with drop entries (65,536 in well under a second)
     /// and push everyone's flows to the slow path. Past it, drops stay in the slow path,
@@ -229,16 +227,10 @@ impl Forwarder {
             rxct: [None; BATCH],
             encap_buf: vec![0u8; STRIDE],
             txbuf: Vec::with_capacity(STRIDE),
-            // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays whole);
-            // 5000/s in all.
             pending: pending::Pending::new(STRIDE),
             ct_expiry_stop: Arc::new(AtomicBool::new(false)),
-            answers: RateLimiter::new(100.0, 50.0, 5000.0),
-            // Per port: 20 DHCP answers/s by default, bursts as large (a client needs 2 per
-            // lease, a few more when it retries); 5000/s in all, bursts of 1250 (a host's
-            // boot storm), or 250 times the per-port rate when that is more.
-            dhcp_answers: RateLimiter::new(dhcp_rate, dhcp_rate, (dhcp_rate * 250.0).max(5000.0)),
-            arp_asked: HashMap::new(),
+            answers: AnswerLimits::new(dhcp_rate),
+            arp_asked: Default::default(),
             nat_allocs: RateLimiter::new(
                 napt::ALLOC_RATE,
                 napt::ALLOC_RATE * 2.0,

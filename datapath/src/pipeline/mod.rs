@@ -225,6 +225,8 @@ pub struct Tables {
     provider_ports: Vec<u32>,
     /// Some port bound here has security groups (`Pipeline::has_acl`): conntrack runs.
     has_acl: bool,
+    /// See `fip_ct`.
+    fip_ct: HashMap<u32, (u32, u32)>,
     /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
     ext_neigh: BTreeMap<(u32, Ipv4Addr), ([u8; 6], bool)>,
 }
@@ -379,8 +381,9 @@ impl Tables {
                 ifindex_by_iface.insert(b.iface.clone(), ix);
             }
         }
-        Tables {
+        let mut t = Tables {
             has_acl: pipeline.has_acl(),
+            fip_ct: HashMap::new(),
             pipeline,
             uplink_ifindex,
             uplink_mtu,
@@ -391,7 +394,9 @@ impl Tables {
             provider_out: HashMap::new(),
             provider_ports: Vec::new(),
             ext_neigh: BTreeMap::new(),
-        }
+        };
+        t.fip_ct = t.tracked_fips();
+        t
     }
 
     /// Binds the pipeline's provider switches to this chassis' provider interfaces
@@ -558,17 +563,49 @@ impl Tables {
     pub fn fast_key(
         &self,
         frame: &[u8],
-        in_ifindex: u32,
+        (in_ifindex, vlan): (u32, u16),
     ) -> Result<Option<(FlowKey, usize)>, DropReason> {
         if in_ifindex == self.uplink_ifindex {
             let mut r = Run::new(self, frame, in_ifindex, 0, None);
             let o = tunnel_rx::outer(&mut r)?;
             return Ok(Some((r.key, o.inner_off)));
         }
-        if self.provider_ports.contains(&in_ifindex) {
-            return Ok(None);
+        // A provider interface's frame comes with its tag popped, its VLAN in the key (as
+        // XDP keys it).
+        Ok(extract_key(frame, in_ifindex).map(|mut k| {
+            if self.provider_ports.contains(&in_ifindex) {
+                k.tun_out_port = vlan;
+            }
+            (k, 0)
+        }))
+    }
+
+    /// Floating IPs bound here whose port is tracked (`ct_zone` not 0): external address ->
+    /// fixed address and zone, both addresses as keys hold them (network byte order). A
+    /// frame from a provider network to one is looked up in conntrack as the VM will see it
+    /// (XDP's `FIP_CT`).
+    pub fn fip_ct(&self) -> &HashMap<u32, (u32, u32)> {
+        &self.fip_ct
+    }
+
+    fn tracked_fips(&self) -> HashMap<u32, (u32, u32)> {
+        let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let mut m = HashMap::new();
+        for rt in self.pipeline.routers.values() {
+            for f in rt.fips.iter().filter(|f| f.local) {
+                let ix = self
+                    .pipeline
+                    .bindings
+                    .values()
+                    .find(|b| b.port == f.port)
+                    .and_then(|b| self.ifindex(&b.iface));
+                let zone = ix.map_or(0, |ix| self.ct_zone(ix, &FlowKey::zeroed()));
+                if zone != 0 {
+                    m.insert(ne(f.external_ip), (ne(f.logical_ip), zone));
+                }
+            }
         }
-        Ok(extract_key(frame, in_ifindex).map(|k| (k, 0)))
+        m
     }
 
     /// The conntrack zone of frames arriving on `in_ifindex` with key `key`, as the XDP

@@ -149,6 +149,20 @@ pub fn arp_frame(buf: &mut Vec<u8>, sha: Mac, spa: Ipv4Addr, tpa: Ipv4Addr, grat
     repr.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
 }
 
+/// `frame` with the 802.1Q tag of `vlan` (`VLAN_PRESENT | vid`) after its MACs, into `buf`;
+/// its length, or `None` if it does not fit.
+pub fn push_vlan(buf: &mut [u8], frame: &[u8], vlan: u16) -> Option<usize> {
+    let len = frame.len() + 4;
+    if frame.len() < 12 || len > buf.len() {
+        return None;
+    }
+    buf[..12].copy_from_slice(&frame[..12]);
+    buf[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+    buf[14..16].copy_from_slice(&(vlan & 0x0fff).to_be_bytes());
+    buf[16..len].copy_from_slice(&frame[12..]);
+    Some(len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

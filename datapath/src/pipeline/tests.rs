@@ -258,7 +258,7 @@ fn the_fast_key_is_the_key_the_pipeline_decided_on() {
     tunnel[56..58].copy_from_slice(&6u16.to_be_bytes());
     for (f, in_if, inner) in [(&FRAME_CSUM[58..], 10, 0), (&tunnel[..], UPLINK, 58)] {
         let d = t.process(f, in_if, &mut out, &mut buf).unwrap();
-        let (k, off) = t.fast_key(f, in_if).unwrap().unwrap();
+        let (k, off) = t.fast_key(f, (in_if, 0)).unwrap().unwrap();
         assert_eq!(off, inner);
         assert_eq!(k, d.key, "in {in_if}");
         let m = d.megaflow.unwrap();
@@ -266,12 +266,12 @@ fn the_fast_key_is_the_key_the_pipeline_decided_on() {
     }
     let mut v1 = tunnel.clone();
     v1[42] |= 0x40;
-    assert_eq!(t.fast_key(&v1, UPLINK), Err(DropReason::GeneveVersion));
+    assert_eq!(t.fast_key(&v1, (UPLINK, 0)), Err(DropReason::GeneveVersion));
     assert_eq!(
-        t.fast_key(&tunnel[..46], UPLINK),
+        t.fast_key(&tunnel[..46], (UPLINK, 0)),
         Err(DropReason::BadLength)
     );
-    assert_eq!(t.fast_key(&[0u8; 6], 10), Ok(None));
+    assert_eq!(t.fast_key(&[0u8; 6], (10, 0)), Ok(None));
 }
 
 #[test]

@@ -34,13 +34,14 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     neigh.set_allowed(["198.18.0.2".parse().unwrap()]);
     let neigh = Arc::new(std::sync::Mutex::new(neigh));
     let ct = Arc::new(crate::userct::ConnTable::new(1024));
-    let path = UserPath::new(
-        FlowCache::new(gens, 1000),
-        (neigh, ct),
-        1,
-        (UPLINK, A_MAC),
-        true,
-    );
+    let cfg = crate::userpath::PathConfig {
+        ports: 1,
+        uplink: (UPLINK, A_MAC),
+        udp_csum: true,
+        dhcp_rate: 20.0,
+        events: None,
+    };
+    let path = UserPath::new(FlowCache::new(gens, 1000), (neigh, ct), cfg);
     (table, path)
 }
 

@@ -7,10 +7,16 @@
 //!    with XDP's reasons, and its connection's state (`userct`) where conntrack runs;
 //! 3. the megaflow cache (`flowcache`); a hit runs its action (`flowexec`) on a copy of the
 //!    frame with headroom and sends the result;
-//! 4. a miss (or an action left to the slow path) runs the pipeline (`Tables`), sends its
-//!    outputs (Geneve to a chassis whose MAC `userneigh` knows; else the ARP request goes out
-//!    and the frame is dropped, counted) and installs its megaflow, with the next hop cached
+//! 4. a miss (or an action left to the slow path) runs the pipeline (`Tables`) in `slow`,
+//!    sends its outputs (Geneve to a chassis whose MAC `userneigh` knows; else the ARP
+//!    request goes out and the frame is dropped, counted) and its answers (rate limited as
+//!    the XDP slow path limits them), and installs its megaflow, with the next hop cached
 //!    when known, so the next frames of the flow take step 3.
+//!
+//! A provider network's frame has its 802.1Q tag popped first (into a buffer of the
+//! thread's), its VLAN in the key, as XDP does; frames to a tracked floating IP are looked
+//! up in conntrack as the VM will see them. What the pipeline learns there (provider
+//! neighbours from ARP) goes to the thread that owns the tables (`PathEvent`).
 //!
 //! Per poll thread: a hit takes no lock (an established connection is answered by the
 //! thread's connection cache, within its epoch); the cache's generations are shared with the
@@ -18,12 +24,17 @@
 //! queue), under a lock taken only for ARP frames and misses. The buffers are allocated once;
 //! a miss may allocate (the pipeline's outputs).
 
+mod slow;
+
 use crate::flowcache::FlowCache;
 use crate::flowexec::{execute, Frame, Verdict};
-use crate::pipeline::{emit_encap, EncapParams, Output, Tables};
+use crate::pipeline::{Learn, Output, Tables};
+use crate::ratelimit::AnswerLimits;
 use crate::userct::{self, ConnTable, CtCache};
 use crate::userneigh::UnderlayNeigh;
-use geneflow_abi::{act, ct, ctr, flag, mask_list};
+use crossbeam_channel::Sender;
+use geneflow_abi::{ct, ctr, mask_list, VLAN_PRESENT};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -60,6 +71,28 @@ impl Counters {
     }
 }
 
+/// What a poll thread tells the thread that owns the tables: a provider neighbour the
+/// pipeline learnt from ARP, and the next hops this thread asked for (only their replies are
+/// learnt, see `arpasked`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathEvent {
+    Learn(Learn),
+    Asked(Ipv4Addr),
+}
+
+/// How an engine is set up.
+pub struct PathConfig {
+    /// How many port slots the caller numbers its ports with.
+    pub ports: usize,
+    /// The uplink's interface index and MAC.
+    pub uplink: (u32, [u8; 6]),
+    pub udp_csum: bool,
+    /// DHCP answers per second per port.
+    pub dhcp_rate: f32,
+    /// Where `PathEvent`s go (none: dropped).
+    pub events: Option<Sender<PathEvent>>,
+}
+
 pub struct UserPath {
     pub cache: FlowCache,
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
@@ -72,6 +105,10 @@ pub struct UserPath {
     uplink_ifindex: u32,
     uplink_mac: [u8; 6],
     udp_csum: bool,
+    answers: AnswerLimits,
+    events: Option<Sender<PathEvent>>,
+    /// A provider frame with its tag popped.
+    popped: Vec<u8>,
     scratch: Vec<u8>,
     encap_buf: Vec<u8>,
     txbuf: Vec<u8>,
@@ -79,24 +116,24 @@ pub struct UserPath {
 }
 
 impl UserPath {
-    /// `ports`: how many port slots the caller numbers its ports with.
     pub fn new(
         cache: FlowCache,
         (neigh, conntrack): (Arc<Mutex<UnderlayNeigh>>, Arc<ConnTable>),
-        ports: usize,
-        (uplink_ifindex, uplink_mac): (u32, [u8; 6]),
-        udp_csum: bool,
+        cfg: PathConfig,
     ) -> UserPath {
         UserPath {
             cache,
             neigh,
             conntrack,
             ct_cache: CtCache::default(),
-            counters: vec![Counters::default(); ports.max(1)],
+            counters: vec![Counters::default(); cfg.ports.max(1)],
             slot: 0,
-            uplink_ifindex,
-            uplink_mac,
-            udp_csum,
+            uplink_ifindex: cfg.uplink.0,
+            uplink_mac: cfg.uplink.1,
+            udp_csum: cfg.udp_csum,
+            answers: AnswerLimits::new(cfg.dhcp_rate),
+            events: cfg.events,
+            popped: Vec::with_capacity(MAX_FRAME),
             scratch: vec![0; HEADROOM + MAX_FRAME],
             encap_buf: vec![0; MAX_FRAME + HEADROOM],
             txbuf: Vec::with_capacity(MAX_FRAME),
@@ -149,21 +186,50 @@ impl UserPath {
             }
             return;
         }
-        let list = if uplink {
+        if tables.is_provider(in_ifindex) {
+            let mut popped = std::mem::take(&mut self.popped);
+            let vlan = pop_vlan(frame, &mut popped);
+            self.handle(tables, &popped, (in_ifindex, vlan), now, tx);
+            self.popped = popped;
+        } else {
+            self.handle(tables, frame, (in_ifindex, 0), now, tx);
+        }
+    }
+
+    /// A frame (a provider's with its tag popped, its VLAN `vlan`) after the checks of its
+    /// port: conntrack, the cache, the slow path.
+    fn handle(
+        &mut self,
+        tables: &Tables,
+        frame: &[u8],
+        (in_ifindex, vlan): (u32, u16),
+        now: Instant,
+        tx: &mut dyn Tx,
+    ) {
+        let list = if in_ifindex == self.uplink_ifindex {
             mask_list::UPLINK
         } else {
             mask_list::VM
         } as usize;
-        let (mut key, inner) = match tables.fast_key(frame, in_ifindex) {
+        let (mut key, inner) = match tables.fast_key(frame, (in_ifindex, vlan)) {
             Err(reason) => {
                 self.count(reason.counter());
                 return;
             }
-            Ok(None) => return self.slow(tables, frame, (in_ifindex, 0), list, now, tx),
+            Ok(None) => return self.slow(tables, frame, (in_ifindex, 0, vlan), list, now, tx),
             Ok(Some(k)) => k,
         };
         let zone = tables.ct_zone(in_ifindex, &key);
         let now_ns = self.conntrack.ns(now);
+        // To a tracked floating IP from a provider network: the state as the VM sees it.
+        if let Some(&(fixed, fzone)) = tables.fip_ct().get(&key.ip_dst) {
+            if key.eth_type == 0x0800u16.to_be() && tables.is_provider(in_ifindex) {
+                let mut k = key;
+                k.ip_dst = fixed;
+                userct::lookup(&self.conntrack, &mut self.ct_cache, &mut k, fzone, now_ns);
+                key.ct_state = k.ct_state;
+            }
+        }
         if zone != 0 {
             let t = &*self.conntrack;
             userct::lookup(t, &mut self.ct_cache, &mut key, zone, now_ns);
@@ -175,7 +241,14 @@ impl UserPath {
             }
         }
         let Some(a) = self.cache.lookup(&key, list) else {
-            return self.slow(tables, frame, (in_ifindex, key.ct_state), list, now, tx);
+            return self.slow(
+                tables,
+                frame,
+                (in_ifindex, key.ct_state, vlan),
+                list,
+                now,
+                tx,
+            );
         };
         let end = HEADROOM + frame.len();
         self.scratch[HEADROOM..end].copy_from_slice(frame);
@@ -208,129 +281,28 @@ impl UserPath {
             }
             // No kernel stack behind a DPDK port: what XDP would pass is dropped, counted.
             Verdict::Pass => self.count(ctr::PASS),
-            Verdict::SlowPath => {
-                self.slow(tables, frame, (in_ifindex, key.ct_state), list, now, tx)
-            }
+            Verdict::SlowPath => self.slow(
+                tables,
+                frame,
+                (in_ifindex, key.ct_state, vlan),
+                list,
+                now,
+                tx,
+            ),
         }
     }
+}
 
-    /// The pipeline's verdict on a frame the cache could not settle: outputs sent, the
-    /// megaflow installed.
-    /// `ct_state`: the frame's connection state, as found before the cache.
-    fn slow(
-        &mut self,
-        tables: &Tables,
-        frame: &[u8],
-        (in_ifindex, ct_state): (u32, u8),
-        list: usize,
-        now: Instant,
-        tx: &mut dyn Tx,
-    ) {
-        self.count(ctr::SLOW_RX);
-        let mut outputs = std::mem::take(&mut self.outputs);
-        let mut txbuf = std::mem::take(&mut self.txbuf);
-        let meta = (ct_state, 0);
-        match tables.process_dropping(frame, in_ifindex, meta, &mut outputs, &mut txbuf) {
-            Err(dropped) => {
-                self.count(dropped.reason.counter());
-                if let Some(m) = dropped.megaflow {
-                    self.install(list, m);
-                }
-            }
-            Ok(d) => {
-                // A new connection an ACL allowed: committed for this first packet (the
-                // megaflow's action commits the next connections that match it).
-                let now_ns = self.conntrack.ns(now);
-                for k in d.ct_commit_keys() {
-                    self.conntrack.commit(&k, now_ns);
-                    self.count(ctr::CT_COMMITTED);
-                }
-                let payload = if d.rewritten {
-                    &txbuf[..]
-                } else {
-                    &frame[d.payload_offset..]
-                };
-                for o in &outputs {
-                    self.output(tables, o, payload, d.flow_hash, now, tx);
-                }
-                if let Some(mut m) = d.megaflow {
-                    if m.action.kind == act::ENCAP {
-                        let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
-                        let mac = self
-                            .neigh
-                            .lock()
-                            .ok()
-                            .and_then(|mut n| n.resolve(dst, now).mac);
-                        if let Some(mac) = mac {
-                            m.action.nh_dmac = mac;
-                            m.action.nh_smac = self.uplink_mac;
-                            m.action.flags |= flag::NH_CACHED;
-                        }
-                    }
-                    self.install(list, m);
-                }
-            }
-        }
-        self.outputs = outputs;
-        self.txbuf = txbuf;
-    }
-
-    fn install(&mut self, list: usize, m: crate::pipeline::Megaflow) {
-        match self.cache.install_megaflow(list, &m) {
-            Ok(()) => self.count(ctr::FLOW_INSTALL),
-            Err(_) => self.count(ctr::FLOW_INSTALL_FAIL),
-        }
-    }
-
-    fn output(
-        &mut self,
-        tables: &Tables,
-        o: &Output,
-        payload: &[u8],
-        flow_hash: u32,
-        now: Instant,
-        tx: &mut dyn Tx,
-    ) {
-        match *o {
-            Output::Local { ifindex } => self.send(tx, ifindex, payload),
-            // Provider networks need their VLAN handling here first: not yet.
-            Output::Provider { .. } => self.count(ctr::DROP_UNKNOWN_PORT),
-            Output::Tunnel { remote, vni, meta } => {
-                let Some(src_ip) = tables.encap_ip() else {
-                    self.count(ctr::DROP_NO_NEIGH);
-                    return;
-                };
-                let Some(r) = self.neigh.lock().ok().map(|mut n| n.resolve(remote, now)) else {
-                    return;
-                };
-                if let Some(req) = r.request {
-                    let up = self.uplink_ifindex;
-                    self.send(tx, up, &req);
-                }
-                let Some(dst_mac) = r.mac else {
-                    self.count(ctr::DROP_NO_NEIGH);
-                    return;
-                };
-                let p = EncapParams {
-                    src_mac: self.uplink_mac,
-                    dst_mac,
-                    src_ip,
-                    dst_ip: remote,
-                    sport: EncapParams::sport_for(flow_hash),
-                    vni,
-                    meta,
-                    udp_csum: self.udp_csum,
-                };
-                let mut buf = std::mem::take(&mut self.encap_buf);
-                match emit_encap(&mut buf, payload, &p) {
-                    Some(len) => {
-                        let up = self.uplink_ifindex;
-                        self.send(tx, up, &buf[..len]);
-                    }
-                    None => self.count(ctr::DROP_TOO_BIG),
-                }
-                self.encap_buf = buf;
-            }
-        }
+/// `frame` into `out` without its 802.1Q tag, if it has one; the tag's VLAN
+/// (`VLAN_PRESENT | vid`), or 0.
+fn pop_vlan(frame: &[u8], out: &mut Vec<u8>) -> u16 {
+    out.clear();
+    if frame.len() >= 18 && frame[12..14] == [0x81, 0x00] {
+        out.extend_from_slice(&frame[..12]);
+        out.extend_from_slice(&frame[16..]);
+        VLAN_PRESENT | (u16::from_be_bytes([frame[14], frame[15]]) & 0x0fff)
+    } else {
+        out.extend_from_slice(frame);
+        0
     }
 }

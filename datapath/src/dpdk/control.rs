@@ -1,0 +1,203 @@
+//! The DPDK datapath's calling thread, between the control thread and the poll threads: it
+//! binds each pipeline to the ports (compiled tables published whole with arc-swap, new
+//! generations for the datapaths that changed), learns the provider neighbours the poll
+//! threads report (`PathEvent`, kept only if asked for, see `arpasked`), ends the
+//! connections of the zones whose security groups changed, and expires idle connections.
+
+use super::serve::DpdkConfig;
+use crate::arpasked::ArpAsked;
+use crate::flowcache::GenerationTable;
+use crate::metrics::{PortInfo, Shared};
+use crate::pipeline::Tables;
+use crate::userct::ConnTable;
+use crate::userneigh::UnderlayNeigh;
+use crate::userpath::PathEvent;
+use arc_swap::ArcSwapOption;
+use geneflow_control::agent::PipelineUpdate;
+use geneflow_control::compiler::{changed_acl_zones, AclsByZone};
+use geneflow_control::model::Mac;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// The DPDK ports as the calling thread knows them, by port slot.
+pub struct PortSet {
+    /// Kernel interface names: the uplink first, then the VM ports, then the providers'.
+    pub ifaces: Vec<String>,
+    pub ifindexes: Vec<u32>,
+    /// Provider networks: physnet -> ifindex.
+    pub physnets: HashMap<String, u32>,
+    /// Provider interfaces whose driver hides VLAN tags (no VLAN network on them).
+    pub untagged_only: Vec<u32>,
+}
+
+impl PortSet {
+    pub fn kind(&self, slot: usize) -> &'static str {
+        if slot == 0 {
+            "uplink"
+        } else if self.physnets.values().any(|&ix| ix == self.ifindexes[slot]) {
+            "provider"
+        } else {
+            "vm"
+        }
+    }
+
+    fn infos(&self, binding: &dyn Fn(&str) -> Option<String>) -> Vec<PortInfo> {
+        self.ifaces
+            .iter()
+            .enumerate()
+            .map(|(i, name)| PortInfo {
+                iface: name.clone(),
+                ifindex: self.ifindexes[i],
+                slot: i as u32,
+                kind: self.kind(i),
+                port: binding(name),
+            })
+            .collect()
+    }
+}
+
+pub struct Control<'a> {
+    pub cfg: &'a DpdkConfig,
+    pub ports: &'a PortSet,
+    pub tables: &'a ArcSwapOption<Tables>,
+    pub generations: GenerationTable,
+    pub neigh: &'a Mutex<UnderlayNeigh>,
+    pub conntrack: &'a ConnTable,
+    pub shared: &'a Shared,
+    pub uplink_mac: [u8; 6],
+    pub mtu: u32,
+    pub acls: AclsByZone,
+    pub arp_asked: ArpAsked,
+}
+
+impl Control<'_> {
+    pub fn publish_ports(&self, binding: &dyn Fn(&str) -> Option<String>) {
+        if let Ok(mut g) = self.shared.ports.lock() {
+            *g = self.ports.infos(binding);
+        }
+    }
+
+    /// Publishes `t` with new generations for the datapaths whose fingerprints moved.
+    fn publish(&mut self, t: Tables) -> Result<usize, String> {
+        let fps = t.fingerprints(self.uplink_mac);
+        self.generations
+            .set_generations(&fps)
+            .map_err(|e| e.to_string())?;
+        self.tables.store(Some(Arc::new(t)));
+        Ok(fps.len())
+    }
+
+    pub fn apply(&mut self, u: PipelineUpdate) {
+        let p = &self.ports;
+        let learned = self
+            .tables
+            .load()
+            .as_ref()
+            .map(|t| t.ext_neigh().clone())
+            .unwrap_or_default();
+        let t = Tables::new(
+            u.pipeline.clone(),
+            p.ifindexes[0],
+            self.mtu,
+            self.cfg.udp_csum,
+            |n| p.ifaces.iter().position(|k| k == n).map(|i| p.ifindexes[i]),
+        )
+        .with_providers(&p.physnets, &p.untagged_only)
+        .with_ext_neigh(learned);
+        let datapaths = match self.publish(t) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("pipeline not applied: {e}");
+                return;
+            }
+        };
+        match self.cfg.encap_ip.or(u.pipeline.encap_ip) {
+            Some(ip) => {
+                if let Ok(mut n) = self.neigh.lock() {
+                    if n.ip() != ip {
+                        *n = UnderlayNeigh::new(ip, Mac(self.uplink_mac));
+                    }
+                    n.set_allowed(u.pipeline.peer_ips.iter().copied());
+                }
+            }
+            None => warn!("no tunnel address for this chassis in the NB yet"),
+        }
+        // The connections of zones whose security groups changed are checked again.
+        let acls = u.pipeline.acls_by_zone();
+        let zones = changed_acl_zones(&self.acls, &acls);
+        self.acls = acls;
+        if !zones.is_empty() {
+            let n = self.conntrack.delete(|k, _| zones.contains(&k.zone));
+            self.shared
+                .conntrack_flushed
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if n > 0 {
+                info!(
+                    ?zones,
+                    ended = n,
+                    "security groups changed: their connections are checked again"
+                );
+            }
+        }
+        self.publish_ports(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
+        self.shared
+            .pipelines_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(datapaths, "pipeline applied");
+    }
+
+    /// What a poll thread reported.
+    pub fn event(&mut self, ev: PathEvent) {
+        let now = Instant::now();
+        match ev {
+            PathEvent::Asked(ip) => self.arp_asked.asking(ip, now),
+            PathEvent::Learn(l) => {
+                let Some(asked) = self.arp_asked.admit(&l, now) else {
+                    return;
+                };
+                let Some(cur) = self.tables.load_full() else {
+                    return;
+                };
+                let mut t = (*cur).clone();
+                if !t.learn(l.dp, l.ip, l.mac, asked) {
+                    return;
+                }
+                // Routed entries to a provider network carry their next hop's MAC.
+                match self.publish(t) {
+                    Ok(_) => {
+                        info!(ip = %l.ip, "a provider neighbour changed; datapaths regenerated")
+                    }
+                    Err(e) => warn!("provider neighbour not applied: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Ends the epoch of the poll threads' connection caches (their established tuples are
+    /// refreshed in the table once per epoch) and deletes the idle connections; publishes
+    /// the table's gauges.
+    pub fn expire(&self) {
+        let ct = self.conntrack;
+        ct.bump_epoch();
+        let (gone, left) = ct.expire(ct.ns(Instant::now()));
+        if gone > 0 {
+            tracing::debug!(expired = gone, "conntrack entries expired");
+        }
+        let shared = self.shared;
+        shared.conntrack.store(left as u64, Ordering::Relaxed);
+        shared
+            .conntrack_evicted
+            .store(ct.evicted.load(Ordering::Relaxed), Ordering::Relaxed);
+        if left >= ct.capacity() * 95 / 100 {
+            shared.conntrack_full.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                entries = left,
+                capacity = ct.capacity(),
+                "conntrack table full: the least recently seen connections are evicted"
+            );
+        }
+    }
+}

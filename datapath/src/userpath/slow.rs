@@ -1,0 +1,161 @@
+//! The engine's slow path: the pipeline's verdict on a frame the cache could not settle, in
+//! the order the XDP backend's forwarder keeps (`forwarder::forward`): what it learnt, the
+//! connections it commits, its answer (rate limited), its outputs, its megaflow.
+
+use super::{PathEvent, Tx, UserPath};
+use crate::pipeline::rewrite::push_vlan;
+use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Output, Tables};
+use geneflow_abi::{act, ctr, flag};
+use std::time::Instant;
+
+impl UserPath {
+    /// `ct_state`: the frame's connection state, as found before the cache; `vlan`: the VLAN
+    /// a provider frame came on (its tag popped).
+    pub(super) fn slow(
+        &mut self,
+        tables: &Tables,
+        frame: &[u8],
+        (in_ifindex, ct_state, vlan): (u32, u8, u16),
+        list: usize,
+        now: Instant,
+        tx: &mut dyn Tx,
+    ) {
+        self.count(ctr::SLOW_RX);
+        let mut outputs = std::mem::take(&mut self.outputs);
+        let mut txbuf = std::mem::take(&mut self.txbuf);
+        let meta = (ct_state, vlan);
+        match tables.process_dropping(frame, in_ifindex, meta, &mut outputs, &mut txbuf) {
+            Err(dropped) => {
+                self.count(dropped.reason.counter());
+                if let Some(m) = dropped.megaflow {
+                    self.install(list, m);
+                }
+            }
+            Ok(d) => 'd: {
+                if let (Some(l), Some(ev)) = (d.learn, &self.events) {
+                    // The tables' owner decides; a full queue loses a lesson, not a frame.
+                    let _ = ev.try_send(PathEvent::Learn(l));
+                }
+                if d.napt.is_some() {
+                    // Default SNAT needs the translation table, which this backend does not
+                    // keep yet: counted, as the XDP slow path counts a failed allocation.
+                    self.count(ctr::DROP_NO_NAT);
+                    break 'd;
+                }
+                // A new connection an ACL allowed: committed for this first packet (the
+                // megaflow's action commits the next connections that match it).
+                let now_ns = self.conntrack.ns(now);
+                for k in d.ct_commit_keys() {
+                    self.conntrack.commit(&k, now_ns);
+                    self.count(ctr::CT_COMMITTED);
+                }
+                if let Some(a) = d.answer {
+                    let admitted = self.answers.admit(&a, in_ifindex, now);
+                    let (Ok(counted) | Err(counted)) = admitted;
+                    for c in counted.iter() {
+                        self.count(c);
+                    }
+                    if admitted.is_err() {
+                        break 'd;
+                    }
+                    if let (AnswerKind::ArpRequest, Some(ev)) = (a.kind, &self.events) {
+                        let _ = ev.try_send(PathEvent::Asked(a.source));
+                    }
+                }
+                let payload = if d.rewritten {
+                    &txbuf[..]
+                } else {
+                    &frame[d.payload_offset..]
+                };
+                for o in &outputs {
+                    self.output(tables, o, payload, d.flow_hash, now, tx);
+                }
+                if let Some(mut m) = d.megaflow {
+                    if m.action.kind == act::ENCAP {
+                        let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
+                        let mac = self
+                            .neigh
+                            .lock()
+                            .ok()
+                            .and_then(|mut n| n.resolve(dst, now).mac);
+                        if let Some(mac) = mac {
+                            m.action.nh_dmac = mac;
+                            m.action.nh_smac = self.uplink_mac;
+                            m.action.flags |= flag::NH_CACHED;
+                        }
+                    }
+                    self.install(list, m);
+                }
+            }
+        }
+        self.outputs = outputs;
+        self.txbuf = txbuf;
+    }
+
+    fn install(&mut self, list: usize, m: Megaflow) {
+        match self.cache.install_megaflow(list, &m) {
+            Ok(()) => self.count(ctr::FLOW_INSTALL),
+            Err(_) => self.count(ctr::FLOW_INSTALL_FAIL),
+        }
+    }
+
+    fn output(
+        &mut self,
+        tables: &Tables,
+        o: &Output,
+        payload: &[u8],
+        flow_hash: u32,
+        now: Instant,
+        tx: &mut dyn Tx,
+    ) {
+        match *o {
+            Output::Local { ifindex } | Output::Provider { ifindex, vlan: 0 } => {
+                self.send(tx, ifindex, payload)
+            }
+            Output::Provider { ifindex, vlan } => {
+                let mut buf = std::mem::take(&mut self.encap_buf);
+                match push_vlan(&mut buf, payload, vlan) {
+                    Some(len) => self.send(tx, ifindex, &buf[..len]),
+                    None => self.count(ctr::DROP_TOO_BIG),
+                }
+                self.encap_buf = buf;
+            }
+            Output::Tunnel { remote, vni, meta } => {
+                let Some(src_ip) = tables.encap_ip() else {
+                    self.count(ctr::DROP_NO_NEIGH);
+                    return;
+                };
+                let Some(r) = self.neigh.lock().ok().map(|mut n| n.resolve(remote, now)) else {
+                    return;
+                };
+                if let Some(req) = r.request {
+                    let up = self.uplink_ifindex;
+                    self.send(tx, up, &req);
+                }
+                let Some(dst_mac) = r.mac else {
+                    self.count(ctr::DROP_NO_NEIGH);
+                    return;
+                };
+                let p = EncapParams {
+                    src_mac: self.uplink_mac,
+                    dst_mac,
+                    src_ip,
+                    dst_ip: remote,
+                    sport: EncapParams::sport_for(flow_hash),
+                    vni,
+                    meta,
+                    udp_csum: self.udp_csum,
+                };
+                let mut buf = std::mem::take(&mut self.encap_buf);
+                match emit_encap(&mut buf, payload, &p) {
+                    Some(len) => {
+                        let up = self.uplink_ifindex;
+                        self.send(tx, up, &buf[..len]);
+                    }
+                    None => self.count(ctr::DROP_TOO_BIG),
+                }
+                self.encap_buf = buf;
+            }
+        }
+    }
+}
