@@ -5,16 +5,17 @@
 //!
 //! Done here: output (with an 802.1Q tag for a provider VLAN), encapsulation with a cached
 //! next hop, decapsulation, drop and pass, a router's checks and rewrites, a floating IP's
-//! translation, and the conntrack commit (through the caller's hook, at the point XDP
-//! commits: after the router's checks and rewrites). What needs state the XDP program keeps
-//! in maps (default SNAT's translations, the ARP responder's reply, a next hop the kernel
-//! must resolve) goes to the slow path, as XDP does with what it cannot finish.
+//! translation, default SNAT both ways, and the conntrack commit. The state the XDP program
+//! keeps in maps (connections, default SNAT's translations) is the caller's (`State`),
+//! asked at the points where XDP consults its maps. What the fast path cannot finish (the
+//! ARP responder's reply, a next hop not resolved yet, a connection without a translation
+//! yet) goes to the slow path, as XDP does.
 
-use crate::pipeline::rewrite::martian;
+use crate::pipeline::rewrite::{self, martian};
 use crate::wire::geneve::{self, OvnMetadata};
 use geneflow_abi::{
-    act, csum_replace4, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, ENCAP_OVERHEAD,
-    GENEVE_PORT, OVN_OPT_CLASS,
+    act, csum_replace4, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, NatEntry,
+    ENCAP_OVERHEAD, GENEVE_PORT, OVN_OPT_CLASS,
 };
 use std::net::Ipv4Addr;
 
@@ -66,29 +67,57 @@ pub enum Verdict {
     SlowPath,
 }
 
+/// What an action needs of the state the caller keeps (the XDP program keeps it in maps).
+pub trait State {
+    /// Commits the frame's connection (`flag::CT_COMMIT`).
+    fn commit(&mut self);
+    /// The outbound default-SNAT translation of `frame` (refreshed); `None`: none yet, the
+    /// slow path allocates one.
+    fn napt_out(&mut self, frame: &[u8]) -> Option<NatEntry>;
+    /// The translation back of the reply `frame` (noted as replied); `None`: dropped.
+    fn napt_in(&mut self, frame: &[u8]) -> Option<NatEntry>;
+}
+
 /// Runs `a` on `f`. `key` is the frame's flow key (for the outer source port); `inner` is
-/// the offset of the inner frame of a Geneve frame (decapsulation). `commit` runs when the
-/// action commits the connection (`flag::CT_COMMIT`) and the frame got that far.
+/// the offset of the inner frame of a Geneve frame (decapsulation).
 pub fn execute(
     f: &mut Frame<'_>,
     key: &FlowKey,
     inner: usize,
     a: &FlowAction,
-    commit: &mut dyn FnMut(),
+    state: &mut dyn State,
 ) -> Verdict {
-    if a.flags & flag::NAPT != 0 || matches!(a.kind, act::UNNAPT | act::ARP_REPLY) {
-        return Verdict::SlowPath;
+    match a.kind {
+        act::ARP_REPLY => return Verdict::SlowPath,
+        act::UNNAPT => return unnapt(f, state),
+        _ => {}
     }
+    // Before any rewrite: a connection without a translation yet goes to the slow path as
+    // it came.
+    let napt = if a.flags & flag::NAPT != 0 {
+        match state.napt_out(f.bytes()) {
+            Some(e) => Some(e),
+            None => return Verdict::SlowPath,
+        }
+    } else {
+        None
+    };
     if a.flags & flag::ROUTE != 0 {
         if let Err(v) = route(f, a) {
             return v;
+        }
+        if let Some(e) = napt {
+            let (s, end) = (f.start, f.end);
+            if rewrite::napt(&mut f.buf[s..end], true, e.addr, e.port).is_none() {
+                return Verdict::Drop(ctr::DROP_MALFORMED);
+            }
         }
         if a.flags & (flag::SNAT | flag::DNAT) != 0 {
             nat(f, key, a);
         }
     }
     if a.flags & flag::CT_COMMIT != 0 {
-        commit();
+        state.commit();
     }
     match a.kind {
         act::OUTPUT => {
@@ -117,6 +146,34 @@ pub fn execute(
             ctr::DROP_ACTION
         }),
         _ => Verdict::Drop(ctr::DROP_ACTION),
+    }
+}
+
+/// `act::UNNAPT`: a reply to the chassis' external address goes back, routed, to the VM that
+/// opened the connection; an unknown tuple is dropped.
+fn unnapt(f: &mut Frame<'_>, state: &mut dyn State) -> Verdict {
+    let Some(e) = state.napt_in(f.bytes()) else {
+        return Verdict::Drop(ctr::DROP_NO_NAT);
+    };
+    let a = FlowAction {
+        kind: act::OUTPUT,
+        flags: flag::ROUTE,
+        set_smac: e.smac,
+        set_dmac: e.dmac,
+        out_ifindex: e.out_ifindex,
+        out_slot: e.out_slot,
+        ..FlowAction::default()
+    };
+    if let Err(v) = route(f, &a) {
+        return v;
+    }
+    let (s, end) = (f.start, f.end);
+    if rewrite::napt(&mut f.buf[s..end], false, e.addr, e.port).is_none() {
+        return Verdict::Drop(ctr::DROP_MALFORMED);
+    }
+    Verdict::Output {
+        ifindex: e.out_ifindex,
+        out_slot: e.out_slot,
     }
 }
 
@@ -343,6 +400,23 @@ mod tests {
         static COMMITS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
 
+    /// Counts commits; knows no translation.
+    struct Counting;
+
+    impl State for Counting {
+        fn commit(&mut self) {
+            COMMITS.with(|c| c.set(c.get() + 1))
+        }
+
+        fn napt_out(&mut self, _: &[u8]) -> Option<NatEntry> {
+            None
+        }
+
+        fn napt_in(&mut self, _: &[u8]) -> Option<NatEntry> {
+            None
+        }
+    }
+
     /// `run` of a frame whose inner frame starts at `inner`.
     fn run_at(data: &[u8], inner: usize, a: &FlowAction) -> (Verdict, Vec<u8>) {
         let key = crate::pipeline::key::extract_key(data, 3).unwrap();
@@ -353,9 +427,7 @@ mod tests {
             start,
             end,
         };
-        let v = execute(&mut f, &key, inner, a, &mut || {
-            COMMITS.with(|c| c.set(c.get() + 1))
-        });
+        let v = execute(&mut f, &key, inner, a, &mut Counting);
         (v, f.bytes().to_vec())
     }
 

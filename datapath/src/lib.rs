@@ -18,6 +18,7 @@ pub mod flowexec;
 pub mod forwarder;
 pub mod loader;
 pub mod metrics;
+pub mod napt;
 pub mod netdev;
 pub mod persist;
 pub mod pipeline;

@@ -8,6 +8,7 @@ use super::serve::DpdkConfig;
 use crate::arpasked::ArpAsked;
 use crate::flowcache::GenerationTable;
 use crate::metrics::{PortInfo, Shared};
+use crate::napt::NatMap;
 use crate::pipeline::Tables;
 use crate::userct::ConnTable;
 use crate::userneigh::UnderlayNeigh;
@@ -66,11 +67,14 @@ pub struct Control<'a> {
     pub generations: GenerationTable,
     pub neigh: &'a Mutex<UnderlayNeigh>,
     pub conntrack: &'a ConnTable,
+    pub nat: &'a Mutex<NatMap>,
     pub shared: &'a Shared,
     pub uplink_mac: [u8; 6],
     pub mtu: u32,
     pub acls: AclsByZone,
     pub arp_asked: ArpAsked,
+    /// Expiry rounds so far (default-SNAT translations expire every tenth).
+    pub rounds: u64,
 }
 
 impl Control<'_> {
@@ -178,11 +182,18 @@ impl Control<'_> {
 
     /// Ends the epoch of the poll threads' connection caches (their established tuples are
     /// refreshed in the table once per epoch) and deletes the idle connections; publishes
-    /// the table's gauges.
-    pub fn expire(&self) {
+    /// the table's gauges. Every tenth round (10 s, as the XDP backend), the idle
+    /// default-SNAT translations go too: the walk holds their table's lock.
+    pub fn expire(&mut self) {
         let ct = self.conntrack;
         ct.bump_epoch();
-        let (gone, left) = ct.expire(ct.ns(Instant::now()));
+        let now = ct.ns(Instant::now());
+        self.rounds += 1;
+        if self.rounds.is_multiple_of(10) {
+            let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+            crate::napt::expire(&mut *t, now);
+        }
+        let (gone, left) = ct.expire(now);
         if gone > 0 {
             tracing::debug!(expired = gone, "conntrack entries expired");
         }

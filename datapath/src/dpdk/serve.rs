@@ -22,11 +22,14 @@
 //! Provider interfaces (`providers`) are DPDK ports too; what the poll threads learn there
 //! (neighbours from ARP) goes to the calling thread (`control`), which owns the tables.
 //!
-//! Not yet: default SNAT (its translations), announcing a floating IP that moved here
-//! (gratuitous ARP). A restart costs every
-//! megaflow and every tracked connection (both live in the process) and the frames in
+//! Default-SNAT translations live in a table the poll threads share (`napt::NatMap`, the
+//! XDP backend's allocation and expiry code over it).
+//!
+//! Not yet: announcing a floating IP that moved here (gratuitous ARP). A restart costs every
+//! megaflow, tracked connection and translation (they live in the process) and the frames in
 //! flight; the agent reads the NB again, the first frames of each flow go through the
-//! pipeline, and connections a security group admits only as established must start again.
+//! pipeline, and connections a security group admits only as established, or that leave by
+//! default SNAT, must start again.
 
 use super::control::{Control, PortSet};
 use super::inspect::{FlowRequests, Inspect};
@@ -34,11 +37,12 @@ use super::{Burst, DpdkError, Eal, EthPort, Mempool};
 use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
 use crate::metrics::Shared;
+use crate::napt::NatMap;
 use crate::netdev;
 use crate::pipeline::Tables;
 use crate::userct::ConnTable;
 use crate::userneigh::UnderlayNeigh;
-use crate::userpath::{Counters, PathConfig, PathEvent, Tx, UserPath};
+use crate::userpath::{Counters, PathConfig, PathEvent, PathShared, Tx, UserPath};
 use arc_swap::ArcSwapOption;
 use crossbeam_channel::Receiver;
 use geneflow_abi::{ct, ctr, MAX_FLOWS, MAX_PORTS, MAX_QUEUES};
@@ -118,8 +122,7 @@ struct Common<'a, 'p> {
     /// The compiled tables, replaced whole when a pipeline is applied.
     tables: &'a ArcSwapOption<Tables>,
     gens: &'a Arc<Generations>,
-    neigh: &'a Arc<Mutex<UnderlayNeigh>>,
-    conntrack: &'a Arc<ConnTable>,
+    state: &'a PathShared,
     events: crossbeam_channel::Sender<PathEvent>,
     dhcp_rate: u32,
     flows: &'a FlowRequests,
@@ -166,7 +169,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
         .collect();
     let mut path = UserPath::new(
         FlowCache::new(c.gens.clone(), MAX_FLOWS as usize),
-        (c.neigh.clone(), c.conntrack.clone()),
+        c.state.clone(),
         PathConfig {
             ports: ports.len(),
             uplink: (c.ifindexes[0], c.uplink_mac),
@@ -315,6 +318,14 @@ pub fn serve(
     )));
     let megaflows: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
     let conntrack = Arc::new(ConnTable::new(ct::MAX_ENTRIES as usize));
+    let nat = Arc::new(Mutex::new(NatMap::new(
+        geneflow_abi::nat::MAX_ENTRIES as usize,
+    )));
+    let state = PathShared {
+        neigh: neigh.clone(),
+        conntrack: conntrack.clone(),
+        nat: nat.clone(),
+    };
     let flows = FlowRequests::new(threads);
     let (events_tx, events) = crossbeam_channel::bounded(1024);
     let mut control = Control {
@@ -324,11 +335,13 @@ pub fn serve(
         generations: table,
         neigh: &neigh,
         conntrack: &conntrack,
+        nat: &nat,
         shared: &shared,
         uplink_mac,
         mtu,
         acls: Default::default(),
         arp_asked: Default::default(),
+        rounds: 0,
     };
     control.publish_ports(&|_| None);
     let common = Common {
@@ -337,8 +350,7 @@ pub fn serve(
         pool: &pool,
         tables: &tables,
         gens: &gens,
-        neigh: &neigh,
-        conntrack: &conntrack,
+        state: &state,
         events: events_tx,
         dhcp_rate: cfg.dhcp_rate,
         flows: &flows,

@@ -8,11 +8,6 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use geneflow_abi::{ct, CtEntry, CtKey, PortCounters};
 use std::path::PathBuf;
 
-/// Idle timeout of an entry, by IP protocol.
-fn timeout(proto: u8) -> Duration {
-    Duration::from_secs(ct::idle_timeout_s(proto, 0))
-}
-
 impl Forwarder {
     /// Ends the connections of the zones whose security groups changed between `old` and the
     /// current pipeline. Returns how many entries went.
@@ -90,7 +85,7 @@ pub(super) fn spawn_expiry(
                 let before = Tally::read(counters.as_ref(), &shared);
                 let left = expire(&mut map, &shared, last.as_ref().zip(before.as_ref()));
                 if let Some(n) = nat.as_mut() {
-                    expire_nat(n);
+                    crate::napt::expire(n, forward::monotonic_ns());
                 }
                 last = before.map(|t| Tally { entries: left, ..t });
             }
@@ -174,78 +169,4 @@ fn expire(
         );
     }
     total.saturating_sub(gone)
-}
-
-/// Deletes the default-SNAT translations idle for longer than their timeout, both halves of
-/// a connection together: conntrack's per protocol, but 10 s once a TCP FIN or RST went
-/// through and 60 s for a connection no reply ever came back to (a spray of new connections
-/// frees its entries within a minute). A half is deleted with its partner only if that
-/// partner points back at it, and each is read again just before it goes (XDP may have used
-/// it meanwhile); the outbound half goes first, so a port is never free while its outbound
-/// half lives.
-fn expire_nat(map: &mut BpfHashMap<MapData, CtKey, geneflow_abi::NatEntry>) {
-    use geneflow_abi::nat;
-    let now = forward::monotonic_ns();
-    let all: HashMap<CtKey, geneflow_abi::NatEntry> = map.iter().flatten().collect();
-    let timeout_of = |k: &CtKey, flags: u32| -> u64 {
-        let t = if flags & nat::CLOSING != 0 {
-            Duration::from_secs(ct::CLOSING_TIMEOUT_S)
-        } else if flags & nat::REPLIED == 0 {
-            Duration::from_secs(60).min(timeout(k.proto))
-        } else {
-            timeout(k.proto)
-        };
-        t.as_nanos() as u64
-    };
-    let is_out = |k: &CtKey| k.zone & nat::DIR_MASK == nat::DIR_OUT;
-    // (outbound key, inbound key) of each doomed connection; lone halves as (key, None).
-    let mut doomed: Vec<(CtKey, Option<CtKey>)> = Vec::new();
-    for (k, e) in &all {
-        let (ok, ik) = if is_out(k) {
-            (*k, super::napt::reply_key(k, e.addr, e.port))
-        } else {
-            (super::napt::out_key(k, e), *k)
-        };
-        let (o, i) = (all.get(&ok), all.get(&ik));
-        let paired = match (o, i) {
-            (Some(o), Some(i)) => {
-                super::napt::reply_key(&ok, o.addr, o.port) == ik
-                    && super::napt::out_key(&ik, i) == ok
-            }
-            _ => false,
-        };
-        if paired {
-            // Each pair once, from its outbound half.
-            if !is_out(k) {
-                continue;
-            }
-            let (o, i) = (
-                o.copied().unwrap_or_default(),
-                i.copied().unwrap_or_default(),
-            );
-            let last = o.last_seen_ns.max(i.last_seen_ns);
-            if now.saturating_sub(last) > timeout_of(k, o.flags | i.flags) {
-                doomed.push((ok, Some(ik)));
-            }
-        } else if now.saturating_sub(e.last_seen_ns) > timeout_of(k, e.flags) {
-            doomed.push((*k, None));
-        }
-    }
-    let mut gone = 0;
-    for (first, second) in doomed {
-        for k in std::iter::once(first).chain(second) {
-            // Read again: a packet that used it since the walk keeps it (and its partner).
-            let walked = all.get(&k).map(|e| e.last_seen_ns);
-            let unchanged = map
-                .get(&k, 0)
-                .is_ok_and(|e: geneflow_abi::NatEntry| Some(e.last_seen_ns) == walked);
-            if !unchanged || map.remove(&k).is_err() {
-                break;
-            }
-            gone += 1;
-        }
-    }
-    if gone > 0 {
-        tracing::debug!(expired = gone, "default-SNAT translations expired");
-    }
 }

@@ -92,12 +92,12 @@ impl Forwarder {
                     .map(|&j| ports[j].slot)
                     .unwrap_or(0);
                 let back = (ifindex, slot, smac, dmac);
-                if !super::napt::out(bpf, frame, txbuf, external, back, monotonic_ns()) {
+                if !crate::napt::out(bpf, frame, txbuf, external, back, monotonic_ns()) {
                     shared.count(in_slot, ctr::DROP_NO_NAT, 1);
                     return learned;
                 }
             }
-            Some(Napt::In) => match super::napt::back(bpf, frame, txbuf, monotonic_ns()) {
+            Some(Napt::In) => match crate::napt::back(bpf, frame, txbuf, monotonic_ns()) {
                 Some(ix) => {
                     outputs.push(Output::Local { ifindex: ix });
                     d.rewritten = true;

@@ -25,7 +25,6 @@ mod apply;
 mod conntrack;
 mod ctl;
 mod forward;
-mod napt;
 mod pending;
 
 /// Bytes per frame in the receive batch and the frame buffers: the largest frame the slow path
@@ -232,9 +231,9 @@ impl Forwarder {
             answers: AnswerLimits::new(dhcp_rate),
             arp_asked: Default::default(),
             nat_allocs: RateLimiter::new(
-                napt::ALLOC_RATE,
-                napt::ALLOC_RATE * 2.0,
-                napt::ALLOC_RATE * 20.0,
+                crate::napt::ALLOC_RATE,
+                crate::napt::ALLOC_RATE * 2.0,
+                crate::napt::ALLOC_RATE * 20.0,
             ),
             // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all.
             drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0),

@@ -35,6 +35,10 @@ impl Bpf {
         self.nat.insert(k, e, 0).map_err(map_err("NAT"))
     }
 
+    pub fn nat_remove(&mut self, k: &CtKey) -> bool {
+        self.nat.remove(k).is_ok()
+    }
+
     /// Deletes every translation; returns how many entries went.
     pub fn nat_flush(&mut self) -> usize {
         let keys: Vec<CtKey> = self.nat.keys().flatten().collect();

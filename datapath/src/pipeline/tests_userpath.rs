@@ -41,7 +41,12 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
         dhcp_rate: 20.0,
         events: None,
     };
-    let path = UserPath::new(FlowCache::new(gens, 1000), (neigh, ct), cfg);
+    let shared = crate::userpath::PathShared {
+        neigh,
+        conntrack: ct,
+        nat: Arc::new(std::sync::Mutex::new(crate::napt::NatMap::new(1024))),
+    };
+    let path = UserPath::new(FlowCache::new(gens, 1000), shared, cfg);
     (table, path)
 }
 

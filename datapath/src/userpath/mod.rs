@@ -25,15 +25,19 @@
 //! a miss may allocate (the pipeline's outputs).
 
 mod slow;
+mod state;
 
 use crate::flowcache::FlowCache;
 use crate::flowexec::{execute, Frame, Verdict};
+use crate::napt::NatMap;
 use crate::pipeline::{Learn, Output, Tables};
 use crate::ratelimit::AnswerLimits;
+use crate::ratelimit::RateLimiter;
 use crate::userct::{self, ConnTable, CtCache};
 use crate::userneigh::UnderlayNeigh;
 use crossbeam_channel::Sender;
 use geneflow_abi::{ct, ctr, mask_list, VLAN_PRESENT};
+use state::HitState;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -93,10 +97,22 @@ pub struct PathConfig {
     pub events: Option<Sender<PathEvent>>,
 }
 
+/// What the poll threads share: the underlay neighbours, the connections, the default-SNAT
+/// translations.
+#[derive(Clone)]
+pub struct PathShared {
+    pub neigh: Arc<Mutex<UnderlayNeigh>>,
+    pub conntrack: Arc<ConnTable>,
+    pub nat: Arc<Mutex<NatMap>>,
+}
+
 pub struct UserPath {
     pub cache: FlowCache,
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
     pub conntrack: Arc<ConnTable>,
+    pub nat: Arc<Mutex<NatMap>>,
+    /// New default-SNAT translations per VM port.
+    nat_allocs: RateLimiter,
     pub ct_cache: CtCache,
     /// Per port slot (the caller's numbering), what the frames received there came to.
     pub counters: Vec<Counters>,
@@ -116,15 +132,14 @@ pub struct UserPath {
 }
 
 impl UserPath {
-    pub fn new(
-        cache: FlowCache,
-        (neigh, conntrack): (Arc<Mutex<UnderlayNeigh>>, Arc<ConnTable>),
-        cfg: PathConfig,
-    ) -> UserPath {
+    pub fn new(cache: FlowCache, shared: PathShared, cfg: PathConfig) -> UserPath {
+        let rate = crate::napt::ALLOC_RATE;
         UserPath {
             cache,
-            neigh,
-            conntrack,
+            neigh: shared.neigh,
+            conntrack: shared.conntrack,
+            nat: shared.nat,
+            nat_allocs: RateLimiter::new(rate, rate * 2.0, rate * 20.0),
             ct_cache: CtCache::default(),
             counters: vec![Counters::default(); cfg.ports.max(1)],
             slot: 0,
@@ -257,11 +272,16 @@ impl UserPath {
             start: HEADROOM,
             end,
         };
-        let mut committed = 0;
-        let t = &*self.conntrack;
-        let verdict = execute(&mut f, &key, inner, &a, &mut || {
-            committed += userct::commit(t, &key, &a, now_ns);
-        });
+        let mut state = HitState {
+            conntrack: &self.conntrack,
+            nat: &self.nat,
+            key: &key,
+            action: &a,
+            now_ns,
+            committed: 0,
+        };
+        let verdict = execute(&mut f, &key, inner, &a, &mut state);
+        let committed = state.committed;
         if committed > 0 {
             if let Some(x) = self.counters.get_mut(self.slot) {
                 x.add(ctr::CT_COMMITTED, committed);

@@ -3,8 +3,9 @@
 //! connections it commits, its answer (rate limited), its outputs, its megaflow.
 
 use super::{PathEvent, Tx, UserPath};
+use crate::napt;
 use crate::pipeline::rewrite::push_vlan;
-use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Output, Tables};
+use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Napt, Output, Tables};
 use geneflow_abi::{act, ctr, flag};
 use std::time::Instant;
 
@@ -31,20 +32,47 @@ impl UserPath {
                     self.install(list, m);
                 }
             }
-            Ok(d) => 'd: {
+            Ok(mut d) => 'd: {
                 if let (Some(l), Some(ev)) = (d.learn, &self.events) {
                     // The tables' owner decides; a full queue loses a lesson, not a frame.
                     let _ = ev.try_send(PathEvent::Learn(l));
                 }
-                if d.napt.is_some() {
-                    // Default SNAT needs the translation table, which this backend does not
-                    // keep yet: counted, as the XDP slow path counts a failed allocation.
-                    self.count(ctr::DROP_NO_NAT);
-                    break 'd;
+                let now_ns = self.conntrack.ns(now);
+                match d.napt {
+                    Some(Napt::Out {
+                        external,
+                        ifindex,
+                        smac,
+                        dmac,
+                    }) => {
+                        if !self.nat_allocs.allow_key(ifindex, now) {
+                            self.count(ctr::DROP_RATE_LIMIT);
+                            break 'd;
+                        }
+                        let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+                        let back = (ifindex, 0, smac, dmac);
+                        if !napt::out(&mut *t, frame, &mut txbuf, external, back, now_ns) {
+                            drop(t);
+                            self.count(ctr::DROP_NO_NAT);
+                            break 'd;
+                        }
+                    }
+                    Some(Napt::In) => {
+                        let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+                        let back = napt::back(&mut *t, frame, &mut txbuf, now_ns);
+                        drop(t);
+                        match back {
+                            Some(ix) => {
+                                outputs.push(Output::Local { ifindex: ix });
+                                d.rewritten = true;
+                            }
+                            None => self.count(ctr::DROP_NO_NAT),
+                        }
+                    }
+                    None => {}
                 }
                 // A new connection an ACL allowed: committed for this first packet (the
                 // megaflow's action commits the next connections that match it).
-                let now_ns = self.conntrack.ns(now);
                 for k in d.ct_commit_keys() {
                     self.conntrack.commit(&k, now_ns);
                     self.count(ctr::CT_COMMITTED);
