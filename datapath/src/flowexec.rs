@@ -5,16 +5,16 @@
 //!
 //! Done here: output (with an 802.1Q tag for a provider VLAN), encapsulation with a cached
 //! next hop, decapsulation, drop and pass, a router's checks and rewrites, a floating IP's
-//! translation, default SNAT both ways, and the conntrack commit. The state the XDP program
+//! translation, default SNAT both ways, the ARP responder's reply, and the conntrack commit. The state the XDP program
 //! keeps in maps (connections, default SNAT's translations) is the caller's (`State`),
 //! asked at the points where XDP consults its maps. What the fast path cannot finish (the
-//! ARP responder's reply, a next hop not resolved yet, a connection without a translation
-//! yet) goes to the slow path, as XDP does.
+//! next hop not resolved yet, a connection without a translation yet) goes to the slow
+//! path, as XDP does. The ARP responder's reply is made here too, from the request.
 
 use crate::pipeline::rewrite::{self, martian};
 use crate::wire::geneve::{self, OvnMetadata};
 use geneflow_abi::{
-    act, csum_replace4, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, NatEntry,
+    act, arp, csum_replace4, ctr, flag, flow_hash, udp_source_port, FlowAction, FlowKey, NatEntry,
     ENCAP_OVERHEAD, GENEVE_PORT, OVN_OPT_CLASS,
 };
 use std::net::Ipv4Addr;
@@ -88,7 +88,7 @@ pub fn execute(
     state: &mut dyn State,
 ) -> Verdict {
     match a.kind {
-        act::ARP_REPLY => return Verdict::SlowPath,
+        act::ARP_REPLY => return arp_reply(f, a),
         act::UNNAPT => return unnapt(f, state),
         _ => {}
     }
@@ -146,6 +146,36 @@ pub fn execute(
             ctr::DROP_ACTION
         }),
         _ => Verdict::Drop(ctr::DROP_ACTION),
+    }
+}
+
+/// `act::ARP_REPLY`: the ARP request becomes the reply of `a.set_smac` and goes back out of
+/// the port it came in on (`a.out_ifindex`), tagged for a provider VLAN; the ARP responder's
+/// megaflow matched the request's fields (opcode, target address, sender MAC agreeing).
+fn arp_reply(f: &mut Frame<'_>, a: &FlowAction) -> Verdict {
+    if f.len() < arp::FRAME_LEN {
+        return Verdict::Drop(ctr::DROP_MALFORMED_ARP);
+    }
+    let mac = a.set_smac;
+    let s = f.start;
+    let b = &mut f.buf[s..s + arp::FRAME_LEN];
+    let requester: [u8; 6] = b[6..12].try_into().unwrap_or_default();
+    let sha: [u8; 6] = b[22..28].try_into().unwrap_or_default();
+    let spa: [u8; 4] = b[28..32].try_into().unwrap_or_default();
+    let tpa: [u8; 4] = b[38..42].try_into().unwrap_or_default();
+    b[0..6].copy_from_slice(&requester);
+    b[6..12].copy_from_slice(&mac);
+    b[20..22].copy_from_slice(&u16::from(arp::OP_REPLY).to_be_bytes());
+    b[22..28].copy_from_slice(&mac);
+    b[28..32].copy_from_slice(&tpa);
+    b[32..38].copy_from_slice(&sha);
+    b[38..42].copy_from_slice(&spa);
+    if a.vlan != 0 && !vlan_push(f, a.vlan) {
+        return Verdict::Drop(ctr::DROP_MALFORMED);
+    }
+    Verdict::Output {
+        ifindex: a.out_ifindex,
+        out_slot: a.out_slot,
     }
 }
 
@@ -627,6 +657,64 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_arp_request_becomes_the_reply_sent_back() {
+        use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame};
+        let vm = geneflow_control::model::Mac([0x0a, 0, 0, 0, 0, 1]);
+        let mut req = Vec::new();
+        crate::pipeline::rewrite::arp_frame(
+            &mut req,
+            vm,
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 3),
+            false,
+        );
+        let owner = [0x0a, 0, 0, 0, 0, 3];
+        let a = FlowAction {
+            kind: act::ARP_REPLY,
+            set_smac: owner,
+            out_ifindex: 5,
+            ..Default::default()
+        };
+        let (v, out) = run(&req, &a);
+        assert_eq!(
+            v,
+            Verdict::Output {
+                ifindex: 5,
+                out_slot: 0
+            }
+        );
+        let eth = EthernetFrame::new_checked(&out[..]).unwrap();
+        assert_eq!(eth.dst_addr().0, vm.0);
+        assert_eq!(eth.src_addr().0, owner);
+        let repr = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap();
+        let ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_hardware_addr,
+            target_protocol_addr,
+        } = repr
+        else {
+            panic!()
+        };
+        assert_eq!(operation, ArpOperation::Reply);
+        assert_eq!(source_hardware_addr.0, owner);
+        assert_eq!(source_protocol_addr, Ipv4Addr::new(10, 0, 0, 3));
+        assert_eq!(target_hardware_addr.0, vm.0);
+        assert_eq!(target_protocol_addr, Ipv4Addr::new(10, 0, 0, 1));
+        // On a provider VLAN: tagged; a truncated request: dropped.
+        let tagged = FlowAction {
+            vlan: 0x1000 | 7,
+            ..a
+        };
+        assert_eq!(&run(&req, &tagged).1[12..16], &[0x81, 0, 0, 7]);
+        assert_eq!(
+            run(&req[..40], &a).0,
+            Verdict::Drop(ctr::DROP_MALFORMED_ARP)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod exporter;
 pub mod flowcache;
 pub mod flowexec;
 pub mod forwarder;
+pub mod garp;
 pub mod loader;
 pub mod metrics;
 pub mod napt;

@@ -403,3 +403,48 @@ fn floating_ips_on_a_dpdk_chassis() -> Result<()> {
     assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
     Ok(())
 }
+
+/// A floating IP follows its port onto the DPDK chassis: vm2 (ch2, XDP) moves to ch1 (DPDK),
+/// which announces its floating IP with a gratuitous ARP out of its provider port (tshark
+/// reads it on the outside host), and answers ARP for it from then on (the outside host asks
+/// again); the VM behind it gets the traffic.
+#[test]
+fn a_floating_ip_moving_to_a_dpdk_chassis_is_announced() -> Result<()> {
+    let (mut tb, out) = fip_topology("dm", None)?;
+    tb.add_vm_unbound("vm2b", "ch1", 2)?;
+    default_route(&tb, "vm2b")?;
+    tb.start_agent(1)?;
+    let d = start_dpdk(&tb, &["vp-vm1", "vp-vm3", "vp-vm2b"])?;
+    d.wait_log("pipeline applied")?;
+    within(Duration::from_secs(10), || {
+        Ok(ping_from(&tb, &out, FIP2, 1).is_ok())
+    })?
+    .context("the outside never reached vm2's floating IP on ch2")?;
+    let answered0 = tb.counter("ch2", "phy", "arp_reply")?;
+    let (garp_child, garp) = capture(&tb, &out, "garp", "arp")?;
+    let applied = pipelines_applied(&tb, "ch1")?;
+    let garps0 = tb.counter("ch1", "phy", "garp_sent")?;
+    tb.nbctl(&["lsp-bind", "vm2", "ch1", "vp-vm2b"])?;
+    wait_applied(&tb, "ch1", applied)?;
+    assert_eq!(
+        counter_reaches(&tb, "ch1", "phy", "garp_sent", garps0 + 1),
+        garps0 + 1,
+        "ch1 (DPDK) did not announce the floating IP:\n{}",
+        d.log()
+    );
+    stop(garp_child);
+    let garps = fields(
+        &garp,
+        &format!("arp.isgratuitous == 1 && arp.src.proto_ipv4 == {FIP2}"),
+        &["arp.src.hw_mac"],
+    )?;
+    assert_eq!(garps.len(), 1, "{garps:?}");
+    run(tb
+        .ns_cmd(&out, "ip")
+        .args(["neigh", "flush", "dev", "eth0"]))?;
+    ping_from(&tb, &out, FIP2, 3)?;
+    assert_eq!(tb.counter("ch2", "phy", "arp_reply")?, answered0);
+    assert!(counter_reaches(&tb, "ch1", "phy", "arp_reply", 1) >= 1);
+    assert!(counter_reaches(&tb, "ch1", "vp-vm2b", "tx_packets", 3) >= 3);
+    Ok(())
+}

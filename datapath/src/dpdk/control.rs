@@ -2,11 +2,13 @@
 //! binds each pipeline to the ports (compiled tables published whole with arc-swap, new
 //! generations for the datapaths that changed), learns the provider neighbours the poll
 //! threads report (`PathEvent`, kept only if asked for, see `arpasked`), ends the
-//! connections of the zones whose security groups changed, and expires idle connections.
+//! connections of the zones whose security groups changed, expires idle connections and
+//! translations, and announces the floating IPs newly bound here (a poll thread sends).
 
 use super::serve::DpdkConfig;
 use crate::arpasked::ArpAsked;
 use crate::flowcache::GenerationTable;
+use crate::garp::FipAnnouncer;
 use crate::metrics::{PortInfo, Shared};
 use crate::napt::NatMap;
 use crate::pipeline::Tables;
@@ -14,6 +16,7 @@ use crate::userct::ConnTable;
 use crate::userneigh::UnderlayNeigh;
 use crate::userpath::PathEvent;
 use arc_swap::ArcSwapOption;
+use crossbeam_channel::Sender;
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::compiler::{changed_acl_zones, AclsByZone};
 use geneflow_control::model::Mac;
@@ -75,6 +78,9 @@ pub struct Control<'a> {
     pub arp_asked: ArpAsked,
     /// Expiry rounds so far (default-SNAT translations expire every tenth).
     pub rounds: u64,
+    pub announcer: FipAnnouncer,
+    /// Frames for a poll thread to send: (ifindex, frame).
+    pub inject: Sender<(u32, Vec<u8>)>,
 }
 
 impl Control<'_> {
@@ -144,6 +150,14 @@ impl Control<'_> {
                     ended = n,
                     "security groups changed: their connections are checked again"
                 );
+            }
+        }
+        // Floating IPs newly bound here are announced on their provider networks.
+        if let Some(t) = self.tables.load_full() {
+            for g in self.announcer.due(&t) {
+                if self.inject.try_send((g.ifindex, g.frame)).is_ok() {
+                    info!(floating_ip = %g.ip, "gratuitous ARP sent");
+                }
             }
         }
         self.publish_ports(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));

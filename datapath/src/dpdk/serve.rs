@@ -124,6 +124,8 @@ struct Common<'a, 'p> {
     gens: &'a Arc<Generations>,
     state: &'a PathShared,
     events: crossbeam_channel::Sender<PathEvent>,
+    /// Frames the calling thread has a poll thread send (gratuitous ARPs): (ifindex, frame).
+    inject: Receiver<(u32, Vec<u8>)>,
     dhcp_rate: u32,
     flows: &'a FlowRequests,
     uplink_mac: [u8; 6],
@@ -186,6 +188,18 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
     let (mut busy_ns, mut busy_frames) = (0u64, 0u64);
     while !c.stop.load(Ordering::Relaxed) {
         let tables = c.tables.load_full();
+        for (ix, frame) in c.inject.try_iter() {
+            let mut s = Sender {
+                ports: &mut ports,
+                pool: c.pool,
+                queue: q,
+            };
+            if s.send(ix, &frame) {
+                if let Some(p) = ports.iter_mut().find(|p| p.ifindex == ix) {
+                    p.io.add(ctr::GARP_SENT, 1);
+                }
+            }
+        }
         let mut got = 0;
         for i in 0..ports.len() {
             rx.rx(ports[i].eth, q);
@@ -328,6 +342,7 @@ pub fn serve(
     };
     let flows = FlowRequests::new(threads);
     let (events_tx, events) = crossbeam_channel::bounded(1024);
+    let (inject_tx, inject) = crossbeam_channel::bounded(1024);
     let mut control = Control {
         cfg: &cfg,
         ports: &ports,
@@ -342,6 +357,8 @@ pub fn serve(
         acls: Default::default(),
         arp_asked: Default::default(),
         rounds: 0,
+        announcer: Default::default(),
+        inject: inject_tx,
     };
     control.publish_ports(&|_| None);
     let common = Common {
@@ -352,6 +369,7 @@ pub fn serve(
         gens: &gens,
         state: &state,
         events: events_tx,
+        inject,
         dhcp_rate: cfg.dhcp_rate,
         flows: &flows,
         uplink_mac,

@@ -72,26 +72,9 @@ impl Forwarder {
     }
 
     /// Floating IPs bound here: their tracked ports go into `FIP_CT` (XDP looks frames to
-    /// them up in conntrack as the VM sees them), and each that is bound here now and was not
-    /// before (its port arrived, or it was just created) is announced with a gratuitous ARP
-    /// out of its provider network, so that the physical network learns where its MAC went.
+    /// them up in conntrack as the VM sees them), and those newly bound here are announced
+    /// (`garp`).
     pub(super) fn announce_fips(&mut self) {
-        let mut now: Vec<(std::net::Ipv4Addr, [u8; 6], u32, u16)> = Vec::new();
-        for rt in self.pipeline.routers.values() {
-            let Some(gw) = rt.gateway.map(|g| &rt.ports[g]) else {
-                continue;
-            };
-            let Some(crate::pipeline::Output::Provider { ifindex: ix, vlan }) =
-                self.tables.provider_output(gw.switch)
-            else {
-                continue;
-            };
-            for f in rt.fips.iter().filter(|f| f.local) {
-                now.push((f.external_ip, f.mac.0, ix, vlan));
-            }
-        }
-        // Tracked ports behind floating IPs: XDP looks their frames from the provider
-        // network up in conntrack as the VM sees them.
         let fip_ct = self
             .tables
             .fip_ct()
@@ -101,40 +84,21 @@ impl Forwarder {
         if let Err(e) = self.bpf.set_fip_ct(&fip_ct) {
             warn!("cannot set the tracked floating IPs: {e}");
         }
-        let mut frame = Vec::with_capacity(64);
-        let mut tagged = [0u8; 64];
-        for &(ip, mac, ix, vlan) in &now {
-            if self.announced.contains(&(ip, mac, ix, vlan)) {
-                continue;
-            }
-            crate::pipeline::rewrite::arp_frame(
-                &mut frame,
-                geneflow_control::model::Mac(mac),
-                ip,
-                ip,
-                true,
-            );
-            if vlan != 0 {
-                let Some(n) = crate::pipeline::rewrite::push_vlan(&mut tagged, &frame, vlan) else {
-                    continue;
-                };
-                frame.clear();
-                frame.extend_from_slice(&tagged[..n]);
-            }
-            let Some(&j) = self.by_ifindex.get(&ix) else {
+        for g in self.announced.due(&self.tables) {
+            let Some(&j) = self.by_ifindex.get(&g.ifindex) else {
                 continue;
             };
             let p = &mut self.ports[j];
-            if p.tx().send(&frame) {
+            if p.tx().send(&g.frame) {
                 self.shared.count(p.slot, ctr::GARP_SENT, 1);
                 self.shared.count(p.slot, ctr::TX_PACKETS, 1);
-                self.shared.count(p.slot, ctr::TX_BYTES, frame.len() as u64);
-                info!(floating_ip = %ip, "gratuitous ARP sent");
+                self.shared
+                    .count(p.slot, ctr::TX_BYTES, g.frame.len() as u64);
+                info!(floating_ip = %g.ip, "gratuitous ARP sent");
             } else {
                 self.shared.count(p.slot, ctr::DROP_TX_FULL, 1);
             }
         }
-        self.announced = now;
     }
 
     /// New generations for the datapaths whose fingerprint moved (see `Tables::fingerprints`).

@@ -94,9 +94,9 @@ pub struct Forwarder {
     /// Provider interfaces whose driver keeps VLAN tags out of XDP's sight: no VLAN network
     /// is served on them.
     untagged_only: Vec<u32>,
-    /// Floating IPs announced here (external address, MAC, provider ifindex), so that one that
-    /// arrives (its port moved here) is announced with a gratuitous ARP.
-    announced: Vec<(std::net::Ipv4Addr, [u8; 6], u32, u16)>,
+    /// Floating IPs announced here, so that one that arrives (its port moved here) is
+    /// announced with a gratuitous ARP.
+    announced: crate::garp::FipAnnouncer,
     outputs: Vec<Output>,
     rxbuf: Vec<u8>,
     rxlen: [usize; BATCH],
@@ -219,7 +219,7 @@ impl Forwarder {
             uplink_mtu,
             physnets: HashMap::new(),
             untagged_only: Vec::new(),
-            announced: Vec::new(),
+            announced: Default::default(),
             outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
             rxbuf: vec![0u8; STRIDE * BATCH],
             rxlen: [0; BATCH],

@@ -36,7 +36,7 @@ use crate::ratelimit::RateLimiter;
 use crate::userct::{self, ConnTable, CtCache};
 use crate::userneigh::UnderlayNeigh;
 use crossbeam_channel::Sender;
-use geneflow_abi::{ct, ctr, mask_list, VLAN_PRESENT};
+use geneflow_abi::{act, ct, ctr, mask_list, VLAN_PRESENT};
 use state::HitState;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -291,6 +291,9 @@ impl UserPath {
             Verdict::Output { ifindex, .. } => {
                 let (s, e) = (f.start, f.end);
                 self.count(ctr::FAST_HIT);
+                if a.kind == act::ARP_REPLY {
+                    self.count(ctr::ARP_REPLY);
+                }
                 if !tx.send(ifindex, &self.scratch[s..e]) {
                     self.count(ctr::DROP_TX_FULL);
                 }
