@@ -21,6 +21,7 @@ pub mod loader;
 pub mod metrics;
 pub mod napt;
 pub mod netdev;
+pub(crate) mod pending;
 pub mod persist;
 pub mod pipeline;
 pub mod ratelimit;

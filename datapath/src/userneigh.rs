@@ -128,6 +128,11 @@ impl UnderlayNeigh {
     }
 
     /// Chassis known.
+    /// The MAC of `ip`, if known (fresh or not), without asking.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.table.get(&ip).map(|(m, _)| *m)
+    }
+
     pub fn len(&self) -> usize {
         self.table.len()
     }

@@ -230,6 +230,12 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
             }
             rx.clear();
         }
+        let mut s = Sender {
+            ports: &mut ports,
+            pool: c.pool,
+            queue: q,
+        };
+        path.flush_pending(Instant::now(), &mut s);
         for p in &mut ports {
             if !p.tx.is_empty() {
                 p.tx.tx(p.eth, q);

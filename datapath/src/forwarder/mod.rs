@@ -25,7 +25,6 @@ mod apply;
 mod conntrack;
 mod ctl;
 mod forward;
-mod pending;
 
 /// Bytes per frame in the receive batch and the frame buffers: the largest frame the slow path
 /// takes (a jumbo frame, see `xsk::MAX_FRAME`).
@@ -110,7 +109,7 @@ pub struct Forwarder {
     /// Tells the conntrack expiry thread to end.
     ct_expiry_stop: Arc<AtomicBool>,
     /// Frames waiting for their remote chassis' next hop.
-    pending: pending::Pending,
+    pending: crate::pending::Pending,
     /// The budget of generated answers (per source; DHCP per port).
     answers: AnswerLimits,
     /// Per-port budget of new default-SNAT translations.
@@ -226,7 +225,7 @@ impl Forwarder {
             rxct: [None; BATCH],
             encap_buf: vec![0u8; STRIDE],
             txbuf: Vec::with_capacity(STRIDE),
-            pending: pending::Pending::new(STRIDE),
+            pending: crate::pending::Pending::new(STRIDE),
             ct_expiry_stop: Arc::new(AtomicBool::new(false)),
             answers: AnswerLimits::new(dhcp_rate),
             arp_asked: Default::default(),

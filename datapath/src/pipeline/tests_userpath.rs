@@ -70,20 +70,27 @@ fn a_flow_to_a_remote_port_leaves_the_pipeline_for_the_cache_with_the_same_bytes
     let (mut gens, mut p) = engine(&t);
     let now = Instant::now();
     let frame = &FRAME_CSUM[58..];
-    // The first frame: b's MAC unknown, so the ARP request goes out and the frame is dropped.
+    // The first frame: b's MAC unknown, so the ARP request goes out and the frame waits.
     let mut w = Wire::default();
     p.receive(&t, frame, (10, 0), now, &mut w);
+    p.flush_pending(now, &mut w);
     assert_eq!(w.0.len(), 1);
     assert_eq!((w.0[0].0, &w.0[0].1[12..14]), (UPLINK, &[0x08, 0x06][..]));
-    assert_eq!(p.total(ctr::DROP_NO_NEIGH), 1);
-    // b answers; the next frame goes through the pipeline (the entry had no next hop).
+    assert_eq!(p.total(ctr::DROP_NO_NEIGH), 0);
+    // b answers: the parked frame leaves, to b's MAC.
     p.receive(&t, &reply_from_b(), (UPLINK, 0), now, &mut Wire::default());
+    let mut w = Wire::default();
+    p.flush_pending(now, &mut w);
+    let (ix, parked) = w.0.pop().expect("the parked frame");
+    assert_eq!(ix, UPLINK);
+    assert_eq!(&parked[..6], &B_MAC);
+    // The next frame goes through the pipeline (the entry had no next hop): the same bytes.
     let mut w = Wire::default();
     p.receive(&t, frame, (10, 0), now, &mut w);
     assert_eq!(p.total(ctr::SLOW_RX), 2);
     let (ix, slow) = w.0.pop().expect("encapsulated");
     assert_eq!(ix, UPLINK);
-    assert_eq!(&slow[..6], &B_MAC);
+    assert_eq!(slow, parked);
     // The third takes the cache: the same bytes.
     let mut w = Wire::default();
     p.receive(&t, frame, (10, 0), now, &mut w);

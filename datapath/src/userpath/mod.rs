@@ -9,7 +9,8 @@
 //!    frame with headroom and sends the result;
 //! 4. a miss (or an action left to the slow path) runs the pipeline (`Tables`) in `slow`,
 //!    sends its outputs (Geneve to a chassis whose MAC `userneigh` knows; else the ARP
-//!    request goes out and the frame is dropped, counted) and its answers (rate limited as
+//!    request goes out and the frame waits for the reply in `pending`, bounded, as the XDP
+//!    backend's frames wait) and its answers (rate limited as
 //!    the XDP slow path limits them), and installs its megaflow, with the next hop cached
 //!    when known, so the next frames of the flow take step 3.
 //!
@@ -30,7 +31,7 @@ mod state;
 use crate::flowcache::FlowCache;
 use crate::flowexec::{execute, Frame, Verdict};
 use crate::napt::NatMap;
-use crate::pipeline::{Learn, Output, Tables};
+use crate::pipeline::{DropReason, Learn, Output, Tables};
 use crate::ratelimit::AnswerLimits;
 use crate::ratelimit::RateLimiter;
 use crate::userct::{self, ConnTable, CtCache};
@@ -125,6 +126,8 @@ pub struct UserPath {
     events: Option<Sender<PathEvent>>,
     /// A provider frame with its tag popped.
     popped: Vec<u8>,
+    /// Frames waiting for their remote chassis' next hop.
+    pending: crate::pending::Pending,
     scratch: Vec<u8>,
     encap_buf: Vec<u8>,
     txbuf: Vec<u8>,
@@ -149,6 +152,7 @@ impl UserPath {
             answers: AnswerLimits::new(cfg.dhcp_rate),
             events: cfg.events,
             popped: Vec::with_capacity(MAX_FRAME),
+            pending: crate::pending::Pending::new(MAX_FRAME + HEADROOM),
             scratch: vec![0; HEADROOM + MAX_FRAME],
             encap_buf: vec![0; MAX_FRAME + HEADROOM],
             txbuf: Vec::with_capacity(MAX_FRAME),
@@ -227,10 +231,11 @@ impl UserPath {
             mask_list::VM
         } as usize;
         let (mut key, inner) = match tables.fast_key(frame, (in_ifindex, vlan)) {
-            Err(reason) => {
-                self.count(reason.counter());
-                return;
-            }
+            // Not Geneve to this chassis (the underlay's own traffic: IPv6 neighbour
+            // discovery, ...): what XDP passes to the kernel; no kernel stack behind a DPDK
+            // port, so dropped, counted as passed.
+            Err(DropReason::NotOverlay) => return self.count(ctr::PASS),
+            Err(reason) => return self.count(reason.counter()),
             Ok(None) => return self.slow(tables, frame, (in_ifindex, 0, vlan), list, now, tx),
             Ok(Some(k)) => k,
         };

@@ -160,13 +160,9 @@ impl UserPath {
                     let up = self.uplink_ifindex;
                     self.send(tx, up, &req);
                 }
-                let Some(dst_mac) = r.mac else {
-                    self.count(ctr::DROP_NO_NEIGH);
-                    return;
-                };
                 let p = EncapParams {
                     src_mac: self.uplink_mac,
-                    dst_mac,
+                    dst_mac: r.mac.unwrap_or_default(),
                     src_ip,
                     dst_ip: remote,
                     sport: EncapParams::sport_for(flow_hash),
@@ -174,6 +170,18 @@ impl UserPath {
                     meta,
                     udp_csum: self.udp_csum,
                 };
+                if r.mac.is_none() {
+                    // The next hop is being resolved: the frame waits for it (bounded).
+                    let Some(mut slot) = self.pending.park(remote) else {
+                        self.count(ctr::DROP_NO_NEIGH);
+                        return;
+                    };
+                    match emit_encap(slot.buf(), payload, &p) {
+                        Some(len) => slot.commit(len, self.slot as u32, now),
+                        None => self.count(ctr::DROP_TOO_BIG),
+                    }
+                    return;
+                }
                 let mut buf = std::mem::take(&mut self.encap_buf);
                 match emit_encap(&mut buf, payload, &p) {
                     Some(len) => {
@@ -183,6 +191,29 @@ impl UserPath {
                     None => self.count(ctr::DROP_TOO_BIG),
                 }
                 self.encap_buf = buf;
+            }
+        }
+    }
+
+    /// Sends the parked frames whose next hop is now known (see `pending`); those that
+    /// waited too long are dropped, counted on the port they came in on.
+    pub fn flush_pending(&mut self, now: Instant, tx: &mut dyn Tx) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let up = self.uplink_ifindex;
+        let neigh = self.neigh.lock().ok();
+        let mut expired = Vec::new();
+        self.pending.flush(
+            now,
+            |ip| neigh.as_ref().and_then(|n| n.get(ip)),
+            |bytes, _| tx.send(up, bytes),
+            |in_slot| expired.push(in_slot),
+        );
+        drop(neigh);
+        for slot in expired {
+            if let Some(x) = self.counters.get_mut(slot as usize) {
+                x.add(ctr::DROP_NO_NEIGH, 1);
             }
         }
     }

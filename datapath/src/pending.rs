@@ -1,7 +1,8 @@
 //! Frames for a remote chassis whose underlay next hop is not resolved yet, like the kernel's
-//! unresolved-neighbour queue: the slow path encapsulates them (destination MAC left blank),
-//! parks them here, and sends them as soon as the neighbour thread publishes the MAC, instead
-//! of dropping the first frames of every new remote chassis. Bounded per remote and in all,
+//! unresolved-neighbour queue: the slow path (the XDP backend's forwarder, a DPDK poll
+//! thread) encapsulates them (destination MAC left blank), parks them here, and sends them as
+//! soon as the next hop's MAC is known, instead of dropping the first frames of every new
+//! remote chassis. Bounded per remote and in all,
 //! and by age; everything is allocated once. What cannot wait is dropped and counted
 //! (`drop_no_neighbour`).
 
@@ -13,7 +14,7 @@ const SLOTS: usize = 64;
 /// Frames parked per remote chassis (Linux's default unres_qlen_bytes holds a few dozen).
 const PER_REMOTE: usize = 16;
 /// How long a frame may wait for its next hop (an ARP exchange takes well under this).
-pub(super) const MAX_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(1);
 
 struct Slot {
     remote: Option<Ipv4Addr>,
@@ -24,7 +25,7 @@ struct Slot {
     buf: Box<[u8]>,
 }
 
-pub(super) struct Pending {
+pub(crate) struct Pending {
     slots: Vec<Slot>,
     used: usize,
 }
@@ -102,7 +103,7 @@ impl Pending {
 }
 
 /// A slot being filled; parked by `commit`.
-pub(super) struct ParkedSlot<'a> {
+pub(crate) struct ParkedSlot<'a> {
     pending: &'a mut Pending,
     i: usize,
     remote: Ipv4Addr,
