@@ -8,6 +8,7 @@ pub mod testbed_agent;
 pub mod testbed_l3;
 pub mod testbed_nb;
 pub mod testbed_ovs;
+pub mod testbed_ovs_dpdk;
 pub mod testbed_provider;
 pub mod testbed_routed;
 pub mod testbed_traffic;

@@ -96,6 +96,8 @@ const APT: &[&str] = &[
     "iperf3",
     // The independent Geneve peer of the interop test and the OVS baselines of the bench.
     "openvswitch-switch",
+    // OVS-DPDK, the peer of the bench's DPDK scenarios (its own binary, ovs-vswitchd-dpdk).
+    "openvswitch-switch-dpdk",
     // Keeps the OVS chassis's own stack off its system ports (netdev ingress hook).
     "nftables",
 ];
@@ -201,6 +203,7 @@ fn setup() -> Result<()> {
             .args(&missing))
         .context("apt-get install failed")?;
     }
+    keep_plain_ovs_vswitchd()?;
     let toolchains = run(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed (the eBPF program builds with nightly)")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
@@ -262,6 +265,38 @@ fn setup() -> Result<()> {
             .status()?;
         if !st.success() {
             bail!("cargo install bpf-linker failed");
+        }
+    }
+    Ok(())
+}
+
+/// The plain ovs-vswitchd that the `ovs-vswitchd` alternative must point to.
+const PLAIN_OVS_VSWITCHD: &str = "/usr/lib/openvswitch-switch/ovs-vswitchd";
+
+/// openvswitch-switch-dpdk registers its build as an alternative for `ovs-vswitchd` (lower
+/// priority, so auto mode keeps the plain one, but an earlier manual choice or a different
+/// package version could leave the DPDK build selected). The interop tests and the OVS
+/// scenarios of the bench run `ovs-vswitchd` from PATH as the plain userspace peer: the DPDK
+/// build there would start an EAL (hugepages, PCI scan) in every one of them. The bench's
+/// OVS-DPDK chassis run the DPDK binary by its own path (testbed_ovs_dpdk.rs).
+fn keep_plain_ovs_vswitchd() -> Result<()> {
+    let q = run(Command::new("update-alternatives").args(["--query", "ovs-vswitchd"]))
+        .unwrap_or_default();
+    let value = q
+        .lines()
+        .find_map(|l| l.strip_prefix("Value: "))
+        .map(str::trim);
+    match value {
+        Some(PLAIN_OVS_VSWITCHD) | None => {}
+        Some(other) => {
+            step(&format!(
+                "ovs-vswitchd alternative was {other}: setting it back to {PLAIN_OVS_VSWITCHD}"
+            ));
+            run(Command::new("update-alternatives").args([
+                "--set",
+                "ovs-vswitchd",
+                PLAIN_OVS_VSWITCHD,
+            ]))?;
         }
     }
     Ok(())

@@ -235,7 +235,7 @@ pub struct OvsInfo {
     pub chassis: String,
     pub ns: String,
     pub dir: PathBuf,
-    pub port_type: &'static str,
+    pub ports: crate::testbed_ovs::OvsPorts,
 }
 
 pub struct Testbed {

@@ -1,9 +1,65 @@
 //! Testbed chassis run by Open vSwitch's userspace datapath (the interop tests and the
-//! benchmark's peer), and their VMs.
+//! benchmark's peer), and their VMs. The DPDK build of OVS uses the same layout and flows
+//! (its own settings in testbed_ovs_dpdk.rs).
 
 use crate::testbed::*;
-use anyhow::{anyhow, Result};
+use crate::testbed_ovs_dpdk as dpdk;
+use anyhow::{anyhow, bail, Result};
 use std::process::Command;
+
+/// What an OVS chassis's ports are, and so which ovs-vswitchd runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OvsPorts {
+    /// `type=system` (AF_PACKET), plain ovs-vswitchd.
+    System,
+    /// `type=afxdp` (AF_XDP), plain ovs-vswitchd.
+    Afxdp,
+    /// `type=dpdk` on `net_af_packet` vdevs, ovs-vswitchd-dpdk with one PMD thread on this
+    /// core.
+    Dpdk { pmd_core: u32 },
+}
+
+impl OvsPorts {
+    pub(crate) fn of(afxdp: bool) -> OvsPorts {
+        if afxdp {
+            OvsPorts::Afxdp
+        } else {
+            OvsPorts::System
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            OvsPorts::System => "system",
+            OvsPorts::Afxdp => "afxdp",
+            OvsPorts::Dpdk { .. } => "dpdk",
+        }
+    }
+
+    /// The OVS port of kernel interface `iface`: the interface itself, except for DPDK,
+    /// whose port only names a vdev on it.
+    pub fn port(self, iface: &str) -> String {
+        match self {
+            OvsPorts::Dpdk { .. } => format!("d{iface}"),
+            _ => iface.to_string(),
+        }
+    }
+
+    /// The Interface columns of port `iface`; `vdev` numbers a DPDK vdev, unique in the
+    /// instance.
+    fn settings(self, iface: &str, vdev: u32) -> Vec<String> {
+        match self {
+            OvsPorts::Dpdk { .. } => dpdk::port_settings(iface, vdev),
+            _ => vec![format!("type={}", self.kind())],
+        }
+    }
+
+    /// Whether the chassis kernel sees the frames of these ports (AF_PACKET taps, `system`
+    /// ports and DPDK's af_packet vdevs alike) and must be kept out of them.
+    fn kernel_sees_frames(self) -> bool {
+        self != OvsPorts::Afxdp
+    }
+}
 
 impl Testbed {
     /// A chassis run by Open vSwitch's userspace datapath instead of geneflow, laid out as OVS
@@ -12,16 +68,37 @@ impl Testbed {
     /// port to `remote_ip`, the OVN option mapped to tun_metadata0. `afxdp` makes the ports
     /// `type=afxdp` (AF_XDP) instead of the default `system` (AF_PACKET).
     pub fn add_ovs_chassis(&mut self, name: &str, remote_ip: &str, afxdp: bool) -> Result<()> {
+        self.add_ovs_chassis_with(name, remote_ip, OvsPorts::of(afxdp))
+    }
+
+    /// [`Testbed::add_ovs_chassis`] with ports of any kind.
+    pub fn add_ovs_chassis_with(
+        &mut self,
+        name: &str,
+        remote_ip: &str,
+        ports: OvsPorts,
+    ) -> Result<()> {
         let n = self.chassis.len() + 1;
         let ns = format!("{}-{name}", self.prefix);
         self.add_ns(&ns)?;
         let ipaddr = format!("198.18.0.{n}");
         let bridge_port = self.underlay_port(&ns, "ul", "")?;
-        self.setup_ovs(name, &ns, &ipaddr, bridge_port, remote_ip, afxdp)
+        self.setup_ovs(name, &ns, &ipaddr, bridge_port, remote_ip, ports)
     }
 
     /// Two OVS chassis whose uplinks are one veth pair (198.18.0.1 and .2), for benchmarks.
     pub fn add_ovs_pair_direct(&mut self, a: &str, b: &str, afxdp: bool) -> Result<()> {
+        let p = OvsPorts::of(afxdp);
+        self.add_ovs_pair_direct_with(a, b, [p, p])
+    }
+
+    /// [`Testbed::add_ovs_pair_direct`] with ports of any kind, per chassis.
+    pub fn add_ovs_pair_direct_with(
+        &mut self,
+        a: &str,
+        b: &str,
+        ports: [OvsPorts; 2],
+    ) -> Result<()> {
         let (na, nb) = (
             format!("{}-{a}", self.prefix),
             format!("{}-{b}", self.prefix),
@@ -29,8 +106,8 @@ impl Testbed {
         self.add_ns(&na)?;
         self.add_ns(&nb)?;
         self.raw_veth(&na, "ul", &nb, "ul")?;
-        self.setup_ovs(a, &na, "198.18.0.1", String::new(), "198.18.0.2", afxdp)?;
-        self.setup_ovs(b, &nb, "198.18.0.2", String::new(), "198.18.0.1", afxdp)
+        self.setup_ovs(a, &na, "198.18.0.1", String::new(), "198.18.0.2", ports[0])?;
+        self.setup_ovs(b, &nb, "198.18.0.2", String::new(), "198.18.0.1", ports[1])
     }
 
     pub(crate) fn setup_ovs(
@@ -40,7 +117,7 @@ impl Testbed {
         ipaddr: &str,
         bridge_port: String,
         remote_ip: &str,
-        afxdp: bool,
+        ports: OvsPorts,
     ) -> Result<()> {
         let ns = ns.to_string();
         let ipaddr = ipaddr.to_string();
@@ -78,11 +155,31 @@ impl Testbed {
         let vsctl = |args: &[&str]| -> Result<String> {
             let mut c = Command::new("ovs-vsctl");
             env(&mut c);
-            c.arg(format!("--db=unix:{d}/db.sock")).args(args);
+            // A port whose vswitchd never commits it must fail the run, not hang it.
+            c.arg("--timeout=60")
+                .arg(format!("--db=unix:{d}/db.sock"))
+                .args(args);
             run(&mut c)
         };
         vsctl(&["--no-wait", "init"])?;
-        let mut c = self.ns_cmd(&ns, "ovs-vswitchd");
+        let mut c = match ports {
+            OvsPorts::Dpdk { pmd_core } => {
+                let mut a = vec![
+                    "--no-wait".to_string(),
+                    "set".into(),
+                    "Open_vSwitch".into(),
+                    ".".into(),
+                ];
+                a.extend(dpdk::other_config(&ns, pmd_core));
+                vsctl(&a.iter().map(String::as_str).collect::<Vec<_>>())?;
+                let rt = dpdk::runtime_dir(&dir);
+                std::fs::create_dir_all(&rt)?;
+                let mut c = self.ns_cmd(&ns, dpdk::OVS_VSWITCHD_DPDK);
+                c.env("RUNTIME_DIRECTORY", &rt);
+                c
+            }
+            _ => self.ns_cmd(&ns, "ovs-vswitchd"),
+        };
         env(&mut c);
         c.args([
             &format!("unix:{d}/db.sock"),
@@ -101,8 +198,7 @@ impl Testbed {
                 }
             }
         }
-        let port_type = if afxdp { "afxdp" } else { "system" };
-        if !afxdp {
+        if ports.kernel_sees_frames() {
             keep_stack_out(self, &ns, "ul")?;
         }
         vsctl(&[
@@ -123,16 +219,12 @@ impl Testbed {
             "br-phy",
             "datapath_type=netdev",
         ])?;
-        vsctl(&[
-            "add-port",
-            "br-phy",
-            "ul",
-            "--",
-            "set",
-            "interface",
-            "ul",
-            &format!("type={port_type}"),
-        ])?;
+        let ul = ports.port("ul");
+        let mut a = vec!["add-port", "br-phy", &ul, "--", "set", "interface", &ul];
+        let settings = ports.settings("ul", 0);
+        a.extend(settings.iter().map(String::as_str));
+        vsctl(&a)?;
+        check_port(&vsctl, &ul)?;
         ip(&[
             "-n",
             &ns,
@@ -161,7 +253,7 @@ impl Testbed {
             chassis: name.to_string(),
             ns: ns.clone(),
             dir: dir.clone(),
-            port_type,
+            ports,
         });
         self.chassis.push(Chassis {
             name: name.to_string(),
@@ -211,27 +303,28 @@ impl Testbed {
             .find(|o| o.chassis == chassis)
             .ok_or_else(|| anyhow!("no OVS chassis {chassis}"))?;
         let d = o.dir.display().to_string();
-        let pt = o.port_type;
+        let pt = o.ports;
+        let port = pt.port(&iface);
+        // The VM's vdev: the uplink's is 0, the VMs' count from 1 (this one is in `vms`).
+        let vdev = self.vms.iter().filter(|v| v.chassis == chassis).count() as u32;
         // No GRO here: it would hand AF_PACKET (system ports) 64 KB TCP aggregates that OVS
         // cannot forward. The XDP generator's frames need it; the benchmark turns it on itself.
         let ovs_ns = o.ns.clone();
-        if pt == "system" {
+        if pt.kernel_sees_frames() {
             keep_stack_out(self, &ovs_ns, &iface)?;
         }
-        let mut c = Command::new("ovs-vsctl");
-        c.env("OVS_RUNDIR", &d)
-            .arg(format!("--db=unix:{d}/db.sock"))
-            .args([
-                "add-port",
-                "br-int",
-                &iface,
-                "--",
-                "set",
-                "interface",
-                &iface,
-                &format!("type={pt}"),
-            ]);
-        run(&mut c)?;
+        let vsctl = |args: &[&str]| -> Result<String> {
+            run(Command::new("ovs-vsctl")
+                .env("OVS_RUNDIR", &d)
+                .arg("--timeout=60")
+                .arg(format!("--db=unix:{d}/db.sock"))
+                .args(args))
+        };
+        let mut a = vec!["add-port", "br-int", &port, "--", "set", "interface", &port];
+        let settings = pt.settings(&iface, vdev);
+        a.extend(settings.iter().map(String::as_str));
+        vsctl(&a)?;
+        check_port(&vsctl, &port)?;
         self.ofctl(
             chassis,
             &[
@@ -250,12 +343,12 @@ impl Testbed {
         let meta = |egress: u16| format!("0x{:08x}", ((key as u32) << 16) | egress as u32);
         for (rmac, rkey) in remotes {
             self.ofctl(chassis, &["add-flow", "br-int", &format!(
-                "in_port={iface},dl_dst={rmac},actions=set_field:{vni}->tun_id,set_field:{}->tun_metadata0,output:gnv0",
+                "in_port={port},dl_dst={rmac},actions=set_field:{vni}->tun_id,set_field:{}->tun_metadata0,output:gnv0",
                 meta(*rkey)
             )])?;
         }
         self.ofctl(chassis, &["add-flow", "br-int", &format!(
-            "in_port={iface},dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,actions=set_field:{vni}->tun_id,set_field:{}->tun_metadata0,output:gnv0",
+            "in_port={port},dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,actions=set_field:{vni}->tun_id,set_field:{}->tun_metadata0,output:gnv0",
             meta(0x8000)
         )])?;
         for egress in [key, 0x8000] {
@@ -265,7 +358,7 @@ impl Testbed {
                     "add-flow",
                     "br-int",
                     &format!(
-                "in_port=gnv0,tun_id={vni},tun_metadata0=0x{egress:x}/0xffff,actions=output:{iface}"
+                "in_port=gnv0,tun_id={vni},tun_metadata0=0x{egress:x}/0xffff,actions=output:{port}"
             ),
                 ],
             )?;
@@ -282,4 +375,15 @@ impl Testbed {
         self.nbctl(&["lsp-bind", name, chassis, &iface])?;
         Ok(())
     }
+}
+
+/// Fails unless OVS made port `port` (an interface it could not open gets ofport -1 and says
+/// why in its `error` column).
+fn check_port(vsctl: &impl Fn(&[&str]) -> Result<String>, port: &str) -> Result<()> {
+    let ofport = vsctl(&["get", "interface", port, "ofport"])?;
+    if ofport.trim().parse::<i64>().unwrap_or(-1) <= 0 {
+        let err = vsctl(&["get", "interface", port, "error"]).unwrap_or_default();
+        bail!("OVS could not add port {port}: {}", err.trim());
+    }
+    Ok(())
 }

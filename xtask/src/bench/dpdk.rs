@@ -4,6 +4,7 @@
 //! against its XDP figure. On veth vdevs the kernel's copies (af_packet in and out) dominate,
 //! so the report also gives the engine's own cost per packet, measured in the poll loop
 //! (`busy_ns` / `busy_frames` over the window), which is what carries over to a real NIC.
+//! Open vSwitch's DPDK build runs the same scenarios beside them (ovs_dpdk.rs).
 
 use super::{add_peer_port, decap_gen, mac_of, udp_gen, with_peer_chassis, Ctx, Scenario};
 use crate::testbed::{run, Testbed};
@@ -34,10 +35,10 @@ fn use_dpdk(tb: &mut Testbed, i: usize, ports: &[&str], core: u32) {
 /// XDP_PASS on a DPDK chassis's port for as long as it lives: the generator's frames (an
 /// XDP program's, from the other end of the veth) are dropped by a veth without XDP, so the
 /// port's af_packet would see none.
-struct PassOn(std::process::Child);
+pub(super) struct PassOn(std::process::Child);
 
 impl PassOn {
-    fn start(ctx: &Ctx, ns: &str, iface: &str) -> Result<PassOn> {
+    pub(super) fn start(ctx: &Ctx, ns: &str, iface: &str) -> Result<PassOn> {
         use std::io::BufRead;
         let mut c = Command::new("ip")
             .args(["netns", "exec", ns, &ctx.pktgen(), "pass", "--iface", iface])
@@ -100,12 +101,13 @@ pub(super) fn all(ctx: &Ctx) -> Vec<Scenario> {
         eprintln!("    DPDK end to end: {e:#}");
         Scenario::failed(E2E, e)
     }));
+    sc.extend(super::ovs_dpdk::all(ctx));
     sc
 }
 
-const ENCAP: &str = "DPDK encap 1000 flows";
-const DECAP: &str = "DPDK decap 1000 flows";
-const E2E: &str = "DPDK end to end UDP 64B";
+pub(super) const ENCAP: &str = "DPDK encap 1000 flows";
+pub(super) const DECAP: &str = "DPDK decap 1000 flows";
+pub(super) const E2E: &str = "DPDK end to end UDP 64B";
 
 fn encap_decap(ctx: &Ctx) -> Result<Vec<Scenario>> {
     eprintln!("==> DPDK encap / decap: one chassis on DPDK, VM port <-> uplink");

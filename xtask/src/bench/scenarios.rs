@@ -178,9 +178,8 @@ pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario
     Ok(sc)
 }
 
-/// End to end across two chassis, and the slow path.
-pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
-    let mut sc = Vec::new();
+/// Two XDP chassis on one veth pair, vm1 on ch1 and vm3 on ch2, agents started.
+fn end_to_end_testbed() -> Result<Testbed> {
     eprintln!("==> end to end: VM on ch1 -> VM on ch2 (uplinks on one veth pair)");
     let mut tb = Testbed::new("bx")?;
     tb.queues = SCALING_CORES;
@@ -190,6 +189,18 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     tb.add_vm("vm3", "ch2", "ls1", 3)?;
     tb.start_agents()?;
     tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
+    Ok(tb)
+}
+
+/// End to end UDP only (1 core and 2), for runs that want the XDP figure beside the DPDK
+/// backend's without the rest of the end-to-end group.
+pub(super) fn end_to_end_udp(ctx: &Ctx) -> Result<Vec<Scenario>> {
+    let tb = end_to_end_testbed()?;
+    end_to_end_udp_on(ctx, &tb)
+}
+
+fn end_to_end_udp_on(ctx: &Ctx, tb: &Testbed) -> Result<Vec<Scenario>> {
+    let mut sc = Vec::new();
     let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
     let gen = udp_gen(&vm1.mac, &vm3.mac, &vm1.ip, &vm3.ip, 1000);
     let progs = [
@@ -211,6 +222,14 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         &vm1.ns,
         &gen,
     ));
+    Ok(sc)
+}
+
+/// End to end across two chassis, and the slow path.
+pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
+    let tb = end_to_end_testbed()?;
+    let mut sc = end_to_end_udp_on(ctx, &tb)?;
+    let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
     // TCP with iperf3.
     let secs = if o.quick { 1 } else { 10 };
     let tcp = (0..ctx.reps)
