@@ -15,9 +15,10 @@
 //! the table. The table is hashed with the standard library's keyed SipHash: the keys are
 //! whatever a VM puts in its headers, and a fixed hash would let it aim collisions.
 
+use crate::generations::{GenBook, GenError};
 use crate::pipeline::Megaflow;
 use arc_swap::ArcSwap;
-use geneflow_abi::{FlowAction, FlowKey, MASK_LISTS, MAX_DATAPATHS, MAX_MASKS};
+use geneflow_abi::{DpGen, FlowAction, FlowKey, MASK_LISTS, MAX_DATAPATHS, MAX_MASKS};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -87,29 +88,25 @@ impl Generations {
 }
 
 /// The writer of `Generations`: a slot per live datapath and a new generation whenever its
-/// fingerprint changes (the loader's `set_generations`, for the userspace caches).
+/// fingerprint changes (`generations::GenBook`, which the loader keeps for XDP's GENS).
 pub struct GenerationTable {
     shared: Arc<Generations>,
-    /// Per live datapath: its slot and fingerprint.
-    live: HashMap<u32, (u32, u64)>,
-    free: Vec<u32>,
-    next: u32,
+    book: GenBook,
 }
 
 impl GenerationTable {
     pub fn new(shared: Arc<Generations>) -> GenerationTable {
         GenerationTable {
             shared,
-            live: HashMap::new(),
-            free: (0..MAX_DATAPATHS).rev().collect(),
-            next: 1,
+            book: GenBook::default(),
         }
     }
 
-    fn bump(&mut self, slot: u32) -> Result<(), CacheError> {
-        let g = self.next;
-        self.next = self.next.wrapping_add(1).max(1);
-        self.shared.set(slot, g)
+    fn done(&self, r: Result<(), GenError<CacheError>>) -> Result<(), CacheError> {
+        r.map_err(|e| match e {
+            GenError::Full => CacheError::TooManyDatapaths,
+            GenError::Write(e) => e,
+        })
     }
 
     /// Every live datapath's fingerprint: new or changed ones get a new generation (their
@@ -119,53 +116,27 @@ impl GenerationTable {
         &mut self,
         fingerprints: &BTreeMap<u32, u64>,
     ) -> Result<Vec<u32>, CacheError> {
-        let mut changed = Vec::new();
-        for (&dp, &fp) in fingerprints {
-            match self.live.get(&dp) {
-                Some(&(_, old)) if old == fp => continue,
-                Some(&(slot, _)) => {
-                    self.bump(slot)?;
-                    self.live.insert(dp, (slot, fp));
-                }
-                None => {
-                    let slot = self.free.pop().ok_or(CacheError::TooManyDatapaths)?;
-                    self.bump(slot)?;
-                    self.live.insert(dp, (slot, fp));
-                }
-            }
-            changed.push(dp);
-        }
-        let gone: Vec<u32> = self
-            .live
-            .keys()
-            .copied()
-            .filter(|dp| !fingerprints.contains_key(dp))
-            .collect();
-        for dp in gone {
-            if let Some((slot, _)) = self.live.remove(&dp) {
-                self.shared.set(slot, 0)?;
-                self.free.push(slot);
-            }
-            changed.push(dp);
-        }
+        let shared = self.shared.clone();
+        let mut w = |slot: u32, g: DpGen| shared.set(slot, g.generation);
+        let r = self.book.set_generations(fingerprints, &mut w);
+        let changed = match r {
+            Ok(c) => c,
+            Err(e) => return self.done(Err(e)).map(|_| Vec::new()),
+        };
         if !changed.is_empty() {
-            let map = self
-                .live
-                .iter()
-                .map(|(&dp, &(slot, _))| (dp, slot))
-                .collect();
-            self.shared.by_dp.store(Arc::new(map));
+            self.shared
+                .by_dp
+                .store(Arc::new(self.book.slots().collect()));
         }
         Ok(changed)
     }
 
     /// Makes every entry of every datapath stale (a next hop changed).
     pub fn invalidate_all(&mut self) -> Result<(), CacheError> {
-        let slots: Vec<u32> = self.live.values().map(|&(s, _)| s).collect();
-        for s in slots {
-            self.bump(s)?;
-        }
-        Ok(())
+        let shared = self.shared.clone();
+        let mut w = |slot: u32, g: DpGen| shared.set(slot, g.generation);
+        let r = self.book.invalidate_all(&mut w);
+        self.done(r)
     }
 }
 

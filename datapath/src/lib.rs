@@ -17,6 +17,7 @@ pub mod flowcache;
 pub mod flowexec;
 pub mod forwarder;
 pub mod garp;
+pub mod generations;
 pub mod loader;
 pub mod metrics;
 pub mod napt;

@@ -4,52 +4,20 @@
 use super::*;
 
 impl Bpf {
-    /// A new generation for datapath `dp`, in its slot of GENS (a free one if it has none).
-    pub(super) fn set_gen(&mut self, dp: u32, fingerprint: u64) -> Result<(), LoaderError> {
-        let slot = match self.gen_slots.get(&dp) {
-            Some(&s) => s,
-            None => self
-                .free_gen_slots
-                .pop()
-                .ok_or(LoaderError::Full("GENS", MAX_DATAPATHS))?,
-        };
-        self.gen_slots.insert(dp, slot);
-        let g = DpGen {
-            generation: self.next_gen,
-            dp_key: dp,
-            fingerprint,
-        };
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        self.gens.set(slot, g, 0).map_err(map_err("GENS"))?;
-        self.live_gens.insert(dp, g);
-        Ok(())
-    }
-
-    /// Frees the slot of a datapath that is gone: its entries are stale from now on (a free
-    /// slot's generation is 0), and a datapath that takes the slot later gets a newer
-    /// generation than any they carry.
-    fn drop_gen(&mut self, dp: u32) {
-        self.live_gens.remove(&dp);
-        if let Some(slot) = self.gen_slots.remove(&dp) {
-            let _ = self.gens.set(slot, DpGen::default(), 0);
-            self.free_gen_slots.push(slot);
-        }
+    /// Writes one slot of GENS.
+    fn gens_writer(
+        gens: &mut Array<MapData, DpGen>,
+    ) -> impl FnMut(u32, DpGen) -> Result<(), LoaderError> + '_ {
+        |slot, g| gens.set(slot, g, 0).map_err(map_err("GENS"))
     }
 
     /// The live generations of a pinned GENS (a previous process's), with their slots.
     pub(super) fn adopt_gens(&mut self) {
-        self.live_gens.clear();
-        self.gen_slots.clear();
-        self.free_gen_slots.clear();
-        for slot in (0..MAX_DATAPATHS).rev() {
-            match self.gens.get(&slot, 0) {
-                Ok(g) if g.generation != 0 && !self.live_gens.contains_key(&g.dp_key) => {
-                    self.live_gens.insert(g.dp_key, g);
-                    self.gen_slots.insert(g.dp_key, slot);
-                }
-                _ => self.free_gen_slots.push(slot),
-            }
-        }
+        let slots: Vec<(u32, DpGen)> = (0..MAX_DATAPATHS)
+            .rev()
+            .filter_map(|slot| self.gens.get(&slot, 0).ok().map(|g| (slot, g)))
+            .collect();
+        self.book.adopt(slots);
     }
 
     /// Brings the generations in line with the datapaths' fingerprints (`fingerprints` holds
@@ -61,24 +29,10 @@ impl Bpf {
         &mut self,
         fingerprints: &BTreeMap<u32, u64>,
     ) -> Result<Vec<u32>, LoaderError> {
-        let mut changed = Vec::new();
-        for (&dp, &fp) in fingerprints {
-            if self.live_gens.get(&dp).map(|g| g.fingerprint) != Some(fp) {
-                self.set_gen(dp, fp)?;
-                changed.push(dp);
-            }
-        }
-        let gone: Vec<u32> = self
-            .live_gens
-            .keys()
-            .copied()
-            .filter(|dp| !fingerprints.contains_key(dp))
-            .collect();
-        for dp in gone {
-            self.drop_gen(dp);
-            changed.push(dp);
-        }
-        Ok(changed)
+        let mut w = Self::gens_writer(&mut self.gens);
+        self.book
+            .set_generations(fingerprints, &mut w)
+            .map_err(gen_err)
     }
 
     /// Orders each mask list by the packets its masks matched since the last call, most
@@ -117,15 +71,8 @@ impl Bpf {
 
     /// Makes every entry of every datapath stale (e.g. a next hop changed).
     pub fn invalidate_all(&mut self) -> Result<(), LoaderError> {
-        let all: Vec<(u32, u64)> = self
-            .live_gens
-            .iter()
-            .map(|(dp, g)| (*dp, g.fingerprint))
-            .collect();
-        for (dp, fp) in all {
-            self.set_gen(dp, fp)?;
-        }
-        Ok(())
+        let mut w = Self::gens_writer(&mut self.gens);
+        self.book.invalidate_all(&mut w).map_err(gen_err)
     }
 
     /// Deletes the entries whose action `keep` rejects. Returns how many went.
@@ -145,7 +92,7 @@ impl Bpf {
 
     /// Installs a megaflow for frames arriving on a port of mask list `list` (`mask_list::*`).
     pub fn install(&mut self, m: &Megaflow, list: u32) -> Result<Install, LoaderError> {
-        let Some(generation) = self.live_gens.get(&m.action.dp_key).map(|g| g.generation) else {
+        let Some((gen_slot, g)) = self.book.get(m.action.dp_key) else {
             return Ok(Install::Refused);
         };
         let l = (list as usize).min(MASK_LISTS as usize - 1);
@@ -169,8 +116,8 @@ impl Bpf {
         let mut key = m.key.masked(&m.mask);
         key.mask_id = id as u8;
         let mut action = m.action;
-        action.generation = generation;
-        action.gen_slot = self.gen_slots.get(&m.action.dp_key).copied().unwrap_or(0);
+        action.generation = g.generation;
+        action.gen_slot = gen_slot;
         if self.installed.get(&key).map(|(a, _)| a) == Some(&action) {
             return Ok(Install::AlreadyPresent);
         }
@@ -190,9 +137,9 @@ impl Bpf {
 
     /// Deletes entries whose datapath generation moved on. Returns how many were removed.
     pub fn sweep(&mut self) -> usize {
-        let gens = std::mem::take(&mut self.live_gens);
-        let n = self.retain(|a| gens.get(&a.dp_key).map(|g| g.generation) == Some(a.generation));
-        self.live_gens = gens;
+        let book = std::mem::take(&mut self.book);
+        let n = self.retain(|a| book.generation(a.dp_key) == Some(a.generation));
+        self.book = book;
         n
     }
 
@@ -212,7 +159,7 @@ impl Bpf {
                 action: *a,
                 hits: self.flows.get(k, 0).map(|v| v.hits).unwrap_or(0),
                 age: t.elapsed(),
-                stale: self.live_gens.get(&a.dp_key).map(|g| g.generation) != Some(a.generation),
+                stale: self.book.generation(a.dp_key) != Some(a.generation),
             })
             .collect();
         out.sort_by_key(|f| std::cmp::Reverse(f.hits));
@@ -225,5 +172,13 @@ impl Bpf {
 
     pub fn mask_count(&self) -> usize {
         self.mask_lists.iter().map(Vec::len).sum()
+    }
+}
+
+/// A generation error as the loader's.
+fn gen_err(e: crate::generations::GenError<LoaderError>) -> LoaderError {
+    match e {
+        crate::generations::GenError::Full => LoaderError::Full("GENS", MAX_DATAPATHS),
+        crate::generations::GenError::Write(e) => e,
     }
 }

@@ -229,13 +229,8 @@ pub struct Bpf {
     /// installed entries, so the slow path never re-installs what is there and the sweeper
     /// knows what to delete.
     mask_lists: [Vec<FlowKey>; MASK_LISTS as usize],
-    live_gens: StdHashMap<u32, DpGen>,
-    /// Each live datapath's slot in GENS, and the free slots (lowest last).
-    gen_slots: StdHashMap<u32, u32>,
-    free_gen_slots: Vec<u32>,
-    /// Generations are global and only grow, so a datapath removed and added back can never
-    /// revive its old entries.
-    next_gen: u32,
+    /// Each live datapath's slot in GENS and generation.
+    book: crate::generations::GenBook,
     installed: StdHashMap<FlowKey, (FlowAction, std::time::Instant)>,
 }
 
@@ -343,10 +338,7 @@ impl Bpf {
             xsks,
             counters: Some(counters),
             mask_lists: Default::default(),
-            live_gens: StdHashMap::new(),
-            gen_slots: StdHashMap::new(),
-            free_gen_slots: (0..MAX_DATAPATHS).rev().collect(),
-            next_gen: 1,
+            book: Default::default(),
             installed: StdHashMap::with_capacity(MAX_FLOWS as usize),
         };
         let adopted = bpf.restore();
@@ -380,23 +372,18 @@ impl Bpf {
         let _ = self.write_config();
         self.adopt_gens();
         let now = std::time::Instant::now();
-        let mut top = self
-            .live_gens
-            .values()
-            .map(|g| g.generation)
-            .max()
-            .unwrap_or(0);
+        let mut top = 0;
         for (k, mut a) in self.flows.iter().flatten() {
             // The mirror holds actions as installed; hits are the kernel's to count.
             a.hits = 0;
             top = top.max(a.generation);
             self.installed.insert(k, (a, now));
         }
-        self.next_gen = top.wrapping_add(1).max(1);
+        self.book.raise_next(top);
         Adopted {
             megaflows: self.installed.len(),
             masks: self.mask_count(),
-            datapaths: self.live_gens.len(),
+            datapaths: self.book.len(),
         }
     }
 
