@@ -20,6 +20,15 @@ const GATEWAY: &str = "10.0.0.254";
 /// gateway, DNS, a domain, a host route and a lease of `lease` seconds. The DHCP clients'
 /// interfaces start without an address and with a 1500-byte MTU.
 fn dhcp_bed(tag: &str, lease: u32) -> Result<Testbed> {
+    Ok(dhcp_bed_on(tag, lease, false)?.0)
+}
+
+/// `dhcp_bed`, with ch1 on the DPDK backend if `dpdk` (its geneflowd, stopped on drop).
+fn dhcp_bed_on(
+    tag: &str,
+    lease: u32,
+    dpdk: bool,
+) -> Result<(Testbed, Option<geneflow_tests::dpdk::Dpdk>)> {
     require_root();
     let mut tb = Testbed::new(tag)?;
     tb.add_chassis("ch1")?;
@@ -45,7 +54,15 @@ fn dhcp_bed(tag: &str, lease: u32) -> Result<Testbed> {
     for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch2", 2), ("vm3", "ch1", 3)] {
         tb.add_vm(vm, ch, "ls1", key)?;
     }
-    tb.start_agents()?;
+    let d = if dpdk {
+        tb.start_agent(1)?;
+        let d = geneflow_tests::dpdk::start_dpdk(&tb, &["vp-vm1", "vp-vm3"])?;
+        d.wait_log("pipeline applied")?;
+        Some(d)
+    } else {
+        tb.start_agents()?;
+        None
+    };
     for vm in ["vm1", "vm3"] {
         let ns = tb.vm(vm)?.ns.clone();
         run(tb.ns_cmd(&ns, "ip").args(["addr", "flush", "dev", "eth0"]))?;
@@ -53,7 +70,7 @@ fn dhcp_bed(tag: &str, lease: u32) -> Result<Testbed> {
             .ns_cmd(&ns, "ip")
             .args(["link", "set", "eth0", "mtu", "1500"]))?;
     }
-    Ok(tb)
+    Ok((tb, d))
 }
 
 /// A command that runs `client` in `vm` with /etc overlaid by `<dir>/<vm>-etc/upper`.
@@ -143,11 +160,24 @@ fn dhcp_types(cap: &Path) -> Result<Vec<u64>> {
 #[test]
 fn udhcpc_brings_a_vm_up_and_renews_and_nothing_crosses_the_overlay() -> Result<()> {
     let tb = dhcp_bed("dha", 600)?;
+    udhcpc_checks(&tb)
+}
+
+/// The same with ch1 on the DPDK backend.
+#[test]
+fn udhcpc_on_a_dpdk_chassis() -> Result<()> {
+    let (tb, _dpdk) = dhcp_bed_on("dhd", 600, true)?;
+    udhcpc_checks(&tb)
+}
+
+/// udhcpc in vm1 (ch1) gets its address, MTU, routes and DNS from ch1, renews, and nothing of
+/// it crosses the overlay to vm2 (tshark on both).
+fn udhcpc_checks(tb: &Testbed) -> Result<()> {
     // vm2 is on the same switch, behind ch2: a flooded DISCOVER would reach it.
-    let (far, far_cap) = capture(&tb, "vm2", "far")?;
-    let (near, near_cap) = capture(&tb, "vm1", "near")?;
+    let (far, far_cap) = capture(tb, "vm2", "far")?;
+    let (near, near_cap) = capture(tb, "vm1", "near")?;
     let (mut cmd, etc) = in_vm_with_own_etc(
-        &tb,
+        tb,
         "vm1",
         &[
             "udhcpc", "-f", "-i", "eth0", "-t", "10", "-T", "1", "-A", "1",
@@ -159,15 +189,15 @@ fn udhcpc_brings_a_vm_up_and_renews_and_nothing_crosses_the_overlay() -> Result<
         .stderr(std::fs::File::create(tb.dir.join("udhcpc.err"))?)
         .spawn()?;
     let result = (|| -> Result<()> {
-        wait_for_address(&tb, "vm1", "10.0.0.1").with_context(|| {
+        wait_for_address(tb, "vm1", "10.0.0.1").with_context(|| {
             format!(
                 "udhcpc said: {}{}",
                 std::fs::read_to_string(&log).unwrap_or_default(),
                 std::fs::read_to_string(tb.dir.join("udhcpc.err")).unwrap_or_default()
             )
         })?;
-        assert_eq!(mtu_of(&tb, "vm1")?, 1442, "MTU from option 26");
-        let routes = routes_of(&tb, "vm1")?;
+        assert_eq!(mtu_of(tb, "vm1")?, 1442, "MTU from option 26");
+        let routes = routes_of(tb, "vm1")?;
         assert!(
             routes.contains(&format!("default via {GATEWAY}")),
             "{routes}"
@@ -180,7 +210,7 @@ fn udhcpc_brings_a_vm_up_and_renews_and_nothing_crosses_the_overlay() -> Result<
         // A renewal (udhcpc renews on SIGUSR1; at T1 it would wait at least a minute):
         // unicast REQUEST to the server's address, which the ARP responder resolved,
         // answered with an ACK.
-        let acks = tb.counter("ch1", "vp-vm1", "dhcp_reply")?;
+        let acks = counter_reaches(tb, "ch1", "vp-vm1", "dhcp_reply", 2);
         assert!(acks >= 2, "OFFER and ACK: {acks}");
         // SAFETY: kill(2) on our own child (ip netns exec and sh exec into udhcpc).
         unsafe { libc::kill(client.id() as i32, libc::SIGUSR1) };
@@ -190,7 +220,7 @@ fn udhcpc_brings_a_vm_up_and_renews_and_nothing_crosses_the_overlay() -> Result<
             std::thread::sleep(Duration::from_millis(200));
         }
         assert_eq!(
-            ipv4_of(&tb, "vm1")?.map(|a| a.0),
+            ipv4_of(tb, "vm1")?.map(|a| a.0),
             Some("10.0.0.1".into()),
             "still bound after renewing"
         );
