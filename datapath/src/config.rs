@@ -21,6 +21,10 @@ pub const KEYS: &[&str] = &[
     "provider",
     "dhcp_rate",
     "nb_reconcile_secs",
+    "datapath",
+    "dpdk_eal",
+    "dpdk_ports",
+    "dpdk_max_sleep_us",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -56,6 +60,7 @@ pub struct FileConfig {
     /// The DPDK EAL's arguments, and the VM ports' interfaces it serves.
     pub dpdk_eal: Option<Vec<String>>,
     pub dpdk_ports: Option<Vec<String>>,
+    pub dpdk_max_sleep_us: Option<u32>,
 }
 
 /// Parses a `PHYSNET=IFACE` mapping (flag or config entry).
@@ -217,6 +222,13 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
                     c.dpdk_ports = Some(out);
                 }
             }
+            "dpdk_max_sleep_us" => {
+                let n = v
+                    .as_integer()
+                    .filter(|n| (0..=10_000).contains(n))
+                    .ok_or_else(|| want("microseconds, 0 (never sleep under load) to 10000"))?;
+                c.dpdk_max_sleep_us = Some(n as u32);
+            }
             "nb_reconcile_secs" => {
                 let n = v
                     .as_integer()
@@ -276,6 +288,7 @@ nb_reconcile_secs = 30
 datapath = "dpdk"
 dpdk_eal = ["-l", "0-1", "--no-huge"]
 dpdk_ports = ["tap0", "tap1"]
+dpdk_max_sleep_us = 100
 "#,
         )
         .unwrap();
@@ -294,6 +307,7 @@ dpdk_ports = ["tap0", "tap1"]
         assert_eq!(c.datapath.as_deref(), Some("dpdk"));
         assert_eq!(c.dpdk_eal.unwrap().len(), 3);
         assert_eq!(c.dpdk_ports, Some(vec!["tap0".into(), "tap1".into()]));
+        assert_eq!(c.dpdk_max_sleep_us, Some(100));
     }
 
     #[test]
@@ -317,6 +331,7 @@ dpdk_ports = ["tap0", "tap1"]
             ("datapath = \"ovs\"", "key `datapath`"),
             ("dpdk_eal = \"-l 0\"", "key `dpdk_eal`"),
             ("dpdk_ports = [\"a/b\"]", "key `dpdk_ports`"),
+            ("dpdk_max_sleep_us = 20000", "key `dpdk_max_sleep_us`"),
             ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),
         ];
         for (text, want) in cases {

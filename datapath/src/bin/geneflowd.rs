@@ -95,6 +95,11 @@ struct Args {
     /// With --datapath dpdk: a kernel interface of a VM port to serve (repeatable).
     #[arg(long = "dpdk-port")]
     dpdk_ports: Vec<String>,
+    /// With --datapath dpdk: under light load (a round of polls brings less than half a
+    /// burst) the poll loops sleep, a microsecond longer each such round, up to this many
+    /// microseconds (OVS-DPDK's pmd-maxsleep); 0 (the default): they only nap when idle.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    dpdk_max_sleep_us: Option<u32>,
 }
 
 fn main() {
@@ -135,7 +140,7 @@ fn run_dpdk(
     agent: geneflow_control::agent::NbConfig,
     (eal, uplink, ports): (Vec<String>, String, Vec<String>),
     (encap_ip, udp_csum, cores): (Option<Ipv4Addr>, bool, Vec<usize>),
-    (providers, dhcp_rate): (Vec<(String, String)>, u32),
+    (providers, dhcp_rate, max_sleep_us): (Vec<(String, String)>, u32, u32),
     (ctl_socket, metrics_address): (PathBuf, SocketAddr),
 ) -> Result<()> {
     use geneflow_datapath::dpdk::serve::{serve, DpdkConfig};
@@ -165,6 +170,7 @@ fn run_dpdk(
         cores,
         providers,
         dhcp_rate,
+        max_sleep: Duration::from_micros(max_sleep_us.into()),
     };
     let r = serve(cfg, rx, ctl_rx, shared, stop.clone());
     stop.store(true, Ordering::Relaxed);
@@ -179,7 +185,7 @@ fn run_dpdk(
     _: geneflow_control::agent::NbConfig,
     _: (Vec<String>, String, Vec<String>),
     _: (Option<Ipv4Addr>, bool, Vec<usize>),
-    _: (Vec<(String, String)>, u32),
+    _: (Vec<(String, String)>, u32, u32),
     _: (PathBuf, SocketAddr),
 ) -> Result<()> {
     bail!("--datapath dpdk: this geneflowd was built without DPDK (cargo feature `dpdk`)")
@@ -273,7 +279,13 @@ fn run(args: Args) -> Result<()> {
                 },
             ),
             (encap_ip, udp_csum, cores.unwrap_or_default()),
-            (providers, dhcp_rate),
+            (
+                providers,
+                dhcp_rate,
+                args.dpdk_max_sleep_us
+                    .or(file.dpdk_max_sleep_us)
+                    .unwrap_or(0),
+            ),
             (ctl_socket, metrics_address),
         );
     }

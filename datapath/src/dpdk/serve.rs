@@ -33,7 +33,7 @@
 
 use super::control::{Control, PortSet};
 use super::inspect::{FlowRequests, Inspect};
-use super::{Burst, DpdkError, Eal, EthPort, Mempool};
+use super::{Burst, DpdkError, Eal, EthPort, Mempool, BURST};
 use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
 use crate::metrics::Shared;
@@ -79,6 +79,8 @@ pub struct DpdkConfig {
     pub providers: Vec<(String, String)>,
     /// DHCP answers per second per port.
     pub dhcp_rate: u32,
+    /// Light-load sleep cap (OVS-DPDK's pmd-maxsleep); zero: none.
+    pub max_sleep: Duration,
 }
 
 /// One port as a poll thread sees it: the ethdev, its queue and its transmit burst.
@@ -130,6 +132,7 @@ struct Common<'a, 'p> {
     flows: &'a FlowRequests,
     uplink_mac: [u8; 6],
     udp_csum: bool,
+    max_sleep: Duration,
     shared: &'a Shared,
     /// Each thread's megaflow count, summed into the gauge.
     megaflows: &'a [AtomicU64],
@@ -184,6 +187,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
     let mut last_publish = Instant::now();
     let mut rx = Burst::default();
     let mut idle = 0u32;
+    let mut light = Duration::ZERO;
     // Time on frames and frames, published with the counters.
     let (mut busy_ns, mut busy_frames) = (0u64, 0u64);
     while !c.stop.load(Ordering::Relaxed) {
@@ -259,6 +263,16 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
             }
         } else {
             idle = 0;
+        }
+        // Light load (less than half a burst this round): with a cap set, sleep a little
+        // longer each such round, as OVS-DPDK's PMDs do with pmd-maxsleep, so that the
+        // frames gather into bigger bursts (fewer transmit kicks) and the core is given up
+        // for a while; a busy round resets it. Costs up to the cap in latency.
+        if !c.max_sleep.is_zero() && got > 0 && got < BURST / 2 {
+            light = (light + Duration::from_micros(1)).min(c.max_sleep);
+            std::thread::sleep(light);
+        } else if got >= BURST / 2 {
+            light = Duration::ZERO;
         }
     }
     publish(c.shared, &ports, &path, &mut published);
@@ -380,6 +394,7 @@ pub fn serve(
         flows: &flows,
         uplink_mac,
         udp_csum: cfg.udp_csum,
+        max_sleep: cfg.max_sleep,
         shared: &shared,
         megaflows: &megaflows,
         stop: &stop,

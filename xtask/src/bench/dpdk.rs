@@ -97,9 +97,13 @@ pub(super) fn all(ctx: &Ctx) -> Vec<Scenario> {
             sc.push(Scenario::failed(DECAP, anyhow::anyhow!("{e:#}")));
         }
     }
-    sc.push(end_to_end(ctx).unwrap_or_else(|e| {
+    sc.push(end_to_end(ctx, 0).unwrap_or_else(|e| {
         eprintln!("    DPDK end to end: {e:#}");
         Scenario::failed(E2E, e)
+    }));
+    sc.push(end_to_end(ctx, 100).unwrap_or_else(|e| {
+        eprintln!("    DPDK end to end, sleeping: {e:#}");
+        Scenario::failed(E2E_SLEEP, e)
     }));
     sc.extend(super::ovs_dpdk::all(ctx));
     sc
@@ -108,6 +112,7 @@ pub(super) fn all(ctx: &Ctx) -> Vec<Scenario> {
 pub(super) const ENCAP: &str = "DPDK encap 1000 flows";
 pub(super) const DECAP: &str = "DPDK decap 1000 flows";
 pub(super) const E2E: &str = "DPDK end to end UDP 64B";
+pub(super) const E2E_SLEEP: &str = "DPDK end to end UDP 64B, loops sleep under light load";
 
 fn encap_decap(ctx: &Ctx) -> Result<Vec<Scenario>> {
     eprintln!("==> DPDK encap / decap: one chassis on DPDK, VM port <-> uplink");
@@ -136,8 +141,10 @@ fn encap_decap(ctx: &Ctx) -> Result<Vec<Scenario>> {
         .args(["--duration", "0.2"]))?;
     std::thread::sleep(Duration::from_millis(300));
     let sink = (tb.underlay_ns.as_str(), bridge_port.as_str());
-    let rates = ctx.repeat(|| ctx.measure(sink.0, sink.1, &vm1.ns, &gen))?;
-    let ns = poll_ns(&tb, &["ch1"], || ctx.measure(sink.0, sink.1, &vm1.ns, &gen))?;
+    // The generator on core 0, the poll thread on core 1.
+    let m = || ctx.measure_pinned(0, sink, &vm1.ns, &gen);
+    let rates = ctx.repeat(m)?;
+    let ns = poll_ns(&tb, &["ch1"], m)?;
     let mut out = vec![Scenario::xdp_rate(
         ENCAP,
         "VM port -> DPDK poll loop (cache, userspace encap) -> uplink; ns/pkt: the poll loop's",
@@ -147,10 +154,9 @@ fn encap_decap(ctx: &Ctx) -> Result<Vec<Scenario>> {
     )];
     let ul_mac = mac_of(&ch_ns, "ul")?;
     let gen = decap_gen(&bridge_port, (&vm1.mac, &vm1.ip), (&ul_mac, &ch_ip), 1000);
-    let rates = ctx.repeat(|| ctx.measure(&vm1.ns, "eth0", &tb.underlay_ns, &gen))?;
-    let ns = poll_ns(&tb, &["ch1"], || {
-        ctx.measure(&vm1.ns, "eth0", &tb.underlay_ns, &gen)
-    })?;
+    let m = || ctx.measure_pinned(0, (&vm1.ns, "eth0"), &tb.underlay_ns, &gen);
+    let rates = ctx.repeat(m)?;
+    let ns = poll_ns(&tb, &["ch1"], m)?;
     out.push(Scenario::xdp_rate(
         DECAP,
         "Geneve on the uplink -> DPDK poll loop (cache, userspace decap) -> VM port; ns/pkt: the poll loop's",
@@ -161,8 +167,9 @@ fn encap_decap(ctx: &Ctx) -> Result<Vec<Scenario>> {
     Ok(out)
 }
 
-fn end_to_end(ctx: &Ctx) -> Result<Scenario> {
-    eprintln!("==> DPDK end to end: VM on ch1 -> VM on ch2, both chassis on DPDK");
+/// `max_sleep_us`: the poll loops' light-load sleep cap (`--dpdk-max-sleep-us`), 0 for none.
+fn end_to_end(ctx: &Ctx, max_sleep_us: u32) -> Result<Scenario> {
+    eprintln!("==> DPDK end to end: VM on ch1 -> VM on ch2, both chassis on DPDK (max sleep {max_sleep_us} us)");
     let mut tb = Testbed::new("bj")?;
     tb.add_chassis_pair_direct("ch1", "ch2")?;
     tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
@@ -170,6 +177,10 @@ fn end_to_end(ctx: &Ctx) -> Result<Scenario> {
     tb.add_vm("vm3", "ch2", "ls1", 3)?;
     use_dpdk(&mut tb, 0, &["vp-vm1"], 0);
     use_dpdk(&mut tb, 1, &["vp-vm3"], 1);
+    for c in &mut tb.chassis {
+        c.agent_args
+            .extend(["--dpdk-max-sleep-us".into(), max_sleep_us.to_string()]);
+    }
     tb.start_agents()?;
     tb.ping("vm1", &tb.vm("vm3")?.ip.clone(), 2)?;
     let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
@@ -179,9 +190,14 @@ fn end_to_end(ctx: &Ctx) -> Result<Scenario> {
     let ns = poll_ns(&tb, &["ch1", "ch2"], || {
         ctx.measure(&vm3.ns, "eth0", &vm1.ns, &gen)
     })?;
+    let (name, what) = if max_sleep_us == 0 {
+        (E2E, "VM ch1 -> DPDK encap -> underlay veth -> DPDK decap -> VM ch2 (a poll thread per chassis, one core each, shared with the generator); the loops poll without sleeping under load; ns/pkt: both poll loops'".to_string())
+    } else {
+        (E2E_SLEEP, format!("the same, the loops sleeping under light load up to {max_sleep_us} us (--dpdk-max-sleep-us, as OVS-DPDK's pmd-maxsleep); ns/pkt: both poll loops'"))
+    };
     Ok(Scenario::xdp_rate(
-        E2E,
-        "VM ch1 -> DPDK encap -> underlay veth -> DPDK decap -> VM ch2 (a poll thread per chassis, one core each); ns/pkt: both poll loops'",
+        name,
+        what,
         rates,
         vec![ns],
         Some("end to end UDP 64B"),

@@ -196,6 +196,28 @@ impl Ctx {
         self.measure_on(1, (sink_ns, sink_if), gen_ns, gen_args)
     }
 
+    /// [`Ctx::measure`] with the generator pinned to CPU `cpu`: for the poll-mode
+    /// datapaths, whose thread owns the other core; unpinned, the generator lands on the
+    /// poll thread's core in some windows and not in others, and the rate doubles or halves
+    /// with it.
+    fn measure_pinned(
+        &self,
+        cpu: u32,
+        (sink_ns, sink_if): (&str, &str),
+        gen_ns: &str,
+        gen_args: &[String],
+    ) -> Result<f64> {
+        let sink = self.sink(sink_ns, sink_if)?;
+        let dur = self.window + (self.window * 0.5).min(1.0);
+        run(Command::new("ip")
+            .args(["netns", "exec", gen_ns, "taskset", "-c", &cpu.to_string()])
+            .args([&self.pktgen(), "send", "--quiet"])
+            .args(gen_args)
+            .args(["--duration", &dur.to_string()])
+            .stdout(Stdio::null()))?;
+        Self::sink_result(sink)
+    }
+
     /// [`Ctx::measure`] with `cores` generators, generator i on CPU i: a veth hands what a
     /// CPU sends to its peer's queue of that number, whose XDP runs on that CPU, so each core
     /// carries its own share end to end (the veths need `cores` queues). One generator runs
