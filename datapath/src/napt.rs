@@ -215,8 +215,8 @@ pub fn back<S: NatStore + ?Sized>(
 /// frees its entries within a minute). A half is deleted with its partner only if that
 /// partner points back at it, and each is read again just before it goes (XDP may have used
 /// it meanwhile); the outbound half goes first, so a port is never free while its outbound
-/// half lives.
-pub fn expire<S: NatStore + ?Sized>(map: &mut S, now: u64) {
+/// half lives. Returns how many entries went.
+pub fn expire<S: NatStore + ?Sized>(map: &mut S, now: u64) -> usize {
     let all: HashMap<CtKey, NatEntry> = map.nat_entries().into_iter().collect();
     let timeout_of = |k: &CtKey, flags: u32| -> u64 {
         let t = if flags & nat::CLOSING != 0 {
@@ -276,6 +276,7 @@ pub fn expire<S: NatStore + ?Sized>(map: &mut S, now: u64) {
     if gone > 0 {
         tracing::debug!(expired = gone, "default-SNAT translations expired");
     }
+    gone
 }
 
 /// Idle timeout of a translation by IP protocol (conntrack's).

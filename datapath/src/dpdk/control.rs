@@ -205,7 +205,10 @@ impl Control<'_> {
         self.rounds += 1;
         if self.rounds.is_multiple_of(10) {
             let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
-            crate::napt::expire(&mut *t, now);
+            if crate::napt::expire(&mut *t, now) > 0 {
+                // The poll threads' cached translations are read again.
+                ct.bump_epoch();
+            }
         }
         let (gone, left) = ct.expire(now);
         if gone > 0 {

@@ -39,6 +39,7 @@ use crate::userneigh::UnderlayNeigh;
 use crossbeam_channel::Sender;
 use geneflow_abi::{act, ct, ctr, mask_list, VLAN_PRESENT};
 use state::HitState;
+pub use state::NatCache;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -114,6 +115,8 @@ pub struct UserPath {
     pub nat: Arc<Mutex<NatMap>>,
     /// New default-SNAT translations per VM port.
     nat_allocs: RateLimiter,
+    /// This thread's translations of established connections.
+    pub nat_cache: NatCache,
     pub ct_cache: CtCache,
     /// Per port slot (the caller's numbering), what the frames received there came to.
     pub counters: Vec<Counters>,
@@ -143,6 +146,7 @@ impl UserPath {
             conntrack: shared.conntrack,
             nat: shared.nat,
             nat_allocs: RateLimiter::new(rate, rate * 2.0, rate * 20.0),
+            nat_cache: NatCache::default(),
             ct_cache: CtCache::default(),
             counters: vec![Counters::default(); cfg.ports.max(1)],
             slot: 0,
@@ -280,6 +284,7 @@ impl UserPath {
         let mut state = HitState {
             conntrack: &self.conntrack,
             nat: &self.nat,
+            nat_cache: &mut self.nat_cache,
             key: &key,
             action: &a,
             now_ns,

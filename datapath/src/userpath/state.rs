@@ -1,18 +1,92 @@
 //! The state a megaflow's action consults on a cache hit (`flowexec::State`): the shared
 //! connection table for commits, the shared default-SNAT table for translations, as the XDP
-//! program consults its CT and NAT maps.
+//! program consults its CT and NAT maps. A thread's own `NatCache` answers the translations
+//! of established connections within an epoch of the connection table (about a second, and
+//! ended by any deletion of a translation), so that they take no lock; the shared entry is
+//! refreshed once an epoch, and a TCP FIN or RST always reaches it.
 
 use crate::napt::{self, NatMap, NatStore};
 use crate::userct::{self, ConnTable};
-use geneflow_abi::{nat, FlowAction, FlowKey, NatEntry};
+use geneflow_abi::{nat, CtKey, FlowAction, FlowKey, NatEntry};
 use std::sync::Mutex;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+/// Slots of a thread's translation cache (2-way sets).
+const NAT_CACHE_SLOTS: usize = 4096;
+
+#[derive(Clone, Copy, Default)]
+struct NatSlot {
+    key: CtKey,
+    entry: NatEntry,
+    /// The connection table's epoch it was read in (0: never written).
+    epoch: u32,
+}
+
+/// A poll thread's cache of default-SNAT translations, both directions.
+pub struct NatCache {
+    slots: Box<[NatSlot]>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl Default for NatCache {
+    fn default() -> Self {
+        NatCache {
+            slots: vec![NatSlot::default(); NAT_CACHE_SLOTS].into_boxed_slice(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+}
+
+impl NatCache {
+    fn set(k: &CtKey) -> usize {
+        let ports = (k.sport as u32) << 16 | k.dport as u32;
+        let h = (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32)
+            .wrapping_add(k.zone)
+            .wrapping_mul(0x9e37_79b1);
+        (h as usize % (NAT_CACHE_SLOTS / 2)) * 2
+    }
+
+    fn get(&mut self, k: &CtKey, epoch: u32) -> Option<NatEntry> {
+        let i = Self::set(k);
+        let hit = self.slots[i..i + 2]
+            .iter()
+            .find(|s| s.epoch == epoch && s.key == *k)
+            .map(|s| s.entry);
+        if hit.is_some() {
+            self.hits += 1;
+        } else {
+            self.misses += 1;
+        }
+        hit
+    }
+
+    /// Keeps the two latest tuples of the set.
+    fn put(&mut self, k: &CtKey, entry: NatEntry, epoch: u32) {
+        let i = Self::set(k);
+        let set = &mut self.slots[i..i + 2];
+        let way = if set[0].epoch != epoch || set[0].key == *k {
+            0
+        } else {
+            if set[1].epoch == epoch {
+                set[0] = set[1];
+            }
+            1
+        };
+        set[way] = NatSlot {
+            key: *k,
+            entry,
+            epoch,
+        };
+    }
+}
 
 pub(super) struct HitState<'a> {
     pub conntrack: &'a ConnTable,
     pub nat: &'a Mutex<NatMap>,
+    pub nat_cache: &'a mut NatCache,
     pub key: &'a FlowKey,
     pub action: &'a FlowAction,
     pub now_ns: u64,
@@ -21,9 +95,28 @@ pub(super) struct HitState<'a> {
 }
 
 impl HitState<'_> {
-    fn table(&self) -> std::sync::MutexGuard<'_, NatMap> {
+    /// The translation of `k`: from the thread's cache, or from the shared table, updated
+    /// by `touch` and cached.
+    fn translation(
+        &mut self,
+        k: &CtKey,
+        from_cache: bool,
+        touch: impl Fn(&mut NatEntry),
+    ) -> Option<NatEntry> {
+        let epoch = self.conntrack.epoch();
+        if from_cache {
+            if let Some(e) = self.nat_cache.get(k, epoch) {
+                return Some(e);
+            }
+        }
         // A poisoned table (a panicked thread) still holds consistent entries.
-        self.nat.lock().unwrap_or_else(|e| e.into_inner())
+        let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = t.nat_get(k)?;
+        touch(&mut e);
+        t.nat_update(k, &e);
+        drop(t);
+        self.nat_cache.put(k, e, epoch);
+        Some(e)
     }
 }
 
@@ -34,25 +127,80 @@ impl crate::flowexec::State for HitState<'_> {
 
     fn napt_out(&mut self, frame: &[u8]) -> Option<NatEntry> {
         let k = napt::key(frame, nat::DIR_OUT, self.key.in_ifindex)?;
-        let mut t = self.table();
-        let mut e = t.nat_get(&k)?;
-        e.last_seen_ns = self.now_ns;
-        if self.key.ip_proto == 6 && self.key.pad & (TCP_FIN | TCP_RST) != 0 {
-            e.flags |= nat::CLOSING;
-        }
-        t.nat_update(&k, &e);
-        Some(e)
+        let now = self.now_ns;
+        // FIN and RST must reach the entry (closing): they skip the cache.
+        let closing = self.key.ip_proto == 6 && self.key.pad & (TCP_FIN | TCP_RST) != 0;
+        self.translation(&k, !closing, |e| {
+            e.last_seen_ns = now;
+            if closing {
+                e.flags |= nat::CLOSING;
+            }
+        })
     }
 
     fn napt_in(&mut self, frame: &[u8]) -> Option<NatEntry> {
         let k = napt::key(frame, nat::DIR_IN, 0)?;
-        let mut t = self.table();
-        let mut e = t.nat_get(&k)?;
-        e.last_seen_ns = self.now_ns;
+        let now = self.now_ns;
         // CLOSING is taken from the VM's side only: a spoofed FIN or RST from outside must
         // not shorten a live translation.
-        e.flags |= nat::REPLIED;
-        t.nat_update(&k, &e);
-        Some(e)
+        self.translation(&k, true, |e| {
+            e.last_seen_ns = now;
+            e.flags |= nat::REPLIED;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flowexec::State;
+
+    #[test]
+    fn established_translations_come_from_the_cache_within_an_epoch() {
+        let ct = ConnTable::new(64);
+        let nat = Mutex::new(NatMap::new(16));
+        let ext = std::net::Ipv4Addr::new(172, 24, 4, 61);
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 3], [2, 0, 0, 0, 0, 1])
+            .ipv4([10, 0, 0, 3], [172, 24, 4, 100], 64)
+            .udp(5000, 53);
+        let mut frame = Vec::new();
+        b.write(&mut frame, &[0; 8]).unwrap();
+        let mut routed = frame.clone();
+        let back = (7, 0, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 3]);
+        assert!(napt::out(
+            &mut *nat.lock().unwrap(),
+            &frame,
+            &mut routed,
+            ext,
+            back,
+            1
+        ));
+        let mut cache = NatCache::default();
+        let mut key = crate::pipeline::extract_key(&frame, 7).unwrap();
+        key.in_ifindex = 7;
+        let a = FlowAction::default();
+        let mut st = HitState {
+            conntrack: &ct,
+            nat: &nat,
+            nat_cache: &mut cache,
+            key: &key,
+            action: &a,
+            now_ns: 5,
+            committed: 0,
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                st.napt_out(&frame).map(|e| e.addr),
+                Some(u32::from_ne_bytes(ext.octets()))
+            );
+        }
+        assert_eq!((st.nat_cache.hits, st.nat_cache.misses), (2, 1));
+        // The table was refreshed on the miss.
+        let k = napt::key(&frame, nat::DIR_OUT, 7).unwrap();
+        assert_eq!(nat.lock().unwrap().nat_get(&k).unwrap().last_seen_ns, 5);
+        // A new epoch (a deletion, a second gone): the table is asked again.
+        ct.bump_epoch();
+        st.napt_out(&frame);
+        assert_eq!(st.nat_cache.misses, 2);
     }
 }
