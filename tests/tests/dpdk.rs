@@ -5,7 +5,9 @@
 //! megaflow hits counted, nothing left under /var/run/dpdk). The DPDK chassis has no address
 //! on its uplink: it answers ARP for its tunnel address itself. Its counters are on its
 //! control socket by the XDP counters' names, and malformed Geneve from the underlay is
-//! dropped with XDP's reasons.
+//! dropped with XDP's reasons. Also here: stateful security groups on the DPDK chassis, and a
+//! floating IP moving onto it. The other apps' tests run a DPDK variant beside their XDP one
+//! (floating IPs and default SNAT, a VLAN provider network, routing, DHCP).
 
 use anyhow::{Context, Result};
 use geneflow_tests::dpdk::{dpdk_runtime, start_dpdk};
@@ -305,102 +307,6 @@ fn security_groups_on_a_dpdk_chassis() -> Result<()> {
         "vm3 -> vm1:8080 still allowed after the rule was removed"
     );
     assert!(tb.stats("ch1")?["conntrack_flushed"].as_u64().unwrap_or(0) >= 1);
-    Ok(())
-}
-
-/// A provider network and floating IPs on the DPDK chassis (ch1, its provider interface a
-/// DPDK port too): the outside host reaches vm1 by its floating IP (ARP answered, DNAT),
-/// with TCP (iperf3) checked by tshark after translation, and sees nothing but floating
-/// IPs; vm1's own pings leave with its floating IP (SNAT, the next hop learnt from ARP);
-/// vm3, without one, cannot leave (no default SNAT here: dropped, counted); established
-/// traffic stays in the poll threads' caches on the provider port.
-#[test]
-fn floating_ips_on_a_dpdk_chassis() -> Result<()> {
-    let runtime_before = dpdk_runtime();
-    let (mut tb, out) = fip_topology("df", None)?;
-    tb.start_agent(1)?;
-    let mut d = start_dpdk(&tb, &["vp-vm1", "vp-vm3"])?;
-    d.wait_log("pipeline applied")?;
-    assert!(d.log().contains("provider network attached"), "{}", d.log());
-    let (outcap_child, outcap) = capture(&tb, &out, "outside", "ip or arp")?;
-    let vm1 = tb.vm("vm1")?.clone();
-    let (vmcap_child, vmcap) = capture(&tb, &vm1.ns, "vm1", "icmp or tcp")?;
-    within(Duration::from_secs(10), || {
-        Ok(ping_from(&tb, &out, FIP1, 1).is_ok())
-    })?
-    .with_context(|| format!("the outside never reached vm1's floating IP:\n{}", d.log()))?;
-    ping_from(&tb, &out, FIP1, 5)?;
-    let r = iperf3(&tb, (&vm1.ns, &out), FIP1, 5201, "20M")?;
-    assert!(
-        r.bytes > 1_000_000,
-        "iperf3 to the floating IP: {}",
-        r.report
-    );
-    // Out: vm1's own pings leave with its floating IP.
-    tb.ping("vm1", xtask::testbed_provider::OUTSIDE_IP, 3)?;
-    // vm3 has no floating IP and ch1 no SNAT address: dropped, counted.
-    let before = tb.counter("ch1", "vp-vm3", "drop_no_nat")?;
-    assert!(tb
-        .ping("vm3", xtask::testbed_provider::OUTSIDE_IP, 1)
-        .is_err());
-    let after = counter_reaches(&tb, "ch1", "vp-vm3", "drop_no_nat", before + 1);
-    assert!(
-        after > before,
-        "vm3's packets out were not counted as drop_no_nat"
-    );
-    // vm2 on the XDP chassis reaches vm1 by its floating IP too (hairpin through r1).
-    tb.ping("vm2", FIP1, 2)?;
-    stop(vmcap_child);
-    stop(outcap_child);
-    let seen = fields(&vmcap, "icmp.type == 8", &["ip.src", "ip.dst"])?;
-    let outside = xtask::testbed_provider::OUTSIDE_IP;
-    assert!(
-        seen.iter().any(|l| l == &format!("{outside},{}", vm1.ip)),
-        "{seen:?}"
-    );
-    let addrs = fields(&outcap, "ip", &["ip.src", "ip.dst"])?;
-    assert!(!addrs.is_empty());
-    for l in &addrs {
-        for a in l.split(',') {
-            assert!(a.starts_with("172.24.4."), "leaked {a} in {l}");
-        }
-    }
-    let from_vm = fields(&outcap, "icmp.type == 8", &["ip.src"])?;
-    assert!(from_vm.iter().any(|a| a == FIP1), "{from_vm:?}");
-    let good = fields(
-        &outcap,
-        "ip.src == 172.24.4.51 && tcp.checksum.status == \"Good\" && ip.checksum.status == \"Good\"",
-        &["frame.number"],
-    )?;
-    assert!(
-        good.len() > 20,
-        "{} translated TCP segments verified",
-        good.len()
-    );
-    assert_no_bad_checksums(
-        &outcap,
-        "tcp.checksum.status == \"Bad\" || icmp.checksum.status == \"Bad\" || ip.checksum.status == \"Bad\"",
-    )?;
-    // Established traffic in the caches, on the provider port and vm1's.
-    assert!(counter_reaches(&tb, "ch1", "phy", "fastpath_hit", 101) > 100);
-    assert!(tb.counter("ch1", "vp-vm1", "fastpath_hit")? > 100);
-    let ports = tb.stats("ch1")?["ports"].clone();
-    assert!(
-        ports.as_array().is_some_and(|p| p
-            .iter()
-            .any(|p| p["iface"] == "phy" && p["kind"] == "provider")),
-        "{ports}"
-    );
-    assert!(
-        d.stop(),
-        "the DPDK geneflowd did not stop cleanly:\n{}",
-        d.log()
-    );
-    let left: Vec<_> = dpdk_runtime()
-        .into_iter()
-        .filter(|p| !runtime_before.contains(p))
-        .collect();
-    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
     Ok(())
 }
 

@@ -34,11 +34,9 @@ pub(super) fn iperf(tb: &Testbed, from: &str, to: &str, secs: u32) -> Result<f64
         / 1e9)
 }
 
-/// The same end-to-end traffic through two Open vSwitch userspace chassis.
-pub(super) fn ovs_peer(ctx: &Ctx, o: &Opts, afxdp: bool) -> Result<(Vec<f64>, Vec<f64>)> {
-    let mut tb = Testbed::new(if afxdp { "bo2" } else { "bo1" })?;
-    tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
-    tb.add_ovs_pair_direct("o1", "o2", afxdp)?;
+/// vm1 on o1 and vm3 on o2 (ls1, tunnel key 1000), each knowing the other's MAC, and vm1
+/// reaching vm3 (`what` names the peer in the error).
+pub(super) fn add_vm_pair(tb: &mut Testbed, what: &str) -> Result<()> {
     tb.add_ovs_vm(
         "vm1",
         "o1",
@@ -57,16 +55,18 @@ pub(super) fn ovs_peer(ctx: &Ctx, o: &Opts, afxdp: bool) -> Result<(Vec<f64>, Ve
     )?;
     let ip3 = tb.vm("vm3")?.ip.clone();
     // OVS resolves its tunnel next hop itself; give it a moment on the first packets.
-    let mut ok = false;
-    for _ in 0..10 {
-        if tb.ping("vm1", &ip3, 1).is_ok() {
-            ok = true;
-            break;
-        }
+    if !(0..10).any(|_| tb.ping("vm1", &ip3, 1).is_ok()) {
+        bail!("vm1 cannot reach vm3 through {what}");
     }
-    if !ok {
-        bail!("vm1 cannot reach vm3 through OVS");
-    }
+    Ok(())
+}
+
+/// The same end-to-end traffic through two Open vSwitch userspace chassis.
+pub(super) fn ovs_peer(ctx: &Ctx, o: &Opts, afxdp: bool) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut tb = Testbed::new(if afxdp { "bo2" } else { "bo1" })?;
+    tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
+    tb.add_ovs_pair_direct("o1", "o2", afxdp)?;
+    add_vm_pair(&mut tb, "OVS")?;
     let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
     let gen = udp_gen(&vm1.mac, &vm3.mac, &vm1.ip, &vm3.ip, 1000);
     // TCP first: the UDP flood below (and the GRO it needs) must not disturb it.

@@ -155,27 +155,7 @@ fn end_to_end(ctx: &Ctx) -> Result<Vec<Scenario>> {
     let mut tb = Testbed::new("bd2")?;
     tb.nbctl(&["ls-add", "ls1", "--key", "1000"])?;
     tb.add_ovs_dpdk_pair_direct("o1", "o2", [0, 1])?;
-    tb.add_ovs_vm(
-        "vm1",
-        "o1",
-        "ls1",
-        1000,
-        1,
-        &[("0a:00:00:00:00:03".into(), 3)],
-    )?;
-    tb.add_ovs_vm(
-        "vm3",
-        "o2",
-        "ls1",
-        1000,
-        3,
-        &[("0a:00:00:00:00:01".into(), 1)],
-    )?;
-    let ip3 = tb.vm("vm3")?.ip.clone();
-    // OVS resolves its tunnel next hop itself; give it a moment on the first packets.
-    if !(0..10).any(|_| tb.ping("vm1", &ip3, 1).is_ok()) {
-        bail!("vm1 cannot reach vm3 through OVS-DPDK");
-    }
+    super::ovs::add_vm_pair(&mut tb, "OVS-DPDK")?;
     let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
     let _pass = PassOn::start(ctx, &tb.chassis[0].ns, "vp-vm1")?;
     let gen = udp_gen(&vm1.mac, &vm3.mac, &vm1.ip, &vm3.ip, 1000);
