@@ -36,6 +36,8 @@ pub enum CacheError {
     TooManyDatapaths,
     #[error("datapath {0} has no generation (not in the applied pipeline)")]
     UnknownDatapath(u32),
+    #[error("decided on tables that have been replaced since")]
+    Superseded,
 }
 
 /// The live generation of each datapath slot (0: a free slot, which no entry carries), and
@@ -250,8 +252,26 @@ impl FlowCache {
 
     /// Installs a megaflow the pipeline decided, stamped with its datapath's generation.
     pub fn install_megaflow(&mut self, list: usize, m: &Megaflow) -> Result<(), CacheError> {
+        self.install_megaflow_if(list, m, || true)
+    }
+
+    /// `install_megaflow`, if `current` still holds once the generation is read: the
+    /// tables the megaflow was decided on are still the published ones. The thread that
+    /// publishes tables stores them before it bumps generations; so an entry stamped with a
+    /// generation newer than its tables fails this check, and one stamped with an older
+    /// generation is stale already. Without it, a decision of the old pipeline could live on
+    /// under the new generation.
+    pub fn install_megaflow_if(
+        &mut self,
+        list: usize,
+        m: &Megaflow,
+        current: impl FnOnce() -> bool,
+    ) -> Result<(), CacheError> {
         let mut a = m.action;
         self.gens.stamp(&mut a)?;
+        if !current() {
+            return Err(CacheError::Superseded);
+        }
         self.install(list, &m.mask, &m.key, a)
     }
 
@@ -321,6 +341,30 @@ impl FlowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decision_on_replaced_tables_is_not_installed() {
+        let gens = Arc::new(Generations::default());
+        let mut table = GenerationTable::new(gens.clone());
+        table
+            .set_generations(&[(1000u32, 1u64)].into_iter().collect())
+            .unwrap();
+        let mut c = FlowCache::new(gens, 16);
+        let mut m = Megaflow {
+            key: key(2, 0),
+            mask: FlowKey::zeroed(),
+            action: FlowAction::default(),
+        };
+        m.action.dp_key = 1000;
+        let list = geneflow_abi::mask_list::VM as usize;
+        assert!(matches!(
+            c.install_megaflow_if(list, &m, || false),
+            Err(CacheError::Superseded)
+        ));
+        assert!(c.is_empty());
+        c.install_megaflow_if(list, &m, || true).unwrap();
+        assert_eq!(c.len(), 1);
+    }
     use geneflow_abi::{act, mask_list};
 
     const VM: usize = mask_list::VM as usize;

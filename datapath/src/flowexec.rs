@@ -112,8 +112,8 @@ pub fn execute(
                 return Verdict::Drop(ctr::DROP_MALFORMED);
             }
         }
-        if a.flags & (flag::SNAT | flag::DNAT) != 0 {
-            nat(f, key, a);
+        if a.flags & (flag::SNAT | flag::DNAT) != 0 && !nat(f, key, a) {
+            return Verdict::Drop(ctr::DROP_MALFORMED);
         }
     }
     if a.flags & flag::CT_COMMIT != 0 {
@@ -258,8 +258,9 @@ fn route(f: &mut Frame<'_>, a: &FlowAction) -> Result<(), Verdict> {
 /// A floating IP's translation (`flag::SNAT`: source to `nat_src`, `flag::DNAT`:
 /// destination to `nat_dst`) of the routed IPv4 frame `route` checked (plain 20-byte header),
 /// with the IP and the TCP/UDP checksums updated (RFC 1624); a UDP checksum of 0 (none)
-/// stays 0, and a later fragment has no L4 header to update.
-fn nat(f: &mut Frame<'_>, key: &FlowKey, a: &FlowAction) {
+/// stays 0, and a later fragment has no L4 header to update. False (nothing written): a
+/// first fragment too short to hold its L4 checksum, which XDP drops as malformed.
+fn nat(f: &mut Frame<'_>, key: &FlowKey, a: &FlowAction) -> bool {
     let p = f.start;
     let b = &mut f.buf[p..f.end];
     let rd16 = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
@@ -269,8 +270,10 @@ fn nat(f: &mut Frame<'_>, key: &FlowKey, a: &FlowAction) {
         6 if first => Some(l4 + 16),
         17 if first => Some(l4 + 6),
         _ => None,
+    };
+    if at.is_some_and(|o| o + 2 > b.len()) {
+        return false;
     }
-    .filter(|&o| o + 2 <= b.len());
     let mut ipc = rd16(b, 24);
     let mut l4c = at.map(|o| rd16(b, o));
     let udp_none = key.ip_proto == 17 && l4c == Some(0);
@@ -295,6 +298,7 @@ fn nat(f: &mut Frame<'_>, key: &FlowKey, a: &FlowAction) {
         };
         b[o..o + 2].copy_from_slice(&c.to_ne_bytes());
     }
+    true
 }
 
 /// The Internet checksum of `data` (0 when a header with its checksum in place is good).

@@ -97,9 +97,9 @@ impl GenBook {
         fingerprint: u64,
         write: &mut dyn FnMut(u32, DpGen) -> Result<(), E>,
     ) -> Result<(), GenError<E>> {
-        let slot = match self.live.get(&dp) {
-            Some(&(s, _)) => s,
-            None => self.free.pop().ok_or(GenError::Full)?,
+        let (slot, fresh) = match self.live.get(&dp) {
+            Some(&(s, _)) => (s, false),
+            None => (self.free.pop().ok_or(GenError::Full)?, true),
         };
         let g = DpGen {
             generation: self.next,
@@ -107,8 +107,20 @@ impl GenBook {
             fingerprint,
         };
         self.next = self.next.wrapping_add(1).max(1);
-        self.live.insert(dp, (slot, g));
-        write(slot, g).map_err(GenError::Write)
+        // Noted only once written: a failed write leaves the datapath as it was, so the
+        // next call tries again.
+        match write(slot, g) {
+            Ok(()) => {
+                self.live.insert(dp, (slot, g));
+                Ok(())
+            }
+            Err(e) => {
+                if fresh {
+                    self.free.push(slot);
+                }
+                Err(GenError::Write(e))
+            }
+        }
     }
 
     /// Brings the generations in line with every live datapath's fingerprint: a new or
@@ -209,6 +221,18 @@ mod tests {
         assert!(g30.generation > g20.generation);
         b.invalidate_all(&mut w).unwrap();
         assert!(b.generation(10).unwrap() > g10b.generation);
+        // A failed write changes nothing: the next call tries again.
+        let before = b.get(10).unwrap();
+        let mut fail = |_: u32, _: DpGen| -> Result<(), ()> { Err(()) };
+        assert!(b
+            .set_generations(&fps(&[(10, 11), (30, 3)]), &mut fail)
+            .is_err());
+        assert_eq!(b.get(10).unwrap(), before);
+        assert_eq!(
+            b.set_generations(&fps(&[(10, 11), (30, 3)]), &mut w)
+                .unwrap(),
+            vec![10]
+        );
     }
 
     #[test]

@@ -217,7 +217,18 @@ pub fn back<S: NatStore + ?Sized>(
 /// it meanwhile); the outbound half goes first, so a port is never free while its outbound
 /// half lives. Returns how many entries went.
 pub fn expire<S: NatStore + ?Sized>(map: &mut S, now: u64) -> usize {
-    let all: HashMap<CtKey, NatEntry> = map.nat_entries().into_iter().collect();
+    let all: NatSnapshot = map.nat_entries().into_iter().collect();
+    let doomed = doomed(&all, now);
+    remove(map, &all, doomed)
+}
+
+/// The translations as a walk saw them.
+pub type NatSnapshot = HashMap<CtKey, NatEntry>;
+
+/// The connections `expire` deletes, from a snapshot: (outbound key, inbound key) of each,
+/// lone halves as (key, None). Pure: a caller whose table is shared takes the snapshot under
+/// its lock and decides without it.
+pub fn doomed(all: &NatSnapshot, now: u64) -> Vec<(CtKey, Option<CtKey>)> {
     let timeout_of = |k: &CtKey, flags: u32| -> u64 {
         let t = if flags & nat::CLOSING != 0 {
             Duration::from_secs(ct::CLOSING_TIMEOUT_S)
@@ -231,7 +242,7 @@ pub fn expire<S: NatStore + ?Sized>(map: &mut S, now: u64) -> usize {
     let is_out = |k: &CtKey| k.zone & nat::DIR_MASK == nat::DIR_OUT;
     // (outbound key, inbound key) of each doomed connection; lone halves as (key, None).
     let mut doomed: Vec<(CtKey, Option<CtKey>)> = Vec::new();
-    for (k, e) in &all {
+    for (k, e) in all {
         let (ok, ik) = if is_out(k) {
             (*k, reply_key(k, e.addr, e.port))
         } else {
@@ -259,6 +270,16 @@ pub fn expire<S: NatStore + ?Sized>(map: &mut S, now: u64) -> usize {
             doomed.push((*k, None));
         }
     }
+    doomed
+}
+
+/// Deletes what `doomed` picked, each half read again just before it goes (a packet that
+/// used it since the snapshot keeps it, and its partner); returns how many went.
+pub fn remove<S: NatStore + ?Sized>(
+    map: &mut S,
+    all: &NatSnapshot,
+    doomed: Vec<(CtKey, Option<CtKey>)>,
+) -> usize {
     let mut gone = 0;
     for (first, second) in doomed {
         for k in std::iter::once(first).chain(second) {

@@ -90,16 +90,22 @@ pub struct AnswerLimits {
 }
 
 impl AnswerLimits {
-    /// `dhcp_rate`: DHCP answers per second per port.
-    pub fn new(dhcp_rate: f32) -> AnswerLimits {
+    /// `dhcp_rate`: DHCP answers per second per port; `share`: the part of every budget
+    /// this slow path has (1: the chassis's only one; 1/n: one of n poll threads).
+    pub fn new(dhcp_rate: f32, share: f32) -> AnswerLimits {
+        let dhcp_all = (dhcp_rate * 250.0).max(5000.0);
         AnswerLimits {
             // Per source: 100 answers/s, bursts of 50 (a traceroute or a ping -f stays
             // whole); 5000/s in all.
-            answers: RateLimiter::new(100.0, 50.0, 5000.0),
+            answers: RateLimiter::new(100.0 * share, (50.0 * share).max(1.0), 5000.0 * share),
             // Per port: 20 DHCP answers/s by default, bursts as large (a client needs 2 per
             // lease, a few more when it retries); 5000/s in all, bursts of 1250 (a host's
             // boot storm), or 250 times the per-port rate when that is more.
-            dhcp: RateLimiter::new(dhcp_rate, dhcp_rate, (dhcp_rate * 250.0).max(5000.0)),
+            dhcp: RateLimiter::new(
+                dhcp_rate * share,
+                (dhcp_rate * share).max(1.0),
+                dhcp_all * share,
+            ),
         }
     }
 

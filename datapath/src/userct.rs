@@ -3,9 +3,11 @@
 //! the poll threads share instead of BPF maps.
 //!
 //! - `ConnTable`: the table every poll thread and the control thread share (a connection's
-//!   two directions may land on different threads). Sharded, one lock per shard, taken only
-//!   when a thread's own cache cannot answer; bounded (`ct::MAX_ENTRIES`): a full shard
-//!   evicts its least recently seen entry, counted, as the LRU map does.
+//!   two directions may land on different threads). Sharded by a hash keyed per process
+//!   (nobody can aim tuples at one shard), one lock per shard, taken only when a thread's own
+//!   cache cannot answer; bounded (`ct::MAX_ENTRIES`): a full shard evicts its least recently
+//!   seen entry, counted, as the LRU map does. The eviction is per shard (1024 entries), not
+//!   global like the LRU map's: a tenant filling the table evicts others' entries sooner.
 //! - `CtCache`: per poll thread, XDP's per-CPU connection cache: 2-way sets of the last
 //!   established tuples, valid for one epoch of the table (bumped about once a second and
 //!   after any deletion), so that an established connection costs no lock, and its entry's
@@ -55,10 +57,10 @@ fn reversed(k: &CtKey) -> CtKey {
     }
 }
 
-/// Multiplicative hash of a tuple, for picking a shard or a cache set. Not keyed: a VM that
-/// aims its tuples at one shard or set only costs itself lock sharing or cache misses; the
-/// shards' maps are keyed (`HashMap`'s SipHash).
-fn spread(k: &CtKey) -> u32 {
+/// Multiplicative hash of a tuple, for picking a thread's cache set (cheap, per packet). A
+/// VM aiming its tuples at one set only makes lookups go to the table; the shards are picked
+/// with a keyed hash (`ConnTable::shard`), since a full shard evicts.
+pub(crate) fn spread(k: &CtKey) -> u32 {
     let ports = (k.sport as u32) << 16 | k.dport as u32;
     (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32)
         .wrapping_add(k.zone)
@@ -70,6 +72,9 @@ type Shard = Mutex<HashMap<CtKey, CtEntry>>;
 /// The shared connection table.
 pub struct ConnTable {
     shards: Box<[Shard]>,
+    /// Keyed per process: nobody outside can aim tuples at one shard to make it evict
+    /// another tenant's connections.
+    hasher: std::collections::hash_map::RandomState,
     per_shard: usize,
     /// Validity epoch of the poll threads' caches; never 0 (an unwritten slot).
     epoch: AtomicU32,
@@ -83,6 +88,7 @@ impl ConnTable {
     pub fn new(capacity: usize) -> ConnTable {
         ConnTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
             epoch: AtomicU32::new(1),
             base: Instant::now(),
@@ -96,7 +102,8 @@ impl ConnTable {
     }
 
     fn shard(&self, k: &CtKey) -> std::sync::MutexGuard<'_, HashMap<CtKey, CtEntry>> {
-        let s = &self.shards[(spread(k) >> 26) as usize % SHARDS];
+        use std::hash::BuildHasher;
+        let s = &self.shards[self.hasher.hash_one(k) as usize % SHARDS];
         // A poisoned shard (a panicked thread) still holds consistent entries.
         s.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -292,7 +299,10 @@ pub fn icmp_error_related(table: &ConnTable, frame: &[u8], off: usize, zone: u32
     if ip.len() < 20 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
         return false;
     }
-    let icmp = &ip[(ip[0] & 0x0f) as usize * 4..];
+    // A header length the frame does not hold (a forged IHL) is no error of ours.
+    let Some(icmp) = ip.get((ip[0] & 0x0f) as usize * 4..) else {
+        return false;
+    };
     // The ICMP header and the quoted IPv4 header.
     if icmp.len() < 8 + 20 || !matches!(icmp[0], 3 | 11 | 12) {
         return false;
@@ -468,6 +478,20 @@ mod tests {
         let fixed = udp([203, 0, 113, 9], [10, 0, 0, 5], 1000, 80);
         assert!(t.contains(&ct_key(&fixed, 7).unwrap()));
         assert!(!t.contains(&ct_key(&k, 7).unwrap()));
+    }
+
+    #[test]
+    fn a_forged_header_length_is_no_error_and_no_panic() {
+        let t = ConnTable::new(64);
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        // IHL 60 in a 46-byte packet.
+        let mut ip = vec![
+            0x4f, 0, 0, 46, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+        ];
+        ip.resize(46, 0);
+        f.extend_from_slice(&ip);
+        assert!(!icmp_error_related(&t, &f, 0, 7));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::arpasked::ArpAsked;
 use crate::flowcache::GenerationTable;
 use crate::garp::FipAnnouncer;
 use crate::metrics::{PortInfo, Shared};
-use crate::napt::NatMap;
+use crate::napt::{NatMap, NatStore};
 use crate::pipeline::Tables;
 use crate::userct::ConnTable;
 use crate::userneigh::UnderlayNeigh;
@@ -21,7 +21,7 @@ use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::compiler::{changed_acl_zones, AclsByZone};
 use geneflow_control::model::Mac;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::{info, warn};
@@ -71,6 +71,8 @@ pub struct Control<'a> {
     pub neigh: &'a Mutex<UnderlayNeigh>,
     pub conntrack: &'a ConnTable,
     pub nat: &'a Mutex<NatMap>,
+    /// The version of the tables last published (`Tables::version`).
+    pub published: &'a AtomicU64,
     pub shared: &'a Shared,
     pub uplink_mac: [u8; 6],
     pub mtu: u32,
@@ -90,13 +92,20 @@ impl Control<'_> {
         }
     }
 
-    /// Publishes `t` with new generations for the datapaths whose fingerprints moved.
-    fn publish(&mut self, t: Tables) -> Result<usize, String> {
+    /// Publishes `t`, then new generations for the datapaths whose fingerprints moved: in
+    /// that order, so that a poll thread never stamps a decision of the old tables with a
+    /// new generation (`FlowCache::install_megaflow_if`). If the generations cannot be set,
+    /// every entry goes stale.
+    fn publish(&mut self, mut t: Tables) -> Result<usize, String> {
         let fps = t.fingerprints(self.uplink_mac);
-        self.generations
-            .set_generations(&fps)
-            .map_err(|e| e.to_string())?;
+        let version = self.published.load(Ordering::Relaxed) + 1;
+        t.version = version;
         self.tables.store(Some(Arc::new(t)));
+        self.published.store(version, Ordering::Release);
+        if let Err(e) = self.generations.set_generations(&fps) {
+            let _ = self.generations.invalidate_all();
+            return Err(e.to_string());
+        }
         Ok(fps.len())
     }
 
@@ -204,8 +213,12 @@ impl Control<'_> {
         let now = ct.ns(Instant::now());
         self.rounds += 1;
         if self.rounds.is_multiple_of(10) {
-            let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
-            if crate::napt::expire(&mut *t, now) > 0 {
+            // The walk works on a copy: the table is locked to copy it and to delete, not
+            // while deciding (the poll threads translate under that lock).
+            let lock = || self.nat.lock().unwrap_or_else(|e| e.into_inner());
+            let all: crate::napt::NatSnapshot = lock().nat_entries().into_iter().collect();
+            let doomed = crate::napt::doomed(&all, now);
+            if !doomed.is_empty() && crate::napt::remove(&mut *lock(), &all, doomed) > 0 {
                 // The poll threads' cached translations are read again.
                 ct.bump_epoch();
             }

@@ -25,7 +25,7 @@
 //! Default-SNAT translations live in a table the poll threads share (`napt::NatMap`, the
 //! XDP backend's allocation and expiry code over it).
 //!
-//! Not yet: announcing a floating IP that moved here (gratuitous ARP). A restart costs every
+//! A restart costs every
 //! megaflow, tracked connection and translation (they live in the process) and the frames in
 //! flight; the agent reads the NB again, the first frames of each flow go through the
 //! pipeline, and connections a security group admits only as established, or that leave by
@@ -180,6 +180,7 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
             uplink: (c.ifindexes[0], c.uplink_mac),
             udp_csum: c.udp_csum,
             dhcp_rate: c.dhcp_rate as f32,
+            threads: c.megaflows.len(),
             events: Some(c.events.clone()),
         },
     );
@@ -355,10 +356,12 @@ pub fn serve(
     let nat = Arc::new(Mutex::new(NatMap::new(
         geneflow_abi::nat::MAX_ENTRIES as usize,
     )));
+    let published = Arc::new(AtomicU64::new(0));
     let state = PathShared {
         neigh: neigh.clone(),
         conntrack: conntrack.clone(),
         nat: nat.clone(),
+        published: published.clone(),
     };
     let flows = FlowRequests::new(threads);
     let (events_tx, events) = crossbeam_channel::bounded(1024);
@@ -371,6 +374,7 @@ pub fn serve(
         neigh: &neigh,
         conntrack: &conntrack,
         nat: &nat,
+        published: &published,
         shared: &shared,
         uplink_mac,
         mtu,

@@ -227,7 +227,7 @@ impl Forwarder {
             txbuf: Vec::with_capacity(STRIDE),
             pending: crate::pending::Pending::new(STRIDE),
             ct_expiry_stop: Arc::new(AtomicBool::new(false)),
-            answers: AnswerLimits::new(dhcp_rate),
+            answers: AnswerLimits::new(dhcp_rate, 1.0),
             arp_asked: Default::default(),
             nat_allocs: RateLimiter::new(
                 crate::napt::ALLOC_RATE,

@@ -211,6 +211,9 @@ struct InPort {
 #[derive(Debug, Clone)]
 pub struct Tables {
     pub pipeline: Arc<Pipeline>,
+    /// Which publication of the tables this is (the DPDK backend's calling thread numbers
+    /// them, so that a poll thread can tell that what it decided on is no longer current).
+    pub version: u64,
     pub uplink_ifindex: u32,
     pub uplink_mtu: u32,
     pub udp_csum: bool,
@@ -382,6 +385,7 @@ impl Tables {
             }
         }
         let mut t = Tables {
+            version: 0,
             has_acl: pipeline.has_acl(),
             fip_ct: HashMap::new(),
             pipeline,

@@ -39,12 +39,14 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
         uplink: (UPLINK, A_MAC),
         udp_csum: true,
         dhcp_rate: 20.0,
+        threads: 1,
         events: None,
     };
     let shared = crate::userpath::PathShared {
         neigh,
         conntrack: ct,
         nat: Arc::new(std::sync::Mutex::new(crate::napt::NatMap::new(1024))),
+        published: Default::default(),
     };
     let path = UserPath::new(FlowCache::new(gens, 1000), shared, cfg);
     (table, path)

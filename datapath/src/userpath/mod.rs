@@ -41,6 +41,7 @@ use geneflow_abi::{act, ct, ctr, mask_list, VLAN_PRESENT};
 use state::HitState;
 pub use state::NatCache;
 use std::net::Ipv4Addr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -95,6 +96,8 @@ pub struct PathConfig {
     pub udp_csum: bool,
     /// DHCP answers per second per port.
     pub dhcp_rate: f32,
+    /// How many engines share the chassis's budgets (answers, translations, drop entries).
+    pub threads: usize,
     /// Where `PathEvent`s go (none: dropped).
     pub events: Option<Sender<PathEvent>>,
 }
@@ -106,6 +109,9 @@ pub struct PathShared {
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
     pub conntrack: Arc<ConnTable>,
     pub nat: Arc<Mutex<NatMap>>,
+    /// The version of the tables last published (`Tables::version`): a megaflow decided on
+    /// older tables is not installed.
+    pub published: Arc<AtomicU64>,
 }
 
 pub struct UserPath {
@@ -113,8 +119,11 @@ pub struct UserPath {
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
     pub conntrack: Arc<ConnTable>,
     pub nat: Arc<Mutex<NatMap>>,
+    published: Arc<AtomicU64>,
     /// New default-SNAT translations per VM port.
     nat_allocs: RateLimiter,
+    /// New drop megaflows per port.
+    drop_installs: RateLimiter,
     /// This thread's translations of established connections.
     pub nat_cache: NatCache,
     pub ct_cache: CtCache,
@@ -140,12 +149,18 @@ pub struct UserPath {
 impl UserPath {
     pub fn new(cache: FlowCache, shared: PathShared, cfg: PathConfig) -> UserPath {
         let rate = crate::napt::ALLOC_RATE;
+        // Each thread has its share of the budgets the XDP backend's one forwarder has.
+        let share = 1.0 / cfg.threads.max(1) as f32;
         UserPath {
             cache,
             neigh: shared.neigh,
             conntrack: shared.conntrack,
             nat: shared.nat,
-            nat_allocs: RateLimiter::new(rate, rate * 2.0, rate * 20.0),
+            published: shared.published,
+            nat_allocs: RateLimiter::new(rate * share, rate * 2.0 * share, rate * 20.0 * share),
+            // 1000 new drop entries/s per port (bursts of 2000), 10,000/s in all, as the XDP
+            // backend's forwarder.
+            drop_installs: RateLimiter::new(1000.0 * share, 2000.0 * share, 10_000.0 * share),
             nat_cache: NatCache::default(),
             ct_cache: CtCache::default(),
             counters: vec![Counters::default(); cfg.ports.max(1)],
@@ -153,7 +168,7 @@ impl UserPath {
             uplink_ifindex: cfg.uplink.0,
             uplink_mac: cfg.uplink.1,
             udp_csum: cfg.udp_csum,
-            answers: AnswerLimits::new(cfg.dhcp_rate),
+            answers: AnswerLimits::new(cfg.dhcp_rate, share),
             events: cfg.events,
             popped: Vec::with_capacity(MAX_FRAME),
             pending: crate::pending::Pending::new(MAX_FRAME + HEADROOM),
@@ -243,11 +258,22 @@ impl UserPath {
             Ok(None) => return self.slow(tables, frame, (in_ifindex, 0, vlan), list, now, tx),
             Ok(Some(k)) => k,
         };
+        let ipv4 = key.eth_type == 0x0800u16.to_be();
+        let provider = tables.is_provider(in_ifindex);
+        // DHCP from a VM (to a server, or posing as one) is the slow path's to answer or
+        // refuse, before any megaflow: no megaflow of other traffic consults UDP ports for it
+        // (as in XDP).
+        let dhcp = ipv4
+            && key.ip_proto == 17
+            && (key.l4_dst == 67u16.to_be() || key.l4_dst == 68u16.to_be());
+        if dhcp && in_ifindex != self.uplink_ifindex && !provider {
+            return self.slow(tables, frame, (in_ifindex, 0, vlan), list, now, tx);
+        }
         let zone = tables.ct_zone(in_ifindex, &key);
         let now_ns = self.conntrack.ns(now);
         // To a tracked floating IP from a provider network: the state as the VM sees it.
-        if let Some(&(fixed, fzone)) = tables.fip_ct().get(&key.ip_dst) {
-            if key.eth_type == 0x0800u16.to_be() && tables.is_provider(in_ifindex) {
+        if provider && ipv4 {
+            if let Some(&(fixed, fzone)) = tables.fip_ct().get(&key.ip_dst) {
                 let mut k = key;
                 k.ip_dst = fixed;
                 userct::lookup(&self.conntrack, &mut self.ct_cache, &mut k, fzone, now_ns);

@@ -3,10 +3,12 @@
 //! connections it commits, its answer (rate limited), its outputs, its megaflow.
 
 use super::{PathEvent, Tx, UserPath};
+use crate::flowcache::CacheError;
 use crate::napt;
 use crate::pipeline::rewrite::push_vlan;
 use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Napt, Output, Tables};
 use geneflow_abi::{act, ctr, flag};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 impl UserPath {
@@ -29,7 +31,11 @@ impl UserPath {
             Err(dropped) => {
                 self.count(dropped.reason.counter());
                 if let Some(m) = dropped.megaflow {
-                    self.install(list, m);
+                    // A VM forging a new tuple on every frame must not fill the cache with
+                    // drop entries: as many per port as the XDP backend allows.
+                    if self.drop_installs.allow_key(in_ifindex, now) {
+                        self.install(list, m, tables.version);
+                    }
                 }
             }
             Ok(mut d) => 'd: {
@@ -112,7 +118,7 @@ impl UserPath {
                             m.action.flags |= flag::NH_CACHED;
                         }
                     }
-                    self.install(list, m);
+                    self.install(list, m, tables.version);
                 }
             }
         }
@@ -120,9 +126,14 @@ impl UserPath {
         self.txbuf = txbuf;
     }
 
-    fn install(&mut self, list: usize, m: Megaflow) {
-        match self.cache.install_megaflow(list, &m) {
+    /// Installs `m`, decided on the tables of `version`, unless they were replaced since.
+    fn install(&mut self, list: usize, m: Megaflow, version: u64) {
+        let published = &self.published;
+        let current = || published.load(Ordering::Acquire) == version;
+        match self.cache.install_megaflow_if(list, &m, current) {
             Ok(()) => self.count(ctr::FLOW_INSTALL),
+            // The next frame meets the new tables.
+            Err(CacheError::Superseded) => {}
             Err(_) => self.count(ctr::FLOW_INSTALL_FAIL),
         }
     }

@@ -42,11 +42,7 @@ impl Default for NatCache {
 
 impl NatCache {
     fn set(k: &CtKey) -> usize {
-        let ports = (k.sport as u32) << 16 | k.dport as u32;
-        let h = (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32)
-            .wrapping_add(k.zone)
-            .wrapping_mul(0x9e37_79b1);
-        (h as usize % (NAT_CACHE_SLOTS / 2)) * 2
+        (userct::spread(k) as usize % (NAT_CACHE_SLOTS / 2)) * 2
     }
 
     fn get(&mut self, k: &CtKey, epoch: u32) -> Option<NatEntry> {
