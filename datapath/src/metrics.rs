@@ -68,6 +68,20 @@ pub fn heap_counters() -> CounterStore {
 }
 
 impl Shared {
+    /// Counts and reports the `n` connections ended because the security groups of `zones`
+    /// changed (both backends).
+    pub fn ended_by_group_change(&self, zones: &[u32], n: usize) {
+        self.conntrack_flushed
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if n > 0 {
+            tracing::info!(
+                ?zones,
+                ended = n,
+                "security groups changed: their connections are checked again"
+            );
+        }
+    }
+
     pub fn new(chassis: &str, user: CounterStore) -> Shared {
         let registry = prometheus::Registry::new();
         let nb_latency = prometheus::Histogram::with_opts(

@@ -150,16 +150,7 @@ impl Control<'_> {
         self.acls = acls;
         if !zones.is_empty() {
             let n = self.conntrack.delete(|k, _| zones.contains(&k.zone));
-            self.shared
-                .conntrack_flushed
-                .fetch_add(n as u64, Ordering::Relaxed);
-            if n > 0 {
-                info!(
-                    ?zones,
-                    ended = n,
-                    "security groups changed: their connections are checked again"
-                );
-            }
+            self.shared.ended_by_group_change(&zones, n);
         }
         // Floating IPs newly bound here are announced on their provider networks.
         if let Some(t) = self.tables.load_full() {

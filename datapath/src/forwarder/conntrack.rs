@@ -21,16 +21,7 @@ impl Forwarder {
             return 0;
         }
         let n = self.bpf.ct_delete(|k, _| zones.contains(&k.zone));
-        self.shared
-            .conntrack_flushed
-            .fetch_add(n as u64, Ordering::Relaxed);
-        if n > 0 {
-            info!(
-                ?zones,
-                ended = n,
-                "security groups changed: their connections are checked again"
-            );
-        }
+        self.shared.ended_by_group_change(&zones, n);
         n
     }
 }
