@@ -235,12 +235,14 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
             }
             rx.clear();
         }
-        let mut s = Sender {
-            ports: &mut ports,
-            pool: c.pool,
-            queue: q,
-        };
-        path.flush_pending(Instant::now(), &mut s);
+        if path.has_pending() {
+            let mut s = Sender {
+                ports: &mut ports,
+                pool: c.pool,
+                queue: q,
+            };
+            path.flush_pending(Instant::now(), &mut s);
+        }
         for p in &mut ports {
             if !p.tx.is_empty() {
                 p.tx.tx(p.eth, q);

@@ -206,10 +206,15 @@ impl UserPath {
         }
     }
 
+    /// Whether frames wait for a next hop (the poll loop reads no clock otherwise).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Sends the parked frames whose next hop is now known (see `pending`); those that
     /// waited too long are dropped, counted on the port they came in on.
     pub fn flush_pending(&mut self, now: Instant, tx: &mut dyn Tx) {
-        if self.pending.is_empty() {
+        if !self.has_pending() {
             return;
         }
         let up = self.uplink_ifindex;

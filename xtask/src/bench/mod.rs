@@ -208,14 +208,25 @@ impl Ctx {
         gen_args: &[String],
     ) -> Result<f64> {
         let sink = self.sink(sink_ns, sink_if)?;
+        run(&mut self.generator(gen_ns, gen_args, Some(cpu)))?;
+        Self::sink_result(sink)
+    }
+
+    /// The generator's command in `gen_ns`, pinned to `cpu` if given. It outlasts the sink's
+    /// window (which starts at the first frame): by 1 s in full runs, by 0.2 s in quick ones
+    /// (0.4 s windows; it keeps them under a minute).
+    fn generator(&self, gen_ns: &str, gen_args: &[String], cpu: Option<u32>) -> Command {
         let dur = self.window + (self.window * 0.5).min(1.0);
-        run(Command::new("ip")
-            .args(["netns", "exec", gen_ns, "taskset", "-c", &cpu.to_string()])
-            .args([&self.pktgen(), "send", "--quiet"])
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", gen_ns]);
+        if let Some(cpu) = cpu {
+            c.args(["taskset", "-c", &cpu.to_string()]);
+        }
+        c.args([&self.pktgen(), "send", "--quiet"])
             .args(gen_args)
             .args(["--duration", &dur.to_string()])
-            .stdout(Stdio::null()))?;
-        Self::sink_result(sink)
+            .stdout(Stdio::null());
+        c
     }
 
     /// [`Ctx::measure`] with `cores` generators, generator i on CPU i: a veth hands what a
@@ -230,21 +241,7 @@ impl Ctx {
         gen_args: &[String],
     ) -> Result<f64> {
         let sink = self.sink(sink_ns, sink_if)?;
-        // The generator outlasts the sink's window (which starts at the first frame): by
-        // 1 s in full runs, by 0.2 s in quick ones (0.4 s windows; it keeps them under a minute).
-        let dur = self.window + (self.window * 0.5).min(1.0);
-        let gen = |cpu: Option<u32>| {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", gen_ns]);
-            if let Some(cpu) = cpu {
-                c.args(["taskset", "-c", &cpu.to_string()]);
-            }
-            c.args([&self.pktgen(), "send", "--quiet"])
-                .args(gen_args)
-                .args(["--duration", &dur.to_string()])
-                .stdout(Stdio::null());
-            c
-        };
+        let gen = |cpu: Option<u32>| self.generator(gen_ns, gen_args, cpu);
         if cores == 1 {
             run(&mut gen(None))?;
         } else {
