@@ -3,6 +3,7 @@
 
 use super::{errno, strerror, DpdkError};
 use std::ffi::CString;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
@@ -12,6 +13,9 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 pub struct Eal {
     // The argument strings: DPDK may keep pointers into argv.
     _argv: Vec<CString>,
+    // The runtime directory the EAL made (/var/run/dpdk/<prefix> for root). Its cleanup
+    // removes the files in it, not the directory: dropping the EAL removes it if empty.
+    runtime_dir: Option<PathBuf>,
 }
 
 impl Eal {
@@ -38,6 +42,15 @@ impl Eal {
         if !args.iter().any(|a| a.starts_with("--log-level")) {
             argv.push(CString::new("--log-level=error").expect("no NUL"));
         }
+        // DPDK's telemetry socket (/var/run/dpdk/<prefix>/dpdk_telemetry.v2) is removed only
+        // at process exit, after the EAL's cleanup, so the runtime directory would stay; its
+        // figures are in geneflow's own metrics. `--telemetry` keeps it.
+        if !args
+            .iter()
+            .any(|a| a == "--telemetry" || a == "--no-telemetry")
+        {
+            argv.push(CString::new("--no-telemetry").expect("no NUL"));
+        }
         let mut ptrs: Vec<*mut libc::c_char> = argv
             .iter()
             .map(|a| a.as_ptr() as *mut libc::c_char)
@@ -51,12 +64,20 @@ impl Eal {
         let n = unsafe { dpdk_sys::rte_eal_init(argv.len() as i32, ptrs.as_mut_ptr()) };
         drop(quiet);
         if n < 0 {
+            // A start that fails late (too little memory) has made the runtime directory.
+            let reason = strerror(errno());
+            if let Some(dir) = runtime_dir() {
+                remove_if_empty(&dir);
+            }
             return Err(DpdkError::Eal {
                 args: args.to_vec(),
-                reason: strerror(errno()),
+                reason,
             });
         }
-        Ok(Eal { _argv: argv })
+        Ok(Eal {
+            _argv: argv,
+            runtime_dir: runtime_dir(),
+        })
     }
 
     /// The ports the EAL found (PCI devices bound to a DPDK driver, and vdevs).
@@ -73,6 +94,35 @@ impl Drop for Eal {
         // `RUNNING` stays set.)
         unsafe {
             dpdk_sys::rte_eal_cleanup();
+        }
+        if let Some(dir) = &self.runtime_dir {
+            remove_if_empty(dir);
+        }
+    }
+}
+
+/// The EAL's runtime directory, once it has made it (empty before).
+fn runtime_dir() -> Option<PathBuf> {
+    // SAFETY: reads a static buffer of DPDK's, written by rte_eal_init (NUL-terminated,
+    // formatted with snprintf); copied out at once.
+    let c = unsafe {
+        let p = dpdk_sys::rte_eal_get_runtime_dir();
+        if p.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(p)
+    };
+    let dir = c.to_string_lossy().into_owned();
+    (!dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
+/// Removes the runtime directory and its parent (/var/run/dpdk) if they are empty. Only empty
+/// directories go (remove_dir refuses others): another DPDK process's files stay, and DPDK
+/// makes the directories again at its next start.
+fn remove_if_empty(dir: &std::path::Path) {
+    if std::fs::remove_dir(dir).is_ok() {
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }

@@ -17,8 +17,9 @@
 //!
 //! EAL arguments for a veth in a test: `--no-huge --no-pci --no-shconf -m 256 --vdev
 //! net_af_packet0,iface=<veth>`. `--no-huge` forces legacy memory, which `--in-memory`
-//! refuses; `--no-shconf` keeps the EAL from writing a runtime directory under
-//! /var/run/dpdk, so nothing is left behind.
+//! refuses; `--no-shconf` keeps the EAL from writing its files in its runtime directory
+//! (/var/run/dpdk/rte), and dropping `Eal` removes that directory (and /var/run/dpdk) when
+//! empty, so nothing is left behind.
 
 mod burst;
 mod control;
