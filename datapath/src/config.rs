@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "dpdk_eal",
     "dpdk_ports",
     "dpdk_max_sleep_us",
+    "dpdk_devargs",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub struct FileConfig {
     pub dpdk_eal: Option<Vec<String>>,
     pub dpdk_ports: Option<Vec<String>>,
     pub dpdk_max_sleep_us: Option<u32>,
+    /// Ports that are DPDK devices: (port name, PCI address or vdev string).
+    pub dpdk_devargs: Option<Vec<(String, String)>>,
 }
 
 /// Parses a `PHYSNET=IFACE` mapping (flag or config entry).
@@ -71,6 +74,21 @@ pub fn parse_provider(s: &str) -> Result<(String, String), String> {
     geneflow_control::model::check_name(net).map_err(|e| format!("{s:?}: physnet: {e}"))?;
     geneflow_control::model::check_ifname(iface).map_err(|e| format!("{s:?}: interface: {e}"))?;
     Ok((net.to_string(), iface.to_string()))
+}
+
+/// Parses a `NAME=DEVARGS` mapping (flag or config entry): the port NAME is the DPDK device
+/// DEVARGS (a PCI address or a vdev string, DPDK's syntax, checked when the EAL starts).
+pub fn parse_devargs(s: &str) -> Result<(String, String), String> {
+    let (name, args) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: want NAME=DEVARGS"))?;
+    geneflow_control::model::check_ifname(name).map_err(|e| format!("{s:?}: port name: {e}"))?;
+    if args.is_empty() || args.contains(char::is_whitespace) {
+        return Err(format!(
+            "{s:?}: want a PCI address or a vdev string after the name"
+        ));
+    }
+    Ok((name.to_string(), args.to_string()))
 }
 
 fn bad(path: &str, msg: String) -> ConfigError {
@@ -222,6 +240,22 @@ pub fn parse(path: &str, text: &str) -> Result<FileConfig, ConfigError> {
                     c.dpdk_ports = Some(out);
                 }
             }
+            "dpdk_devargs" => {
+                let a = v
+                    .as_array()
+                    .ok_or_else(|| want("an array of \"NAME=DEVARGS\""))?;
+                let mut out = Vec::new();
+                for x in a {
+                    let s = x
+                        .as_str()
+                        .ok_or_else(|| want("an array of \"NAME=DEVARGS\""))?;
+                    out.push(
+                        parse_devargs(s)
+                            .map_err(|e| bad(path, format!("key `dpdk_devargs`: {e}")))?,
+                    );
+                }
+                c.dpdk_devargs = Some(out);
+            }
             "dpdk_max_sleep_us" => {
                 let n = v
                     .as_integer()
@@ -289,6 +323,7 @@ datapath = "dpdk"
 dpdk_eal = ["-l", "0-1", "--no-huge"]
 dpdk_ports = ["tap0", "tap1"]
 dpdk_max_sleep_us = 100
+dpdk_devargs = ["nic0=0000:03:00.0,txq_inline=128", "vm1=net_vhost0,iface=/run/vm1.sock"]
 "#,
         )
         .unwrap();
@@ -308,6 +343,13 @@ dpdk_max_sleep_us = 100
         assert_eq!(c.dpdk_eal.unwrap().len(), 3);
         assert_eq!(c.dpdk_ports, Some(vec!["tap0".into(), "tap1".into()]));
         assert_eq!(c.dpdk_max_sleep_us, Some(100));
+        assert_eq!(
+            c.dpdk_devargs,
+            Some(vec![
+                ("nic0".into(), "0000:03:00.0,txq_inline=128".into()),
+                ("vm1".into(), "net_vhost0,iface=/run/vm1.sock".into())
+            ])
+        );
     }
 
     #[test]
@@ -332,6 +374,9 @@ dpdk_max_sleep_us = 100
             ("dpdk_eal = \"-l 0\"", "key `dpdk_eal`"),
             ("dpdk_ports = [\"a/b\"]", "key `dpdk_ports`"),
             ("dpdk_max_sleep_us = 20000", "key `dpdk_max_sleep_us`"),
+            ("dpdk_devargs = [\"0000:03:00.0\"]", "want NAME=DEVARGS"),
+            ("dpdk_devargs = [\"nic0=\"]", "key `dpdk_devargs`"),
+            ("dpdk_devargs = \"nic0=x\"", "key `dpdk_devargs`"),
             ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),
         ];
         for (text, want) in cases {

@@ -66,12 +66,23 @@ pub fn dpdk_runtime() -> Vec<std::path::PathBuf> {
 /// Starts ch1's geneflowd on the DPDK backend, with two poll threads (each with its own
 /// queue on every port) and no address on its uplink: its own ARP answers for 198.18.0.1.
 pub fn start_dpdk(tb: &Testbed, ports: &[&str]) -> Result<Dpdk> {
+    start_dpdk_with(tb, "ul", ports, &[])
+}
+
+/// `start_dpdk` with the uplink named `uplink` and ports given as DPDK devices
+/// (`--dpdk-devargs NAME=DEVARGS`).
+pub fn start_dpdk_with(
+    tb: &Testbed,
+    uplink: &str,
+    ports: &[&str],
+    devargs: &[(&str, &str)],
+) -> Result<Dpdk> {
     let ns1 = tb.chassis[0].ns.clone();
     run(Command::new("ip").args(["-n", &ns1, "addr", "flush", "dev", "ul"]))?;
     let log = tb.dir.join("ch1-dpdk.log");
     let out = std::fs::File::create(&log)?;
     let mut cmd = tb.ns_cmd(&ns1, &tb.bin("geneflowd"));
-    cmd.args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
+    cmd.args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", uplink])
         .arg("--ctl-socket")
         .arg(&tb.chassis[0].socket)
         .args(["--forwarder-cores", "0,1", "--datapath", "dpdk"])
@@ -79,6 +90,9 @@ pub fn start_dpdk(tb: &Testbed, ports: &[&str]) -> Result<Dpdk> {
         .args(&tb.chassis[0].agent_args);
     for p in ports {
         cmd.args(["--dpdk-port", p]);
+    }
+    for (name, args) in devargs {
+        cmd.arg("--dpdk-devargs").arg(format!("{name}={args}"));
     }
     let child = cmd
         .args([

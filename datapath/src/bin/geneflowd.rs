@@ -92,9 +92,16 @@ struct Args {
     /// --no-pci --no-shconf -m 256"); an af_packet vdev is added for each interface.
     #[arg(long, allow_hyphen_values = true)]
     dpdk_eal: Option<String>,
-    /// With --datapath dpdk: a kernel interface of a VM port to serve (repeatable).
+    /// With --datapath dpdk: a VM port to serve, by the name the NB binds it by: a kernel
+    /// interface, or a name --dpdk-devargs gives a device (repeatable).
     #[arg(long = "dpdk-port")]
     dpdk_ports: Vec<String>,
+    /// With --datapath dpdk: NAME=DEVARGS makes the port NAME (the uplink, a --dpdk-port or
+    /// a --provider interface) the DPDK device DEVARGS, a PCI address (0000:03:00.0, with
+    /// driver options after a comma) or a vdev string (net_vhost0,iface=/run/vm1.sock),
+    /// instead of an af_packet vdev on the kernel interface NAME (repeatable).
+    #[arg(long = "dpdk-devargs", value_parser = config::parse_devargs)]
+    dpdk_devargs: Vec<(String, String)>,
     /// With --datapath dpdk: under light load (a round of polls brings less than half a
     /// burst) the poll loops sleep, a microsecond longer each such round, up to this many
     /// microseconds (OVS-DPDK's pmd-maxsleep); 0 (the default): they only nap when idle.
@@ -133,12 +140,15 @@ fn pin_to(core: usize) -> Result<()> {
         .with_context(|| format!("forwarder_cores: cannot pin to core {core}"))
 }
 
+/// Ports given as DPDK devices: (port name, PCI address or vdev string).
+type Devargs = Vec<(String, String)>;
+
 /// The DPDK datapath's own wiring: ports by EAL arguments, the control thread, the control
 /// socket's `stats` and the Prometheus exporter over its counters.
 #[cfg(feature = "dpdk")]
 fn run_dpdk(
     agent: geneflow_control::agent::NbConfig,
-    (eal, uplink, ports): (Vec<String>, String, Vec<String>),
+    (eal, uplink, ports, devargs): (Vec<String>, String, Vec<String>, Devargs),
     (encap_ip, udp_csum, cores): (Option<Ipv4Addr>, bool, Vec<usize>),
     (providers, dhcp_rate, max_sleep_us): (Vec<(String, String)>, u32, u32),
     (ctl_socket, metrics_address): (PathBuf, SocketAddr),
@@ -165,6 +175,7 @@ fn run_dpdk(
         eal,
         uplink,
         ports,
+        devargs,
         encap_ip,
         udp_csum,
         cores,
@@ -183,7 +194,7 @@ fn run_dpdk(
 #[cfg(not(feature = "dpdk"))]
 fn run_dpdk(
     _: geneflow_control::agent::NbConfig,
-    _: (Vec<String>, String, Vec<String>),
+    _: (Vec<String>, String, Vec<String>, Devargs),
     _: (Option<Ipv4Addr>, bool, Vec<usize>),
     _: (Vec<(String, String)>, u32, u32),
     _: (PathBuf, SocketAddr),
@@ -276,6 +287,11 @@ fn run(args: Args) -> Result<()> {
                     file.dpdk_ports.unwrap_or_default()
                 } else {
                     args.dpdk_ports
+                },
+                if args.dpdk_devargs.is_empty() {
+                    file.dpdk_devargs.unwrap_or_default()
+                } else {
+                    args.dpdk_devargs
                 },
             ),
             (encap_ip, udp_csum, cores.unwrap_or_default()),

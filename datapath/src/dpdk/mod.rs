@@ -26,6 +26,7 @@ mod control;
 mod eal;
 mod inspect;
 mod port;
+mod ports;
 pub mod serve;
 
 pub use burst::{Burst, BURST};
@@ -41,10 +42,16 @@ pub enum DpdkError {
     Eal { args: Vec<String>, reason: String },
     #[error("the DPDK EAL was already started in this process (it starts once)")]
     EalTwice,
-    #[error("no DPDK port {0:?} (a PCI address or a vdev given to the EAL with --vdev)")]
+    #[error(
+        "no DPDK port {0:?}: the EAL has no such device (a PCI device must be bound to a DPDK \
+         driver such as vfio-pci; a vdev must be given with --vdev or --dpdk-devargs)"
+    )]
     NoPort(String),
-    #[error("no interface {0:?} to put a DPDK port on")]
+    #[error("no interface {0:?} to put a DPDK port on (or give its device with --dpdk-devargs)")]
     NoInterface(String),
+    /// A `--dpdk-devargs NAME=DEVARGS` that cannot be used (what and why).
+    #[error("--dpdk-devargs {0}")]
+    Devargs(String),
     #[error("DPDK port {port}: {op} failed: {reason}")]
     Port {
         port: String,

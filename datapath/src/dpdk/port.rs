@@ -153,6 +153,14 @@ impl<'p> EthPort<'p> {
         a.addr_bytes
     }
 
+    /// The port's MTU (DPDK's: the largest IP packet, without the Ethernet header).
+    pub fn mtu(&self) -> Option<u32> {
+        let mut mtu = 0u16;
+        // SAFETY: a valid port and out pointer.
+        let rc = unsafe { dpdk_sys::rte_eth_dev_get_mtu(self.id, &mut mtu) };
+        (rc == 0 && mtu > 0).then_some(mtu.into())
+    }
+
     pub fn stats(&self) -> PortStats {
         let mut s = dpdk_sys::rte_eth_stats::default();
         // SAFETY: a valid port and out pointer.

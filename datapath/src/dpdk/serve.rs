@@ -1,6 +1,7 @@
 //! `geneflowd --datapath dpdk`: the whole datapath in DPDK poll loops. The EAL starts with
-//! the arguments given and an ethdev per interface (a `net_af_packet` vdev on each kernel
-//! interface named: the uplink and the VM ports), with one receive and one transmit queue
+//! the arguments given and an ethdev per port (the uplink, the VM ports, the providers'): a
+//! `net_af_packet` vdev on the kernel interface of that name, or the device `--dpdk-devargs`
+//! gives it (a PCI NIC, any vdev; see `ports`), with one receive and one transmit queue
 //! per poll thread. Each thread (one per core given, pinned) runs to completion: it receives
 //! bursts from its queue of every port, runs each frame through its own userspace engine
 //! (`userpath`: its megaflow cache and the userspace actions, the pipeline on a miss) and
@@ -33,6 +34,7 @@
 
 use super::control::{Control, PortSet};
 use super::inspect::{FlowRequests, Inspect};
+use super::ports;
 use super::{Burst, DpdkError, Eal, EthPort, Mempool, BURST};
 use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
@@ -45,7 +47,7 @@ use crate::userneigh::UnderlayNeigh;
 use crate::userpath::{Counters, PathConfig, PathEvent, PathShared, Tx, UserPath};
 use arc_swap::ArcSwapOption;
 use crossbeam_channel::Receiver;
-use geneflow_abi::{ct, ctr, MAX_FLOWS, MAX_PORTS, MAX_QUEUES};
+use geneflow_abi::{ct, ctr, MAX_FLOWS, MAX_QUEUES};
 use geneflow_control::agent::PipelineUpdate;
 use geneflow_control::model::Mac;
 use std::collections::HashMap;
@@ -66,16 +68,21 @@ const CT_EXPIRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct DpdkConfig {
-    /// The EAL's own arguments (`-l 0 --no-huge ...`); vdevs for the ports are added.
+    /// The EAL's own arguments (`-l 0 --no-huge ...`); the ports' devices are added.
     pub eal: Vec<String>,
+    /// The uplink's name: a kernel interface, or a name `devargs` gives a device.
     pub uplink: String,
-    /// The kernel interfaces of the VM ports this chassis serves.
+    /// The VM ports this chassis serves, by the names the NB binds them by: kernel
+    /// interfaces, or names `devargs` gives a device.
     pub ports: Vec<String>,
+    /// Ports that are DPDK devices, not kernel interfaces: (port name, PCI address or vdev
+    /// string), see `ports`.
+    pub devargs: Vec<(String, String)>,
     pub encap_ip: Option<Ipv4Addr>,
     pub udp_csum: bool,
     /// One poll thread per core, pinned there; empty: one thread, not pinned.
     pub cores: Vec<usize>,
-    /// Provider networks: (physnet, kernel interface), bridged untunnelled.
+    /// Provider networks: (physnet, port name), bridged untunnelled.
     pub providers: Vec<(String, String)>,
     /// DHCP answers per second per port.
     pub dhcp_rate: u32,
@@ -301,24 +308,14 @@ pub fn serve(
         .chain(cfg.ports.iter().cloned())
         .chain(cfg.providers.iter().map(|(_, i)| i.clone()))
         .collect();
-    if ifaces.len() > MAX_PORTS as usize {
-        return Err(DpdkError::NoPort(format!(
-            "{}: more than {MAX_PORTS} ports",
-            ifaces[MAX_PORTS as usize]
-        )));
-    }
     let threads = cfg.cores.len().clamp(1, MAX_QUEUES as usize);
-    let mut ifindexes = Vec::new();
-    let mut eal_args = cfg.eal.clone();
-    for (i, name) in ifaces.iter().enumerate() {
-        let ix = netdev::ifindex(name).ok_or_else(|| DpdkError::NoInterface(name.clone()))?;
-        ifindexes.push(ix);
-        eal_args.push("--vdev".into());
-        eal_args.push(format!("net_af_packet{i},iface={name},qpairs={threads}"));
-    }
-    // The ports belong to the overlay: the host's stack must not talk on them.
-    for name in ifaces.iter().skip(1) {
-        netdev::silence_host_stack(name);
+    let plan = ports::plan(&ifaces, &cfg.devargs, threads, &netdev::ifindex)?;
+    let ifindexes = plan.ifindexes.clone();
+    // The kernel interfaces belong to the overlay: the host's stack must not talk on them.
+    for (slot, name) in ifaces.iter().enumerate().skip(1) {
+        if plan.kernel[slot] {
+            netdev::silence_host_stack(name);
+        }
     }
     let mut ports = PortSet {
         ifaces: ifaces.clone(),
@@ -327,24 +324,49 @@ pub fn serve(
         untagged_only: Vec::new(),
     };
     for (k, (net, iface)) in cfg.providers.iter().enumerate() {
-        let ix = ifindexes[1 + cfg.ports.len() + k];
-        // 802.1Q tags in the frames (af_packet puts back a tag the kernel took off).
-        if !netdev::keep_vlan_tags(iface) {
+        let slot = 1 + cfg.ports.len() + k;
+        let ix = ifindexes[slot];
+        // 802.1Q tags in the frames (af_packet puts back a tag the kernel took off; a DPDK
+        // driver keeps them, VLAN stripping being off).
+        if plan.kernel[slot] && !netdev::keep_vlan_tags(iface) {
             ports.untagged_only.push(ix);
         }
         info!(physnet = %net, %iface, ifindex = ix, "provider network attached");
         ports.physnets.insert(net.clone(), ix);
     }
+    if let Some(slot) = plan.pci.iter().position(|&p| p) {
+        if cfg.eal.iter().any(|a| a == "--no-pci") {
+            return Err(DpdkError::Devargs(format!(
+                "{}: a PCI device, but the EAL arguments have --no-pci",
+                ifaces[slot]
+            )));
+        }
+    }
+    let mut eal_args = cfg.eal.clone();
+    eal_args.extend(plan.eal.iter().cloned());
     let eal = Eal::init(&eal_args)?;
     let pool = Mempool::new(&eal, "geneflow", 8191 * threads as u32, 2048 + 128)?;
     let mut eths = Vec::new();
-    for (i, name) in ifaces.iter().enumerate() {
-        let eth = EthPort::open(&format!("net_af_packet{i}"), threads as u16, 1024, &pool)?;
-        info!(iface = %name, port = eth.id, queues = threads, "DPDK port started");
+    for (slot, name) in ifaces.iter().enumerate() {
+        let device = &plan.devices[slot];
+        let eth = EthPort::open(device, threads as u16, 1024, &pool)?;
+        info!(
+            port = %name,
+            %device,
+            id = eth.id,
+            ifindex = ifindexes[slot],
+            queues = threads,
+            "DPDK port started"
+        );
         eths.push(eth);
     }
     let uplink_mac = eths[0].mac();
-    let mtu = netdev::mtu(&cfg.uplink).unwrap_or(1500);
+    let mtu = if plan.kernel[0] {
+        netdev::mtu(&cfg.uplink)
+    } else {
+        eths[0].mtu()
+    }
+    .unwrap_or(1500);
     let gens = Arc::new(Generations::default());
     let table = GenerationTable::new(gens.clone());
     let tables: ArcSwapOption<Tables> = ArcSwapOption::empty();
