@@ -5,6 +5,8 @@
 
 #![cfg(feature = "dpdk")]
 
+mod common;
+
 use geneflow_datapath::dpdk::{Burst, DpdkError, Eal, EthPort, Mempool};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,27 +35,9 @@ impl Ns {
 
     /// Runs the ignored test `child` of this binary inside the namespace.
     fn run_child(&self, child: &str) {
-        let exe = std::env::current_exe().expect("test binary");
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .arg(exe)
-            .args([
-                "--ignored",
-                "--exact",
-                child,
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &self.0)
-            .output()
-            .expect("child");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{child} failed:\n{text}");
-        assert!(text.contains("1 passed"), "{child} did not run:\n{text}");
+        let (passed, text) =
+            common::run_child(&self.0, child, (CHILD_ENV, std::ffi::OsStr::new(&self.0)));
+        assert!(passed, "{child} failed or did not run:\n{text}");
     }
 }
 

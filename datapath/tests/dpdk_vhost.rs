@@ -9,6 +9,8 @@
 
 #![cfg(feature = "dpdk")]
 
+mod common;
+
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use geneflow_datapath::dpdk::{Burst, Eal, EthPort, Mempool};
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress};
@@ -124,27 +126,9 @@ fn vhost_user_vm_ports_carry_traffic() {
     }
     // The VMs, in the same namespace (their sockets are files; the namespace keeps the EAL
     // of the child off the host's interfaces).
-    let exe = std::env::current_exe().expect("test binary");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &bed.ns])
-        .arg(exe)
-        .args([
-            "--ignored",
-            "--exact",
-            "child_vms",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &bed.dir)
-        .output()
-        .expect("child");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (passed, text) = common::run_child(&bed.ns, "child_vms", (CHILD_ENV, bed.dir.as_os_str()));
     assert!(
-        out.status.success() && text.contains("1 passed"),
+        passed,
         "the VMs failed:\n{text}\ngeneflowd:\n{}",
         read_log()
     );

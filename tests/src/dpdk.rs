@@ -57,6 +57,32 @@ impl Drop for Dpdk {
     }
 }
 
+/// Two chassis on switch ls1 of a file NB, with `vms` as (name, chassis, port key); no agent
+/// started yet.
+pub fn two_chassis(prefix: &str, vms: &[(&str, &str, u16)]) -> Result<Testbed> {
+    let mut tb = Testbed::with_nb(prefix, crate::NbKind::File)?;
+    tb.add_chassis("ch1")?;
+    tb.add_chassis("ch2")?;
+    tb.nbctl(&["ls-add", "ls1", "--key", &crate::LS1_KEY.to_string()])?;
+    for (vm, ch, key) in vms {
+        tb.add_vm(vm, ch, "ls1", *key)?;
+    }
+    Ok(tb)
+}
+
+/// A geneflowd that refused to start (`what` names the case): a non-zero exit, its last
+/// line the one error naming `want`, nothing on stdout.
+pub fn assert_refused(out: &std::process::Output, what: &str, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{what}: exit 0");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("geneflowd: error: ") && last.contains(want),
+        "{what}: {err}"
+    );
+    assert!(out.stdout.is_empty(), "{what}: DPDK wrote on stdout");
+}
+
 pub fn dpdk_runtime() -> Vec<std::path::PathBuf> {
     std::fs::read_dir("/var/run/dpdk")
         .map(|d| d.flatten().map(|e| e.path()).collect())

@@ -10,7 +10,7 @@
 //! (floating IPs and default SNAT, a VLAN provider network, routing, DHCP).
 
 use anyhow::{Context, Result};
-use geneflow_tests::dpdk::{dpdk_runtime, start_dpdk};
+use geneflow_tests::dpdk::{assert_refused, dpdk_runtime, start_dpdk, two_chassis};
 use geneflow_tests::provider::*;
 use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server};
 use geneflow_tests::*;
@@ -21,13 +21,8 @@ use std::time::Duration;
 fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
     require_root();
     let runtime_before = dpdk_runtime();
-    let mut tb = Testbed::with_nb("dk", NbKind::File)?;
-    tb.add_chassis("ch1")?;
-    tb.add_chassis("ch2")?;
-    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
-    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3)] {
-        tb.add_vm(vm, ch, "ls1", key)?;
-    }
+    let vms = [("vm1", "ch1", 1), ("vm2", "ch1", 2), ("vm3", "ch2", 3)];
+    let mut tb = two_chassis("dk", &vms)?;
     // The injector: a chassis of the NB hosting vmx, whose Geneve frames scapy builds.
     add_peer(&mut tb)?;
     tb.start_agent(1)?;
@@ -56,14 +51,7 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
             .args(["--chassis", "ch1", "--nb", &tb.nb, "--uplink", "ul"])
             .args(["--datapath", "dpdk", "--dpdk-port", port, "--dpdk-eal", eal])
             .output()?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{eal}: exit 0");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("geneflowd: error: ") && last.contains(want),
-            "{eal}: {err}"
-        );
-        assert!(out.stdout.is_empty(), "{eal}: DPDK wrote on stdout");
+        assert_refused(&out, eal, want);
     }
     // ch1 on DPDK, with no address on its uplink: its own ARP answers for 198.18.0.1.
     let mut d = start_dpdk(&tb, &["vp-vm1", "vp-vm2"])?;

@@ -6,7 +6,7 @@
 //! XDP chassis; bad device strings are refused in one line.
 
 use anyhow::{Context, Result};
-use geneflow_tests::dpdk::{dpdk_runtime, start_dpdk_with};
+use geneflow_tests::dpdk::{assert_refused, dpdk_runtime, start_dpdk_with, two_chassis};
 use geneflow_tests::provider::iperf3;
 use geneflow_tests::*;
 use std::process::Command;
@@ -20,13 +20,7 @@ const TAP: &str = "gft-vm1";
 fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
     require_root();
     let runtime_before = dpdk_runtime();
-    let mut tb = Testbed::with_nb("dv", NbKind::File)?;
-    tb.add_chassis("ch1")?;
-    tb.add_chassis("ch2")?;
-    tb.nbctl(&["ls-add", "ls1", "--key", &LS1_KEY.to_string()])?;
-    for (vm, ch, key) in [("vm1", "ch1", 1), ("vm3", "ch2", 3)] {
-        tb.add_vm(vm, ch, "ls1", key)?;
-    }
+    let mut tb = two_chassis("dv", &[("vm1", "ch1", 1), ("vm3", "ch2", 3)])?;
     tb.start_agent(1)?;
     let ns1 = tb.chassis[0].ns.clone();
     let vm1 = tb.vm("vm1")?.clone();
@@ -73,14 +67,7 @@ fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
         for (n, a) in &devargs {
             cmd.arg("--dpdk-devargs").arg(format!("{n}={a}"));
         }
-        let out = cmd.output()?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{devargs:?}: exit 0");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("geneflowd: error: ") && last.contains(want),
-            "{devargs:?}: {err}"
-        );
+        assert_refused(&cmd.output()?, &format!("{devargs:?}"), want);
     }
     // None of them made the tap.
     let tap = Command::new("ip")

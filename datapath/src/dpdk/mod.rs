@@ -4,16 +4,11 @@
 //! is stopped and closed, a pool freed, the EAL cleaned up), so an error at any step leaves
 //! nothing behind.
 //!
-//! This is the first layer of the DPDK backend (issue 14). With the userspace megaflow cache
-//! (`crate::flowcache`) it is what the poll threads will stand on. Still to build:
-//! - `geneflowd --datapath dpdk` with the EAL arguments passed through: one run-to-completion
-//!   thread per core, each with its own queue on every port, its own `FlowCache` and bursts;
-//! - the actions of a megaflow (output, encap, decap, the rewrites, conntrack, NAT) run in
-//!   Rust on the burst, as the XDP program runs them;
-//! - ports named in the NB mapped to ethdevs (a vdev per interface in tests, probed at
-//!   runtime);
-//! - the interop tests (a DPDK chassis beside an XDP chassis) and OVS-DPDK as a peer in the
-//!   benchmark.
+//! Above it: `serve` (the poll threads and the calling thread of `geneflowd --datapath
+//! dpdk`), `ports` (which device backs each port: an af_packet vdev on a kernel interface,
+//! or a PCI NIC or vdev string given with `--dpdk-devargs`), `control` (pipelines, learnt
+//! neighbours, expiry) and `inspect` (`geneflowctl` on this datapath). The per-frame work
+//! is the sans-IO `crate::userpath`.
 //!
 //! EAL arguments for a veth in a test: `--no-huge --no-pci --no-shconf -m 256 --vdev
 //! net_af_packet0,iface=<veth>`. `--no-huge` forces legacy memory, which `--in-memory`
