@@ -82,6 +82,9 @@ pub fn parse_devargs(s: &str) -> Result<(String, String), String> {
     let (name, args) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: want NAME=DEVARGS"))?;
+    if name.contains(',') {
+        return Err(format!("{s:?}: want NAME=DEVARGS (a port name first)"));
+    }
     geneflow_control::model::check_ifname(name).map_err(|e| format!("{s:?}: port name: {e}"))?;
     if args.is_empty() || args.contains(char::is_whitespace) {
         return Err(format!(
@@ -376,6 +379,10 @@ dpdk_devargs = ["nic0=0000:03:00.0,txq_inline=128", "vm1=net_vhost0,iface=/run/v
             ("dpdk_max_sleep_us = 20000", "key `dpdk_max_sleep_us`"),
             ("dpdk_devargs = [\"0000:03:00.0\"]", "want NAME=DEVARGS"),
             ("dpdk_devargs = [\"nic0=\"]", "key `dpdk_devargs`"),
+            (
+                "dpdk_devargs = [\"net_tap0,iface=t0\"]",
+                "a port name first",
+            ),
             ("dpdk_devargs = \"nic0=x\"", "key `dpdk_devargs`"),
             ("chassis = \"ch1\"\nchassis = \"ch2\"", "line 2"),
         ];

@@ -20,6 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHILD_ENV: &str = "GF_VHOST_DIR";
+/// The EAL file prefixes of geneflowd and of the VMs' process.
+const AGENT_PREFIX: &str = "gfvhost";
+const VMS_PREFIX: &str = "gfvhostvms";
 const MAC1: [u8; 6] = [0x0a, 0, 0, 0, 0, 1];
 const MAC2: [u8; 6] = [0x0a, 0, 0, 0, 0, 2];
 const IP1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -40,8 +43,19 @@ struct Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         if let Some(mut c) = self.agent.take() {
+            // A failed run still stops geneflowd cleanly where it can (its EAL's cleanup).
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !matches!(c.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for prefix in [AGENT_PREFIX, VMS_PREFIX] {
+            let _ = std::fs::remove_dir(Path::new("/var/run/dpdk").join(prefix));
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -109,10 +123,10 @@ fn vhost_user_vm_ports_carry_traffic() {
         .arg(format!("vh-vm1=net_vhost0,iface={}", sock("vm1")))
         .arg("--dpdk-devargs")
         .arg(format!("vh-vm2=net_vhost1,iface={}", sock("vm2")))
-        .args([
-            "--dpdk-eal",
-            "-l 0 --no-huge --no-pci --no-shconf -m 512 --file-prefix gfvhost",
-        ])
+        .arg("--dpdk-eal")
+        .arg(format!(
+            "-l 0 --no-huge --no-pci --no-shconf -m 512 --file-prefix {AGENT_PREFIX}"
+        ))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
@@ -236,16 +250,17 @@ fn exchange(
 fn child_vms() {
     let dir = PathBuf::from(std::env::var_os(CHILD_ENV).expect("run by the parent test"));
     let sock = |vm: &str| dir.join(format!("{vm}.sock")).display().to_string();
+    // On the other core than geneflowd's main thread and poll loop (this machine kind has 2).
     let args: Vec<String> = [
         "-l",
-        "0",
+        "1",
         "--no-huge",
         "--no-pci",
         "--no-shconf",
         "-m",
         "256",
         "--file-prefix",
-        "gfvhostvms",
+        VMS_PREFIX,
         "--vdev",
         &format!(
             "net_virtio_user0,path={},mac=0a:00:00:00:00:01",

@@ -37,12 +37,12 @@ fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
         (
             vec![uplink, ("vp-vm9", "net_tap1")],
             no_pci,
-            "--dpdk-devargs vp-vm9=net_tap1: no port named \"vp-vm9\"",
+            "dpdk_devargs) vp-vm9=net_tap1: no port named \"vp-vm9\"",
         ),
         (
             vec![uplink, ("vp-vm1", "net_nosuch0")],
             no_pci,
-            "refused to start",
+            "refused to start with [\"-l\", \"0\", \"--no-huge\", \"--no-pci\", \"--no-shconf\", \"-m\", \"256\", \"--vdev\", \"net_af_packet9,iface=ul,qpairs=2\", \"--vdev\", \"net_nosuch0\"]: No such device",
         ),
         (
             vec![uplink, ("vp-vm1", "net_af_packet9,iface=ul")],
@@ -52,7 +52,7 @@ fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
         (
             vec![("nic0", "0000:ff:1f.7"), vm_port],
             no_pci,
-            "--dpdk-devargs nic0: a PCI device, but the EAL arguments have --no-pci",
+            "dpdk_devargs) nic0: a PCI device, but the EAL arguments have --no-pci",
         ),
         (
             vec![("nic0", "ff:1f.7"), vm_port],
@@ -69,7 +69,7 @@ fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
         }
         assert_refused(&cmd.output()?, &format!("{devargs:?}"), want);
     }
-    // None of them made the tap.
+    // None of them left a tap behind.
     let tap = Command::new("ip")
         .args(["-n", &ns1, "link", "show", TAP])
         .output()?;
@@ -102,6 +102,16 @@ fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
         .filter_map(|p| p["iface"].as_str().map(str::to_string))
         .collect();
     assert_eq!(names, ["nic0", "vp-vm1"], "{ports}");
+    let ixs: Vec<u64> = ports
+        .as_array()
+        .context("ports")?
+        .iter()
+        .filter_map(|p| p["ifindex"].as_u64())
+        .collect();
+    assert!(
+        ixs.len() == 2 && ixs[0] != ixs[1] && ixs.iter().all(|&i| i >= 0xf0_0000),
+        "device ports need indexes of their own: {ports}"
+    );
     let ip3 = tb.vm("vm3")?.ip.clone();
     within(Duration::from_secs(10), || Ok(reachable(&tb, "vm1", &ip3)))?
         .with_context(|| format!("vm1 (a DPDK tap) never reached vm3 (XDP):\n{}", d.log()))?;

@@ -89,7 +89,8 @@ struct Args {
     #[arg(long, value_parser = ["xdp", "dpdk"])]
     datapath: Option<String>,
     /// With --datapath dpdk: the EAL's arguments, space separated (e.g. "-l 0 --no-huge
-    /// --no-pci --no-shconf -m 256"); an af_packet vdev is added for each interface.
+    /// --no-pci --no-shconf -m 256"); each port's device is added (an af_packet vdev on
+    /// its kernel interface, or what --dpdk-devargs gives).
     #[arg(long, allow_hyphen_values = true)]
     dpdk_eal: Option<String>,
     /// With --datapath dpdk: a VM port to serve, by the name the NB binds it by: a kernel

@@ -28,7 +28,8 @@ use tracing::{info, warn};
 
 /// The DPDK ports as the calling thread knows them, by port slot.
 pub struct PortSet {
-    /// Kernel interface names: the uplink first, then the VM ports, then the providers'.
+    /// Port names (kernel interfaces, or names `--dpdk-devargs` gives a device): the uplink
+    /// first, then the VM ports, then the providers'.
     pub ifaces: Vec<String>,
     pub ifindexes: Vec<u32>,
     /// Provider networks: physnet -> ifindex.

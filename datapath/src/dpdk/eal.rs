@@ -13,8 +13,10 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 pub struct Eal {
     // The argument strings: DPDK may keep pointers into argv.
     _argv: Vec<CString>,
-    // The runtime directory the EAL made (/var/run/dpdk/<prefix> for root). Its cleanup
-    // removes the files in it, not the directory: dropping the EAL removes it if empty.
+    // The runtime directory the EAL made (/var/run/dpdk/<prefix> for root), when it runs
+    // without shared files (`--no-shconf` or `--in-memory`): nothing of another process
+    // can be in it, and dropping the EAL removes it if empty (`rte_eal_cleanup` leaves the
+    // directory). With shared files, DPDK's files stay, as DPDK leaves them.
     runtime_dir: Option<PathBuf>,
 }
 
@@ -63,10 +65,13 @@ impl Eal {
         // `Eal`); rte_eal_init may permute the pointer array, which is ours to lose.
         let n = unsafe { dpdk_sys::rte_eal_init(argv.len() as i32, ptrs.as_mut_ptr()) };
         drop(quiet);
+        let private = args
+            .iter()
+            .any(|a| a == "--no-shconf" || a == "--in-memory");
         if n < 0 {
             // A start that fails late (too little memory) has made the runtime directory.
             let reason = strerror(errno());
-            if let Some(dir) = runtime_dir() {
+            if let Some(dir) = runtime_dir().filter(|_| private) {
                 remove_if_empty(&dir);
             }
             return Err(DpdkError::Eal {
@@ -76,7 +81,7 @@ impl Eal {
         }
         Ok(Eal {
             _argv: argv,
-            runtime_dir: runtime_dir(),
+            runtime_dir: runtime_dir().filter(|_| private),
         })
     }
 
@@ -116,15 +121,10 @@ fn runtime_dir() -> Option<PathBuf> {
     (!dir.is_empty()).then(|| PathBuf::from(dir))
 }
 
-/// Removes the runtime directory and its parent (/var/run/dpdk) if they are empty. Only empty
-/// directories go (remove_dir refuses others): another DPDK process's files stay, and DPDK
-/// makes the directories again at its next start.
+/// Removes the runtime directory if it is empty (remove_dir refuses others). Its parent
+/// (/var/run/dpdk) stays: another DPDK process may be making its own directory in it.
 fn remove_if_empty(dir: &std::path::Path) {
-    if std::fs::remove_dir(dir).is_ok() {
-        if let Some(parent) = dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Standard output sent to /dev/null until dropped.

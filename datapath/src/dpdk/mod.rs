@@ -13,8 +13,8 @@
 //! EAL arguments for a veth in a test: `--no-huge --no-pci --no-shconf -m 256 --vdev
 //! net_af_packet0,iface=<veth>`. `--no-huge` forces legacy memory, which `--in-memory`
 //! refuses; `--no-shconf` keeps the EAL from writing its files in its runtime directory
-//! (/var/run/dpdk/rte), and dropping `Eal` removes that directory (and /var/run/dpdk) when
-//! empty, so nothing is left behind.
+//! (/var/run/dpdk/rte), and dropping `Eal` then removes that directory when empty, so
+//! nothing is left under /var/run/dpdk.
 
 mod burst;
 mod control;
@@ -45,7 +45,7 @@ pub enum DpdkError {
     #[error("no interface {0:?} to put a DPDK port on (or give its device with --dpdk-devargs)")]
     NoInterface(String),
     /// A `--dpdk-devargs NAME=DEVARGS` that cannot be used (what and why).
-    #[error("--dpdk-devargs {0}")]
+    #[error("DPDK device (--dpdk-devargs, TOML dpdk_devargs) {0}")]
     Devargs(String),
     #[error("DPDK port {port}: {op} failed: {reason}")]
     Port {

@@ -117,20 +117,30 @@ pub fn plan(
     Ok(p)
 }
 
-/// The ethdev name of a device string: what comes before its options, a PCI address in
-/// its full form (DPDK names a PCI port `0000:03:00.0`, also when given `03:00.0`).
+/// The ethdev name of a device string: what comes before its options; a PCI address in
+/// DPDK's form, lowercase with a domain (DPDK names a PCI port `0000:03:00.0`, also when
+/// given `03:00.0` or `0000:03:00.0` in capitals). A PCI function that makes several
+/// ethdevs (representors, some multi-port NICs) names them otherwise: not supported.
 fn device_name(args: &str) -> String {
     let name = args.split(',').next().unwrap_or(args);
     if is_short_pci(name) {
-        format!("0000:{name}")
+        format!("0000:{}", name.to_ascii_lowercase())
+    } else if is_pci(name) {
+        name.to_ascii_lowercase()
     } else {
         name.to_string()
     }
 }
 
+/// `DOMAIN:03:00.0`: a domain of 4 hex digits or more (Intel VMD's have 5), then a short
+/// address.
 fn is_pci(name: &str) -> bool {
-    // 0000:03:00.0
-    name.len() == 12 && name.as_bytes()[4] == b':' && is_short_pci(&name[5..])
+    match name.split_once(':') {
+        Some((domain, rest)) => {
+            domain.len() >= 4 && domain.bytes().all(|c| c.is_ascii_hexdigit()) && is_short_pci(rest)
+        }
+        None => false,
+    }
 }
 
 /// `03:00.0`: bus, device (hex) and function (0-7).
@@ -194,6 +204,13 @@ mod tests {
         );
         assert_eq!(p.kernel, [false, false, true, false]);
         assert_eq!(p.pci, [true, false, false, true]);
+        // Capitals and longer domains, as DPDK names them.
+        assert_eq!(device_name("AF:00.1,x=1"), "0000:af:00.1");
+        assert_eq!(device_name("0000:AF:00.1"), "0000:af:00.1");
+        assert_eq!(device_name("10000:01:00.0"), "10000:01:00.0");
+        assert!(is_pci(&device_name("10000:01:00.0")));
+        assert!(!is_pci("net_tap0"));
+        assert!(!is_pci("00:03:00.0"));
         assert_eq!(
             p.ifindexes,
             [

@@ -311,6 +311,14 @@ pub fn serve(
     let threads = cfg.cores.len().clamp(1, MAX_QUEUES as usize);
     let plan = ports::plan(&ifaces, &cfg.devargs, threads, &netdev::ifindex)?;
     let ifindexes = plan.ifindexes.clone();
+    if let Some(slot) = plan.pci.iter().position(|&p| p) {
+        if cfg.eal.iter().any(|a| a == "--no-pci") {
+            return Err(DpdkError::Devargs(format!(
+                "{}: a PCI device, but the EAL arguments have --no-pci",
+                ifaces[slot]
+            )));
+        }
+    }
     // The kernel interfaces belong to the overlay: the host's stack must not talk on them.
     for (slot, name) in ifaces.iter().enumerate().skip(1) {
         if plan.kernel[slot] {
@@ -333,14 +341,6 @@ pub fn serve(
         }
         info!(physnet = %net, %iface, ifindex = ix, "provider network attached");
         ports.physnets.insert(net.clone(), ix);
-    }
-    if let Some(slot) = plan.pci.iter().position(|&p| p) {
-        if cfg.eal.iter().any(|a| a == "--no-pci") {
-            return Err(DpdkError::Devargs(format!(
-                "{}: a PCI device, but the EAL arguments have --no-pci",
-                ifaces[slot]
-            )));
-        }
     }
     let mut eal_args = cfg.eal.clone();
     eal_args.extend(plan.eal.iter().cloned());
