@@ -1,5 +1,6 @@
 //! One AF_XDP socket (xsk-rs) bound to one receive queue of an interface, with its own UMEM: half the
-//! frames feed the fill ring (slow-path receive), half are a free list for transmit. This is the
+//! frames feed the fill ring (slow-path receive), half are a free list for transmit; the
+//! rings hold half the frames each. This is the
 //! ring boundary, so the `unsafe` of the datapath lives here.
 
 use geneflow_abi::MAX_QUEUES;
@@ -12,8 +13,13 @@ use xsk_rs::config::{BindFlags, Interface, LibxdpFlags, QueueSize, SocketConfig,
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 pub const BATCH: usize = 64;
-const FRAMES: u32 = 4096;
-const RING: u32 = 2048;
+/// UMEM frames (4096 bytes each) of a socket on the uplink or a provider network's
+/// interface: every chassis's and every outside host's first frames come there.
+pub const FRAMES_WIDE: u32 = 4096;
+/// UMEM frames of a socket on a VM port, which sees one VM's first frames: 4 MB instead of
+/// 16 per socket (`perf/README.md`, memory of a chassis). A VM that sends more new flows at
+/// once than its ring holds loses the rest, counted `drop_xsk_ring_full`.
+pub const FRAMES_VM: u32 = 1024;
 /// The largest frame the slow path takes or sends: a 9216-byte jumbo frame with room to
 /// spare. A frame longer than one UMEM frame (4096 bytes) spans several descriptors
 /// (AF_XDP multi-buffer, `XDP_USE_SG`): received ones are gathered into one buffer, sent
@@ -61,7 +67,8 @@ pub enum BindMode {
 impl Xsk {
     /// One socket per receive queue of `iface` (index = queue), at most `MAX_QUEUES`: XDP
     /// hands a frame that misses to the socket of the queue it arrived on.
-    pub fn open_all(iface: &str, mode: BindMode) -> Result<Vec<Xsk>, XskError> {
+    /// `frames`: the UMEM of each (`FRAMES_WIDE` or `FRAMES_VM`).
+    pub fn open_all(iface: &str, mode: BindMode, frames: u32) -> Result<Vec<Xsk>, XskError> {
         let queues = crate::netdev::rx_queues(iface);
         if queues > MAX_QUEUES {
             tracing::warn!(
@@ -71,32 +78,38 @@ impl Xsk {
             );
         }
         (0..queues.min(MAX_QUEUES))
-            .map(|q| Xsk::open(iface, q, mode))
+            .map(|q| Xsk::open(iface, q, mode, frames))
             .collect()
     }
 
-    pub fn open(iface: &str, queue: u32, mode: BindMode) -> Result<Xsk, XskError> {
+    pub fn open(iface: &str, queue: u32, mode: BindMode, frames: u32) -> Result<Xsk, XskError> {
         let err = |msg: String| XskError::Setup {
             iface: format!("{iface} queue {queue}"),
             msg,
         };
+        // A power of two, as the rings are (half the frames each).
+        let frames = frames
+            .clamp(2 * BATCH as u32, FRAMES_WIDE)
+            .next_power_of_two();
+        let ring = frames / 2;
         let q = |n| QueueSize::new(n).map_err(|e| err(format!("{e}")));
         let umem_cfg = UmemConfig::builder()
-            .fill_queue_size(q(RING)?)
-            .comp_queue_size(q(RING)?)
+            .fill_queue_size(q(ring)?)
+            .comp_queue_size(q(ring)?)
             .build()
             .map_err(|e| err(format!("{e}")))?;
         let chunk = umem_cfg.mtu() as usize;
-        let (umem, frames) = Umem::new(umem_cfg, NonZeroU32::new(FRAMES).expect("non-zero"), false)
-            .map_err(|e| err(format!("{e}")))?;
+        let (umem, umem_frames) =
+            Umem::new(umem_cfg, NonZeroU32::new(frames).expect("non-zero"), false)
+                .map_err(|e| err(format!("{e}")))?;
         let bind = match mode {
             BindMode::Copy => BindFlags::XDP_COPY,
             BindMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
         } | BindFlags::XDP_USE_NEED_WAKEUP;
         let cfg = |flags: BindFlags| -> Result<SocketConfig, XskError> {
             Ok(SocketConfig::builder()
-                .rx_queue_size(q(RING)?)
-                .tx_queue_size(q(RING)?)
+                .rx_queue_size(q(ring)?)
+                .tx_queue_size(q(ring)?)
                 .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
                 .bind_flags(flags)
                 .build())
@@ -130,13 +143,13 @@ impl Xsk {
             }
         };
         let (mut fq, cq) = fqcq.ok_or_else(|| err("no fill/completion queue".into()))?;
-        let (fill, free_tx) = frames.split_at(RING as usize);
+        let (fill, free_tx) = umem_frames.split_at(ring as usize);
         // SAFETY: these frames belong to this UMEM and are handed to the kernel exactly once.
         let n = unsafe { fq.produce(fill) };
         if n != fill.len() {
             return Err(err(format!("fill ring took {n} of {} frames", fill.len())));
         }
-        let proto = frames[0];
+        let proto = umem_frames[0];
         Ok(Xsk {
             umem,
             tx,

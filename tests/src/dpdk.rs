@@ -83,6 +83,15 @@ pub fn assert_refused(out: &std::process::Output, what: &str, want: &str) {
     assert!(out.stdout.is_empty(), "{what}: DPDK wrote on stdout");
 }
 
+/// Nothing under /var/run/dpdk that was not there `before` (a `dpdk_runtime()` taken then).
+pub fn assert_nothing_left(before: &[std::path::PathBuf]) {
+    let left: Vec<_> = dpdk_runtime()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
+}
+
 pub fn dpdk_runtime() -> Vec<std::path::PathBuf> {
     std::fs::read_dir("/var/run/dpdk")
         .map(|d| d.flatten().map(|e| e.path()).collect())

@@ -10,7 +10,9 @@
 //! (floating IPs and default SNAT, a VLAN provider network, routing, DHCP).
 
 use anyhow::{Context, Result};
-use geneflow_tests::dpdk::{assert_refused, dpdk_runtime, start_dpdk, two_chassis};
+use geneflow_tests::dpdk::{
+    assert_nothing_left, assert_refused, dpdk_runtime, start_dpdk, two_chassis,
+};
 use geneflow_tests::provider::*;
 use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server};
 use geneflow_tests::*;
@@ -119,11 +121,7 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         .sum();
     assert!(hits >= 10_000, "megaflow hits {hits}:\n{log}");
     assert!(log.contains("geneflowd stopped (DPDK datapath)"), "{log}");
-    let left: Vec<_> = dpdk_runtime()
-        .into_iter()
-        .filter(|p| !runtime_before.contains(p))
-        .collect();
-    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
+    assert_nothing_left(&runtime_before);
     Ok(())
 }
 

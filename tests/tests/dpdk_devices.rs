@@ -6,7 +6,9 @@
 //! XDP chassis; bad device strings are refused in one line.
 
 use anyhow::{Context, Result};
-use geneflow_tests::dpdk::{assert_refused, dpdk_runtime, start_dpdk_with, two_chassis};
+use geneflow_tests::dpdk::{
+    assert_nothing_left, assert_refused, dpdk_runtime, start_dpdk_with, two_chassis,
+};
 use geneflow_tests::provider::iperf3;
 use geneflow_tests::*;
 use std::process::Command;
@@ -136,10 +138,6 @@ fn ports_given_as_dpdk_devices_carry_the_overlay() -> Result<()> {
         d.log()
     );
     assert!(d.log().contains("geneflowd stopped (DPDK datapath)"));
-    let left: Vec<_> = dpdk_runtime()
-        .into_iter()
-        .filter(|p| !runtime_before.contains(p))
-        .collect();
-    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
+    assert_nothing_left(&runtime_before);
     Ok(())
 }

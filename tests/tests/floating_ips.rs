@@ -47,11 +47,7 @@ fn floating_ips_on_a_dpdk_chassis() -> Result<()> {
         "the DPDK geneflowd did not stop cleanly:\n{}",
         d.log()
     );
-    let left: Vec<_> = geneflow_tests::dpdk::dpdk_runtime()
-        .into_iter()
-        .filter(|p| !runtime_before.contains(p))
-        .collect();
-    assert!(left.is_empty(), "left under /var/run/dpdk: {left:?}");
+    geneflow_tests::dpdk::assert_nothing_left(&runtime_before);
     Ok(())
 }
 

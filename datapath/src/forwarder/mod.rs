@@ -179,7 +179,7 @@ impl Forwarder {
                 ct_zone: 0,
             },
         )?;
-        let xsks = Xsk::open_all(&cfg.uplink, cfg.bind_mode)?;
+        let xsks = Xsk::open_all(&cfg.uplink, cfg.bind_mode, crate::xsk::FRAMES_WIDE)?;
         for (q, x) in xsks.iter().enumerate() {
             bpf.set_xsk(UPLINK_SLOT, q as u32, &x.fd())?;
         }
@@ -389,7 +389,12 @@ impl Forwarder {
         let ready = self.ready;
         // The slow-path socket is in place before the program sees the port's first frame
         // (its misses would count drop_xsk otherwise).
-        let xsks = match Xsk::open_all(iface, self.cfg.bind_mode) {
+        let frames = if kind == port_kind::VM {
+            crate::xsk::FRAMES_VM
+        } else {
+            crate::xsk::FRAMES_WIDE
+        };
+        let xsks = match Xsk::open_all(iface, self.cfg.bind_mode, frames) {
             Ok(x) => x,
             Err(e) => {
                 self.free_slots.push(slot);

@@ -44,9 +44,10 @@ fn rss_kb(pid: u32) -> Result<u64> {
 }
 
 /// Resident kB of the process' AF_XDP UMEMs: its anonymous mappings of exactly one UMEM's
-/// size (4096 frames of 4096 bytes, `datapath/src/xsk.rs`), touched as frames pass.
+/// size (4096 frames of 4096 bytes on the uplink, 1024 on a VM port: `FRAMES_WIDE` and
+/// `FRAMES_VM` in `datapath/src/xsk.rs`), touched as frames pass.
 fn umem_rss_kb(pid: u32) -> Result<u64> {
-    const UMEM_KB: u64 = 4096 * 4096 / 1024;
+    const UMEM_KB: [u64; 2] = [4096 * 4096 / 1024, 1024 * 4096 / 1024];
     let s = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let (mut size, mut total) = (0u64, 0u64);
     for l in s.lines() {
@@ -57,7 +58,7 @@ fn umem_rss_kb(pid: u32) -> Result<u64> {
         if let Some(v) = num(l, "Size:") {
             size = v;
         } else if let Some(v) = num(l, "Rss:") {
-            if size == UMEM_KB {
+            if UMEM_KB.contains(&size) {
                 total += v;
             }
         }
