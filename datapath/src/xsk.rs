@@ -1,7 +1,7 @@
 //! One AF_XDP socket (xsk-rs) bound to one receive queue of an interface, with its own UMEM: half the
-//! frames feed the fill ring (slow-path receive), half are a free list for transmit; the
-//! rings hold half the frames each. This is the
-//! ring boundary, so the `unsafe` of the datapath lives here.
+//! frames feed the fill ring (slow-path receive), half are a free list for transmit; each
+//! ring holds half the frames. This is the ring boundary, so the `unsafe` of the datapath
+//! lives here.
 
 use geneflow_abi::MAX_QUEUES;
 use std::io::Write;
@@ -87,10 +87,8 @@ impl Xsk {
             iface: format!("{iface} queue {queue}"),
             msg,
         };
-        // A power of two, as the rings are (half the frames each).
-        let frames = frames
-            .clamp(2 * BATCH as u32, FRAMES_WIDE)
-            .next_power_of_two();
+        // Rings are powers of two, each half the frames (`FRAMES_WIDE` or `FRAMES_VM`).
+        assert!(frames.is_power_of_two() && frames >= 4 * BATCH as u32);
         let ring = frames / 2;
         let q = |n| QueueSize::new(n).map_err(|e| err(format!("{e}")));
         let umem_cfg = UmemConfig::builder()

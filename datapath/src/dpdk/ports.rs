@@ -20,14 +20,11 @@ pub const SYNTHETIC_IFINDEX: u32 = 0x00f0_0000;
 /// The ports, by slot: the uplink first, then the VM ports, then the providers'.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPlan {
-    pub names: Vec<String>,
-    /// The ethdev name to open for each.
+    /// The ethdev name to open for each (`is_pci` tells a PCI device).
     pub devices: Vec<String>,
     pub ifindexes: Vec<u32>,
     /// Whether the port is a kernel interface (an af_packet vdev on it).
     pub kernel: Vec<bool>,
-    /// Whether the port is a PCI device.
-    pub pci: Vec<bool>,
     /// The EAL arguments that make the devices.
     pub eal: Vec<String>,
 }
@@ -64,11 +61,9 @@ pub fn plan(
         }
     }
     let mut p = PortPlan {
-        names: names.to_vec(),
         devices: Vec::new(),
         ifindexes: Vec::new(),
         kernel: Vec::new(),
-        pci: Vec::new(),
         eal: Vec::new(),
     };
     let mut devices = HashSet::new();
@@ -99,13 +94,12 @@ pub fn plan(
             )));
         }
         p.kernel.push(ix != 0);
-        p.pci.push(is_pci(&device));
         p.devices.push(device);
         p.ifindexes.push(ix);
     }
     // The other ports get indexes no kernel port of this chassis has.
     let mut next = SYNTHETIC_IFINDEX;
-    for slot in 0..p.names.len() {
+    for slot in 0..names.len() {
         if !p.kernel[slot] {
             while p.ifindexes.contains(&next) {
                 next += 1;
@@ -134,7 +128,7 @@ fn device_name(args: &str) -> String {
 
 /// `DOMAIN:03:00.0`: a domain of 4 hex digits or more (Intel VMD's have 5), then a short
 /// address.
-fn is_pci(name: &str) -> bool {
+pub fn is_pci(name: &str) -> bool {
     match name.split_once(':') {
         Some((domain, rest)) => {
             domain.len() >= 4 && domain.bytes().all(|c| c.is_ascii_hexdigit()) && is_short_pci(rest)
@@ -203,7 +197,8 @@ mod tests {
             ["0000:03:00.0", "net_tap3", "net_af_packet2", "0000:81:00.1"]
         );
         assert_eq!(p.kernel, [false, false, true, false]);
-        assert_eq!(p.pci, [true, false, false, true]);
+        let pci: Vec<bool> = p.devices.iter().map(|d| is_pci(d)).collect();
+        assert_eq!(pci, [true, false, false, true]);
         // Capitals and longer domains, as DPDK names them.
         assert_eq!(device_name("AF:00.1,x=1"), "0000:af:00.1");
         assert_eq!(device_name("0000:AF:00.1"), "0000:af:00.1");

@@ -311,7 +311,7 @@ pub fn serve(
     let threads = cfg.cores.len().clamp(1, MAX_QUEUES as usize);
     let plan = ports::plan(&ifaces, &cfg.devargs, threads, &netdev::ifindex)?;
     let ifindexes = plan.ifindexes.clone();
-    if let Some(slot) = plan.pci.iter().position(|&p| p) {
+    if let Some(slot) = plan.devices.iter().position(|d| ports::is_pci(d)) {
         if cfg.eal.iter().any(|a| a == "--no-pci") {
             return Err(DpdkError::Devargs(format!(
                 "{}: a PCI device, but the EAL arguments have --no-pci",
