@@ -256,6 +256,20 @@ pub fn gather(
         snap["pipelines_applied"].as_f64().unwrap_or(0.0),
     ));
     out.push(pa);
+    let mut st = family(
+        "geneflow_slowpath_thread_frames_total",
+        "Frames each slow-path thread took from its AF_XDP sockets (thread 0 owns the maps).",
+        MetricType::COUNTER,
+    );
+    if let Some(a) = snap["slow_path_threads"].as_array() {
+        for (t, v) in a.iter().enumerate() {
+            st.mut_metric().push(counter(
+                vec![label("thread", &t.to_string())],
+                v.as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
+    out.push(st);
     out.extend(shared.registry.gather());
     out
 }

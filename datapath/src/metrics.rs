@@ -46,6 +46,10 @@ pub struct Shared {
     /// to its last) and frames handled, for the per-packet cost of the engine.
     pub busy_ns: AtomicU64,
     pub busy_frames: AtomicU64,
+    /// The XDP backend's slow-path threads in use, and the frames each took from its
+    /// sockets (index = thread; thread 0 is the forwarder that owns the maps).
+    pub slow_threads: AtomicU64,
+    pub slow_thread_frames: Vec<AtomicU64>,
     /// Written by the control thread.
     pub nb: Arc<Mutex<NbStatus>>,
     /// Registry of the metrics that are observed, not read (histograms).
@@ -115,6 +119,10 @@ impl Shared {
             last_flow_setup_ns: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             busy_frames: AtomicU64::new(0),
+            slow_threads: AtomicU64::new(1),
+            slow_thread_frames: (0..geneflow_abi::MAX_QUEUES)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             nb: Arc::new(Mutex::new(NbStatus::default())),
         }
     }
@@ -173,6 +181,9 @@ impl Shared {
             "last_flow_setup_us": self.last_flow_setup_ns.load(Ordering::Relaxed) as f64 / 1e3,
             "busy_ns": self.busy_ns.load(Ordering::Relaxed),
             "busy_frames": self.busy_frames.load(Ordering::Relaxed),
+            "slow_path_threads": self.slow_thread_frames.iter()
+                .take(self.slow_threads.load(Ordering::Relaxed) as usize)
+                .map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),
             "ports": out,
         })

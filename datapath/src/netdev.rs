@@ -5,7 +5,7 @@
 mod neighbour;
 mod rtnl;
 mod veth;
-pub use neighbour::Neighbours;
+pub use neighbour::{NeighReader, Neighbours};
 
 use std::ffi::CString;
 use tracing::{debug, info, warn};

@@ -159,3 +159,65 @@ fn the_overlay_forwards_over_two_queues() -> Result<()> {
     assert_no_drops(&tb, &["ch1", "ch2"])?;
     Ok(())
 }
+
+/// `ping` from `vm` to `ip`, run on CPU `cpu`, after vm's neighbour cache is emptied. With
+/// transmit queue q taken on CPU q (XPS), its ARP request and echo requests leave on that
+/// queue, and a veth hands them to its peer's receive queue of that number.
+fn ping_from_cpu(tb: &Testbed, vm: &str, cpu: u32, ip: &str) -> Result<()> {
+    let ns = tb.vm(vm)?.ns.clone();
+    for q in 0..2 {
+        let xps = format!(
+            "echo {} > /sys/class/net/eth0/queues/tx-{q}/xps_cpus",
+            1 << q
+        );
+        run(Command::new("ip").args(["netns", "exec", &ns, "sh", "-c", &xps]))?;
+    }
+    run(Command::new("ip").args(["netns", "exec", &ns, "ip", "neigh", "flush", "dev", "eth0"]))?;
+    run(Command::new("ip")
+        .args(["netns", "exec", &ns, "taskset", "-c", &cpu.to_string()])
+        .args(["ping", "-c", "3", "-i", "0.05", "-W", "2", "-q", ip]))
+    .with_context(|| format!("ping {vm} -> {ip} on CPU {cpu}"))?;
+    Ok(())
+}
+
+/// `--forwarder-cores 0,1`: two slow-path threads, the second serving receive queue 1 of every
+/// port. It forwards what it can decide alone and hands the first thread the rest (here the
+/// ARP responder's answers, whose budget the first thread keeps) and every megaflow to
+/// install.
+#[test]
+fn two_slow_path_threads_share_the_queues() -> Result<()> {
+    let tb = two_chassis_with("mt", NbKind::File, 2, |tb| {
+        for c in tb.chassis.iter_mut() {
+            c.agent_args
+                .extend(["--forwarder-cores", "0,1"].map(String::from));
+        }
+        Ok(())
+    })?;
+    let (vm2_ip, vm3_ip) = (tb.vm("vm2")?.ip.clone(), tb.vm("vm3")?.ip.clone());
+    for cpu in [1, 0] {
+        ping_from_cpu(&tb, "vm1", cpu, &vm3_ip)?;
+        ping_from_cpu(&tb, "vm1", cpu, &vm2_ip)?;
+    }
+    ping_all_pairs(&tb)?;
+    for (to, port) in [("vm3", 6301u16), ("vm2", 6302)] {
+        let got = tb.udp_stream("vm1", to, port, 10_000, 50_000)?;
+        assert_eq!(got, 10_000, "vm1 -> {to}: lost {} datagrams", 10_000 - got);
+    }
+    for ch in ["ch1", "ch2"] {
+        let s = tb.stats(ch)?;
+        let per: Vec<u64> = s["slow_path_threads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        assert!(
+            per.len() == 2 && per.iter().all(|&n| n > 0),
+            "{ch}: frames per slow-path thread {per:?}"
+        );
+    }
+    let handed = tb.counter("ch1", "vp-vm1", "slowpath_handoff")?;
+    assert!(handed > 0, "no frame of vm1 was handed to the first thread");
+    assert_no_drops(&tb, &["ch1", "ch2"])?;
+    Ok(())
+}

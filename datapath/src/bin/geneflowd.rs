@@ -69,8 +69,9 @@ struct Args {
     /// AF_XDP bind mode (zero-copy needs driver support; veth is copy only).
     #[arg(long, value_parser = ["copy", "zero-copy"])]
     bind_mode: Option<String>,
-    /// Cores for the forwarder thread (comma separated; the first is used). With --datapath
-    /// dpdk: one poll thread per core listed, each with its own queue on every port.
+    /// Cores for the slow path (comma separated): one thread per core listed, pinned there;
+    /// receive queue q of every port goes to the (q mod n)th. With --datapath dpdk: one poll
+    /// thread per core listed, each with its own queue on every port.
     #[arg(long, value_delimiter = ',')]
     forwarder_cores: Option<Vec<usize>>,
     /// Directory on bpffs for the pinned program, maps and XDP links
@@ -340,6 +341,7 @@ fn run(args: Args) -> Result<()> {
         encap_ip,
         providers,
         dhcp_rate,
+        cores: cores.clone().unwrap_or_default(),
     };
     let mut fwd = Forwarder::new(cfg, bpf, adopted, shared.clone())
         .with_context(|| format!("uplink {uplink}"))?;

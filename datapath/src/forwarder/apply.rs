@@ -58,15 +58,17 @@ impl Forwarder {
             .map(|p| (p.iface.clone(), p.ifindex))
             .collect();
         let learned = self.tables.ext_neigh().clone();
-        self.tables = Tables::new(
-            self.pipeline.clone(),
-            self.uplink_ifindex,
-            self.uplink_mtu,
-            self.cfg.udp_csum,
-            |n| attached.get(n).copied(),
-        )
-        .with_providers(&self.physnets, &self.untagged_only)
-        .with_ext_neigh(learned);
+        self.tables = Arc::new(
+            Tables::new(
+                self.pipeline.clone(),
+                self.uplink_ifindex,
+                self.uplink_mtu,
+                self.cfg.udp_csum,
+                |n| attached.get(n).copied(),
+            )
+            .with_providers(&self.physnets, &self.untagged_only)
+            .with_ext_neigh(learned),
+        );
         self.rebuild_index();
         self.ports.iter().map(|p| p.ifindex).ne(before)
     }
@@ -192,6 +194,7 @@ impl Forwarder {
             }
             self.adopt_finish();
         }
+        self.publish(true);
         self.shared
             .nb_version
             .store(self.pipeline.nb_version, Ordering::Relaxed);

@@ -16,7 +16,98 @@ pub(super) fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The Geneve header of a frame to a remote chassis: (local, remote) encap IPs, (our,
+/// next hop's) MACs, (VNI, OVN metadata).
+pub(super) fn tunnel_params(
+    (src_ip, dst_ip): (std::net::Ipv4Addr, std::net::Ipv4Addr),
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    (vni, meta): (u32, crate::wire::geneve::OvnMetadata),
+    flow_hash: u32,
+    udp_csum: bool,
+) -> EncapParams {
+    EncapParams {
+        src_mac,
+        dst_mac,
+        src_ip,
+        dst_ip,
+        sport: EncapParams::sport_for(flow_hash),
+        vni,
+        meta,
+        udp_csum,
+    }
+}
+
+/// What output `o` puts on the wire: (interface index, bytes), built in `buf` where it takes
+/// a header (a VLAN tag; Geneve with `tunnel`, which a tunnel output must have); or the
+/// reason it is dropped.
+pub(super) fn wire<'a>(
+    o: &Output,
+    payload: &'a [u8],
+    buf: &'a mut [u8],
+    tunnel: Option<EncapParams>,
+    uplink_ifindex: u32,
+) -> Result<(u32, &'a [u8]), u32> {
+    match *o {
+        Output::Local { ifindex } | Output::Provider { ifindex, vlan: 0 } => Ok((ifindex, payload)),
+        Output::Provider { ifindex, vlan } => {
+            crate::pipeline::rewrite::push_vlan(buf, payload, vlan)
+                .map(|len| (ifindex, &buf[..len]))
+                .ok_or(ctr::DROP_TOO_BIG)
+        }
+        Output::Tunnel { .. } => {
+            let p = tunnel.ok_or(ctr::DROP_NO_NEIGH)?;
+            emit_encap(buf, payload, &p)
+                .map(|len| (uplink_ifindex, &buf[..len]))
+                .ok_or(ctr::DROP_TOO_BIG)
+        }
+    }
+}
+
+/// Counts a frame sent (`ok`) on, or refused by, the port in `slot`.
+pub(super) fn count_sent(shared: &Shared, slot: u32, len: usize, ok: bool) {
+    if ok {
+        shared.count(slot, ctr::SLOW_TX, 1);
+        shared.count(slot, ctr::TX_PACKETS, 1);
+        shared.count(slot, ctr::TX_BYTES, len as u64);
+    } else {
+        shared.count(slot, ctr::DROP_TX_FULL, 1);
+    }
+}
+
 impl Forwarder {
+    /// Installs megaflow `m`, decided here or by another slow-path thread, with what only
+    /// this thread knows: the next hop's MAC of an encap entry, the output port's slot.
+    pub(super) fn install_decided(
+        &mut self,
+        mut m: Megaflow,
+        in_ifindex: u32,
+        in_slot: u32,
+        arrived: Option<Instant>,
+    ) {
+        if m.action.kind == geneflow_abi::act::ENCAP {
+            let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
+            if let Some(mac) = self.neigh.get(dst) {
+                m.action.nh_dmac = mac;
+                m.action.nh_smac = self.uplink_mac;
+                m.action.flags |= geneflow_abi::flag::NH_CACHED;
+            }
+        }
+        m.action.out_slot = self
+            .by_ifindex
+            .get(&m.action.out_ifindex)
+            .map(|&j| self.ports[j].slot)
+            .unwrap_or(UPLINK_SLOT);
+        Self::install(
+            &mut self.bpf,
+            &self.shared,
+            &m,
+            in_ifindex,
+            self.uplink_ifindex,
+            in_slot,
+            arrived,
+        );
+    }
+
     pub(super) fn forward(
         &mut self,
         k: usize,
@@ -73,7 +164,7 @@ impl Forwarder {
         let learned = d.learn.is_some_and(|l| {
             arp_asked
                 .admit(&l, arrived)
-                .is_some_and(|asked| tables.learn(l.dp, l.ip, l.mac, asked))
+                .is_some_and(|asked| Arc::make_mut(tables).learn(l.dp, l.ip, l.mac, asked))
         });
         let mut d = d;
         match d.napt {
@@ -134,34 +225,20 @@ impl Forwarder {
             &frame[d.payload_offset..]
         };
         for o in outputs.iter() {
-            let (target, bytes): (u32, &[u8]) = match *o {
-                Output::Local { ifindex } => (ifindex, payload),
-                Output::Provider { ifindex, vlan: 0 } => (ifindex, payload),
-                Output::Provider { ifindex, vlan } => {
-                    match crate::pipeline::rewrite::push_vlan(encap_buf, payload, vlan) {
-                        Some(len) => (ifindex, &encap_buf[..len]),
-                        None => {
-                            shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
-                            continue;
-                        }
-                    }
-                }
+            let params = match *o {
                 Output::Tunnel { remote, vni, meta } => {
                     let Some(src_ip) = pipeline.encap_ip else {
                         shared.count(in_slot, ctr::DROP_NO_NEIGH, 1);
                         continue;
                     };
                     let dst_mac = neigh.resolve(remote);
-                    let p = EncapParams {
-                        src_mac: *uplink_mac,
-                        dst_mac: dst_mac.unwrap_or_default(),
-                        src_ip,
-                        dst_ip: remote,
-                        sport: EncapParams::sport_for(d.flow_hash),
-                        vni,
-                        meta,
-                        udp_csum: cfg.udp_csum,
-                    };
+                    let p = tunnel_params(
+                        (src_ip, remote),
+                        (*uplink_mac, dst_mac.unwrap_or_default()),
+                        (vni, meta),
+                        d.flow_hash,
+                        cfg.udp_csum,
+                    );
                     if dst_mac.is_none() {
                         // The next hop is being resolved: the frame waits for it (bounded).
                         let Some(mut slot) = pending.park(remote) else {
@@ -174,13 +251,15 @@ impl Forwarder {
                         }
                         continue;
                     }
-                    match emit_encap(encap_buf, payload, &p) {
-                        Some(len) => (*uplink_ifindex, &encap_buf[..len]),
-                        None => {
-                            shared.count(in_slot, ctr::DROP_TOO_BIG, 1);
-                            continue;
-                        }
-                    }
+                    Some(p)
+                }
+                _ => None,
+            };
+            let (target, bytes) = match wire(o, payload, encap_buf, params, *uplink_ifindex) {
+                Ok(w) => w,
+                Err(reason) => {
+                    shared.count(in_slot, reason, 1);
+                    continue;
                 }
             };
             let Some(&j) = by_ifindex.get(&target) else {
@@ -188,36 +267,10 @@ impl Forwarder {
                 continue;
             };
             let out = &mut ports[j];
-            if out.tx().send(bytes) {
-                shared.count(out.slot, ctr::SLOW_TX, 1);
-                shared.count(out.slot, ctr::TX_PACKETS, 1);
-                shared.count(out.slot, ctr::TX_BYTES, bytes.len() as u64);
-            } else {
-                shared.count(out.slot, ctr::DROP_TX_FULL, 1);
-            }
+            count_sent(shared, out.slot, bytes.len(), out.tx().send(bytes));
         }
-        if let (true, Some(mut m)) = (*ready, d.megaflow) {
-            if m.action.kind == geneflow_abi::act::ENCAP {
-                let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
-                if let Some(mac) = neigh.get(dst) {
-                    m.action.nh_dmac = mac;
-                    m.action.nh_smac = *uplink_mac;
-                    m.action.flags |= geneflow_abi::flag::NH_CACHED;
-                }
-            }
-            m.action.out_slot = by_ifindex
-                .get(&m.action.out_ifindex)
-                .map(|&j| ports[j].slot)
-                .unwrap_or(UPLINK_SLOT);
-            Self::install(
-                bpf,
-                shared,
-                &m,
-                in_ifindex,
-                *uplink_ifindex,
-                in_slot,
-                Some(arrived),
-            );
+        if let (true, Some(m)) = (*ready, d.megaflow) {
+            self.install_decided(m, in_ifindex, in_slot, Some(arrived));
         }
         learned
     }
@@ -242,9 +295,7 @@ impl Forwarder {
             |bytes, _| {
                 let ok = up.tx().send(bytes);
                 if ok {
-                    shared.count(slot, ctr::SLOW_TX, 1);
-                    shared.count(slot, ctr::TX_PACKETS, 1);
-                    shared.count(slot, ctr::TX_BYTES, bytes.len() as u64);
+                    count_sent(shared, slot, bytes.len(), true);
                 }
                 ok
             },

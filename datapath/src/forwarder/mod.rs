@@ -2,7 +2,9 @@
 //! applies pipeline snapshots from the control thread (attach/detach ports, bump the
 //! generations of datapaths whose fingerprint moved), and runs the userspace pipeline on every frame the fast
 //! path could not decide: it transmits the frame itself and installs the megaflow so that the
-//! following packets stay in XDP. Share-nothing: one thread owns all of this state.
+//! following packets stay in XDP. Share-nothing: one thread owns all of this state; with
+//! more than one core, the other threads (`worker`) serve the other receive queues and hand
+//! it what needs that state.
 
 use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink};
 use crate::metrics::{PortInfo, Shared};
@@ -23,8 +25,10 @@ use tracing::{info, warn};
 
 mod apply;
 mod conntrack;
+mod crew;
 mod ctl;
 mod forward;
+mod worker;
 
 /// Bytes per frame in the receive batch and the frame buffers: the largest frame the slow path
 /// takes (a jumbo frame, see `xsk::MAX_FRAME`).
@@ -54,6 +58,9 @@ pub struct ForwarderConfig {
     pub providers: Vec<(String, String)>,
     /// DHCP answers per second per port (bursts as large).
     pub dhcp_rate: u32,
+    /// One slow-path thread per core listed, pinned there (the first is the calling
+    /// thread, pinned by the caller); empty: one thread, not pinned.
+    pub cores: Vec<usize>,
 }
 
 struct Port {
@@ -83,7 +90,8 @@ pub struct Forwarder {
     by_ifindex: HashMap<u32, usize>,
     free_slots: Vec<u32>,
     pipeline: Arc<Pipeline>,
-    tables: Tables,
+    /// Shared with the other slow-path threads (`worker::View`); copied on write.
+    tables: Arc<Tables>,
     neigh: Neighbours,
     uplink_ifindex: u32,
     uplink_mac: [u8; 6],
@@ -129,6 +137,13 @@ pub struct Forwarder {
     ready: bool,
     /// Megaflows adopted from a previous process, still to be checked against the next hops.
     adopted: Adopted,
+    /// The other slow-path threads (none with one core), what they share with this one, the
+    /// version of the last `View` published, and the oldest version whose megaflows are
+    /// still installed (the tables they were decided on hold the current generations).
+    crew: Option<Arc<worker::Crew>>,
+    hands: Vec<worker::Hand>,
+    view_version: u64,
+    valid_from: u64,
 }
 
 /// Wakes the forwarder out of its idle poll (an eventfd in its poll set).
@@ -188,20 +203,14 @@ impl Forwarder {
         netdev::prepare_redirect_target(&cfg.uplink);
         info!(uplink = %cfg.uplink, ifindex = uplink_ifindex, mtu = uplink_mtu, adopted = link.pending(), "uplink attached");
         let pipeline = Arc::new(Pipeline::default());
-        let tables = Tables::new(
+        let tables = Arc::new(Tables::new(
             pipeline.clone(),
             uplink_ifindex,
             uplink_mtu,
             cfg.udp_csum,
             |_| None,
-        );
-        // SAFETY: plain eventfd(2); the descriptor is owned right away.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(ForwarderError::Io(std::io::Error::last_os_error()));
-        }
-        // SAFETY: efd is a fresh descriptor nobody else owns.
-        let wake_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+        ));
+        let wake_fd = worker::eventfd()?;
         let dhcp_rate = cfg.dhcp_rate as f32;
         let mut f = Forwarder {
             neigh: Neighbours::new(&cfg.uplink),
@@ -240,7 +249,12 @@ impl Forwarder {
             wake_fd,
             ready: false,
             adopted,
+            crew: None,
+            hands: Vec::new(),
+            view_version: 0,
+            valid_from: 0,
         };
+        f.start_workers()?;
         f.add_port(
             f.cfg.uplink.clone(),
             uplink_ifindex,
@@ -276,6 +290,7 @@ impl Forwarder {
         link: Option<PortLink>,
         xsks: Vec<Xsk>,
     ) {
+        let xsks = self.deal(ifindex, slot, xsks);
         self.by_ifindex.insert(ifindex, self.ports.len());
         self.ports.push(Port {
             iface,
@@ -433,6 +448,12 @@ impl Forwarder {
 
     fn detach_at(&mut self, i: usize) {
         let p = self.ports.remove(i);
+        for hand in &self.hands {
+            let _ = hand
+                .tx
+                .send(worker::ToWorker::Detach { ifindex: p.ifindex });
+            hand.wake.wake();
+        }
         if let Some(link) = p.link {
             self.bpf.detach(p.ifindex, p.slot, link);
         }
@@ -446,6 +467,15 @@ impl Forwarder {
     /// the next `geneflowd` adopts them.
     pub fn shutdown(mut self, cleanup: bool) {
         self.ct_expiry_stop.store(true, Ordering::Relaxed);
+        if let Some(crew) = &self.crew {
+            crew.stop.store(true, Ordering::Relaxed);
+        }
+        for h in self.hands.iter_mut() {
+            h.wake.wake();
+            if let Some(j) = h.join.take() {
+                let _ = j.join();
+            }
+        }
         if cleanup {
             for p in std::mem::take(&mut self.ports) {
                 if let Some(link) = p.link {
@@ -462,6 +492,7 @@ impl Forwarder {
             if !changed.is_empty() {
                 info!(?changed, "interfaces changed; datapaths regenerated");
             }
+            self.publish(true);
         }
         if self.neigh.refresh() {
             // Encap megaflows carry the next hop's MAC: a changed neighbour makes them stale.
@@ -522,7 +553,7 @@ impl Forwarder {
                 last_tick = Instant::now();
                 self.tick();
             }
-            let mut work = 0;
+            let mut work = self.handed_over();
             for i in 0..self.ports.len() {
                 work += self.service(i);
             }
@@ -543,15 +574,7 @@ impl Forwarder {
                         timeout,
                     );
                 }
-                let mut buf = 0u64;
-                // SAFETY: drains the nonblocking eventfd into an 8-byte buffer.
-                unsafe {
-                    libc::read(
-                        std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd),
-                        &mut buf as *mut u64 as *mut libc::c_void,
-                        8,
-                    )
-                };
+                worker::drain(&self.wake_fd);
             }
         }
     }
@@ -575,23 +598,11 @@ impl Forwarder {
             rxct,
             ..
         } = self;
-        let mut n = 0;
-        ports[i].xsks[q].recv(|frame| {
-            // Every frame from our XDP program starts with its SlowMeta.
-            let meta = (frame.len() >= SlowMeta::LEN
-                && u16::from_ne_bytes([frame[0], frame[1]]) == SlowMeta::MAGIC)
-                .then(|| (frame[2], u16::from_ne_bytes([frame[4], frame[5]])));
-            let frame = if meta.is_some() {
-                &frame[SlowMeta::LEN..]
-            } else {
-                frame
-            };
-            let len = frame.len().min(STRIDE);
-            rxbuf[n * STRIDE..n * STRIDE + len].copy_from_slice(&frame[..len]);
-            rxlen[n] = len;
-            rxct[n] = meta;
-            n += 1;
-        });
+        let n = worker::receive_batch(&mut ports[i].xsks[q], rxbuf, rxlen, rxct);
+        if n == 0 {
+            return 0;
+        }
+        self.shared.slow_thread_frames[0].fetch_add(n as u64, Ordering::Relaxed);
         let (in_ifindex, in_slot) = (self.ports[i].ifindex, self.ports[i].slot);
         let arrived = std::time::Instant::now();
         let mut learned = false;
@@ -605,6 +616,7 @@ impl Forwarder {
                 ?changed,
                 "a provider neighbour changed; datapaths regenerated"
             );
+            self.publish(true);
         }
         n
     }

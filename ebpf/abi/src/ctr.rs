@@ -97,10 +97,16 @@ pub const GARP_SENT: u32 = 55;
 /// An 802.1Q/802.1ad tagged frame from a VM port: a VM may not pick its VLAN (it would hop
 /// onto a provider network's VLAN of another tenant).
 pub const DROP_VLAN_TAGGED: u32 = 56;
+/// Frames a slow-path thread other than the first handed to the first, which owns what
+/// they need (an answer's budget, a translation, a next hop being resolved, a port that has
+/// no socket on that thread's queue).
+pub const SLOW_HANDOFF: u32 = 57;
+/// Frames a slow-path thread could not hand to the first: its hand-off queue was full.
+pub const DROP_HANDOFF_FULL: u32 = 58;
 pub const COUNT: u32 = 64;
 
 /// Stable names, used by stats output and (later) Prometheus labels.
-pub const NAMES: [(u32, &str); 57] = [
+pub const NAMES: [(u32, &str); 59] = [
     (RX_PACKETS, "rx_packets"),
     (RX_BYTES, "rx_bytes"),
     (FAST_HIT, "fastpath_hit"),
@@ -161,4 +167,6 @@ pub const NAMES: [(u32, &str); 57] = [
     (DROP_NO_NAT, "drop_no_nat"),
     (GARP_SENT, "garp_sent"),
     (DROP_VLAN_TAGGED, "drop_vlan_tagged"),
+    (SLOW_HANDOFF, "slowpath_handoff"),
+    (DROP_HANDOFF_FULL, "drop_slowpath_handoff_full"),
 ];

@@ -301,6 +301,17 @@ enum Cmd {
     Track(HashSet<Ipv4Addr>),
 }
 
+/// The published next hops, read by a slow-path thread that does not own `Neighbours`.
+#[derive(Clone)]
+pub struct NeighReader(Arc<ArcSwap<Snapshot>>);
+
+impl NeighReader {
+    /// As `Neighbours::get`: lock-free, no allocation, no syscall.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.0.load().get(&ip).copied()
+    }
+}
+
 /// The underlay neighbour cache of the forwarder: next-hop MACs toward remote chassis,
 /// maintained by a background thread from the kernel's FIB and neighbour table (see the
 /// module documentation). No method blocks on the kernel.
@@ -375,6 +386,11 @@ impl Neighbours {
     /// snapshot (lock-free, no allocation, no syscall: the per-packet path).
     pub fn get(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
         self.snap.load().get(&ip).copied()
+    }
+
+    /// A read-only view of the snapshot for another thread (`get` without `kick`).
+    pub fn reader(&self) -> NeighReader {
+        NeighReader(self.snap.clone())
     }
 
     /// `get`, and on a miss `kick`: never blocks (at most one eventfd write, once per address).
