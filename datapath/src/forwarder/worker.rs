@@ -134,6 +134,8 @@ pub(super) struct Worker {
     udp_csum: bool,
     view: Arc<View>,
     ports: Vec<WPort>,
+    /// Interface index -> position in `ports`.
+    by_ifindex: HashMap<u32, usize>,
     inbox: Receiver<ToWorker>,
     wake_fd: Arc<OwnedFd>,
     pollfds: Vec<libc::pollfd>,
@@ -162,6 +164,7 @@ pub(super) fn spawn(s: WorkerSetup) -> Result<Hand, ForwarderError> {
         uplink: s.uplink,
         udp_csum: s.udp_csum,
         ports: Vec::new(),
+        by_ifindex: HashMap::new(),
         inbox,
         wake_fd,
         pollfds: Vec::new(),
@@ -260,6 +263,12 @@ impl Worker {
     }
 
     fn rebuild(&mut self) {
+        self.by_ifindex = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.ifindex, i))
+            .collect();
         self.pollfds = self
             .ports
             .iter()
@@ -305,34 +314,38 @@ impl Worker {
         self.shared.slow_thread_frames[self.id].fetch_add(n as u64, Ordering::Relaxed);
         let (ifindex, slot) = (self.ports[i].ifindex, self.ports[i].slot);
         let arrived = Instant::now();
+        let view = self.view.clone();
         for k in 0..n {
-            self.forward(k, ifindex, slot, arrived);
+            self.forward(&view, k, (ifindex, slot), arrived);
         }
         n
     }
 
     /// Whether this thread can carry decision `d` out itself: nothing in it needs the first
     /// thread's state, and it has a socket on every port the frame goes out on.
-    fn can_finish(&self, d: &crate::pipeline::Decision) -> bool {
+    fn can_finish(&self, view: &View, d: &crate::pipeline::Decision) -> bool {
         if d.learn.is_some() || d.napt.is_some() || d.answer.is_some() {
             return false;
         }
         if d.ct_commit_keys().next().is_some() {
             return false;
         }
-        let has = |ix: u32| self.ports.iter().any(|p| p.ifindex == ix);
+        let has = |ix: u32| self.by_ifindex.contains_key(&ix);
         self.outputs.iter().all(|o| match *o {
             Output::Local { ifindex } | Output::Provider { ifindex, .. } => has(ifindex),
             Output::Tunnel { remote, .. } => {
-                self.view.encap_ip.is_some()
-                    && self.neigh.get(remote).is_some()
-                    && has(self.uplink.0)
+                view.encap_ip.is_some() && self.neigh.get(remote).is_some() && has(self.uplink.0)
             }
         })
     }
 
-    fn forward(&mut self, k: usize, in_ifindex: u32, in_slot: u32, arrived: Instant) {
-        let view = self.view.clone();
+    fn forward(
+        &mut self,
+        view: &View,
+        k: usize,
+        (in_ifindex, in_slot): (u32, u32),
+        arrived: Instant,
+    ) {
         let frame = &self.rxbuf[k * STRIDE..k * STRIDE + self.rxlen[k]];
         let Some(meta) = self.rxct[k] else {
             self.shared.count(in_slot, ctr::SLOW_RX, 1);
@@ -353,13 +366,13 @@ impl Worker {
                 self.shared.count(in_slot, dropped.reason.counter(), 1);
                 if let (true, Some(m)) = (view.ready, dropped.megaflow) {
                     if self.drop_installs.allow_key(in_ifindex, arrived) {
-                        self.request(m, (in_ifindex, in_slot), arrived, true);
+                        self.request(view.version, m, (in_ifindex, in_slot), arrived, true);
                     }
                 }
                 return;
             }
         };
-        if !self.can_finish(&d) {
+        if !self.can_finish(view, &d) {
             self.punt(k, (in_ifindex, in_slot), arrived);
             return;
         }
@@ -371,6 +384,7 @@ impl Worker {
             txbuf,
             encap_buf,
             ports,
+            by_ifindex,
             shared,
             neigh,
             uplink,
@@ -404,25 +418,32 @@ impl Worker {
                     continue;
                 }
             };
-            let Some(out) = ports.iter_mut().find(|p| p.ifindex == target) else {
+            let Some(out) = by_ifindex.get(&target).map(|&j| &mut ports[j]) else {
                 shared.count(in_slot, ctr::DROP_UNKNOWN_PORT, 1);
                 continue;
             };
             count_sent(shared, out.slot, bytes.len(), out.xsks[0].send(bytes));
         }
         if let (true, Some(m)) = (view.ready, d.megaflow) {
-            self.request(m, (in_ifindex, in_slot), arrived, false);
+            self.request(view.version, m, (in_ifindex, in_slot), arrived, false);
         }
     }
 
     /// Hands megaflow `m` to the first thread to install.
-    fn request(&mut self, m: Megaflow, (in_ifindex, in_slot): (u32, u32), at: Instant, drop: bool) {
+    fn request(
+        &mut self,
+        version: u64,
+        m: Megaflow,
+        (in_ifindex, in_slot): (u32, u32),
+        at: Instant,
+        drop: bool,
+    ) {
         let r = InstallReq {
             m,
             in_ifindex,
             in_slot,
             arrived: at,
-            version: self.view.version,
+            version,
             drop,
         };
         // A full queue loses the entry, not the frame: the flow's next frame decides again.

@@ -14,6 +14,7 @@ mod routed;
 pub mod scale;
 mod scenarios;
 mod sg;
+mod slowpath;
 
 pub use report::{check_complete, results_dir, REQUIRED};
 
@@ -501,6 +502,10 @@ pub fn bench(o: &Opts) -> Result<()> {
     }
     if want("e2e") {
         sc.extend(scenarios::end_to_end(&ctx, o)?);
+    }
+    // Full runs, or asked by name: quick runs stay under a minute.
+    if (want("slow") && !o.quick) || o.only.iter().any(|x| x == "slow") {
+        sc.extend(slowpath::per_core(&ctx));
     }
     // Full runs, or asked by name: quick runs stay under a minute.
     if (want("dpdk") && !o.quick) || o.only.iter().any(|x| x == "dpdk") {

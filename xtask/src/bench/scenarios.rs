@@ -1,13 +1,10 @@
 //! The single-hop and two-chassis scenarios: the baseline redirect, encap and decap on one
 //! chassis, end to end across two chassis (UDP and TCP), the slow path and flow setup.
 
-use super::{
-    args, decap_gen, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR, MINIMAL, SCALING_CORES,
-};
+use super::{decap_gen, mac_of, udp_gen, Ctx, Opts, Scenario, GENERATOR, MINIMAL, SCALING_CORES};
 use crate::bpfstats::prog_on;
 use crate::testbed::{run, Testbed};
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -246,53 +243,7 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
         xdp_ns: vec![],
         cores: 1,
     });
-    eprintln!("==> slow path: every frame to a new destination");
-    let gen = args(&[
-        "--iface",
-        "eth0",
-        "--src-mac",
-        &vm1.mac,
-        "--dst-mac",
-        "0a:00:00:ee:00:00",
-        "--src-ip",
-        &vm1.ip,
-        "--dst-ip",
-        &vm3.ip,
-        "--flows",
-        "60000",
-        "--vary",
-        "dst-mac",
-    ]);
-    let mut slow = Vec::new();
-    for _ in 0..ctx.reps {
-        let c0 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
-        let out = run(Command::new("ip")
-            .args(["netns", "exec", &vm1.ns, &ctx.pktgen(), "send", "--quiet"])
-            .args(&gen)
-            .args(["--duration", &ctx.window.to_string()]))?;
-        // Whatever is still queued (one ring at most) drains within a moment.
-        std::thread::sleep(Duration::from_millis(200));
-        let c1 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
-        // Over the generator's own sending window: the process start and the drain pause
-        // are not slow-path time.
-        let secs = serde_json::from_str::<Value>(out.trim())
-            .ok()
-            .and_then(|v| v["secs"].as_f64())
-            .filter(|s| *s > 0.0)
-            .with_context(|| format!("pktgen said {out:?}"))?;
-        slow.push((c1 - c0) as f64 / secs / 1e6);
-    }
-    sc.push(Scenario {
-        name: "slow path (AF_XDP)".into(),
-        what: "every frame misses: AF_XDP -> userspace pipeline (drops: unknown MAC)".into(),
-        unit: "Mpps",
-        samples: slow,
-        vs_baseline: true,
-        vs: None,
-        error: None,
-        xdp_ns: vec![],
-        cores: 1,
-    });
+    sc.push(super::slowpath::one_thread(ctx, &tb)?);
     // Flow setup: invalidate ls1 (an NB change), send one frame, time until the megaflow
     // for it is installed in XDP.
     let mut setup = Vec::new();
