@@ -451,7 +451,9 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    pub fn attach(from: &str, to: &str) -> Result<Redirect> {
+    /// `lookup`: `gf_redirect_lookup` (one megaflow-shaped hash lookup first) instead of
+    /// `gf_redirect`.
+    pub fn attach(from: &str, to: &str, lookup: bool) -> Result<Redirect> {
         let mut ebpf = load()?;
         let mut gen: Array<_, GenConf> = Array::try_from(ebpf.map_mut("GEN").context("GEN map")?)?;
         gen.set(
@@ -462,10 +464,12 @@ impl Redirect {
             },
             0,
         )?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("gf_redirect")
-            .context("gf_redirect")?
-            .try_into()?;
+        let name = if lookup {
+            "gf_redirect_lookup"
+        } else {
+            "gf_redirect"
+        };
+        let prog: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load()?;
         let link = prog.attach(from, XdpMode::Driver)?;
         Ok(Redirect {

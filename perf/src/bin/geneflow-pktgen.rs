@@ -137,6 +137,10 @@ enum Cmd {
         /// Seconds to hold (0 = until SIGINT/SIGTERM).
         #[arg(long, default_value_t = 0.0)]
         hold: f64,
+        /// Look every frame up in a megaflow-shaped hash table first (its first 40 bytes as
+        /// the key, inserted on a miss): the floor of a datapath that looks frames up once.
+        #[arg(long)]
+        lookup: bool,
     },
     /// XDP_PASS on an interface until interrupted: a veth read without XDP (af_packet) then
     /// takes what the generator on its other end sends.
@@ -287,9 +291,14 @@ fn run(cli: Cli) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Cmd::Redirect { from, to, hold } => {
+        Cmd::Redirect {
+            from,
+            to,
+            hold,
+            lookup,
+        } => {
             let stop = stop_flag();
-            let _r = Redirect::attach(&from, &to)?;
+            let _r = Redirect::attach(&from, &to, lookup)?;
             println!("ready");
             std::io::stdout().flush()?;
             let t0 = Instant::now();

@@ -1,15 +1,17 @@
 //! Benchmark XDP programs: `gf_pktgen` (run by BPF_PROG_RUN in live-frames mode: stamps a
 //! per-flow value into the template frame and transmits it with XDP_TX), `gf_sink` (counts and
-//! drops) and `gf_redirect` (plain redirect to one interface: the machine's limit).
+//! drops), `gf_redirect` (plain redirect to one interface: the machine's limit) and
+//! `gf_redirect_lookup` (the same after one hash lookup shaped like geneflow's megaflow: the
+//! floor of any datapath that looks each frame up once).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action,
+        bindings::{xdp_action, BPF_F_NO_PREALLOC},
         helpers::generated::bpf_redirect,
         macros::{map, xdp},
-        maps::{Array, PerCpuArray},
+        maps::{Array, HashMap, PerCpuArray},
         programs::XdpContext,
     };
 
@@ -53,6 +55,12 @@ mod prog {
     /// Sink counters: [packets, bytes].
     #[map]
     static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+    /// `gf_redirect_lookup`'s table, shaped as geneflow's megaflow table: a 40-byte key, a
+    /// 104-byte value, 262,144 entries, not preallocated.
+    #[map]
+    static FLOOR: HashMap<[u64; 5], [u64; 13]> =
+        HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
     #[inline(always)]
     fn fold(mut s: u32) -> u16 {
@@ -172,6 +180,40 @@ mod prog {
         let Some(c) = GEN.get(0) else {
             return xdp_action::XDP_ABORTED;
         };
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(c.redirect_ifindex, 0) as u32 }
+    }
+
+    /// The frame's first 40 bytes (its MACs, its IP header, its ports) looked up in `FLOOR`,
+    /// inserted on a miss; a hit redirects to the interface its value names.
+    #[xdp]
+    pub fn gf_redirect_lookup(ctx: XdpContext) -> u32 {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + 40 > end {
+            return xdp_action::XDP_DROP;
+        }
+        let p = data as *const u64;
+        // SAFETY: the 40 bytes are within the frame (checked above); unaligned reads.
+        let key = unsafe {
+            [
+                p.read_unaligned(),
+                p.add(1).read_unaligned(),
+                p.add(2).read_unaligned(),
+                p.add(3).read_unaligned(),
+                p.add(4).read_unaligned(),
+            ]
+        };
+        // SAFETY: a hash map value, read in place.
+        if let Some(v) = unsafe { FLOOR.get(&key) } {
+            // SAFETY: plain helper call.
+            return unsafe { bpf_redirect(v[0] as u32, 0) as u32 };
+        }
+        let Some(c) = GEN.get(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let mut v = [0u64; 13];
+        v[0] = c.redirect_ifindex as u64;
+        let _ = FLOOR.insert(&key, &v, 0);
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(c.redirect_ifindex, 0) as u32 }
     }

@@ -72,6 +72,10 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
     unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
     let _ = red.wait();
     let (samples, xdp_ns) = measured?;
+    let floor = floor(ctx, (&r, &s, &g), &gen).unwrap_or_else(|e| {
+        eprintln!("    {FLOOR}: {e:#}");
+        Scenario::failed(FLOOR, e)
+    });
     Ok(vec![
         Scenario {
             name: GENERATOR.into(),
@@ -102,9 +106,37 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
             xdp_ns,
             None,
         ),
+        floor,
         ceiling2,
         base2,
     ])
+}
+
+const FLOOR: &str = "baseline + one megaflow-sized lookup";
+
+/// The baseline again with one hash lookup per frame in a table shaped as the megaflow table
+/// (40-byte key, 104-byte value, 1000 keys live): what any datapath that looks each frame up
+/// once costs here, the floor under encap and decap.
+fn floor(ctx: &Ctx, (r, s, g): (&str, &str, &str), gen: &[String]) -> Result<Scenario> {
+    let mut red = Command::new("ip")
+        .args(["netns", "exec", r, &ctx.pktgen(), "redirect"])
+        .args(["--from", "a0", "--to", "b0", "--lookup"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut l = String::new();
+    BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
+    let measured = prog_on(r, "a0").and_then(|p| ctx.repeat_xdp((s, "eth0"), g, gen, &[p]));
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
+    let _ = red.wait();
+    let (samples, xdp_ns) = measured?;
+    Ok(Scenario::xdp_rate(
+        FLOOR,
+        "XDP: the frame's first 40 bytes looked up in a 262,144-entry hash map (104-byte values, 1000 flows), then XDP_REDIRECT veth -> veth",
+        samples,
+        xdp_ns,
+        None,
+    ))
 }
 
 /// Encap and decap on one chassis; the "peer" chassis is the injector's address.
