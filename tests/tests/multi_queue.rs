@@ -180,6 +180,16 @@ fn ping_from_cpu(tb: &Testbed, vm: &str, cpu: u32, ip: &str) -> Result<()> {
     Ok(())
 }
 
+/// The frames each slow-path thread of `ch` took (`geneflowctl stats`).
+fn per_thread(tb: &Testbed, ch: &str) -> Result<Vec<u64>> {
+    Ok(tb.stats(ch)?["slow_path_threads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .collect())
+}
+
 /// `--forwarder-cores 0,1`: two slow-path threads, the second serving receive queue 1 of every
 /// port. It forwards what it can decide alone and hands the first thread the rest (here the
 /// ARP responder's answers, whose budget the first thread keeps) and every megaflow to
@@ -204,18 +214,72 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
         assert_eq!(got, 10_000, "vm1 -> {to}: lost {} datagrams", 10_000 - got);
     }
     for ch in ["ch1", "ch2"] {
-        let s = tb.stats(ch)?;
-        let per: Vec<u64> = s["slow_path_threads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_u64())
-            .collect();
+        let per = per_thread(&tb, ch)?;
         assert!(
             per.len() == 2 && per.iter().all(|&n| n > 0),
             "{ch}: frames per slow-path thread {per:?}"
         );
     }
+    // A flow that starts on queue 1: the second thread decides its first frame and the first
+    // installs the megaflow it hands over, so the rest stay in XDP. An NB change to ls1 first
+    // makes its megaflows stale (the pings above installed vm1 -> vm3's).
+    let applied = |tb: &Testbed| -> Result<u64> {
+        Ok(tb.stats("ch1")?["pipelines_applied"].as_u64().unwrap_or(0))
+    };
+    let a0 = applied(&tb)?;
+    tb.nbctl(&[
+        "lsp-add",
+        "ls1",
+        "dummy1",
+        "0a:00:00:dd:00:01",
+        "--key",
+        "101",
+    ])?;
+    let t = std::time::Instant::now();
+    while applied(&tb)? == a0 {
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "the NB change never reached ch1"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    let before = per_thread(&tb, "ch1")?;
+    let rx0 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
+    let hit0 = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
+    run(Command::new("ip")
+        .args(["netns", "exec", &vm1.ns, "taskset", "-c", "1"])
+        .arg(tb.bin("geneflow-pktgen"))
+        .args(["send", "--quiet", "--rate", "20000", "--count", "1000"])
+        .args([
+            "--iface",
+            "eth0",
+            "--src-mac",
+            &vm1.mac,
+            "--dst-mac",
+            &vm3.mac,
+        ])
+        .args(["--src-ip", &vm1.ip, "--dst-ip", &vm3.ip, "--sport", "7301"]))?;
+    // The frames sent before the megaflow is in (at 20,000/s, one per 50 us) take the slow
+    // path: a few, or a few dozen when a vCPU wakes late.
+    let t = std::time::Instant::now();
+    let (hits, slow) = loop {
+        let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")? - hit0;
+        let slow = tb.counter("ch1", "vp-vm1", "slowpath_rx")? - rx0;
+        if hits + slow >= 1000 || t.elapsed().as_secs() >= 5 {
+            break (hits, slow);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let after = per_thread(&tb, "ch1")?;
+    assert!(
+        after[1] > before[1],
+        "the flow's first frame did not reach the second thread: {before:?} -> {after:?}"
+    );
+    assert!(
+        hits >= 900 && hits + slow == 1000,
+        "{hits} of 1000 frames in XDP, {slow} to the slow path: the megaflow was not installed"
+    );
     let handed = tb.counter("ch1", "vp-vm1", "slowpath_handoff")?;
     assert!(handed > 0, "no frame of vm1 was handed to the first thread");
     assert_no_drops(&tb, &["ch1", "ch2"])?;

@@ -194,7 +194,7 @@ impl Forwarder {
             }
             self.adopt_finish();
         }
-        self.publish(true);
+        self.publish();
         self.shared
             .nb_version
             .store(self.pipeline.nb_version, Ordering::Relaxed);

@@ -24,6 +24,7 @@ impl Forwarder {
         let crew = Arc::new(worker::Crew::new(
             self.waker().map_err(ForwarderError::Io)?,
             view,
+            n - 1,
         ));
         for id in 1..n {
             let hand = worker::spawn(worker::WorkerSetup {
@@ -38,28 +39,40 @@ impl Forwarder {
             })?;
             self.hands.push(hand);
         }
-        // This thread's share of the drop entries' budget.
+        // This thread's share of the chassis's budget of drop entries; the per-port rate is
+        // each thread's (a single-queue port meets only this one).
         let share = 1.0 / n as f32;
-        self.drop_installs = RateLimiter::new(1000.0 * share, 2000.0 * share, 10_000.0 * share);
+        self.drop_installs = RateLimiter::new(1000.0, 2000.0, 10_000.0 * share);
         info!(threads = n, cores = ?self.cfg.cores, "slow-path threads started");
         self.crew = Some(crew);
         Ok(())
     }
 
-    /// Publishes the tables to the other slow-path threads. `fresh`: the generations may have
-    /// moved, so megaflows decided on earlier tables are no longer installed.
-    pub(super) fn publish(&mut self, fresh: bool) {
+    /// Publishes the tables to the other slow-path threads. The generations may have moved
+    /// with them, so megaflows decided on earlier tables are no longer installed.
+    pub(super) fn publish(&mut self) {
         let Some(crew) = &self.crew else { return };
         self.view_version += 1;
-        if fresh {
-            self.valid_from = self.view_version;
-        }
+        self.valid_from = self.view_version;
         crew.view.store(Arc::new(worker::View {
             version: self.view_version,
             tables: self.tables.clone(),
             ready: self.ready,
             encap_ip: self.pipeline.encap_ip,
         }));
+    }
+
+    /// Stops the other slow-path threads and waits for them (they close their sockets).
+    pub(super) fn stop_workers(&mut self) {
+        if let Some(crew) = &self.crew {
+            crew.stop.store(true, Ordering::Relaxed);
+        }
+        for h in self.hands.iter_mut() {
+            h.wake.wake();
+            if let Some(j) = h.join.take() {
+                let _ = j.join();
+            }
+        }
     }
 
     /// Gives the sockets of the queues other threads serve (queue `q` to thread `q % n`) to
@@ -142,8 +155,16 @@ impl Forwarder {
         }
         if learned && self.ready {
             self.regenerate();
-            self.publish(true);
+            self.publish();
         }
         work + n
+    }
+}
+
+impl Drop for Forwarder {
+    /// A forwarder dropped without `shutdown` (a start that failed after the threads began)
+    /// does not leave them running.
+    fn drop(&mut self) {
+        self.stop_workers();
     }
 }

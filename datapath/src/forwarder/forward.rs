@@ -162,9 +162,10 @@ impl Forwarder {
         // ARP seen on a provider network: its sender is a neighbour there.
         // A reply is kept only if this chassis asked that host (within 5 s).
         let learned = d.learn.is_some_and(|l| {
-            arp_asked
-                .admit(&l, arrived)
-                .is_some_and(|asked| Arc::make_mut(tables).learn(l.dp, l.ip, l.mac, asked))
+            arp_asked.admit(&l, arrived).is_some_and(|asked| {
+                tables.learns(l.dp, l.ip, l.mac, asked)
+                    && Arc::make_mut(tables).learn(l.dp, l.ip, l.mac, asked)
+            })
         });
         let mut d = d;
         match d.napt {

@@ -448,14 +448,16 @@ impl Forwarder {
 
     fn detach_at(&mut self, i: usize) {
         let p = self.ports.remove(i);
+        if let Some(link) = p.link {
+            self.bpf.detach(p.ifindex, p.slot, link);
+        }
+        // After the program and the socket map entries are gone: nothing is redirected to
+        // the other threads' sockets when they close them.
         for hand in &self.hands {
             let _ = hand
                 .tx
                 .send(worker::ToWorker::Detach { ifindex: p.ifindex });
             hand.wake.wake();
-        }
-        if let Some(link) = p.link {
-            self.bpf.detach(p.ifindex, p.slot, link);
         }
         self.free_slots.push(p.slot);
         info!(iface = %p.iface, "port detached");
@@ -467,15 +469,7 @@ impl Forwarder {
     /// the next `geneflowd` adopts them.
     pub fn shutdown(mut self, cleanup: bool) {
         self.ct_expiry_stop.store(true, Ordering::Relaxed);
-        if let Some(crew) = &self.crew {
-            crew.stop.store(true, Ordering::Relaxed);
-        }
-        for h in self.hands.iter_mut() {
-            h.wake.wake();
-            if let Some(j) = h.join.take() {
-                let _ = j.join();
-            }
-        }
+        self.stop_workers();
         if cleanup {
             for p in std::mem::take(&mut self.ports) {
                 if let Some(link) = p.link {
@@ -492,7 +486,7 @@ impl Forwarder {
             if !changed.is_empty() {
                 info!(?changed, "interfaces changed; datapaths regenerated");
             }
-            self.publish(true);
+            self.publish();
         }
         if self.neigh.refresh() {
             // Encap megaflows carry the next hop's MAC: a changed neighbour makes them stale.
@@ -616,7 +610,7 @@ impl Forwarder {
                 ?changed,
                 "a provider neighbour changed; datapaths regenerated"
             );
-            self.publish(true);
+            self.publish();
         }
         n
     }

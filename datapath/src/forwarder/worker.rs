@@ -21,8 +21,11 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{bounded, Sender};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-/// Frames in flight from the other threads to the first (each buffer `STRIDE` bytes).
-const HANDOFF_FRAMES: usize = 64;
+/// Frame buffers in flight from each other thread to the first: a VM port with one queue
+/// is served by the first thread only, so every frame for it that arrives on another
+/// thread's queue is handed over. Each buffer starts at 2 KB and grows once to the largest
+/// frame it carries.
+const HANDOFF_BATCHES: usize = 4;
 /// Megaflows in flight from the other threads to the first.
 const HANDOFF_INSTALLS: usize = 4096;
 
@@ -81,15 +84,17 @@ pub(super) struct Crew {
 }
 
 impl Crew {
-    pub(super) fn new(owner: WakeHandle, view: View) -> Crew {
-        let spare = bounded(HANDOFF_FRAMES);
-        for _ in 0..HANDOFF_FRAMES {
-            let _ = spare.0.try_send(vec![0u8; STRIDE]);
+    /// For `others` threads besides the first.
+    pub(super) fn new(owner: WakeHandle, view: View, others: usize) -> Crew {
+        let frames = HANDOFF_BATCHES * BATCH * others.max(1);
+        let spare = bounded(frames);
+        for _ in 0..frames {
+            let _ = spare.0.try_send(Vec::with_capacity(2048));
         }
         Crew {
             view: ArcSwap::from_pointee(view),
             installs: bounded(HANDOFF_INSTALLS),
-            punts: bounded(HANDOFF_FRAMES),
+            punts: bounded(frames),
             spare,
             owner,
             stop: AtomicBool::new(false),
@@ -121,7 +126,8 @@ pub(super) struct WorkerSetup {
     pub neigh: crate::netdev::NeighReader,
     pub uplink: (u32, [u8; 6]),
     pub udp_csum: bool,
-    /// Its share of the chassis's budget of drop entries.
+    /// Its share of the chassis's budget of drop entries (each thread keeps the per-port
+    /// rate: a port's frames on one queue meet one thread's budget).
     pub share: f32,
 }
 
@@ -174,7 +180,7 @@ pub(super) fn spawn(s: WorkerSetup) -> Result<Hand, ForwarderError> {
         outputs: Vec::with_capacity(MAX_PORTS as usize * 2),
         txbuf: Vec::with_capacity(STRIDE),
         encap_buf: vec![0u8; STRIDE],
-        drop_installs: RateLimiter::new(1000.0 * s.share, 2000.0 * s.share, 10_000.0 * s.share),
+        drop_installs: RateLimiter::new(1000.0, 2000.0, 10_000.0 * s.share),
         handed: false,
     };
     let core = s.core;
@@ -399,16 +405,19 @@ impl Worker {
         };
         for o in outputs.iter() {
             let params = match *o {
-                Output::Tunnel { remote, vni, meta } => view.encap_ip.map(|src| {
-                    let dst_mac = neigh.get(remote).unwrap_or_default();
-                    tunnel_params(
-                        (src, remote),
-                        (uplink.1, dst_mac),
-                        (vni, meta),
-                        d.flow_hash,
-                        *udp_csum,
-                    )
-                }),
+                // The next hop was known in `can_finish`; one that went since (a new
+                // snapshot) drops the frame, counted, never sends it to a zero MAC.
+                Output::Tunnel { remote, vni, meta } => {
+                    view.encap_ip.zip(neigh.get(remote)).map(|(src, dst_mac)| {
+                        tunnel_params(
+                            (src, remote),
+                            (uplink.1, dst_mac),
+                            (vni, meta),
+                            d.flow_hash,
+                            *udp_csum,
+                        )
+                    })
+                }
                 _ => None,
             };
             let (target, bytes) = match wire(o, payload, encap_buf, params, uplink.0) {
@@ -455,6 +464,7 @@ impl Worker {
     /// Hands received frame `k` to the first thread.
     fn punt(&mut self, k: usize, (in_ifindex, in_slot): (u32, u32), arrived: Instant) {
         let Ok(mut buf) = self.crew.spare.1.try_recv() else {
+            self.shared.count(in_slot, ctr::SLOW_RX, 1);
             self.shared.count(in_slot, ctr::DROP_HANDOFF_FULL, 1);
             return;
         };
@@ -475,6 +485,7 @@ impl Worker {
             }
             Err(e) => {
                 let _ = self.crew.spare.0.try_send(e.into_inner().buf);
+                self.shared.count(in_slot, ctr::SLOW_RX, 1);
                 self.shared.count(in_slot, ctr::DROP_HANDOFF_FULL, 1);
             }
         }

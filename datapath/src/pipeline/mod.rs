@@ -449,6 +449,15 @@ impl Tables {
     /// itself, as Linux's ARP lock time keeps it from doing), and entries learned otherwise
     /// (from requests this chassis answered) fill at most three quarters of the table, so
     /// asked-for next hops always find room, taking an unasked entry's place if need be.
+    /// Whether `learn` with these arguments could change anything (read only: tables shared
+    /// with other threads are copied before a change, not before every ARP frame).
+    pub fn learns(&self, dp: u32, ip: Ipv4Addr, mac: [u8; 6], asked: bool) -> bool {
+        match self.ext_neigh.get(&(dp, ip)) {
+            Some(&(m, was_asked)) => asked && (m != mac || !was_asked),
+            None => true,
+        }
+    }
+
     pub fn learn(&mut self, dp: u32, ip: Ipv4Addr, mac: [u8; 6], asked: bool) -> bool {
         match self.ext_neigh.get(&(dp, ip)).copied() {
             Some((m, was_asked)) => {

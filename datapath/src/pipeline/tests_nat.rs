@@ -424,8 +424,16 @@ fn only_an_asked_answer_moves_a_neighbour_and_asked_ones_always_find_room() {
     let mut t = tables(&doc(None), false);
     let gw: Ipv4Addr = "172.24.4.1".parse().unwrap();
     // Learned from a request this chassis answered.
+    assert!(t.learns(900, gw, UPSTREAM_MAC, false));
     assert!(t.learn(900, gw, UPSTREAM_MAC, false));
     // Someone announcing another MAC for it is not believed; an answer to our request is.
+    // `learns` (read only, so shared tables are copied only before a change) says the
+    // same: the unasked announcement changes nothing, the same MAC asked for marks the
+    // entry asked, another MAC asked for replaces it.
+    assert!(!t.learns(900, gw, [0x0e, 0, 0, 0, 0, 0x66], false));
+    assert!(!t.learns(900, gw, UPSTREAM_MAC, false));
+    assert!(t.learns(900, gw, UPSTREAM_MAC, true));
+    assert!(t.learns(900, gw, [0x0e, 0, 0, 0, 0, 0x77], true));
     assert!(!t.learn(900, gw, [0x0e, 0, 0, 0, 0, 0x66], false));
     assert_eq!(t.ext_neigh()[&(900, gw)].0, UPSTREAM_MAC);
     assert!(t.learn(900, gw, [0x0e, 0, 0, 0, 0, 0x77], true));
