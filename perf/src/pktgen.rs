@@ -258,8 +258,9 @@ struct XdpMd {
 }
 
 impl Generator {
-    /// A generator transmitting `t` out of `iface` (XDP_TX), `flows` distinct values.
-    pub fn new(t: &Template, flows: u32, iface: &str) -> Result<Generator> {
+    /// A generator transmitting `t` out of `iface` (XDP_TX), `flows` distinct values;
+    /// `restore`: the template's head is written back before each frame (see `HEAD`).
+    pub fn new(t: &Template, flows: u32, iface: &str, restore: bool) -> Result<Generator> {
         let mut ebpf = load()?;
         let mut gen: Array<_, GenConf> = Array::try_from(ebpf.map_mut("GEN").context("GEN map")?)?;
         gen.set(
@@ -270,7 +271,11 @@ impl Generator {
                 base: t.field.base as u32,
                 csum_off: t.field.csums[0],
                 redirect_ifindex: 0,
-                head_words: (t.frame.len() / 8).min(HEAD_WORDS) as u32,
+                head_words: if restore {
+                    (t.frame.len() / 8).min(HEAD_WORDS) as u32
+                } else {
+                    0
+                },
                 csum_off_b: t.field.csums[1],
                 field2_off: t.field2.map_or(0, |f| f.off),
                 base2: t.field2.map_or(0, |f| f.base as u32),

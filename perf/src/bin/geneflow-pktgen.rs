@@ -116,6 +116,12 @@ enum Cmd {
         /// on this machine, the reference for the generator's own ceiling.
         #[arg(long)]
         minimal: bool,
+        /// Do not restore the template's first 64 bytes before each frame. Only where the
+        /// device under test never rewrites a frame in place (a router's MACs and TTL, a
+        /// NAT, a VLAN push do): pages come back to the generator as the device left them.
+        /// The restore costs about a tenth of the generator's rate.
+        #[arg(long)]
+        no_restore: bool,
     },
     /// Count (and drop) what arrives on an interface; print packets/s over a window.
     Sink {
@@ -191,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             outer_dst_ip,
             quiet,
             minimal,
+            no_restore,
         } => {
             let spec = UdpSpec {
                 src_mac: src_mac.0,
@@ -230,7 +237,7 @@ fn run(cli: Cli) -> Result<()> {
             let g = if minimal {
                 Generator::minimal(&t, &iface)?
             } else {
-                Generator::new(&t, flows, &iface)?
+                Generator::new(&t, flows, &iface, !no_restore)?
             };
             let start = Instant::now();
             let sent = g.run(count, Duration::from_secs_f64(duration), rate, |n, el| {

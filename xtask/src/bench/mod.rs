@@ -394,9 +394,12 @@ fn read_all(progs: &[u32]) -> Result<Vec<ProgStats>> {
 }
 
 /// Generator arguments: IPv4/UDP frames out of the namespace's eth0, `flows` source ports.
+/// The template is not restored before each frame (`--no-restore`): a scenario whose device
+/// rewrites frames in place (a router, a NAT) takes `--no-restore` out (`restoring`).
 fn udp_gen(src_mac: &str, dst_mac: &str, src_ip: &str, dst_ip: &str, flows: u32) -> Vec<String> {
     let flows = flows.to_string();
     args(&[
+        "--no-restore",
         "--iface",
         "eth0",
         "--src-mac",
@@ -421,6 +424,7 @@ fn decap_gen(
     flows: u32,
 ) -> Vec<String> {
     args(&[
+        "--no-restore",
         "--iface",
         bridge_port,
         "--src-mac",
@@ -448,6 +452,13 @@ fn decap_gen(
         "--outer-dst-ip",
         ch_ip,
     ])
+}
+
+/// `gen` with the template restored before each frame, for a device that rewrites frames in
+/// place (the generator's pages come back as the device left them).
+fn restoring(mut gen: Vec<String>) -> Vec<String> {
+    gen.retain(|a| a != "--no-restore");
+    gen
 }
 
 fn args(v: &[&str]) -> Vec<String> {

@@ -46,7 +46,14 @@ pub(super) fn routed(ctx: &Ctx) -> Result<Scenario> {
     let ch = &tb.chassis[0];
     super::pin_peer_neighbour(&tb, &ch.ns)?;
     let vm1 = tb.vm("vm1")?;
-    let gen = udp_gen(&vm1.mac, ROUTER_MAC, "10.1.0.11", "10.2.0.9", FLOWS);
+    // The router rewrites the MACs and the TTL in place.
+    let gen = super::restoring(udp_gen(
+        &vm1.mac,
+        ROUTER_MAC,
+        "10.1.0.11",
+        "10.2.0.9",
+        FLOWS,
+    ));
     let counters = |tb: &Testbed| -> Result<(u64, u64)> {
         Ok((
             tb.counter("ch1", "vp-vm1", "fastpath_hit")?,
