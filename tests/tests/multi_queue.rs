@@ -223,27 +223,19 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
     // A flow that starts on queue 1: the second thread decides its first frame and the first
     // installs the megaflow it hands over, so the rest stay in XDP. An NB change to ls1 first
     // makes its megaflows stale (the pings above installed vm1 -> vm3's).
-    let applied = |tb: &Testbed| -> Result<u64> {
-        Ok(tb.stats("ch1")?["pipelines_applied"].as_u64().unwrap_or(0))
-    };
-    let a0 = applied(&tb)?;
-    tb.nbctl(&[
+    let dummy = [
         "lsp-add",
         "ls1",
         "dummy1",
         "0a:00:00:dd:00:01",
         "--key",
         "101",
-    ])?;
-    let t = std::time::Instant::now();
-    while applied(&tb)? == a0 {
-        assert!(
-            t.elapsed().as_secs() < 10,
-            "the NB change never reached ch1"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let (vm1, vm3) = (tb.vm("vm1")?.clone(), tb.vm("vm3")?.clone());
+    ];
+    let applied = tb.applied_after("ch1", std::time::Duration::from_secs(10), || {
+        tb.nbctl(&dummy).map(|_| ())
+    })?;
+    assert!(applied, "the NB change never reached ch1");
+    let vm1 = tb.vm("vm1")?.clone();
     let before = per_thread(&tb, "ch1")?;
     let rx0 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
     let hit0 = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
@@ -251,15 +243,8 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
         .args(["netns", "exec", &vm1.ns, "taskset", "-c", "1"])
         .arg(tb.bin("geneflow-pktgen"))
         .args(["send", "--quiet", "--rate", "20000", "--count", "1000"])
-        .args([
-            "--iface",
-            "eth0",
-            "--src-mac",
-            &vm1.mac,
-            "--dst-mac",
-            &vm3.mac,
-        ])
-        .args(["--src-ip", &vm1.ip, "--dst-ip", &vm3.ip, "--sport", "7301"]))?;
+        .args(tb.gen_between("vm1", "vm3")?)
+        .args(["--sport", "7301"]))?;
     // The frames sent before the megaflow is in (at 20,000/s, one per 50 us) take the slow
     // path: a few, or a few dozen when a vCPU wakes late.
     let t = std::time::Instant::now();

@@ -555,6 +555,43 @@ impl Testbed {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// `geneflow-pktgen send` arguments for UDP from VM `from` (its eth0) to VM `to`.
+    pub fn gen_between(&self, from: &str, to: &str) -> Result<Vec<String>> {
+        let (a, b) = (self.vm(from)?, self.vm(to)?);
+        Ok(
+            ["--iface", "eth0", "--src-mac", &a.mac, "--dst-mac", &b.mac]
+                .into_iter()
+                .chain(["--src-ip", &a.ip, "--dst-ip", &b.ip])
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
+    /// Runs `change` (an NB write) and waits, at most `timeout`, until `chassis` has applied
+    /// a pipeline since (its `pipelines_applied` moved). Returns whether it did.
+    pub fn applied_after(
+        &self,
+        chassis: &str,
+        timeout: std::time::Duration,
+        change: impl FnOnce() -> Result<()>,
+    ) -> Result<bool> {
+        let applied = || -> Result<u64> {
+            Ok(self.stats(chassis)?["pipelines_applied"]
+                .as_u64()
+                .unwrap_or(0))
+        };
+        let a0 = applied()?;
+        change()?;
+        let t = std::time::Instant::now();
+        while applied()? == a0 {
+            if t.elapsed() > timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(true)
+    }
+
     /// One counter of one interface of a chassis.
     pub fn counter(&self, chassis: &str, iface: &str, name: &str) -> Result<u64> {
         let s = self.stats(chassis)?;

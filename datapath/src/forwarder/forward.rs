@@ -220,11 +220,7 @@ impl Forwarder {
                 arp_asked.asking(a.source, arrived);
             }
         }
-        let payload = if d.rewritten {
-            &txbuf[..]
-        } else {
-            &frame[d.payload_offset..]
-        };
+        let payload = d.payload(frame, txbuf);
         for o in outputs.iter() {
             let params = match *o {
                 Output::Tunnel { remote, vni, meta } => {

@@ -310,27 +310,9 @@ impl Forwarder {
     }
 
     fn rebuild_index(&mut self) {
-        self.by_ifindex = self
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.ifindex, i))
-            .collect();
-        self.pollfds = self
-            .ports
-            .iter()
-            .flat_map(|p| &p.xsks)
-            .map(|x| libc::pollfd {
-                fd: x.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        self.pollfds.push(libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd),
-            events: libc::POLLIN,
-            revents: 0,
-        });
+        self.by_ifindex = worker::positions(self.ports.iter().map(|p| p.ifindex));
+        let xsks = self.ports.iter().flat_map(|p| &p.xsks);
+        self.pollfds = worker::poll_set(xsks, std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd));
         let infos = self
             .ports
             .iter()
@@ -495,18 +477,8 @@ impl Forwarder {
                 warn!("generation update failed: {e}");
             }
         }
-        // Frames the kernel could not hand to the slow path are drops too: count them.
         for p in self.ports.iter_mut() {
-            let now = p
-                .xsks
-                .iter()
-                .map(|x| x.rx_drops())
-                .fold((0, 0), |a, d| (a.0 + d.0, a.1 + d.1));
-            let full = now.0.saturating_sub(p.xsk_drops.0);
-            let other = now.1.saturating_sub(p.xsk_drops.1);
-            p.xsk_drops = now;
-            self.shared.count(p.slot, ctr::DROP_XSK_RING_FULL, full);
-            self.shared.count(p.slot, ctr::DROP_XSK_RX, other);
+            worker::count_socket_drops(&self.shared, p.slot, &p.xsks, &mut p.xsk_drops);
         }
         if let Err(e) = self.bpf.bump_ct_epoch() {
             warn!("conntrack cache epoch: {e}");

@@ -269,38 +269,14 @@ impl Worker {
     }
 
     fn rebuild(&mut self) {
-        self.by_ifindex = self
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.ifindex, i))
-            .collect();
-        self.pollfds = self
-            .ports
-            .iter()
-            .flat_map(|p| &p.xsks)
-            .map(|x| x.fd())
-            .chain([self.wake_fd.as_raw_fd()])
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        self.by_ifindex = positions(self.ports.iter().map(|p| p.ifindex));
+        let xsks = self.ports.iter().flat_map(|p| &p.xsks);
+        self.pollfds = poll_set(xsks, self.wake_fd.as_raw_fd());
     }
 
     fn count_socket_drops(&mut self) {
         for p in self.ports.iter_mut() {
-            let now = p
-                .xsks
-                .iter()
-                .map(|x| x.rx_drops())
-                .fold((0, 0), |a, d| (a.0 + d.0, a.1 + d.1));
-            let full = now.0.saturating_sub(p.drops.0);
-            let other = now.1.saturating_sub(p.drops.1);
-            p.drops = now;
-            self.shared.count(p.slot, ctr::DROP_XSK_RING_FULL, full);
-            self.shared.count(p.slot, ctr::DROP_XSK_RX, other);
+            count_socket_drops(&self.shared, p.slot, &p.xsks, &mut p.drops);
         }
     }
 
@@ -398,11 +374,7 @@ impl Worker {
             ..
         } = self;
         let frame = &rxbuf[k * STRIDE..k * STRIDE + rxlen[k]];
-        let payload = if d.rewritten {
-            &txbuf[..]
-        } else {
-            &frame[d.payload_offset..]
-        };
+        let payload = d.payload(frame, txbuf);
         for o in outputs.iter() {
             let params = match *o {
                 // The next hop was known in `can_finish`; one that went since (a new
@@ -490,6 +462,38 @@ impl Worker {
             }
         }
     }
+}
+
+/// Interface index -> position, for ports listed in this order.
+pub(super) fn positions(ifindexes: impl Iterator<Item = u32>) -> HashMap<u32, usize> {
+    ifindexes.enumerate().map(|(i, ix)| (ix, i)).collect()
+}
+
+/// What a slow-path thread polls: its sockets, then its eventfd `wake`.
+pub(super) fn poll_set<'a>(
+    xsks: impl Iterator<Item = &'a Xsk>,
+    wake: std::os::fd::RawFd,
+) -> Vec<libc::pollfd> {
+    xsks.map(|x| x.fd())
+        .chain([wake])
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect()
+}
+
+/// Frames the kernel could not hand to the slow path are drops too: counts, for the port in
+/// `slot`, what its sockets `xsks` dropped since `seen` (ring full, other).
+pub(super) fn count_socket_drops(shared: &Shared, slot: u32, xsks: &[Xsk], seen: &mut (u64, u64)) {
+    let now = xsks
+        .iter()
+        .map(|x| x.rx_drops())
+        .fold((0, 0), |a, d| (a.0 + d.0, a.1 + d.1));
+    shared.count(slot, ctr::DROP_XSK_RING_FULL, now.0.saturating_sub(seen.0));
+    shared.count(slot, ctr::DROP_XSK_RX, now.1.saturating_sub(seen.1));
+    *seen = now;
 }
 
 /// Drains an eventfd (nonblocking).

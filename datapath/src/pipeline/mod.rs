@@ -159,6 +159,16 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The bytes to output: the received `frame` from `payload_offset`, or the scratch
+    /// buffer `txbuf` the pipeline rewrote it into.
+    pub fn payload<'a>(&self, frame: &'a [u8], txbuf: &'a [u8]) -> &'a [u8] {
+        if self.rewritten {
+            txbuf
+        } else {
+            &frame[self.payload_offset..]
+        }
+    }
+
     /// The connections to commit for this first packet (`ct_commit`): per zone, the tuple as
     /// it arrived, or as translated for a `ct::POST_NAT` zone.
     pub fn ct_commit_keys(&self) -> impl Iterator<Item = geneflow_abi::CtKey> + '_ {

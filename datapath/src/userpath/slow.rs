@@ -96,11 +96,7 @@ impl UserPath {
                         let _ = ev.try_send(PathEvent::Asked(a.source));
                     }
                 }
-                let payload = if d.rewritten {
-                    &txbuf[..]
-                } else {
-                    &frame[d.payload_offset..]
-                };
+                let payload = d.payload(frame, &txbuf);
                 for o in &outputs {
                     self.output(tables, o, payload, d.flow_hash, now, tx);
                 }

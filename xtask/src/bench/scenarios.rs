@@ -262,7 +262,7 @@ fn end_to_end_udp_on(ctx: &Ctx, tb: &Testbed) -> Result<Vec<Scenario>> {
 pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     let tb = end_to_end_testbed()?;
     let mut sc = end_to_end_udp_on(ctx, &tb)?;
-    let (vm1, vm3) = (tb.vm("vm1")?, tb.vm("vm3")?);
+    let vm1 = tb.vm("vm1")?;
     // TCP with iperf3.
     let secs = if o.quick { 1 } else { 10 };
     let tcp = (0..ctx.reps)
@@ -285,35 +285,23 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     let mut setup = Vec::new();
     let flows = if o.quick { 5 } else { 100 };
     for i in 0..flows {
-        let applied = |tb: &Testbed| -> Result<u64> {
-            Ok(tb.stats("ch1")?["pipelines_applied"].as_u64().unwrap_or(0))
-        };
-        let a0 = applied(&tb)?;
-        tb.nbctl(&[
-            "lsp-add",
-            "ls1",
-            &format!("dummy{i}"),
-            &format!("0a:00:00:dd:{:02x}:{:02x}", i >> 8, i & 0xff),
-            "--key",
-            &(100 + i).to_string(),
-        ])?;
-        let t = Instant::now();
-        while applied(&tb)? == a0 && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        tb.applied_after("ch1", Duration::from_secs(5), || {
+            tb.nbctl(&[
+                "lsp-add",
+                "ls1",
+                &format!("dummy{i}"),
+                &format!("0a:00:00:dd:{:02x}:{:02x}", i >> 8, i & 0xff),
+                "--key",
+                &(100 + i).to_string(),
+            ])
+            .map(|_| ())
+        })?;
         let m0 = tb.counter("ch1", "vp-vm1", "megaflow_install")?;
         let t0 = Instant::now();
         run(Command::new("ip")
             .args(["netns", "exec", &vm1.ns, &ctx.pktgen(), "send", "--quiet"])
-            .args([
-                "--iface",
-                "eth0",
-                "--src-mac",
-                &vm1.mac,
-                "--dst-mac",
-                &vm3.mac,
-            ])
-            .args(["--src-ip", &vm1.ip, "--dst-ip", &vm3.ip, "--count", "1"]))?;
+            .args(tb.gen_between("vm1", "vm3")?)
+            .args(["--count", "1"]))?;
         while tb.counter("ch1", "vp-vm1", "megaflow_install")? == m0 {
             if t0.elapsed() > Duration::from_secs(5) {
                 bail!("megaflow never installed");

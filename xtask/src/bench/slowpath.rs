@@ -147,17 +147,22 @@ fn windows(ctx: &Ctx, tb: &Testbed, cpus: &[u32]) -> Result<(Vec<f64>, String)> 
 pub(super) fn one_thread(ctx: &Ctx, tb: &Testbed) -> Result<Scenario> {
     eprintln!("==> slow path: every frame to a new destination");
     let (samples, note) = windows(ctx, tb, &[])?;
-    Ok(Scenario {
-        name: NAME.into(),
-        what: format!("{WHAT}; {note}"),
+    Ok(scenario(NAME.into(), format!("{WHAT}; {note}"), samples, 1))
+}
+
+/// A slow-path rate, set against the baseline (and the ceiling) of `cores` generators.
+fn scenario(name: String, what: String, samples: Vec<f64>, cores: u32) -> Scenario {
+    Scenario {
+        name,
+        what,
         unit: "Mpps",
         samples,
         vs_baseline: true,
         vs: None,
         error: None,
         xdp_ns: vec![],
-        cores: 1,
-    })
+        cores,
+    }
 }
 
 /// ch1 with vm1 on 2-queue veths, the agent started with `agent_args`.
@@ -203,21 +208,14 @@ pub(super) fn per_core(ctx: &Ctx) -> Vec<Scenario> {
             Ok((s, note))
         });
         sc.push(match measured {
-            Ok((samples, note)) => Scenario {
+            // Both run a generator on each core: set against the ceiling and the baseline of
+            // as many.
+            Ok((samples, note)) => scenario(
                 name,
-                what: format!(
-                    "{WHAT}; one generator per core, 2-queue veths, {threads} slow-path thread(s); {note}"
-                ),
-                unit: "Mpps",
+                format!("{WHAT}; one generator per core, 2-queue veths, {threads} slow-path thread(s); {note}"),
                 samples,
-                vs_baseline: true,
-                vs: None,
-                error: None,
-                xdp_ns: vec![],
-                // Both run a generator on each core: set against the ceiling and the
-                // baseline of as many.
-                cores: SCALING_CORES,
-            },
+                SCALING_CORES,
+            ),
             Err(e) => {
                 eprintln!("    {name}: {e:#}");
                 Scenario::failed(&name, e)
