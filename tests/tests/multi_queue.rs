@@ -242,11 +242,11 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
     run(Command::new("ip")
         .args(["netns", "exec", &vm1.ns, "taskset", "-c", "1"])
         .arg(tb.bin("geneflow-pktgen"))
-        .args(["send", "--quiet", "--rate", "20000", "--count", "1000"])
+        .args(["send", "--quiet", "--rate", "5000", "--count", "1000"])
         .args(tb.gen_between("vm1", "vm3")?)
         .args(["--sport", "7301"]))?;
-    // The frames sent before the megaflow is in (at 20,000/s, one per 50 us) take the slow
-    // path: a few, or a few dozen when a vCPU wakes late.
+    // The frames sent before the megaflow is in (at 5,000/s, one per 200 us) take the slow
+    // path: one or a few, a few dozen if a busy machine delays the install by milliseconds.
     let t = std::time::Instant::now();
     let (hits, slow) = loop {
         let hits = tb.counter("ch1", "vp-vm1", "fastpath_hit")? - hit0;
