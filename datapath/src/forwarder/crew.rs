@@ -19,7 +19,6 @@ impl Forwarder {
             version: 0,
             tables: self.tables.clone(),
             ready: false,
-            encap_ip: None,
         };
         let crew = Arc::new(worker::Crew::new(
             self.waker().map_err(ForwarderError::Io)?,
@@ -53,12 +52,10 @@ impl Forwarder {
     pub(super) fn publish(&mut self) {
         let Some(crew) = &self.crew else { return };
         self.view_version += 1;
-        self.valid_from = self.view_version;
         crew.view.store(Arc::new(worker::View {
             version: self.view_version,
             tables: self.tables.clone(),
             ready: self.ready,
-            encap_ip: self.pipeline.encap_ip,
         }));
     }
 
@@ -114,7 +111,7 @@ impl Forwarder {
                 break;
             };
             work += 1;
-            if !self.ready || r.version < self.valid_from {
+            if !self.ready || r.version != self.view_version {
                 continue;
             }
             if r.drop {

@@ -137,13 +137,12 @@ pub struct Forwarder {
     ready: bool,
     /// Megaflows adopted from a previous process, still to be checked against the next hops.
     adopted: Adopted,
-    /// The other slow-path threads (none with one core), what they share with this one, the
-    /// version of the last `View` published, and the oldest version whose megaflows are
-    /// still installed (the tables they were decided on hold the current generations).
+    /// The other slow-path threads (none with one core), what they share with this one, and
+    /// the version of the last `View` published: only megaflows decided on it are installed
+    /// (earlier tables may not hold the current generations).
     crew: Option<Arc<worker::Crew>>,
     hands: Vec<worker::Hand>,
     view_version: u64,
-    valid_from: u64,
 }
 
 /// Wakes the forwarder out of its idle poll (an eventfd in its poll set).
@@ -252,7 +251,6 @@ impl Forwarder {
             crew: None,
             hands: Vec::new(),
             view_version: 0,
-            valid_from: 0,
         };
         f.start_workers()?;
         f.add_port(

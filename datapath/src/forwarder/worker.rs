@@ -5,8 +5,8 @@
 //! that must have one owner: the BPF maps, the ports, the answers' budgets, the translations,
 //! the frames waiting for a next hop. So another thread hands it
 //! - each megaflow to install (with the version of the tables it decided on: one decided on
-//!   tables older than the last generation change is not installed, it would carry the new
-//!   generation);
+//!   tables older than the last published ones, which every generation change publishes, is
+//!   not installed: it would carry the new generation);
 //! - each frame whose verdict needs that state (an answer, a translation, a connection to
 //!   commit, a neighbour learnt, a next hop not resolved yet) or a port on which it has no
 //!   socket: the first thread runs the whole pipeline on it again.
@@ -35,7 +35,6 @@ pub(super) struct View {
     pub tables: Arc<Tables>,
     /// A pipeline has been applied (until then nothing is installed).
     pub ready: bool,
-    pub encap_ip: Option<std::net::Ipv4Addr>,
 }
 
 pub(super) enum ToWorker {
@@ -316,7 +315,9 @@ impl Worker {
         self.outputs.iter().all(|o| match *o {
             Output::Local { ifindex } | Output::Provider { ifindex, .. } => has(ifindex),
             Output::Tunnel { remote, .. } => {
-                view.encap_ip.is_some() && self.neigh.get(remote).is_some() && has(self.uplink.0)
+                view.tables.encap_ip().is_some()
+                    && self.neigh.get(remote).is_some()
+                    && has(self.uplink.0)
             }
         })
     }
@@ -379,8 +380,11 @@ impl Worker {
             let params = match *o {
                 // The next hop was known in `can_finish`; one that went since (a new
                 // snapshot) drops the frame, counted, never sends it to a zero MAC.
-                Output::Tunnel { remote, vni, meta } => {
-                    view.encap_ip.zip(neigh.get(remote)).map(|(src, dst_mac)| {
+                Output::Tunnel { remote, vni, meta } => view
+                    .tables
+                    .encap_ip()
+                    .zip(neigh.get(remote))
+                    .map(|(src, dst_mac)| {
                         tunnel_params(
                             (src, remote),
                             (uplink.1, dst_mac),
@@ -388,8 +392,7 @@ impl Worker {
                             d.flow_hash,
                             *udp_csum,
                         )
-                    })
-                }
+                    }),
                 _ => None,
             };
             let (target, bytes) = match wire(o, payload, encap_buf, params, uplink.0) {
