@@ -247,11 +247,8 @@ fn route(f: &mut Frame<'_>, a: &FlowAction) -> Result<(), Verdict> {
     }
     b[..6].copy_from_slice(&a.set_dmac);
     b[6..12].copy_from_slice(&a.set_smac);
-    b[22] = ttl - 1;
-    // RFC 1624: the checksum grows by 0x0100 (TTL is the high byte of its word).
-    let c = u16::from_be_bytes([b[24], b[25]]) as u32 + 0x0100;
-    let c = (c & 0xffff) + (c >> 16);
-    b[24..26].copy_from_slice(&(c as u16).to_be_bytes());
+    // As XDP and Linux's `ip_decrease_ttl`: a sum of 0xffff becomes 0x0000.
+    rewrite::dec_ttl(&mut b[ETH_LEN..]);
     Ok(())
 }
 

@@ -14,6 +14,9 @@ type Announced = (Ipv4Addr, [u8; 6], u32, u16);
 #[derive(Default)]
 pub struct FipAnnouncer {
     announced: Vec<Announced>,
+    /// Some announcement could not be sent (a full queue): `due` is asked again on the
+    /// next housekeeping round, not only on the next NB change.
+    owed: bool,
 }
 
 /// One gratuitous ARP to send.
@@ -21,6 +24,7 @@ pub struct Garp {
     pub ip: Ipv4Addr,
     pub ifindex: u32,
     pub frame: Vec<u8>,
+    what: Announced,
 }
 
 impl FipAnnouncer {
@@ -53,9 +57,26 @@ impl FipAnnouncer {
                 frame.clear();
                 frame.extend_from_slice(&tagged[..n]);
             }
-            out.push(Garp { ip, ifindex, frame });
+            out.push(Garp {
+                ip,
+                ifindex,
+                frame,
+                what: (ip, mac, ifindex, vlan),
+            });
         }
         self.announced = now;
+        self.owed = false;
         out
+    }
+
+    /// `g` could not be sent: it is due again (see `owed`).
+    pub fn unsent(&mut self, g: &Garp) {
+        self.announced.retain(|a| *a != g.what);
+        self.owed = true;
+    }
+
+    /// Whether an announcement is owed since a send failed.
+    pub fn owed(&self) -> bool {
+        self.owed
     }
 }

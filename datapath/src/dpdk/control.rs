@@ -154,18 +154,26 @@ impl Control<'_> {
             self.shared.ended_by_group_change(&zones, n);
         }
         // Floating IPs newly bound here are announced on their provider networks.
-        if let Some(t) = self.tables.load_full() {
-            for g in self.announcer.due(&t) {
-                if self.inject.try_send((g.ifindex, g.frame)).is_ok() {
-                    info!(floating_ip = %g.ip, "gratuitous ARP sent");
-                }
-            }
-        }
+        self.send_garps();
         self.publish_ports(&|n| u.pipeline.bindings.get(n).map(|b| b.port.clone()));
         self.shared
             .pipelines_applied
             .fetch_add(1, Ordering::Relaxed);
         info!(datapaths, "pipeline applied");
+    }
+
+    /// Hands the gratuitous ARPs due (see `garp`) to a poll thread; one that finds the
+    /// queue full is owed and handed over again on the next expiry round.
+    fn send_garps(&mut self) {
+        let Some(t) = self.tables.load_full() else {
+            return;
+        };
+        for g in self.announcer.due(&t) {
+            match self.inject.try_send((g.ifindex, g.frame.clone())) {
+                Ok(()) => info!(floating_ip = %g.ip, "gratuitous ARP sent"),
+                Err(_) => self.announcer.unsent(&g),
+            }
+        }
     }
 
     /// What a poll thread reported.
@@ -200,6 +208,9 @@ impl Control<'_> {
     /// the table's gauges. Every tenth round (10 s, as the XDP backend), the idle
     /// default-SNAT translations go too: the walk holds their table's lock.
     pub fn expire(&mut self) {
+        if self.announcer.owed() {
+            self.send_garps();
+        }
         let ct = self.conntrack;
         ct.bump_epoch();
         let now = ct.ns(Instant::now());

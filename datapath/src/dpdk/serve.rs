@@ -206,10 +206,16 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
                 pool: c.pool,
                 queue: q,
             };
-            if s.send(ix, &frame) {
-                if let Some(p) = ports.iter_mut().find(|p| p.ifindex == ix) {
-                    p.io.add(ctr::GARP_SENT, 1);
-                }
+            let sent = s.send(ix, &frame);
+            if let Some(p) = ports.iter_mut().find(|p| p.ifindex == ix) {
+                p.io.add(
+                    if sent {
+                        ctr::GARP_SENT
+                    } else {
+                        ctr::DROP_TX_FULL
+                    },
+                    1,
+                );
             }
         }
         let mut got = 0;

@@ -86,6 +86,12 @@ impl Forwarder {
         if let Err(e) = self.bpf.set_fip_ct(&fip_ct) {
             warn!("cannot set the tracked floating IPs: {e}");
         }
+        self.send_garps();
+    }
+
+    /// Sends the gratuitous ARPs due (see `garp`); one that finds its ring full is owed and
+    /// sent again on the next tick.
+    pub(super) fn send_garps(&mut self) {
         for g in self.announced.due(&self.tables) {
             let Some(&j) = self.by_ifindex.get(&g.ifindex) else {
                 continue;
@@ -99,6 +105,7 @@ impl Forwarder {
                 info!(floating_ip = %g.ip, "gratuitous ARP sent");
             } else {
                 self.shared.count(p.slot, ctr::DROP_TX_FULL, 1);
+                self.announced.unsent(&g);
             }
         }
     }

@@ -475,6 +475,9 @@ impl Forwarder {
                 warn!("generation update failed: {e}");
             }
         }
+        if self.announced.owed() {
+            self.send_garps();
+        }
         for p in self.ports.iter_mut() {
             worker::count_socket_drops(&self.shared, p.slot, &p.xsks, &mut p.xsk_drops);
         }

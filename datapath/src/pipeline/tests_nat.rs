@@ -454,3 +454,31 @@ fn only_an_asked_answer_moves_a_neighbour_and_asked_ones_always_find_room() {
     );
     assert!(t.ext_neigh().values().all(|v| v.1));
 }
+
+#[test]
+fn a_floating_ip_is_announced_once_and_again_after_a_failed_send() {
+    let t = tables(&doc(None), true);
+    let mut a = crate::garp::FipAnnouncer::default();
+    let due = a.due(&t);
+    // f1 is bound here (p1 on chassis a), f2 is not.
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].ip, "172.24.4.51".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(due[0].ifindex, PHY);
+    let arp = &due[0].frame;
+    assert_eq!(arp[..6], [0xff; 6]);
+    assert_eq!(arp[28..32], [172, 24, 4, 51]);
+    assert_eq!(arp[38..42], [172, 24, 4, 51]);
+    assert!(!a.owed());
+    // Announced: not again for the same tables.
+    assert!(a.due(&t).is_empty());
+    // A send that failed (a full queue) is owed, and offered again.
+    let mut a = crate::garp::FipAnnouncer::default();
+    let due = a.due(&t);
+    a.unsent(&due[0]);
+    assert!(a.owed());
+    let again = a.due(&t);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].frame, due[0].frame);
+    assert!(!a.owed());
+    assert!(a.due(&t).is_empty());
+}

@@ -74,11 +74,17 @@ fn tables_of(d: &NbDocument) -> Tables {
     })
 }
 
-fn tables() -> Tables {
+pub(super) fn tables() -> Tables {
     tables_of(&doc())
 }
 
-fn udp(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, payload: usize) -> Vec<u8> {
+pub(super) fn udp(
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    payload: usize,
+) -> Vec<u8> {
     let mut f = Vec::new();
     PacketBuilder::ethernet2(P1, dst_mac)
         .ipv4(src, dst, ttl)

@@ -148,3 +148,50 @@ fn tunnel_frames_are_decapsulated_and_bad_ones_dropped_with_xdps_reasons() {
     assert_eq!(&w.0[0].1[..6], &B_MAC);
     assert_eq!(&w.0[0].1[6..12], &A_MAC);
 }
+
+/// A routed flow on the userspace engine (the topology of `tests_router`: p1 on ls1,
+/// ifindex 10, to p3 on ls2, ifindex 11): what the router's checks refuse on a cache hit is
+/// a drop, not a hit, and TTL - 1 sets the checksum as XDP and Linux do.
+#[test]
+fn routed_hits_count_like_xdp_and_decrement_ttl_like_linux() {
+    let t = super::tests_router::tables();
+    let (_, mut p) = engine(&t);
+    let now = Instant::now();
+    let r1 = [0x0a, 0xff, 0, 0, 0, 1];
+    // An IP id that makes the header checksum 0xfeff: + 0x0100 for TTL - 1 gives 0xffff,
+    // which Linux's ip_decrease_ttl (and XDP) write as 0x0000.
+    let mut f = super::tests_router::udp(r1, [10, 1, 0, 5], [10, 2, 0, 7], 64, 18);
+    let id = (0..=u16::MAX)
+        .find(|&id| {
+            f[18..20].copy_from_slice(&id.to_be_bytes());
+            f[24..26].copy_from_slice(&[0, 0]);
+            let mut s: u32 = f[14..34]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !(s as u16) == 0xfeff
+        })
+        .expect("an id");
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    f[24..26].copy_from_slice(&[0xfe, 0xff]);
+    for hit in [0, 1] {
+        let mut w = Wire::default();
+        p.receive(&t, &f, (10, 0), now, &mut w);
+        assert_eq!(p.total(ctr::FAST_HIT), hit);
+        let (ix, out) = w.0.pop().expect("routed");
+        assert_eq!(ix, 11);
+        assert_eq!(out[22], 63);
+        assert_eq!(out[24..26], [0, 0], "checksum after TTL - 1 (hit {hit})");
+    }
+    // A bad header checksum under the same megaflow: dropped with its reason, not a hit.
+    let mut bad = f.clone();
+    bad[24] ^= 0xff;
+    let mut w = Wire::default();
+    p.receive(&t, &bad, (10, 0), now, &mut w);
+    assert!(w.0.is_empty());
+    assert_eq!(p.total(ctr::DROP_IP_CSUM), 1);
+    assert_eq!(p.total(ctr::FAST_HIT), 1);
+}

@@ -335,7 +335,11 @@ impl UserPath {
                 }
             }
             Verdict::Drop(c) => {
-                self.count(ctr::FAST_HIT);
+                // As XDP: a drop megaflow is a hit; a frame its action refuses (a router's
+                // checks, a translation) is only a drop.
+                if a.kind == act::DROP {
+                    self.count(ctr::FAST_HIT);
+                }
                 self.count(c);
             }
             // No kernel stack behind a DPDK port: what XDP would pass is dropped, counted.
