@@ -11,15 +11,37 @@ pub(super) fn ct_key(key: &FlowKey, zone: u32) -> Option<CtKey> {
     {
         return None;
     }
-    Some(CtKey {
+    Some(tuple(
         zone,
-        src: key.ip_src,
-        dst: key.ip_dst,
-        sport: key.l4_src,
-        dport: key.l4_dst,
-        proto: key.ip_proto,
-        pad: [0; 3],
-    })
+        (key.ip_src, key.ip_dst),
+        (key.l4_src, key.l4_dst),
+        key.ip_proto,
+    ))
+}
+
+/// A conntrack tuple, in five word stores: a struct literal's zero padding became a call
+/// to a byte loop (LLVM makes a memset of it, and the BPF backend calls compiler_builtins'
+/// one), on every frame of a tracked port.
+#[inline(always)]
+pub(super) fn tuple(
+    zone: u32,
+    (src, dst): (u32, u32),
+    (sport, dport): (u16, u16),
+    proto: u8,
+) -> CtKey {
+    let ports = if cfg!(target_endian = "little") {
+        sport as u32 | (dport as u32) << 16
+    } else {
+        (sport as u32) << 16 | dport as u32
+    };
+    let last = if cfg!(target_endian = "little") {
+        proto as u32
+    } else {
+        (proto as u32) << 24
+    };
+    // SAFETY: CtKey is repr(C), 20 bytes of plain integers (zone, src, dst, the two ports,
+    // proto and 3 bytes of padding that must be zero): five u32 in that order.
+    unsafe { core::mem::transmute::<[u32; 5], CtKey>([zone, src, dst, ports, last]) }
 }
 
 /// The connection cache set of a tuple (multiplicative hashing): its block, and the
@@ -62,13 +84,7 @@ pub(super) fn ct_lookup(key: &mut FlowKey, zone: u32) {
             }
         }
     }
-    let r = CtKey {
-        src: k.dst,
-        dst: k.src,
-        sport: k.dport,
-        dport: k.sport,
-        ..k
-    };
+    let r = tuple(k.zone, (k.dst, k.src), (k.dport, k.sport), k.proto);
     let (e, state) = match CT.get_ptr_mut(&k) {
         Some(e) => (e, ct::EST),
         None => match CT.get_ptr_mut(&r) {
@@ -163,22 +179,8 @@ pub(super) fn icmp_error_related(ctx: &XdpContext, off: usize, zone: u32) -> boo
         IPPROTO_ICMP => (0, 0),
         _ => return false,
     };
-    let k = CtKey {
-        zone,
-        src: esrc,
-        dst: edst,
-        sport,
-        dport,
-        proto: eproto,
-        pad: [0; 3],
-    };
-    let r = CtKey {
-        src: edst,
-        dst: esrc,
-        sport: dport,
-        dport: sport,
-        ..k
-    };
+    let k = tuple(zone, (esrc, edst), (sport, dport), eproto);
+    let r = tuple(zone, (edst, esrc), (dport, sport), eproto);
     // SAFETY: read-only lookups; the values are not used.
     unsafe { CT.get(&k).is_some() || CT.get(&r).is_some() }
 }

@@ -76,34 +76,30 @@ pub(super) fn encap(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) 
     s += (a.encap_src & 0xffff) as u64 + (a.encap_src >> 16) as u64;
     s += (a.encap_dst & 0xffff) as u64 + (a.encap_dst >> 16) as u64;
     let ip_csum = !fold(s);
-    let b = start as *mut u8;
-    // SAFETY: [start, start+58) is inside the packet (checked above); writes are unaligned.
+    // SAFETY: [start, start+58) is inside the packet (checked above); start is even.
     unsafe {
-        core::ptr::write_unaligned(b as *mut [u8; 6], dmac);
-        core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], smac);
-        core::ptr::write_unaligned(b.add(12) as *mut u16, ETH_P_IPV4.to_be());
-        core::ptr::write_unaligned(b.add(14) as *mut u16, w0);
-        core::ptr::write_unaligned(b.add(16) as *mut u16, w1);
-        core::ptr::write_unaligned(b.add(18) as *mut u16, ip_id);
-        core::ptr::write_unaligned(b.add(20) as *mut u16, w3);
-        core::ptr::write_unaligned(b.add(22) as *mut u16, w4);
-        core::ptr::write_unaligned(b.add(24) as *mut u16, ip_csum);
-        core::ptr::write_unaligned(b.add(26) as *mut u32, a.encap_src);
-        core::ptr::write_unaligned(b.add(30) as *mut u32, a.encap_dst);
-        core::ptr::write_unaligned(b.add(34) as *mut u16, sport.to_be());
-        core::ptr::write_unaligned(b.add(36) as *mut u16, GENEVE_PORT.to_be());
-        core::ptr::write_unaligned(b.add(38) as *mut u16, udp_len.to_be());
-        core::ptr::write_unaligned(b.add(40) as *mut u16, 0);
+        core::ptr::write_unaligned(start as *mut [u8; 6], dmac);
+        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], smac);
+        wr16(start + 12, ETH_P_IPV4.to_be());
+        wr16(start + 14, w0);
+        wr16(start + 16, w1);
+        wr16(start + 18, ip_id);
+        wr16(start + 20, w3);
+        wr16(start + 22, w4);
+        wr16(start + 24, ip_csum);
+        wr32(start + 26, a.encap_src);
+        wr32(start + 30, a.encap_dst);
+        wr16(start + 34, sport.to_be());
+        wr16(start + 36, GENEVE_PORT.to_be());
+        wr16(start + 38, udp_len.to_be());
+        wr16(start + 40, 0);
         // Geneve: ver 0, opt len 2 words; C bit set (the OVN option is critical).
-        core::ptr::write_unaligned(b.add(42) as *mut u16, 0x0240u16.to_be());
-        core::ptr::write_unaligned(b.add(44) as *mut u16, ETH_P_TEB.to_be());
-        core::ptr::write_unaligned(b.add(46) as *mut u32, (a.vni << 8).to_be());
-        core::ptr::write_unaligned(b.add(50) as *mut u16, OVN_OPT_CLASS.to_be());
-        core::ptr::write_unaligned(
-            b.add(52) as *mut u16,
-            ((OVN_OPT_TYPE as u16) << 8 | 1).to_be(),
-        );
-        core::ptr::write_unaligned(b.add(54) as *mut u32, a.ovn_opt.to_be());
+        wr16(start + 42, 0x0240u16.to_be());
+        wr16(start + 44, ETH_P_TEB.to_be());
+        wr32(start + 46, (a.vni << 8).to_be());
+        wr16(start + 50, OVN_OPT_CLASS.to_be());
+        wr16(start + 52, ((OVN_OPT_TYPE as u16) << 8 | 1).to_be());
+        wr32(start + 54, a.ovn_opt.to_be());
     }
     if a.flags & flag::UDP_CSUM != 0 {
         // Pseudo header + UDP header + Geneve header/option from the values we wrote,
@@ -144,7 +140,7 @@ pub(super) fn encap(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) 
         };
         if start + 42 <= end {
             // SAFETY: checked above.
-            unsafe { core::ptr::write_unaligned((start + 40) as *mut u16, c) };
+            unsafe { wr16(start + 40, c) };
         }
     }
     count(slot, ctr::FAST_HIT, 1);
@@ -229,8 +225,8 @@ fn summed<const N: usize>(inner: usize, end: usize) -> Option<u64> {
         if p + 4 > end {
             break;
         }
-        // SAFETY: 4 bytes at p are inside the packet (checked just above).
-        s += unsafe { core::ptr::read_unaligned(p as *const u32) } as u64;
+        // SAFETY: 4 bytes at p are inside the packet (checked just above); p is even.
+        s += unsafe { rd16(p) as u64 + rd16(p + 2) as u64 };
         p += 4;
     }
     if p + 4 <= end {
@@ -239,7 +235,7 @@ fn summed<const N: usize>(inner: usize, end: usize) -> Option<u64> {
     }
     if p + 2 <= end {
         // SAFETY: bounds checked.
-        s += unsafe { core::ptr::read_unaligned(p as *const u16) } as u64;
+        s += unsafe { rd16(p) } as u64;
         p += 2;
     }
     if p < end {

@@ -26,19 +26,17 @@ fn nat_key(ctx: &XdpContext, key: &FlowKey, dir: u32) -> Option<CtKey> {
         }
         _ => return None,
     };
-    Some(CtKey {
-        zone: if dir == nat::DIR_OUT {
-            nat::out_zone(key.in_ifindex)
-        } else {
-            dir
-        },
-        src: key.ip_src,
-        dst: key.ip_dst,
-        sport,
-        dport,
-        proto: key.ip_proto,
-        pad: [0; 3],
-    })
+    let zone = if dir == nat::DIR_OUT {
+        nat::out_zone(key.in_ifindex)
+    } else {
+        dir
+    };
+    Some(tuple(
+        zone,
+        (key.ip_src, key.ip_dst),
+        (sport, dport),
+        key.ip_proto,
+    ))
 }
 
 /// A TCP FIN or RST: the connection is ending (the expiry gives it seconds, not hours).
@@ -76,7 +74,6 @@ fn rewrite(
     port: u16,
 ) -> Option<()> {
     let p = bound(ctx, 0, L4 + 8)?;
-    let b = p as *mut u8;
     let csum_off = match proto {
         IPPROTO_TCP => {
             bound(ctx, L4 + 18, 0)?;
@@ -91,9 +88,9 @@ fn rewrite(
         let old_addr = rd32(p + addr_off);
         let old_port = rd16(p + port_off);
         let ipc = csum_replace4(rd16(p + ETH_LEN + 10), old_addr, addr);
-        core::ptr::write_unaligned(b.add(ETH_LEN + 10) as *mut u16, ipc);
-        core::ptr::write_unaligned(b.add(addr_off) as *mut u32, addr);
-        core::ptr::write_unaligned(b.add(port_off) as *mut u16, port);
+        wr16(p + ETH_LEN + 10, ipc);
+        wr32(p + addr_off, addr);
+        wr16(p + port_off, port);
         let c = rd16(cp);
         if proto == IPPROTO_UDP && c == 0 {
             return Some(());
@@ -107,7 +104,7 @@ fn rewrite(
         if proto == IPPROTO_UDP && c == 0 {
             c = 0xffff;
         }
-        core::ptr::write_unaligned(cp as *mut u16, c);
+        wr16(cp, c);
     }
     Some(())
 }

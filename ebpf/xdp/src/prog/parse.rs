@@ -137,8 +137,8 @@ pub(super) fn parse_inner(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Op
     let e = bound(ctx, off, ETH_LEN)?;
     // SAFETY: [e, e+14) is inside the packet.
     unsafe {
-        key.eth_dst = core::ptr::read_unaligned(e as *const [u8; 6]);
-        key.eth_src = core::ptr::read_unaligned((e + 6) as *const [u8; 6]);
+        mac_into(&mut key.eth_dst, e);
+        mac_into(&mut key.eth_src, e + 6);
         key.eth_type = rd16(e + 12);
     }
     if key.eth_type == ETH_P_ARP.to_be() {
@@ -187,6 +187,19 @@ pub(super) fn parse_inner(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Op
         }
     }
     Some(())
+}
+
+/// The MAC address at packet address `p` into `mac`, in three 2-byte copies: a plain copy
+/// of the array became a call to a byte loop (memmove).
+#[inline(always)]
+unsafe fn mac_into(mac: &mut [u8; 6], p: usize) {
+    let m = mac.as_mut_ptr() as *mut u16;
+    for i in 0..3 {
+        // SAFETY: the caller checked [p, p+6) is inside the packet, p is even (see `rd16`);
+        // `mac` is a field of the key (repr(C), 8-aligned) at offset 12 or 18, so each of
+        // its u16 is aligned.
+        unsafe { m.add(i).write(rd16(p + 2 * i)) };
+    }
 }
 
 /// Keys an ARP frame the way `geneflow_abi::arp` describes (sender/target protocol

@@ -53,18 +53,16 @@ pub(super) fn route(ctx: &XdpContext, slot: Ctr, key: &FlowKey, a: &FlowAction) 
         }
         return Err(drop_with(slot, ctr::DROP_TOO_BIG));
     }
-    let b = p as *mut u8;
-    // SAFETY: [p, p+34) is inside the packet; unaligned writes.
+    // SAFETY: [p, p+34) is inside the packet; p is even (see `rd16`).
     unsafe {
-        core::ptr::write_unaligned(b as *mut [u8; 6], a.set_dmac);
-        core::ptr::write_unaligned(b.add(6) as *mut [u8; 6], a.set_smac);
-        core::ptr::write_unaligned(b.add(22), ttl - 1);
+        wr_mac(p, a.set_dmac);
+        wr_mac(p + 6, a.set_smac);
+        *((p + 22) as *mut u8) = ttl - 1;
         // RFC 1624 incremental update for TTL - 1 (as Linux's ip_decrease_ttl): the
         // checksum grows by 0x0100 in network order, with end-around carry.
-        let c =
-            core::ptr::read_unaligned(b.add(24) as *const u16) as u32 + 0x0100u16.to_be() as u32;
+        let c = rd16(p + 24) as u32 + 0x0100u16.to_be() as u32;
         let c = c + (c >= 0xffff) as u32;
-        core::ptr::write_unaligned(b.add(24) as *mut u16, c as u16);
+        wr16(p + 24, c as u16);
     }
     Ok(())
 }
@@ -115,8 +113,8 @@ pub(super) fn vlan_push(ctx: &XdpContext, vlan: u16) -> Option<()> {
     // SAFETY: [q, q+16) is inside the packet; unaligned writes.
     unsafe {
         core::ptr::write_unaligned(b as *mut [u8; 12], macs);
-        core::ptr::write_unaligned(b.add(12) as *mut u16, 0x8100u16.to_be());
-        core::ptr::write_unaligned(b.add(14) as *mut u16, (vlan & 0x0fff).to_be());
+        wr16(q + 12, 0x8100u16.to_be());
+        wr16(q + 14, (vlan & 0x0fff).to_be());
     }
     Some(())
 }
@@ -128,7 +126,6 @@ pub(super) fn vlan_push(ctx: &XdpContext, vlan: u16) -> Option<()> {
 #[inline(always)]
 pub(super) fn nat(ctx: &XdpContext, key: &FlowKey, a: &FlowAction) -> Option<()> {
     let p = bound(ctx, 0, ETH_LEN + 20)?;
-    let b = p as *mut u8;
     // SAFETY: [p, p+34) is inside the packet (route checked it; re-checked above).
     let (frag, mut ipc) = unsafe { (rd16(p + 20), rd16(p + 24)) };
     let first = u16::from_be(frag) & 0x1fff == 0;
@@ -154,15 +151,15 @@ pub(super) fn nat(ctx: &XdpContext, key: &FlowKey, a: &FlowAction) -> Option<()>
         }
         // SAFETY: the address lies inside [p, p+34).
         let old = unsafe { rd32(p + off) };
-        // SAFETY: as above; unaligned write.
-        unsafe { core::ptr::write_unaligned(b.add(off) as *mut u32, new) };
+        // SAFETY: as above.
+        unsafe { wr32(p + off, new) };
         ipc = csum_replace4(ipc, old, new);
         if let Some(c) = l4c {
             l4c = Some(csum_replace4(c, old, new));
         }
     }
     // SAFETY: inside [p, p+34).
-    unsafe { core::ptr::write_unaligned(b.add(24) as *mut u16, ipc) };
+    unsafe { wr16(p + 24, ipc) };
     if let (Some(q), Some(c)) = (l4p, l4c) {
         if !udp_none {
             let c = if key.ip_proto == IPPROTO_UDP && c == 0 {
@@ -171,7 +168,7 @@ pub(super) fn nat(ctx: &XdpContext, key: &FlowKey, a: &FlowAction) -> Option<()>
                 c
             };
             // SAFETY: 2 bytes at q were checked by `bound`.
-            unsafe { core::ptr::write_unaligned(q as *mut u16, c) };
+            unsafe { wr16(q, c) };
         }
     }
     Some(())
