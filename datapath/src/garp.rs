@@ -20,6 +20,7 @@ pub struct FipAnnouncer {
 }
 
 /// One gratuitous ARP to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Garp {
     pub ip: Ipv4Addr,
     pub ifindex: u32,

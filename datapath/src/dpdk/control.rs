@@ -82,8 +82,9 @@ pub struct Control<'a> {
     /// Expiry rounds so far (default-SNAT translations expire every tenth).
     pub rounds: u64,
     pub announcer: FipAnnouncer,
-    /// Frames for a poll thread to send: (ifindex, frame).
-    pub inject: Sender<(u32, Vec<u8>)>,
+    /// Gratuitous ARPs for a poll thread to send; one it cannot send comes back as
+    /// `PathEvent::Unsent`.
+    pub inject: Sender<crate::garp::Garp>,
 }
 
 impl Control<'_> {
@@ -169,9 +170,10 @@ impl Control<'_> {
             return;
         };
         for g in self.announcer.due(&t) {
-            match self.inject.try_send((g.ifindex, g.frame.clone())) {
-                Ok(()) => info!(floating_ip = %g.ip, "gratuitous ARP sent"),
-                Err(_) => self.announcer.unsent(&g),
+            let ip = g.ip;
+            match self.inject.try_send(g) {
+                Ok(()) => info!(floating_ip = %ip, "gratuitous ARP sent"),
+                Err(e) => self.announcer.unsent(&e.into_inner()),
             }
         }
     }
@@ -181,6 +183,10 @@ impl Control<'_> {
         let now = Instant::now();
         match ev {
             PathEvent::Asked(ip) => self.arp_asked.asking(ip, now),
+            PathEvent::Unsent(g) => {
+                tracing::debug!(floating_ip = %g.ip, "gratuitous ARP not sent; again in a second");
+                self.announcer.unsent(&g);
+            }
             PathEvent::Learn(l) => {
                 let Some(asked) = self.arp_asked.admit(&l, now) else {
                     return;

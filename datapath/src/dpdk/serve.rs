@@ -134,7 +134,7 @@ struct Common<'a, 'p> {
     state: &'a PathShared,
     events: crossbeam_channel::Sender<PathEvent>,
     /// Frames the calling thread has a poll thread send (gratuitous ARPs): (ifindex, frame).
-    inject: Receiver<(u32, Vec<u8>)>,
+    inject: Receiver<crate::garp::Garp>,
     dhcp_rate: u32,
     flows: &'a FlowRequests,
     uplink_mac: [u8; 6],
@@ -200,22 +200,24 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
     let (mut busy_ns, mut busy_frames) = (0u64, 0u64);
     while !c.stop.load(Ordering::Relaxed) {
         let tables = c.tables.load_full();
-        for (ix, frame) in c.inject.try_iter() {
+        for g in c.inject.try_iter() {
             let mut s = Sender {
                 ports: &mut ports,
                 pool: c.pool,
                 queue: q,
             };
-            let sent = s.send(ix, &frame);
-            if let Some(p) = ports.iter_mut().find(|p| p.ifindex == ix) {
-                p.io.add(
-                    if sent {
-                        ctr::GARP_SENT
-                    } else {
-                        ctr::DROP_TX_FULL
-                    },
-                    1,
-                );
+            let sent = s.send(g.ifindex, &g.frame);
+            let counter = if sent {
+                ctr::GARP_SENT
+            } else {
+                ctr::DROP_TX_FULL
+            };
+            if let Some(p) = ports.iter_mut().find(|p| p.ifindex == g.ifindex) {
+                p.io.add(counter, 1);
+            }
+            if !sent {
+                // Owed again: the control thread offers it on its next round.
+                let _ = c.events.try_send(PathEvent::Unsent(g));
             }
         }
         let mut got = 0;

@@ -80,11 +80,13 @@ impl Counters {
 
 /// What a poll thread tells the thread that owns the tables: a provider neighbour the
 /// pipeline learnt from ARP, and the next hops this thread asked for (only their replies are
-/// learnt, see `arpasked`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// learnt, see `arpasked`); a gratuitous ARP it could not send.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathEvent {
     Learn(Learn),
     Asked(Ipv4Addr),
+    /// A gratuitous ARP a poll thread could not send: owed again (`garp`).
+    Unsent(crate::garp::Garp),
 }
 
 /// How an engine is set up.

@@ -196,7 +196,7 @@ unsafe fn mac_into(mac: &mut [u8; 6], p: usize) {
     let m = mac.as_mut_ptr() as *mut u16;
     for i in 0..3 {
         // SAFETY: the caller checked [p, p+6) is inside the packet, p is even (see `rd16`);
-        // `mac` is a field of the key (repr(C), 8-aligned) at offset 12 or 18, so each of
+        // `mac` is a field of the key (repr(C), 4-aligned) at offset 12 or 18, so each of
         // its u16 is aligned.
         unsafe { m.add(i).write(rd16(p + 2 * i)) };
     }
