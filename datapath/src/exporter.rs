@@ -261,17 +261,27 @@ pub fn gather(
         "Frames each slow-path thread took from its AF_XDP sockets (thread 0 owns the maps).",
         MetricType::COUNTER,
     );
-    if let Some(a) = snap["slow_path_threads"].as_array() {
-        for (t, v) in a.iter().enumerate() {
-            st.mut_metric().push(counter(
-                vec![label("thread", &t.to_string())],
-                v.as_f64().unwrap_or(0.0),
-            ));
-        }
-    }
+    per_thread(&mut st, &snap["slow_path_threads"]);
     out.push(st);
+    let mut si = family(
+        "geneflow_slowpath_thread_installs_total",
+        "Megaflows each slow-path thread put in the XDP table itself.",
+        MetricType::COUNTER,
+    );
+    per_thread(&mut si, &snap["slow_path_thread_installs"]);
+    out.push(si);
     out.extend(shared.registry.gather());
     out
+}
+
+/// One sample per slow-path thread, from a list in the stats snapshot.
+fn per_thread(f: &mut MetricFamily, list: &serde_json::Value) {
+    for (t, v) in list.as_array().into_iter().flatten().enumerate() {
+        f.mut_metric().push(counter(
+            vec![label("thread", &t.to_string())],
+            v.as_f64().unwrap_or(0.0),
+        ));
+    }
 }
 
 pub fn render(shared: &Shared, counters: Option<&PerCpuArray<MapData, PortCounters>>) -> Vec<u8> {

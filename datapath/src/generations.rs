@@ -42,6 +42,11 @@ impl GenBook {
         self.live.get(&dp).copied()
     }
 
+    /// Every live datapath's slot and generation.
+    pub fn snapshot(&self) -> HashMap<u32, (u32, DpGen)> {
+        self.live.clone()
+    }
+
     pub fn generation(&self, dp: u32) -> Option<u32> {
         self.live.get(&dp).map(|(_, g)| g.generation)
     }

@@ -50,6 +50,8 @@ pub struct Shared {
     /// sockets (index = thread; thread 0 is the forwarder that owns the maps).
     pub slow_threads: AtomicU64,
     pub slow_thread_frames: Vec<AtomicU64>,
+    /// The megaflows each slow-path thread put in the map itself.
+    pub slow_thread_installs: Vec<AtomicU64>,
     /// Written by the control thread.
     pub nb: Arc<Mutex<NbStatus>>,
     /// Registry of the metrics that are observed, not read (histograms).
@@ -123,6 +125,9 @@ impl Shared {
             slow_thread_frames: (0..geneflow_abi::MAX_QUEUES)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            slow_thread_installs: (0..geneflow_abi::MAX_QUEUES)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             nb: Arc::new(Mutex::new(NbStatus::default())),
         }
     }
@@ -182,6 +187,9 @@ impl Shared {
             "busy_ns": self.busy_ns.load(Ordering::Relaxed),
             "busy_frames": self.busy_frames.load(Ordering::Relaxed),
             "slow_path_threads": self.slow_thread_frames.iter()
+                .take(self.slow_threads.load(Ordering::Relaxed) as usize)
+                .map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            "slow_path_thread_installs": self.slow_thread_installs.iter()
                 .take(self.slow_threads.load(Ordering::Relaxed) as usize)
                 .map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
             "nb": self.nb.lock().map(|s| serde_json::to_value(&*s).unwrap_or_default()).unwrap_or_default(),

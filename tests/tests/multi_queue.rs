@@ -182,7 +182,12 @@ fn ping_from_cpu(tb: &Testbed, vm: &str, cpu: u32, ip: &str) -> Result<()> {
 
 /// The frames each slow-path thread of `ch` took (`geneflowctl stats`).
 fn per_thread(tb: &Testbed, ch: &str) -> Result<Vec<u64>> {
-    Ok(tb.stats(ch)?["slow_path_threads"]
+    per_thread_stat(tb, ch, "slow_path_threads")
+}
+
+/// A per-thread list of `geneflowctl stats`.
+fn per_thread_stat(tb: &Testbed, ch: &str, what: &str) -> Result<Vec<u64>> {
+    Ok(tb.stats(ch)?[what]
         .as_array()
         .into_iter()
         .flatten()
@@ -191,9 +196,9 @@ fn per_thread(tb: &Testbed, ch: &str) -> Result<Vec<u64>> {
 }
 
 /// `--forwarder-cores 0,1`: two slow-path threads, the second serving receive queue 1 of every
-/// port. It forwards what it can decide alone and hands the first thread the rest (here the
-/// ARP responder's answers, whose budget the first thread keeps) and every megaflow to
-/// install.
+/// port. It forwards what it can decide alone, installs the megaflows of the flows it decides
+/// itself, and hands the first thread the rest (here the ARP responder's answers, whose budget
+/// the first thread keeps).
 #[test]
 fn two_slow_path_threads_share_the_queues() -> Result<()> {
     let tb = two_chassis_with("mt", NbKind::File, 2, |tb| {
@@ -220,9 +225,9 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
             "{ch}: frames per slow-path thread {per:?}"
         );
     }
-    // A flow that starts on queue 1: the second thread decides its first frame and the first
-    // installs the megaflow it hands over, so the rest stay in XDP. An NB change to ls1 first
-    // makes its megaflows stale (the pings above installed vm1 -> vm3's).
+    // A flow that starts on queue 1: the second thread decides its first frame and installs
+    // its megaflow, so the rest stay in XDP. An NB change to ls1 first makes its megaflows
+    // stale (the pings above installed vm1 -> vm3's).
     let dummy = [
         "lsp-add",
         "ls1",
@@ -235,8 +240,24 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
         tb.nbctl(&dummy).map(|_| ())
     })?;
     assert!(applied, "the NB change never reached ch1");
+    // The sweep takes the stale entry out (the second thread only adds where a key is free;
+    // it hands the first thread a megaflow that would replace one).
+    let vm3_mac = tb.vm("vm3")?.mac.clone();
+    let to_vm3 = format!("eth_dst={vm3_mac}");
+    let t = std::time::Instant::now();
+    while megaflows(&tb, "ch1")?
+        .iter()
+        .any(|f| f["match"].as_str().unwrap_or("").contains(&to_vm3))
+    {
+        assert!(
+            t.elapsed().as_secs() < 5,
+            "the stale megaflow to vm3 stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let vm1 = tb.vm("vm1")?.clone();
     let before = per_thread(&tb, "ch1")?;
+    let installs0 = per_thread_stat(&tb, "ch1", "slow_path_thread_installs")?;
     let rx0 = tb.counter("ch1", "vp-vm1", "slowpath_rx")?;
     let hit0 = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;
     run(Command::new("ip")
@@ -265,6 +286,30 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
         hits >= 900 && hits + slow == 1000,
         "{hits} of 1000 frames in XDP, {slow} to the slow path: the megaflow was not installed"
     );
+    let installs = per_thread_stat(&tb, "ch1", "slow_path_thread_installs")?;
+    assert!(
+        installs[1] > installs0[1],
+        "the second thread did not install the flow's megaflow: {installs0:?} -> {installs:?}"
+    );
+    // The first thread took it into its mirror: it lists it, with its fast-path hits.
+    let flows = megaflows(&tb, "ch1")?;
+    eprintln!(
+        "DEBUG installs {installs:?} megaflow_install {} handoff {} flows {:#?}",
+        tb.counter("ch1", "vp-vm1", "megaflow_install")?,
+        tb.counter("ch1", "vp-vm1", "slowpath_handoff")?,
+        flows
+            .iter()
+            .map(|f| (
+                f["match"].clone(),
+                f["hits"].clone(),
+                f["age_ms"].clone(),
+                f["stale"].clone()
+            ))
+            .collect::<Vec<_>>()
+    );
+    let f = megaflow_to(&flows, &vm3_mac)
+        .with_context(|| format!("the megaflow to vm3 is not listed: {flows:?}"))?;
+    assert!(f["hits"].as_u64().unwrap_or(0) >= 900, "{f}");
     let handed = tb.counter("ch1", "vp-vm1", "slowpath_handoff")?;
     assert!(handed > 0, "no frame of vm1 was handed to the first thread");
     assert_no_drops(&tb, &["ch1", "ch2"])?;

@@ -19,17 +19,21 @@ impl Forwarder {
             version: 0,
             tables: self.tables.clone(),
             ready: false,
+            gens: Arc::new(self.bpf.generations()),
         };
         let crew = Arc::new(worker::Crew::new(
             self.waker().map_err(ForwarderError::Io)?,
             view,
+            self.bpf.mask_lists(),
             n - 1,
         ));
+        self.masks_published = self.bpf.mask_count();
         for id in 1..n {
             let hand = worker::spawn(worker::WorkerSetup {
                 id,
                 core: self.cfg.cores.get(id).copied(),
                 crew: crew.clone(),
+                flows: self.bpf.flow_writer()?,
                 shared: self.shared.clone(),
                 neigh: self.neigh.reader(),
                 uplink: (self.uplink_ifindex, self.uplink_mac),
@@ -56,7 +60,19 @@ impl Forwarder {
             version: self.view_version,
             tables: self.tables.clone(),
             ready: self.ready,
+            gens: Arc::new(self.bpf.generations()),
         }));
+    }
+
+    /// Publishes the mask lists to the other slow-path threads once a mask was added: they
+    /// install megaflows under the masks they know and hand the others over.
+    fn publish_masks(&mut self) {
+        let Some(crew) = &self.crew else { return };
+        let n = self.bpf.mask_count();
+        if n != self.masks_published {
+            crew.masks.store(Arc::new(self.bpf.mask_lists()));
+            self.masks_published = n;
+        }
     }
 
     /// Stops the other slow-path threads and waits for them (they close their sockets).
@@ -106,7 +122,22 @@ impl Forwarder {
             return 0;
         };
         let mut work = 0;
+        // The entries they put in the map themselves, into the mirror.
         while work < 1024 {
+            let Ok(a) = crew.added.1.try_recv() else {
+                break;
+            };
+            work += 1;
+            if self.bpf.record(a.key, a.action) == Recorded::Installed {
+                self.shared.count(a.in_slot, ctr::FLOW_INSTALL, 1);
+                if let Some(t) = a.arrived {
+                    self.shared
+                        .last_flow_setup_ns
+                        .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        while work < 2048 {
             let Ok(r) = crew.installs.1.try_recv() else {
                 break;
             };
@@ -129,6 +160,10 @@ impl Forwarder {
                 self.install_decided(r.m, r.in_ifindex, r.in_slot, Some(r.arrived));
             }
         }
+        self.shared
+            .megaflows
+            .store(self.bpf.megaflow_count() as u64, Ordering::Relaxed);
+        self.publish_masks();
         if crew.punts.1.is_empty() {
             return work;
         }

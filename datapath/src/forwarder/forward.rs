@@ -74,6 +74,25 @@ pub(super) fn count_sent(shared: &Shared, slot: u32, len: usize, ok: bool) {
     }
 }
 
+/// Completes megaflow `m` with what the thread that installs it knows: the next hop's MAC of
+/// an encap entry (from `neigh`; without it XDP looks the next hop up itself), the output
+/// port's slot.
+pub(super) fn complete(
+    m: &mut Megaflow,
+    neigh: impl Fn(std::net::Ipv4Addr) -> Option<[u8; 6]>,
+    uplink_mac: [u8; 6],
+    out_slot: u32,
+) {
+    if m.action.kind == geneflow_abi::act::ENCAP {
+        if let Some(mac) = neigh(std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes())) {
+            m.action.nh_dmac = mac;
+            m.action.nh_smac = uplink_mac;
+            m.action.flags |= geneflow_abi::flag::NH_CACHED;
+        }
+    }
+    m.action.out_slot = out_slot;
+}
+
 impl Forwarder {
     /// Installs megaflow `m`, decided here or by another slow-path thread, with what only
     /// this thread knows: the next hop's MAC of an encap entry, the output port's slot.
@@ -84,19 +103,12 @@ impl Forwarder {
         in_slot: u32,
         arrived: Option<Instant>,
     ) {
-        if m.action.kind == geneflow_abi::act::ENCAP {
-            let dst = std::net::Ipv4Addr::from(m.action.encap_dst.to_ne_bytes());
-            if let Some(mac) = self.neigh.get(dst) {
-                m.action.nh_dmac = mac;
-                m.action.nh_smac = self.uplink_mac;
-                m.action.flags |= geneflow_abi::flag::NH_CACHED;
-            }
-        }
-        m.action.out_slot = self
+        let out_slot = self
             .by_ifindex
             .get(&m.action.out_ifindex)
             .map(|&j| self.ports[j].slot)
             .unwrap_or(UPLINK_SLOT);
+        complete(&mut m, |ip| self.neigh.get(ip), self.uplink_mac, out_slot);
         Self::install(
             &mut self.bpf,
             &self.shared,

@@ -6,7 +6,7 @@
 //! more than one core, the other threads (`worker`) serve the other receive queues and hand
 //! it what needs that state.
 
-use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink};
+use crate::loader::{Adopted, Bpf, Install, LoaderError, PortLink, Recorded};
 use crate::metrics::{PortInfo, Shared};
 use crate::netdev::{self, Neighbours};
 use crate::pipeline::{emit_encap, AnswerKind, EncapParams, Megaflow, Output, Tables};
@@ -28,6 +28,7 @@ mod conntrack;
 mod crew;
 mod ctl;
 mod forward;
+mod sockets;
 mod worker;
 
 /// Bytes per frame in the receive batch and the frame buffers: the largest frame the slow path
@@ -143,6 +144,8 @@ pub struct Forwarder {
     crew: Option<Arc<worker::Crew>>,
     hands: Vec<worker::Hand>,
     view_version: u64,
+    /// How many masks the other threads were last told of.
+    masks_published: usize,
 }
 
 /// Wakes the forwarder out of its idle poll (an eventfd in its poll set).
@@ -209,7 +212,7 @@ impl Forwarder {
             cfg.udp_csum,
             |_| None,
         ));
-        let wake_fd = worker::eventfd()?;
+        let wake_fd = sockets::eventfd()?;
         let dhcp_rate = cfg.dhcp_rate as f32;
         let mut f = Forwarder {
             neigh: Neighbours::new(&cfg.uplink),
@@ -251,6 +254,7 @@ impl Forwarder {
             crew: None,
             hands: Vec::new(),
             view_version: 0,
+            masks_published: 0,
         };
         f.start_workers()?;
         f.add_port(
@@ -308,9 +312,9 @@ impl Forwarder {
     }
 
     fn rebuild_index(&mut self) {
-        self.by_ifindex = worker::positions(self.ports.iter().map(|p| p.ifindex));
+        self.by_ifindex = sockets::positions(self.ports.iter().map(|p| p.ifindex));
         let xsks = self.ports.iter().flat_map(|p| &p.xsks);
-        self.pollfds = worker::poll_set(xsks, std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd));
+        self.pollfds = sockets::poll_set(xsks, std::os::fd::AsRawFd::as_raw_fd(&self.wake_fd));
         let infos = self
             .ports
             .iter()
@@ -474,12 +478,14 @@ impl Forwarder {
             if let Err(e) = self.bpf.invalidate_all() {
                 warn!("generation update failed: {e}");
             }
+            // The other threads stamp their megaflows with the published generations.
+            self.publish();
         }
         if self.announced.owed() {
             self.send_garps();
         }
         for p in self.ports.iter_mut() {
-            worker::count_socket_drops(&self.shared, p.slot, &p.xsks, &mut p.xsk_drops);
+            sockets::count_socket_drops(&self.shared, p.slot, &p.xsks, &mut p.xsk_drops);
         }
         if let Err(e) = self.bpf.bump_ct_epoch() {
             warn!("conntrack cache epoch: {e}");
@@ -541,7 +547,7 @@ impl Forwarder {
                         timeout,
                     );
                 }
-                worker::drain(&self.wake_fd);
+                sockets::drain(&self.wake_fd);
             }
         }
     }
@@ -565,7 +571,7 @@ impl Forwarder {
             rxct,
             ..
         } = self;
-        let n = worker::receive_batch(&mut ports[i].xsks[q], rxbuf, rxlen, rxct);
+        let n = sockets::receive_batch(&mut ports[i].xsks[q], rxbuf, rxlen, rxct);
         if n == 0 {
             return 0;
         }

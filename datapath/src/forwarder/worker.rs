@@ -2,11 +2,19 @@
 //! handler threads: thread `w` of `n` owns the AF_XDP sockets of receive queues `q` with
 //! `q % n == w` on every port, runs the pipeline on what they receive and sends the outputs
 //! on its own socket of the output port. The first thread (the `Forwarder`) keeps everything
-//! that must have one owner: the BPF maps, the ports, the answers' budgets, the translations,
-//! the frames waiting for a next hop. So another thread hands it
-//! - each megaflow to install (with the version of the tables it decided on: one decided on
-//!   tables older than the last published ones, which every generation change publishes, is
-//!   not installed: it would carry the new generation);
+//! that must have one owner: the mirror of the megaflow table, the other BPF maps, the ports,
+//! the answers' budgets, the translations, the frames waiting for a next hop.
+//!
+//! A megaflow under a mask the first thread has published, for a port this thread serves,
+//! goes into the XDP table from here (`Worker::add`), as OVS's handler threads install their
+//! own flows: the entry carries the generation of the tables it was decided on (every
+//! generation change publishes them), so one decided just before a change is stale in XDP at
+//! once. It is only added where its key is free, and the first thread is told of it
+//! (`Added`) to keep its mirror: it deletes at once one that went stale meanwhile, as no
+//! sweep would. Otherwise another thread hands the first
+//! - the megaflow to install (with the version of the tables it decided on: one decided on
+//!   tables older than the last published ones is not installed: it would carry the new
+//!   generation);
 //! - each frame whose verdict needs that state (an answer, a translation, a connection to
 //!   commit, a neighbour learnt, a next hop not resolved yet) or a port on which it has no
 //!   socket: the first thread runs the whole pipeline on it again.
@@ -15,10 +23,13 @@
 //! it, so nothing is allocated per frame. A full queue drops the frame, counted
 //! `drop_slowpath_handoff_full`; a lost megaflow is decided again by the flow's next frame.
 
-use super::forward::{count_sent, tunnel_params, wire};
+use super::forward::{complete, count_sent, tunnel_params, wire};
+use super::sockets::{count_socket_drops, drain, eventfd, poll_set, positions, receive_batch};
 use super::*;
+use crate::loader::{entry, mask_id, FlowWriter};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{bounded, Sender};
+use geneflow_abi::{mask_list, DpGen, FlowAction, FlowKey, MASK_LISTS};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Frame buffers in flight from each other thread to the first: a VM port with one queue
@@ -35,6 +46,17 @@ pub(super) struct View {
     pub tables: Arc<Tables>,
     /// A pipeline has been applied (until then nothing is installed).
     pub ready: bool,
+    /// Every live datapath's generation slot and generation, for these tables.
+    pub gens: Arc<HashMap<u32, (u32, DpGen)>>,
+}
+
+/// A megaflow another thread put in the XDP table itself, for the first thread's mirror.
+pub(super) struct Added {
+    pub key: FlowKey,
+    pub action: FlowAction,
+    pub in_slot: u32,
+    /// The first frame's arrival (the flow-setup time); none for a drop entry.
+    pub arrived: Option<Instant>,
 }
 
 pub(super) enum ToWorker {
@@ -74,6 +96,9 @@ pub(super) struct Punt {
 pub(super) struct Crew {
     pub view: ArcSwap<View>,
     pub installs: (Sender<InstallReq>, Receiver<InstallReq>),
+    pub added: (Sender<Added>, Receiver<Added>),
+    /// The mask lists, as the first thread last published them.
+    pub masks: ArcSwap<[Vec<FlowKey>; MASK_LISTS as usize]>,
     pub punts: (Sender<Punt>, Receiver<Punt>),
     /// Free frame buffers.
     pub spare: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
@@ -84,7 +109,12 @@ pub(super) struct Crew {
 
 impl Crew {
     /// For `others` threads besides the first.
-    pub(super) fn new(owner: WakeHandle, view: View, others: usize) -> Crew {
+    pub(super) fn new(
+        owner: WakeHandle,
+        view: View,
+        masks: [Vec<FlowKey>; MASK_LISTS as usize],
+        others: usize,
+    ) -> Crew {
         let frames = HANDOFF_BATCHES * BATCH * others.max(1);
         let spare = bounded(frames);
         for _ in 0..frames {
@@ -93,6 +123,8 @@ impl Crew {
         Crew {
             view: ArcSwap::from_pointee(view),
             installs: bounded(HANDOFF_INSTALLS),
+            added: bounded(HANDOFF_INSTALLS),
+            masks: ArcSwap::from_pointee(masks),
             punts: bounded(frames),
             spare,
             owner,
@@ -121,6 +153,7 @@ pub(super) struct WorkerSetup {
     pub id: usize,
     pub core: Option<usize>,
     pub crew: Arc<Crew>,
+    pub flows: FlowWriter,
     pub shared: Arc<Shared>,
     pub neigh: crate::netdev::NeighReader,
     pub uplink: (u32, [u8; 6]),
@@ -133,6 +166,9 @@ pub(super) struct WorkerSetup {
 pub(super) struct Worker {
     id: usize,
     crew: Arc<Crew>,
+    flows: FlowWriter,
+    /// The entry this thread added last, in the batch it is serving.
+    last_added: Option<(FlowKey, FlowAction)>,
     shared: Arc<Shared>,
     neigh: crate::netdev::NeighReader,
     uplink: (u32, [u8; 6]),
@@ -164,6 +200,8 @@ pub(super) fn spawn(s: WorkerSetup) -> Result<Hand, ForwarderError> {
         id: s.id,
         view: s.crew.view.load_full(),
         crew: s.crew,
+        flows: s.flows,
+        last_added: None,
         shared: s.shared,
         neigh: s.neigh,
         uplink: s.uplink,
@@ -296,6 +334,7 @@ impl Worker {
         let (ifindex, slot) = (self.ports[i].ifindex, self.ports[i].slot);
         let arrived = Instant::now();
         let view = self.view.clone();
+        self.last_added = None;
         for k in 0..n {
             self.forward(&view, k, (ifindex, slot), arrived);
         }
@@ -349,7 +388,7 @@ impl Worker {
                 self.shared.count(in_slot, dropped.reason.counter(), 1);
                 if let (true, Some(m)) = (view.ready, dropped.megaflow) {
                     if self.drop_installs.allow_key(in_ifindex, arrived) {
-                        self.request(view.version, m, (in_ifindex, in_slot), arrived, true);
+                        self.request(view, m, (in_ifindex, in_slot), arrived, true);
                     }
                 }
                 return;
@@ -409,31 +448,91 @@ impl Worker {
             count_sent(shared, out.slot, bytes.len(), out.xsks[0].send(bytes));
         }
         if let (true, Some(m)) = (view.ready, d.megaflow) {
-            self.request(view.version, m, (in_ifindex, in_slot), arrived, false);
+            self.request(view, m, (in_ifindex, in_slot), arrived, false);
         }
     }
 
-    /// Hands megaflow `m` to the first thread to install.
+    /// Puts megaflow `m` in the XDP table, or hands it to the first thread to install.
     fn request(
         &mut self,
-        version: u64,
+        view: &View,
         m: Megaflow,
         (in_ifindex, in_slot): (u32, u32),
         at: Instant,
         drop: bool,
     ) {
+        if self.add(view, m, (in_ifindex, in_slot), at, drop) {
+            return;
+        }
         let r = InstallReq {
             m,
             in_ifindex,
             in_slot,
             arrived: at,
-            version,
+            version: view.version,
             drop,
         };
         // A full queue loses the entry, not the frame: the flow's next frame decides again.
         if self.crew.installs.0.try_send(r).is_ok() {
             self.handed = true;
         }
+    }
+
+    /// Puts megaflow `m` in the XDP table itself, completed as the first thread would (the
+    /// next hop's MAC of an encap entry, the output port's slot; a drop entry as decided),
+    /// if its mask is published, its datapath live in `view`, its output port one of this
+    /// thread's and its key free. Tells the first thread, or takes the entry back if that
+    /// cannot be done (its mirror must know every entry).
+    fn add(
+        &mut self,
+        view: &View,
+        mut m: Megaflow,
+        (in_ifindex, in_slot): (u32, u32),
+        at: Instant,
+        drop: bool,
+    ) -> bool {
+        if !drop {
+            let Some(&j) = self.by_ifindex.get(&m.action.out_ifindex) else {
+                return false;
+            };
+            let slot = self.ports[j].slot;
+            complete(&mut m, |ip| self.neigh.get(ip), self.uplink.1, slot);
+        }
+        let list = if in_ifindex == self.uplink.0 {
+            mask_list::UPLINK
+        } else {
+            mask_list::VM
+        };
+        let Some(id) = mask_id(&self.crew.masks.load(), list, &m.mask) else {
+            return false;
+        };
+        let Some(&g) = view.gens.get(&m.action.dp_key) else {
+            return false;
+        };
+        let (key, action) = entry(&m, id, g);
+        // The frames of a flow that wait in one batch all decide its megaflow: the first
+        // adds it, the others need nothing (a request would make the first thread write it
+        // over).
+        if self.last_added == Some((key, action)) {
+            return true;
+        }
+        if !self.flows.add(&key, &action) {
+            return false;
+        }
+        let a = Added {
+            key,
+            action,
+            in_slot,
+            arrived: (!drop).then_some(at),
+        };
+        if self.crew.added.0.try_send(a).is_err() {
+            self.flows.remove(&key);
+            return false;
+        }
+        self.shared.slow_thread_installs[self.id].fetch_add(1, Ordering::Relaxed);
+        self.last_added = Some((key, action));
+        self.handed = true;
+        true
     }
 
     /// Hands received frame `k` to the first thread.
@@ -465,82 +564,4 @@ impl Worker {
             }
         }
     }
-}
-
-/// Interface index -> position, for ports listed in this order.
-pub(super) fn positions(ifindexes: impl Iterator<Item = u32>) -> HashMap<u32, usize> {
-    ifindexes.enumerate().map(|(i, ix)| (ix, i)).collect()
-}
-
-/// What a slow-path thread polls: its sockets, then its eventfd `wake`.
-pub(super) fn poll_set<'a>(
-    xsks: impl Iterator<Item = &'a Xsk>,
-    wake: std::os::fd::RawFd,
-) -> Vec<libc::pollfd> {
-    xsks.map(|x| x.fd())
-        .chain([wake])
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect()
-}
-
-/// Frames the kernel could not hand to the slow path are drops too: counts, for the port in
-/// `slot`, what its sockets `xsks` dropped since `seen` (ring full, other).
-pub(super) fn count_socket_drops(shared: &Shared, slot: u32, xsks: &[Xsk], seen: &mut (u64, u64)) {
-    let now = xsks
-        .iter()
-        .map(|x| x.rx_drops())
-        .fold((0, 0), |a, d| (a.0 + d.0, a.1 + d.1));
-    shared.count(slot, ctr::DROP_XSK_RING_FULL, now.0.saturating_sub(seen.0));
-    shared.count(slot, ctr::DROP_XSK_RX, now.1.saturating_sub(seen.1));
-    *seen = now;
-}
-
-/// Drains an eventfd (nonblocking).
-pub(super) fn drain(fd: &OwnedFd) {
-    let mut buf = 0u64;
-    // SAFETY: reads at most 8 bytes into a live u64 from a nonblocking eventfd we own.
-    unsafe { libc::read(fd.as_raw_fd(), &mut buf as *mut u64 as *mut libc::c_void, 8) };
-}
-
-/// A nonblocking eventfd.
-pub(super) fn eventfd() -> Result<OwnedFd, ForwarderError> {
-    // SAFETY: plain eventfd(2); the descriptor is owned right away.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if efd < 0 {
-        return Err(ForwarderError::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: efd is a fresh descriptor nobody else owns.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) })
-}
-
-/// Receives one batch from `x` into `rxbuf` (frame `k` at `k * STRIDE`), each frame's
-/// `SlowMeta` stripped into `rxct` (`None`: the frame came without one). Returns how many.
-pub(super) fn receive_batch(
-    x: &mut Xsk,
-    rxbuf: &mut [u8],
-    rxlen: &mut [usize; BATCH],
-    rxct: &mut [Option<(u8, u16)>; BATCH],
-) -> usize {
-    let mut n = 0;
-    x.recv(|frame| {
-        // Every frame from our XDP program starts with its SlowMeta.
-        let meta = (frame.len() >= SlowMeta::LEN
-            && u16::from_ne_bytes([frame[0], frame[1]]) == SlowMeta::MAGIC)
-            .then(|| (frame[2], u16::from_ne_bytes([frame[4], frame[5]])));
-        let frame = if meta.is_some() {
-            &frame[SlowMeta::LEN..]
-        } else {
-            frame
-        };
-        let len = frame.len().min(STRIDE);
-        rxbuf[n * STRIDE..n * STRIDE + len].copy_from_slice(&frame[..len]);
-        rxlen[n] = len;
-        rxct[n] = meta;
-        n += 1;
-    });
-    n
 }

@@ -2,6 +2,7 @@
 //! sweeps and inspection.
 
 use super::*;
+use aya::maps::IterableMap;
 
 impl Bpf {
     /// Writes one slot of GENS.
@@ -97,8 +98,8 @@ impl Bpf {
         };
         let l = (list as usize).min(MASK_LISTS as usize - 1);
         let base = l as u32 * MAX_MASKS;
-        let id = match self.mask_lists[l].iter().position(|k| *k == m.mask) {
-            Some(i) => base + i as u32,
+        let id = match mask_id(&self.mask_lists, list, &m.mask) {
+            Some(id) => id,
             None => {
                 if self.mask_lists[l].len() >= MAX_MASKS as usize {
                     return Ok(Install::Refused);
@@ -113,11 +114,7 @@ impl Bpf {
                 id
             }
         };
-        let mut key = m.key.masked(&m.mask);
-        key.mask_id = id as u8;
-        let mut action = m.action;
-        action.generation = g.generation;
-        action.gen_slot = gen_slot;
+        let (key, action) = entry(m, id, (gen_slot, g));
         if self.installed.get(&key).map(|(a, _)| a) == Some(&action) {
             return Ok(Install::AlreadyPresent);
         }
@@ -133,6 +130,54 @@ impl Bpf {
         self.installed
             .insert(key, (action, std::time::Instant::now()));
         Ok(Install::Installed)
+    }
+
+    /// Takes into the mirror an entry another slow-path thread put in FLOWS itself (see
+    /// `FlowWriter`). One whose datapath's generation moved on since it was decided is
+    /// deleted at once: no sweep would find it. A key the mirror already holds was written
+    /// over by this thread's own install, whose action the map holds: nothing to do. One no
+    /// longer in the map was deleted here since (a retain after this thread wrote over it):
+    /// it stays out of the mirror, which must never claim an entry the map lacks (an install
+    /// of the same entry would then be skipped). This thread is the only one that deletes,
+    /// so the lookup is exact.
+    pub fn record(&mut self, key: FlowKey, action: FlowAction) -> Recorded {
+        if self.installed.contains_key(&key) {
+            return Recorded::Known;
+        }
+        if self.book.generation(action.dp_key) != Some(action.generation) {
+            let _ = self.flows.remove(&key);
+            return Recorded::Stale;
+        }
+        if self.flows.get(&key, 0).is_err() {
+            return Recorded::Gone;
+        }
+        self.installed
+            .insert(key, (action, std::time::Instant::now()));
+        Recorded::Installed
+    }
+
+    /// The masks of both lists, for the other slow-path threads (see `FlowWriter`).
+    pub fn mask_lists(&self) -> [Vec<FlowKey>; MASK_LISTS as usize] {
+        self.mask_lists.clone()
+    }
+
+    /// Every live datapath's generation slot and generation, for the other slow-path threads.
+    pub fn generations(&self) -> StdHashMap<u32, (u32, DpGen)> {
+        self.book.snapshot()
+    }
+
+    /// A second handle on FLOWS, for another slow-path thread.
+    pub fn flow_writer(&self) -> Result<FlowWriter, LoaderError> {
+        let fd = self
+            .flows
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| LoaderError::Dup("FLOWS", e))?;
+        let data = MapData::from_fd(fd).map_err(map_err("FLOWS"))?;
+        let map = HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err("FLOWS"))?;
+        Ok(FlowWriter { map })
     }
 
     /// Deletes entries whose datapath generation moved on. Returns how many were removed.
@@ -172,6 +217,61 @@ impl Bpf {
 
     pub fn mask_count(&self) -> usize {
         self.mask_lists.iter().map(Vec::len).sum()
+    }
+}
+
+/// What `Bpf::record` did with an entry another thread installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Installed,
+    /// Already in the mirror (this thread installed the key too).
+    Known,
+    /// Decided on generations that moved on: deleted.
+    Stale,
+    /// Deleted here since.
+    Gone,
+}
+
+/// The id of `mask` in list `list` (`mask_list::*`) of `lists`, if it is there. Masks are
+/// only ever appended to a list, so an id stays the mask's for the life of the process.
+pub fn mask_id(
+    lists: &[Vec<FlowKey>; MASK_LISTS as usize],
+    list: u32,
+    mask: &FlowKey,
+) -> Option<u32> {
+    let l = (list as usize).min(MASK_LISTS as usize - 1);
+    let i = lists[l].iter().position(|k| k == mask)?;
+    Some(l as u32 * MAX_MASKS + i as u32)
+}
+
+/// Megaflow `m`'s entry as XDP looks it up: the key masked and tagged with its mask's id, the
+/// action stamped with its datapath's generation and that generation's slot.
+pub fn entry(m: &Megaflow, mask_id: u32, (gen_slot, g): (u32, DpGen)) -> (FlowKey, FlowAction) {
+    let mut key = m.key.masked(&m.mask);
+    key.mask_id = mask_id as u8;
+    let mut action = m.action;
+    action.generation = g.generation;
+    action.gen_slot = gen_slot;
+    (key, action)
+}
+
+/// Another slow-path thread's handle on FLOWS. It only adds entries whose key is not there
+/// (BPF_NOEXIST): replacing one, and keeping the mirror of the table (sweeps, listings), are
+/// the first thread's, which it tells of every entry it adds (`Bpf::record`).
+pub struct FlowWriter {
+    map: HashMap<MapData, FlowKey, FlowAction>,
+}
+
+impl FlowWriter {
+    /// Adds the entry unless its key is there or the map is full.
+    pub fn add(&mut self, key: &FlowKey, action: &FlowAction) -> bool {
+        const BPF_NOEXIST: u64 = 1;
+        self.map.insert(key, action, BPF_NOEXIST).is_ok()
+    }
+
+    /// Takes back an entry this handle added.
+    pub fn remove(&mut self, key: &FlowKey) {
+        let _ = self.map.remove(key);
     }
 }
 

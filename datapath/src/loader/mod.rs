@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 mod conntrack;
 mod megaflows;
+pub use megaflows::{entry, mask_id, FlowWriter, Recorded};
 mod nat_table;
 
 const PROG: &str = "geneflow";
@@ -68,6 +69,8 @@ pub enum LoaderError {
     },
     #[error("XDP on ifindex {0} is not a BPF link (kernel too old to pin it)")]
     NotALink(u32),
+    #[error("duplicating the descriptor of BPF map {0}: {1}")]
+    Dup(&'static str, std::io::Error),
     #[error("mapping SLOW_COUNTERS into memory: {0}")]
     Mmap(std::io::Error),
 }
