@@ -56,8 +56,9 @@ enum Cmd {
         quick: bool,
         /// Only these groups of scenarios (the generator ceiling and the baseline always run):
         /// encap (encap and decap), routed, sg (security group), fip, dhcp, e2e (end to end,
-        /// slow path, flow setup), slow (the slow path on 1 and 2 threads), ovs, dpdk.
-        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "sg", "fip", "dhcp", "e2e", "slow", "ovs", "dpdk"])]
+        /// slow path, flow setup), slow (the slow path on 1 and 2 threads), setup (flow setups
+        /// per second on 1 and 2 threads), ovs, dpdk.
+        #[arg(long, value_delimiter = ',', value_parser = ["encap", "routed", "sg", "fip", "dhcp", "e2e", "slow", "setup", "ovs", "dpdk"])]
         only: Vec<String>,
         /// Where the report goes.
         #[arg(long)]

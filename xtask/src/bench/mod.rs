@@ -13,6 +13,7 @@ mod report;
 mod routed;
 pub mod scale;
 mod scenarios;
+mod setup;
 mod sg;
 mod slowpath;
 
@@ -515,10 +516,21 @@ pub fn bench(o: &Opts) -> Result<()> {
     }
     if want("e2e") {
         sc.extend(scenarios::end_to_end(&ctx, o)?);
+        // Full runs only: quick runs stay under a minute.
+        if !o.quick {
+            sc.push(scenarios::end_to_end_floor(&ctx).unwrap_or_else(|e| {
+                eprintln!("    end-to-end floor: {e:#}");
+                Scenario::failed(scenarios::FLOOR_2, e)
+            }));
+        }
     }
     // Full runs, or asked by name: quick runs stay under a minute.
     if (want("slow") && !o.quick) || o.only.iter().any(|x| x == "slow") {
         sc.extend(slowpath::per_core(&ctx));
+    }
+    // Full runs, or asked by name: quick runs stay under a minute.
+    if (want("setup") && !o.quick) || o.only.iter().any(|x| x == "setup") {
+        sc.extend(setup::all(&ctx));
     }
     // Full runs, or asked by name: quick runs stay under a minute.
     if (want("dpdk") && !o.quick) || o.only.iter().any(|x| x == "dpdk") {

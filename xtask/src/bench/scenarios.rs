@@ -143,6 +143,58 @@ fn floor(ctx: &Ctx, (r, s, g): (&str, &str, &str), gen: &[String]) -> Result<Sce
     ))
 }
 
+pub(super) const FLOOR_2: &str = "two plain redirects (the end-to-end floor)";
+
+/// What the end-to-end path allows any XDP datapath here: the same veths and hops as
+/// `end_to_end_testbed` (generator -> veth -> XDP hop -> veth -> XDP hop -> veth -> sink),
+/// each hop a plain XDP_REDIRECT with no lookup and frames that do not grow. Set against
+/// OVS afxdp like end to end, it bounds the ratio geneflow can show there.
+pub(super) fn end_to_end_floor(ctx: &Ctx) -> Result<Scenario> {
+    eprintln!("==> end-to-end floor: two plain XDP_REDIRECT hops");
+    let mut tb = Testbed::new("bf")?;
+    tb.queues = SCALING_CORES;
+    let g = tb.add_raw_ns("g")?;
+    let (r1, r2) = (tb.add_raw_ns("r1")?, tb.add_raw_ns("r2")?);
+    let s = tb.add_raw_ns("s")?;
+    tb.raw_veth(&g, "eth0", &r1, "a0")?;
+    tb.raw_veth(&r1, "b0", &r2, "c0")?;
+    tb.raw_veth(&r2, "d0", &s, "eth0")?;
+    let gen = udp_gen(
+        "02:00:00:00:00:01",
+        "02:00:00:00:00:02",
+        "10.9.0.1",
+        "10.9.0.2",
+        1000,
+    );
+    let mut hops = Vec::new();
+    for (ns, from, to) in [(&r1, "a0", "b0"), (&r2, "c0", "d0")] {
+        let mut red = Command::new("ip")
+            .args(["netns", "exec", ns, &ctx.pktgen(), "redirect"])
+            .args(["--from", from, "--to", to])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut l = String::new();
+        BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
+        hops.push(red);
+    }
+    let measured = prog_on(&r1, "a0")
+        .and_then(|a| Ok([a, prog_on(&r2, "c0")?]))
+        .and_then(|p| ctx.repeat_xdp((&s, "eth0"), &g, &gen, &p));
+    for mut red in hops {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
+        let _ = red.wait();
+    }
+    let (samples, xdp_ns) = measured?;
+    Ok(Scenario::xdp_rate(
+        FLOOR_2,
+        "generator -> veth -> XDP_REDIRECT -> veth -> XDP_REDIRECT -> veth -> sink: end to end's hops with nothing to do, the most any XDP datapath shows there",
+        samples,
+        xdp_ns,
+        Some("OVS afxdp end to end UDP 64B"),
+    ))
+}
+
 /// Encap and decap on one chassis; the "peer" chassis is the injector's address.
 pub(super) fn encap_decap(ctx: &Ctx, flow_counts: &[u32]) -> Result<Vec<Scenario>> {
     let mut sc = Vec::new();
