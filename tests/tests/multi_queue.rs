@@ -293,20 +293,6 @@ fn two_slow_path_threads_share_the_queues() -> Result<()> {
     );
     // The first thread took it into its mirror: it lists it, with its fast-path hits.
     let flows = megaflows(&tb, "ch1")?;
-    eprintln!(
-        "DEBUG installs {installs:?} megaflow_install {} handoff {} flows {:#?}",
-        tb.counter("ch1", "vp-vm1", "megaflow_install")?,
-        tb.counter("ch1", "vp-vm1", "slowpath_handoff")?,
-        flows
-            .iter()
-            .map(|f| (
-                f["match"].clone(),
-                f["hits"].clone(),
-                f["age_ms"].clone(),
-                f["stale"].clone()
-            ))
-            .collect::<Vec<_>>()
-    );
     let f = megaflow_to(&flows, &vm3_mac)
         .with_context(|| format!("the megaflow to vm3 is not listed: {flows:?}"))?;
     assert!(f["hits"].as_u64().unwrap_or(0) >= 900, "{f}");

@@ -51,8 +51,10 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Publishes the tables to the other slow-path threads. The generations may have moved
-    /// with them, so megaflows decided on earlier tables are no longer installed.
+    /// Publishes the tables to the other slow-path threads, with the generations they stamp
+    /// their megaflows with. The generations may have moved with them: a megaflow decided
+    /// on earlier tables that another thread hands over is not installed, and one it added
+    /// itself is stale in XDP at once (and deleted when its note comes, see `Bpf::record`).
     pub(super) fn publish(&mut self) {
         let Some(crew) = &self.crew else { return };
         self.view_version += 1;
@@ -123,10 +125,11 @@ impl Forwarder {
         };
         let mut work = 0;
         // The entries they put in the map themselves, into the mirror.
-        while work < 1024 {
-            let Ok(a) = crew.added.1.try_recv() else {
-                break;
-            };
+        for a in crew
+            .added
+            .iter()
+            .flat_map(|(_, rx)| rx.try_iter().take(1024))
+        {
             work += 1;
             if self.bpf.record(a.key, a.action) == Recorded::Installed {
                 self.shared.count(a.in_slot, ctr::FLOW_INSTALL, 1);
@@ -137,10 +140,7 @@ impl Forwarder {
                 }
             }
         }
-        while work < 2048 {
-            let Ok(r) = crew.installs.1.try_recv() else {
-                break;
-            };
+        for r in crew.installs.1.try_iter().take(1024) {
             work += 1;
             if !self.ready || r.version != self.view_version {
                 continue;

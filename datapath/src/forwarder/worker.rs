@@ -96,7 +96,9 @@ pub(super) struct Punt {
 pub(super) struct Crew {
     pub view: ArcSwap<View>,
     pub installs: (Sender<InstallReq>, Receiver<InstallReq>),
-    pub added: (Sender<Added>, Receiver<Added>),
+    /// Per other thread (thread `w` at `w - 1`), the entries it added. Each has one sender,
+    /// which adds an entry only while its queue has room: the note then always goes.
+    pub added: Vec<(Sender<Added>, Receiver<Added>)>,
     /// The mask lists, as the first thread last published them.
     pub masks: ArcSwap<[Vec<FlowKey>; MASK_LISTS as usize]>,
     pub punts: (Sender<Punt>, Receiver<Punt>),
@@ -123,7 +125,7 @@ impl Crew {
         Crew {
             view: ArcSwap::from_pointee(view),
             installs: bounded(HANDOFF_INSTALLS),
-            added: bounded(HANDOFF_INSTALLS),
+            added: (0..others).map(|_| bounded(HANDOFF_INSTALLS)).collect(),
             masks: ArcSwap::from_pointee(masks),
             punts: bounded(frames),
             spare,
@@ -516,7 +518,13 @@ impl Worker {
         if self.last_added == Some((key, action)) {
             return true;
         }
-        if !self.flows.add(&key, &action) {
+        // This thread is its queue's only sender: with room now, the note below goes. (An
+        // entry taken back after a failed note could be one the first thread wrote over in
+        // between, which its mirror would then claim while the map lacks it.)
+        let Some((notes, _)) = self.crew.added.get(self.id - 1) else {
+            return false;
+        };
+        if notes.is_full() || !self.flows.add(&key, &action) {
             return false;
         }
         let a = Added {
@@ -525,10 +533,9 @@ impl Worker {
             in_slot,
             arrived: (!drop).then_some(at),
         };
-        if self.crew.added.0.try_send(a).is_err() {
-            self.flows.remove(&key);
-            return false;
-        }
+        // Fails only once the first thread is gone (shutting down): the next process
+        // rebuilds its mirror from the pinned map.
+        let _ = notes.try_send(a);
         self.shared.slow_thread_installs[self.id].fetch_add(1, Ordering::Relaxed);
         self.last_added = Some((key, action));
         self.handed = true;

@@ -268,11 +268,6 @@ impl FlowWriter {
         const BPF_NOEXIST: u64 = 1;
         self.map.insert(key, action, BPF_NOEXIST).is_ok()
     }
-
-    /// Takes back an entry this handle added.
-    pub fn remove(&mut self, key: &FlowKey) {
-        let _ = self.map.remove(key);
-    }
 }
 
 /// A generation error as the loader's.

@@ -22,11 +22,12 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use thiserror::Error;
 use tracing::{info, warn};
 
 mod conntrack;
+mod error;
 mod megaflows;
+pub use error::LoaderError;
 pub use megaflows::{entry, mask_id, FlowWriter, Recorded};
 mod nat_table;
 
@@ -38,42 +39,6 @@ const PROG_MB: &str = "geneflow_mb";
 /// may not fit one page (veth at about 3500 bytes, some NIC drivers lower); above a standard
 /// Ethernet MTU the multi-buffer one is used, whatever the driver's own limit.
 const PLAIN_MTU: u32 = 1500;
-
-#[derive(Debug, Error)]
-pub enum LoaderError {
-    #[error("loading the XDP object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("XDP program: {0}")]
-    Program(#[from] aya::programs::ProgramError),
-    #[error("BPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("BPF map {0} is full ({1} entries)")]
-    Full(&'static str, u32),
-    #[error("BPF map {0} missing from the object")]
-    MissingMap(&'static str),
-    #[error("attaching XDP to ifindex {ifindex}: {source}")]
-    Attach {
-        ifindex: u32,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
-    },
-    #[error("XDP on ifindex {0} is not a BPF link (kernel too old to pin it)")]
-    NotALink(u32),
-    #[error("duplicating the descriptor of BPF map {0}: {1}")]
-    Dup(&'static str, std::io::Error),
-    #[error("mapping SLOW_COUNTERS into memory: {0}")]
-    Mmap(std::io::Error),
-}
 
 /// `BPF_F_MMAPABLE`: SLOW_COUNTERS is created with it.
 const MMAPABLE: u32 = 1 << 10;
