@@ -77,19 +77,14 @@ fn answers(ctx: &Ctx) -> Result<Scenario> {
     let answered = tb.counter("ch1", "vp-vm1", "dhcp_reply")? - r0;
     let offered = tb.counter("ch1", "vp-vm1", "rx_packets")? - rx0;
     ensure!(answered > 0, "no DHCP answer");
-    Ok(Scenario {
-        name: ANSWERS.into(),
-        what: format!(
+    Ok(Scenario::figure(
+        ANSWERS,
+        format!(
             "DISCOVER -> OFFER by one chassis' slow path (AF_XDP, copy mode), per-port limit lifted; {answered} answers to {offered} DISCOVERs offered (the generator outruns the responder, so this is the responder's rate)"
         ),
-        unit: "Mpps",
+        "Mpps",
         samples,
-        vs_baseline: false,
-        vs: None,
-        error: None,
-        xdp_ns: vec![],
-        cores: 1,
-    })
+    ))
 }
 
 fn boot_storm(ctx: &Ctx) -> Result<Scenario> {
@@ -138,17 +133,12 @@ fn boot_storm(ctx: &Ctx) -> Result<Scenario> {
         .iter()
         .map(|v| tb.counter("ch1", &v.iface, "drop_rate_limit").unwrap_or(0))
         .sum::<u64>();
-    Ok(Scenario {
-        name: STORM.into(),
-        what: format!(
+    Ok(Scenario::figure(
+        STORM,
+        format!(
             "{ports} udhcpc started at once, default limit (20 answers/s per port): seconds until the last is bound, all of them bound; {limited} answers held back by the limit"
         ),
-        unit: "s",
+        "s",
         samples,
-        vs_baseline: false,
-        vs: None,
-        error: None,
-        xdp_ns: vec![],
-        cores: 1,
-    })
+    ))
 }

@@ -91,19 +91,7 @@ pub fn memory() -> Result<Value> {
     let ns = tb.chassis[0].ns.clone();
     // The remote chassis exists only in the NB: its underlay neighbour is pinned, so that
     // encapsulation towards it resolves (frames to it go nowhere but the underlay bridge).
-    run(Command::new("ip").args([
-        "-n",
-        &ns,
-        "neigh",
-        "replace",
-        "198.18.0.99",
-        "lladdr",
-        "02:00:00:00:00:99",
-        "dev",
-        "ul",
-        "nud",
-        "permanent",
-    ]))?;
+    super::pin_neighbour(&ns, "198.18.0.99", "02:00:00:00:00:99")?;
     let point = |tb: &Testbed, what: &str, megaflows: u64| -> Result<Value> {
         std::thread::sleep(Duration::from_millis(500));
         let (bpf, flows) = bpf_bytes(&ns, "vp-vm1")?;

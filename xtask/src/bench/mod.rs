@@ -103,6 +103,22 @@ impl Scenario {
             .unwrap_or(&self.name)
     }
 
+    /// A figure of its own (not set against the baseline or another scenario): answers,
+    /// flow setups, seconds, Gbit/s.
+    fn figure(name: &str, what: String, unit: &'static str, samples: Vec<f64>) -> Self {
+        Scenario {
+            name: name.into(),
+            what,
+            unit,
+            samples,
+            vs_baseline: false,
+            vs: None,
+            error: None,
+            xdp_ns: vec![],
+            cores: 1,
+        }
+    }
+
     /// A packet-rate scenario that could not be measured, and why.
     fn failed(name: &str, e: anyhow::Error) -> Self {
         Scenario {
@@ -373,20 +389,15 @@ const PEER_PORT_MAC: &str = "0a:00:00:00:00:09";
 /// would fail after its reachable time (30 s or so) in the middle of the encap scenarios.
 fn pin_peer_neighbour(tb: &Testbed, chassis_ns: &str) -> Result<()> {
     let inj = tb.injector.clone().context("no injector")?;
-    let mac = mac_of(&inj, "eth0")?;
-    run(Command::new("ip").args([
-        "-n",
-        chassis_ns,
-        "neigh",
-        "replace",
-        "198.18.0.250",
-        "lladdr",
-        &mac,
-        "dev",
-        "ul",
-        "nud",
-        "permanent",
-    ]))?;
+    pin_neighbour(chassis_ns, "198.18.0.250", &mac_of(&inj, "eth0")?)
+}
+
+/// A permanent neighbour entry for underlay address `ip` on the uplink of the chassis in
+/// `chassis_ns`.
+fn pin_neighbour(chassis_ns: &str, ip: &str, mac: &str) -> Result<()> {
+    run(Command::new("ip")
+        .args(["-n", chassis_ns, "neigh", "replace", ip, "lladdr", mac])
+        .args(["dev", "ul", "nud", "permanent"]))?;
     Ok(())
 }
 

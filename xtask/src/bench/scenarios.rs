@@ -9,6 +9,17 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The traffic of the testbeds without geneflow (ceiling, baseline, floors): 1000 UDP flows.
+fn raw_gen() -> Vec<String> {
+    udp_gen(
+        "02:00:00:00:00:01",
+        "02:00:00:00:00:02",
+        "10.9.0.1",
+        "10.9.0.2",
+        1000,
+    )
+}
+
 /// The generator's own ceiling (generator -> veth -> XDP_DROP sink) and the baseline, a plain
 /// XDP redirect veth -> veth: this machine's limit for one hop.
 pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
@@ -20,13 +31,7 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
     let s = tb.add_raw_ns("s")?;
     tb.raw_veth(&g, "eth0", &r, "a0")?;
     tb.raw_veth(&r, "b0", &s, "eth0")?;
-    let gen = udp_gen(
-        "02:00:00:00:00:01",
-        "02:00:00:00:00:02",
-        "10.9.0.1",
-        "10.9.0.2",
-        1000,
-    );
+    let gen = raw_gen();
     // The sink straight on the generator's peer: nothing but the generator in the path. The
     // minimal generator's windows alternate with the generator's, so that both see the same
     // machine.
@@ -44,22 +49,7 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
         &g,
         &gen,
     );
-    let mut red = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &r,
-            &ctx.pktgen(),
-            "redirect",
-            "--from",
-            "a0",
-            "--to",
-            "b0",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut l = String::new();
-    BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
+    let red = Redirect::start(ctx, &r, ("a0", "b0"), false)?;
     let measured = prog_on(&r, "a0").and_then(|p| ctx.repeat_xdp((&s, "eth0"), &g, &gen, &[p]));
     let base2 = ctx.scaled(
         "baseline",
@@ -68,9 +58,7 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
         &g,
         &gen,
     );
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
-    let _ = red.wait();
+    drop(red);
     let (samples, xdp_ns) = measured?;
     // Full runs only: quick runs stay under a minute.
     let floor = (!ctx.quick).then(|| {
@@ -91,17 +79,12 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
             xdp_ns: vec![],
             cores: 1,
         },
-        Scenario {
-            name: MINIMAL.into(),
-            what: "the template as it is, XDP_TX, no per-frame work (one flow) -> the same sink: what live frames allow here".into(),
-            unit: "Mpps",
-            samples: minimal,
-            vs_baseline: false,
-            vs: None,
-            error: None,
-            xdp_ns: vec![],
-            cores: 1,
-        },
+        Scenario::figure(
+            MINIMAL,
+            "the template as it is, XDP_TX, no per-frame work (one flow) -> the same sink: what live frames allow here".into(),
+            "Mpps",
+            minimal,
+        ),
         Scenario::xdp_rate(
             "baseline",
             "plain XDP_REDIRECT veth -> veth (the limit)",
@@ -116,23 +99,44 @@ pub(super) fn baseline(ctx: &Ctx) -> Result<Vec<Scenario>> {
     Ok(sc)
 }
 
+/// `geneflow-pktgen redirect` (with `--lookup`, the floor's lookup first) in a namespace,
+/// from its program's attachment until dropped.
+struct Redirect(std::process::Child);
+
+impl Redirect {
+    fn start(ctx: &Ctx, ns: &str, (from, to): (&str, &str), lookup: bool) -> Result<Redirect> {
+        let mut r = Redirect(
+            Command::new("ip")
+                .args(["netns", "exec", ns, &ctx.pktgen(), "redirect"])
+                .args(["--from", from, "--to", to])
+                .args(lookup.then_some("--lookup"))
+                .stdout(Stdio::piped())
+                .spawn()?,
+        );
+        // It prints a line once attached (stopped on the way out if it never does).
+        let mut l = String::new();
+        BufReader::new(r.0.stdout.take().context("stdout")?).read_line(&mut l)?;
+        Ok(r)
+    }
+}
+
+impl Drop for Redirect {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 const FLOOR: &str = "baseline + one megaflow-sized lookup";
 
 /// The baseline again with one hash lookup per frame in a table shaped as the megaflow table
 /// (40-byte key, 104-byte value, 1000 keys live): what any datapath that looks each frame up
 /// once costs here, the floor under encap and decap.
 fn floor(ctx: &Ctx, (r, s, g): (&str, &str, &str), gen: &[String]) -> Result<Scenario> {
-    let mut red = Command::new("ip")
-        .args(["netns", "exec", r, &ctx.pktgen(), "redirect"])
-        .args(["--from", "a0", "--to", "b0", "--lookup"])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut l = String::new();
-    BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
+    let red = Redirect::start(ctx, r, ("a0", "b0"), true)?;
     let measured = prog_on(r, "a0").and_then(|p| ctx.repeat_xdp((s, "eth0"), g, gen, &[p]));
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
-    let _ = red.wait();
+    drop(red);
     let (samples, xdp_ns) = measured?;
     Ok(Scenario::xdp_rate(
         FLOOR,
@@ -159,32 +163,15 @@ pub(super) fn end_to_end_floor(ctx: &Ctx) -> Result<Scenario> {
     tb.raw_veth(&g, "eth0", &r1, "a0")?;
     tb.raw_veth(&r1, "b0", &r2, "c0")?;
     tb.raw_veth(&r2, "d0", &s, "eth0")?;
-    let gen = udp_gen(
-        "02:00:00:00:00:01",
-        "02:00:00:00:00:02",
-        "10.9.0.1",
-        "10.9.0.2",
-        1000,
-    );
-    let mut hops = Vec::new();
-    for (ns, from, to) in [(&r1, "a0", "b0"), (&r2, "c0", "d0")] {
-        let mut red = Command::new("ip")
-            .args(["netns", "exec", ns, &ctx.pktgen(), "redirect"])
-            .args(["--from", from, "--to", to])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut l = String::new();
-        BufReader::new(red.stdout.take().context("stdout")?).read_line(&mut l)?;
-        hops.push(red);
-    }
+    let gen = raw_gen();
+    let hops = [
+        Redirect::start(ctx, &r1, ("a0", "b0"), false)?,
+        Redirect::start(ctx, &r2, ("c0", "d0"), false)?,
+    ];
     let measured = prog_on(&r1, "a0")
         .and_then(|a| Ok([a, prog_on(&r2, "c0")?]))
         .and_then(|p| ctx.repeat_xdp((&s, "eth0"), &g, &gen, &p));
-    for mut red in hops {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(red.id() as i32, libc::SIGTERM) };
-        let _ = red.wait();
-    }
+    drop(hops);
     let (samples, xdp_ns) = measured?;
     Ok(Scenario::xdp_rate(
         FLOOR_2,
@@ -369,20 +356,15 @@ pub(super) fn end_to_end(ctx: &Ctx, o: &Opts) -> Result<Vec<Scenario>> {
     let mut sorted = setup.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
-    sc.push(Scenario {
-        name: "flow setup".into(),
-        what: format!(
+    sc.push(Scenario::figure(
+        "flow setup",
+        format!(
             "first frame of a flow on the AF_XDP ring -> its megaflow in XDP; p50 {:.1} us, p99 {:.1} us over {flows} flows",
             pct(0.5),
             pct(0.99)
         ),
-        unit: "us",
-        samples: setup,
-        vs_baseline: false,
-        vs: None,
-        error: None,
-        xdp_ns: vec![],
-        cores: 1,
-    });
+        "us",
+        setup,
+    ));
     Ok(sc)
 }

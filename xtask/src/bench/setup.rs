@@ -32,16 +32,7 @@ fn testbed(agent_args: &[&str]) -> Result<Testbed> {
     }
     tb.chassis[0].agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     tb.start_agents()?;
-    run(Command::new("ip")
-        .args(["-n", &tb.chassis[0].ns, "neigh", "replace", "198.18.0.99"])
-        .args([
-            "lladdr",
-            "02:00:00:00:00:99",
-            "dev",
-            "ul",
-            "nud",
-            "permanent",
-        ]))?;
+    super::pin_neighbour(&tb.chassis[0].ns, "198.18.0.99", "02:00:00:00:00:99")?;
     let nb = tb.nb.clone();
     let bench = tb.bin("gf-nb-bench");
     let ports = PORTS.to_string();
@@ -177,19 +168,14 @@ pub(super) fn all(ctx: &Ctx) -> Vec<Scenario> {
             Ok(s)
         });
         sc.push(match measured {
-            Ok(samples) => Scenario {
-                name,
-                what: format!(
+            Ok(samples) => Scenario::figure(
+                &name,
+                format!(
                     "2 VMs -> 10,000 remote MACs each, every frame a new megaflow; one generator per core, flat out, 2-queue veths, {threads} slow-path thread(s); installs 2,000 to 18,000"
                 ),
-                unit: "k/s",
+                "k/s",
                 samples,
-                vs_baseline: false,
-                vs: None,
-                error: None,
-                xdp_ns: vec![],
-                cores: 1,
-            },
+            ),
             Err(e) => {
                 eprintln!("    {name}: {e:#}");
                 Scenario::failed(&name, e)
