@@ -132,12 +132,7 @@ impl Forwarder {
         {
             work += 1;
             if self.bpf.record(a.key, a.action) == Recorded::Installed {
-                self.shared.count(a.in_slot, ctr::FLOW_INSTALL, 1);
-                if let Some(t) = a.arrived {
-                    self.shared
-                        .last_flow_setup_ns
-                        .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                }
+                forward::installed(&self.bpf, &self.shared, a.in_slot, a.arrived);
             }
         }
         for r in crew.installs.1.try_iter().take(1024) {
@@ -160,9 +155,6 @@ impl Forwarder {
                 self.install_decided(r.m, r.in_ifindex, r.in_slot, Some(r.arrived));
             }
         }
-        self.shared
-            .megaflows
-            .store(self.bpf.megaflow_count() as u64, Ordering::Relaxed);
         self.publish_masks();
         if crew.punts.1.is_empty() {
             return work;

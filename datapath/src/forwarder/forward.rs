@@ -323,28 +323,37 @@ impl Forwarder {
         in_slot: u32,
         arrived: Option<std::time::Instant>,
     ) {
-        let list = if in_ifindex == uplink_ifindex {
-            geneflow_abi::mask_list::UPLINK
-        } else {
-            geneflow_abi::mask_list::VM
-        };
-        match bpf.install(m, list) {
-            Ok(Install::Installed) => {
-                shared.count(in_slot, ctr::FLOW_INSTALL, 1);
-                shared
-                    .megaflows
-                    .store(bpf.megaflow_count() as u64, Ordering::Relaxed);
-                shared
-                    .masks
-                    .store(bpf.mask_count() as u64, Ordering::Relaxed);
-                if let Some(t) = arrived {
-                    shared
-                        .last_flow_setup_ns
-                        .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                }
-            }
+        match bpf.install(m, mask_list_of(in_ifindex, uplink_ifindex)) {
+            Ok(Install::Installed) => installed(bpf, shared, in_slot, arrived),
             Ok(Install::AlreadyPresent) => {}
             Ok(Install::Refused) | Err(_) => shared.count(in_slot, ctr::FLOW_INSTALL_FAIL, 1),
         }
+    }
+}
+
+/// The mask list (`mask_list::*`) of the megaflows for frames arriving on `in_ifindex`.
+pub(super) fn mask_list_of(in_ifindex: u32, uplink_ifindex: u32) -> u32 {
+    if in_ifindex == uplink_ifindex {
+        geneflow_abi::mask_list::UPLINK
+    } else {
+        geneflow_abi::mask_list::VM
+    }
+}
+
+/// Counts a megaflow that went into the table (by this thread, or by another one and now in
+/// the mirror): the install, the table's gauges, the flow-setup time from `arrived` (the
+/// first frame's arrival; none for a drop entry).
+pub(super) fn installed(bpf: &Bpf, shared: &Shared, in_slot: u32, arrived: Option<Instant>) {
+    shared.count(in_slot, ctr::FLOW_INSTALL, 1);
+    shared
+        .megaflows
+        .store(bpf.megaflow_count() as u64, Ordering::Relaxed);
+    shared
+        .masks
+        .store(bpf.mask_count() as u64, Ordering::Relaxed);
+    if let Some(t) = arrived {
+        shared
+            .last_flow_setup_ns
+            .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }

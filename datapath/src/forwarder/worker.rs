@@ -23,13 +23,13 @@
 //! it, so nothing is allocated per frame. A full queue drops the frame, counted
 //! `drop_slowpath_handoff_full`; a lost megaflow is decided again by the flow's next frame.
 
-use super::forward::{complete, count_sent, tunnel_params, wire};
+use super::forward::{complete, count_sent, mask_list_of, tunnel_params, wire};
 use super::sockets::{count_socket_drops, drain, eventfd, poll_set, positions, receive_batch};
 use super::*;
 use crate::loader::{entry, mask_id, FlowWriter};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{bounded, Sender};
-use geneflow_abi::{mask_list, DpGen, FlowAction, FlowKey, MASK_LISTS};
+use geneflow_abi::{DpGen, FlowAction, FlowKey, MASK_LISTS};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Frame buffers in flight from each other thread to the first: a VM port with one queue
@@ -483,8 +483,7 @@ impl Worker {
     /// Puts megaflow `m` in the XDP table itself, completed as the first thread would (the
     /// next hop's MAC of an encap entry, the output port's slot; a drop entry as decided),
     /// if its mask is published, its datapath live in `view`, its output port one of this
-    /// thread's and its key free. Tells the first thread, or takes the entry back if that
-    /// cannot be done (its mirror must know every entry).
+    /// thread's, its key free and its report to the first thread (for the mirror) sure to go.
     fn add(
         &mut self,
         view: &View,
@@ -500,11 +499,7 @@ impl Worker {
             let slot = self.ports[j].slot;
             complete(&mut m, |ip| self.neigh.get(ip), self.uplink.1, slot);
         }
-        let list = if in_ifindex == self.uplink.0 {
-            mask_list::UPLINK
-        } else {
-            mask_list::VM
-        };
+        let list = mask_list_of(in_ifindex, self.uplink.0);
         let Some(id) = mask_id(&self.crew.masks.load(), list, &m.mask) else {
             return false;
         };
