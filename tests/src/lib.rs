@@ -184,6 +184,28 @@ pub fn inject_from(
     Ok(())
 }
 
+/// Waits (up to 5 s) until a socket of `proto` ("tcp" or "udp") listens on `port` in namespace
+/// `ns`: a server started just before may not have bound yet on a loaded machine, and a
+/// fixed sleep lost the first connection or datagram there.
+pub fn wait_listening(ns: &str, proto: &str, port: u16) -> Result<()> {
+    let flags = match proto {
+        "tcp" => "-Hltn",
+        "udp" => "-Hlun",
+        _ => bail!("wait_listening: unknown protocol {proto}"),
+    };
+    let filter = format!("sport = :{port}");
+    let bound = within(std::time::Duration::from_secs(5), || {
+        Ok(
+            !run(Command::new("ip").args(["netns", "exec", ns, "ss", flags, &filter]))?
+                .trim()
+                .is_empty(),
+        )
+    })?;
+    bound
+        .map(|_| ())
+        .with_context(|| format!("nothing listens on {proto} port {port} in {ns} after 5 s"))
+}
+
 /// Polls `f` every 20 ms until it returns true or `within` passes; returns the time it took.
 pub fn within(
     within: std::time::Duration,

@@ -2,7 +2,8 @@
 //! (tcpdump in a namespace, tshark to read it).
 
 use crate::{require_root, Testbed, LS1_KEY};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -79,15 +80,31 @@ pub fn capture_on(
     filter: &str,
 ) -> Result<(Child, PathBuf)> {
     let cap = tb.dir.join(format!("{name}.pcap"));
-    let child = tb
+    let mut child = tb
         .ns_cmd(ns, "tcpdump")
         .args(["-n", "-U", "--immediate-mode", "-i", iface, "-w"])
         .arg(&cap)
         .arg(filter)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(800));
+    // tcpdump says "listening on" once its filter is attached: tests read the very first
+    // frames (DHCP's sequence, the first pings), which a fixed sleep lost on a loaded machine.
+    // The thread drains the rest of its stderr until it exits.
+    let stderr = child.stderr.take().context("tcpdump's stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("tcpdump on {iface} in {ns} did not start listening within 10 s");
+    }
     Ok((child, cap))
 }
 
@@ -139,17 +156,17 @@ pub fn iperf3(
     port: u16,
     amount: &str,
 ) -> Result<Iperf> {
-    let port = port.to_string();
+    let port_s = port.to_string();
     let mut server = tb
         .ns_cmd(server_ns, "iperf3")
-        .args(["-s", "-1", "-p", &port])
+        .args(["-s", "-1", "-p", &port_s])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    crate::wait_listening(server_ns, "tcp", port)?;
     let client = tb
         .ns_cmd(client_ns, "iperf3")
-        .args(["-c", dst, "-p", &port, "-n", amount, "-J"])
+        .args(["-c", dst, "-p", &port_s, "-n", amount, "-J"])
         .args(["--connect-timeout", "1500"])
         .output()?;
     let _ = server.kill();

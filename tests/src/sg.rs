@@ -1,10 +1,9 @@
 //! Security-group helpers for the end-to-end tests: a TCP server in a VM, connecting and
 //! pinging from one, and a group "web" to put a VM in.
 
-use crate::{pipelines_applied, wait_applied, Testbed};
+use crate::{counter_reaches, pipelines_applied, wait_applied, wait_listening, Testbed};
 use anyhow::Result;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// A TCP server in VM `vm` on `port` that answers every connection with "ok".
 pub fn server(tb: &Testbed, vm: &str, port: u16) -> Result<Child> {
@@ -17,8 +16,32 @@ pub fn server(tb: &Testbed, vm: &str, port: u16) -> Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_listening(&ns, "tcp", port)?;
     Ok(c)
+}
+
+/// Opens a UDP flow from VM `from` to VM `to` slowly (2 datagrams to `port`, 100 ms apart)
+/// and waits until `chassis` has installed both of its megaflows, the new connection's and
+/// the established one's. A stream started after it stays in XDP from its first frame, since
+/// XDP commits new connections itself. Sent in a burst instead, the frames behind each
+/// miss would miss too while the slow path waits for a CPU on a loaded machine.
+pub fn warm_up(tb: &Testbed, (from, to): (&str, &str), port: u16, chassis: &str) -> Result<()> {
+    let iface = format!("vp-{from}");
+    let inst0 = tb.counter(chassis, &iface, "megaflow_install")?;
+    let rx = tb.udp_receiver(to, port, 2, 10.0)?;
+    tb.udp_send(from, &tb.vm(to)?.ip.clone(), port, 2, 10)?;
+    let got = Testbed::udp_result(rx)?;
+    anyhow::ensure!(
+        got == 2,
+        "warm-up {from} -> {to}: {got} of 2 datagrams arrived"
+    );
+    let inst = counter_reaches(tb, chassis, &iface, "megaflow_install", inst0 + 2);
+    anyhow::ensure!(
+        inst >= inst0 + 2,
+        "warm-up {from} -> {to}: {} megaflows installed on {iface}, 2 expected",
+        inst - inst0
+    );
+    Ok(())
 }
 
 /// Whether VM `vm` gets "ok" from `ip`:`port` within 2 s.

@@ -97,7 +97,7 @@ fn a_dpdk_chassis_and_an_xdp_chassis_carry_the_same_overlay() -> Result<()> {
         })
         .with_context(|| format!("{kind} not counted as {counter}"))?;
     }
-    let rx = tb.udp_receiver("vm1", 7101, 3, 3.0)?;
+    let rx = tb.udp_receiver("vm1", 7101, 3, 10.0)?;
     inject(&tb, "good", 3, 7101)?;
     assert_eq!(Testbed::udp_result(rx)?, 3);
     // An NB change: vm3's port goes, and with it the DPDK chassis's megaflows to it.
@@ -315,7 +315,13 @@ fn a_floating_ip_moving_to_a_dpdk_chassis_is_announced() -> Result<()> {
     let answered0 = tb.counter("ch2", "phy", "arp_reply")?;
     let (garp_child, garp) = capture(&tb, &out, "garp", "arp")?;
     let applied = pipelines_applied(&tb, "ch1")?;
-    let garps0 = tb.counter("ch1", "phy", "garp_sent")?;
+    // ch1 announced vm1's floating IP when it started; its poll thread publishes counters
+    // every 100 ms, so that one is awaited before the move's is counted.
+    let garps0 = counter_reaches(&tb, "ch1", "phy", "garp_sent", 1);
+    assert_eq!(
+        garps0, 1,
+        "ch1 (DPDK) announced {garps0} floating IPs at start"
+    );
     tb.nbctl(&["lsp-bind", "vm2", "ch1", "vp-vm2b"])?;
     wait_applied(&tb, "ch1", applied)?;
     assert_eq!(

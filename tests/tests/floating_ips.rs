@@ -410,7 +410,7 @@ fn tenants_with_the_same_address_share_a_snat_address_apart() -> Result<()> {
         .args(["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',7000))\ns.settimeout(10)\nfor i in range(2):\n d,a=s.recvfrom(100)\n print(a[0],a[1],d.decode(),flush=True)\n s.sendto(d,a)\n"])
         .stdout(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    wait_listening(&out, "udp", 7000)?;
     // Both send from the same address and port to the same place; each must get its own
     // answer back.
     let client = |vm: &str| -> Result<String> {

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use geneflow_tests::*;
 use std::collections::HashMap;
 use std::process::Command;
+use std::time::Duration;
 
 /// Scrapes the agent's /metrics from inside its namespace (it listens on the namespace's
 /// loopback) and parses the samples: "name{labels}" -> value.
@@ -217,18 +218,28 @@ fn trace_says_what_the_packet_really_does() -> Result<()> {
         !flows.contains("0a:00:00:00:00:03"),
         "trace installed something:\n{flows}"
     );
-    // Now the real packets: the megaflow the slow path installs is the one the trace named,
-    // and the fast path uses it.
-    tb.udp_send("vm1", &vm3.ip, 6700, 10, 1000)?;
-    let flows = megaflows(&tb, "ch1")?;
-    let f =
-        megaflow_to(&flows, &vm3.mac).with_context(|| format!("no megaflow for vm3: {flows:?}"))?;
+    // Now a real packet: the megaflow the slow path installs is the one the trace named...
+    tb.udp_send("vm1", &vm3.ip, 6700, 1, 1000)?;
+    let to_vm3 = || -> Result<Option<serde_json::Value>> {
+        Ok(megaflow_to(&megaflows(&tb, "ch1")?, &vm3.mac))
+    };
+    within(Duration::from_secs(5), || Ok(to_vm3()?.is_some()))?
+        .with_context(|| format!("no megaflow for vm3: {:?}", megaflows(&tb, "ch1")))?;
+    let f = to_vm3()?.context("the megaflow for vm3 went")?;
     let action = f["action"].as_str().unwrap_or("");
     assert!(
         action.starts_with("encap_geneve(dst=198.18.0.2,vni=1000,ovn=0x00010003"),
         "{action}"
     );
-    assert!(f["hits"].as_u64().unwrap_or(0) >= 8, "{f}");
+    // ... and the fast path uses it for every packet that follows.
+    let hits = |f: &serde_json::Value| f["hits"].as_u64().unwrap_or(0);
+    let h0 = hits(&f);
+    tb.udp_send("vm1", &vm3.ip, 6700, 10, 1000)?;
+    within(Duration::from_secs(5), || {
+        Ok(to_vm3()?.is_some_and(|f| hits(&f) >= h0 + 10))
+    })?;
+    let f = to_vm3()?.context("the megaflow for vm3 went")?;
+    assert_eq!(hits(&f), h0 + 10, "{f}");
     // Traced drops match real drops too.
     let t = ctl(&[
         "trace",

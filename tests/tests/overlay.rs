@@ -138,7 +138,7 @@ fn underlay_capture_decodes_as_ovn_geneve_in_tshark() -> Result<()> {
 #[test]
 fn scapy_geneve_frame_reaches_the_right_vm() -> Result<()> {
     let tb = with_peer("c")?;
-    let rx = tb.udp_receiver("vm1", 7000, 5, 3.0)?;
+    let rx = tb.udp_receiver("vm1", 7000, 5, 10.0)?;
     inject(&tb, "good", 5, 7000)?;
     let got = Testbed::udp_result(rx)?;
     assert_eq!(got, 5, "vm1 received {got} of 5 injected frames");
@@ -184,7 +184,7 @@ fn malformed_geneve_is_dropped_counted_and_reaches_no_vm() -> Result<()> {
         "vm1's interface received frames"
     );
     // The agent is still forwarding.
-    let rx = tb.udp_receiver("vm1", 7101, 3, 3.0)?;
+    let rx = tb.udp_receiver("vm1", 7101, 3, 10.0)?;
     inject(&tb, "good", 3, 7101)?;
     assert_eq!(Testbed::udp_result(rx)?, 3);
     Ok(())
@@ -196,8 +196,9 @@ fn deleting_a_port_stops_its_traffic_within_a_second() -> Result<()> {
     tb.ping("vm1", &tb.vm("vm3")?.ip, 2)?;
     let vm3_ns = tb.vm("vm3")?.ns.clone();
     let vm3_ip = tb.vm("vm3")?.ip.clone();
-    // A long stream, so the entries are hot in XDP when the port goes.
-    let sender = tb.udp_sender("vm1", &vm3_ip, 6100, 40_000, 10_000)?;
+    // A long stream, so the entries are hot in XDP when the port goes; long enough to run
+    // past the last check below however slowly the machine starts processes (killed there).
+    let sender = tb.udp_sender("vm1", &vm3_ip, 6100, 150_000, 10_000)?;
     let mut sender = scopeguard(sender);
     std::thread::sleep(Duration::from_millis(800));
     let fast_before = tb.counter("ch1", "vp-vm1", "fastpath_hit")?;

@@ -71,7 +71,7 @@ fn forged_frames_from_a_vm_reach_no_one_and_are_dropped_in_xdp() -> Result<()> {
         assert_eq!(r, *r0, "{v} received {} forged frames", r - r0);
     }
     // The counting was live: the port's own frames arrive.
-    let rx = tb.udp_receiver("vm3", 7778, 5, 3.0)?;
+    let rx = tb.udp_receiver("vm3", 7778, 5, 10.0)?;
     spoof(&tb, "vm1", "good", "vm3", 5, 7778)?;
     assert_eq!(Testbed::udp_result(rx)?, 5);
     // Nobody's ARP cache learnt vm1's MAC for vm3's address.
@@ -129,7 +129,7 @@ fn port_security_off_and_allowed_pairs() -> Result<()> {
         ("vm2", "ip", 7401),
         ("vm3", "ip", 7402),
     ] {
-        let rx = tb.udp_receiver("vm1", port, 3, 3.0)?;
+        let rx = tb.udp_receiver("vm1", port, 3, 10.0)?;
         spoof(&tb, from, kind, "vm1", 3, port)?;
         assert_eq!(Testbed::udp_result(rx)?, 3, "{from} {kind}");
     }
@@ -205,7 +205,7 @@ fn forged_geneve_reaches_no_vm() -> Result<()> {
         "vm1's interface received frames"
     );
     // The genuine peer still gets through.
-    let rx = tb.udp_receiver("vm1", 7201, 10, 3.0)?;
+    let rx = tb.udp_receiver("vm1", 7201, 10, 10.0)?;
     inject_from(&tb, "198.18.0.250", "good", LS1_KEY, vm1.key, 10, 7201)?;
     assert_eq!(Testbed::udp_result(rx)?, 10);
     // A chassis removed from the NB is no longer accepted, whatever the CPUs remember of it.
