@@ -5,6 +5,7 @@ pub mod bpfstats;
 pub mod fuzz;
 pub mod testbed;
 pub mod testbed_agent;
+pub mod testbed_cleanup;
 pub mod testbed_l3;
 pub mod testbed_nb;
 pub mod testbed_ovs;

@@ -18,6 +18,7 @@
 
 mod acl;
 mod arp_responder;
+mod decision;
 mod dhcp;
 mod drop;
 pub mod encap;
@@ -30,6 +31,7 @@ mod port_security;
 mod provider;
 pub mod rewrite;
 mod router;
+mod run;
 mod trace;
 mod tunnel_rx;
 
@@ -54,162 +56,19 @@ pub use encap::{emit_encap, EncapParams};
 pub use key::{describe_action, describe_match, extract_key, flow_json};
 pub use trace::{frame_from_spec, trace_answer, Trace};
 
-use crate::wire::geneve::OvnMetadata;
-use geneflow_abi::{act, flow_hash, FlowAction, FlowKey, ENCAP_OVERHEAD, VLAN_PRESENT};
+use geneflow_abi::{act, FlowAction, FlowKey, ENCAP_OVERHEAD, VLAN_PRESENT};
 use geneflow_control::compiler::{Datapath, Pipeline};
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+pub use decision::{Answer, AnswerKind, Decision, Dropped, Learn, Megaflow, Napt, Output};
 pub use drop::DropReason;
+pub(crate) use run::Run;
 
 /// Provider neighbours kept at most: past this, only the answers to this chassis' own
 /// requests are learned (each taking the place of another).
 pub const MAX_EXT_NEIGH: usize = 4096;
-
-/// A provider neighbour an ARP frame taught.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Learn {
-    pub dp: u32,
-    pub ip: Ipv4Addr,
-    pub mac: [u8; 6],
-    /// A reply: to be kept only if this chassis asked for `ip` (the forwarder knows).
-    pub solicited: bool,
-}
-
-/// Where one copy of the frame goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// Transmit the payload on a local interface.
-    Local { ifindex: u32 },
-    /// Transmit on a provider network's interface, tagged with `vlan` (`VLAN_PRESENT | vid`)
-    /// when it is not 0.
-    Provider { ifindex: u32, vlan: u16 },
-    /// Encapsulate the payload in Geneve to a remote chassis.
-    Tunnel {
-        remote: Ipv4Addr,
-        vni: u32,
-        meta: OvnMetadata,
-    },
-}
-
-/// A megaflow for the fast path. `action.generation` is filled in by whoever installs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Megaflow {
-    pub key: FlowKey,
-    pub mask: FlowKey,
-    pub action: FlowAction,
-}
-
-/// What kind of frame the pipeline generated itself (sent only if its source is within rate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AnswerKind {
-    ArpReply,
-    IcmpEchoReply,
-    IcmpTimeExceeded,
-    IcmpNetUnreachable,
-    IcmpHostUnreachable,
-    IcmpFragNeeded,
-    /// An ARP request for a provider next hop (the packet that needed it is dropped).
-    ArpRequest,
-    /// A DHCP answer (rate limited per port, not per source).
-    Dhcp,
-}
-
-/// A generated frame: its kind, and the address that asked for it (the rate-limit key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answer {
-    pub kind: AnswerKind,
-    pub source: Ipv4Addr,
-}
-
-/// A frame the pipeline dropped, and the drop megaflow that repeats the verdict in XDP when
-/// the verdict allows it (`DropReason::cacheable`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dropped {
-    pub reason: DropReason,
-    pub megaflow: Option<Megaflow>,
-}
-
-/// The verdict for one frame: outputs are in the caller's vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
-    /// Offset of the frame to output (non-zero after decapsulation).
-    pub payload_offset: usize,
-    /// The frame to output is the caller's scratch buffer (rewritten by a router, or an
-    /// answer), not the received frame.
-    pub rewritten: bool,
-    /// Hash of the inner flow, for the outer UDP source port of tunnel outputs.
-    pub flow_hash: u32,
-    pub megaflow: Option<Megaflow>,
-    /// Set when the pipeline answered (ARP, ICMP) instead of forwarding.
-    pub answer: Option<Answer>,
-    /// Zones the slow path commits the frame's connection in (the megaflow's action does it
-    /// for the packets that follow).
-    pub ct_commit: [u32; 2],
-    /// The frame's whole key (the megaflow's is masked).
-    pub key: FlowKey,
-    /// A provider neighbour the frame taught (ARP seen on a provider network).
-    pub learn: Option<Learn>,
-    /// Default SNAT for the forwarder to carry out on this first packet (it owns the table).
-    pub napt: Option<Napt>,
-    /// A floating IP's translation of the frame (new source, new destination): what a
-    /// `ct::POST_NAT` commit records.
-    pub nat: (Option<Ipv4Addr>, Option<Ipv4Addr>),
-}
-
-impl Decision {
-    /// The bytes to output: the received `frame` from `payload_offset`, or the scratch
-    /// buffer `txbuf` the pipeline rewrote it into.
-    pub fn payload<'a>(&self, frame: &'a [u8], txbuf: &'a [u8]) -> &'a [u8] {
-        if self.rewritten {
-            txbuf
-        } else {
-            &frame[self.payload_offset..]
-        }
-    }
-
-    /// The connections to commit for this first packet (`ct_commit`): per zone, the tuple as
-    /// it arrived, or as translated for a `ct::POST_NAT` zone.
-    pub fn ct_commit_keys(&self) -> impl Iterator<Item = geneflow_abi::CtKey> + '_ {
-        use geneflow_abi::ct::POST_NAT;
-        self.ct_commit
-            .into_iter()
-            .filter(|z| *z != 0)
-            .map(move |zone| {
-                let post = zone & POST_NAT != 0;
-                let ip = |a: Option<Ipv4Addr>, k: u32| match (post, a) {
-                    (true, Some(a)) => u32::from_ne_bytes(a.octets()),
-                    _ => k,
-                };
-                geneflow_abi::CtKey {
-                    zone: zone & !POST_NAT,
-                    src: ip(self.nat.0, self.key.ip_src),
-                    dst: ip(self.nat.1, self.key.ip_dst),
-                    sport: self.key.l4_src,
-                    dport: self.key.l4_dst,
-                    proto: self.key.ip_proto,
-                    pad: [0; 3],
-                }
-            })
-    }
-}
-
-/// Default SNAT the pipeline decided (`flag::NAPT`, `act::UNNAPT`); the forwarder allocates
-/// or looks up the translation and rewrites the frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Napt {
-    /// Out through `external`; replies go back to VM port `ifindex`, from MAC `smac` (its
-    /// router port) to `dmac` (the VM).
-    Out {
-        external: Ipv4Addr,
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
-    /// A reply to the external address: back to whoever the table says.
-    In,
-}
 
 #[derive(Debug, Clone, Copy)]
 struct InPort {
@@ -242,132 +101,6 @@ pub struct Tables {
     fip_ct: HashMap<u32, (u32, u32)>,
     /// Neighbours on provider networks, learned from ARP: (switch, address) -> MAC.
     ext_neigh: BTreeMap<(u32, Ipv4Addr), ([u8; 6], bool)>,
-}
-
-/// One run of the pipeline over one frame: the key of the frame, the fields consulted so far
-/// (the megaflow mask) and, for `trace`, what each stage decided.
-pub(crate) struct Run<'a> {
-    pub t: &'a Tables,
-    pub frame: &'a [u8],
-    pub in_ifindex: u32,
-    pub key: FlowKey,
-    pub mask: FlowKey,
-    /// Generation slot the verdict depends on, once known (the datapath, or
-    /// `DP_KEY_HOSTED` for an unknown VNI).
-    pub dp_key: Option<u32>,
-    /// The conntrack state XDP found for the frame (`ct::*`), set into the key by the stages
-    /// that extract it.
-    pub ct_state: u8,
-    /// Zones the frame's new connection is committed in (an ACL allowed it).
-    pub ct_commit: [u32; 2],
-    /// Floating-IP translation a router decided: new source / destination.
-    pub nat_src: Option<Ipv4Addr>,
-    pub nat_dst: Option<Ipv4Addr>,
-    /// Default SNAT through this external address (no floating IP).
-    pub napt: Option<Ipv4Addr>,
-    /// The VLAN tag XDP took off a provider frame (`VLAN_PRESENT | vid`), or 0.
-    pub vlan: u16,
-    trace: Option<&'a mut Vec<String>>,
-}
-
-impl<'a> Run<'a> {
-    fn new(
-        t: &'a Tables,
-        frame: &'a [u8],
-        in_ifindex: u32,
-        ct_state: u8,
-        trace: Option<&'a mut Vec<String>>,
-    ) -> Run<'a> {
-        Run {
-            t,
-            frame,
-            in_ifindex,
-            key: FlowKey::zeroed(),
-            mask: FlowKey::zeroed(),
-            dp_key: None,
-            ct_state,
-            ct_commit: [0; 2],
-            nat_src: None,
-            nat_dst: None,
-            napt: None,
-            vlan: 0,
-            trace,
-        }
-    }
-
-    /// Records what `stage` decided (only when tracing: the closure is not run otherwise).
-    pub fn note(&mut self, stage: &str, f: impl FnOnce() -> String) {
-        if let Some(t) = self.trace.as_mut() {
-            t.push(format!("{stage}: {}", f()));
-        }
-    }
-
-    pub fn decision(&self, payload_offset: usize) -> Decision {
-        Decision {
-            payload_offset,
-            rewritten: false,
-            flow_hash: flow_hash(&self.key),
-            megaflow: None,
-            answer: None,
-            ct_commit: self.ct_commit,
-            key: self.key,
-            learn: None,
-            napt: None,
-            nat: (self.nat_src, self.nat_dst),
-        }
-    }
-
-    /// The decision for an answer the pipeline wrote into the caller's buffer: sent only if
-    /// `source` is within its rate.
-    pub fn answered(&self, kind: AnswerKind, source: Ipv4Addr) -> Decision {
-        let mut d = self.decision(0);
-        d.rewritten = true;
-        d.answer = Some(Answer { kind, source });
-        d
-    }
-
-    /// Where an answer to the frame goes: back out of the port it came in on, and on a
-    /// provider network on the VLAN it came on.
-    pub fn back_out(&self) -> Output {
-        if self.t.is_provider(self.in_ifindex) {
-            Output::Provider {
-                ifindex: self.in_ifindex,
-                vlan: self.vlan,
-            }
-        } else {
-            Output::Local {
-                ifindex: self.in_ifindex,
-            }
-        }
-    }
-
-    /// Commits the frame's connection in `zone` too.
-    pub fn commit(&mut self, zone: u32) {
-        if self.ct_commit.contains(&zone) {
-            return;
-        }
-        if let Some(z) = self.ct_commit.iter_mut().find(|z| **z == 0) {
-            *z = zone;
-        }
-    }
-
-    /// `action` with the conntrack commit of this run, if any.
-    pub fn with_commit(&self, mut action: FlowAction) -> FlowAction {
-        if self.ct_commit != [0, 0] {
-            action.flags |= geneflow_abi::flag::CT_COMMIT;
-            action.ct_zones = self.ct_commit;
-        }
-        action
-    }
-
-    /// The megaflow of this run: the key under the accumulated mask, with `action`.
-    pub fn megaflow(&self, action: FlowAction) -> Megaflow {
-        Megaflow {
-            key: self.key.masked(&self.mask),
-            mask: self.mask,
-            action,
-        }
-    }
 }
 
 impl Tables {

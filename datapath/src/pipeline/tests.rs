@@ -1,5 +1,6 @@
 //! Unit tests of the switching stages and the encap emitter (routing: `tests_router`).
 use super::*;
+use crate::wire::geneve::OvnMetadata;
 use geneflow_abi::{act, ctr};
 use geneflow_control::compiler::compile;
 use geneflow_control::model::NbDocument;

@@ -5,6 +5,7 @@
 //! Router r joins ls1 (10.1.0.1/24) and ls2 (10.2.0.1/24); static route 10.9.0.0/16 via p3.
 
 use super::*;
+use crate::wire::geneve::OvnMetadata;
 use etherparse::{
     icmpv4, IcmpEchoHeader, Icmpv4Type, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice,
 };

@@ -8,9 +8,10 @@ use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+mod nbargs;
 mod nbctl;
 mod nbshow;
-use nbctl::NbCmd;
+use nbargs::NbCmd;
 
 const DEFAULT_DB: &str = "file:///var/lib/geneflow/nb.json";
 
