@@ -184,10 +184,24 @@ pub fn inject_from(
     Ok(())
 }
 
-/// Waits (up to 5 s) until a socket of `proto` ("tcp" or "udp") listens on `port` in namespace
-/// `ns`: a server started just before may not have bound yet on a loaded machine, and a
-/// fixed sleep lost the first connection or datagram there.
-pub fn wait_listening(ns: &str, proto: &str, port: u16) -> Result<()> {
+/// Waits (up to 5 s) until `server`, just started, listens on `port` (`proto` "tcp" or "udp")
+/// in namespace `ns`: on a loaded machine it may not have bound yet, and a fixed sleep lost
+/// the first connection or datagram there. On failure the server is killed and reaped.
+pub fn wait_listening(
+    server: &mut std::process::Child,
+    ns: &str,
+    proto: &str,
+    port: u16,
+) -> Result<()> {
+    let r = listening(ns, proto, port);
+    if r.is_err() {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    r
+}
+
+fn listening(ns: &str, proto: &str, port: u16) -> Result<()> {
     let flags = match proto {
         "tcp" => "-Hltn",
         "udp" => "-Hlun",

@@ -163,7 +163,7 @@ pub fn iperf3(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    crate::wait_listening(server_ns, "tcp", port)?;
+    crate::wait_listening(&mut server, server_ns, "tcp", port)?;
     let client = tb
         .ns_cmd(client_ns, "iperf3")
         .args(["-c", dst, "-p", &port_s, "-n", amount, "-J"])

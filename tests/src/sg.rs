@@ -11,21 +11,44 @@ pub fn server(tb: &Testbed, vm: &str, port: u16) -> Result<Child> {
     let code = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    c.sendall(b'ok')\n    c.close()\n"
     );
-    let c = Command::new("ip")
+    let mut c = Command::new("ip")
         .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", &code])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    wait_listening(&ns, "tcp", port)?;
+    wait_listening(&mut c, &ns, "tcp", port)?;
     Ok(c)
+}
+
+/// Pins VM `to`'s address to its MAC in VM `from`'s neighbour table: no ARP probe of
+/// `from`'s kernel (an entry gone stale is probed 5 s after its next use) lands in a stream
+/// whose every frame a test counts.
+pub fn pin_neighbour(tb: &Testbed, from: &str, to: &str) -> Result<()> {
+    let (a, b) = (tb.vm(from)?, tb.vm(to)?);
+    crate::run(Command::new("ip").args([
+        "-n",
+        &a.ns,
+        "neigh",
+        "replace",
+        &b.ip,
+        "lladdr",
+        &b.mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]))?;
+    Ok(())
 }
 
 /// Opens a UDP flow from VM `from` to VM `to` slowly (2 datagrams to `port`, 100 ms apart)
 /// and waits until `chassis` has installed both of its megaflows, the new connection's and
 /// the established one's. A stream started after it stays in XDP from its first frame, since
 /// XDP commits new connections itself. Sent in a burst instead, the frames behind each
-/// miss would miss too while the slow path waits for a CPU on a loaded machine.
+/// miss would miss too while the slow path waits for a CPU on a loaded machine. `to`'s
+/// neighbour entry in `from` is pinned first (`pin_neighbour`).
 pub fn warm_up(tb: &Testbed, (from, to): (&str, &str), port: u16, chassis: &str) -> Result<()> {
+    pin_neighbour(tb, from, to)?;
     let iface = format!("vp-{from}");
     let inst0 = tb.counter(chassis, &iface, "megaflow_install")?;
     let rx = tb.udp_receiver(to, port, 2, 10.0)?;
@@ -39,7 +62,7 @@ pub fn warm_up(tb: &Testbed, (from, to): (&str, &str), port: u16, chassis: &str)
     anyhow::ensure!(
         inst >= inst0 + 2,
         "warm-up {from} -> {to}: {} megaflows installed on {iface}, 2 expected",
-        inst - inst0
+        inst.saturating_sub(inst0)
     );
     Ok(())
 }
@@ -93,4 +116,42 @@ pub fn ct_entries(tb: &Testbed, chassis: &str) -> Result<Vec<serde_json::Value>>
     )?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok(v["entries"].as_array().cloned().unwrap_or_default())
+}
+
+/// The connections `chassis` tracks to `dst` ("ip:port"), read once `want` of them are there
+/// and all closing (their FINs in), or after 2 s. Meant for right after they closed: they
+/// expire 10-20 s after their last packet, which the checks a test makes before reading
+/// them can take on a loaded machine.
+pub fn closed_connections(
+    tb: &Testbed,
+    chassis: &str,
+    dst: &str,
+    want: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let to_dst = || -> Result<Vec<serde_json::Value>> {
+        Ok(ct_entries(tb, chassis)?
+            .into_iter()
+            .filter(|e| e["dst"] == dst)
+            .collect())
+    };
+    crate::within(std::time::Duration::from_secs(2), || {
+        let c = to_dst()?;
+        Ok(c.len() == want && c.iter().all(|e| e["closing"] == true))
+    })?;
+    to_dst()
+}
+
+/// The connections `chassis` tracks from address `src_ip` (any port) or to `dst`
+/// ("ip:port"): where refused connection attempts must have left nothing.
+pub fn tracked_from_or_to(
+    tb: &Testbed,
+    chassis: &str,
+    src_ip: &str,
+    dst: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let from = format!("{src_ip}:");
+    Ok(ct_entries(tb, chassis)?
+        .into_iter()
+        .filter(|e| e["src"].as_str().unwrap_or("").starts_with(&from) || e["dst"] == dst)
+        .collect())
 }

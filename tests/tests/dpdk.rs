@@ -14,7 +14,9 @@ use geneflow_tests::dpdk::{
     assert_nothing_left, assert_refused, dpdk_runtime, start_dpdk, two_chassis,
 };
 use geneflow_tests::provider::*;
-use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server};
+use geneflow_tests::sg::{
+    closed_connections, connects, ct_entries, in_group_web, pings, server, tracked_from_or_to,
+};
 use geneflow_tests::*;
 use std::process::Command;
 use std::time::Duration;
@@ -169,6 +171,8 @@ fn security_groups_on_a_dpdk_chassis() -> Result<()> {
     let commits0 = tb.counter("ch1", "ul", "ct_committed")?;
     let ok1 = connects(&tb, "vm3", &ip1, 8080)?;
     let ok2 = connects(&tb, "vm3", &ip1, 8080)?;
+    // Read now, before the probes below (closed connections expire).
+    let web = closed_connections(&tb, "ch1", &format!("{ip1}:8080"), 2)?;
     // Refused: another source (vm2, on the DPDK chassis itself), another port, ICMP.
     let other_src = connects(&tb, "vm2", &ip1, 8080)?;
     let other_port = connects(&tb, "vm3", &ip1, 8081)?;
@@ -196,11 +200,14 @@ fn security_groups_on_a_dpdk_chassis() -> Result<()> {
     // second by the megaflow the first installed.
     let commits = tb.counter("ch1", "ul", "ct_committed")? - commits0;
     assert!(commits >= 2, "{commits} commits on the uplink");
-    let web: Vec<_> = ct_entries(&tb, "ch1")?
-        .into_iter()
-        .filter(|e| e["dst"] == format!("{ip1}:8080"))
-        .collect();
     assert_eq!(web.len(), 2, "{web:?}");
+    // The refused SYNs (vm2 to 8080, vm3 to 8081) committed nothing.
+    let ip2 = tb.vm("vm2")?.ip.clone();
+    let refused = tracked_from_or_to(&tb, "ch1", &ip2, &format!("{ip1}:8081"))?;
+    assert!(
+        refused.is_empty(),
+        "refused connections tracked: {refused:?}"
+    );
     assert!(
         web.iter().all(|e| e["src"]
             .as_str()

@@ -405,12 +405,12 @@ fn tenants_with_the_same_address_share_a_snat_address_apart() -> Result<()> {
     // unsolicited and dropped), so the single datagrams below find their next hop.
     let _ = ping_from(&tb, &out, "172.24.4.61", 1);
     // The outside host echoes two datagrams, saying where each came from.
-    let echo = tb
+    let mut echo = tb
         .ns_cmd(&out, "/usr/bin/python3")
         .args(["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',7000))\ns.settimeout(10)\nfor i in range(2):\n d,a=s.recvfrom(100)\n print(a[0],a[1],d.decode(),flush=True)\n s.sendto(d,a)\n"])
         .stdout(Stdio::piped())
         .spawn()?;
-    wait_listening(&out, "udp", 7000)?;
+    wait_listening(&mut echo, &out, "udp", 7000)?;
     // Both send from the same address and port to the same place; each must get its own
     // answer back.
     let client = |vm: &str| -> Result<String> {

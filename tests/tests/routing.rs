@@ -119,7 +119,7 @@ fn routed_checks(tb: &Testbed) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    wait_listening(&vm2.ns, "tcp", 5201)?;
+    wait_listening(&mut server, &vm2.ns, "tcp", 5201)?;
     let vm1 = tb.vm("vm1")?;
     let out = run(tb
         .ns_cmd(&vm1.ns, "iperf3")
@@ -264,7 +264,7 @@ fn router_errors_ttl_no_route_and_path_mtu() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    wait_listening(&vm2.ns, "tcp", 5202)?;
+    wait_listening(&mut server, &vm2.ns, "tcp", 5202)?;
     let vm1 = tb.vm("vm1")?;
     let out =
         run(tb

@@ -3,8 +3,11 @@
 //! ingress rules, replies and vm3's own connections pass as established (conntrack in XDP),
 //! and removing the rule refuses new connections at once.
 
-use anyhow::Result;
-use geneflow_tests::sg::{connects, ct_entries, in_group_web, pings, server, warm_up};
+use anyhow::{Context, Result};
+use geneflow_tests::sg::{
+    closed_connections, connects, ct_entries, in_group_web, pin_neighbour, pings, server,
+    tracked_from_or_to, warm_up,
+};
 use geneflow_tests::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,6 +41,9 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     // megaflow of the first commits it).
     let ok1 = connects(&tb, "vm1", &ip3, 8080)?;
     let ok2 = connects(&tb, "vm1", &ip3, 8080)?;
+    // Read now, before the probes below (closed connections expire).
+    let web = closed_connections(&tb, "ch2", &format!("{ip3}:8080"), 2)?;
+    let ct = |c: &str| ct_entries(&tb, c);
     // Refused: another source, another port, ICMP.
     let other_src = connects(&tb, "vm2", &ip3, 8080)?;
     let other_port = connects(&tb, "vm1", &ip3, 8081)?;
@@ -55,11 +61,6 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     assert!(drops >= 3, "ch2 counted {drops} ACL drops");
     // The two connections are in ch2's conntrack (zone = ls1), one per source port; vm3's
     // ping too. ch1 has no port with groups: no conntrack there.
-    let ct = |c: &str| ct_entries(&tb, c);
-    let web: Vec<_> = ct("ch2")?
-        .into_iter()
-        .filter(|e| e["dst"] == format!("{ip3}:8080"))
-        .collect();
     assert_eq!(web.len(), 2, "{web:?}");
     assert!(web.iter().all(|e| e["src"]
         .as_str()
@@ -67,6 +68,13 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
         .starts_with(&format!("{ip1}:"))
         && e["zone"] == LS1_KEY
         && e["proto"] == 6));
+    // The refused SYNs (vm2 to 8080, vm1 to 8081) committed nothing.
+    let ip2 = tb.vm("vm2")?.ip.clone();
+    let refused = tracked_from_or_to(&tb, "ch2", &ip2, &format!("{ip3}:8081"))?;
+    assert!(
+        refused.is_empty(),
+        "refused connections tracked: {refused:?}"
+    );
     assert!(ct("ch1")?.is_empty());
     // Both connections were closed (FIN): marked closing, they expire within 10 s of their
     // last packet (the collector runs every 10 s).
@@ -104,7 +112,7 @@ fn security_groups_allow_their_rules_and_the_replies() -> Result<()> {
     warm_up(&tb, ("vm3", "vm1"), 7599, "ch2")?;
     let hits0 = tb.counter("ch2", "vp-vm3", "fastpath_hit")?;
     let miss0 = tb.counter("ch2", "vp-vm3", "miss")?;
-    let rx = tb.udp_receiver("vm1", 7600, 2000, 3.0)?;
+    let rx = tb.udp_receiver("vm1", 7600, 2000, 10.0)?;
     tb.udp_send("vm3", &ip1, 7600, 2000, 4000)?;
     assert_eq!(Testbed::udp_result(rx)?, 2000);
     let hits = tb.counter("ch2", "vp-vm3", "fastpath_hit")? - hits0;
@@ -341,8 +349,14 @@ fn a_port_that_joins_a_group_mid_stream_stays_in_xdp() -> Result<()> {
         Ok(())
     };
     // vm1 has not talked to vm3: ARP and the megaflow first (an ICMP one serves UDP too),
-    // not inside a 50,000/s stream.
+    // not inside a 50,000/s stream; no ARP probe inside it either.
+    pin_neighbour(&tb, "vm1", "vm3")?;
     tb.ping("vm1", &tb.vm("vm3")?.ip, 1)?;
+    let vm3_mac = tb.vm("vm3")?.mac.clone();
+    within(Duration::from_secs(5), || {
+        Ok(megaflow_to(&megaflows(&tb, "ch1")?, &vm3_mac).is_some())
+    })?
+    .context("no megaflow to vm3 after the ping")?;
     stream("before the group")?;
     // vm1 joins a group that lets anything out: its established stream is tracked and
     // stays in XDP.

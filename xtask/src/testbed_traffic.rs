@@ -112,7 +112,9 @@ impl Testbed {
         rate: u64,
     ) -> Result<u64> {
         let dst = self.vm(to)?.ip.clone();
-        let rx = self.udp_receiver(to, port, count, 2.0)?;
+        // Counted from the start too: 10 s covers a sender slow to start on a loaded machine
+        // (the receiver ends as soon as it has `count`).
+        let rx = self.udp_receiver(to, port, count, 10.0)?;
         self.udp_send(from, &dst, port, count, rate)?;
         Self::udp_result(rx)
     }
