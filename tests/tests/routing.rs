@@ -4,6 +4,7 @@
 //! ARP answered locally (none crosses the underlay), and routes following NB changes.
 
 use anyhow::{ensure, Result};
+use geneflow_tests::provider::{capture, stop};
 use geneflow_tests::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -140,17 +141,9 @@ fn arp_is_answered_by_the_local_chassis_and_never_crosses_the_underlay() -> Resu
     let tb = routed("a", 1442)?;
     // Captured at the owner: vm4 (10.1.0.14, on ch2) would receive vm1's ARP requests if
     // they crossed the underlay (a flood reaches every port of the switch).
-    let cap = tb.dir.join("arp.pcap");
-    let vm4 = tb.vm("vm4")?;
-    let mut tcpdump = tb
-        .ns_cmd(&vm4.ns, "tcpdump")
-        .args(["-n", "-U", "-i", "eth0", "-w"])
-        .arg(&cap)
-        .arg("arp or icmp")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(800));
+    // (Once started with an 800 ms sleep and without --immediate-mode: CI's capture was empty.)
+    let vm4_ns = tb.vm("vm4")?.ns.clone();
+    let (tcpdump, cap) = capture(&tb, &vm4_ns, "arp", "arp or icmp")?;
     let ul_miss0 = tb.counter("ch2", "ul", "miss")?;
     let replies0 = tb.counter("ch1", "vp-vm1", "arp_reply")?;
     // vm1 resolves its gateway and vm4 (same switch, on ch2) afresh, twice (the second time
@@ -169,10 +162,7 @@ fn arp_is_answered_by_the_local_chassis_and_never_crosses_the_underlay() -> Resu
             }
         }
     }
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
-    let _ = tcpdump.wait();
+    stop(tcpdump);
     let replies = tb.counter("ch1", "vp-vm1", "arp_reply")? - replies0;
     assert!(replies >= 4, "ch1 answered {replies} ARP requests");
     // tshark decodes what reached vm4: no ARP request of vm1's (ch2's answers to vm4's own
