@@ -27,6 +27,7 @@ pub mod persist;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod userct;
+pub mod usernat;
 pub mod userneigh;
 pub mod userpath;
 pub mod wire;

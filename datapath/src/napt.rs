@@ -2,7 +2,7 @@
 //! connection out through the chassis' external address gets a port (the VM's own when free,
 //! like Linux; otherwise the next free one for that remote address and port), both
 //! directions go into the NAT table (`NatStore`: XDP's BPF map, or the DPDK backend's
-//! `NatMap`), and the packet is rewritten; a reply the fast path could not translate (its
+//! `usernat::NatMap`), and the packet is rewritten; a reply the fast path could not translate (its
 //! megaflow was not installed yet) is checked as XDP would and translated here from the
 //! table. Outbound entries are keyed by the VM's port too: VMs of different tenants with the
 //! same address never share one. Limits: 64,512 ports per protocol and remote address and
@@ -367,68 +367,6 @@ impl NatStore for aya::maps::HashMap<aya::maps::MapData, CtKey, NatEntry> {
     }
 }
 
-/// The translations in memory (the DPDK backend), bounded like the BPF map: a full table
-/// refuses new translations, it never evicts a live one.
-pub struct NatMap {
-    map: HashMap<CtKey, NatEntry>,
-    capacity: usize,
-}
-
-impl NatMap {
-    pub fn new(capacity: usize) -> NatMap {
-        NatMap {
-            map: HashMap::new(),
-            capacity,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-impl NatStore for NatMap {
-    fn nat_get(&self, k: &CtKey) -> Option<NatEntry> {
-        self.map.get(k).copied()
-    }
-
-    fn nat_insert(
-        &mut self,
-        out: (&CtKey, &NatEntry),
-        back: (&CtKey, &NatEntry),
-        _back_new: bool,
-    ) -> bool {
-        let new = [out.0, back.0]
-            .iter()
-            .filter(|k| !self.map.contains_key(k))
-            .count();
-        if self.map.len() + new > self.capacity {
-            return false;
-        }
-        self.map.insert(*back.0, *back.1);
-        self.map.insert(*out.0, *out.1);
-        true
-    }
-
-    fn nat_update(&mut self, k: &CtKey, e: &NatEntry) {
-        if let Some(x) = self.map.get_mut(k) {
-            *x = *e;
-        }
-    }
-
-    fn nat_remove(&mut self, k: &CtKey) -> bool {
-        self.map.remove(k).is_some()
-    }
-
-    fn nat_entries(&self) -> Vec<(CtKey, NatEntry)> {
-        self.map.iter().map(|(k, e)| (*k, *e)).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,13 +383,14 @@ mod tests {
 
     #[test]
     fn a_connection_out_gets_a_port_and_its_replies_come_back() {
-        let mut t = NatMap::new(4);
+        let m = crate::usernat::NatMap::new(4);
+        let mut t = m.writer();
         let ext = Ipv4Addr::new(172, 24, 4, 61);
         let orig = udp([10, 0, 0, 3], [172, 24, 4, 100], 5000, 53);
         let mut routed = orig.clone();
         let back_to = (7, 0, [0x0a, 0, 0, 0, 0xff, 1], [0x0a, 0, 0, 0, 0, 3]);
         assert!(out(&mut t, &orig, &mut routed, ext, back_to, 1));
-        assert_eq!(t.len(), 2);
+        assert_eq!(m.len(), 2);
         // The VM's own port was free: kept; the source is the external address.
         let p = etherparse::SlicedPacket::from_ethernet(&routed).unwrap();
         let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
@@ -486,6 +425,6 @@ mod tests {
         assert!(!out(&mut t, &third, &mut r3, ext, back_to, 3));
         // Idle translations expire (UDP: 60 s), both halves together.
         expire(&mut t, 62_000_000_000);
-        assert!(t.is_empty());
+        assert!(m.is_empty());
     }
 }

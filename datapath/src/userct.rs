@@ -3,23 +3,24 @@
 //! the poll threads share instead of BPF maps.
 //!
 //! - `ConnTable`: the table every poll thread and the control thread share (a connection's
-//!   two directions may land on different threads). Sharded by a hash keyed per process
-//!   (nobody can aim tuples at one shard), one lock per shard, taken only when a thread's own
-//!   cache cannot answer; bounded (`ct::MAX_ENTRIES`): a full shard evicts its least recently
-//!   seen entry, counted, as the LRU map does. The eviction is per shard (1024 entries), not
-//!   global like the LRU map's: a tenant filling the table evicts others' entries sooner.
+//!   two directions may land on different threads). As the BPF map: lookups take no lock (a
+//!   lock-free hash table, `papaya`, whose entries a frame refreshes with atomic stores),
+//!   writers do (a commit, an expiry, a flush: one lock per shard). Sharded by a hash keyed
+//!   per process (nobody can aim tuples at one shard); bounded (`ct::MAX_ENTRIES`): a full
+//!   shard evicts its least recently seen entry, counted, as the LRU map does. The eviction
+//!   is per shard (1024 entries), not global like the LRU map's: a tenant filling the table
+//!   evicts others' entries sooner.
 //! - `CtCache`: per poll thread, XDP's per-CPU connection cache: 2-way sets of the last
 //!   established tuples, valid for one epoch of the table (bumped about once a second and
-//!   after any deletion), so that an established connection costs no lock, and its entry's
-//!   timestamp is refreshed once an epoch.
+//!   after any deletion), so that an established connection costs no hash lookup, and its
+//!   entry's timestamp is refreshed once an epoch.
 //! - `lookup`, `icmp_error_related`, `commit`: the frame-side operations, sans-IO.
 //!
 //! Expiry, zone flushes and listing are the control thread's (`expire`, `delete`,
 //! `entries`).
 
 use geneflow_abi::{ct, flag, CtCacheSlot, CtEntry, CtKey, FlowAction, FlowKey};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -67,7 +68,57 @@ pub(crate) fn spread(k: &CtKey) -> u32 {
         .wrapping_mul(0x9e37_79b1)
 }
 
-type Shard = Mutex<HashMap<CtKey, CtEntry>>;
+/// A connection: `CtEntry` with the fields a frame moves as atomics, so that a lookup
+/// refreshes it without a lock (a racing refresh only loses a timestamp, as in the BPF map).
+struct Conn {
+    created_ns: u64,
+    last_seen_ns: AtomicU64,
+    flags: AtomicU32,
+}
+
+impl Conn {
+    fn new(now: u64) -> Conn {
+        Conn {
+            created_ns: now,
+            last_seen_ns: AtomicU64::new(now),
+            flags: AtomicU32::new(0),
+        }
+    }
+
+    fn entry(&self) -> CtEntry {
+        CtEntry {
+            last_seen_ns: self.last_seen_ns.load(Ordering::Relaxed),
+            created_ns: self.created_ns,
+            flags: self.flags.load(Ordering::Relaxed),
+            ..CtEntry::default()
+        }
+    }
+}
+
+struct Shard {
+    /// Readers never block (papaya: lock-free reads, memory reclaimed by epochs).
+    map: papaya::HashMap<CtKey, Conn>,
+    /// Serialises the writers of the shard: the size bound and the eviction need one at a
+    /// time. Never taken by a lookup.
+    write: Mutex<()>,
+    /// Entries, changed under `write`.
+    len: AtomicUsize,
+}
+
+impl Shard {
+    fn new(capacity: usize) -> Shard {
+        Shard {
+            map: papaya::HashMap::with_capacity(capacity),
+            write: Mutex::new(()),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// The writers' lock; a poisoned one (a panicked thread) guards consistent entries.
+    fn write(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// The shared connection table.
 pub struct ConnTable {
@@ -86,10 +137,11 @@ pub struct ConnTable {
 impl ConnTable {
     /// A table of at most `capacity` entries (at least one per shard).
     pub fn new(capacity: usize) -> ConnTable {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
         ConnTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Shard::new(per_shard)).collect(),
             hasher: Default::default(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
+            per_shard,
             epoch: AtomicU32::new(1),
             base: Instant::now(),
             evicted: AtomicU64::new(0),
@@ -101,11 +153,9 @@ impl ConnTable {
         now.saturating_duration_since(self.base).as_nanos() as u64
     }
 
-    fn shard(&self, k: &CtKey) -> std::sync::MutexGuard<'_, HashMap<CtKey, CtEntry>> {
+    fn shard(&self, k: &CtKey) -> &Shard {
         use std::hash::BuildHasher;
-        let s = &self.shards[self.hasher.hash_one(k) as usize % SHARDS];
-        // A poisoned shard (a panicked thread) still holds consistent entries.
-        s.lock().unwrap_or_else(|e| e.into_inner())
+        &self.shards[self.hasher.hash_one(k) as usize % SHARDS]
     }
 
     pub fn epoch(&self) -> u32 {
@@ -124,45 +174,44 @@ impl ConnTable {
     /// Looks `k` up, refreshing its timestamp (once it is a second old) and marking it
     /// closing if `closing`; whether it is there.
     fn touch(&self, k: &CtKey, now: u64, closing: bool) -> bool {
-        let mut s = self.shard(k);
-        let Some(e) = s.get_mut(k) else {
+        let m = self.shard(k).map.pin();
+        let Some(c) = m.get(k) else {
             return false;
         };
-        if now.saturating_sub(e.last_seen_ns) > NS {
-            e.last_seen_ns = now;
+        if now.saturating_sub(c.last_seen_ns.load(Ordering::Relaxed)) > NS {
+            c.last_seen_ns.store(now, Ordering::Relaxed);
         }
         if closing {
-            e.flags |= ct::CLOSING;
+            c.flags.fetch_or(ct::CLOSING, Ordering::Relaxed);
         }
         true
     }
 
     pub fn contains(&self, k: &CtKey) -> bool {
-        self.shard(k).contains_key(k)
+        self.shard(k).map.pin().contains_key(k)
     }
 
     /// Writes `k` as a new connection (replacing any entry, as the BPF map's insert does);
     /// a full shard first evicts its least recently seen entry.
     pub fn commit(&self, k: &CtKey, now: u64) {
-        let mut s = self.shard(k);
-        if s.len() >= self.per_shard && !s.contains_key(k) {
-            let oldest = s
+        let s = self.shard(k);
+        let _w = s.write();
+        let m = s.map.pin();
+        if s.len.load(Ordering::Relaxed) >= self.per_shard && !m.contains_key(k) {
+            let oldest = m
                 .iter()
-                .min_by_key(|(_, e)| e.last_seen_ns)
+                .min_by_key(|(_, c)| c.last_seen_ns.load(Ordering::Relaxed))
                 .map(|(k, _)| *k);
             if let Some(o) = oldest {
-                s.remove(&o);
-                self.evicted.fetch_add(1, Ordering::Relaxed);
+                if m.remove(&o).is_some() {
+                    s.len.fetch_sub(1, Ordering::Relaxed);
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        s.insert(
-            *k,
-            CtEntry {
-                last_seen_ns: now,
-                created_ns: now,
-                ..CtEntry::default()
-            },
-        );
+        if m.insert(*k, Conn::new(now)).is_none() {
+            s.len.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Deletes the entries idle longer than their timeout; returns (deleted, left). A
@@ -179,10 +228,16 @@ impl ConnTable {
     pub fn delete(&self, doomed: impl Fn(&CtKey, &CtEntry) -> bool) -> usize {
         let mut n = 0;
         for s in self.shards.iter() {
-            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            let before = s.len();
-            s.retain(|k, e| !doomed(k, e));
-            n += before - s.len();
+            let _w = s.write();
+            let m = s.map.pin();
+            let mut gone = 0;
+            m.retain(|k, c| {
+                let keep = !doomed(k, &c.entry());
+                gone += usize::from(!keep);
+                keep
+            });
+            s.len.fetch_sub(gone, Ordering::Relaxed);
+            n += gone;
         }
         if n > 0 {
             self.bump_epoch();
@@ -193,7 +248,7 @@ impl ConnTable {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.len.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -209,8 +264,7 @@ impl ConnTable {
     pub fn entries(&self) -> Vec<(CtKey, CtEntry)> {
         let mut v = Vec::new();
         for s in self.shards.iter() {
-            let s = s.lock().unwrap_or_else(|e| e.into_inner());
-            v.extend(s.iter().map(|(k, e)| (*k, *e)));
+            v.extend(s.map.pin().iter().map(|(k, c)| (*k, c.entry())));
         }
         v
     }
@@ -407,6 +461,37 @@ mod tests {
         let mut arp = FlowKey::zeroed();
         lookup(&t, &mut c, &mut arp, 7, 3);
         assert_eq!(arp.ct_state, 0);
+    }
+
+    #[test]
+    fn lookups_take_no_lock_while_a_writer_holds_the_shard() {
+        let t = std::sync::Arc::new(ConnTable::new(1024));
+        let mut k = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 80);
+        k.ip_proto = 6;
+        commit(&t, &k, &committing(7), 0);
+        let ck = ct_key(&k, 7).unwrap();
+        // A writer (a commit, an expiry) holds the lock of the tuple's shard meanwhile.
+        let _w = t.shard(&ck).write();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        std::thread::spawn(move || {
+            let mut c = CtCache::default();
+            let (mut est, mut new) = (k, udp([10, 0, 0, 9], [10, 0, 0, 2], 1, 53));
+            // A FIN reaches the table (never the cache): refreshed and marked closing.
+            est.pad = TCP_FIN;
+            lookup(&t2, &mut c, &mut est, 7, 5 * NS);
+            lookup(&t2, &mut c, &mut new, 7, 5 * NS);
+            let related = icmp_error_related(&t2, &[0; 80], 0, 7);
+            let _ = tx.send((est.ct_state, new.ct_state, related));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(
+            got,
+            Ok((ct::EST, ct::NEW, false)),
+            "a lookup waited for the writer"
+        );
+        let e = t.entries()[0].1;
+        assert_eq!((e.last_seen_ns, e.flags), (5 * NS, ct::CLOSING));
     }
 
     #[test]

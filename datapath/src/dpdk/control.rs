@@ -10,9 +10,10 @@ use crate::arpasked::ArpAsked;
 use crate::flowcache::GenerationTable;
 use crate::garp::FipAnnouncer;
 use crate::metrics::{PortInfo, Shared};
-use crate::napt::{NatMap, NatStore};
+use crate::napt::NatStore;
 use crate::pipeline::Tables;
 use crate::userct::ConnTable;
+use crate::usernat::NatMap;
 use crate::userneigh::UnderlayNeigh;
 use crate::userpath::PathEvent;
 use arc_swap::ArcSwapOption;
@@ -71,7 +72,7 @@ pub struct Control<'a> {
     pub generations: GenerationTable,
     pub neigh: &'a Mutex<UnderlayNeigh>,
     pub conntrack: &'a ConnTable,
-    pub nat: &'a Mutex<NatMap>,
+    pub nat: &'a NatMap,
     /// The version of the tables last published (`Tables::version`).
     pub published: &'a AtomicU64,
     pub shared: &'a Shared,
@@ -212,7 +213,7 @@ impl Control<'_> {
     /// Ends the epoch of the poll threads' connection caches (their established tuples are
     /// refreshed in the table once per epoch) and deletes the idle connections; publishes
     /// the table's gauges. Every tenth round (10 s, as the XDP backend), the idle
-    /// default-SNAT translations go too: the walk holds their table's lock.
+    /// default-SNAT translations go too.
     pub fn expire(&mut self) {
         if self.announcer.owed() {
             self.send_garps();
@@ -222,12 +223,12 @@ impl Control<'_> {
         let now = ct.ns(Instant::now());
         self.rounds += 1;
         if self.rounds.is_multiple_of(10) {
-            // The walk works on a copy: the table is locked to copy it and to delete, not
-            // while deciding (the poll threads translate under that lock).
-            let lock = || self.nat.lock().unwrap_or_else(|e| e.into_inner());
-            let all: crate::napt::NatSnapshot = lock().nat_entries().into_iter().collect();
+            // The walk works on a copy: the writers' lock is held to copy it and to delete,
+            // not while deciding (new translations wait for it; lookups never do).
+            let all: crate::napt::NatSnapshot =
+                self.nat.writer().nat_entries().into_iter().collect();
             let doomed = crate::napt::doomed(&all, now);
-            if !doomed.is_empty() && crate::napt::remove(&mut *lock(), &all, doomed) > 0 {
+            if !doomed.is_empty() && crate::napt::remove(&mut self.nat.writer(), &all, doomed) > 0 {
                 // The poll threads' cached translations are read again.
                 ct.bump_epoch();
             }

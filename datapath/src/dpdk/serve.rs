@@ -23,8 +23,8 @@
 //! Provider interfaces (`providers`) are DPDK ports too; what the poll threads learn there
 //! (neighbours from ARP) goes to the calling thread (`control`), which owns the tables.
 //!
-//! Default-SNAT translations live in a table the poll threads share (`napt::NatMap`, the
-//! XDP backend's allocation and expiry code over it).
+//! Default-SNAT translations live in a table the poll threads share (`usernat::NatMap`,
+//! read without a lock; the XDP backend's allocation and expiry code over it).
 //!
 //! A restart costs every
 //! megaflow, tracked connection and translation (they live in the process) and the frames in
@@ -39,10 +39,10 @@ use super::{Burst, DpdkError, Eal, EthPort, Mempool, BURST};
 use crate::ctl::CtlRequest;
 use crate::flowcache::{FlowCache, GenerationTable, Generations};
 use crate::metrics::Shared;
-use crate::napt::NatMap;
 use crate::netdev;
 use crate::pipeline::Tables;
 use crate::userct::ConnTable;
+use crate::usernat::NatMap;
 use crate::userneigh::UnderlayNeigh;
 use crate::userpath::{Counters, PathConfig, PathEvent, PathShared, Tx, UserPath};
 use arc_swap::ArcSwapOption;
@@ -385,9 +385,7 @@ pub fn serve(
     )));
     let megaflows: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
     let conntrack = Arc::new(ConnTable::new(ct::MAX_ENTRIES as usize));
-    let nat = Arc::new(Mutex::new(NatMap::new(
-        geneflow_abi::nat::MAX_ENTRIES as usize,
-    )));
+    let nat = Arc::new(NatMap::new(geneflow_abi::nat::MAX_ENTRIES as usize));
     let published = Arc::new(AtomicU64::new(0));
     let state = PathShared {
         neigh: neigh.clone(),

@@ -45,7 +45,7 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     let shared = crate::userpath::PathShared {
         neigh,
         conntrack: ct,
-        nat: Arc::new(std::sync::Mutex::new(crate::napt::NatMap::new(1024))),
+        nat: Arc::new(crate::usernat::NatMap::new(1024)),
         published: Default::default(),
     };
     let path = UserPath::new(FlowCache::new(gens, 1000), shared, cfg);

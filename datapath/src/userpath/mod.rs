@@ -30,11 +30,11 @@ mod state;
 
 use crate::flowcache::FlowCache;
 use crate::flowexec::{execute, Frame, Verdict};
-use crate::napt::NatMap;
 use crate::pipeline::{DropReason, Learn, Output, Tables};
 use crate::ratelimit::AnswerLimits;
 use crate::ratelimit::RateLimiter;
 use crate::userct::{self, ConnTable, CtCache};
+use crate::usernat::NatMap;
 use crate::userneigh::UnderlayNeigh;
 use crossbeam_channel::Sender;
 use geneflow_abi::{act, ct, ctr, mask_list, VLAN_PRESENT};
@@ -110,7 +110,7 @@ pub struct PathConfig {
 pub struct PathShared {
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
     pub conntrack: Arc<ConnTable>,
-    pub nat: Arc<Mutex<NatMap>>,
+    pub nat: Arc<NatMap>,
     /// The version of the tables last published (`Tables::version`): a megaflow decided on
     /// older tables is not installed.
     pub published: Arc<AtomicU64>,
@@ -120,7 +120,7 @@ pub struct UserPath {
     pub cache: FlowCache,
     pub neigh: Arc<Mutex<UnderlayNeigh>>,
     pub conntrack: Arc<ConnTable>,
-    pub nat: Arc<Mutex<NatMap>>,
+    pub nat: Arc<NatMap>,
     published: Arc<AtomicU64>,
     /// New default-SNAT translations per VM port.
     nat_allocs: RateLimiter,

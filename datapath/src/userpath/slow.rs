@@ -55,17 +55,17 @@ impl UserPath {
                             self.count(ctr::DROP_RATE_LIMIT);
                             break 'd;
                         }
-                        let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut t = self.nat.writer();
                         let back = (ifindex, 0, smac, dmac);
-                        if !napt::out(&mut *t, frame, &mut txbuf, external, back, now_ns) {
+                        if !napt::out(&mut t, frame, &mut txbuf, external, back, now_ns) {
                             drop(t);
                             self.count(ctr::DROP_NO_NAT);
                             break 'd;
                         }
                     }
                     Some(Napt::In) => {
-                        let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
-                        let back = napt::back(&mut *t, frame, &mut txbuf, now_ns);
+                        let mut t = self.nat.writer();
+                        let back = napt::back(&mut t, frame, &mut txbuf, now_ns);
                         drop(t);
                         match back {
                             Some(ix) => {

@@ -1,14 +1,15 @@
 //! The state a megaflow's action consults on a cache hit (`flowexec::State`): the shared
 //! connection table for commits, the shared default-SNAT table for translations, as the XDP
-//! program consults its CT and NAT maps. A thread's own `NatCache` answers the translations
-//! of established connections within an epoch of the connection table (about a second, and
-//! ended by any deletion of a translation), so that they take no lock; the shared entry is
-//! refreshed once an epoch, and a TCP FIN or RST always reaches it.
+//! program consults its CT and NAT maps. Neither table takes a lock to be read. A thread's
+//! own `NatCache` answers the translations of established connections within an epoch of the
+//! connection table (about a second, and ended by any deletion of a translation), so that
+//! they cost no hash lookup; the shared entry is refreshed once an epoch, and a TCP FIN or
+//! RST always reaches it.
 
-use crate::napt::{self, NatMap, NatStore};
+use crate::napt;
 use crate::userct::{self, ConnTable};
+use crate::usernat::NatMap;
 use geneflow_abi::{nat, CtKey, FlowAction, FlowKey, NatEntry};
-use std::sync::Mutex;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -81,7 +82,7 @@ impl NatCache {
 
 pub(super) struct HitState<'a> {
     pub conntrack: &'a ConnTable,
-    pub nat: &'a Mutex<NatMap>,
+    pub nat: &'a NatMap,
     pub nat_cache: &'a mut NatCache,
     pub key: &'a FlowKey,
     pub action: &'a FlowAction,
@@ -91,26 +92,16 @@ pub(super) struct HitState<'a> {
 }
 
 impl HitState<'_> {
-    /// The translation of `k`: from the thread's cache, or from the shared table, updated
-    /// by `touch` and cached.
-    fn translation(
-        &mut self,
-        k: &CtKey,
-        from_cache: bool,
-        touch: impl Fn(&mut NatEntry),
-    ) -> Option<NatEntry> {
+    /// The translation of `k`: from the thread's cache, or from the shared table, refreshed
+    /// there (last seen now, `flags` added) and cached.
+    fn translation(&mut self, k: &CtKey, from_cache: bool, flags: u32) -> Option<NatEntry> {
         let epoch = self.conntrack.epoch();
         if from_cache {
             if let Some(e) = self.nat_cache.get(k, epoch) {
                 return Some(e);
             }
         }
-        // A poisoned table (a panicked thread) still holds consistent entries.
-        let mut t = self.nat.lock().unwrap_or_else(|e| e.into_inner());
-        let mut e = t.nat_get(k)?;
-        touch(&mut e);
-        t.nat_update(k, &e);
-        drop(t);
+        let e = self.nat.refresh(k, self.now_ns, flags)?;
         self.nat_cache.put(k, e, epoch);
         Some(e)
     }
@@ -123,26 +114,17 @@ impl crate::flowexec::State for HitState<'_> {
 
     fn napt_out(&mut self, frame: &[u8]) -> Option<NatEntry> {
         let k = napt::key(frame, nat::DIR_OUT, self.key.in_ifindex)?;
-        let now = self.now_ns;
         // FIN and RST must reach the entry (closing): they skip the cache.
         let closing = self.key.ip_proto == 6 && self.key.pad & (TCP_FIN | TCP_RST) != 0;
-        self.translation(&k, !closing, |e| {
-            e.last_seen_ns = now;
-            if closing {
-                e.flags |= nat::CLOSING;
-            }
-        })
+        let flags = if closing { nat::CLOSING } else { 0 };
+        self.translation(&k, !closing, flags)
     }
 
     fn napt_in(&mut self, frame: &[u8]) -> Option<NatEntry> {
         let k = napt::key(frame, nat::DIR_IN, 0)?;
-        let now = self.now_ns;
         // CLOSING is taken from the VM's side only: a spoofed FIN or RST from outside must
         // not shorten a live translation.
-        self.translation(&k, true, |e| {
-            e.last_seen_ns = now;
-            e.flags |= nat::REPLIED;
-        })
+        self.translation(&k, true, nat::REPLIED)
     }
 }
 
@@ -150,11 +132,12 @@ impl crate::flowexec::State for HitState<'_> {
 mod tests {
     use super::*;
     use crate::flowexec::State;
+    use crate::napt::NatStore;
 
     #[test]
     fn established_translations_come_from_the_cache_within_an_epoch() {
         let ct = ConnTable::new(64);
-        let nat = Mutex::new(NatMap::new(16));
+        let nat = NatMap::new(16);
         let ext = std::net::Ipv4Addr::new(172, 24, 4, 61);
         let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 3], [2, 0, 0, 0, 0, 1])
             .ipv4([10, 0, 0, 3], [172, 24, 4, 100], 64)
@@ -164,7 +147,7 @@ mod tests {
         let mut routed = frame.clone();
         let back = (7, 0, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 3]);
         assert!(napt::out(
-            &mut *nat.lock().unwrap(),
+            &mut nat.writer(),
             &frame,
             &mut routed,
             ext,
@@ -193,7 +176,7 @@ mod tests {
         assert_eq!((st.nat_cache.hits, st.nat_cache.misses), (2, 1));
         // The table was refreshed on the miss.
         let k = napt::key(&frame, nat::DIR_OUT, 7).unwrap();
-        assert_eq!(nat.lock().unwrap().nat_get(&k).unwrap().last_seen_ns, 5);
+        assert_eq!(nat.writer().nat_get(&k).unwrap().last_seen_ns, 5);
         // A new epoch (a deletion, a second gone): the table is asked again.
         ct.bump_epoch();
         st.napt_out(&frame);
