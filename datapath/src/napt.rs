@@ -274,7 +274,9 @@ pub fn doomed(all: &NatSnapshot, now: u64) -> Vec<(CtKey, Option<CtKey>)> {
 }
 
 /// Deletes what `doomed` picked, each half read again just before it goes (a packet that
-/// used it since the snapshot keeps it, and its partner); returns how many went.
+/// used it since the snapshot keeps it, and its partner); returns how many went. A packet
+/// in the instant between that read and the delete still loses it: readers take no lock,
+/// neither XDP's of the BPF map nor the DPDK poll threads' of `usernat::NatMap`.
 pub fn remove<S: NatStore + ?Sized>(
     map: &mut S,
     all: &NatSnapshot,

@@ -463,6 +463,22 @@ mod tests {
         assert_eq!(arp.ct_state, 0);
     }
 
+    /// Port unreachable from 10.0.0.2, quoting 10.0.0.1:1000 -> 10.0.0.2:`dport` (`proto`).
+    fn port_unreachable(proto: u8, dport: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![
+            0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+        ];
+        ip.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+        ip.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, proto, 0, 0]);
+        ip.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        ip.extend_from_slice(&1000u16.to_be_bytes());
+        ip.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f
+    }
+
     #[test]
     fn lookups_take_no_lock_while_a_writer_holds_the_shard() {
         let t = std::sync::Arc::new(ConnTable::new(1024));
@@ -481,13 +497,13 @@ mod tests {
             est.pad = TCP_FIN;
             lookup(&t2, &mut c, &mut est, 7, 5 * NS);
             lookup(&t2, &mut c, &mut new, 7, 5 * NS);
-            let related = icmp_error_related(&t2, &[0; 80], 0, 7);
+            let related = icmp_error_related(&t2, &port_unreachable(6, 80), 0, 7);
             let _ = tx.send((est.ct_state, new.ct_state, related));
         });
         let got = rx.recv_timeout(std::time::Duration::from_secs(5));
         assert_eq!(
             got,
-            Ok((ct::EST, ct::NEW, false)),
+            Ok((ct::EST, ct::NEW, true)),
             "a lookup waited for the writer"
         );
         let e = t.entries()[0].1;
@@ -584,18 +600,7 @@ mod tests {
         let t = ConnTable::new(1024);
         let k = udp([10, 0, 0, 1], [10, 0, 0, 2], 1000, 53);
         commit(&t, &k, &committing(7), 0);
-        // Port unreachable from 10.0.0.2, quoting 10.0.0.1:1000 -> 10.0.0.2:53.
-        let mut f = vec![0u8; 14];
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        let mut ip = vec![
-            0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
-        ];
-        ip.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
-        ip.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]);
-        ip.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
-        ip.extend_from_slice(&1000u16.to_be_bytes());
-        ip.extend_from_slice(&53u16.to_be_bytes());
-        f.extend_from_slice(&ip);
+        let f = port_unreachable(17, 53);
         assert!(icmp_error_related(&t, &f, 0, 7));
         assert!(!icmp_error_related(&t, &f, 0, 8));
         // An echo request is not an error; a truncated quote is not related.

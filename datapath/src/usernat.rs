@@ -35,6 +35,16 @@ impl Slot {
             ..self.entry
         }
     }
+
+    /// Whether `e` is this translation, its time and flags aside.
+    fn same(&self, e: &NatEntry) -> bool {
+        let bare = |x: &NatEntry| NatEntry {
+            last_seen_ns: 0,
+            flags: 0,
+            ..*x
+        };
+        bare(&self.entry) == bare(e)
+    }
 }
 
 pub struct NatMap {
@@ -47,7 +57,7 @@ pub struct NatMap {
 impl NatMap {
     pub fn new(capacity: usize) -> NatMap {
         NatMap {
-            map: papaya::HashMap::new(),
+            map: papaya::HashMap::with_capacity(capacity),
             write: Mutex::new(()),
             capacity,
         }
@@ -89,6 +99,24 @@ pub struct NatWriter<'a> {
     _w: MutexGuard<'a, ()>,
 }
 
+impl NatWriter<'_> {
+    /// Writes `e` under `k`. The same translation is merged into the live slot (flags
+    /// added, the later time kept): what a poll thread noted in it meanwhile (a FIN's
+    /// CLOSING, a reply) stays. A changed translation replaces it.
+    fn put(&self, k: &CtKey, e: &NatEntry) {
+        let m = self.map.map.pin();
+        match m.get(k) {
+            Some(s) if s.same(e) => {
+                s.last_seen_ns.fetch_max(e.last_seen_ns, Ordering::Relaxed);
+                s.flags.fetch_or(e.flags, Ordering::Relaxed);
+            }
+            _ => {
+                m.insert(*k, Slot::new(e));
+            }
+        }
+    }
+}
+
 impl NatStore for NatWriter<'_> {
     fn nat_get(&self, k: &CtKey) -> Option<NatEntry> {
         self.map.map.pin().get(k).map(Slot::entry)
@@ -105,18 +133,18 @@ impl NatStore for NatWriter<'_> {
             .iter()
             .filter(|k| !m.contains_key(**k))
             .count();
+        // Exact: papaya's count is a sum that no other writer moves meanwhile.
         if m.len() + new > self.map.capacity {
             return false;
         }
-        m.insert(*back.0, Slot::new(back.1));
-        m.insert(*out.0, Slot::new(out.1));
+        self.put(back.0, back.1);
+        self.put(out.0, out.1);
         true
     }
 
     fn nat_update(&mut self, k: &CtKey, e: &NatEntry) {
-        let m = self.map.map.pin();
-        if m.contains_key(k) {
-            m.insert(*k, Slot::new(e));
+        if self.map.map.pin().contains_key(k) {
+            self.put(k, e);
         }
     }
 
@@ -174,6 +202,18 @@ mod tests {
         let hit = hit.expect("the translation");
         assert_eq!((hit.addr, hit.port, hit.last_seen_ns), (9, 7, 5));
         assert_eq!(w.nat_get(&key(1)).unwrap().flags, nat::REPLIED);
+        // The slow path writes the same translation again from what it read before the
+        // lookup's refresh (a regenerated megaflow): the refresh is not lost.
+        let before = NatEntry {
+            last_seen_ns: 1,
+            ..e
+        };
+        w.nat_update(&key(1), &before);
+        let after = w.nat_get(&key(1)).unwrap();
+        assert_eq!((after.flags, after.last_seen_ns), (nat::REPLIED, 5));
+        // Another translation under the key replaces it.
+        w.nat_update(&key(1), &NatEntry { port: 8, ..e });
+        assert_eq!(w.nat_get(&key(1)).unwrap(), NatEntry { port: 8, ..e });
         assert!(w.nat_remove(&key(1)));
         assert_eq!(w.nat_entries().len(), 1);
     }
