@@ -37,6 +37,7 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     let cfg = crate::userpath::PathConfig {
         ports: 1,
         uplink: (UPLINK, A_MAC),
+        encap_ip: None,
         udp_csum: true,
         dhcp_rate: 20.0,
         threads: 1,
@@ -147,6 +148,33 @@ fn tunnel_frames_are_decapsulated_and_bad_ones_dropped_with_xdps_reasons() {
     assert_eq!(w.0.len(), 1);
     assert_eq!(&w.0[0].1[..6], &B_MAC);
     assert_eq!(&w.0[0].1[6..12], &A_MAC);
+    // One for another address on the underlay is not ours: no answer, and the neighbour
+    // table's lock is not taken (it is held here meanwhile).
+    let mut other = Vec::new();
+    crate::pipeline::rewrite::arp_frame(
+        &mut other,
+        Mac(B_MAC),
+        "198.18.0.2".parse().unwrap(),
+        "198.18.0.9".parse().unwrap(),
+        false,
+    );
+    let neigh = p.neigh.clone();
+    let held = neigh.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut w = Wire::default();
+            p.receive(&t, &other, (UPLINK, 0), now, &mut w);
+            let _ = tx.send(w.0.len());
+        });
+        let sent = rx.recv_timeout(std::time::Duration::from_secs(5));
+        drop(held);
+        assert_eq!(
+            sent,
+            Ok(0),
+            "another host's ARP waited for the table's lock"
+        );
+    });
 }
 
 /// A routed flow on the userspace engine (the topology of `tests_router`: p1 on ls1,
