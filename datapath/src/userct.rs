@@ -20,7 +20,7 @@
 //! `entries`).
 
 use geneflow_abi::{ct, flag, CtCacheSlot, CtEntry, CtKey, FlowAction, FlowKey};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -99,10 +99,8 @@ struct Shard {
     /// Readers never block (papaya: lock-free reads, memory reclaimed by epochs).
     map: papaya::HashMap<CtKey, Conn>,
     /// Serialises the writers of the shard: the size bound and the eviction need one at a
-    /// time. Never taken by a lookup.
+    /// time (under it, the map's count is exact). Never taken by a lookup.
     write: Mutex<()>,
-    /// Entries, changed under `write`.
-    len: AtomicUsize,
 }
 
 impl Shard {
@@ -110,7 +108,6 @@ impl Shard {
         Shard {
             map: papaya::HashMap::with_capacity(capacity),
             write: Mutex::new(()),
-            len: AtomicUsize::new(0),
         }
     }
 
@@ -197,21 +194,18 @@ impl ConnTable {
         let s = self.shard(k);
         let _w = s.write();
         let m = s.map.pin();
-        if s.len.load(Ordering::Relaxed) >= self.per_shard && !m.contains_key(k) {
+        if m.len() >= self.per_shard && !m.contains_key(k) {
             let oldest = m
                 .iter()
                 .min_by_key(|(_, c)| c.last_seen_ns.load(Ordering::Relaxed))
                 .map(|(k, _)| *k);
             if let Some(o) = oldest {
                 if m.remove(&o).is_some() {
-                    s.len.fetch_sub(1, Ordering::Relaxed);
                     self.evicted.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        if m.insert(*k, Conn::new(now)).is_none() {
-            s.len.fetch_add(1, Ordering::Relaxed);
-        }
+        m.insert(*k, Conn::new(now));
     }
 
     /// Deletes the entries idle longer than their timeout; returns (deleted, left). A
@@ -230,14 +224,9 @@ impl ConnTable {
         for s in self.shards.iter() {
             let _w = s.write();
             let m = s.map.pin();
-            let mut gone = 0;
-            m.retain(|k, c| {
-                let keep = !doomed(k, &c.entry());
-                gone += usize::from(!keep);
-                keep
-            });
-            s.len.fetch_sub(gone, Ordering::Relaxed);
-            n += gone;
+            let before = m.len();
+            m.retain(|k, c| !doomed(k, &c.entry()));
+            n += before - m.len();
         }
         if n > 0 {
             self.bump_epoch();
@@ -246,10 +235,7 @@ impl ConnTable {
     }
 
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.len.load(Ordering::Relaxed))
-            .sum()
+        self.shards.iter().map(|s| s.map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
