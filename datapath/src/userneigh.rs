@@ -17,6 +17,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+/// An Ethernet frame carrying an IPv4-over-Ethernet ARP packet (14 + 28 bytes).
+const ARP_FRAME_LEN: usize = 42;
+
 /// How long before an unanswered request for the same address is sent again.
 pub const RETRY: Duration = Duration::from_secs(1);
 /// How old an entry may get before it is asked again (and still used meanwhile).
@@ -63,8 +66,9 @@ impl UnderlayNeigh {
     }
 
     /// An ARP frame from the uplink: learns its sender if it is a chassis talking to us, and
-    /// returns the reply to send if it asks for our address. Anything else: `None`.
-    pub fn on_arp(&mut self, frame: &[u8], now: Instant) -> Option<Vec<u8>> {
+    /// returns the reply to send if it asks for our address (built on the stack: an
+    /// underlay host may send these as fast as it likes). Anything else: `None`.
+    pub fn on_arp(&mut self, frame: &[u8], now: Instant) -> Option<[u8; ARP_FRAME_LEN]> {
         let repr = ArpPacket::new_checked(frame.get(14..)?)
             .ok()
             .and_then(|p| ArpRepr::parse(&p).ok())?;
@@ -96,11 +100,10 @@ impl UnderlayNeigh {
             target_hardware_addr: sha,
             target_protocol_addr: spa,
         };
-        let mut out = Vec::with_capacity(42);
-        out.extend_from_slice(&sha.0);
-        out.extend_from_slice(&self.mac.0);
-        out.extend_from_slice(&[0x08, 0x06]);
-        out.resize(14 + answer.buffer_len(), 0);
+        let mut out = [0u8; ARP_FRAME_LEN];
+        out[..6].copy_from_slice(&sha.0);
+        out[6..12].copy_from_slice(&self.mac.0);
+        out[12..14].copy_from_slice(&[0x08, 0x06]);
         answer.emit(&mut ArpPacket::new_unchecked(&mut out[14..]));
         Some(out)
     }
