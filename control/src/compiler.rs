@@ -140,6 +140,20 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// This pipeline with the tunnel address the agent's configuration gives (`--encap-ip`)
+    /// in place of the NB's, so that everything built from it (megaflows, the slow path's
+    /// encapsulation, the uplink's ARP) uses the one address; copied only where they differ.
+    pub fn with_encap_ip(self: Arc<Self>, ip: Option<Ipv4Addr>) -> Arc<Self> {
+        match ip {
+            Some(ip) if self.encap_ip != Some(ip) => {
+                let mut p = (*self).clone();
+                p.encap_ip = Some(ip);
+                Arc::new(p)
+            }
+            _ => self,
+        }
+    }
+
     /// Some port bound here has security groups: conntrack runs for this chassis's traffic.
     pub fn has_acl(&self) -> bool {
         self.datapaths

@@ -112,7 +112,8 @@ impl Control<'_> {
         Ok(fps.len())
     }
 
-    pub fn apply(&mut self, u: PipelineUpdate) {
+    pub fn apply(&mut self, mut u: PipelineUpdate) {
+        u.pipeline = u.pipeline.with_encap_ip(self.cfg.encap_ip);
         let p = &self.ports;
         let learned = self
             .tables
@@ -136,7 +137,7 @@ impl Control<'_> {
                 return;
             }
         };
-        match self.cfg.encap_ip.or(u.pipeline.encap_ip) {
+        match u.pipeline.encap_ip {
             Some(ip) => {
                 if let Ok(mut n) = self.neigh.lock() {
                     if n.ip() != ip {
@@ -250,5 +251,78 @@ impl Control<'_> {
                 "conntrack table full: the least recently seen connections are evicted"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flowcache::Generations;
+    use geneflow_control::compiler::Pipeline;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    /// `--encap-ip` stands in for the NB's tunnel address in the tables the poll threads
+    /// read (megaflows, the slow path's encapsulation, which ARP is answered) and in the
+    /// neighbour table, as on an XDP chassis.
+    #[test]
+    fn the_configured_tunnel_address_overrides_the_nbs() {
+        let ours: Ipv4Addr = "198.18.0.7".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 1];
+        let cfg = DpdkConfig {
+            eal: vec![],
+            uplink: "up".into(),
+            ports: vec![],
+            devargs: vec![],
+            encap_ip: Some(ours),
+            udp_csum: true,
+            cores: vec![],
+            providers: vec![],
+            dhcp_rate: 20,
+            max_sleep: Duration::ZERO,
+        };
+        let ports = PortSet {
+            ifaces: vec!["up".into()],
+            ifindexes: vec![1],
+            physnets: HashMap::new(),
+            untagged_only: vec![],
+        };
+        let tables = ArcSwapOption::empty();
+        let neigh = Mutex::new(UnderlayNeigh::new(ours, Mac(mac)));
+        let (conntrack, nat) = (ConnTable::new(16), NatMap::new(16));
+        let published = AtomicU64::new(0);
+        let shared = Shared::new("ch", crate::metrics::heap_counters());
+        let (inject, _sent) = crossbeam_channel::bounded(1);
+        let mut c = Control {
+            cfg: &cfg,
+            ports: &ports,
+            tables: &tables,
+            generations: GenerationTable::new(Arc::new(Generations::default())),
+            neigh: &neigh,
+            conntrack: &conntrack,
+            nat: &nat,
+            published: &published,
+            shared: &shared,
+            uplink_mac: mac,
+            mtu: 1500,
+            acls: Default::default(),
+            arp_asked: Default::default(),
+            rounds: 0,
+            announcer: Default::default(),
+            inject,
+        };
+        let nb = Pipeline {
+            chassis: "ch".into(),
+            encap_ip: Some("198.18.0.9".parse().unwrap()),
+            ..Default::default()
+        };
+        c.apply(PipelineUpdate {
+            pipeline: Arc::new(nb),
+            noticed: Instant::now(),
+            compile_time: Duration::ZERO,
+        });
+        let t = tables.load_full().expect("tables published");
+        assert_eq!(t.encap_ip(), Some(ours));
+        assert_eq!(neigh.lock().unwrap().ip(), ours);
     }
 }

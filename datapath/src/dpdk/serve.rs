@@ -138,7 +138,6 @@ struct Common<'a, 'p> {
     dhcp_rate: u32,
     flows: &'a FlowRequests,
     uplink_mac: [u8; 6],
-    encap_ip: Option<Ipv4Addr>,
     udp_csum: bool,
     max_sleep: Duration,
     shared: &'a Shared,
@@ -186,7 +185,6 @@ fn poll(c: &Common, q: u16, core: Option<usize>) {
         PathConfig {
             ports: ports.len(),
             uplink: (c.ifindexes[0], c.uplink_mac),
-            encap_ip: c.encap_ip,
             udp_csum: c.udp_csum,
             dhcp_rate: c.dhcp_rate as f32,
             threads: c.megaflows.len(),
@@ -429,7 +427,6 @@ pub fn serve(
         dhcp_rate: cfg.dhcp_rate,
         flows: &flows,
         uplink_mac,
-        encap_ip: cfg.encap_ip,
         udp_csum: cfg.udp_csum,
         max_sleep: cfg.max_sleep,
         shared: &shared,

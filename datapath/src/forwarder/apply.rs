@@ -126,14 +126,7 @@ impl Forwarder {
         let old_ip = self.pipeline.encap_ip;
         let old_external = self.pipeline.external_ip;
         let old_acls = self.pipeline.acls_by_zone();
-        self.pipeline = match self.cfg.encap_ip {
-            Some(ip) if upd.pipeline.encap_ip != Some(ip) => {
-                let mut p = (*upd.pipeline).clone();
-                p.encap_ip = Some(ip);
-                Arc::new(p)
-            }
-            _ => upd.pipeline,
-        };
+        self.pipeline = upd.pipeline.with_encap_ip(self.cfg.encap_ip);
         if self.pipeline.encap_ip != old_ip {
             let ip = self
                 .pipeline

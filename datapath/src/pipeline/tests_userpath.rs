@@ -37,7 +37,6 @@ fn engine(t: &Tables) -> (GenerationTable, UserPath) {
     let cfg = crate::userpath::PathConfig {
         ports: 1,
         uplink: (UPLINK, A_MAC),
-        encap_ip: None,
         udp_csum: true,
         dhcp_rate: 20.0,
         threads: 1,

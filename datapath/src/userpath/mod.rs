@@ -95,8 +95,6 @@ pub struct PathConfig {
     pub ports: usize,
     /// The uplink's interface index and MAC.
     pub uplink: (u32, [u8; 6]),
-    /// The tunnel address given in the configuration; it overrides the NB's.
-    pub encap_ip: Option<Ipv4Addr>,
     pub udp_csum: bool,
     /// DHCP answers per second per port.
     pub dhcp_rate: f32,
@@ -137,7 +135,6 @@ pub struct UserPath {
     slot: usize,
     uplink_ifindex: u32,
     uplink_mac: [u8; 6],
-    encap_ip: Option<Ipv4Addr>,
     udp_csum: bool,
     answers: AnswerLimits,
     events: Option<Sender<PathEvent>>,
@@ -172,7 +169,6 @@ impl UserPath {
             slot: 0,
             uplink_ifindex: cfg.uplink.0,
             uplink_mac: cfg.uplink.1,
-            encap_ip: cfg.encap_ip,
             udp_csum: cfg.udp_csum,
             answers: AnswerLimits::new(cfg.dhcp_rate, share),
             events: cfg.events,
@@ -223,7 +219,7 @@ impl UserPath {
             // Only ARP for the tunnel address concerns the neighbour table: the underlay's
             // other ARP (broadcast to every host on it) goes without taking the table's lock.
             let target = frame.get(38..42).and_then(|t| <[u8; 4]>::try_from(t).ok());
-            if target.map(Ipv4Addr::from) != self.encap_ip.or(tables.encap_ip()) {
+            if target.map(Ipv4Addr::from) != tables.encap_ip() {
                 return;
             }
             let reply = self
